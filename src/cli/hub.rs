@@ -1,0 +1,11 @@
+//! `recycle hub`: not built yet.
+
+use anyhow::{bail, Result};
+use std::process::ExitCode;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {}
+
+pub fn run(_cmd: Command) -> Result<ExitCode> {
+    bail!("`recycle hub` is not built yet")
+}

@@ -1,0 +1,11 @@
+//! `recycle merge`: not built yet.
+
+use anyhow::{bail, Result};
+use std::process::ExitCode;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> Result<ExitCode> {
+    bail!("`recycle merge` is not built yet")
+}

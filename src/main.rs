@@ -1,0 +1,14 @@
+//! The `recycle` binary: parse the command line, hand it to the library, report errors.
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = recycle::cli::Cli::parse();
+    match recycle::cli::run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("Error: {err:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
