@@ -1,1 +1,10 @@
-//! placeholder: filled in by its issue.
+//! Output formats for a leaderboard, each behind one small trait that returns bytes; only the
+//! caller (the CLI) writes them out.
+
+use crate::leaderboard::Leaderboard;
+use anyhow::Result;
+
+/// Renders a leaderboard in one format.
+pub trait Exporter {
+    fn render(&self, board: &Leaderboard) -> Result<Vec<u8>>;
+}

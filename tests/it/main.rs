@@ -1,0 +1,10 @@
+//! Integration tests, compiled into one test binary.
+
+mod data;
+mod hub;
+mod merge;
+mod models;
+mod report;
+mod runner;
+mod select;
+mod slurm;
