@@ -29,8 +29,6 @@ fn main() {
         }
     }
     if let Some(rev) = git(&["rev-parse", "HEAD"]) {
-        let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some();
-        let suffix = if dirty { "-dirty" } else { "" };
-        println!("cargo:rustc-env=RECYCLE_GIT_REV={rev}{suffix}");
+        println!("cargo:rustc-env=RECYCLE_GIT_REV={rev}");
     }
 }
