@@ -284,4 +284,142 @@ mod tests {
         assert!((t - 5.0 / (6.0f64 * 5.0).sqrt()).abs() < 1e-12);
         assert_eq!(kendall_tau_b(&[1.0], &[1.0]), None);
     }
+
+    use crate::leaderboard::{
+        BaselineCell, BaselineRow, Coverage, ModelInfo, Provenance, LEADERBOARD_SCHEMA_VERSION,
+    };
+
+    /// A one-target board: baseline std 1 over 4 seeds, candidates with one seed each.
+    fn board(gains: &[(&str, Option<f64>)]) -> Leaderboard {
+        let rows = gains
+            .iter()
+            .enumerate()
+            .map(|(i, (id, g))| Row {
+                rank: g.map(|_| i + 1),
+                model: ModelInfo {
+                    id: id.to_string(),
+                    revision: None,
+                },
+                cells: vec![match g {
+                    Some(g) => Cell::Done {
+                        score: 80.0 + g,
+                        gain: *g,
+                        seeds: 1,
+                        within_noise: false,
+                    },
+                    None => Cell::Missing,
+                }],
+                avg_gain: *g,
+                partial_avg_gain: None,
+                coverage: Coverage {
+                    done: usize::from(g.is_some()),
+                    total: 1,
+                },
+                proxies: Default::default(),
+            })
+            .collect();
+        Leaderboard {
+            schema_version: LEADERBOARD_SCHEMA_VERSION,
+            arch: "a".into(),
+            targets: vec![crate::leaderboard::TargetInfo {
+                name: "t".into(),
+                metric: crate::leaderboard::Metric::Accuracy,
+            }],
+            baseline: BaselineRow {
+                model: ModelInfo {
+                    id: "b".into(),
+                    revision: None,
+                },
+                cells: vec![BaselineCell {
+                    mean: Some(80.0),
+                    std: Some(1.0),
+                    scores: vec![79.0, 80.0, 81.0, 80.0],
+                    failed: 0,
+                }],
+                avg_score: Some(80.0),
+            },
+            rows,
+            provenance: Provenance {
+                recycle_version: "0".into(),
+                generated_at: "x".into(),
+                suites: vec![],
+                protocol_hashes: vec![],
+                results: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn noise_aware_tolerance_top_k_tau_and_vanished_models() {
+        let reference = board(&[
+            ("m1", Some(5.0)),
+            ("m2", Some(3.0)),
+            ("m3", Some(1.0)),
+            ("m4", Some(-1.0)),
+        ]);
+        let settings = CheckSettings {
+            tolerance: None,
+            top_k: 2,
+            min_tau: 0.5,
+        };
+        assert!(compare(&reference, &reference, &settings).passed());
+        // Per cell: var = 1² × (1/4 + 1/1) = 1.25 in each board; tolerance = 2 × sqrt(2.5).
+        let r = compare(&reference, &reference, &settings);
+        assert!((r.deltas[0].tolerance - 2.0 * 2.5f64.sqrt()).abs() < 1e-12);
+
+        // Within tolerance (3.16): small moves pass.
+        let moved = board(&[
+            ("m1", Some(6.0)),
+            ("m2", Some(2.0)),
+            ("m3", Some(0.5)),
+            ("m4", Some(-1.5)),
+        ]);
+        assert!(compare(&reference, &moved, &settings).passed());
+
+        // m3 overtakes m2: the top-2 set changes, the rank correlation drops to 4/6.
+        let swapped = board(&[
+            ("m1", Some(5.0)),
+            ("m3", Some(3.5)),
+            ("m2", Some(2.5)),
+            ("m4", Some(-1.0)),
+        ]);
+        let r = compare(&reference, &swapped, &settings);
+        assert!(
+            r.regressions.iter().any(|m| m.starts_with("top-2 changed")),
+            "{:?}",
+            r.regressions
+        );
+        assert!((r.tau.unwrap() - 4.0 / 6.0).abs() < 1e-12);
+        let strict = CheckSettings {
+            min_tau: 0.9,
+            ..settings.clone()
+        };
+        assert!(compare(&reference, &swapped, &strict)
+            .regressions
+            .iter()
+            .any(|m| m.contains("Kendall")));
+
+        // A model with a complete row in the reference but not now.
+        let gone = board(&[
+            ("m1", Some(5.0)),
+            ("m2", Some(3.0)),
+            ("m3", None),
+            ("m4", Some(-1.0)),
+        ]);
+        let r = compare(&reference, &gone, &settings);
+        assert!(
+            r.regressions
+                .iter()
+                .any(|m| m.starts_with("m3: had average gain")),
+            "{:?}",
+            r.regressions
+        );
+
+        // A fixed tolerance overrides the noise estimate.
+        let tight = CheckSettings {
+            tolerance: Some(0.1),
+            ..settings
+        };
+        assert!(!compare(&reference, &moved, &tight).passed());
+    }
 }
