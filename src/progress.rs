@@ -68,7 +68,7 @@ impl Progress for LogLines {
         eprintln!("[{}/{}] {job_id}: started", index + 1, self.total);
     }
     fn step(&mut self, s: &StepInfo) {
-        if self.every > 0 && s.step % self.every == 0 {
+        if self.every > 0 && s.step.is_multiple_of(self.every) {
             eprintln!("  {}", describe_step(s));
         }
     }

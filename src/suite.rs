@@ -154,7 +154,7 @@ impl Protocol {
                 bail!("{at}.{name}: must be at least 1");
             }
         }
-        if self.batch_size % self.micro_batch_size != 0 {
+        if !self.batch_size.is_multiple_of(self.micro_batch_size) {
             bail!(
                 "{at}.micro_batch_size: {} does not divide batch_size {}",
                 self.micro_batch_size,

@@ -267,7 +267,7 @@ fn a_failed_job_is_recorded_the_others_complete_and_it_is_retried() {
 }
 
 #[test]
-fn the_cli_names_failed_jobs_and_exits_nonzero_without_an_executor() {
+fn cli_run_reports_the_missing_executor_with_exit_2() {
     let tmp = tempfile::tempdir().unwrap();
     let file = write_suite(tmp.path(), SUITE);
     let out = recycle()
