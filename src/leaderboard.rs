@@ -119,3 +119,296 @@ pub struct Provenance {
     /// Number of result records read.
     pub results: usize,
 }
+
+// ---------------------------------------------------------------------------------------------
+// Building a board from result records (pure)
+// ---------------------------------------------------------------------------------------------
+
+use crate::plan::Role;
+use crate::results::{RecordKind, ResultRecord};
+use crate::suite::Suite;
+use anyhow::{bail, Result};
+
+/// The shape of a board: target columns (in order) and the models' rows, by suite name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layout {
+    pub targets: Vec<TargetInfo>,
+    /// The baseline model's name.
+    pub baseline: String,
+    /// Candidate names; rows appear for these even when they have no result yet.
+    pub candidates: Vec<String>,
+}
+
+impl Layout {
+    /// The layout of one or more suites of the same architecture (targets and candidates in
+    /// suite order, each once).
+    pub fn from_suites(arch: &str, suites: &[Suite]) -> Result<Layout> {
+        let mut layout: Option<Layout> = None;
+        for s in suites.iter().filter(|s| s.arch == arch) {
+            let l = layout.get_or_insert_with(|| Layout {
+                targets: Vec::new(),
+                baseline: s.baseline.name.clone(),
+                candidates: Vec::new(),
+            });
+            if l.baseline != s.baseline.name {
+                bail!(
+                    "suite {} ({}): baseline {:?} differs from {:?} of another suite of arch {arch}",
+                    s.name,
+                    s.file.display(),
+                    s.baseline.name,
+                    l.baseline
+                );
+            }
+            for t in &s.targets {
+                if !l.targets.iter().any(|x| x.name == t.name) {
+                    l.targets.push(TargetInfo {
+                        name: t.name.clone(),
+                        metric: t.metric,
+                    });
+                }
+            }
+            for m in s.evaluated_models().into_iter().skip(1) {
+                if !l.candidates.contains(&m.name) {
+                    l.candidates.push(m.name);
+                }
+            }
+        }
+        layout
+            .ok_or_else(|| anyhow::anyhow!("--arch {arch}: none of the given suites has this arch"))
+    }
+
+    /// The layout the records of `arch` imply: targets and candidates in name order.
+    pub fn from_records(arch: &str, records: &[ResultRecord]) -> Result<Layout> {
+        let mut targets: BTreeMap<String, Metric> = BTreeMap::new();
+        let mut baselines = std::collections::BTreeSet::new();
+        let mut candidates = std::collections::BTreeSet::new();
+        for r in records.iter().filter(|r| r.arch == arch) {
+            let (Some(role), Some(t)) = (r.role, &r.target) else {
+                continue;
+            };
+            if let Some(m) = r.metric {
+                targets.entry(t.clone()).or_insert(m);
+            }
+            match role {
+                Role::Baseline => baselines.insert(r.model.name.clone()),
+                Role::Candidate => candidates.insert(r.model.name.clone()),
+            };
+        }
+        let baseline = match baselines.len() {
+            0 => bail!("--arch {arch}: no baseline results found"),
+            1 => baselines.into_iter().next().unwrap_or_default(),
+            _ => bail!(
+                "--arch {arch}: the results have several baselines ({}); rank one suite at a time",
+                baselines.into_iter().collect::<Vec<_>>().join(", ")
+            ),
+        };
+        Ok(Layout {
+            targets: targets
+                .into_iter()
+                .map(|(name, metric)| TargetInfo { name, metric })
+                .collect(),
+            baseline,
+            candidates: candidates.into_iter().collect(),
+        })
+    }
+}
+
+fn mean(xs: &[f64]) -> Option<f64> {
+    (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
+}
+
+/// Sample standard deviation (n − 1); `None` with fewer than two values.
+pub fn sample_std(xs: &[f64]) -> Option<f64> {
+    let m = mean(xs)?;
+    (xs.len() >= 2)
+        .then(|| (xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (xs.len() - 1) as f64).sqrt())
+}
+
+/// One (model, target) cell's records: successful scores (points) by seed, and failures.
+#[derive(Default)]
+struct Gathered {
+    scores: BTreeMap<u32, f64>,
+    errors: BTreeMap<u32, String>,
+}
+
+/// Builds the board of `arch` from result records. Only evaluation records of this arch count;
+/// for each (model, target, seed) a success wins over a failure.
+pub fn build(
+    arch: &str,
+    layout: &Layout,
+    records: &[ResultRecord],
+    generated_at: &str,
+) -> Leaderboard {
+    let mut cells: BTreeMap<(String, String), Gathered> = BTreeMap::new();
+    let mut info: BTreeMap<String, ModelInfo> = BTreeMap::new();
+    let mut suites = std::collections::BTreeSet::new();
+    let mut hashes = std::collections::BTreeSet::new();
+    let mut used = 0;
+    for r in records
+        .iter()
+        .filter(|r| r.arch == arch && r.role.is_some())
+    {
+        let Some(target) = &r.target else { continue };
+        let known = r.model.name == layout.baseline || layout.candidates.contains(&r.model.name);
+        if !known || !layout.targets.iter().any(|t| &t.name == target) {
+            continue;
+        }
+        used += 1;
+        suites.insert(r.suite.clone());
+        hashes.insert(r.protocol_hash.clone());
+        let g = cells
+            .entry((r.model.name.clone(), target.clone()))
+            .or_default();
+        match (r.kind, r.test_score) {
+            (RecordKind::Finetune, Some(s)) => {
+                g.scores.insert(r.seed, s * 100.0);
+                info.insert(
+                    r.model.name.clone(),
+                    ModelInfo {
+                        id: r.model.id.clone(),
+                        revision: r.model.revision.clone(),
+                    },
+                );
+            }
+            _ => {
+                g.errors.insert(
+                    r.seed,
+                    r.error
+                        .clone()
+                        .unwrap_or_else(|| "no test score".to_string()),
+                );
+                info.entry(r.model.name.clone())
+                    .or_insert_with(|| ModelInfo {
+                        id: r.model.id.clone(),
+                        revision: r.model.revision.clone(),
+                    });
+            }
+        }
+    }
+    let model_info = |name: &str| {
+        info.get(name).cloned().unwrap_or_else(|| ModelInfo {
+            id: name.to_string(),
+            revision: None,
+        })
+    };
+
+    let baseline_cells: Vec<BaselineCell> = layout
+        .targets
+        .iter()
+        .map(|t| {
+            let g = cells.get(&(layout.baseline.clone(), t.name.clone()));
+            let scores: Vec<f64> = g
+                .map(|g| g.scores.values().copied().collect())
+                .unwrap_or_default();
+            let failed = g.map_or(0, |g| {
+                g.errors
+                    .keys()
+                    .filter(|s| !g.scores.contains_key(s))
+                    .count()
+            });
+            BaselineCell {
+                mean: mean(&scores),
+                std: sample_std(&scores),
+                scores,
+                failed,
+            }
+        })
+        .collect();
+    let base_means: Vec<Option<f64>> = baseline_cells.iter().map(|c| c.mean).collect();
+    let baseline = BaselineRow {
+        model: model_info(&layout.baseline),
+        avg_score: base_means
+            .iter()
+            .copied()
+            .collect::<Option<Vec<f64>>>()
+            .and_then(|v| mean(&v)),
+        cells: baseline_cells.clone(),
+    };
+
+    let mut rows: Vec<(String, Row)> = layout
+        .candidates
+        .iter()
+        .map(|name| {
+            let row_cells: Vec<Cell> = layout
+                .targets
+                .iter()
+                .zip(&baseline_cells)
+                .map(|(t, b)| {
+                    let g = cells.get(&(name.clone(), t.name.clone()));
+                    let scores: Vec<f64> = g
+                        .map(|g| g.scores.values().copied().collect())
+                        .unwrap_or_default();
+                    match (mean(&scores), b.mean, g) {
+                        (Some(score), Some(base), _) => {
+                            let gain = score - base;
+                            Cell::Done {
+                                score,
+                                gain,
+                                seeds: scores.len(),
+                                within_noise: b.std.is_some_and(|s| gain.abs() <= s),
+                            }
+                        }
+                        (None, _, Some(g)) if !g.errors.is_empty() => Cell::Failed {
+                            error: g.errors.values().next().cloned().unwrap_or_default(),
+                        },
+                        // No score, or no baseline to measure the gain against.
+                        _ => Cell::Missing,
+                    }
+                })
+                .collect();
+            let gains: Vec<f64> = row_cells
+                .iter()
+                .filter_map(|c| match c {
+                    Cell::Done { gain, .. } => Some(*gain),
+                    _ => None,
+                })
+                .collect();
+            let total = row_cells.len();
+            let complete = gains.len() == total && total > 0;
+            let row = Row {
+                rank: None,
+                model: model_info(name),
+                avg_gain: if complete { mean(&gains) } else { None },
+                partial_avg_gain: if complete { None } else { mean(&gains) },
+                coverage: Coverage {
+                    done: gains.len(),
+                    total,
+                },
+                cells: row_cells,
+                proxies: BTreeMap::new(),
+            };
+            (name.clone(), row)
+        })
+        .collect();
+    rows.sort_by(|(an, a), (bn, b)| {
+        let key = |r: &Row| match (r.avg_gain, r.partial_avg_gain) {
+            (Some(g), _) => (0, -g),
+            (None, Some(p)) => (1, -p),
+            (None, None) => (2, 0.0),
+        };
+        let (ka, kb) = (key(a), key(b));
+        ka.0.cmp(&kb.0).then(ka.1.total_cmp(&kb.1)).then(an.cmp(bn))
+    });
+    let mut rank = 0;
+    for (_, r) in rows.iter_mut() {
+        if r.avg_gain.is_some() {
+            rank += 1;
+            r.rank = Some(rank);
+        }
+    }
+
+    Leaderboard {
+        schema_version: LEADERBOARD_SCHEMA_VERSION,
+        arch: arch.to_string(),
+        targets: layout.targets.clone(),
+        baseline,
+        rows: rows.into_iter().map(|(_, r)| r).collect(),
+        provenance: Provenance {
+            recycle_version: crate::results::RECYCLE_VERSION.to_string(),
+            generated_at: generated_at.to_string(),
+            suites: suites.into_iter().collect(),
+            protocol_hashes: hashes.into_iter().collect(),
+            results: used,
+        },
+    }
+}

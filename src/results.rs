@@ -1,1 +1,311 @@
-//! placeholder: filled in by its issue.
+//! Result schema v1 and the result store: one JSON file per job, written atomically as soon as the
+//! job ends, so a killed run loses at most the job in flight. The schema is documented in
+//! docs/result-schema.json.
+
+use crate::leaderboard::Metric;
+use crate::plan::Role;
+use crate::suite::Protocol;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+/// Version of the result record format; part of every config hash.
+pub const RESULT_SCHEMA_VERSION: u32 = 1;
+
+/// recycle's version, recorded in every result.
+pub const RECYCLE_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The git revision recycle was built from (set by build.rs when git is available).
+pub fn git_revision() -> Option<&'static str> {
+    option_env!("RECYCLE_GIT_REV").filter(|s| !s.is_empty())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordKind {
+    /// An evaluation: a model fine-tuned on a target with one seed.
+    Finetune,
+    /// A donor checkpoint created by intertraining.
+    Donor,
+    /// A job that failed; `error` says why. Retried on the next run.
+    Failure,
+}
+
+/// The model a record is about.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelRecord {
+    /// The model's name in the suite.
+    pub name: String,
+    /// Hub id, path as written in the suite, or `donor:<name>`.
+    pub id: String,
+    pub revision: Option<String>,
+    /// sha256 of the weights actually loaded (known once the job ran).
+    pub weights_sha256: Option<String>,
+}
+
+/// The dataset a record is about (the target's, or a donor's source).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetRecord {
+    pub id: String,
+    pub fingerprint: Option<String>,
+}
+
+/// One result file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResultRecord {
+    pub schema_version: u32,
+    pub kind: RecordKind,
+    pub recycle_version: String,
+    pub git_revision: Option<String>,
+    pub job_id: String,
+    /// Hash of everything that determines the result (see `plan::config_hash`).
+    pub config_hash: String,
+    pub suite: String,
+    pub arch: String,
+    /// `baseline` or `candidate` for an evaluation; `None` for a donor job.
+    pub role: Option<Role>,
+    pub model: ModelRecord,
+    pub dataset: DatasetRecord,
+    /// The target's name (evaluations only).
+    pub target: Option<String>,
+    pub protocol: Protocol,
+    pub protocol_hash: String,
+    pub seed: u32,
+    pub metric: Option<Metric>,
+    /// Scores are fractions (0.87), not points.
+    pub dev_score: Option<f64>,
+    pub test_score: Option<f64>,
+    pub n_train: Option<usize>,
+    pub n_dev: Option<usize>,
+    pub n_test: Option<usize>,
+    pub steps: Option<usize>,
+    pub epochs: Option<f64>,
+    pub wall_time_s: f64,
+    pub device: Option<String>,
+    /// RFC 3339, UTC.
+    pub finished_at: String,
+    /// A donor's checkpoint directory.
+    pub checkpoint: Option<String>,
+    /// A failure's error chain.
+    pub error: Option<String>,
+}
+
+/// `SystemTime` as RFC 3339 UTC with second precision, e.g. `2024-05-01T12:00:00Z`.
+pub fn rfc3339_utc(t: SystemTime) -> String {
+    let secs = match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    };
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Prefix of the temporary files the store writes before renaming them into place.
+const TEMP_PREFIX: &str = ".tmp-";
+
+/// The directory of result files: `<dir>/<suite>/<job id>.json`.
+#[derive(Debug, Clone)]
+pub struct ResultStore {
+    dir: PathBuf,
+}
+
+impl ResultStore {
+    pub fn new(dir: impl Into<PathBuf>) -> ResultStore {
+        ResultStore { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where the record of `job_id` of `suite` lives.
+    pub fn path_for(&self, suite: &str, job_id: &str) -> PathBuf {
+        let mut p = self.dir.join(suite);
+        for part in job_id.split('/') {
+            p.push(part);
+        }
+        p.set_extension("json");
+        p
+    }
+
+    /// Writes a record atomically: a temporary file in the same directory, fsync, rename.
+    pub fn write(&self, record: &ResultRecord) -> Result<PathBuf> {
+        let path = self.path_for(&record.suite, &record.job_id);
+        let parent = path.parent().unwrap_or(&self.dir);
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create results directory {}", parent.display()))?;
+        let mut bytes = serde_json::to_vec_pretty(record)
+            .with_context(|| format!("cannot serialise the result of job {}", record.job_id))?;
+        bytes.push(b'\n');
+        let mut tmp = tempfile::Builder::new()
+            .prefix(TEMP_PREFIX)
+            .suffix(".json")
+            .tempfile_in(parent)
+            .with_context(|| format!("cannot create a temporary file in {}", parent.display()))?;
+        tmp.write_all(&bytes)
+            .and_then(|_| tmp.as_file().sync_all())
+            .with_context(|| format!("cannot write {}", tmp.path().display()))?;
+        tmp.persist(&path)
+            .map_err(|e| e.error)
+            .with_context(|| format!("cannot move the result into place at {}", path.display()))?;
+        // Make the rename itself durable (best effort: not every platform can fsync a directory).
+        if let Ok(d) = std::fs::File::open(parent) {
+            let _ = d.sync_all();
+        }
+        Ok(path)
+    }
+
+    /// The record of one job, if its file exists.
+    pub fn get(&self, suite: &str, job_id: &str) -> Result<Option<ResultRecord>> {
+        let path = self.path_for(suite, job_id);
+        if !path.exists() {
+            return Ok(None);
+        }
+        read_record(&path).map(Some)
+    }
+
+    /// Every record under the store (all suites), in path order. A file that does not parse is
+    /// an error naming it; temporary files of killed runs are ignored.
+    pub fn load_all(&self) -> Result<Vec<ResultRecord>> {
+        self.load_under(&self.dir)
+    }
+
+    /// Every record of one suite.
+    pub fn load_suite(&self, suite: &str) -> Result<Vec<ResultRecord>> {
+        self.load_under(&self.dir.join(suite))
+    }
+
+    fn load_under(&self, root: &Path) -> Result<Vec<ResultRecord>> {
+        let mut files = Vec::new();
+        collect_json(root, &mut files)?;
+        files.sort();
+        files.iter().map(|f| read_record(f)).collect()
+    }
+
+    /// Removes temporary files left behind by killed runs; returns how many.
+    pub fn clean_stale_temps(&self) -> Result<usize> {
+        let mut n = 0;
+        clean_temps(&self.dir, &mut n)?;
+        Ok(n)
+    }
+}
+
+fn read_record(path: &Path) -> Result<ResultRecord> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read result file {}", path.display()))?;
+    let record: ResultRecord = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a valid result record", path.display()))?;
+    if record.schema_version != RESULT_SCHEMA_VERSION {
+        bail!(
+            "{}: result schema version {} (this recycle reads version {RESULT_SCHEMA_VERSION})",
+            path.display(),
+            record.schema_version
+        );
+    }
+    Ok(record)
+}
+
+fn is_temp(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with(TEMP_PREFIX))
+}
+
+fn collect_json(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list results directory {}", dir.display()))?;
+    for entry in entries {
+        let entry =
+            entry.with_context(|| format!("cannot list results directory {}", dir.display()))?;
+        let path = entry.path();
+        let hidden = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'));
+        if hidden {
+            continue;
+        }
+        if path.is_dir() {
+            collect_json(&path, out)?;
+        } else if path.extension().is_some_and(|e| e == "json") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+fn clean_temps(dir: &Path, n: &mut usize) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list results directory {}", dir.display()))?;
+    for entry in entries {
+        let path = entry
+            .with_context(|| format!("cannot list {}", dir.display()))?
+            .path();
+        if path.is_dir() {
+            clean_temps(&path, n)?;
+        } else if is_temp(&path) {
+            std::fs::remove_file(&path).with_context(|| {
+                format!("cannot remove stale temporary file {}", path.display())
+            })?;
+            *n += 1;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn rfc3339_matches_known_instants() {
+        let at = |s: u64| rfc3339_utc(SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+        assert_eq!(at(0), "1970-01-01T00:00:00Z");
+        // 2000-02-29 (leap day of a century leap year) 12:34:56.
+        assert_eq!(at(951_827_696), "2000-02-29T12:34:56Z");
+        // 2024-12-31T23:59:59Z.
+        assert_eq!(at(1_735_689_599), "2024-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn job_ids_map_to_nested_paths() {
+        let s = ResultStore::new("/r");
+        assert_eq!(
+            s.path_for("suite", "eval/m/t/seed0"),
+            PathBuf::from("/r/suite/eval/m/t/seed0.json")
+        );
+    }
+}

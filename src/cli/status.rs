@@ -1,11 +1,39 @@
-//! `recycle status`: not built yet.
+//! `recycle status SUITE`: how many jobs are done, failed, stale or missing.
 
-use anyhow::{bail, Result};
+use super::rank::results_dir;
+use crate::results::ResultStore;
+use crate::runner::{job_states, records_by_job, JobState};
+use crate::suite::Suite;
+use anyhow::Result;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// The suite file.
+    pub suite: PathBuf,
+    /// Results directory [default: $RECYCLE_HOME/results].
+    #[arg(long)]
+    pub results: Option<PathBuf>,
+    /// A profile of the suite.
+    #[arg(long)]
+    pub profile: Option<String>,
+}
 
-pub fn run(_args: Args) -> Result<ExitCode> {
-    bail!("`recycle status` is not built yet")
+pub fn run(args: Args) -> Result<ExitCode> {
+    let suite = Suite::load(&args.suite, args.profile.as_deref())?;
+    let store = ResultStore::new(results_dir(args.results)?);
+    let jobs = crate::plan::plan(&suite)?;
+    let states = job_states(&jobs, &records_by_job(&store, &suite)?);
+    let count = |s: JobState| states.iter().filter(|x| **x == s).count();
+    println!(
+        "{}: {} jobs: {} done, {} failed, {} stale, {} missing",
+        suite.name,
+        jobs.len(),
+        count(JobState::Done),
+        count(JobState::Failed),
+        count(JobState::Stale),
+        count(JobState::Missing)
+    );
+    Ok(ExitCode::SUCCESS)
 }
