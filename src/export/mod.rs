@@ -8,3 +8,6 @@ use anyhow::Result;
 pub trait Exporter {
     fn render(&self, board: &Leaderboard) -> Result<Vec<u8>>;
 }
+
+pub mod html;
+pub mod svg;
