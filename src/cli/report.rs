@@ -11,7 +11,11 @@ use std::process::ExitCode;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Architecture whose results to aggregate into the report (e.g. roberta-base).
-    #[arg(long, required_unless_present = "from_json", conflicts_with = "from_json")]
+    #[arg(
+        long,
+        required_unless_present = "from_json",
+        conflicts_with = "from_json"
+    )]
     pub arch: Option<String>,
     /// Directory of result files to aggregate (with --arch).
     #[arg(long, requires = "arch")]

@@ -45,7 +45,7 @@ fn check_shape(board: &Leaderboard) -> Result<()> {
 }
 
 /// Escapes text for HTML element content and quoted attribute values alike.
-pub(crate) fn escape(text: &str) -> String {
+pub fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for ch in text.chars() {
         match ch {
@@ -100,8 +100,12 @@ fn metric_name(metric: Metric) -> &'static str {
 
 /// The board as JSON safe to embed in a `<script>` element (no `<`, `>` or `&` left raw).
 fn embedded_json(board: &Leaderboard) -> Result<String> {
-    let json = serde_json::to_string(board)
-        .with_context(|| format!("serialising the `{}` leaderboard for the report", board.arch))?;
+    let json = serde_json::to_string(board).with_context(|| {
+        format!(
+            "serialising the `{}` leaderboard for the report",
+            board.arch
+        )
+    })?;
     Ok(json
         .replace('<', "\\u003c")
         .replace('>', "\\u003e")
@@ -256,11 +260,7 @@ fn summary(out: &mut String, board: &Leaderboard) {
         if board.targets.len() == 1 { "" } else { "s" },
         escape(&model_label(&board.baseline.model)),
     );
-    if let Some((row, gain)) = board
-        .rows
-        .iter()
-        .find_map(|r| r.avg_gain.map(|g| (r, g)))
-    {
+    if let Some((row, gain)) = board.rows.iter().find_map(|r| r.avg_gain.map(|g| (r, g))) {
         let _ = write!(
             out,
             " Best complete: <strong>{}</strong> ({} points on average).",

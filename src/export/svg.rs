@@ -91,6 +91,16 @@ impl GainScale {
     }
 }
 
+/// A gain with one decimal and its sign, short enough for a heatmap cell (`0.0`, never `-0.0`).
+fn short_gain(gain: f64) -> String {
+    let s = format!("{gain:+.1}");
+    match s.as_str() {
+        "+0.0" | "-0.0" => "0.0".to_string(),
+        _ if gain.is_finite() => s,
+        _ => "n/a".to_string(),
+    }
+}
+
 /// A coordinate, with one decimal so output is stable and short.
 fn c(x: f64) -> String {
     format!("{x:.1}")
@@ -233,7 +243,7 @@ pub fn heatmap(board: &Leaderboard, scale: &GainScale) -> String {
                         c(cx),
                         c(cy + 3.5),
                         scale.text_colour(*gain),
-                        escape(&format!("{gain:+.1}"))
+                        short_gain(*gain)
                     );
                 }
                 Cell::Missing => {
@@ -597,8 +607,9 @@ mod tests {
         assert_eq!(scale.colour(9.0), scale.colour(2.0));
         assert_eq!(scale.colour(-9.0), scale.colour(-2.0));
         assert_eq!(scale.colour(f64::NAN), scale.colour(0.0));
-        // Halfway is halfway between white and the end, per channel.
-        assert_eq!(scale.colour(1.0), "#8ca5c1");
+        // Halfway is halfway between near-white and the end, per channel:
+        // (247+33)/2 = 140, (247+102)/2 = 174.5 → 175, (247+172)/2 = 209.5 → 210.
+        assert_eq!(scale.colour(1.0), "#8cafd2");
     }
 
     #[test]
@@ -607,6 +618,14 @@ mod tests {
         assert_eq!(scale.text_colour(0.9), "#ffffff");
         assert_eq!(scale.text_colour(-0.9), "#ffffff");
         assert_eq!(scale.text_colour(0.1), "#1a1a1a");
+    }
+
+    #[test]
+    fn short_gains_have_a_sign_but_no_negative_zero() {
+        assert_eq!(short_gain(0.04), "0.0");
+        assert_eq!(short_gain(-0.04), "0.0");
+        assert_eq!(short_gain(1.26), "+1.3");
+        assert_eq!(short_gain(-8.0), "-8.0");
     }
 
     #[test]
