@@ -121,7 +121,8 @@ p.summary { color: #444; margin-top: 0; }
 .scroll { overflow-x: auto; }
 table.board { border-collapse: collapse; font-size: 13px; font-variant-numeric: tabular-nums; }
 table.board th, table.board td { border: 1px solid #e3e3e3; padding: 4px 7px; text-align: right; white-space: nowrap; }
-table.board th { background: #f4f4f4; cursor: pointer; user-select: none; position: sticky; top: 0; }
+table.board th { background: #f4f4f4; position: sticky; top: 0; }
+table.board th[data-col] { cursor: pointer; user-select: none; }
 table.board th .metric { display: block; font-weight: normal; font-size: 11px; color: #666; }
 table.board th[aria-sort="ascending"]::after { content: " \25B2"; font-size: 10px; }
 table.board th[aria-sort="descending"]::after { content: " \25BC"; font-size: 10px; }

@@ -580,11 +580,15 @@ pub fn scatter(id: &str, points: &[ScatterPoint], x_label: &str, y_label: &str) 
             c(py(p.y)),
         );
         if named {
+            // Labels of dots in the right half run leftwards, so they stay inside the chart.
+            let right = px(p.x) > LEFT + plot_w / 2.0;
             let _ = write!(
                 out,
-                "<text class=\"point-label\" x=\"{}\" y=\"{}\" font-size=\"9\">{}</text>",
-                c(px(p.x) + 6.0),
+                "<text class=\"point-label\" x=\"{}\" y=\"{}\" font-size=\"9\" \
+                 text-anchor=\"{}\">{}</text>",
+                c(if right { px(p.x) - 6.0 } else { px(p.x) + 6.0 }),
                 c(py(p.y) - 5.0),
+                if right { "end" } else { "start" },
                 escape(&p.label)
             );
         }

@@ -391,6 +391,19 @@ fn provenance_is_shown() {
 }
 
 #[test]
+fn an_empty_board_renders() {
+    let mut board = fixture_board();
+    board.rows.clear();
+    let html = render(&board);
+    assert!(html.contains("<tbody id=\"rows\">\n</tbody>"));
+    assert!(!html.contains("id=\"per-model\""));
+    assert!(!html.contains("id=\"proxies\""));
+    board.targets.clear();
+    board.baseline.cells.clear();
+    assert!(render(&board).contains("id=\"heatmap\""));
+}
+
+#[test]
 fn a_row_with_the_wrong_number_of_cells_is_an_error_naming_it() {
     let mut board = fixture_board();
     board.rows[1].cells.pop();
