@@ -1,11 +1,124 @@
-//! `recycle report`: not built yet.
+//! `recycle report`: render a leaderboard as one self-contained HTML file.
 
-use anyhow::{bail, Result};
+use crate::export::html::HtmlExporter;
+use crate::export::Exporter;
+use crate::leaderboard::{Leaderboard, LEADERBOARD_SCHEMA_VERSION};
+use anyhow::{bail, ensure, Context, Result};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Architecture whose results to aggregate into the report (e.g. roberta-base).
+    #[arg(
+        long,
+        required_unless_present = "from_json",
+        conflicts_with = "from_json"
+    )]
+    pub arch: Option<String>,
+    /// Directory of result files to aggregate (with --arch).
+    #[arg(long, requires = "arch")]
+    pub results: Option<PathBuf>,
+    /// A leaderboard JSON file (the serde form of `Leaderboard`, as the JSON exporter writes it) to render instead.
+    #[arg(long, value_name = "BOARD.json")]
+    pub from_json: Option<PathBuf>,
+    /// Where to write the HTML report.
+    #[arg(long, value_name = "report.html")]
+    pub out: PathBuf,
+}
 
-pub fn run(_args: Args) -> Result<ExitCode> {
-    bail!("`recycle report` is not built yet")
+/// Where the report's leaderboard comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    /// A leaderboard already serialised as JSON.
+    BoardJson(PathBuf),
+    /// Results of one architecture, aggregated on the fly.
+    Results { arch: String, dir: Option<PathBuf> },
+}
+
+/// The command's typed settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub source: Source,
+    pub out: PathBuf,
+}
+
+impl Args {
+    fn settings(self) -> Result<Settings> {
+        let source = match (self.from_json, self.arch) {
+            (Some(path), None) => Source::BoardJson(path),
+            (None, Some(arch)) => Source::Results {
+                arch,
+                dir: self.results,
+            },
+            _ => bail!("give exactly one of --from-json or --arch"),
+        };
+        Ok(Settings {
+            source,
+            out: self.out,
+        })
+    }
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let settings = args.settings()?;
+    let board = match &settings.source {
+        Source::BoardJson(path) => read_board(path)?,
+        Source::Results { arch, .. } => bail!(
+            "`recycle report --arch {arch}` is not connected to the result store yet; build the \
+             board with `recycle rank` as JSON and pass it with --from-json"
+        ),
+    };
+    let html = HtmlExporter
+        .render(&board)
+        .with_context(|| format!("rendering the `{}` leaderboard as HTML", board.arch))?;
+    write_atomically(&settings.out, &html)?;
+    println!(
+        "wrote {} ({} models × {} targets)",
+        settings.out.display(),
+        board.rows.len(),
+        board.targets.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads a leaderboard JSON file, refusing other schema versions.
+pub fn read_board(path: &Path) -> Result<Leaderboard> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading leaderboard {}", path.display()))?;
+    let board: Leaderboard = serde_json::from_str(&text)
+        .with_context(|| format!("parsing leaderboard {}", path.display()))?;
+    ensure!(
+        board.schema_version == LEADERBOARD_SCHEMA_VERSION,
+        "leaderboard {} has schema_version {}, this recycle reads {}",
+        path.display(),
+        board.schema_version,
+        LEADERBOARD_SCHEMA_VERSION
+    );
+    Ok(board)
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory, so a reader never
+/// sees half a report.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a temporary file next to --out {}", path.display()))?;
+    tmp.write_all(bytes)
+        .with_context(|| format!("writing --out {}", path.display()))?;
+    // A temporary file is private (0600); a report is meant to be shared.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("setting permissions of --out {}", path.display()))?;
+    }
+    tmp.persist(path)
+        .with_context(|| format!("writing --out {}", path.display()))?;
+    Ok(())
 }

@@ -5,8 +5,10 @@ use crate::leaderboard::Leaderboard;
 use anyhow::Result;
 
 pub mod csv;
+pub mod html;
 pub mod json;
 pub mod markdown;
+pub mod svg;
 
 /// Renders a leaderboard in one format.
 pub trait Exporter {
