@@ -20,6 +20,9 @@ pub struct Args {
     /// Directory of result files to aggregate (with --arch).
     #[arg(long, requires = "arch")]
     pub results: Option<PathBuf>,
+    /// Suite files that give the column order and the expected rows (repeatable, with --arch).
+    #[arg(long, requires = "arch")]
+    pub suite: Vec<PathBuf>,
     /// A leaderboard JSON file (the serde form of `Leaderboard`, as the JSON exporter writes it) to render instead.
     #[arg(long, value_name = "BOARD.json")]
     pub from_json: Option<PathBuf>,
@@ -34,7 +37,11 @@ pub enum Source {
     /// A leaderboard already serialised as JSON.
     BoardJson(PathBuf),
     /// Results of one architecture, aggregated on the fly.
-    Results { arch: String, dir: Option<PathBuf> },
+    Results {
+        arch: String,
+        dir: Option<PathBuf>,
+        suites: Vec<PathBuf>,
+    },
 }
 
 /// The command's typed settings.
@@ -51,6 +58,7 @@ impl Args {
             (None, Some(arch)) => Source::Results {
                 arch,
                 dir: self.results,
+                suites: self.suite,
             },
             _ => bail!("give exactly one of --from-json or --arch"),
         };
@@ -65,10 +73,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let settings = args.settings()?;
     let board = match &settings.source {
         Source::BoardJson(path) => read_board(path)?,
-        Source::Results { arch, .. } => bail!(
-            "`recycle report --arch {arch}` is not connected to the result store yet; build the \
-             board with `recycle rank` as JSON and pass it with --from-json"
-        ),
+        Source::Results { arch, dir, suites } => crate::cli::rank::build_board(
+            arch,
+            &crate::cli::rank::results_dir(dir.clone())?,
+            suites,
+        )?,
     };
     let html = HtmlExporter
         .render(&board)
