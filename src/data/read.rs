@@ -85,8 +85,9 @@ pub struct RawRecord {
 /// Reads a split file and turns every row into an [`Example`] for `task`.
 ///
 /// Labels: a string (or integer, or boolean) equal to a label name is that class; when no label
-/// name looks like an integer, an integer is a class id and a negative one marks an unlabelled row
-/// (the hub's convention for hidden test labels). Empty or null labels are unlabelled rows.
+/// name looks like an integer, an integer (or a string such as CSV's `"1"`) is a class id and a
+/// negative one marks an unlabelled row (the hub's convention for hidden test labels). Empty or
+/// null labels are unlabelled rows.
 pub fn read_split_file(path: &Path, columns: &ColumnMap, task: &Task) -> Result<Vec<Example>> {
     let raw = read_raw(path, columns)?;
     to_examples(path, &raw, task)
@@ -209,7 +210,7 @@ impl<'a> LabelMapper<'a> {
                 return Ok(Some(Label::Class(i as u32)));
             }
         }
-        if !self.numeric_names && matches!(v, Value::Int(_) | Value::Float(_)) {
+        if !self.numeric_names && !matches!(v, Value::Bool(_)) {
             if let Ok(id) = key.parse::<i64>() {
                 if id < 0 {
                     return Ok(None);
