@@ -11,7 +11,7 @@ use std::process::ExitCode;
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
     /// Import a CSV / TSV / JSONL / parquet file, or a folder with one sub-folder of text files per class.
-    Import(ImportArgs),
+    Import(Box<ImportArgs>),
     /// List the datasets in recycle's home with their split sizes.
     List(HomeArgs),
     /// Show a dataset's card, split sizes and label distributions.
@@ -88,7 +88,7 @@ pub struct ImportArgs {
 
 pub fn run(cmd: Command) -> Result<ExitCode> {
     match cmd {
-        Command::Import(a) => import(a),
+        Command::Import(a) => import(*a),
         Command::List(a) => list(a),
         Command::Show(a) => show(a),
     }

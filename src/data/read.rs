@@ -345,46 +345,69 @@ fn json_value(v: &serde_json::Value) -> Result<Value> {
     })
 }
 
-/// Reads a parquet file through the row API (no arrow); columns are looked up by name.
+/// Reads a parquet file through the row API (no arrow), decoding only the mapped columns.
 pub fn read_parquet(path: &Path, columns: &ColumnMap) -> Result<Vec<RawRecord>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::schema::types::Type;
+    let ctx = || format!("reading {}", path.display());
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let reader = SerializedFileReader::new(file)
         .with_context(|| format!("{}: not a parquet file", path.display()))?;
-    let header: Vec<String> = reader
+    let root = reader
         .metadata()
         .file_metadata()
         .schema_descr()
         .root_schema()
+        .clone();
+    let header: Vec<String> = root
         .get_fields()
         .iter()
         .map(|f| f.name().to_string())
         .collect();
-    let ctx = || format!("reading {}", path.display());
-    let ti = column_index(&header, &columns.text, "text").with_context(ctx)?;
-    let pi = columns
-        .text_pair
-        .as_deref()
-        .map(|c| column_index(&header, c, "text-pair"))
-        .transpose()
+    // The projection holds the mapped columns once each, in file order; rows come back that way.
+    let mut wanted = vec![column_index(&header, &columns.text, "text").with_context(ctx)?];
+    if let Some(c) = columns.text_pair.as_deref() {
+        wanted.push(column_index(&header, c, "text-pair").with_context(ctx)?);
+    }
+    if let Some(c) = columns.label.as_deref() {
+        wanted.push(column_index(&header, c, "label").with_context(ctx)?);
+    }
+    let mut projected = wanted.clone();
+    projected.sort_unstable();
+    projected.dedup();
+    let fields = projected
+        .iter()
+        .map(|&i| root.get_fields()[i].clone())
+        .collect();
+    let schema = Type::group_type_builder(root.name())
+        .with_fields(fields)
+        .build()
         .with_context(ctx)?;
-    let li = columns
-        .label
-        .as_deref()
-        .map(|c| column_index(&header, c, "label"))
-        .transpose()
-        .with_context(ctx)?;
+    let slot = |col: usize| projected.iter().position(|&p| p == col).unwrap_or(0);
+    let (ti, pi, li) = (
+        slot(wanted[0]),
+        columns.text_pair.as_ref().map(|_| slot(wanted[1])),
+        columns
+            .label
+            .as_ref()
+            .map(|_| slot(wanted[wanted.len() - 1])),
+    );
+    let names: Vec<&str> = projected.iter().map(|&i| header[i].as_str()).collect();
     let mut out = Vec::new();
-    for (i, row) in reader.into_iter().enumerate() {
+    for (i, row) in reader
+        .get_row_iter(Some(schema))
+        .with_context(ctx)?
+        .enumerate()
+    {
         let at = format!("row {}", i + 1);
         let row = row.with_context(|| format!("{}, {at}", path.display()))?;
         let cells: Vec<&parquet::record::Field> = row.get_column_iter().map(|(_, f)| f).collect();
         let cell = |j: usize| -> Result<Value> {
-            let f = cells
-                .get(j)
-                .ok_or_else(|| anyhow!("{}, {at}: column {} missing", path.display(), header[j]))?;
+            let f = cells.get(j).ok_or_else(|| {
+                anyhow!("{}, {at}: column `{}` missing", path.display(), names[j])
+            })?;
             parquet_value(f)
-                .with_context(|| format!("{}, {at}: column `{}`", path.display(), header[j]))
+                .with_context(|| format!("{}, {at}: column `{}`", path.display(), names[j]))
         };
         out.push(RawRecord {
             text: cell(ti)?,
