@@ -250,6 +250,26 @@ fn parquet_int_class_ids_pairs_and_hidden_labels() {
     );
     assert_eq!(rows[1].text, "A cat sleeps.");
     assert_eq!(rows[1].text_pair.as_deref(), Some("A dog barks."));
+    // Columns mapped out of file order come back in the mapped roles.
+    let swapped = ColumnMap {
+        text: "sentence2".into(),
+        text_pair: Some("sentence1".into()),
+        label: Some("idx".into()),
+    };
+    let rows = read_split_file(
+        &raw("parquet/int_labels.parquet"),
+        &swapped,
+        &cls(&["w", "x", "y", "z"]),
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            rows[1].text.as_str(),
+            rows[1].text_pair.as_deref(),
+            rows[3].label
+        ),
+        ("A dog barks.", Some("A cat sleeps."), class(3))
+    );
     let err =
         read_split_file(&raw("parquet/int_labels.parquet"), &cols, &cls(&["a", "b"])).unwrap_err();
     let msg = format!("{err:#}");
