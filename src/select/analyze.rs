@@ -1,1 +1,242 @@
+//! The `recycle analyze` report as data: the gain decomposition, each model's adjusted average gain,
+//! and for each proxy its correlation with that average and its top-k selection regret; plus its
+//! Markdown rendering. The CLI only builds the [`GainTable`] and the proxy scores from result files.
 
+use super::correlate::{pearson, spearman};
+use super::decompose::{decompose, DecomposeConfig, Decomposition};
+use super::regret::{regret, Proxy, RegretReport};
+use super::GainTable;
+use anyhow::{ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// Settings of the analysis.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnalysisConfig {
+    pub decompose: DecomposeConfig,
+    /// The k of the top-k regrets (the paper reports 1 and 3).
+    pub ks: Vec<usize>,
+}
+
+impl Default for AnalysisConfig {
+    fn default() -> Self {
+        Self {
+            decompose: DecomposeConfig::default(),
+            ks: vec![1, 3],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnalysisReport {
+    pub models: usize,
+    pub targets: usize,
+    pub observed_cells: usize,
+    pub decomposition: Decomposition,
+    /// One row per model, best adjusted average first.
+    pub averages: Vec<ModelAverage>,
+    pub proxies: Vec<ProxyAnalysis>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelAverage {
+    pub model: String,
+    /// `μ + a_m`: the expected mean gain over all targets, from the decomposition.
+    pub adjusted: f64,
+    pub std_err: Option<f64>,
+    /// The plain mean, only when the model was evaluated on every target.
+    pub observed: Option<f64>,
+    pub evaluated_targets: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProxyAnalysis {
+    pub name: String,
+    /// Models of the table that the proxy scores.
+    pub scored_models: usize,
+    /// Models the proxy scores that the table does not have (ignored).
+    pub unknown_models: Vec<String>,
+    /// Against the adjusted average gain, over the scored models.
+    pub pearson: Option<f64>,
+    pub spearman: Option<f64>,
+    pub regret: Vec<RegretReport>,
+}
+
+/// [`report_with`] with the default settings.
+pub fn report(
+    gains: &GainTable,
+    proxies: &BTreeMap<String, BTreeMap<String, f64>>,
+) -> Result<AnalysisReport> {
+    report_with(gains, proxies, &AnalysisConfig::default())
+}
+
+/// Decomposes `gains` and evaluates every proxy (`proxy name → model id → score`, higher = better).
+pub fn report_with(
+    gains: &GainTable,
+    proxies: &BTreeMap<String, BTreeMap<String, f64>>,
+    config: &AnalysisConfig,
+) -> Result<AnalysisReport> {
+    ensure!(
+        !config.ks.is_empty(),
+        "analysis needs at least one k for the top-k regret"
+    );
+    let decomposition = decompose(gains, &config.decompose)?;
+    let nt = gains.targets.len();
+    let mut averages: Vec<ModelAverage> = (0..gains.models.len())
+        .map(|m| {
+            let observed: Vec<f64> = gains.gains[m].iter().flatten().copied().collect();
+            ModelAverage {
+                model: gains.models[m].clone(),
+                adjusted: decomposition.model_average(m),
+                std_err: decomposition.model_effects[m].std_err,
+                observed: (observed.len() == nt).then(|| observed.iter().sum::<f64>() / nt as f64),
+                evaluated_targets: observed.len(),
+            }
+        })
+        .collect();
+    averages.sort_by(|a, b| b.adjusted.total_cmp(&a.adjusted));
+
+    let mut analyses = Vec::new();
+    for (name, scores) in proxies {
+        let per_model: Vec<Option<f64>> = gains
+            .models
+            .iter()
+            .map(|m| scores.get(m).copied())
+            .collect();
+        let unknown_models: Vec<String> = scores
+            .keys()
+            .filter(|m| !gains.models.contains(m))
+            .cloned()
+            .collect();
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        for (m, s) in per_model.iter().enumerate() {
+            if let Some(s) = s {
+                x.push(*s);
+                y.push(decomposition.model_average(m));
+            }
+        }
+        let regrets = config
+            .ks
+            .iter()
+            .map(|&k| regret(gains, Proxy::Global(&per_model), k))
+            .collect::<Result<Vec<_>>>()
+            .with_context(|| format!("proxy {name}"))?;
+        analyses.push(ProxyAnalysis {
+            name: name.clone(),
+            scored_models: x.len(),
+            unknown_models,
+            pearson: pearson(&x, &y).with_context(|| format!("proxy {name}"))?,
+            spearman: spearman(&x, &y).with_context(|| format!("proxy {name}"))?,
+            regret: regrets,
+        });
+    }
+    Ok(AnalysisReport {
+        models: gains.models.len(),
+        targets: nt,
+        observed_cells: decomposition.observed_cells,
+        decomposition,
+        averages,
+        proxies: analyses,
+    })
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "—".to_string(), |v| format!("{v:.digits$}"))
+}
+
+/// The report as Markdown: variance shares, model ranking, proxies.
+pub fn to_markdown(r: &AnalysisReport) -> String {
+    let d = &r.decomposition;
+    let mut s = String::new();
+    let _ = writeln!(s, "# Gain analysis\n");
+    let _ = writeln!(
+        s,
+        "{} models × {} targets, {} cells evaluated. Gains in points.\n",
+        r.models, r.targets, r.observed_cells
+    );
+    let _ = writeln!(s, "## Variance of gains\n");
+    let _ = writeln!(s, "| part | share |\n|---|---:|");
+    let _ = writeln!(s, "| model effect | {:.1} % |", 100.0 * d.variance.model);
+    let _ = writeln!(s, "| target effect | {:.1} % |", 100.0 * d.variance.target);
+    if let Some(i) = d.variance.interaction {
+        let _ = writeln!(s, "| rank-1 interaction | {:.1} % |", 100.0 * i);
+    }
+    let _ = writeln!(s, "| residual | {:.1} % |", 100.0 * d.variance.residual);
+    let _ = writeln!(
+        s,
+        "\nMean gain μ = {:.2} (± {}), residual std {}, {} degrees of freedom.\n",
+        d.mean.estimate,
+        opt(d.mean.std_err, 2),
+        opt(d.residual_std, 2),
+        d.dof
+    );
+    let _ = writeln!(s, "## Models by adjusted average gain\n");
+    let _ = writeln!(
+        s,
+        "| model | μ + a | ± se | mean over all targets | targets |\n|---|---:|---:|---:|---:|"
+    );
+    for a in &r.averages {
+        let _ = writeln!(
+            s,
+            "| {} | {:.2} | {} | {} | {}/{} |",
+            a.model,
+            a.adjusted,
+            opt(a.std_err, 2),
+            opt(a.observed, 2),
+            a.evaluated_targets,
+            r.targets
+        );
+    }
+    if !r.proxies.is_empty() {
+        let _ = writeln!(s, "\n## Proxies\n");
+        let mut header = "| proxy | models | Pearson | Spearman |".to_string();
+        let mut rule = "|---|---:|---:|---:|".to_string();
+        for k in r.proxies[0].regret.iter().map(|g| g.k) {
+            let _ = write!(header, " regret top-{k} (mean / max) |");
+            rule.push_str("---:|");
+        }
+        header.push_str(" seed noise |");
+        rule.push_str("---:|");
+        let _ = writeln!(s, "{header}\n{rule}");
+        for p in &r.proxies {
+            let mut line = format!(
+                "| {} | {} | {} | {} |",
+                p.name,
+                p.scored_models,
+                opt(p.pearson, 2),
+                opt(p.spearman, 2)
+            );
+            for g in &p.regret {
+                let _ = write!(
+                    line,
+                    " {} / {} |",
+                    opt(g.mean_regret, 2),
+                    opt(g.max_regret, 2)
+                );
+            }
+            let noise = p.regret.first().and_then(|g| g.noise_floor);
+            let _ = write!(line, " {} |", opt(noise, 2));
+            let _ = writeln!(s, "{line}");
+        }
+    }
+    if !d.predictions.is_empty() {
+        let _ = writeln!(s, "\n## Predicted gains of unevaluated cells\n");
+        let _ = writeln!(
+            s,
+            "| model | target | predicted | interval |\n|---|---|---:|---|"
+        );
+        for c in &d.predictions {
+            let interval = match (c.lower, c.upper) {
+                (Some(l), Some(u)) => format!("[{l:.2}, {u:.2}]"),
+                _ => "—".to_string(),
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.2} | {} |",
+                c.model, c.target, c.estimate, interval
+            );
+        }
+    }
+    s
+}

@@ -320,3 +320,59 @@ fn decomposition_names_what_it_cannot_fit() {
     )
     .is_err());
 }
+
+#[test]
+fn analysis_report_combines_decomposition_correlation_and_regret() {
+    use recycle::select::analyze::{report, to_markdown, AnalysisReport};
+    use std::collections::BTreeMap;
+    // A complete 4 × 3 table: the adjusted averages are the row means 1.0, 2.0, 3.0, 0.5.
+    let rows = [
+        [0.0, 1.0, 2.0],
+        [2.0, 2.5, 1.5],
+        [3.0, 3.0, 3.0],
+        [1.0, 0.0, 0.5],
+    ];
+    let gains: Vec<Vec<Option<f64>>> = rows
+        .iter()
+        .map(|r| r.iter().map(|&g| Some(g)).collect())
+        .collect();
+    let table = GainTable::new(names("m", 4), names("t", 3), gains).unwrap();
+    let mut proxies = BTreeMap::new();
+    // Monotone in the row means (Spearman 1) but not linear.
+    let monotone: BTreeMap<String, f64> = [
+        ("m0", 1.0),
+        ("m1", 4.0),
+        ("m2", 9.0),
+        ("m3", 0.0),
+        ("stranger", 5.0),
+    ]
+    .iter()
+    .map(|(m, s)| (m.to_string(), *s))
+    .collect();
+    proxies.insert("lp".to_string(), monotone);
+    let r = report(&table, &proxies).unwrap();
+    assert_eq!(r.averages[0].model, "m2");
+    assert!((r.averages[0].adjusted - 3.0).abs() < 1e-9);
+    assert_eq!(r.averages[0].observed, Some(3.0));
+    let p = &r.proxies[0];
+    assert_eq!(p.scored_models, 4);
+    assert_eq!(p.unknown_models, vec!["stranger".to_string()]);
+    assert!((p.spearman.unwrap() - 1.0).abs() < 1e-12);
+    assert!(p.pearson.unwrap() < 1.0 - 1e-6 && p.pearson.unwrap() > 0.9);
+    // Top-1 is m2 everywhere: t0 best m2 (3.0) → 0; t1 best m2 → 0; t2 best m2 → 0.
+    assert_eq!(p.regret[0].k, 1);
+    assert_eq!(p.regret[0].mean_regret, Some(0.0));
+    let md = to_markdown(&r);
+    for needle in [
+        "# Gain analysis",
+        "| model effect |",
+        "| m2 | 3.00 |",
+        "| lp | 4 | ",
+        "regret top-3",
+    ] {
+        assert!(md.contains(needle), "markdown lacks {needle:?}:\n{md}");
+    }
+    let json = serde_json::to_string(&r).unwrap();
+    let back: AnalysisReport = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.averages, r.averages);
+}
