@@ -376,3 +376,43 @@ fn analysis_report_combines_decomposition_correlation_and_regret() {
     let back: AnalysisReport = serde_json::from_str(&json).unwrap();
     assert_eq!(back.averages, r.averages);
 }
+
+#[test]
+fn analyze_flags_parse_into_typed_settings() {
+    use clap::Parser;
+    use recycle::cli::{Cli, Command};
+    let cli = Cli::try_parse_from([
+        "recycle",
+        "analyze",
+        "--arch",
+        "roberta-base",
+        "--proxy",
+        "mnli_lp=lp.json",
+        "--k",
+        "1,5",
+        "--interaction",
+        "rank-one",
+        "--seed",
+        "3",
+    ])
+    .unwrap();
+    let Command::Analyze(args) = cli.command else {
+        panic!("not analyze")
+    };
+    assert_eq!(
+        args.proxies,
+        vec![("mnli_lp".to_string(), "lp.json".into())]
+    );
+    let config = args.analysis_config().unwrap();
+    assert_eq!(config.ks, vec![1, 5]);
+    assert_eq!(config.decompose.interaction, Interaction::RankOne);
+    assert_eq!(config.decompose.seed, 3);
+    assert!(
+        Cli::try_parse_from(["recycle", "analyze", "--arch", "x", "--proxy", "nofile"]).is_err()
+    );
+    let cli = Cli::try_parse_from(["recycle", "analyze", "--arch", "x", "--k", "0"]).unwrap();
+    let Command::Analyze(args) = cli.command else {
+        panic!("not analyze")
+    };
+    assert!(args.analysis_config().is_err());
+}
