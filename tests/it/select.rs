@@ -416,3 +416,42 @@ fn analyze_flags_parse_into_typed_settings() {
     };
     assert!(args.analysis_config().is_err());
 }
+
+/// LogME and H-score against values computed independently with numpy's SVD and pinv
+/// (tests/fixtures/select/make_reference.py).
+#[test]
+fn logme_and_hscore_match_the_numpy_reference() {
+    use recycle::select::hscore::{hscore, CovInverse};
+    use recycle::select::logme::{logme, logme_regression};
+    use recycle::select::Matrix;
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/select/reference.json"
+    );
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let rows: Vec<Vec<f64>> = serde_json::from_value(reference["features"].clone()).unwrap();
+    let labels: Vec<usize> = serde_json::from_value(reference["labels"].clone()).unwrap();
+    let target: Vec<f64> = serde_json::from_value(reference["regression_target"].clone()).unwrap();
+    let classes = reference["num_classes"].as_u64().unwrap() as usize;
+    let f = Matrix::from_rows(&rows).unwrap();
+    let want = |k: &str| reference[k].as_f64().unwrap();
+    let got = logme(&f, &labels, classes).unwrap();
+    assert!(
+        (got - want("logme")).abs() < 1e-6,
+        "LogME {got} vs numpy {}",
+        want("logme")
+    );
+    let got = logme_regression(&f, &target).unwrap();
+    assert!(
+        (got - want("logme_regression")).abs() < 1e-6,
+        "LogME regression {got} vs {}",
+        want("logme_regression")
+    );
+    let got = hscore(&f, &labels, classes, CovInverse::default()).unwrap();
+    assert!(
+        (got - want("hscore")).abs() < 1e-9,
+        "H-score {got} vs numpy {}",
+        want("hscore")
+    );
+}
