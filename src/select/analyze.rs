@@ -1,11 +1,13 @@
 //! The `recycle analyze` report as data: the gain decomposition, each model's adjusted average gain,
 //! and for each proxy its correlation with that average and its top-k selection regret; plus its
-//! Markdown rendering. The CLI only builds the [`GainTable`] and the proxy scores from result files.
+//! Markdown rendering. The CLI only builds the [`GainTable`] and the proxy scores, from result files
+//! or from a leaderboard ([`from_leaderboard`]).
 
 use super::correlate::{pearson, spearman};
 use super::decompose::{decompose, DecomposeConfig, Decomposition};
 use super::regret::{regret, Proxy, RegretReport};
 use super::GainTable;
+use crate::leaderboard::{Cell, Leaderboard};
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -139,6 +141,63 @@ pub fn report_with(
         averages,
         proxies: analyses,
     })
+}
+
+/// Proxy scores by proxy name, then model id.
+pub type ProxyScores = BTreeMap<String, BTreeMap<String, f64>>;
+
+/// The gain table and proxy scores of a leaderboard: `Done` cells give gains, `Missing` and `Failed`
+/// cells stay missing; the noise floor of a cell is the baseline's seed std on its target.
+pub fn from_leaderboard(board: &Leaderboard) -> Result<(GainTable, ProxyScores)> {
+    let targets: Vec<String> = board.targets.iter().map(|t| t.name.clone()).collect();
+    ensure!(
+        board.baseline.cells.len() == targets.len(),
+        "leaderboard {}: baseline has {} cells for {} targets",
+        board.arch,
+        board.baseline.cells.len(),
+        targets.len()
+    );
+    let mut models = Vec::new();
+    let mut gains = Vec::new();
+    let mut stds = Vec::new();
+    let mut proxies = ProxyScores::new();
+    for row in &board.rows {
+        ensure!(
+            row.cells.len() == targets.len(),
+            "leaderboard {}: model {} has {} cells for {} targets",
+            board.arch,
+            row.model.id,
+            row.cells.len(),
+            targets.len()
+        );
+        let mut g = Vec::new();
+        let mut sd = Vec::new();
+        for (cell, base) in row.cells.iter().zip(&board.baseline.cells) {
+            match cell {
+                Cell::Done { gain, .. } => {
+                    g.push(Some(*gain));
+                    sd.push(base.std);
+                }
+                Cell::Missing | Cell::Failed { .. } => {
+                    g.push(None);
+                    sd.push(None);
+                }
+            }
+        }
+        for (name, score) in &row.proxies {
+            proxies
+                .entry(name.clone())
+                .or_default()
+                .insert(row.model.id.clone(), *score);
+        }
+        models.push(row.model.id.clone());
+        gains.push(g);
+        stds.push(sd);
+    }
+    let table = GainTable::new(models, targets, gains)
+        .and_then(|t| t.with_seed_std(stds))
+        .with_context(|| format!("leaderboard {}", board.arch))?;
+    Ok((table, proxies))
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {

@@ -455,3 +455,91 @@ fn logme_and_hscore_match_the_numpy_reference() {
         want("hscore")
     );
 }
+
+#[test]
+fn gain_table_from_a_leaderboard() {
+    use recycle::leaderboard::*;
+    use recycle::select::analyze::from_leaderboard;
+    use std::collections::BTreeMap;
+    let done = |gain: f64| Cell::Done {
+        score: 80.0 + gain,
+        gain,
+        seeds: 3,
+        within_noise: false,
+    };
+    let row = |id: &str, cells: Vec<Cell>, lp: Option<f64>| Row {
+        rank: None,
+        model: ModelInfo {
+            id: id.into(),
+            revision: None,
+        },
+        cells,
+        avg_gain: None,
+        partial_avg_gain: None,
+        coverage: Coverage { done: 0, total: 2 },
+        proxies: lp
+            .map(|v| BTreeMap::from([("mnli_lp".to_string(), v)]))
+            .unwrap_or_default(),
+    };
+    let base = |std: Option<f64>| BaselineCell {
+        mean: Some(80.0),
+        std,
+        scores: vec![80.0],
+        failed: 0,
+    };
+    let board = Leaderboard {
+        schema_version: LEADERBOARD_SCHEMA_VERSION,
+        arch: "roberta-base".into(),
+        targets: vec![
+            TargetInfo {
+                name: "sst2".into(),
+                metric: Metric::Accuracy,
+            },
+            TargetInfo {
+                name: "stsb".into(),
+                metric: Metric::Spearman,
+            },
+        ],
+        baseline: BaselineRow {
+            model: ModelInfo {
+                id: "roberta-base".into(),
+                revision: None,
+            },
+            cells: vec![base(Some(0.4)), base(None)],
+            avg_score: Some(80.0),
+        },
+        rows: vec![
+            row("a", vec![done(1.5), Cell::Missing], Some(70.0)),
+            row(
+                "b",
+                vec![
+                    Cell::Failed {
+                        error: "oom".into(),
+                    },
+                    done(-0.5),
+                ],
+                None,
+            ),
+        ],
+        provenance: Provenance {
+            recycle_version: "0".into(),
+            generated_at: "2026-01-01T00:00:00Z".into(),
+            suites: vec![],
+            protocol_hashes: vec![],
+            results: 4,
+        },
+    };
+    let (table, proxies) = from_leaderboard(&board).unwrap();
+    assert_eq!(table.models, vec!["a".to_string(), "b".to_string()]);
+    assert_eq!(table.targets, vec!["sst2".to_string(), "stsb".to_string()]);
+    assert_eq!(
+        table.gains,
+        vec![vec![Some(1.5), None], vec![None, Some(-0.5)]]
+    );
+    assert_eq!(table.std(0, 0), Some(0.4));
+    assert_eq!(table.std(1, 1), None);
+    assert_eq!(
+        proxies["mnli_lp"],
+        BTreeMap::from([("a".to_string(), 70.0)])
+    );
+}
