@@ -346,7 +346,7 @@ pub fn resolve_model(r: &ModelRef, opts: &HubOptions) -> Result<ResolvedModel> {
         NetworkMode::Online => remote::resolve_model(r, opts),
         NetworkMode::Offline => cache::resolve_model_offline(r, opts),
     }
-    .with_context(|| format!("resolving model {r}"))
+    .with_context(|| format!("resolving model {}@{}", r.repo, r.revision()))
 }
 
 /// Resolves a dataset to a commit, one config, and its parquet files per split.
