@@ -207,6 +207,7 @@ pub(crate) fn resolve_model(r: &ModelRef, opts: &HubOptions) -> Result<ResolvedM
         }
     }
     cache::write_ref(&remote.folder, r.revision(), &commit)?;
+    cache::remove_commit_ref(&remote.folder, r.revision())?;
     let weights = cache::model_weights(&dir, &plan)?;
     cache::warn_if_pickle(&weights, &r.repo);
     Ok(ResolvedModel {
@@ -248,6 +249,7 @@ pub(crate) fn resolve_dataset(r: &DatasetRef, opts: &HubOptions) -> Result<Resol
         files_remote.fetch(&files_commit, f, false)?;
     }
     cache::write_ref(&files_remote.folder, files_remote.revision, &files_commit)?;
+    cache::remove_commit_ref(&files_remote.folder, files_remote.revision)?;
     let dir = snapshot_dir(&files_remote.folder, &files_commit);
     let mut resolved =
         cache::dataset_from_snapshot(r, files_remote.revision, files_commit, dir, &files_listing)?;

@@ -430,6 +430,19 @@ fn unknown_repo_and_missing_file_are_404_errors_naming_them() {
         err.contains("org/no-tokenizer") && err.contains("tokenizer") && err.contains("vocab.txt"),
         "{err}"
     );
+    // Pinned to a commit: resolved and cached without any ref, as huggingface_hub does.
+    let m = hub::resolve_model(
+        &ModelRef::parse(&format!("org/tiny-bert@{MODEL_SHA}")).unwrap(),
+        &online(cache.path(), &hub),
+    )
+    .unwrap();
+    assert_eq!(
+        (m.commit.as_str(), m.revision.as_str()),
+        (MODEL_SHA, MODEL_SHA)
+    );
+    assert!(m.dir.join("config.json").is_file());
+    let refs = cache.path().join("models--org--tiny-bert/refs");
+    assert!(!refs.join(MODEL_SHA).exists() && !refs.join("main").exists());
 }
 
 #[test]
