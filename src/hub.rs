@@ -17,6 +17,11 @@ pub use card::{Feature, FeatureType};
 pub use files::Weights;
 pub use tokenizer::tokenizer_for;
 
+/// The hub's etag of a file kept in git (not LFS): its git blob id, as hex.
+pub fn git_blob_id(content: &[u8]) -> String {
+    remote::to_hex(&remote::git_blob_sha1(content))
+}
+
 /// The public hub, used when `HF_ENDPOINT` is not set.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// The branch a reference without `@revision` resolves through.

@@ -154,8 +154,8 @@ impl<'a> Remote<'a> {
     }
 }
 
-/// Checks a downloaded blob's size, and its sha256 when the etag is one (LFS files: weights,
-/// parquet). Small git-stored files carry a git sha1 etag and get the size check only.
+/// Checks a downloaded blob's size, then its content against the etag: the sha256 of LFS files
+/// (weights, parquet), the git blob sha1 of small git-stored files. Other etags get the size check.
 fn verify(blob: &Path, size: u64, etag: &str) -> Result<()> {
     let got = std::fs::metadata(blob)
         .with_context(|| format!("reading {}", blob.display()))?
@@ -163,26 +163,101 @@ fn verify(blob: &Path, size: u64, etag: &str) -> Result<()> {
     if got != size {
         bail!("got {got} bytes, the hub announced {size}");
     }
-    if etag.len() == 64 && etag.chars().all(|c| c.is_ascii_hexdigit()) {
-        let mut f =
-            std::fs::File::open(blob).with_context(|| format!("opening {}", blob.display()))?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            let n = f
-                .read(&mut buf)
-                .with_context(|| format!("reading {}", blob.display()))?;
-            if n == 0 {
-                break;
+    let hex = etag.chars().all(|c| c.is_ascii_hexdigit());
+    let digest = match etag.len() {
+        64 if hex => {
+            let mut f =
+                std::fs::File::open(blob).with_context(|| format!("opening {}", blob.display()))?;
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let n = f
+                    .read(&mut buf)
+                    .with_context(|| format!("reading {}", blob.display()))?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
             }
-            h.update(&buf[..n]);
+            to_hex(&h.finalize())
         }
-        let digest: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        if !digest.eq_ignore_ascii_case(etag) {
-            bail!("sha256 {digest} does not match the hub's {etag}");
+        40 if hex => {
+            let body =
+                std::fs::read(blob).with_context(|| format!("reading {}", blob.display()))?;
+            to_hex(&git_blob_sha1(&body))
         }
+        _ => return Ok(()),
+    };
+    if !digest.eq_ignore_ascii_case(etag) {
+        bail!("content hash {digest} does not match the hub's etag {etag}");
     }
     Ok(())
+}
+
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Git's object id of a blob (the hub's etag of a file not stored in LFS): SHA-1 of
+/// `blob <len>\0` followed by the content.
+pub fn git_blob_sha1(content: &[u8]) -> [u8; 20] {
+    let mut msg = format!("blob {}\0", content.len()).into_bytes();
+    msg.extend_from_slice(content);
+    sha1(&msg)
+}
+
+/// SHA-1 (FIPS 180-4), only to check git-stored files against their etag; not for security.
+fn sha1(msg: &[u8]) -> [u8; 20] {
+    let mut h: [u32; 5] = [
+        0x6745_2301,
+        0xEFCD_AB89,
+        0x98BA_DCFE,
+        0x1032_5476,
+        0xC3D2_E1F0,
+    ];
+    let mut data = msg.to_vec();
+    data.push(0x80);
+    while data.len() % 64 != 56 {
+        data.push(0);
+    }
+    data.extend_from_slice(&((msg.len() as u64).wrapping_mul(8)).to_be_bytes());
+    for block in data.chunks_exact(64) {
+        let mut w = [0u32; 80];
+        for (i, word) in block.chunks_exact(4).enumerate() {
+            w[i] = u32::from_be_bytes([word[0], word[1], word[2], word[3]]);
+        }
+        for i in 16..80 {
+            w[i] = (w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16]).rotate_left(1);
+        }
+        let [mut a, mut b, mut c, mut d, mut e] = h;
+        for (i, wi) in w.iter().enumerate() {
+            let (f, k) = match i {
+                0..=19 => ((b & c) | (!b & d), 0x5A82_7999),
+                20..=39 => (b ^ c ^ d, 0x6ED9_EBA1),
+                40..=59 => ((b & c) | (b & d) | (c & d), 0x8F1B_BCDC),
+                _ => (b ^ c ^ d, 0xCA62_C1D6),
+            };
+            let t = a
+                .rotate_left(5)
+                .wrapping_add(f)
+                .wrapping_add(e)
+                .wrapping_add(k)
+                .wrapping_add(*wi);
+            e = d;
+            d = c;
+            c = b.rotate_left(30);
+            b = a;
+            a = t;
+        }
+        for (x, y) in h.iter_mut().zip([a, b, c, d, e]) {
+            *x = x.wrapping_add(y);
+        }
+    }
+    let mut out = [0u8; 20];
+    for (i, x) in h.iter().enumerate() {
+        out[i * 4..i * 4 + 4].copy_from_slice(&x.to_be_bytes());
+    }
+    out
 }
 
 pub(crate) fn resolve_model(r: &ModelRef, opts: &HubOptions) -> Result<ResolvedModel> {
@@ -268,4 +343,32 @@ pub(crate) fn resolve_dataset(r: &DatasetRef, opts: &HubOptions) -> Result<Resol
         }
     }
     Ok(resolved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha1_matches_published_vectors() {
+        // FIPS 180 examples and git's id of the empty blob.
+        assert_eq!(
+            to_hex(&sha1(b"abc")),
+            "a9993e364706816aba3e25717850c26c9cd0d89d"
+        );
+        assert_eq!(
+            to_hex(&sha1(
+                b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"
+            )),
+            "84983e441c3bd26ebaae4aa1f95129e5e54670f1"
+        );
+        assert_eq!(
+            to_hex(&sha1(&[b'a'; 1_000_000])),
+            "34aa973cd4c4daa4f61eeb2bdbad27316534016f"
+        );
+        assert_eq!(
+            to_hex(&git_blob_sha1(b"")),
+            "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"
+        );
+    }
 }

@@ -542,6 +542,35 @@ fn truncated_download_is_rejected_and_removed() {
 }
 
 #[test]
+fn tampered_files_fail_their_hash_check() {
+    let cache = tempfile::tempdir().unwrap();
+    let mut r = repos();
+    let mut lfs = tiny_bert_files();
+    lfs[1].1.tamper = true;
+    r.add("models", "org/tampered-lfs", "main", MODEL_SHA, lfs);
+    let mut git = tiny_bert_files();
+    git[0].1.tamper = true;
+    r.add("models", "org/tampered-git", "main", MODEL_SHA, git);
+    let hub = FakeHub::start(r);
+    for (repo, file) in [
+        ("org/tampered-lfs", "model.safetensors"),
+        ("org/tampered-git", "config.json"),
+    ] {
+        let err = err_text(hub::resolve_model(
+            &ModelRef::parse(repo).unwrap(),
+            &online(cache.path(), &hub),
+        ));
+        assert!(
+            err.contains("corrupt")
+                && err.contains(file)
+                && err.contains(repo)
+                && err.contains("does not match"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
 fn pickle_only_repo_needs_the_flag_and_sharded_weights_are_fetched() {
     let cache = tempfile::tempdir().unwrap();
     let mut r = repos();

@@ -19,6 +19,8 @@ pub struct FakeFile {
     pub lfs: bool,
     /// Serve only this many bytes while announcing the full size (a truncated download).
     pub truncate_to: Option<usize>,
+    /// Serve the body with its first byte changed, under the original's etag and size.
+    pub tamper: bool,
 }
 
 impl FakeFile {
@@ -27,6 +29,7 @@ impl FakeFile {
             body: s.as_bytes().to_vec(),
             lfs: false,
             truncate_to: None,
+            tamper: false,
         }
     }
     pub fn lfs(body: Vec<u8>) -> Self {
@@ -34,17 +37,17 @@ impl FakeFile {
             body,
             lfs: true,
             truncate_to: None,
+            tamper: false,
         }
     }
     pub fn sha256(&self) -> String {
         hex(&Sha256::digest(&self.body))
     }
     fn etag(&self) -> String {
-        let h = self.sha256();
         if self.lfs {
-            h
+            self.sha256()
         } else {
-            h[..40].to_string()
+            recycle::hub::git_blob_id(&self.body)
         }
     }
 }
@@ -281,7 +284,11 @@ fn respond(path: &str, range: Option<&str>, auth: Option<&str>, repos: &FakeRepo
         return not_found("EntryNotFound");
     };
     let size = f.body.len();
-    let served = &f.body[..f.truncate_to.unwrap_or(size).min(size)];
+    let mut body = f.body.clone();
+    if f.tamper {
+        body[0] ^= 0x20;
+    }
+    let served = &body[..f.truncate_to.unwrap_or(size).min(size)];
     let mut headers = vec![
         ("X-Repo-Commit", r.commit.clone()),
         ("ETag", format!("\"{}\"", f.etag())),
