@@ -348,7 +348,21 @@ pub struct ResolvedDataset {
 /// cache (downloading them unless offline).
 pub fn resolve_model(r: &ModelRef, opts: &HubOptions) -> Result<ResolvedModel> {
     match opts.network {
-        NetworkMode::Online => remote::resolve_model(r, opts),
+        NetworkMode::Online => remote::resolve_model(r, opts).or_else(|e| {
+            // As huggingface_hub does: when the hub cannot be reached, a cached revision stands in.
+            match cache::resolve_model_offline(r, opts) {
+                Ok(m) if remote::is_unreachable(&e) => {
+                    eprintln!(
+                        "warning: {e:#}; using the cached {}@{} (commit {})",
+                        r.repo,
+                        r.revision(),
+                        m.commit
+                    );
+                    Ok(m)
+                }
+                _ => Err(e),
+            }
+        }),
         NetworkMode::Offline => cache::resolve_model_offline(r, opts),
     }
     .with_context(|| format!("resolving model {}@{}", r.repo, r.revision()))
@@ -357,7 +371,20 @@ pub fn resolve_model(r: &ModelRef, opts: &HubOptions) -> Result<ResolvedModel> {
 /// Resolves a dataset to a commit, one config, and its parquet files per split.
 pub fn resolve_dataset(r: &DatasetRef, opts: &HubOptions) -> Result<ResolvedDataset> {
     match opts.network {
-        NetworkMode::Online => remote::resolve_dataset(r, opts),
+        NetworkMode::Online => remote::resolve_dataset(r, opts).or_else(|e| {
+            match cache::resolve_dataset_offline(r, opts) {
+                Ok(d) if remote::is_unreachable(&e) => {
+                    eprintln!(
+                        "warning: {e:#}; using the cached {}@{} (commit {})",
+                        r.repo,
+                        r.revision(),
+                        d.commit
+                    );
+                    Ok(d)
+                }
+                _ => Err(e),
+            }
+        }),
         NetworkMode::Offline => cache::resolve_dataset_offline(r, opts),
     }
     .with_context(|| format!("resolving dataset {}@{}", r.repo, r.revision()))

@@ -15,6 +15,23 @@ use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+/// The hub could not be reached (as opposed to answering with an error), so the cache may stand in.
+#[derive(Debug)]
+pub(crate) struct Unreachable(String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+/// Whether an error says the hub could not be reached.
+pub(crate) fn is_unreachable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<Unreachable>())
+}
+
 /// One repo at one revision, online.
 struct Remote<'a> {
     api: Api,
@@ -95,7 +112,7 @@ impl<'a> Remote<'a> {
             | ureq::Error::ConnectionFailed
             | ureq::Error::HostNotFound
             | ureq::Error::Timeout(_) => {
-                anyhow!("{target}: cannot reach the hub at {endpoint} ({req}); check the network or HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the cache only")
+                anyhow::Error::new(Unreachable(format!("{target}: cannot reach the hub at {endpoint} ({req}); check the network or HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the cache only")))
             }
             other => anyhow!("fetching {target} from {endpoint}: {other}"),
         }

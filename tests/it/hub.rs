@@ -257,6 +257,21 @@ fn model_lands_in_the_standard_cache_and_resolves_offline() {
     )
     .unwrap();
     assert_eq!(again, m);
+    // Online but the hub is unreachable: the cached revision stands in, as in huggingface_hub.
+    let mut dead = offline(cache.path());
+    dead.network = NetworkMode::Online;
+    assert_eq!(
+        hub::resolve_model(&ModelRef::parse("org/tiny-bert").unwrap(), &dead).unwrap(),
+        m
+    );
+    let err = err_text(hub::resolve_model(
+        &ModelRef::parse("org/tiny-bert@v9").unwrap(),
+        &dead,
+    ));
+    assert!(
+        err.contains("cannot reach") && err.contains("org/tiny-bert@v9"),
+        "{err}"
+    );
     let by_sha = hub::resolve_model(
         &ModelRef::parse(&format!("org/tiny-bert@{MODEL_SHA}")).unwrap(),
         &offline(cache.path()),
@@ -373,6 +388,16 @@ fn dataset_parquet_files_and_labels_resolve_online_and_offline() {
     )
     .unwrap();
     assert_eq!(again, d);
+    let mut dead = offline(cache.path());
+    dead.network = NetworkMode::Online;
+    assert_eq!(
+        hub::resolve_dataset(
+            &DatasetRef::parse("org/tiny-sentiment", None).unwrap(),
+            &dead
+        )
+        .unwrap(),
+        d
+    );
     let l2 = hub::resolve_dataset(
         &DatasetRef::parse("legacy", None).unwrap(),
         &offline(cache.path()),
