@@ -247,7 +247,7 @@ fn model_lands_in_the_standard_cache_and_resolves_offline() {
     .unwrap();
     assert_eq!(
         hub.paths()[before..],
-        [format!("/api/models/org/tiny-bert/revision/main")]
+        ["/api/models/org/tiny-bert/revision/main".to_string()]
     );
 
     drop(hub);

@@ -96,12 +96,15 @@ impl FakeRepos {
     }
 }
 
+/// Request paths with their Authorization header, in arrival order.
+pub type RequestLog = Mutex<Vec<(String, Option<String>)>>;
+
 pub struct FakeHub {
     pub endpoint: String,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     /// Every request line and its Authorization header (if any), in order.
-    pub log: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    pub log: Arc<RequestLog>,
 }
 
 impl FakeHub {
@@ -170,7 +173,7 @@ fn decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn serve(stream: TcpStream, repos: &FakeRepos, log: &Mutex<Vec<(String, Option<String>)>>) {
+fn serve(stream: TcpStream, repos: &FakeRepos, log: &RequestLog) {
     stream.set_nonblocking(false).ok();
     stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
