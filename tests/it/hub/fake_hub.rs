@@ -1,0 +1,324 @@
+//! A stand-in for the HuggingFace hub on 127.0.0.1: the info API (`/api/{models,datasets}/…/revision/…`)
+//! and `resolve` downloads with the headers hf-hub's sync client needs (ETag / X-Linked-Etag,
+//! X-Repo-Commit, Content-Range, ranged bodies). Std only; it stops on drop or after a deadline.
+
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// One file of a fake repo.
+#[derive(Clone)]
+pub struct FakeFile {
+    pub body: Vec<u8>,
+    /// LFS files carry a sha256 `X-Linked-Etag`; others a 40-hex git-style etag.
+    pub lfs: bool,
+    /// Serve only this many bytes while announcing the full size (a truncated download).
+    pub truncate_to: Option<usize>,
+    /// Serve the body with its first byte changed, under the original's etag and size.
+    pub tamper: bool,
+}
+
+impl FakeFile {
+    pub fn text(s: &str) -> Self {
+        FakeFile {
+            body: s.as_bytes().to_vec(),
+            lfs: false,
+            truncate_to: None,
+            tamper: false,
+        }
+    }
+    pub fn lfs(body: Vec<u8>) -> Self {
+        FakeFile {
+            body,
+            lfs: true,
+            truncate_to: None,
+            tamper: false,
+        }
+    }
+    pub fn sha256(&self) -> String {
+        hex(&Sha256::digest(&self.body))
+    }
+    fn etag(&self) -> String {
+        if self.lfs {
+            self.sha256()
+        } else {
+            recycle::hub::git_blob_id(&self.body)
+        }
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One revision of a repo: the commit it points at and its files.
+#[derive(Clone)]
+pub struct FakeRevision {
+    pub commit: String,
+    pub files: BTreeMap<String, FakeFile>,
+}
+
+/// The repos the fake serves, keyed by (`models`|`datasets`, repo id, revision).
+#[derive(Clone, Default)]
+pub struct FakeRepos {
+    pub revisions: BTreeMap<(String, String, String), FakeRevision>,
+    /// Repo ids that answer 401 unless the request carries `Bearer <token>`.
+    pub gated: BTreeMap<String, String>,
+}
+
+impl FakeRepos {
+    pub fn add(
+        &mut self,
+        kind: &str,
+        repo: &str,
+        revision: &str,
+        commit: &str,
+        files: Vec<(&str, FakeFile)>,
+    ) {
+        let files = files.into_iter().map(|(n, f)| (n.to_string(), f)).collect();
+        self.revisions.insert(
+            (kind.into(), repo.into(), revision.into()),
+            FakeRevision {
+                commit: commit.into(),
+                files,
+            },
+        );
+        // A commit also resolves as a revision of its own, as on the hub.
+        let same =
+            self.revisions[&(kind.to_string(), repo.to_string(), revision.to_string())].clone();
+        self.revisions
+            .insert((kind.into(), repo.into(), commit.into()), same);
+    }
+}
+
+/// Request paths with their Authorization header, in arrival order.
+pub type RequestLog = Mutex<Vec<(String, Option<String>)>>;
+
+pub struct FakeHub {
+    pub endpoint: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    /// Every request line and its Authorization header (if any), in order.
+    pub log: Arc<RequestLog>,
+}
+
+impl FakeHub {
+    /// Serves `repos` on a free port until dropped (or 120 s at most).
+    pub fn start(repos: FakeRepos) -> FakeHub {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (stop2, log2, repos) = (stop.clone(), log.clone(), Arc::new(repos));
+        let thread = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !stop2.load(Ordering::SeqCst) && Instant::now() < deadline {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let (repos, log) = (repos.clone(), log2.clone());
+                        std::thread::spawn(move || serve(stream, &repos, &log));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        FakeHub {
+            endpoint,
+            stop,
+            thread: Some(thread),
+            log,
+        }
+    }
+
+    pub fn paths(&self) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+}
+
+impl Drop for FakeHub {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn serve(stream: TcpStream, repos: &FakeRepos, log: &RequestLog) {
+    stream.set_nonblocking(false).ok();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    let mut headers = BTreeMap::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let auth = headers.get("authorization").cloned();
+    log.lock().unwrap().push((path.clone(), auth.clone()));
+    let resp = respond(
+        &path,
+        headers.get("range").map(String::as_str),
+        auth.as_deref(),
+        repos,
+    );
+    let mut out = stream;
+    let _ = out.write_all(&resp);
+    let _ = out.flush();
+}
+
+fn http(status: &str, headers: &[(&str, String)], body: &[u8]) -> Vec<u8> {
+    let mut r = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        r.push_str(&format!("{k}: {v}\r\n"));
+    }
+    r.push_str("\r\n");
+    let mut bytes = r.into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+fn respond(path: &str, range: Option<&str>, auth: Option<&str>, repos: &FakeRepos) -> Vec<u8> {
+    let not_found = |what: &str| {
+        http(
+            "404 Not Found",
+            &[("X-Error-Code", what.to_string())],
+            b"{\"error\":\"not found\"}",
+        )
+    };
+    // Which repo and revision the request is about, and the file (for resolve).
+    let (kind, repo, rev, file) = if let Some(rest) = path.strip_prefix("/api/") {
+        let Some((kind, rest)) = rest.split_once('/') else {
+            return not_found("RepoNotFound");
+        };
+        let Some((repo, rev)) = rest.split_once("/revision/") else {
+            return not_found("RepoNotFound");
+        };
+        (kind.to_string(), repo.to_string(), decode(rev), None)
+    } else {
+        let (kind, rest) = match path.strip_prefix("/datasets/") {
+            Some(r) => ("datasets", r),
+            None => ("models", &path[1..]),
+        };
+        let Some((repo, rest)) = rest.split_once("/resolve/") else {
+            return not_found("RepoNotFound");
+        };
+        let Some((rev, file)) = rest.split_once('/') else {
+            return not_found("EntryNotFound");
+        };
+        (
+            kind.to_string(),
+            repo.to_string(),
+            decode(rev),
+            Some(decode(file)),
+        )
+    };
+    if let Some(token) = repos.gated.get(&repo) {
+        if auth != Some(&format!("Bearer {token}")) {
+            return http(
+                "401 Unauthorized",
+                &[("X-Error-Code", "GatedRepo".into())],
+                b"{\"error\":\"gated\"}",
+            );
+        }
+    }
+    let Some(r) = repos.revisions.get(&(kind.clone(), repo.clone(), rev)) else {
+        return not_found("RepoNotFound");
+    };
+    let Some(file) = file else {
+        let siblings: Vec<String> = r
+            .files
+            .keys()
+            .map(|f| format!("{{\"rfilename\":\"{f}\"}}"))
+            .collect();
+        let body = format!(
+            "{{\"id\":\"{repo}\",\"sha\":\"{}\",\"siblings\":[{}]}}",
+            r.commit,
+            siblings.join(",")
+        );
+        return http(
+            "200 OK",
+            &[("Content-Type", "application/json".into())],
+            body.as_bytes(),
+        );
+    };
+    let Some(f) = r.files.get(&file) else {
+        return not_found("EntryNotFound");
+    };
+    let size = f.body.len();
+    let mut body = f.body.clone();
+    if f.tamper {
+        body[0] ^= 0x20;
+    }
+    let served = &body[..f.truncate_to.unwrap_or(size).min(size)];
+    let mut headers = vec![
+        ("X-Repo-Commit", r.commit.clone()),
+        ("ETag", format!("\"{}\"", f.etag())),
+    ];
+    if f.lfs {
+        headers.push(("X-Linked-Etag", format!("\"{}\"", f.etag())));
+    }
+    let start = range
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.split('-').next())
+        .and_then(|s| s.parse::<usize>().ok());
+    let end_incl = range
+        .and_then(|r| r.split('-').nth(1))
+        .and_then(|s| s.parse::<usize>().ok());
+    match start {
+        Some(s) => {
+            let e = end_incl
+                .map(|e| e + 1)
+                .unwrap_or(served.len())
+                .min(served.len());
+            let s = s.min(e);
+            headers.push((
+                "Content-Range",
+                format!("bytes {s}-{}/{size}", e.saturating_sub(1)),
+            ));
+            http("206 Partial Content", &headers, &served[s..e])
+        }
+        None => http("200 OK", &headers, served),
+    }
+}
