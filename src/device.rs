@@ -40,7 +40,8 @@ impl DeviceRequest {
                 if !candle_core::utils::cuda_is_available() {
                     bail!("--device cuda:{n}: this build of recycle has no CUDA support (rebuild with `--features cuda`)");
                 }
-                Device::new_cuda(n).with_context(|| format!("--device cuda:{n}: cannot open the GPU"))
+                Device::new_cuda(n)
+                    .with_context(|| format!("--device cuda:{n}: cannot open the GPU"))
             }
             Self::Auto => {
                 if candle_core::utils::cuda_is_available() {

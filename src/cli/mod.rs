@@ -24,7 +24,11 @@ pub mod slurm;
 pub mod status;
 
 #[derive(Parser, Debug)]
-#[command(name = "recycle", version, about = "Which fine-tuned checkpoint is the best starting point for your classification task?")]
+#[command(
+    name = "recycle",
+    version,
+    about = "Which fine-tuned checkpoint is the best starting point for your classification task?"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
