@@ -139,19 +139,28 @@ impl Checkpoint {
     }
 
     /// Drops the pages of `t` from this process's resident set once it has been merged (they stay
-    /// in the page cache): this keeps the peak RSS of a merge near one tensor per input.
+    /// in the page cache): this keeps the peak RSS of a merge near one chunk per input.
     pub fn release(&self, t: &TensorEntry) {
+        self.release_range(t, 0, t.end - t.start);
+    }
+
+    /// Like `release`, for the bytes `offset .. offset + len` of `t` only. Only whole pages inside
+    /// the range are dropped, so the neighbouring bytes stay resident.
+    pub fn release_range(&self, t: &TensorEntry, offset: usize, len: usize) {
         let map = &self.files[t.file].map;
-        if t.end > t.start {
+        let start = t.start + offset;
+        let end = (start + len).min(t.end);
+        let page = page_size();
+        let base = map.as_ptr() as usize;
+        // Round inward to whole pages (in address space, where pages are aligned).
+        let first = (base + start).div_ceil(page) * page - base;
+        let last = ((base + end) / page) * page - base;
+        if last > first {
             // SAFETY: the map is read-only and file-backed, so dropping its pages loses nothing:
             // a later access reads them back from the file. Failure only costs memory, so the
             // result is ignored.
             let _ = unsafe {
-                map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    t.start,
-                    t.end - t.start,
-                )
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, last - first)
             };
         }
     }
@@ -216,4 +225,14 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     shards.sort();
     shards.dedup();
     Ok(shards.into_iter().map(|s| dir.join(s)).collect())
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if size > 0 {
+        size as usize
+    } else {
+        4096
+    }
 }

@@ -52,6 +52,17 @@ impl FloatDtype {
     }
 }
 
+/// Where a merge reads one parameter's elements from, a chunk at a time.
+pub trait Source {
+    /// Number of elements.
+    fn len(&self) -> usize;
+    /// Fills `out` with the elements `start .. start + out.len()`, converted to f32.
+    fn read(&self, start: usize, out: &mut [f32]);
+    /// The merge has finished with elements `start .. start + n` for now (a mapped source can
+    /// drop those pages from the resident set).
+    fn done(&self, _start: usize, _n: usize) {}
+}
+
 /// A read-only view of one parameter's elements, read as f32 a chunk at a time.
 #[derive(Debug, Clone, Copy)]
 pub enum Elements<'a> {
@@ -63,21 +74,15 @@ pub enum Elements<'a> {
     },
 }
 
-impl Elements<'_> {
-    /// Number of elements.
-    pub fn len(&self) -> usize {
+impl Source for Elements<'_> {
+    fn len(&self) -> usize {
         match self {
             Elements::F32(v) => v.len(),
             Elements::Raw { bytes, dtype } => bytes.len() / dtype.size(),
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Fills `out` with the elements `start .. start + out.len()`, converted to f32.
-    pub fn read(&self, start: usize, out: &mut [f32]) {
+    fn read(&self, start: usize, out: &mut [f32]) {
         match *self {
             Elements::F32(v) => out.copy_from_slice(&v[start..start + out.len()]),
             Elements::Raw { bytes, dtype } => {
@@ -108,8 +113,10 @@ enum Trim {
     Nothing,
     /// Entries with |δ| > threshold survive, plus the first `equal_to_keep` entries (in index
     /// order) with |δ| == threshold, so that exactly k entries survive even when magnitudes tie.
+    /// Magnitudes are compared as the bits of the non-negative f32 `|δ|`, which order like the
+    /// numbers (and put NaN above every number, consistently in both passes).
     Above {
-        threshold: f32,
+        threshold: u32,
         equal_to_keep: usize,
     },
 }
@@ -132,8 +139,8 @@ impl<'s> ParamMerger<'s> {
     pub fn new(
         spec: &'s MergeSpec,
         name: &str,
-        base: Option<Elements<'_>>,
-        models: &[Elements<'_>],
+        base: Option<&dyn Source>,
+        models: &[&dyn Source],
     ) -> Result<Self> {
         if models.len() != spec.weights.len() {
             bail!(
@@ -193,8 +200,8 @@ impl<'s> ParamMerger<'s> {
     /// `models` must be the views given to `new`.
     pub fn run(
         &self,
-        base: Option<Elements<'_>>,
-        models: &[Elements<'_>],
+        base: Option<&dyn Source>,
+        models: &[&dyn Source],
         mut sink: impl FnMut(&[f32]) -> Result<()>,
     ) -> Result<()> {
         let k = models.len();
@@ -254,7 +261,7 @@ impl<'s> ParamMerger<'s> {
                                     threshold,
                                     equal_to_keep,
                                 } => {
-                                    let mag = d.abs();
+                                    let mag = d.abs().to_bits();
                                     if mag > threshold {
                                         true
                                     } else if mag == threshold && equal_seen[i] < equal_to_keep {
@@ -278,6 +285,12 @@ impl<'s> ParamMerger<'s> {
                 };
             }
             sink(&out[..n])?;
+            for m in models {
+                m.done(start, n);
+            }
+            if let (true, Some(b)) = (spec.method.needs_base(), base) {
+                b.done(start, n);
+            }
             start += n;
         }
         Ok(())
@@ -294,6 +307,8 @@ pub fn merge_param(
 ) -> Result<Vec<f32>> {
     let base = base.map(Elements::F32);
     let models: Vec<Elements> = models.iter().map(|m| Elements::F32(m)).collect();
+    let base: Option<&dyn Source> = base.as_ref().map(|b| b as &dyn Source);
+    let models: Vec<&dyn Source> = models.iter().map(|m| m as &dyn Source).collect();
     let merger = ParamMerger::new(spec, name, base, &models)?;
     let mut out = Vec::with_capacity(merger.len());
     merger
@@ -331,8 +346,10 @@ pub fn elect_and_merge(delta: &[f32], weights: &[f32], normalize: bool) -> f32 {
     }
 }
 
-/// Per model: the magnitude threshold keeping the top `round(density · n)` entries of its delta.
-fn trim_thresholds(density: f32, base: Elements<'_>, models: &[Elements<'_>]) -> Vec<Trim> {
+/// Per model: the magnitude threshold keeping the top `k = round(density · n)` entries of its
+/// delta, found by a two-pass radix select over the magnitudes' bits (high 16 bits, then low 16
+/// bits within the chosen bucket): exact, streaming, and 512 KiB of counters whatever the size.
+fn trim_thresholds(density: f32, base: &dyn Source, models: &[&dyn Source]) -> Vec<Trim> {
     let n = base.len();
     let k = ((f64::from(density) * n as f64).round() as usize).min(n);
     if k == n {
@@ -341,28 +358,53 @@ fn trim_thresholds(density: f32, base: Elements<'_>, models: &[Elements<'_>]) ->
     if k == 0 {
         return vec![Trim::Nothing; models.len()];
     }
-    let mut magnitudes = vec![0f32; n];
-    let mut base_buf = vec![0f32; CHUNK.min(n)];
+    let step = CHUNK.min(n);
+    let mut base_buf = vec![0f32; step];
+    let mut model_buf = vec![0f32; step];
+    let mut counts = vec![0usize; 1 << 16];
     let mut trims = Vec::with_capacity(models.len());
     for m in models {
-        let mut start = 0;
-        while start < n {
-            let len = CHUNK.min(n - start);
-            base.read(start, &mut base_buf[..len]);
-            let dst = &mut magnitudes[start..start + len];
-            m.read(start, dst);
-            for (d, b) in dst.iter_mut().zip(&base_buf[..len]) {
-                *d = (*d - b).abs();
+        // Pass 1: histogram of the high 16 bits; pass 2: of the low 16 bits inside the bucket
+        // that holds the k-th largest magnitude.
+        let mut high = None;
+        let mut above = 0usize;
+        for pass in 0..2 {
+            counts.iter_mut().for_each(|c| *c = 0);
+            let mut start = 0;
+            while start < n {
+                let len = step.min(n - start);
+                base.read(start, &mut base_buf[..len]);
+                m.read(start, &mut model_buf[..len]);
+                for (x, b) in model_buf[..len].iter().zip(&base_buf[..len]) {
+                    let bits = (x - b).abs().to_bits();
+                    match high {
+                        None => counts[(bits >> 16) as usize] += 1,
+                        Some(h) if bits >> 16 == h => counts[(bits & 0xffff) as usize] += 1,
+                        Some(_) => {}
+                    }
+                }
+                m.done(start, len);
+                base.done(start, len);
+                start += len;
             }
-            start += len;
+            // Walk down from the largest bucket until the k-th largest entry is inside.
+            let mut bucket = 0u32;
+            for (i, &c) in counts.iter().enumerate().rev() {
+                if above + c >= k {
+                    bucket = i as u32;
+                    break;
+                }
+                above += c;
+            }
+            if pass == 0 {
+                high = Some(bucket);
+            } else if let Some(h) = high {
+                trims.push(Trim::Above {
+                    threshold: (h << 16) | bucket,
+                    equal_to_keep: k - above,
+                });
+            }
         }
-        // The k-th largest magnitude sits at index n − k once selected in ascending order.
-        let (_, &mut threshold, _) = magnitudes.select_nth_unstable_by(n - k, f32::total_cmp);
-        let above = magnitudes.iter().filter(|&&x| x > threshold).count();
-        trims.push(Trim::Above {
-            threshold,
-            equal_to_keep: k.saturating_sub(above),
-        });
     }
     trims
 }

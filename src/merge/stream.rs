@@ -4,7 +4,7 @@
 //! the process holds one chunk of output and the pages of one tensor per input at a time.
 
 use super::checkpoint::{Checkpoint, TensorEntry};
-use super::kernel::{Elements, FloatDtype, ParamMerger};
+use super::kernel::{Elements, FloatDtype, ParamMerger, Source as ElementSource};
 use super::names::{body_architecture, Role};
 use super::{MergeSpec, Method};
 use anyhow::{bail, Context, Result};
@@ -359,20 +359,25 @@ fn write_safetensors(path: &Path, spec: &MergeSpec, plan: &[OutTensor<'_>]) -> R
                 let Some(out_dtype) = FloatDtype::from_safetensors(t.dtype) else {
                     bail!("tensor {}: dtype {:?} cannot be merged", t.name, t.dtype);
                 };
-                let base_view = base.map(|(c, e)| raw_view(c, e)).transpose()?;
+                let base_view = base.map(|(c, e)| mapped(c, e)).transpose()?;
                 let model_views = models
                     .iter()
-                    .map(|&(c, e)| raw_view(c, e))
+                    .map(|&(c, e)| mapped(c, e))
                     .collect::<Result<Vec<_>>>()?;
+                let base_src = base_view.as_ref().map(|v| v as &dyn ElementSource);
+                let model_srcs: Vec<&dyn ElementSource> = model_views
+                    .iter()
+                    .map(|v| v as &dyn ElementSource)
+                    .collect();
                 let tensor_spec = if *average_instead {
                     &average_spec
                 } else {
                     spec
                 };
-                let merger = ParamMerger::new(tensor_spec, key, base_view, &model_views)
+                let merger = ParamMerger::new(tensor_spec, key, base_src, &model_srcs)
                     .with_context(|| format!("merging tensor {}", t.name))?;
                 merger
-                    .run(base_view, &model_views, |chunk| {
+                    .run(base_src, &model_srcs, |chunk| {
                         encoded.clear();
                         out_dtype.encode(chunk, &mut encoded);
                         w.write_all(&encoded).with_context(write_err)
@@ -469,13 +474,41 @@ fn merged_config(
     Ok(config)
 }
 
-/// A typed view of a float tensor's bytes in its checkpoint.
-fn raw_view<'a>(c: &'a Checkpoint, e: &TensorEntry) -> Result<Elements<'a>> {
+/// A float tensor of a mapped checkpoint, as a merge source that releases its pages as soon as
+/// the merge is done with them (so a large tensor never becomes resident in full).
+struct Mapped<'a> {
+    checkpoint: &'a Checkpoint,
+    entry: &'a TensorEntry,
+    view: Elements<'a>,
+    size: usize,
+}
+
+fn mapped<'a>(c: &'a Checkpoint, e: &'a TensorEntry) -> Result<Mapped<'a>> {
     let Some(dtype) = FloatDtype::from_safetensors(e.dtype) else {
         bail!("tensor {}: dtype {:?} cannot be merged", e.name, e.dtype);
     };
-    Ok(Elements::Raw {
-        bytes: c.bytes(e),
-        dtype,
+    Ok(Mapped {
+        checkpoint: c,
+        entry: e,
+        view: Elements::Raw {
+            bytes: c.bytes(e),
+            dtype,
+        },
+        size: dtype.size(),
     })
+}
+
+impl ElementSource for Mapped<'_> {
+    fn len(&self) -> usize {
+        self.view.len()
+    }
+
+    fn read(&self, start: usize, out: &mut [f32]) {
+        self.view.read(start, out);
+    }
+
+    fn done(&self, start: usize, n: usize) {
+        self.checkpoint
+            .release_range(self.entry, start * self.size, n * self.size);
+    }
 }

@@ -738,3 +738,31 @@ fn cli_merges_and_refuses_flags_the_method_ignores() {
         .clone();
     assert!(String::from_utf8_lossy(&output.stderr).contains("--base"));
 }
+
+#[test]
+fn ties_trim_keeps_exactly_the_top_k_magnitudes_across_chunks() {
+    // 150k entries (several chunks) on a 1/64 grid: many magnitudes tie at the threshold, and
+    // exactly k = round(0.3 n) must still survive, none smaller than any dropped one.
+    let n = 150_000;
+    let base = grid(n, 70);
+    let m = grid(n, 71);
+    let mut ties = spec(Method::Ties, 1);
+    ties.density = 0.3;
+    let got = merge_param(&ties, "w", Some(&base), &[&m]).unwrap();
+    let k = (0.3 * n as f64).round() as usize;
+    let mut kept_min = f32::INFINITY;
+    let mut dropped_max = 0f32;
+    let mut kept = 0;
+    for i in 0..n {
+        let delta = (m[i] - base[i]).abs();
+        if got[i] != base[i] {
+            assert_eq!(got[i], m[i], "entry {i}: a kept entry is the model's value");
+            kept += 1;
+            kept_min = kept_min.min(delta);
+        } else if delta != 0.0 {
+            dropped_max = dropped_max.max(delta);
+        }
+    }
+    assert_eq!(kept, k);
+    assert!(kept_min >= dropped_max, "{kept_min} < {dropped_max}");
+}
