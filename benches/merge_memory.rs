@@ -3,6 +3,8 @@
 //! (VmHWM after − VmHWM before the merge) is reported as a ratio to one model's weights file.
 //!
 //! Run: `cargo bench --bench merge_memory` (needs ~1 GB of temp disk; set TMPDIR to move it).
+//! `--profile dev` skips a release build of the dependencies (they are optimised in dev too).
+//! MERGE_MEMORY_DEBUG=1 also prints each child's /proc/self/status memory lines.
 
 use recycle::merge::{merge_checkpoints, MergeRequest, MergeSpec, Method};
 use std::path::{Path, PathBuf};
@@ -121,6 +123,15 @@ fn child(method: &str, root: &Path) -> Result<(), Box<dyn std::error::Error>> {
     merge_checkpoints(&req)?;
     let secs = start.elapsed().as_secs_f64();
     let after = vm_hwm_bytes();
+    if std::env::var_os("MERGE_MEMORY_DEBUG").is_some() {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        for l in status
+            .lines()
+            .filter(|l| l.starts_with("Vm") || l.starts_with("Rss"))
+        {
+            eprintln!("{l}");
+        }
+    }
     println!("{} {secs}", after.saturating_sub(before));
     std::fs::remove_dir_all(&req.out)?;
     Ok(())
@@ -157,6 +168,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 String::from_utf8_lossy(&out.stderr)
             )
             .into());
+        }
+        if std::env::var_os("MERGE_MEMORY_DEBUG").is_some() {
+            eprint!("{}", String::from_utf8_lossy(&out.stderr));
         }
         let text = String::from_utf8_lossy(&out.stdout);
         let mut fields = text.split_whitespace();

@@ -11,7 +11,7 @@ pub mod kernel;
 pub mod names;
 pub mod stream;
 
-pub use kernel::{merge_param, ParamMerger};
+pub use kernel::{merge_param, merge_tensor, ParamMerger};
 pub use stream::{merge_checkpoints, MergeOutcome, MergeRequest};
 
 use anyhow::{bail, Result};

@@ -440,3 +440,41 @@ fn splitmix64(x: u64) -> u64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
+
+/// Merges one parameter given as candle tensors (e.g. the `VarMap`s of models held in memory):
+/// computed in f32 on the CPU, returned with the shape, dtype and device of the first model.
+pub fn merge_tensor(
+    spec: &MergeSpec,
+    name: &str,
+    base: Option<&candle_core::Tensor>,
+    models: &[&candle_core::Tensor],
+) -> Result<candle_core::Tensor> {
+    let to_vec = |t: &candle_core::Tensor| -> Result<Vec<f32>> {
+        t.flatten_all()
+            .and_then(|t| t.to_dtype(candle_core::DType::F32))
+            .and_then(|t| t.to_vec1::<f32>())
+            .with_context(|| format!("reading tensor {name} as f32"))
+    };
+    let Some(first) = models.first() else {
+        bail!("tensor {name}: no models to merge");
+    };
+    for m in models {
+        if m.shape() != first.shape() {
+            bail!(
+                "tensor {name}: shapes {:?} and {:?} differ",
+                first.dims(),
+                m.dims()
+            );
+        }
+    }
+    let base_values = base.map(to_vec).transpose()?;
+    let model_values = models
+        .iter()
+        .map(|m| to_vec(m))
+        .collect::<Result<Vec<_>>>()?;
+    let slices: Vec<&[f32]> = model_values.iter().map(Vec::as_slice).collect();
+    let merged = merge_param(spec, name, base_values.as_deref(), &slices)?;
+    candle_core::Tensor::from_vec(merged, first.shape(), first.device())
+        .and_then(|t| t.to_dtype(first.dtype()))
+        .with_context(|| format!("building merged tensor {name}"))
+}

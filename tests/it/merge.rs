@@ -766,3 +766,30 @@ fn ties_trim_keeps_exactly_the_top_k_magnitudes_across_chunks() {
     assert_eq!(kept, k);
     assert!(kept_min >= dropped_max, "{kept_min} < {dropped_max}");
 }
+
+#[test]
+fn candle_tensors_merge_like_slices_and_keep_dtype_and_shape() {
+    use candle_core::{DType, Device, Tensor};
+    let (a, b) = (grid(6, 80), grid(6, 81));
+    let ta = Tensor::from_vec(a.clone(), (2, 3), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let tb = Tensor::from_vec(b.clone(), (2, 3), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let merged =
+        recycle::merge::merge_tensor(&spec(Method::Average, 2), "w", None, &[&ta, &tb]).unwrap();
+    assert_eq!(merged.dtype(), DType::BF16);
+    assert_eq!(merged.dims(), &[2, 3]);
+    let got: Vec<f32> = merged
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let expected: Vec<f32> = a.iter().zip(&b).map(|(x, y)| (x + y) / 2.0).collect();
+    assert_eq!(got, expected);
+}
