@@ -56,6 +56,9 @@ impl FloatDtype {
 pub trait Source {
     /// Number of elements.
     fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Fills `out` with the elements `start .. start + out.len()`, converted to f32.
     fn read(&self, start: usize, out: &mut [f32]);
     /// The merge has finished with elements `start .. start + n` for now (a mapped source can
