@@ -389,6 +389,19 @@ fn a_merged_checkpoint_round_trips_with_config_and_tokenizer() {
     assert_eq!(pos.dtype(), Dtype::I64);
     assert_eq!(pos.data(), encode(Dtype::I64, &[0.0, 1.0, 2.0]).as_slice());
 
+    // candle reads the streamed file too (the format the model adapters load).
+    let loaded =
+        candle_core::safetensors::load(out.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    assert_eq!(
+        loaded["encoder.layer.0.attention.self.query.weight"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        got
+    );
+
     // config: the base's, body architecture, labels removed, the merge recorded.
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
