@@ -806,3 +806,21 @@ fn candle_tensors_merge_like_slices_and_keep_dtype_and_shape() {
     let expected: Vec<f32> = a.iter().zip(&b).map(|(x, y)| (x + y) / 2.0).collect();
     assert_eq!(got, expected);
 }
+
+#[test]
+fn keep_head_without_a_base_head_averages_the_heads() {
+    // The base (a pretrained body) has no classifier, so task arithmetic has no delta for it:
+    // the heads are averaged across the models, as documented.
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, a, b) = bert_fixture(tmp.path());
+    let out = tmp.path().join("merged");
+    let mut req = request(Method::TaskArithmetic, Some(&base), &[&a, &b], &out);
+    req.keep_head = true;
+    req.spec.lambda = 0.3;
+    merge_checkpoints(&req).unwrap();
+    let (_, _, ha) = read_tensor(&a, "classifier.bias");
+    let (_, _, hb) = read_tensor(&b, "classifier.bias");
+    let (_, _, got) = read_tensor(&out, "classifier.bias");
+    let expected: Vec<f32> = ha.iter().zip(&hb).map(|(x, y)| (x + y) / 2.0).collect();
+    assert_eq!(got, expected);
+}
