@@ -28,7 +28,7 @@ def main(root):
         bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         exp = load_file(os.path.join(FIX, case, "expected.safetensors"))
         kwargs = dict(input_ids=exp["input_ids"], attention_mask=exp["attention_mask"])
-        if case.startswith("bert"):
+        if case.startswith("bert") or case.startswith("deberta"):
             kwargs["token_type_ids"] = exp["token_type_ids"]
         with torch.no_grad():
             logits = model(**kwargs).logits

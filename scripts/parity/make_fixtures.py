@@ -23,6 +23,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     BertConfig,
     BertModel,
+    DebertaV2Config,
     DistilBertConfig,
     RobertaConfig,
     XLMRobertaConfig,
@@ -59,6 +60,26 @@ def roberta_like(cls, **kw):
 def distilbert_config(**kw):
     return DistilBertConfig(vocab_size=VOCAB, dim=HIDDEN, n_layers=LAYERS, n_heads=HEADS, hidden_dim=INTER,
                             max_position_embeddings=SEQ + 4, pad_token_id=0, **kw)
+
+
+def deberta_v3_config(**kw):
+    """v3-style: shared attention keys, log-bucketed positions (seq 12 > buckets / 2), normalised
+    relative embeddings, no absolute positions, no token types."""
+    return DebertaV2Config(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                           intermediate_size=INTER, max_position_embeddings=SEQ + 4, type_vocab_size=0,
+                           relative_attention=True, position_buckets=8, max_relative_positions=-1,
+                           pos_att_type="p2c|c2p", share_att_key=True, position_biased_input=False,
+                           norm_rel_ebd="layer_norm", pad_token_id=0, **kw)
+
+
+def deberta_v2_config(**kw):
+    """v2-xlarge-style: separate position projections, clamped (unbucketed) relative positions, the
+    first-layer convolution, absolute positions, token types, and a factorised embedding (embed_proj)."""
+    return DebertaV2Config(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                           intermediate_size=INTER, max_position_embeddings=SEQ + 4, type_vocab_size=2,
+                           relative_attention=True, position_buckets=-1, max_relative_positions=8,
+                           pos_att_type=["c2p", "p2c"], share_att_key=False, position_biased_input=True,
+                           conv_kernel_size=3, conv_act="gelu", embedding_size=12, pad_token_id=0, **kw)
 
 
 def batch(style, gen):
@@ -211,12 +232,21 @@ def main():
                     "distilbert.transformer.layer.0.attention.q_lin.weight",
                     "distilbert.transformer.layer.1.output_layer_norm.weight",
                     "classifier.weight"]
+    deb_grads = ["deberta.embeddings.word_embeddings.weight",
+                 "deberta.encoder.layer.0.attention.self.query_proj.weight",
+                 "deberta.encoder.layer.1.output.LayerNorm.weight",
+                 "deberta.encoder.rel_embeddings.weight",
+                 "classifier.weight"]
     cases = [
         ("bert", lambda: bert_config(num_labels=NUM_LABELS), "bert", bert_grads, False),
         ("bert_regression", lambda: bert_config(num_labels=1, problem_type="regression"), "bert", bert_grads, True),
         ("roberta", lambda: roberta_like(RobertaConfig, num_labels=NUM_LABELS), "roberta", rob_grads, False),
         ("xlm-roberta", lambda: roberta_like(XLMRobertaConfig, num_labels=NUM_LABELS), "roberta", rob_grads, False),
         ("distilbert", lambda: distilbert_config(num_labels=NUM_LABELS), "bert", distil_grads, False),
+        ("deberta-v3", lambda: deberta_v3_config(num_labels=NUM_LABELS), "bert", deb_grads, False),
+        ("deberta-v2", lambda: deberta_v2_config(num_labels=NUM_LABELS),  "bert",
+         deb_grads + ["deberta.encoder.conv.conv.weight", "deberta.encoder.layer.0.attention.self.pos_key_proj.weight"],
+         False),
     ]
     only = set(sys.argv[1:])
     for i, (case, cfg, style, grads, regression) in enumerate(cases):

@@ -9,7 +9,7 @@ use candle_nn::{Init, VarBuilder};
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
-    bias: Tensor,
+    bias: Option<Tensor>,
 }
 
 impl Linear {
@@ -23,7 +23,28 @@ impl Linear {
             },
         )?;
         let bias = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias: Some(bias),
+        })
+    }
+
+    /// A dense layer without a bias (`nn.Linear(..., bias=False)`).
+    pub fn load_no_bias(
+        vb: VarBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        init_std: f64,
+    ) -> Result<Self> {
+        let weight = vb.get_with_hints(
+            (out_dim, in_dim),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: init_std,
+            },
+        )?;
+        Ok(Self { weight, bias: None })
     }
 }
 
@@ -33,7 +54,11 @@ impl Module for Linear {
             [b, _, _] => self.weight.broadcast_left(*b)?.t()?,
             _ => self.weight.t()?,
         };
-        x.matmul(&w)?.broadcast_add(&self.bias)
+        let y = x.matmul(&w)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
     }
 }
 

@@ -35,6 +35,7 @@ pub trait SequenceClassifier: Send + Sync {
 
 pub mod bert;
 pub mod checkpoint;
+pub mod deberta_v2;
 pub mod distilbert;
 pub mod layers;
 pub mod ops;
@@ -56,6 +57,8 @@ pub enum Arch {
     XlmRoberta,
     #[serde(rename = "distilbert")]
     DistilBert,
+    #[serde(rename = "deberta-v2")]
+    DebertaV2,
 }
 
 impl Arch {
@@ -66,6 +69,7 @@ impl Arch {
             "roberta" => Some(Self::Roberta),
             "xlm-roberta" => Some(Self::XlmRoberta),
             "distilbert" => Some(Self::DistilBert),
+            "deberta-v2" => Some(Self::DebertaV2),
             _ => None,
         }
     }
@@ -77,6 +81,7 @@ impl Arch {
             Self::Roberta => "RobertaForSequenceClassification",
             Self::XlmRoberta => "XLMRobertaForSequenceClassification",
             Self::DistilBert => "DistilBertForSequenceClassification",
+            Self::DebertaV2 => "DebertaV2ForSequenceClassification",
         }
     }
 
@@ -86,6 +91,7 @@ impl Arch {
             Self::Bert => "bert",
             Self::Roberta | Self::XlmRoberta => "roberta",
             Self::DistilBert => "distilbert",
+            Self::DebertaV2 => "deberta",
         }
     }
 
@@ -95,6 +101,7 @@ impl Arch {
             Self::Bert => &["bert.pooler.", "classifier."],
             Self::Roberta | Self::XlmRoberta => &["classifier."],
             Self::DistilBert => &["pre_classifier.", "classifier."],
+            Self::DebertaV2 => &["pooler.", "classifier."],
         }
     }
 }
@@ -137,6 +144,7 @@ pub struct LoadOptions {
 enum ArchConfig {
     Bert(bert::BertConfig, bert::Flavour),
     DistilBert(distilbert::DistilBertConfig),
+    DebertaV2(deberta_v2::DebertaV2Config),
 }
 
 impl ArchConfig {
@@ -162,6 +170,13 @@ impl ArchConfig {
                 }
                 Self::DistilBert(c)
             }
+            Arch::DebertaV2 => {
+                let mut c: deberta_v2::DebertaV2Config = serde_json::from_value(value)?;
+                if let Some(p) = hidden_dropout {
+                    c.hidden_dropout_prob = p;
+                }
+                Self::DebertaV2(c)
+            }
         })
     }
 
@@ -176,6 +191,9 @@ impl ArchConfig {
             }
             Self::DistilBert(c) => {
                 Box::new(distilbert::DistilBertClassifier::load(vb, c, num_labels)?)
+            }
+            Self::DebertaV2(c) => {
+                Box::new(deberta_v2::DebertaV2Classifier::load(vb, c, num_labels)?)
             }
         })
     }
@@ -219,7 +237,7 @@ pub fn load(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<LoadedMod
         .with_context(|| format!("{name}/config.json: no \"model_type\""))?
         .to_string();
     let arch = Arch::from_model_type(&model_type).with_context(|| {
-        format!("{name}/config.json: model_type {model_type:?} is not supported (bert, roberta, xlm-roberta, distilbert)")
+        format!("{name}/config.json: model_type {model_type:?} is not supported (bert, roberta, xlm-roberta, distilbert, deberta-v2)")
     })?;
     let arch_config = ArchConfig::parse(arch, &config, opts.hidden_dropout)
         .with_context(|| format!("{name}/config.json: not a valid {model_type} config"))?;

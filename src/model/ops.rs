@@ -47,7 +47,11 @@ pub fn attention_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
 
 /// Softmax over the last dimension of `scores + bias`, where `bias` comes from `attention_bias`.
 pub fn masked_softmax(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let x = scores.broadcast_add(bias)?;
+    softmax(&scores.broadcast_add(bias)?)
+}
+
+/// Softmax over the last dimension.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
     // The shift is a constant for the gradient: softmax is invariant to it.
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;

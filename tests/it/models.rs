@@ -12,6 +12,8 @@ const CASES: &[&str] = &[
     "roberta",
     "xlm-roberta",
     "distilbert",
+    "deberta-v3",
+    "deberta-v2",
 ];
 
 fn fixture(case: &str) -> PathBuf {
@@ -54,7 +56,8 @@ fn batch(case: &str, exp: &HashMap<String, Tensor>) -> Batch {
     Batch {
         input_ids: ids("input_ids"),
         attention_mask: ids("attention_mask"),
-        token_type_ids: case.starts_with("bert").then(|| ids("token_type_ids")),
+        token_type_ids: (case.starts_with("bert") || case.starts_with("deberta"))
+            .then(|| ids("token_type_ids")),
     }
 }
 
@@ -158,7 +161,10 @@ fn loss_and_gradients_match_transformers() {
             );
             checked += 1;
         }
-        assert_eq!(checked, 4, "{case}: the fixture names four gradients");
+        assert!(
+            checked >= 4,
+            "{case}: the fixture names at least four gradients"
+        );
     }
 }
 
