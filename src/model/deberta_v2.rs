@@ -280,7 +280,8 @@ impl Attention {
         let mask = ctx.pair_mask.broadcast_as(scores.shape())?;
         let lowest = match scores.dtype() {
             DType::F16 => -65504.0,
-            _ => f32::MIN,
+            // Finite in every dtype (f32::MIN rounds to -inf in bf16), so a fully masked row is uniform, not NaN.
+            _ => -1e30,
         };
         let fill =
             Tensor::full(lowest, scores.shape(), scores.device())?.to_dtype(scores.dtype())?;

@@ -568,3 +568,75 @@ fn ops_have_correct_gradients() {
     let theirs = candle_nn::ops::layer_norm(&x, &wf, &bf, 1e-5).unwrap();
     assert!(max_abs_diff(&ours, &theirs) < 1e-5);
 }
+
+#[test]
+fn a_sharded_checkpoint_loads_like_a_single_file() {
+    let case = "bert";
+    let exp = expected(case);
+    let b = batch(case, &exp);
+    let weights =
+        candle_core::safetensors::load(fixture(case).join("model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture(case).join("config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let mut names: Vec<&String> = weights.keys().collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    for (i, chunk) in names.chunks(names.len() / 2 + 1).enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let part: HashMap<String, Tensor> = chunk
+            .iter()
+            .map(|n| ((*n).clone(), weights[*n].clone()))
+            .collect();
+        candle_core::safetensors::save(&part, dir.path().join(&file)).unwrap();
+        for n in chunk {
+            weight_map.insert((*n).clone(), file.clone().into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let sharded = model::load(dir.path(), &options(case, 0), &Device::Cpu).unwrap();
+    let logits = sharded.model.forward(&b, Mode::Eval).unwrap();
+    assert_eq!(
+        max_abs_diff(&logits, &load(case).model.forward(&b, Mode::Eval).unwrap()),
+        0.0
+    );
+}
+
+#[test]
+fn bf16_weights_train_and_stay_close_to_the_reference() {
+    for case in ["bert", "deberta-v3"] {
+        let exp = expected(case);
+        let mut opts = options(case, 0);
+        opts.dtype = DType::BF16;
+        let loaded = model::load(&fixture(case), &opts, &Device::Cpu).unwrap();
+        assert_eq!(var(&loaded, "classifier.weight").dtype(), DType::BF16);
+        let logits = loaded
+            .model
+            .forward(&batch(case, &exp), Mode::Train)
+            .unwrap();
+        assert_eq!(
+            logits.dtype(),
+            DType::F32,
+            "logits are f32 whatever the weights"
+        );
+        let grads = loss(case, &logits, &exp).backward().unwrap();
+        assert!(grads
+            .get(var(&loaded, "classifier.weight").as_tensor())
+            .is_some());
+        let eval = loaded
+            .model
+            .forward(&batch(case, &exp), Mode::Eval)
+            .unwrap();
+        let d = max_abs_diff(&eval, &exp["logits"]);
+        assert!(d < 0.05, "{case}: bf16 logits differ by {d}");
+    }
+}
