@@ -7,7 +7,7 @@ use candle_nn::{Init, VarMap};
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Reads `config.json` of a checkpoint directory.
 pub fn read_config(dir: &Path) -> Result<serde_json::Value> {
@@ -109,8 +109,8 @@ pub struct CheckpointBackend {
     /// Name prefixes that may be freshly initialised (pooler and classifier).
     pub fresh_ok: Vec<String>,
     rng: Mutex<rand::rngs::StdRng>,
-    /// Names initialised here, for the caller's messages.
-    pub fresh: Mutex<Vec<String>>,
+    /// Names initialised here; shared so the caller can read them after the `VarBuilder` is gone.
+    pub fresh: Arc<Mutex<Vec<String>>>,
 }
 
 impl CheckpointBackend {
@@ -126,7 +126,7 @@ impl CheckpointBackend {
             varmap: VarMap::new(),
             fresh_ok,
             rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
-            fresh: Mutex::new(Vec::new()),
+            fresh: Arc::new(Mutex::new(Vec::new())),
         }
     }
 

@@ -245,21 +245,23 @@ pub fn load(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<LoadedMod
     let weights = checkpoint::canonical_names(weights, arch.prefix(), arch.head_prefixes());
     let fresh_ok = arch.head_prefixes().iter().map(|s| s.to_string()).collect();
     let backend = checkpoint::CheckpointBackend::new(name.clone(), weights, fresh_ok, opts.seed);
-    let varmap = backend.varmap.clone();
-    let fresh_handle = std::sync::Arc::new(backend);
-    let vb = VarBuilder::from_backend(
-        Box::new(SharedBackend(fresh_handle.clone())),
-        opts.dtype,
-        device.clone(),
-    );
+    let (varmap, fresh) = (backend.varmap.clone(), backend.fresh.clone());
+    let vb = VarBuilder::from_backend(Box::new(backend), opts.dtype, device.clone());
     let model = arch_config
         .build(vb, opts.num_labels)
         .with_context(|| format!("{name}: cannot build the {model_type} model"))?;
-    let fresh_params = fresh_handle
-        .fresh
+    let fresh_params = fresh
         .lock()
         .map_err(|_| anyhow::anyhow!("lock poisoned"))?
         .clone();
+    if !fresh_params.is_empty() {
+        eprintln!(
+            "{name}: initialised {} head parameters (seed {}): {}",
+            fresh_params.len(),
+            opts.seed,
+            fresh_params.join(", ")
+        );
+    }
     ops::seed(device, opts.seed).with_context(|| format!("{name}: cannot seed dropout"))?;
     set_labels(&mut config, arch, opts.num_labels, opts.problem, &[]);
     Ok(LoadedModel {
@@ -275,33 +277,6 @@ pub fn load(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<LoadedMod
         dtype: opts.dtype,
         device: device.clone(),
     })
-}
-
-/// Lets `load` keep a handle on the backend it gives the `VarBuilder`.
-struct SharedBackend(std::sync::Arc<checkpoint::CheckpointBackend>);
-
-impl candle_nn::var_builder::SimpleBackend for SharedBackend {
-    fn get(
-        &self,
-        s: candle_core::Shape,
-        name: &str,
-        h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<candle_core::Tensor> {
-        self.0.get(s, name, h, dtype, dev)
-    }
-    fn get_unchecked(
-        &self,
-        name: &str,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<candle_core::Tensor> {
-        self.0.get_unchecked(name, dtype, dev)
-    }
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.0.contains_tensor(name)
-    }
 }
 
 /// Writes the head's labels into a transformers config: `architectures`, `num_labels`, `id2label`,
