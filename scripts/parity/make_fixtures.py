@@ -218,6 +218,16 @@ def make_bare_bert():
                "last_hidden_state": hidden.contiguous()}, os.path.join(d, "expected.safetensors"))
 
 
+def make_buckets():
+    """transformers' make_log_bucket_position at DeBERTa-v3's settings (256 buckets, 512 positions)."""
+    from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
+    rel = torch.arange(-600, 601)
+    buckets = make_log_bucket_position(rel, 256, 512).to(torch.long)
+    with open(os.path.join(OUT, "deberta_buckets.json"), "w") as f:
+        json.dump({"bucket_size": 256, "max_position": 512, "relative": rel.tolist(), "bucket": buckets.tolist()}, f)
+        f.write("\n")
+
+
 def main():
     torch.manual_seed(0)
     bert_grads = ["bert.embeddings.word_embeddings.weight",
@@ -256,6 +266,9 @@ def main():
         model = AutoModelForSequenceClassification.from_config(cfg())
         make_case(case, model, style, grads, regression=regression, seed=100 + i)
         print("wrote", case)
+    if not only or "buckets" in only:
+        make_buckets()
+        print("wrote deberta_buckets.json")
     if not only or "bert_bare" in only:
         make_bare_bert()
         print("wrote bert_bare")

@@ -640,3 +640,43 @@ fn bf16_weights_train_and_stay_close_to_the_reference() {
         assert!(d < 0.05, "{case}: bf16 logits differ by {d}");
     }
 }
+
+#[test]
+fn deberta_log_buckets_match_transformers_at_v3_settings() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/parity/deberta_buckets.json");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let (size, max) = (
+        json["bucket_size"].as_i64().unwrap(),
+        json["max_position"].as_i64().unwrap(),
+    );
+    let want: Vec<i64> = json["bucket"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    // relative_positions(seq) lists q - k row by row; row `seq - 1` covers 0 ..= -(seq - 1) and
+    // column 0 covers 0 ..= seq - 1, so one 601-long sequence spans -600 ..= 600.
+    let seq = 601;
+    let all = model::deberta_v2::relative_positions(seq, size, max);
+    for (i, rel) in json["relative"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .enumerate()
+    {
+        let (q, k) = if rel >= 0 {
+            (rel as usize, 0)
+        } else {
+            (0, (-rel) as usize)
+        };
+        assert_eq!(all[q * seq + k], want[i], "relative position {rel}");
+    }
+    assert!(
+        want.iter().any(|&b| b.abs() < 600 && b.abs() > 128),
+        "the fixture exercises the log buckets"
+    );
+}
