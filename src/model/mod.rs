@@ -123,6 +123,19 @@ impl Problem {
             Self::Regression => "regression",
         }
     }
+
+    /// transformers' loss for this problem, averaged over the batch: cross-entropy of `logits`
+    /// `[batch, num_labels]` against u32 class ids `[batch]`, or the mean squared error of `logits`
+    /// `[batch, 1]` against f32 scores `[batch]`.
+    pub fn loss(self, logits: &Tensor, labels: &Tensor) -> CResult<Tensor> {
+        match self {
+            Self::SingleLabel => candle_nn::loss::cross_entropy(logits, labels),
+            Self::Regression => {
+                let diff = logits.squeeze(1)?.sub(&labels.to_dtype(logits.dtype())?)?;
+                diff.sqr()?.mean_all()
+            }
+        }
+    }
 }
 
 /// How to load a checkpoint for fine-tuning.
@@ -350,7 +363,16 @@ impl LoadedModel {
 
     /// Writes a checkpoint that `AutoModelForSequenceClassification.from_pretrained` loads:
     /// `config.json`, `model.safetensors` (every VarMap tensor by name) and the source's tokenizer files.
+    /// `label_names` is empty (transformers' `LABEL_i`) or has one name per output.
     pub fn save(&self, dir: &Path, label_names: &[String]) -> Result<()> {
+        if !label_names.is_empty() && label_names.len() != self.num_labels {
+            bail!(
+                "{}: {} label names for a head with {} outputs",
+                dir.display(),
+                label_names.len(),
+                self.num_labels
+            );
+        }
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let mut config = self.config.clone();
         set_labels(

@@ -62,13 +62,12 @@ fn batch(case: &str, exp: &HashMap<String, Tensor>) -> Batch {
 }
 
 fn loss(case: &str, logits: &Tensor, exp: &HashMap<String, Tensor>) -> Tensor {
-    let labels = &exp["labels"];
-    if is_regression(case) {
-        let diff = (logits.squeeze(1).unwrap() - labels.to_dtype(DType::F32).unwrap()).unwrap();
-        diff.sqr().unwrap().mean_all().unwrap()
-    } else {
-        candle_nn::loss::cross_entropy(logits, &labels.to_dtype(DType::U32).unwrap()).unwrap()
-    }
+    let problem = options(case, 0).problem;
+    let labels = match problem {
+        Problem::Regression => exp["labels"].to_dtype(DType::F32).unwrap(),
+        Problem::SingleLabel => exp["labels"].to_dtype(DType::U32).unwrap(),
+    };
+    problem.loss(logits, &labels).unwrap()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -472,6 +471,14 @@ fn unsupported_or_broken_checkpoints_are_named_errors() {
         .err()
         .unwrap();
     assert!(format!("{err:#}").contains("model.safetensors"), "{err:#}");
+    let err = load("bert")
+        .save(dir.path(), &["only-one".to_string()])
+        .err()
+        .unwrap();
+    assert!(
+        format!("{err:#}").contains("1 label names for a head with 3 outputs"),
+        "{err:#}"
+    );
 }
 
 #[test]
