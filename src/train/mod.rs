@@ -1,1 +1,9 @@
-//! placeholder: filled in by its issue.
+//! Fine-tuning: the protocol's settings, the learning-rate schedule, the optimiser, the metrics and
+//! the explicit training loop that ties them to a `SequenceClassifier`.
+
+pub mod config;
+pub mod metrics;
+pub mod optim;
+pub mod schedule;
+
+pub use config::{Batching, EvalEvery, TrainConfig};
