@@ -7,3 +7,11 @@ pub mod optim;
 pub mod schedule;
 
 pub use config::{Batching, EvalEvery, TrainConfig};
+pub mod evaluate;
+pub mod finetune;
+
+pub use evaluate::{evaluate, predict, score};
+pub use finetune::{finetune, LabeledSet, Outcome, StepReport, Trainee};
+
+#[cfg(test)]
+pub(crate) mod toy;
