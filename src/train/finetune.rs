@@ -66,7 +66,7 @@ pub struct StepReport {
 }
 
 /// How a fine-tuning run ended.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Outcome {
     /// Optimiser steps taken.
     pub steps: usize,
