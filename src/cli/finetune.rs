@@ -210,3 +210,166 @@ mod tests {
         assert!(bad.to_config().is_err());
     }
 }
+
+#[cfg(test)]
+mod end_to_end {
+    use super::*;
+    use crate::tokenize::tests::toy_tokenizer;
+    use candle_core::{DType, Device, Tensor};
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    const WORDS: [&str; 8] = [
+        "the", "movie", "was", "good", "great", "bad", "awful", "plot",
+    ];
+
+    /// A 2-layer BERT (hidden 16) with random weights and the toy word-level tokenizer.
+    fn tiny_bert(dir: &Path) {
+        let (v, h, i, p) = (4 + WORDS.len(), 16usize, 32usize, 64usize);
+        let config = serde_json::json!({"model_type": "bert", "vocab_size": v, "hidden_size": h,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": i,
+            "max_position_embeddings": p, "type_vocab_size": 2, "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0});
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let mut shapes: Vec<(String, Vec<usize>)> = vec![
+            ("bert.embeddings.word_embeddings.weight".into(), vec![v, h]),
+            (
+                "bert.embeddings.position_embeddings.weight".into(),
+                vec![p, h],
+            ),
+            (
+                "bert.embeddings.token_type_embeddings.weight".into(),
+                vec![2, h],
+            ),
+            ("bert.embeddings.LayerNorm.weight".into(), vec![h]),
+            ("bert.embeddings.LayerNorm.bias".into(), vec![h]),
+            ("bert.pooler.dense.weight".into(), vec![h, h]),
+            ("bert.pooler.dense.bias".into(), vec![h]),
+        ];
+        for l in 0..2 {
+            let at = format!("bert.encoder.layer.{l}");
+            for (n, o, i) in [
+                ("attention.self.query", h, h),
+                ("attention.self.key", h, h),
+                ("attention.self.value", h, h),
+                ("attention.output.dense", h, h),
+                ("intermediate.dense", i, h),
+                ("output.dense", h, i),
+            ] {
+                shapes.push((format!("{at}.{n}.weight"), vec![o, i]));
+                shapes.push((format!("{at}.{n}.bias"), vec![o]));
+            }
+            for n in ["attention.output.LayerNorm", "output.LayerNorm"] {
+                shapes.push((format!("{at}.{n}.weight"), vec![h]));
+                shapes.push((format!("{at}.{n}.bias"), vec![h]));
+            }
+        }
+        let mut k = 0u32;
+        let tensors: HashMap<String, Tensor> = shapes
+            .into_iter()
+            .map(|(n, s)| {
+                let numel: usize = s.iter().product();
+                let vals: Vec<f32> = if n.ends_with("LayerNorm.weight") {
+                    vec![1.0; numel]
+                } else {
+                    (0..numel)
+                        .map(|_| {
+                            k = k.wrapping_mul(1664525).wrapping_add(1013904223);
+                            (k >> 8) as f32 / (1u32 << 24) as f32 * 0.2 - 0.1
+                        })
+                        .collect()
+                };
+                (
+                    n,
+                    Tensor::from_vec(vals, s, &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap(),
+                )
+            })
+            .collect();
+        candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+        toy_tokenizer(&WORDS)
+            .save(dir.join("tokenizer.json"), false)
+            .unwrap();
+    }
+
+    fn split(n: usize, offset: usize) -> String {
+        (0..n)
+            .map(|j| {
+                let k = j + offset;
+                let pos = k % 2 == 0;
+                let w = if pos {
+                    ["good", "great"][k % 4 / 2]
+                } else {
+                    ["bad", "awful"][k % 4 / 2]
+                };
+                format!(
+                    "{{\"text\":\"the movie was {w}\",\"label\":{}}}\n",
+                    pos as u32
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn finetune_then_predict_from_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (model, data, out) = (
+            tmp.path().join("base"),
+            tmp.path().join("data"),
+            tmp.path().join("tuned"),
+        );
+        std::fs::create_dir_all(&model).unwrap();
+        std::fs::create_dir_all(&data).unwrap();
+        tiny_bert(&model);
+        std::fs::write(data.join("train.jsonl"), split(64, 0)).unwrap();
+        std::fs::write(data.join("validation.jsonl"), split(16, 1)).unwrap();
+        std::fs::write(data.join("test.jsonl"), split(8, 2)).unwrap();
+        let protocol = ProtocolArgs {
+            lr: Some(3e-3),
+            epochs: Some(8),
+            batch_size: Some(16),
+            micro_batch_size: Some(8),
+            warmup_ratio: Some(0.1),
+            patience: Some(0),
+            ..Default::default()
+        };
+        run(Args {
+            model: model.clone(),
+            dataset: data.clone(),
+            out: out.clone(),
+            protocol,
+            device: DeviceRequest::Cpu,
+        })
+        .unwrap();
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap())
+                .unwrap();
+        assert_eq!(summary["outcome"]["steps"], 32);
+        assert_eq!(summary["outcome"]["best_dev_score"], 1.0, "{summary:#}");
+
+        let preds = tmp.path().join("preds.jsonl");
+        crate::cli::predict::run(crate::cli::predict::Args {
+            model: out,
+            dataset: data,
+            split: "test".into(),
+            out: preds.clone(),
+            batch_size: 3,
+            max_length: 128,
+            device: DeviceRequest::Cpu,
+        })
+        .unwrap();
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&preds)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 8);
+        for (j, l) in lines.iter().enumerate() {
+            assert_eq!(l["index"], j);
+            assert_eq!(l["label"], ((j + 2) % 2 == 0) as u32, "{l}");
+            assert_eq!(l["logits"].as_array().unwrap().len(), 2);
+        }
+    }
+}

@@ -2,9 +2,9 @@
 //! loaded checkpoint, and the function that loads one.
 
 use crate::data::Task;
-use crate::model::SequenceClassifier;
-use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use crate::model::{LoadOptions, LoadedModel, Problem, SequenceClassifier};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
 use candle_nn::VarMap;
 use std::path::Path;
 
@@ -35,22 +35,42 @@ impl Head {
     }
 }
 
-/// Loads the checkpoint in `dir` with a head for `head`, its fresh weights seeded by `seed`.
-///
-/// To wire once `model::load` is on main (the architectures branch):
-/// `Ok(Box::new(crate::model::load(dir, &LoadOptions { num_labels: head.num_labels, problem, seed,
-/// dtype: DType::F32, hidden_dropout: None }, device)?))`, plus `impl TrainableModel for LoadedModel`.
+/// Loads the checkpoint in `dir` with a head for `head`, its fresh weights seeded by `seed`
+/// (f32 weights, the config's dropout).
 pub fn load_trainable(
     dir: &Path,
     head: &Head,
     seed: u64,
     device: &Device,
 ) -> Result<Box<dyn TrainableModel>> {
-    let _ = (head, seed, device);
-    bail!(
-        "--model {}: loading checkpoints needs `model::load` from the architectures branch, which this build does not have yet",
-        dir.display()
-    )
+    let problem = if head.regression {
+        Problem::Regression
+    } else {
+        Problem::SingleLabel
+    };
+    let opts = LoadOptions {
+        num_labels: head.num_labels,
+        problem,
+        seed,
+        dtype: DType::F32,
+        hidden_dropout: None,
+    };
+    Ok(Box::new(crate::model::load(dir, &opts, device)?))
+}
+
+impl TrainableModel for LoadedModel {
+    fn model(&self) -> &dyn SequenceClassifier {
+        self.model.as_ref()
+    }
+    fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+    fn inference_model(&self) -> Result<Box<dyn SequenceClassifier>> {
+        LoadedModel::inference_model(self)
+    }
+    fn save(&self, dir: &Path, label_names: &[String]) -> Result<()> {
+        LoadedModel::save(self, dir, label_names)
+    }
 }
 
 /// The task a fine-tuned checkpoint's head was trained for, from its `config.json`: `problem_type`
