@@ -477,6 +477,59 @@ mod tests {
     }
 
     #[test]
+    fn regression_learns_a_score_with_mse() {
+        // The score is the fraction of "high" tokens; dev is scored by Spearman correlation.
+        let to_scores = |mut set: LabeledSet| {
+            set.labels = set
+                .encoded
+                .input_ids
+                .iter()
+                .map(|ids| {
+                    let words = &ids[1..ids.len() - 1];
+                    Label::Score(
+                        words.iter().filter(|&&t| t >= 14).count() as f32 / words.len() as f32,
+                    )
+                })
+                .collect();
+            set
+        };
+        let (train, dev) = (
+            to_scores(toy_set(200, 1, false)),
+            to_scores(toy_set(100, 2, false)),
+        );
+        let vm = toy_varmap(VOCAB, 8, 1, 42);
+        let model = BagOfEmbeddings::new(&vm, false);
+        let inference = || -> Result<Box<dyn SequenceClassifier>> {
+            Ok(Box::new(BagOfEmbeddings::new(&vm, true)))
+        };
+        let trainee = Trainee {
+            model: &model,
+            varmap: &vm,
+            inference: &inference,
+            decay: &decays,
+        };
+        let out = finetune(
+            &trainee,
+            &Task::Regression,
+            &train,
+            Some(&dev),
+            0,
+            &cfg(),
+            &Device::Cpu,
+            &mut |_| {},
+        )
+        .unwrap();
+        let first = out.train_loss[0];
+        let last = *out.train_loss.last().unwrap();
+        assert!(last < 0.5 * first, "MSE should fall: {first} → {last}");
+        assert!(
+            out.best_dev_score.unwrap() > 0.8,
+            "dev Spearman {:?}",
+            out.best_dev_score
+        );
+    }
+
+    #[test]
     fn accumulating_4_micro_batches_of_2_equals_one_batch_of_8() {
         let train = toy_set(8, 3, false);
         let mut weights = vec![];
