@@ -42,11 +42,6 @@ pub trait JobExecutor {
     fn execute(&self, job: &Job, on_step: &mut dyn FnMut(&StepInfo)) -> Result<JobOutput>;
 }
 
-/// The executor `recycle run` uses. The real fine-tuning is plugged in here.
-pub fn default_executor(_device: crate::device::DeviceRequest) -> Result<Box<dyn JobExecutor>> {
-    bail!("fine-tuning executor not wired yet")
-}
-
 /// Settings of a run besides the suite.
 #[derive(Debug, Clone)]
 pub struct RunSettings {

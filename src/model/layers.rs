@@ -1,0 +1,146 @@
+//! Trainable layers over a `VarBuilder`, with transformers' initialisation as the hint for any
+//! weight the checkpoint lacks (normal(0, initializer_range) weights, zero biases, unit LayerNorm).
+
+use super::ops;
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+/// A dense layer `x W^T + b` under transformers' names `weight` `[out, in]` and `bias` `[out]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, init_std: f64) -> Result<Self> {
+        let weight = vb.get_with_hints(
+            (out_dim, in_dim),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: init_std,
+            },
+        )?;
+        let bias = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
+        Ok(Self {
+            weight,
+            bias: Some(bias),
+        })
+    }
+
+    /// A dense layer without a bias (`nn.Linear(..., bias=False)`).
+    pub fn load_no_bias(
+        vb: VarBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        init_std: f64,
+    ) -> Result<Self> {
+        let weight = vb.get_with_hints(
+            (out_dim, in_dim),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: init_std,
+            },
+        )?;
+        Ok(Self { weight, bias: None })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = match x.dims() {
+            [b, _, _] => self.weight.broadcast_left(*b)?.t()?,
+            _ => self.weight.t()?,
+        };
+        let y = x.matmul(&w)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// LayerNorm with the names `weight` and `bias`; checkpoints that still say `gamma`/`beta` are
+/// renamed when they are read.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
+        Ok(Self { weight, bias, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// A lookup table `[vocab, dim]` under the name `weight`.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    weight: Tensor,
+    dim: usize,
+}
+
+impl Embedding {
+    pub fn load(vb: VarBuilder, vocab: usize, dim: usize, init_std: f64) -> Result<Self> {
+        let weight = vb.get_with_hints(
+            (vocab, dim),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: init_std,
+            },
+        )?;
+        Ok(Self { weight, dim })
+    }
+}
+
+impl Module for Embedding {
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let mut out_dims = ids.dims().to_vec();
+        out_dims.push(self.dim);
+        let flat = ids.flatten_all()?;
+        self.weight.index_select(&flat, 0)?.reshape(out_dims)
+    }
+}
+
+/// Multi-head self-attention core shared by the encoders: projected `q`, `k`, `v` `[b, s, hidden]`
+/// → context `[b, s, hidden]`, with padding masked by `bias` (see `ops::attention_bias`).
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    heads: usize,
+    attn_dropout: f32,
+    mode: super::Mode,
+) -> Result<Tensor> {
+    let (b, s, hidden) = q.dims3()?;
+    let head_dim = hidden / heads;
+    let split = |t: &Tensor| -> Result<Tensor> {
+        t.reshape((b, s, heads, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let probs = ops::masked_softmax(&scores, bias)?;
+    let probs = ops::dropout(&probs, attn_dropout, mode)?;
+    probs
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, s, hidden))
+}
