@@ -3,6 +3,7 @@
 //! cluster from .ci/slurm/start.sh) a real sweep.
 
 mod cluster;
+mod e2e;
 
 use assert_cmd::Command;
 use recycle::plan::{self, Job, JobSpec, Selection};

@@ -147,3 +147,83 @@ fn slurm_arrays_run_every_pending_job_once_stage_by_stage() {
         .count();
     assert_eq!(logs, 2 + 4 + 1, "one log per array task and one for rank");
 }
+
+#[test]
+fn a_slurm_sweep_gives_the_board_of_an_unsharded_run() {
+    if !enabled("a_slurm_sweep_gives_the_board_of_an_unsharded_run") {
+        return;
+    }
+    use super::e2e::{assert_complete, board, recycle_cmd, strip, tiny_suite, unsharded_board};
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let suite = tiny_suite(root);
+    let results = root.join("slurm-results");
+    let out_script = root.join("sweep/sweep.sh");
+    // The tasks inherit this environment (sbatch exports it by default).
+    let out = recycle_cmd(root)
+        .arg("slurm")
+        .arg(&suite)
+        .args([
+            "--device",
+            "cpu",
+            "--tasks",
+            "4",
+            "--cpus-per-task",
+            "1",
+            "--submit",
+        ])
+        .arg("--results")
+        .arg(&results)
+        .arg("--out")
+        .arg(&out_script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let ids: Vec<String> = stdout
+        .lines()
+        .map(|l| l.split_once(' ').unwrap().1.to_string())
+        .collect();
+    assert_eq!(
+        stdout
+            .lines()
+            .map(|l| l.split(' ').next().unwrap())
+            .collect::<Vec<_>>(),
+        ["stage1", "rank"],
+        "{stdout}"
+    );
+    wait_for(&ids, Duration::from_secs(480));
+    let logs = root.join("sweep/logs");
+    let dump = || -> String {
+        std::fs::read_dir(&logs)
+            .unwrap()
+            .map(|e| {
+                let p = e.unwrap().path();
+                format!(
+                    "== {}\n{}",
+                    p.display(),
+                    std::fs::read_to_string(&p).unwrap_or_default()
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        std::fs::read_dir(&logs).unwrap().count(),
+        4 + 1,
+        "one log per array task and one for rank:\n{}",
+        dump()
+    );
+    assert_complete(&results, 8);
+    let ranked = root.join("sweep/sweep.leaderboard.json");
+    let text = std::fs::read_to_string(&ranked)
+        .unwrap_or_else(|e| panic!("{}: {e}\n{}", ranked.display(), dump()));
+    let from_slurm = strip(serde_json::from_str(&text).unwrap());
+    assert_eq!(from_slurm, board(root, &results));
+    let reference = unsharded_board(root, &suite, &root.join("whole"));
+    assert_eq!(from_slurm, reference);
+    assert_eq!(reference["rows"][0]["coverage"]["done"], 2, "{reference:#}");
+}
