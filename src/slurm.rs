@@ -198,6 +198,8 @@ fn stage_script(
         "#SBATCH --output={}",
         q(&logs.join(format!("{}_%A_%a.out", step.label())))
     );
+    // One task per array element: `--gpus-per-task` needs an explicit task count.
+    s.push_str("#SBATCH --ntasks=1\n");
     let r = &o.resources;
     if let Some(g) = r.gpus_per_task {
         let _ = writeln!(s, "#SBATCH --gpus-per-task={g}");
@@ -214,7 +216,7 @@ fn stage_script(
     };
     let _ = writeln!(
         s,
-        "# recycle slurm: suite {}, {} ({}): {n_jobs} pending jobs in {n_tasks} array tasks.",
+        "# recycle slurm: suite {}, {} ({}): {n_jobs} pending job(s) in {n_tasks} array task(s).",
         o.suite_name,
         step.label(),
         what
