@@ -226,6 +226,7 @@ fn stage_script(
         "# Task i runs the job ids on line i+1 of {}.",
         list.display()
     );
+    s.push_str("# --no-report: the rank job builds the board once every task has ended.\n");
     s.push_str("set -euo pipefail\n");
     let _ = writeln!(
         s,
@@ -235,7 +236,7 @@ fn stage_script(
     s.push_str("args=()\nfor id in $ids; do args+=(--job \"$id\"); done\n");
     let _ = write!(
         s,
-        "exec {} run {} --results {} --device {}",
+        "exec {} run {} --results {} --device {} --no-report",
         q(&o.recycle_bin),
         q(&o.suite_file),
         q(&o.results),
