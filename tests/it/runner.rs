@@ -584,6 +584,13 @@ fn atomic_writes_leave_no_temp_files_and_stale_ones_are_ignored_then_cleaned() {
     // A killed run's half-written temp file: ignored by readers, removed by the next run.
     let stale = tmp.path().join("mini/eval/base/sst2/.tmp-killed.json");
     std::fs::write(&stale, "{\"schema_ver").unwrap();
+    // Old enough that no live shard can still be writing it (younger temps are left alone).
+    std::fs::File::options()
+        .write(true)
+        .open(&stale)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - recycle::results::STALE_TEMP_AGE * 2)
+        .unwrap();
     assert_eq!(store.load_all().unwrap().len(), 1);
     runner::run(
         &suite,
