@@ -267,24 +267,6 @@ fn a_failed_job_is_recorded_the_others_complete_and_it_is_retried() {
 }
 
 #[test]
-fn cli_run_reports_the_missing_executor_with_exit_2() {
-    let tmp = tempfile::tempdir().unwrap();
-    let file = write_suite(tmp.path(), SUITE);
-    let out = recycle()
-        .arg("run")
-        .arg(&file)
-        .arg("--results")
-        .arg(tmp.path())
-        .assert()
-        .code(2);
-    let stderr = String::from_utf8_lossy(&out.get_output().stderr).to_string();
-    assert!(
-        stderr.contains("fine-tuning executor not wired yet"),
-        "{stderr}"
-    );
-}
-
-#[test]
 fn plan_and_status_show_job_states() {
     let tmp = tempfile::tempdir().unwrap();
     let file = write_suite(tmp.path(), SUITE);
