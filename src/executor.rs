@@ -425,6 +425,29 @@ pub fn check_dataset_use(u: &crate::suite::DatasetUse) -> Result<()> {
     Ok(())
 }
 
+/// Checks that every local model of the suite (baseline and candidates; donors start from one of
+/// them) is a checkpoint directory before any job starts; the error names the file and field.
+pub fn check_model_paths(suite: &crate::suite::Suite) -> Result<()> {
+    let models = std::iter::once(("baseline".to_string(), &suite.baseline)).chain(
+        suite
+            .candidates
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (format!("candidates[{i}]"), m)),
+    );
+    for (at, m) in models {
+        if let ModelRef::Path { raw, resolved } = &m.source {
+            ensure!(
+                resolved.join("config.json").is_file(),
+                "{}: {at}.path: model {raw}: {} has no config.json (not a checkpoint directory)",
+                suite.file.display(),
+                resolved.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Fetches the embedded assets (`recycle fetch`) that the suite refers to by path and that are not
 /// installed yet, so that the embedded default suite runs on a fresh machine with one command.
 pub fn fetch_embedded_assets(suite: &crate::suite::Suite, home: &Path) -> Result<()> {
