@@ -414,7 +414,7 @@ fn bad_suites_fail_before_any_job_with_the_file_and_field_named() {
         (
             "label out of range",
             Box::new(move |s| s["donors"][0]["source"] = json!({"path": "data/one_label"})),
-            &["donors[0].source", "class 1"],
+            &["donors[0].source", "class id 1 is out of range"],
         ),
         (
             "zero candidate seeds",

@@ -100,11 +100,15 @@ impl Workspace {
         self.run_in("home", suite, results)
     }
 
-    /// Every result record under `results`, by path relative to it (the HTML report left out).
+    /// Every result record under `results`, by path relative to it (the HTML report and temporary
+    /// files left out).
     pub fn records(&self, results: &str) -> BTreeMap<String, Value> {
         files_under(&self.path(results))
             .into_iter()
-            .filter(|(rel, _)| rel.ends_with(".json"))
+            .filter(|(rel, _)| {
+                let name = Path::new(rel).file_name().and_then(|n| n.to_str());
+                rel.ends_with(".json") && !name.is_some_and(|n| n.starts_with('.'))
+            })
             .map(|(rel, bytes)| (rel, serde_json::from_slice(&bytes).unwrap()))
             .collect()
     }
