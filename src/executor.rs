@@ -374,13 +374,35 @@ pub fn weights_sha256(dir: &Path) -> Result<String> {
 }
 
 /// Saves to a temporary sibling directory and renames it into place, replacing an older copy.
+/// The temporary directory is named after `out`, so that the next save of the same checkpoint
+/// removes what a killed save left behind (and nothing another job is writing).
 fn save_atomically(model: &dyn TrainableModel, out: &Path, labels: &[String]) -> Result<()> {
     let parent = out
         .parent()
         .with_context(|| format!("{} has no parent directory", out.display()))?;
+    let name = out
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{} has no usable directory name", out.display()))?;
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let prefix = format!(".partial-{name}-");
+    for entry in
+        std::fs::read_dir(parent).with_context(|| format!("listing {}", parent.display()))?
+    {
+        let path = entry
+            .with_context(|| format!("listing {}", parent.display()))?
+            .path();
+        let stale = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(&prefix));
+        if stale && path.is_dir() {
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("removing the unfinished save {}", path.display()))?;
+        }
+    }
     let tmp = tempfile::Builder::new()
-        .prefix(".partial-")
+        .prefix(&prefix)
         .tempdir_in(parent)
         .with_context(|| format!("creating a temporary directory in {}", parent.display()))?;
     model.save(tmp.path(), labels)?;
