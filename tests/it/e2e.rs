@@ -283,7 +283,7 @@ fn two_runs_of_a_suite_give_identical_scores() {
         "every job scored the same: {distinct:?}"
     );
     // The donor's fine-tuned weights, a finer witness than accuracies on 15 examples, are
-    // bit-identical (and really fine-tuned: they differ from the weights it started from).
+    // bit-identical (and not a copy of the file it started from).
     let donor = |home: &str| {
         let saved = files_under(&ws.path(&format!("{home}/donors/tiny")));
         let weights: Vec<&Vec<u8>> = saved

@@ -42,8 +42,7 @@ impl Workspace {
     pub fn cmd_in(&self, home: &str) -> Command {
         let mut c = Command::cargo_bin("recycle").unwrap();
         c.current_dir(self.tmp.path())
-            .env("RECYCLE_HOME", self.path(home))
-            .env_remove("HF_HUB_OFFLINE");
+            .env("RECYCLE_HOME", self.path(home));
         c
     }
 
