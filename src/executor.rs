@@ -374,13 +374,35 @@ pub fn weights_sha256(dir: &Path) -> Result<String> {
 }
 
 /// Saves to a temporary sibling directory and renames it into place, replacing an older copy.
+/// The temporary directory is named after `out`, so that the next save of the same checkpoint
+/// removes what a killed save left behind (and nothing another job is writing).
 fn save_atomically(model: &dyn TrainableModel, out: &Path, labels: &[String]) -> Result<()> {
     let parent = out
         .parent()
         .with_context(|| format!("{} has no parent directory", out.display()))?;
+    let name = out
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{} has no usable directory name", out.display()))?;
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let prefix = format!(".partial-{name}-");
+    for entry in
+        std::fs::read_dir(parent).with_context(|| format!("listing {}", parent.display()))?
+    {
+        let path = entry
+            .with_context(|| format!("listing {}", parent.display()))?
+            .path();
+        let stale = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(&prefix));
+        if stale && path.is_dir() {
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("removing the unfinished save {}", path.display()))?;
+        }
+    }
     let tmp = tempfile::Builder::new()
-        .prefix(".partial-")
+        .prefix(&prefix)
         .tempdir_in(parent)
         .with_context(|| format!("creating a temporary directory in {}", parent.display()))?;
     model.save(tmp.path(), labels)?;
@@ -421,6 +443,29 @@ pub fn check_dataset_use(u: &crate::suite::DatasetUse) -> Result<()> {
     }
     if let Some(m) = u.metric {
         check_metric(m, data.task())?;
+    }
+    Ok(())
+}
+
+/// Checks that every local model of the suite (baseline and candidates; donors start from one of
+/// them) is a checkpoint directory before any job starts; the error names the file and field.
+pub fn check_model_paths(suite: &crate::suite::Suite) -> Result<()> {
+    let models = std::iter::once(("baseline".to_string(), &suite.baseline)).chain(
+        suite
+            .candidates
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (format!("candidates[{i}]"), m)),
+    );
+    for (at, m) in models {
+        if let ModelRef::Path { raw, resolved } = &m.source {
+            ensure!(
+                resolved.join("config.json").is_file(),
+                "{}: {at}.path: model {raw}: {} has no config.json (not a checkpoint directory)",
+                suite.file.display(),
+                resolved.display()
+            );
+        }
     }
     Ok(())
 }
