@@ -14,6 +14,7 @@ use crate::hub::FeatureType;
 use crate::suite::{HubMapping, SplitSource, COLUMN_SEPARATOR};
 use anyhow::{bail, ensure, Context, Result};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Bumped when the way a mapping is applied changes, so old cache folders are not reused.
@@ -267,6 +268,41 @@ fn score(v: &Value) -> Result<Option<Label>> {
     })
 }
 
+/// The largest fraction up to `f` whose stratified carve-out (each class rounded, as
+/// `stratified_split` does) holds at most `max` examples of `rows`.
+fn capped_fraction(rows: &[Example], f: f64, max: usize) -> f64 {
+    let mut strata: BTreeMap<Option<u32>, usize> = BTreeMap::new();
+    for e in rows {
+        let key = match e.label {
+            Some(Label::Class(c)) => Some(c),
+            _ => None,
+        };
+        *strata.entry(key).or_default() += 1;
+    }
+    let size = |f: f64| -> usize {
+        strata
+            .values()
+            .map(|&n| ((n as f64 * f).round() as usize).min(n))
+            .sum()
+    };
+    if size(f) <= max {
+        return f;
+    }
+    let (mut lo, mut hi) = (0.0, f.min(max as f64 / rows.len().max(1) as f64));
+    if size(hi) <= max {
+        return hi;
+    }
+    for _ in 0..60 {
+        let mid = (lo + hi) / 2.0;
+        if size(mid) <= max {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
 /// Reads the hub splits the mapping names, labels them, carves the missing ones out of train.
 pub fn draft(d: &ResolvedDataset, m: &HubMapping) -> Result<Draft> {
     let mut raw = vec![read_split(d, m, &m.splits.train)?];
@@ -367,10 +403,9 @@ pub fn draft(d: &ResolvedDataset, m: &HubMapping) -> Result<Draft> {
             SplitSource::Name(_) => named.push((name.to_string(), it.next().unwrap_or_default())),
             SplitSource::Carve { max, seed: s, .. } => {
                 let f = src.carve_fraction().unwrap_or(0.0);
-                let n = train.len() as f64;
                 let f = match max {
-                    Some(mx) if n > 0.0 => f.min(*mx as f64 / n),
-                    _ => f,
+                    Some(mx) => capped_fraction(&train, f, *mx),
+                    None => f,
                 };
                 carve.push((name.to_string(), f));
                 seed = Some(*s);
@@ -402,13 +437,14 @@ pub fn draft(d: &ResolvedDataset, m: &HubMapping) -> Result<Draft> {
     let mut splits = vec![(TRAIN.to_string(), train)];
     splits.extend(named);
     splits.sort_by_key(|(n, _)| crate::data::import::split_rank(n));
+    // The name doubles as a file-name prefix while writing: no '/'.
     let config = if d.config == "default" {
         String::new()
     } else {
-        format!("/{}", d.config)
+        format!("--{}", d.config)
     };
     Ok(Draft {
-        name: format!("{}{config}", d.repo),
+        name: format!("{}{config}", d.repo.replace('/', "--")),
         task,
         source: format!(
             "hf://datasets/{}@{} (config {}, files from {}; columns {:?}, splits {:?})",
