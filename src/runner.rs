@@ -31,6 +31,8 @@ pub struct JobOutput {
     /// The revision the model resolved to (a hub commit).
     pub model_revision: Option<String>,
     pub dataset_fingerprint: Option<String>,
+    /// The revision the dataset resolved to (a hub commit).
+    pub dataset_revision: Option<String>,
     /// e.g. `cpu`, `cuda:0`.
     pub device: String,
     /// A donor job's saved checkpoint.
@@ -375,6 +377,7 @@ fn base_record(
         },
         dataset: DatasetRecord {
             id: dataset.display_id(),
+            revision: None,
             fingerprint: None,
         },
         target,
@@ -415,6 +418,7 @@ pub fn success_record(
     }
     r.model.weights_sha256 = out.weights_sha256.clone();
     r.dataset.fingerprint = out.dataset_fingerprint.clone();
+    r.dataset.revision = out.dataset_revision.clone();
     r.dev_score = out.dev_score;
     r.test_score = out.test_score;
     r.n_train = Some(out.n_train);

@@ -164,6 +164,9 @@ impl Protocol {
 #[serde(deny_unknown_fields)]
 struct RawSuite {
     name: String,
+    /// Free text for readers; not used.
+    #[allow(dead_code)]
+    description: Option<String>,
     arch: String,
     baseline: RawModel,
     #[serde(default)]
@@ -207,6 +210,59 @@ struct RawDataset {
     hub: Option<String>,
     config: Option<String>,
     revision: Option<String>,
+    columns: Option<RawColumns>,
+    splits: Option<RawSplits>,
+    labels: Option<Vec<String>>,
+}
+
+/// One column name or a list of them (joined into one text).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn to_vec(&self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawColumns {
+    text: OneOrMany,
+    text_pair: Option<OneOrMany>,
+    label: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSplits {
+    train: String,
+    dev: RawSplitSource,
+    test: RawSplitSource,
+}
+
+/// A split name, or a rule carving the split out of train.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawSplitSource {
+    Name(String),
+    Carve(RawCarve),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCarve {
+    carve_from: String,
+    fraction: f64,
+    max: Option<usize>,
+    seed: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -219,6 +275,9 @@ struct RawTarget {
     protocol: ProtocolOverrides,
     max_train: Option<usize>,
     max_eval: Option<usize>,
+    /// Free text for readers (provenance, assumptions); not used.
+    #[allow(dead_code)]
+    note: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -283,11 +342,88 @@ pub enum DatasetRef {
         #[serde(skip)]
         resolved: PathBuf,
     },
+    /// A hub dataset and how its columns and splits become a recycle dataset.
     Hub {
         id: String,
         config: Option<String>,
         revision: Option<String>,
+        mapping: HubMapping,
     },
+}
+
+/// The default split seed of carve rules (IBM's protocol does not name one).
+pub const DEFAULT_CARVE_SEED: u64 = 0;
+/// What a list of text columns is joined with, in the order given (empty cells are left out).
+pub const COLUMN_SEPARATOR: &str = " ";
+
+/// How a hub dataset's columns, splits and labels map onto a recycle dataset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HubMapping {
+    pub columns: HubColumns,
+    pub splits: HubSplits,
+    /// Class names in class-id order; `None`: from the card's `class_label`, else from the data.
+    pub labels: Option<Vec<String>>,
+}
+
+/// Which columns hold the first text, the optional second text and the label.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HubColumns {
+    /// One or more columns, joined with [`COLUMN_SEPARATOR`].
+    pub text: Vec<String>,
+    /// Empty: a single-text task.
+    pub text_pair: Vec<String>,
+    pub label: String,
+}
+
+/// Where train, dev (early stopping) and test (reporting) come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HubSplits {
+    pub train: String,
+    pub dev: SplitSource,
+    pub test: SplitSource,
+}
+
+/// A hub split by name, or a stratified carve-out of train.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SplitSource {
+    Name(String),
+    /// `min(fraction × |train|, max)` examples of train (per class, seeded), removed from train.
+    Carve {
+        /// The fraction as written, in millionths (so the mapping is `Eq` and hashes stably).
+        fraction_ppm: u32,
+        max: Option<usize>,
+        seed: u64,
+    },
+}
+
+impl SplitSource {
+    /// The carve fraction, if this is a carve rule.
+    pub fn carve_fraction(&self) -> Option<f64> {
+        match self {
+            SplitSource::Carve { fraction_ppm, .. } => Some(f64::from(*fraction_ppm) / 1e6),
+            SplitSource::Name(_) => None,
+        }
+    }
+}
+
+impl Default for HubMapping {
+    /// `text` and `label` columns, splits `train`, `validation` and `test`.
+    fn default() -> Self {
+        HubMapping {
+            columns: HubColumns {
+                text: vec!["text".into()],
+                text_pair: vec![],
+                label: "label".into(),
+            },
+            splits: HubSplits {
+                train: "train".into(),
+                dev: SplitSource::Name("validation".into()),
+                test: SplitSource::Name("test".into()),
+            },
+            labels: None,
+        }
+    }
 }
 
 impl DatasetRef {
@@ -488,8 +624,16 @@ fn resolve_model(m: &RawModel, home: &Path, at: &str) -> Result<ModelEntry> {
 fn resolve_dataset(d: &RawDataset, home: &Path, at: &str) -> Result<DatasetRef> {
     match (&d.path, &d.hub) {
         (Some(p), None) => {
-            if d.config.is_some() || d.revision.is_some() {
-                bail!("{at}: \"config\" and \"revision\" only apply to a \"hub\" dataset");
+            for (name, set) in [
+                ("config", d.config.is_some()),
+                ("revision", d.revision.is_some()),
+                ("columns", d.columns.is_some()),
+                ("splits", d.splits.is_some()),
+                ("labels", d.labels.is_some()),
+            ] {
+                if set {
+                    bail!("{at}.{name}: only applies to a \"hub\" dataset");
+                }
             }
             Ok(DatasetRef::Path {
                 raw: p.clone(),
@@ -500,15 +644,140 @@ fn resolve_dataset(d: &RawDataset, home: &Path, at: &str) -> Result<DatasetRef> 
             if h.is_empty() {
                 bail!("{at}.hub: empty dataset id");
             }
+            if h.contains('@') {
+                bail!("{at}.hub: {h:?}: give the revision in \"revision\", not after '@'");
+            }
             Ok(DatasetRef::Hub {
                 id: h.clone(),
                 config: d.config.clone(),
                 revision: d.revision.clone(),
+                mapping: resolve_mapping(d, at)?,
             })
         }
         (Some(_), Some(_)) => bail!("{at}: give either \"path\" or \"hub\", not both"),
         (None, None) => bail!("{at}: missing field `path` or `hub`"),
     }
+}
+
+fn resolve_mapping(d: &RawDataset, at: &str) -> Result<HubMapping> {
+    let mut m = HubMapping::default();
+    if let Some(c) = &d.columns {
+        let text = c.text.to_vec();
+        let text_pair = c
+            .text_pair
+            .as_ref()
+            .map(OneOrMany::to_vec)
+            .unwrap_or_default();
+        if text.is_empty() {
+            bail!("{at}.columns.text: names no column");
+        }
+        if c.text_pair.is_some() && text_pair.is_empty() {
+            bail!("{at}.columns.text_pair: names no column (leave it out for single texts)");
+        }
+        let mut seen = BTreeSet::new();
+        for (field, col) in text
+            .iter()
+            .map(|t| ("text", t))
+            .chain(text_pair.iter().map(|t| ("text_pair", t)))
+            .chain(std::iter::once(("label", &c.label)))
+        {
+            if col.trim().is_empty() {
+                bail!("{at}.columns.{field}: empty column name");
+            }
+            if !seen.insert(col.as_str()) {
+                bail!("{at}.columns.{field}: column {col:?} is used twice");
+            }
+        }
+        m.columns = HubColumns {
+            text,
+            text_pair,
+            label: c.label.clone(),
+        };
+    }
+    if let Some(s) = &d.splits {
+        if s.train.trim().is_empty() {
+            bail!("{at}.splits.train: empty split name");
+        }
+        let mut seeds = BTreeSet::new();
+        let mut total = 0.0;
+        let mut source = |field: &str, r: &RawSplitSource| -> Result<SplitSource> {
+            match r {
+                RawSplitSource::Name(n) => {
+                    if n.trim().is_empty() {
+                        bail!("{at}.splits.{field}: empty split name");
+                    }
+                    if *n == s.train {
+                        bail!("{at}.splits.{field}: {n:?} is the train split; carve it out of train instead");
+                    }
+                    Ok(SplitSource::Name(n.clone()))
+                }
+                RawSplitSource::Carve(c) => {
+                    if c.carve_from != s.train {
+                        bail!(
+                            "{at}.splits.{field}.carve_from: {:?}: splits are carved from the train split ({:?})",
+                            c.carve_from,
+                            s.train
+                        );
+                    }
+                    if !(c.fraction.is_finite() && c.fraction > 0.0 && c.fraction < 1.0) {
+                        bail!(
+                            "{at}.splits.{field}.fraction: must be in (0, 1), got {}",
+                            c.fraction
+                        );
+                    }
+                    if c.max == Some(0) {
+                        bail!(
+                            "{at}.splits.{field}.max: must be at least 1 (leave it out for no cap)"
+                        );
+                    }
+                    total += c.fraction;
+                    let seed = c.seed.unwrap_or(DEFAULT_CARVE_SEED);
+                    seeds.insert(seed);
+                    Ok(SplitSource::Carve {
+                        fraction_ppm: (c.fraction * 1e6).round() as u32,
+                        max: c.max,
+                        seed,
+                    })
+                }
+            }
+        };
+        let dev = source("dev", &s.dev)?;
+        let test = source("test", &s.test)?;
+        if let (SplitSource::Name(a), SplitSource::Name(b)) = (&dev, &test) {
+            if a == b {
+                bail!("{at}.splits.test: {b:?} is also the dev split");
+            }
+        }
+        if seeds.len() > 1 {
+            bail!(
+                "{at}.splits.test.seed: dev and test are carved in one draw and need the same seed"
+            );
+        }
+        if total >= 1.0 {
+            bail!("{at}.splits: the carved fractions add up to {total}, which leaves no train");
+        }
+        m.splits = HubSplits {
+            train: s.train.clone(),
+            dev,
+            test,
+        };
+    }
+    if let Some(l) = &d.labels {
+        if l.len() < 2 {
+            bail!("{at}.labels: a classification task needs at least 2 labels");
+        }
+        let mut seen = BTreeSet::new();
+        for name in l {
+            if name.trim().is_empty() {
+                bail!("{at}.labels: empty label name");
+            }
+            if !seen.insert(name) {
+                bail!("{at}.labels: label {name:?} is listed twice");
+            }
+        }
+        m.labels = Some(l.clone());
+    }
+    Ok(m)
 }
 
 fn parse_metric(s: &str, at: &str) -> Result<Metric> {
@@ -650,10 +919,17 @@ fn resolve(raw: RawSuite, file: &Path, profile: Option<&str>, home: &Path) -> Re
         protocol.validate(&format!("{at}.protocol"))?;
         check_cap(t.max_train, &format!("{at}.max_train"))?;
         check_cap(t.max_eval, &format!("{at}.max_eval"))?;
+        let dataset = resolve_dataset(&t.dataset, home, &format!("{at}.dataset"))?;
+        let metric = parse_metric(&t.metric, &format!("{at}.metric"))?;
+        if let (Metric::Spearman, DatasetRef::Hub { mapping, .. }) = (metric, &dataset) {
+            if mapping.labels.is_some() {
+                bail!("{at}.dataset.labels: a spearman (regression) target has scores, not labels");
+            }
+        }
         targets.push(Target {
             name: t.name.clone(),
-            dataset: resolve_dataset(&t.dataset, home, &format!("{at}.dataset"))?,
-            metric: parse_metric(&t.metric, &format!("{at}.metric"))?,
+            dataset,
+            metric,
             protocol,
             max_train: t.max_train.or(max_train),
             max_eval: t.max_eval.or(max_eval),
