@@ -30,6 +30,11 @@ pub enum JobSpec {
         donor: String,
         base_name: String,
         base: ModelRef,
+        /// The config hash of the job that made `base` (a fusion iteration's merge), so that a
+        /// changed earlier iteration re-runs this one; `None` for a model that exists up front.
+        /// Left out of the JSON when `None`, so plain donors keep their hashes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        base_hash: Option<String>,
         source: DatasetRef,
         protocol: Protocol,
         seed: u32,
@@ -92,6 +97,7 @@ pub fn plan(suite: &Suite) -> Result<Vec<Job>> {
             donor: d.name.clone(),
             base_name: d.base.name.clone(),
             base: d.base.source.clone(),
+            base_hash: None,
             source: d.source.clone(),
             protocol: d.protocol.clone(),
             seed: 0,
@@ -139,7 +145,8 @@ pub fn plan(suite: &Suite) -> Result<Vec<Job>> {
 }
 
 impl Job {
-    fn new(id: String, stage: u8, spec: JobSpec) -> Result<Job> {
+    /// A job with its config hash computed from `spec`.
+    pub fn new(id: String, stage: u8, spec: JobSpec) -> Result<Job> {
         let config_hash = config_hash(&spec)
             .with_context(|| format!("job {id}: cannot hash its configuration"))?;
         Ok(Job {
