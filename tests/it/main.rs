@@ -1,6 +1,7 @@
 //! Integration tests, compiled into one test binary.
 
 mod data;
+mod fuse;
 mod hub;
 mod merge;
 mod models;
