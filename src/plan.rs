@@ -289,6 +289,35 @@ mod tests {
     }
 
     #[test]
+    fn base_hash_is_hashed_only_when_set() {
+        let p = Protocol::default();
+        let donor = |base_hash: Option<String>| JobSpec::Donor {
+            donor: "d".into(),
+            base_name: "b".into(),
+            base: ModelRef::Hub {
+                id: "org/b".into(),
+                revision: None,
+            },
+            base_hash,
+            source: DatasetRef::Hub {
+                id: "glue".into(),
+                config: None,
+                revision: None,
+            },
+            protocol: p.clone(),
+            seed: 0,
+            max_train: None,
+            max_eval: None,
+        };
+        // Without it, the JSON (and so every existing donor's hash) is as before the field.
+        let json = serde_json::to_value(donor(None)).unwrap();
+        assert!(json.get("base_hash").is_none(), "{json}");
+        let a = config_hash(&donor(Some("x".into()))).unwrap();
+        assert_ne!(config_hash(&donor(None)).unwrap(), a);
+        assert_ne!(config_hash(&donor(Some("y".into()))).unwrap(), a);
+    }
+
+    #[test]
     fn shard_parsing_rejects_out_of_range() {
         assert_eq!(
             "1/4".parse::<Shard>().unwrap(),
