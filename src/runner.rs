@@ -208,9 +208,24 @@ pub fn run(
     settings: &RunSettings,
     progress: &mut dyn Progress,
 ) -> Result<RunSummary> {
-    store.clean_stale_temps()?;
     let all = plan::plan(suite)?;
     let selected = plan::select(&all, &settings.selection)?;
+    run_jobs(suite, store, executor, settings, &all, selected, progress)
+}
+
+/// Runs `selected`, jobs of the plan `all` (which gives the donor jobs that evaluations of donor
+/// models depend on), in order: the loop behind `run`, also driven stage by stage by `fuse`.
+/// `settings.selection` is not consulted here.
+pub fn run_jobs(
+    suite: &Suite,
+    store: &ResultStore,
+    executor: &dyn JobExecutor,
+    settings: &RunSettings,
+    all: &[Job],
+    selected: Vec<Job>,
+    progress: &mut dyn Progress,
+) -> Result<RunSummary> {
+    store.clean_stale_temps()?;
     let mut records = records_by_job(store, suite)?;
     let donor_hashes: BTreeMap<String, String> = all
         .iter()

@@ -182,6 +182,40 @@ struct RawSuite {
     max_eval: Option<usize>,
     #[serde(default)]
     profiles: BTreeMap<String, RawProfile>,
+    fusion: Option<RawFusion>,
+}
+
+/// The `fusion` section: a ColD Fusion loop over some of the suite's datasets.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFusion {
+    iterations: usize,
+    contributors: usize,
+    sources: Vec<RawFusionSource>,
+    #[serde(default)]
+    seed: u32,
+    #[serde(default)]
+    protocol: ProtocolOverrides,
+    base: Option<String>,
+    max_train: Option<usize>,
+}
+
+/// A fusion source: the name of a target or donor of the suite (its dataset), or a named dataset.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawFusionSource {
+    Name(String),
+    Dataset(RawNamedDataset),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNamedDataset {
+    name: String,
+    path: Option<String>,
+    hub: Option<String>,
+    config: Option<String>,
+    revision: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -471,6 +505,49 @@ pub struct Target {
     pub max_eval: Option<usize>,
 }
 
+/// A dataset contributors of a fusion iteration fine-tune on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FusionSource {
+    pub name: String,
+    pub dataset: DatasetRef,
+}
+
+/// A ColD Fusion loop: each iteration, `contributors` sources (sampled with `seed`, without
+/// replacement) fine-tune the current base, and their bodies are averaged into the next base.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fusion {
+    pub iterations: usize,
+    pub contributors: usize,
+    pub sources: Vec<FusionSource>,
+    pub seed: u32,
+    /// The contributors' fine-tuning protocol.
+    pub protocol: Protocol,
+    /// The model the first iteration starts from (the baseline unless `base` names a candidate).
+    pub base: ModelEntry,
+    pub max_train: Option<usize>,
+    pub max_eval: Option<usize>,
+    /// `<home>/fusion/<suite>`: where the fused bases and contributor checkpoints are saved.
+    pub dir: PathBuf,
+}
+
+/// Model names starting with this are reserved for fusion iterations (`fusion-iter1`, ...).
+pub const FUSION_NAME_PREFIX: &str = "fusion-";
+
+impl Fusion {
+    /// The targets the fused bases are evaluated on: those whose name and dataset are not sources.
+    pub fn held_out<'a>(&self, targets: &'a [Target]) -> Vec<&'a Target> {
+        targets
+            .iter()
+            .filter(|t| {
+                !self
+                    .sources
+                    .iter()
+                    .any(|s| s.name == t.name || s.dataset == t.dataset)
+            })
+            .collect()
+    }
+}
+
 /// Seeds per role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Seeds {
@@ -494,6 +571,8 @@ pub struct Suite {
     pub donors: Vec<Donor>,
     pub targets: Vec<Target>,
     pub seeds: Seeds,
+    /// The ColD Fusion loop of `recycle fuse`, if the suite declares one.
+    pub fusion: Option<Fusion>,
 }
 
 /// What a dataset check (done by whoever can open datasets) is asked about.
@@ -561,6 +640,19 @@ impl Suite {
                 field: format!("targets[{i}].dataset"),
                 dataset: &t.dataset,
                 metric: Some(t.metric),
+            };
+            check(&u).map_err(|e| anyhow!("{f}: {}: {e:#}", u.field))?;
+        }
+        for (i, s) in self
+            .fusion
+            .iter()
+            .flat_map(|x| x.sources.iter())
+            .enumerate()
+        {
+            let u = DatasetUse {
+                field: format!("fusion.sources[{i}]"),
+                dataset: &s.dataset,
+                metric: None,
             };
             check(&u).map_err(|e| anyhow!("{f}: {}: {e:#}", u.field))?;
         }
@@ -936,6 +1028,24 @@ fn resolve(raw: RawSuite, file: &Path, profile: Option<&str>, home: &Path) -> Re
         });
     }
 
+    let fusion = match &raw.fusion {
+        None => None,
+        Some(rf) => Some(resolve_fusion(
+            rf,
+            &FusionContext {
+                suite: &raw.name,
+                baseline: &baseline,
+                candidates: &candidates,
+                donors: &donors,
+                targets: &targets,
+                protocol: &base_protocol,
+                max_train,
+                max_eval,
+                home,
+            },
+        )?),
+    };
+
     Ok(Suite {
         file: file.to_path_buf(),
         name: raw.name,
@@ -946,7 +1056,122 @@ fn resolve(raw: RawSuite, file: &Path, profile: Option<&str>, home: &Path) -> Re
         donors,
         targets,
         seeds,
+        fusion,
     })
+}
+
+/// What a fusion section is resolved against.
+struct FusionContext<'a> {
+    suite: &'a str,
+    baseline: &'a ModelEntry,
+    candidates: &'a [ModelEntry],
+    donors: &'a [Donor],
+    targets: &'a [Target],
+    protocol: &'a Protocol,
+    max_train: Option<usize>,
+    max_eval: Option<usize>,
+    home: &'a Path,
+}
+
+fn resolve_fusion(rf: &RawFusion, cx: &FusionContext) -> Result<Fusion> {
+    let models = std::iter::once(cx.baseline).chain(cx.candidates.iter());
+    let donor_names = cx.donors.iter().map(|d| &d.name);
+    if let Some(n) = models
+        .clone()
+        .map(|m| &m.name)
+        .chain(donor_names)
+        .find(|n| n.starts_with(FUSION_NAME_PREFIX))
+    {
+        bail!("fusion: model name {n:?} starts with {FUSION_NAME_PREFIX:?}, which is reserved for fusion iterations");
+    }
+    if rf.iterations == 0 {
+        bail!("fusion.iterations: must be at least 1");
+    }
+    let mut sources: Vec<FusionSource> = Vec::new();
+    for (i, s) in rf.sources.iter().enumerate() {
+        let at = format!("fusion.sources[{i}]");
+        let source = match s {
+            RawFusionSource::Name(name) => {
+                let dataset = cx
+                    .targets
+                    .iter()
+                    .find(|t| &t.name == name)
+                    .map(|t| t.dataset.clone())
+                    .or_else(|| {
+                        cx.donors
+                            .iter()
+                            .find(|d| &d.name == name)
+                            .map(|d| d.source.clone())
+                    })
+                    .ok_or_else(|| {
+                        anyhow!("{at}: {name:?} is neither a target nor a donor of the suite (give {{\"name\", \"path\"}} for another dataset)")
+                    })?;
+                FusionSource {
+                    name: name.clone(),
+                    dataset,
+                }
+            }
+            RawFusionSource::Dataset(d) => {
+                let raw = RawDataset {
+                    path: d.path.clone(),
+                    hub: d.hub.clone(),
+                    config: d.config.clone(),
+                    revision: d.revision.clone(),
+                };
+                FusionSource {
+                    name: d.name.clone(),
+                    dataset: resolve_dataset(&raw, cx.home, &at)?,
+                }
+            }
+        };
+        check_name(&source.name, &format!("{at}.name"))?;
+        if let Some(j) = sources.iter().position(|x| x.name == source.name) {
+            bail!(
+                "{at}: duplicate source {:?} (also fusion.sources[{j}])",
+                source.name
+            );
+        }
+        sources.push(source);
+    }
+    if rf.contributors == 0 || rf.contributors > sources.len() {
+        bail!(
+            "fusion.contributors: {} contributors per iteration need between 1 and the {} sources",
+            rf.contributors,
+            sources.len()
+        );
+    }
+    let base = match &rf.base {
+        None => cx.baseline.clone(),
+        Some(name) => models
+            .clone()
+            .find(|m| &m.name == name)
+            .cloned()
+            .ok_or_else(|| {
+                let known: Vec<&str> = models.clone().map(|m| m.name.as_str()).collect();
+                anyhow!(
+                    "fusion.base: unknown model {name:?} (known: {})",
+                    known.join(", ")
+                )
+            })?,
+    };
+    let protocol = cx.protocol.with(&rf.protocol);
+    protocol.validate("fusion.protocol")?;
+    check_cap(rf.max_train, "fusion.max_train")?;
+    let fusion = Fusion {
+        iterations: rf.iterations,
+        contributors: rf.contributors,
+        sources,
+        seed: rf.seed,
+        protocol,
+        base,
+        max_train: rf.max_train.or(cx.max_train),
+        max_eval: cx.max_eval,
+        dir: cx.home.join("fusion").join(cx.suite),
+    };
+    if fusion.held_out(cx.targets).is_empty() {
+        bail!("fusion.sources: every target is a source, so no target is left to evaluate the fused bases on");
+    }
+    Ok(fusion)
 }
 
 fn list_or_none(v: &[&str]) -> String {

@@ -2,6 +2,7 @@
 
 mod data;
 mod e2e;
+mod fuse;
 mod hub;
 mod merge;
 mod models;
