@@ -48,7 +48,7 @@ impl FinetuneExecutor {
         Self {
             device,
             hub,
-            home: crate::suite::recycle_home().ok(),
+            home: crate::assets::home(None).ok(),
             eval_batch_size: 64,
         }
     }
@@ -474,7 +474,7 @@ fn save_atomically(model: &dyn TrainableModel, out: &Path, labels: &[String]) ->
 /// labels fit its task, and the metric fits the task.
 /// Hub datasets are resolved with `HubOptions::from_env` and materialised under the recycle home.
 pub fn check_dataset_use(u: &crate::suite::DatasetUse) -> Result<()> {
-    let home = crate::suite::recycle_home()?;
+    let home = crate::assets::home(None)?;
     let data = open_dataset(u.dataset, &HubOptions::from_env(), &home)?.data;
     for split in [TRAIN, DEV, TEST] {
         let rows = data.split(split)?;

@@ -397,6 +397,7 @@ fn merge_record(
         dataset: DatasetRecord {
             id: it.sources.join("+"),
             fingerprint: None,
+            revision: None,
         },
         target: None,
         protocol: fusion.protocol.clone(),

@@ -1117,6 +1117,9 @@ fn resolve_fusion(rf: &RawFusion, cx: &FusionContext) -> Result<Fusion> {
                     hub: d.hub.clone(),
                     config: d.config.clone(),
                     revision: d.revision.clone(),
+                    columns: None,
+                    splits: None,
+                    labels: None,
                 };
                 FusionSource {
                     name: d.name.clone(),
