@@ -303,6 +303,7 @@ mod tests {
                 id: "glue".into(),
                 config: None,
                 revision: None,
+                mapping: Default::default(),
             },
             protocol: p.clone(),
             seed: 0,

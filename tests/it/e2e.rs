@@ -50,6 +50,28 @@ fn run_rank_check_round_trip() {
         .output()
         .unwrap();
     assert!(rank.status.success(), "{}", stderr(&rank));
+    // The HTML report of the same results, built from the store by `recycle report --arch`.
+    let report = ws
+        .cmd()
+        .args([
+            "report",
+            "--arch",
+            "tiny-bert",
+            "--results",
+            "res",
+            "--out",
+            "board.html",
+        ])
+        .output()
+        .unwrap();
+    assert!(report.status.success(), "{}", stderr(&report));
+    let html = std::fs::read_to_string(ws.path("board.html")).unwrap();
+    let reference: Value =
+        serde_json::from_slice(&std::fs::read(ws.path("ref.json")).unwrap()).unwrap();
+    for row in reference["rows"].as_array().unwrap() {
+        let id = row["model"]["id"].as_str().unwrap();
+        assert!(html.contains(id), "the report lacks model {id}");
+    }
     let check = |reference: &str| {
         ws.cmd()
             .args(["check", "--reference", reference, "--results", "res"])

@@ -453,14 +453,18 @@ fn report_command_refuses_other_schema_versions_naming_the_file() {
 }
 
 #[test]
-fn report_command_with_arch_says_it_is_not_connected_yet() {
+fn report_command_with_arch_names_the_arch_when_it_has_no_results() {
     let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("r.html");
     let assert = Command::cargo_bin("recycle")
         .unwrap()
-        .args(["report", "--arch", "roberta-base", "--out"])
-        .arg(dir.path().join("r.html"))
+        .args(["report", "--arch", "roberta-base", "--results"])
+        .arg(dir.path())
+        .arg("--out")
+        .arg(&out)
         .assert()
-        .failure();
+        .code(2);
     let stderr = String::from_utf8_lossy(&assert.get_output().stderr).to_string();
-    assert!(stderr.contains("--from-json"), "{stderr}");
+    assert!(stderr.contains("--arch roberta-base"), "{stderr}");
+    assert!(!out.exists());
 }
