@@ -276,6 +276,58 @@ fn five_adamw_steps_match_transformers() {
     }
 }
 
+/// The same 5 steps through the crate's own training step: `train::optim::AdamW` (fused CPU
+/// kernel), `clip_grad_norm`, the linear warm-up schedule and the decay rule the loop uses.
+#[test]
+fn five_steps_of_the_training_optimizer_match_transformers() {
+    use recycle::train::optim::{clip_grad_norm, decays, AdamW, AdamWParams, Kernel};
+    use recycle::train::schedule::lr_at;
+    for case in CASES {
+        let exp = expected(case);
+        let loaded = load(case);
+        let b = batch(case, &exp);
+        let settings: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture(case).join("optimizer.json")).unwrap(),
+        )
+        .unwrap();
+        let f = |k: &str| settings[k].as_f64().unwrap();
+        let hp = AdamWParams {
+            beta1: settings["betas"][0].as_f64().unwrap(),
+            beta2: settings["betas"][1].as_f64().unwrap(),
+            eps: f("eps"),
+            weight_decay: f("weight_decay"),
+        };
+        let lrs: Vec<f64> = settings["lr_per_step"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let mut opt = AdamW::new(&loaded.varmap, hp, decays, Kernel::Auto).unwrap();
+        for (step, want_lr) in lrs.iter().enumerate() {
+            let lr = lr_at(step, lrs.len(), 1, f("lr"));
+            assert!(
+                (lr - want_lr).abs() < 1e-12,
+                "{case}: step {step}: lr {lr} vs {want_lr}"
+            );
+            let logits = loaded.model.forward(&b, Mode::Eval).unwrap();
+            let grads = loss(case, &logits, &exp).backward().unwrap();
+            let mut gs: Vec<Option<Tensor>> = opt
+                .vars()
+                .map(|v| grads.get(v.as_tensor()).cloned())
+                .collect();
+            clip_grad_norm(&mut gs, f("grad_clip_max_norm")).unwrap();
+            opt.step(&gs, lr, 1.0).unwrap();
+        }
+        let after = loaded.model.forward(&b, Mode::Eval).unwrap();
+        let d = max_abs_diff(&after, &exp["logits_after_adamw"]);
+        assert!(
+            d < 1e-3,
+            "{case}: logits after 5 training steps differ by {d}"
+        );
+    }
+}
+
 #[test]
 fn decay_mask_matches_the_reference_optimizer() {
     for case in CASES {
