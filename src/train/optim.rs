@@ -1,0 +1,460 @@
+//! AdamW as `torch.optim.AdamW` (decoupled weight decay, bias correction) with global-norm gradient
+//! clipping, over the named `Var`s of a `VarMap`. Pure tensor code: a fused in-place kernel on CPU
+//! f32, plain tensor ops on every other device and dtype.
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{CpuStorage, DType, Layout, Tensor, Var};
+use candle_nn::VarMap;
+
+/// Whether a parameter gets weight decay: not biases, not LayerNorm weights (by transformers' names).
+pub fn decays(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    !(lower.ends_with("bias") || lower.contains("layernorm") || lower.contains("layer_norm"))
+}
+
+/// AdamW's hyper-parameters other than the (scheduled) learning rate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWParams {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+/// Which implementation updates the weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// The fused in-place CPU kernel for f32 weights, tensor ops elsewhere.
+    Auto,
+    /// Tensor ops everywhere (the reference the fused kernel is tested against).
+    TensorOps,
+}
+
+/// Adam's moments of one parameter.
+enum Moments {
+    /// `[2 × numel]` f32: first moments, then second moments (updated in place on CPU).
+    Fused(Tensor),
+    /// Separate f32 tensors shaped like the parameter.
+    Split { m: Tensor, v: Tensor },
+}
+
+struct Param {
+    name: String,
+    var: Var,
+    decay: bool,
+    moments: Moments,
+}
+
+/// The optimiser: one entry per trainable `Var`, in name order (so runs are reproducible).
+pub struct AdamW {
+    params: Vec<Param>,
+    hp: AdamWParams,
+    /// Updates taken so far (torch's `state['step']`).
+    steps: u64,
+}
+
+impl AdamW {
+    /// Optimises every `Var` of `varmap`; `decay(name)` says which get weight decay.
+    pub fn new(
+        varmap: &VarMap,
+        hp: AdamWParams,
+        decay: impl Fn(&str) -> bool,
+        kernel: Kernel,
+    ) -> Result<Self> {
+        let data = varmap
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("optimizer: the VarMap lock is poisoned"))?;
+        let mut named: Vec<(String, Var)> =
+            data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        drop(data);
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut params = Vec::with_capacity(named.len());
+        for (name, var) in named {
+            let t = var.as_tensor();
+            ensure!(
+                t.dtype().is_float(),
+                "optimizer: parameter {name} has non-float dtype {:?}",
+                t.dtype()
+            );
+            let fused = kernel == Kernel::Auto && t.device().is_cpu() && t.dtype() == DType::F32;
+            let moments = if fused {
+                Moments::Fused(Tensor::zeros(2 * t.elem_count(), DType::F32, t.device())?)
+            } else {
+                let m = Tensor::zeros(t.shape(), DType::F32, t.device())?;
+                Moments::Split {
+                    v: m.zeros_like()?,
+                    m,
+                }
+            };
+            params.push(Param {
+                decay: decay(&name),
+                name,
+                var,
+                moments,
+            });
+        }
+        Ok(Self {
+            params,
+            hp,
+            steps: 0,
+        })
+    }
+
+    /// The optimised parameters' names, in the order `step` expects their gradients.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.params.iter().map(|p| p.name.as_str())
+    }
+
+    /// The optimised variables, in the order `step` expects their gradients.
+    pub fn vars(&self) -> impl Iterator<Item = &Var> {
+        self.params.iter().map(|p| &p.var)
+    }
+
+    /// Whether the parameter at `index` (in `names()` order) gets weight decay.
+    pub fn decays_at(&self, index: usize) -> bool {
+        self.params.get(index).is_some_and(|p| p.decay)
+    }
+
+    /// Updates taken so far.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// One update with learning rate `lr`. `grads[i]` is the gradient of the i-th parameter (`None`:
+    /// the parameter did not take part in the loss; torch skips it, and so do we). Gradients are
+    /// multiplied by `grad_scale` first (the clipping coefficient; 1.0 for none).
+    pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64, grad_scale: f64) -> Result<()> {
+        ensure!(
+            grads.len() == self.params.len(),
+            "optimizer: {} gradients for {} parameters",
+            grads.len(),
+            self.params.len()
+        );
+        self.steps += 1;
+        let t = self.steps as i32;
+        let bc1 = 1.0 - self.hp.beta1.powi(t);
+        let bc2 = 1.0 - self.hp.beta2.powi(t);
+        for (p, g) in self.params.iter_mut().zip(grads) {
+            let Some(g) = g else { continue };
+            let wd = if p.decay { self.hp.weight_decay } else { 0.0 };
+            let coef = StepCoefficients {
+                beta1: self.hp.beta1,
+                beta2: self.hp.beta2,
+                eps: self.hp.eps,
+                decay_factor: 1.0 - lr * wd,
+                step_size: lr / bc1,
+                bc2_sqrt: bc2.sqrt(),
+                grad_scale,
+            };
+            update_one(p, g, &coef)
+                .with_context(|| format!("optimizer: updating parameter {}", p.name))?;
+        }
+        Ok(())
+    }
+}
+
+/// The per-step scalars of one update.
+#[derive(Debug, Clone, Copy)]
+struct StepCoefficients {
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    /// `1 - lr·wd`: the decoupled weight decay, applied to the weight before the Adam step.
+    decay_factor: f64,
+    /// `lr / (1 - β1^t)`.
+    step_size: f64,
+    /// `sqrt(1 - β2^t)`.
+    bc2_sqrt: f64,
+    grad_scale: f64,
+}
+
+fn update_one(p: &mut Param, g: &Tensor, c: &StepCoefficients) -> Result<()> {
+    let w = p.var.as_tensor();
+    ensure!(
+        g.shape() == w.shape(),
+        "gradient shape {:?} differs from weight shape {:?}",
+        g.shape(),
+        w.shape()
+    );
+    match &mut p.moments {
+        Moments::Fused(state) => {
+            let g = g.to_dtype(DType::F32)?.contiguous()?;
+            state.inplace_op2(&g, &MomentsUpdate(*c))?;
+            w.inplace_op2(state, &WeightUpdate(*c))?;
+        }
+        Moments::Split { m, v } => {
+            let g = g.to_dtype(DType::F32)?.affine(c.grad_scale, 0.0)?;
+            // torch: m ← β1·m + (1-β1)·g ; v ← β2·v + (1-β2)·g²
+            *m = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+            *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            // denom = sqrt(v)/sqrt(1-β2^t) + eps ; w ← w·(1-lr·wd) - step_size · m / denom
+            let denom = v.sqrt()?.affine(1.0 / c.bc2_sqrt, c.eps)?;
+            let w32 = w.detach().to_dtype(DType::F32)?;
+            let new = ((w32 * c.decay_factor)? - (m.div(&denom)? * c.step_size)?)?;
+            p.var.set(&new.to_dtype(w.dtype())?)?;
+        }
+    }
+    Ok(())
+}
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else {
+        candle_core::bail!("adamw: {what} must be f32")
+    };
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("adamw: {what} must be contiguous")
+    };
+    Ok(&data[start..end])
+}
+
+/// In place on the `[2n]` moments, reading the gradient: m ← β1·m + (1-β1)·g·s, v ← β2·v + (1-β2)·(g·s)².
+struct MomentsUpdate(StepCoefficients);
+
+impl candle_core::InplaceOp2 for MomentsUpdate {
+    fn name(&self) -> &'static str {
+        "adamw-moments"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        src: &CpuStorage,
+        src_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let g = contiguous_f32(src, src_l, "gradient")?;
+        let CpuStorage::F32(state) = dst else {
+            candle_core::bail!("adamw: moments must be f32")
+        };
+        let Some((start, end)) = dst_l.contiguous_offsets() else {
+            candle_core::bail!("adamw: moments must be contiguous")
+        };
+        let state = &mut state[start..end];
+        if state.len() != 2 * g.len() {
+            candle_core::bail!("adamw: {} moments for {} gradients", state.len(), g.len());
+        }
+        let (m, v) = state.split_at_mut(g.len());
+        let c = &self.0;
+        let (b1, b2, s) = (c.beta1 as f32, c.beta2 as f32, c.grad_scale as f32);
+        let (one_b1, one_b2) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
+        for ((m, v), g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
+            let g = g * s;
+            *m = b1 * *m + one_b1 * g;
+            *v = b2 * *v + one_b2 * (g * g);
+        }
+        Ok(())
+    }
+}
+
+/// In place on the weight, reading the moments: w ← w·(1-lr·wd) - step_size · m / (sqrt(v)/sqrt(bc2) + eps).
+struct WeightUpdate(StepCoefficients);
+
+impl candle_core::InplaceOp2 for WeightUpdate {
+    fn name(&self) -> &'static str {
+        "adamw-weights"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        src: &CpuStorage,
+        src_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let state = contiguous_f32(src, src_l, "moments")?;
+        let CpuStorage::F32(w) = dst else {
+            candle_core::bail!("adamw: fused weights must be f32")
+        };
+        let Some((start, end)) = dst_l.contiguous_offsets() else {
+            candle_core::bail!("adamw: weights must be contiguous")
+        };
+        let w = &mut w[start..end];
+        if state.len() != 2 * w.len() {
+            candle_core::bail!("adamw: {} moments for {} weights", state.len(), w.len());
+        }
+        let (m, v) = state.split_at(w.len());
+        let c = &self.0;
+        let (decay, step, inv_bc2, eps) = (
+            c.decay_factor as f32,
+            c.step_size as f32,
+            (1.0 / c.bc2_sqrt) as f32,
+            c.eps as f32,
+        );
+        for ((w, m), v) in w.iter_mut().zip(m).zip(v) {
+            let denom = v.sqrt() * inv_bc2 + eps;
+            *w = *w * decay - step * (m / denom);
+        }
+        Ok(())
+    }
+}
+
+/// The global L2 norm of all gradients together (as `torch.nn.utils.clip_grad_norm_` computes it).
+pub fn global_grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
+    let mut total = 0f64;
+    for g in grads.iter().flatten() {
+        let sq: f32 = g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar()?;
+        total += sq as f64;
+    }
+    Ok(total.sqrt())
+}
+
+/// The factor that brings gradients of global norm `norm` down to at most `max_norm`
+/// (torch: `clamp(max_norm / (norm + 1e-6), max=1)`).
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
+    (max_norm / (norm + 1e-6)).min(1.0)
+}
+
+/// Scales gradients so that their global norm is at most `max_norm`; returns the norm before.
+pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
+    if !(max_norm > 0.0) {
+        bail!("clip_grad_norm: max_norm must be > 0, got {max_norm}");
+    }
+    let norm = global_grad_norm(grads)?;
+    let coef = clip_coefficient(norm, max_norm);
+    for g in grads.iter_mut().flatten() {
+        *g = g.affine(coef, 0.0)?;
+    }
+    Ok(norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn hp(wd: f64) -> AdamWParams {
+        AdamWParams {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: wd,
+        }
+    }
+
+    fn one_var_map(name: &str, w: &[f32]) -> VarMap {
+        let vm = VarMap::new();
+        let var = Var::from_slice(w, w.len(), &Device::Cpu).unwrap();
+        vm.data().lock().unwrap().insert(name.to_string(), var);
+        vm
+    }
+
+    fn weights(opt: &AdamW) -> Vec<f32> {
+        opt.vars().next().unwrap().as_tensor().to_vec1().unwrap()
+    }
+
+    /// torch.optim.AdamW's update, written out for one element.
+    fn by_hand(w: f64, g: f64, m: f64, v: f64, t: i32, lr: f64, wd: f64) -> (f64, f64, f64) {
+        let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8);
+        let w = w * (1.0 - lr * wd);
+        let m = b1 * m + (1.0 - b1) * g;
+        let v = b2 * v + (1.0 - b2) * g * g;
+        let mhat = m / (1.0 - b1.powi(t));
+        let vhat = v / (1.0 - b2.powi(t));
+        (w - lr * mhat / (vhat.sqrt() + eps), m, v)
+    }
+
+    #[test]
+    fn two_steps_match_the_formula_on_both_kernels() {
+        let (w0, g1, g2, lr, wd) = ([0.5f32, -1.5], [0.2f32, -0.03], [-0.1f32, 0.4], 0.01, 0.1);
+        for kernel in [Kernel::Auto, Kernel::TensorOps] {
+            let vm = one_var_map("encoder.weight", &w0);
+            let mut opt = AdamW::new(&vm, hp(wd), decays, kernel).unwrap();
+            let gt = |g: &[f32]| vec![Some(Tensor::from_slice(g, 2, &Device::Cpu).unwrap())];
+            opt.step(&gt(&g1), lr, 1.0).unwrap();
+            opt.step(&gt(&g2), lr, 1.0).unwrap();
+            let got = weights(&opt);
+            for i in 0..2 {
+                let (w, m, v) = by_hand(w0[i] as f64, g1[i] as f64, 0.0, 0.0, 1, lr, wd);
+                let (w, _, _) = by_hand(w, g2[i] as f64, m, v, 2, lr, wd);
+                assert!(
+                    (got[i] as f64 - w).abs() < 1e-6,
+                    "{kernel:?} element {i}: {} vs {w}",
+                    got[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn excluded_parameters_get_no_decay() {
+        assert!(decays("bert.encoder.layer.0.attention.self.query.weight"));
+        assert!(decays("classifier.weight"));
+        assert!(!decays("bert.encoder.layer.0.attention.self.query.bias"));
+        assert!(!decays("bert.embeddings.LayerNorm.weight"));
+        assert!(!decays("roberta.encoder.layer.3.output.layer_norm.weight"));
+        assert!(!decays("deberta.encoder.rel_embeddings.layernorm.weight"));
+        // With a zero gradient Adam's step is 0, so only weight decay moves the weight.
+        let zero = vec![Some(Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap())];
+        for (name, expect_decay) in [
+            ("dense.weight", true),
+            ("dense.bias", false),
+            ("LayerNorm.weight", false),
+        ] {
+            let vm = one_var_map(name, &[1.0, -2.0]);
+            let mut opt = AdamW::new(&vm, hp(0.5), decays, Kernel::Auto).unwrap();
+            opt.step(&zero, 0.1, 1.0).unwrap();
+            let factor = if expect_decay { 1.0 - 0.1 * 0.5 } else { 1.0 };
+            assert_eq!(
+                weights(&opt),
+                vec![factor as f32, -2.0 * factor as f32],
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn clipping_scales_to_max_norm() {
+        let d = &Device::Cpu;
+        let mut grads = vec![
+            Some(Tensor::new(&[3f32, 0.0], d).unwrap()),
+            None,
+            Some(Tensor::new(&[[0f32, 4.0]], d).unwrap()),
+        ];
+        let before = clip_grad_norm(&mut grads, 1.0).unwrap();
+        assert!((before - 5.0).abs() < 1e-6);
+        let after = global_grad_norm(&grads).unwrap();
+        assert!((after - 1.0).abs() < 1e-5, "{after}");
+        let a: Vec<f32> = grads[0].as_ref().unwrap().to_vec1().unwrap();
+        assert!((a[0] - 0.6).abs() < 1e-5);
+        // Below the threshold nothing changes.
+        let mut small = vec![Some(Tensor::new(&[0.3f32, 0.4], d).unwrap())];
+        clip_grad_norm(&mut small, 1.0).unwrap();
+        assert_eq!(
+            small[0].as_ref().unwrap().to_vec1::<f32>().unwrap(),
+            vec![0.3, 0.4]
+        );
+    }
+
+    #[test]
+    fn fused_and_tensor_kernels_agree_on_a_large_parameter() {
+        let n = 10_000;
+        let w: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        let g: Vec<f32> = (0..n)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 100.0)
+            .collect();
+        let mut out = vec![];
+        for kernel in [Kernel::Auto, Kernel::TensorOps] {
+            let vm = one_var_map("w", &w);
+            let mut opt = AdamW::new(&vm, hp(0.01), decays, kernel).unwrap();
+            for _ in 0..3 {
+                opt.step(
+                    &[Some(Tensor::from_slice(&g, n, &Device::Cpu).unwrap())],
+                    1e-3,
+                    0.5,
+                )
+                .unwrap();
+            }
+            out.push(weights(&opt));
+        }
+        let max_diff = out[0]
+            .iter()
+            .zip(&out[1])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(max_diff < 1e-6, "{max_diff}");
+        assert_ne!(out[0], w);
+    }
+}
