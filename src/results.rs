@@ -55,6 +55,26 @@ pub enum FeatureLayers {
     AllMean,
 }
 
+impl FeaturePooling {
+    /// The serialised name (`cls`, `mean`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cls => "cls",
+            Self::Mean => "mean",
+        }
+    }
+}
+
+impl FeatureLayers {
+    /// The serialised name (`last`, `all_mean`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Last => "last",
+            Self::AllMean => "all_mean",
+        }
+    }
+}
+
 /// The scores of a `probe` record. Accuracies are fractions, like every score of a record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
