@@ -76,14 +76,8 @@ pub enum LayersArg {
 impl Args {
     pub fn settings(&self) -> ProbeSettings {
         ProbeSettings {
-            pooling: match self.pooling {
-                PoolingArg::Cls => FeaturePooling::Cls,
-                PoolingArg::Mean => FeaturePooling::Mean,
-            },
-            layers: match self.layers {
-                LayersArg::Last => FeatureLayers::Last,
-                LayersArg::AllMean => FeatureLayers::AllMean,
-            },
+            pooling: pooling(self.pooling),
+            layers: layers(self.layers),
             max_length: self.max_length,
             batch_size: self.batch_size,
             max_train: self.max_train,
@@ -94,11 +88,25 @@ impl Args {
 }
 
 /// A model to probe: its name on the board, its id, and where its checkpoint lies.
-struct Target {
-    name: String,
-    id: String,
-    revision: Option<String>,
-    dir: PathBuf,
+pub(crate) struct Target {
+    pub name: String,
+    pub id: String,
+    pub revision: Option<String>,
+    pub dir: PathBuf,
+}
+
+pub(crate) fn pooling(p: PoolingArg) -> FeaturePooling {
+    match p {
+        PoolingArg::Cls => FeaturePooling::Cls,
+        PoolingArg::Mean => FeaturePooling::Mean,
+    }
+}
+
+pub(crate) fn layers(l: LayersArg) -> FeatureLayers {
+    match l {
+        LayersArg::Last => FeatureLayers::Last,
+        LayersArg::AllMean => FeatureLayers::AllMean,
+    }
 }
 
 fn resolve_hub(id: &str, revision: Option<&str>) -> Result<(PathBuf, String)> {
@@ -113,7 +121,8 @@ fn resolve_hub(id: &str, revision: Option<&str>) -> Result<(PathBuf, String)> {
     Ok((m.dir, m.commit))
 }
 
-fn from_flag(m: &str) -> Result<Target> {
+/// `--model M`: a checkpoint directory, else a hub id resolved through the hub cache.
+pub(crate) fn resolve_flag_model(m: &str) -> Result<Target> {
     let path = Path::new(m);
     if path.is_dir() {
         return Ok(Target {
@@ -190,7 +199,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             let targets = args
                 .model
                 .iter()
-                .map(|m| from_flag(m))
+                .map(|m| resolve_flag_model(m))
                 .collect::<Result<_>>()?;
             ("probe".to_string(), arch, targets)
         }
@@ -252,7 +261,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
 /// The `probe` record of one run: scores in `probe`, the LP accuracy also as `test_score`.
 #[allow(clippy::too_many_arguments)]
-fn probe_record(
+pub(crate) fn probe_record(
     suite: &str,
     arch: &str,
     t: &Target,

@@ -18,6 +18,7 @@
 //! - [`analyze::report`]: all of the above for a gain table and a set of proxies, as one report.
 
 pub mod analyze;
+pub mod choose;
 pub mod correlate;
 pub mod decompose;
 pub mod features;
