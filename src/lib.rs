@@ -8,6 +8,7 @@ pub mod check;
 pub mod cli;
 pub mod data;
 pub mod device;
+pub mod executor;
 pub mod export;
 pub mod fuse;
 pub mod hub;

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// Version of the result record format; part of every config hash.
 pub const RESULT_SCHEMA_VERSION: u32 = 1;
@@ -197,6 +197,28 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 /// Prefix of the temporary files the store writes before renaming them into place.
 const TEMP_PREFIX: &str = ".tmp-";
 
+/// Temporaries younger than this are left alone by `clean_stale_temps`.
+pub const STALE_TEMP_AGE: Duration = Duration::from_secs(3600);
+
+/// Extension of running markers.
+const MARKER_EXTENSION: &str = "running";
+
+/// Written next to a job's result path when the job starts and removed once its result is written:
+/// `recycle plan`/`status` report the job as running while the process is alive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunningMarker {
+    pub job_id: String,
+    pub config_hash: String,
+    /// The host the job runs on (its pid means something only there).
+    pub host: String,
+    pub pid: u32,
+    /// RFC 3339, UTC.
+    pub started_at: String,
+    /// `<array job>_<task>` or the job id when run under Slurm.
+    pub slurm_job: Option<String>,
+}
+
 /// The directory of result files: `<dir>/<suite>/<job id>.json`.
 #[derive(Debug, Clone)]
 pub struct ResultStore {
@@ -225,28 +247,59 @@ impl ResultStore {
     /// Writes a record atomically: a temporary file in the same directory, fsync, rename.
     pub fn write(&self, record: &ResultRecord) -> Result<PathBuf> {
         let path = self.path_for(&record.suite, &record.job_id);
-        let parent = path.parent().unwrap_or(&self.dir);
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create results directory {}", parent.display()))?;
         let mut bytes = serde_json::to_vec_pretty(record)
             .with_context(|| format!("cannot serialise the result of job {}", record.job_id))?;
         bytes.push(b'\n');
-        let mut tmp = tempfile::Builder::new()
-            .prefix(TEMP_PREFIX)
-            .suffix(".json")
-            .tempfile_in(parent)
-            .with_context(|| format!("cannot create a temporary file in {}", parent.display()))?;
-        tmp.write_all(&bytes)
-            .and_then(|_| tmp.as_file().sync_all())
-            .with_context(|| format!("cannot write {}", tmp.path().display()))?;
-        tmp.persist(&path)
-            .map_err(|e| e.error)
-            .with_context(|| format!("cannot move the result into place at {}", path.display()))?;
-        // Make the rename itself durable (best effort: not every platform can fsync a directory).
-        if let Ok(d) = std::fs::File::open(parent) {
-            let _ = d.sync_all();
-        }
+        write_atomic(&path, &bytes)?;
         Ok(path)
+    }
+
+    /// Where the running marker of `job_id` of `suite` lives: next to its result, `<job>.running`
+    /// (not `.json`, so loading records never sees it).
+    pub fn marker_path(&self, suite: &str, job_id: &str) -> PathBuf {
+        self.path_for(suite, job_id)
+            .with_extension(MARKER_EXTENSION)
+    }
+
+    /// Writes the running marker of a job atomically.
+    pub fn write_marker(&self, suite: &str, marker: &RunningMarker) -> Result<PathBuf> {
+        let path = self.marker_path(suite, &marker.job_id);
+        let mut bytes = serde_json::to_vec_pretty(marker)
+            .with_context(|| format!("cannot serialise the marker of job {}", marker.job_id))?;
+        bytes.push(b'\n');
+        write_atomic(&path, &bytes)?;
+        Ok(path)
+    }
+
+    /// Removes the running marker of a job; a marker that is already gone is fine.
+    pub fn remove_marker(&self, suite: &str, job_id: &str) -> Result<()> {
+        let path = self.marker_path(suite, job_id);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("cannot remove running marker {}", path.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Every running marker of one suite, in path order. A marker removed while we list is skipped.
+    pub fn load_markers(&self, suite: &str) -> Result<Vec<RunningMarker>> {
+        let mut files = Vec::new();
+        collect_ext(&self.dir.join(suite), MARKER_EXTENSION, &mut files)?;
+        files.sort();
+        let mut out = Vec::new();
+        for f in files {
+            let text = match std::fs::read_to_string(&f) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                other => {
+                    other.with_context(|| format!("cannot read running marker {}", f.display()))?
+                }
+            };
+            let marker: RunningMarker = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a valid running marker", f.display()))?;
+            out.push(marker);
+        }
+        Ok(out)
     }
 
     /// The record of one job, if its file exists.
@@ -271,15 +324,22 @@ impl ResultStore {
 
     fn load_under(&self, root: &Path) -> Result<Vec<ResultRecord>> {
         let mut files = Vec::new();
-        collect_json(root, &mut files)?;
+        collect_ext(root, "json", &mut files)?;
         files.sort();
         files.iter().map(|f| read_record(f)).collect()
     }
 
-    /// Removes temporary files left behind by killed runs; returns how many.
+    /// Removes temporary files left behind by killed runs; returns how many. Only temporaries
+    /// older than `STALE_TEMP_AGE` go: a younger one may belong to another shard writing right now
+    /// (a write takes milliseconds, so an hour-old temporary has no live writer).
     pub fn clean_stale_temps(&self) -> Result<usize> {
+        self.clean_temps_older_than(STALE_TEMP_AGE, SystemTime::now())
+    }
+
+    /// Removes temporary files whose modification time is at least `age` before `now`.
+    pub fn clean_temps_older_than(&self, age: Duration, now: SystemTime) -> Result<usize> {
         let mut n = 0;
-        clean_temps(&self.dir, &mut n)?;
+        clean_temps(&self.dir, age, now, &mut n)?;
         Ok(n)
     }
 }
@@ -305,7 +365,31 @@ fn is_temp(path: &Path) -> bool {
         .is_some_and(|n| n.starts_with(TEMP_PREFIX))
 }
 
-fn collect_json(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let parent = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create results directory {}", parent.display()))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(TEMP_PREFIX)
+        .suffix(".json")
+        .tempfile_in(parent)
+        .with_context(|| format!("cannot create a temporary file in {}", parent.display()))?;
+    tmp.write_all(bytes)
+        .and_then(|_| tmp.as_file().sync_all())
+        .with_context(|| format!("cannot write {}", tmp.path().display()))?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("cannot move {} into place", path.display()))?;
+    // Make the rename itself durable (best effort: not every platform can fsync a directory).
+    if let Ok(d) = std::fs::File::open(parent) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Visible files under `dir` (recursively) whose extension is `ext`.
+fn collect_ext(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) -> Result<()> {
     if !dir.exists() {
         return Ok(());
     }
@@ -323,15 +407,15 @@ fn collect_json(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
             continue;
         }
         if path.is_dir() {
-            collect_json(&path, out)?;
-        } else if path.extension().is_some_and(|e| e == "json") {
+            collect_ext(&path, ext, out)?;
+        } else if path.extension().is_some_and(|e| e == ext) {
             out.push(path);
         }
     }
     Ok(())
 }
 
-fn clean_temps(dir: &Path, n: &mut usize) -> Result<()> {
+fn clean_temps(dir: &Path, age: Duration, now: SystemTime, n: &mut usize) -> Result<()> {
     if !dir.exists() {
         return Ok(());
     }
@@ -342,12 +426,24 @@ fn clean_temps(dir: &Path, n: &mut usize) -> Result<()> {
             .with_context(|| format!("cannot list {}", dir.display()))?
             .path();
         if path.is_dir() {
-            clean_temps(&path, n)?;
+            clean_temps(&path, age, now, n)?;
         } else if is_temp(&path) {
-            std::fs::remove_file(&path).with_context(|| {
-                format!("cannot remove stale temporary file {}", path.display())
-            })?;
-            *n += 1;
+            // A temporary renamed or removed by its writer since we listed it is not ours to clean.
+            let Ok(modified) = std::fs::metadata(&path).and_then(|m| m.modified()) else {
+                continue;
+            };
+            if now.duration_since(modified).unwrap_or_default() < age {
+                continue;
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => *n += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("cannot remove stale temporary file {}", path.display())
+                    })
+                }
+            }
         }
     }
     Ok(())
@@ -356,7 +452,6 @@ fn clean_temps(dir: &Path, n: &mut usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn rfc3339_matches_known_instants() {
@@ -375,5 +470,59 @@ mod tests {
             s.path_for("suite", "eval/m/t/seed0"),
             PathBuf::from("/r/suite/eval/m/t/seed0.json")
         );
+    }
+}
+
+#[cfg(test)]
+mod marker_tests {
+    use super::*;
+
+    fn marker(job: &str) -> RunningMarker {
+        RunningMarker {
+            job_id: job.into(),
+            config_hash: "abc".into(),
+            host: "node1".into(),
+            pid: 42,
+            started_at: "2024-01-01T00:00:00Z".into(),
+            slurm_job: Some("7_1".into()),
+        }
+    }
+
+    #[test]
+    fn markers_round_trip_and_stay_out_of_the_records() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ResultStore::new(tmp.path());
+        let path = store.write_marker("s", &marker("eval/m/t/seed0")).unwrap();
+        assert_eq!(path, tmp.path().join("s/eval/m/t/seed0.running"));
+        store.write_marker("s", &marker("donor/d")).unwrap();
+        assert_eq!(
+            store.load_markers("s").unwrap(),
+            vec![marker("donor/d"), marker("eval/m/t/seed0")]
+        );
+        assert!(store.load_all().unwrap().is_empty());
+        store.remove_marker("s", "donor/d").unwrap();
+        store.remove_marker("s", "donor/d").unwrap();
+        assert_eq!(
+            store.load_markers("s").unwrap(),
+            vec![marker("eval/m/t/seed0")]
+        );
+    }
+
+    #[test]
+    fn temp_cleanup_spares_young_temporaries() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ResultStore::new(tmp.path());
+        let dir = tmp.path().join("s/eval");
+        std::fs::create_dir_all(&dir).unwrap();
+        let young = dir.join(".tmp-young.json");
+        let old = dir.join(".tmp-old.json");
+        std::fs::write(&young, "{").unwrap();
+        std::fs::write(&old, "{").unwrap();
+        let f = std::fs::File::options().write(true).open(&old).unwrap();
+        f.set_modified(SystemTime::now() - STALE_TEMP_AGE - Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(store.clean_stale_temps().unwrap(), 1);
+        assert!(young.exists());
+        assert!(!old.exists());
     }
 }

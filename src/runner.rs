@@ -6,7 +6,7 @@ use crate::plan::{self, Job, JobSpec, Selection};
 use crate::progress::{JobEnd, Progress, StepInfo};
 use crate::results::{
     git_revision, rfc3339_utc, DatasetRecord, ModelRecord, RecordKind, ResultRecord, ResultStore,
-    RECYCLE_VERSION, RESULT_SCHEMA_VERSION,
+    RunningMarker, RECYCLE_VERSION, RESULT_SCHEMA_VERSION,
 };
 use crate::suite::{ModelRef, Suite};
 use anyhow::{anyhow, bail, Context, Result};
@@ -42,11 +42,6 @@ pub trait JobExecutor {
     fn execute(&self, job: &Job, on_step: &mut dyn FnMut(&StepInfo)) -> Result<JobOutput>;
 }
 
-/// The executor `recycle run` uses. The real fine-tuning is plugged in here.
-pub fn default_executor(_device: crate::device::DeviceRequest) -> Result<Box<dyn JobExecutor>> {
-    bail!("fine-tuning executor not wired yet")
-}
-
 /// Settings of a run besides the suite.
 #[derive(Debug, Clone)]
 pub struct RunSettings {
@@ -72,6 +67,11 @@ pub enum JobState {
     /// A result exists but for another configuration: it will be re-run.
     Stale,
     Missing,
+    /// No current result, and a live process (or one on another host) is running it.
+    Running,
+    /// No current result, and a marker whose process on this host is gone: a killed run.
+    /// Pending, like a missing job.
+    StaleRunning,
 }
 
 impl JobState {
@@ -81,20 +81,108 @@ impl JobState {
             JobState::Failed => "failed",
             JobState::Stale => "stale",
             JobState::Missing => "missing",
+            JobState::Running => "running",
+            JobState::StaleRunning => "stale-running",
         }
+    }
+
+    /// Whether `recycle run` would (re)run this job now.
+    pub fn is_pending(self) -> bool {
+        !matches!(self, JobState::Done | JobState::Running)
     }
 }
 
-/// The state of each job of `jobs` given the suite's existing records.
-pub fn job_states(jobs: &[Job], records: &BTreeMap<String, ResultRecord>) -> Vec<JobState> {
+/// What a running marker says about its process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// On this host and alive, or on another host (where it cannot be checked).
+    Alive,
+    /// On this host and gone.
+    Dead,
+}
+
+/// The state of each job of `jobs` given the suite's existing records and the liveness of its
+/// running markers (by job id; a marker for another configuration of the job counts too, since
+/// its process still writes the job's result file).
+pub fn job_states(
+    jobs: &[Job],
+    records: &BTreeMap<String, ResultRecord>,
+    running: &BTreeMap<String, Liveness>,
+) -> Vec<JobState> {
     jobs.iter()
-        .map(|j| match records.get(&j.id) {
-            None => JobState::Missing,
-            Some(r) if r.config_hash != j.config_hash => JobState::Stale,
-            Some(r) if r.kind == RecordKind::Failure => JobState::Failed,
-            Some(_) => JobState::Done,
+        .map(|j| {
+            let recorded = match records.get(&j.id) {
+                None => JobState::Missing,
+                Some(r) if r.config_hash != j.config_hash => JobState::Stale,
+                Some(r) if r.kind == RecordKind::Failure => JobState::Failed,
+                Some(_) => JobState::Done,
+            };
+            match (recorded, running.get(&j.id)) {
+                (JobState::Done, _) | (_, None) => recorded,
+                (_, Some(Liveness::Alive)) => JobState::Running,
+                (_, Some(Liveness::Dead)) => JobState::StaleRunning,
+            }
         })
         .collect()
+}
+
+/// The liveness of every running marker of `suite`, by job id, as seen from this process.
+pub fn marker_liveness(store: &ResultStore, suite: &Suite) -> Result<BTreeMap<String, Liveness>> {
+    let host = this_host();
+    Ok(store
+        .load_markers(&suite.name)?
+        .into_iter()
+        .map(|m| {
+            let live = if m.host != host || pid_alive(m.pid) {
+                Liveness::Alive
+            } else {
+                Liveness::Dead
+            };
+            (m.job_id, live)
+        })
+        .collect())
+}
+
+/// This machine's host name (empty if it cannot be read).
+pub fn this_host() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its whole length; gethostname writes at most that much.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Whether a process with this pid exists on this host (signal 0 checks without signalling).
+pub fn pid_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 only checks whether the process exists and may be signalled.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// The marker this process writes when it starts `job`.
+fn marker_for(job: &Job) -> RunningMarker {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let slurm_job = match (var("SLURM_ARRAY_JOB_ID"), var("SLURM_ARRAY_TASK_ID")) {
+        (Some(a), Some(t)) => Some(format!("{a}_{t}")),
+        _ => var("SLURM_JOB_ID"),
+    };
+    RunningMarker {
+        job_id: job.id.clone(),
+        config_hash: job.config_hash.clone(),
+        host: this_host(),
+        pid: std::process::id(),
+        started_at: rfc3339_utc(SystemTime::now()),
+        slurm_job,
+    }
 }
 
 /// The suite's existing records by job id.
@@ -142,6 +230,9 @@ pub fn run(
             }
         }
         let mut job = job;
+        store
+            .write_marker(&suite.name, &marker_for(&job))
+            .with_context(|| format!("job {}: cannot write its running marker", job.id))?;
         let started = Instant::now();
         let outcome = prepare(&mut job, suite, settings, &records, &donor_hashes)
             .and_then(|()| executor.execute(&job, &mut |s| progress.step(s)))
@@ -154,6 +245,7 @@ pub fn run(
         store
             .write(&record)
             .with_context(|| format!("job {}: cannot write its result", job.id))?;
+        store.remove_marker(&suite.name, &job.id)?;
         match &record.error {
             Some(e) => {
                 progress.job_finished(&job.id, &JobEnd::Failed(e.clone()));

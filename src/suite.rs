@@ -23,16 +23,7 @@ pub const DEFAULT_CANDIDATE_SEEDS: u32 = 1;
 
 /// The recycle home: `$RECYCLE_HOME`, else `$XDG_CACHE_HOME/recycle`, else `~/.cache/recycle`.
 pub fn recycle_home() -> Result<PathBuf> {
-    if let Some(h) = std::env::var_os("RECYCLE_HOME").filter(|v| !v.is_empty()) {
-        return Ok(PathBuf::from(h));
-    }
-    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
-        return Ok(PathBuf::from(x).join("recycle"));
-    }
-    let home = std::env::var_os("HOME")
-        .filter(|v| !v.is_empty())
-        .ok_or_else(|| anyhow!("cannot find the recycle home: set RECYCLE_HOME (or HOME)"))?;
-    Ok(PathBuf::from(home).join(".cache").join("recycle"))
+    crate::assets::home(None)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-//! `recycle plan SUITE`: the ordered job list and each job's state (done, failed, stale, missing).
+//! `recycle plan SUITE`: the ordered job list and each job's state (done, failed, stale, missing,
+//! running, stale-running).
 
 use super::rank::results_dir;
 use crate::results::ResultStore;
-use crate::runner::{job_states, records_by_job};
+use crate::runner::{job_states, marker_liveness, records_by_job};
 use crate::suite::Suite;
 use anyhow::Result;
 use std::path::PathBuf;
@@ -24,10 +25,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let suite = Suite::load(&args.suite, args.profile.as_deref())?;
     let store = ResultStore::new(results_dir(args.results)?);
     let jobs = crate::plan::plan(&suite)?;
-    let states = job_states(&jobs, &records_by_job(&store, &suite)?);
+    let states = job_states(
+        &jobs,
+        &records_by_job(&store, &suite)?,
+        &marker_liveness(&store, &suite)?,
+    );
     for (job, state) in jobs.iter().zip(states) {
         println!(
-            "{:<8} stage{} {}  {}",
+            "{:<13} stage{} {}  {}",
             state.label(),
             job.stage,
             job.id,

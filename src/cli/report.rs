@@ -110,7 +110,7 @@ pub fn read_board(path: &Path) -> Result<Leaderboard> {
 
 /// Writes `bytes` to `path` through a temporary file in the same directory, so a reader never
 /// sees half a report.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

@@ -1,13 +1,17 @@
-//! `recycle run SUITE`: run a suite's pending jobs (all, one shard, or named jobs).
+//! `recycle run SUITE`: run a suite's pending jobs (all, one shard, or named jobs), then print the
+//! leaderboard of its architecture and write the HTML report next to the results.
 
-use super::rank::results_dir;
+use super::rank::{build_board, results_dir};
 use crate::device::DeviceRequest;
+use crate::executor::{check_dataset_use, fetch_embedded_assets, FinetuneExecutor};
+use crate::export::{exporter, Exporter, Format};
+use crate::hub::HubOptions;
 use crate::plan::Selection;
 use crate::plan::Shard;
 use crate::results::ResultStore;
 use crate::runner::{self, RunSettings};
 use crate::suite::{recycle_home, Suite};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -30,24 +34,30 @@ pub struct Args {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     pub device: DeviceRequest,
+    /// Do not print the leaderboard or write the report at the end (e.g. in a shard).
+    #[arg(long)]
+    pub no_report: bool,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
     let suite = Suite::load(&args.suite, args.profile.as_deref())?;
+    let home = recycle_home()?;
+    fetch_embedded_assets(&suite, &home)?;
+    suite.check_datasets(&check_dataset_use)?;
     let store = ResultStore::new(results_dir(args.results)?);
     let settings = RunSettings {
-        donor_dir: recycle_home()?.join("donors"),
+        donor_dir: home.join("donors"),
         selection: selection(args.shard, args.job),
     };
-    let executor = runner::default_executor(args.device)?;
+    let device = args.device.open()?;
+    eprintln!(
+        "{}: running on {}",
+        suite.name,
+        crate::device::describe(&device)
+    );
+    let executor = FinetuneExecutor::new(device, HubOptions::from_env());
     let mut progress = crate::progress::for_stderr();
-    let summary = runner::run(
-        &suite,
-        &store,
-        executor.as_ref(),
-        &settings,
-        progress.as_mut(),
-    )?;
+    let summary = runner::run(&suite, &store, &executor, &settings, progress.as_mut())?;
     eprintln!(
         "{}: {} done, {} skipped (already done), {} failed; results in {}",
         suite.name,
@@ -56,6 +66,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
         summary.failed.len(),
         store.dir().display()
     );
+    if !args.no_report {
+        report(&suite, &args.suite, &store)?;
+    }
     if summary.failed.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }
@@ -63,6 +76,19 @@ pub fn run(args: Args) -> Result<ExitCode> {
         eprintln!("failed: {id}: {err}");
     }
     Ok(ExitCode::from(1))
+}
+
+/// Prints the suite's leaderboard (Markdown) and writes `<results>/<suite>/report.html`.
+fn report(suite: &Suite, file: &std::path::Path, store: &ResultStore) -> Result<()> {
+    let board = build_board(&suite.arch, store.dir(), &[file.to_path_buf()])?;
+    let md = exporter(Format::Markdown).render(&board)?;
+    println!("{}", String::from_utf8_lossy(&md));
+    let html = crate::export::html::HtmlExporter.render(&board)?;
+    let path = store.dir().join(&suite.name).join("report.html");
+    super::report::write_atomically(&path, &html)
+        .with_context(|| format!("writing the report {}", path.display()))?;
+    eprintln!("report: {}", path.display());
+    Ok(())
 }
 
 /// `--shard` / `--job` as a selection.
