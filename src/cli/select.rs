@@ -129,7 +129,8 @@ pub fn fine_tune_selected(
 
 /// A directory as an absolute path (suites resolve relative paths against nothing).
 fn absolute(p: &Path) -> Result<String> {
-    let abs = std::fs::canonicalize(p).with_context(|| format!("{}: cannot resolve", p.display()))?;
+    let abs =
+        std::fs::canonicalize(p).with_context(|| format!("{}: cannot resolve", p.display()))?;
     Ok(abs.display().to_string())
 }
 
@@ -151,11 +152,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Some(d) => FeatureCache::new(d),
         None => FeatureCache::from_home()?,
     };
-    let dataset =
-        Dataset::load(&args.target).with_context(|| format!("--target {}", args.target.display()))?;
+    let dataset = Dataset::load(&args.target)
+        .with_context(|| format!("--target {}", args.target.display()))?;
     let target = plain_name(&dataset.card.name);
     let suite_name = format!("select-{target}");
-    let arch = args.arch.clone().unwrap_or_else(|| plain_name(&args.baseline));
+    let arch = args
+        .arch
+        .clone()
+        .unwrap_or_else(|| plain_name(&args.baseline));
     let baseline = suite_model(&args.baseline).context("--baseline")?;
     let candidates: Vec<SuiteModel> = args
         .candidates
@@ -239,9 +243,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     std::fs::write(&suite_file, text + "\n")
         .with_context(|| format!("cannot write {}", suite_file.display()))?;
-    let executor = runner::default_executor(args.device)?;
+    suite.check_datasets(&crate::executor::check_dataset_use)?;
+    let executor =
+        crate::executor::FinetuneExecutor::new(device, crate::hub::HubOptions::from_env());
     let mut progress = crate::progress::for_stderr();
-    let outcome = fine_tune_selected(&suite, &store, executor.as_ref(), progress.as_mut())?;
+    let outcome = fine_tune_selected(&suite, &store, &executor, progress.as_mut())?;
     print!("{}", render(proxy, &ranked, &outcome, &suite_file));
     for (id, err) in &outcome.summary.failed {
         eprintln!("failed: {id}: {err}");
@@ -254,7 +260,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
 }
 
 /// The chosen model (best gain among the fine-tuned), the fine-tuned gains and the proxy ranking.
-pub fn render(proxy: ProxyKind, ranked: &[Ranked], outcome: &SelectOutcome, suite: &Path) -> String {
+pub fn render(
+    proxy: ProxyKind,
+    ranked: &[Ranked],
+    outcome: &SelectOutcome,
+    suite: &Path,
+) -> String {
     let mut s = String::new();
     let board = &outcome.board;
     let base = board.baseline.cells.first();
@@ -273,7 +284,10 @@ pub fn render(proxy: ProxyKind, ranked: &[Ranked], outcome: &SelectOutcome, suit
             let _ = writeln!(s, "chosen: none (no selected candidate finished)\n");
         }
     }
-    let _ = writeln!(s, "| fine-tuned | score | gain | seeds |\n|---|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "| fine-tuned | score | gain | seeds |\n|---|---:|---:|---:|"
+    );
     if let Some(b) = base {
         let _ = writeln!(
             s,

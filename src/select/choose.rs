@@ -196,7 +196,10 @@ mod tests {
     #[test]
     fn names_are_plain() {
         assert_eq!(plain_name("/tmp/x/my model/"), "my-model");
-        assert_eq!(plain_name("textattack/roberta-base-MNLI@main"), "textattack--roberta-base-MNLI-main");
+        assert_eq!(
+            plain_name("textattack/roberta-base-MNLI@main"),
+            "textattack--roberta-base-MNLI-main"
+        );
         assert_eq!(plain_name("./m"), "m");
     }
 }

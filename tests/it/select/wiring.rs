@@ -48,8 +48,9 @@ fn write_tokenizer(path: &Path) {
     for (i, w) in words.enumerate() {
         vocab.insert(w.to_string(), i.into());
     }
-    let model: WordLevel = serde_json::from_value(
-        serde_json::json!({"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}),
+    let model: WordLevel = serde_json::from_str(
+        &serde_json::json!({"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"})
+            .to_string(),
     )
     .unwrap();
     let mut tok = tokenizers::Tokenizer::new(model);
@@ -300,8 +301,8 @@ fn probe_writes_records_and_reads_features_back_from_the_cache() {
     )
     .unwrap();
     let inference = loaded.inference_model().unwrap();
-    let tok = recycle::tokenize::TextTokenizer::from_file(&model.join("tokenizer.json"), 12)
-        .unwrap();
+    let tok =
+        recycle::tokenize::TextTokenizer::from_file(&model.join("tokenizer.json"), 12).unwrap();
     let spec = FeatureSpec {
         pooling: FeaturePooling::Mean,
         layers: FeatureLayers::Last,
@@ -370,8 +371,8 @@ fn features_batched_with_padding_equal_features_one_example_at_a_time() {
     )
     .unwrap();
     let inference = loaded.inference_model().unwrap();
-    let tok = recycle::tokenize::TextTokenizer::from_file(&model.join("tokenizer.json"), 12)
-        .unwrap();
+    let tok =
+        recycle::tokenize::TextTokenizer::from_file(&model.join("tokenizer.json"), 12).unwrap();
     let mut rows = examples(9, 0);
     rows[4].text = "red".into(); // a short one among longer ones: padding in its batch
     rows[7].text = "cat dog cow of the a two".into();
@@ -428,7 +429,15 @@ fn analyze_prints_the_library_report_of_the_same_results() {
     write_hand_store(tmp.path());
     let run = |format: &str| {
         let out = recycle(tmp.path())
-            .args(["analyze", "--arch", "toy", "--bootstrap", "30", "--format", format])
+            .args([
+                "analyze",
+                "--arch",
+                "toy",
+                "--bootstrap",
+                "30",
+                "--format",
+                format,
+            ])
             .arg("--results")
             .arg(tmp.path())
             .assert()
@@ -448,7 +457,14 @@ fn analyze_prints_the_library_report_of_the_same_results() {
     assert_eq!(run("md"), to_markdown(&expected));
     // --arch may be left out when the store holds one architecture.
     let out = recycle(tmp.path())
-        .args(["analyze", "--bootstrap", "30", "--format", "md", "--results"])
+        .args([
+            "analyze",
+            "--bootstrap",
+            "30",
+            "--format",
+            "md",
+            "--results",
+        ])
         .arg(tmp.path())
         .assert()
         .success();
@@ -497,4 +513,113 @@ fn regret_through_analyze_equals_the_hand_computation() {
     for (got, want) in ri.iter().zip([2.5, 0.0, 1.0]) {
         assert!(close(*got, want), "lp:logme k=1: {ri:?}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// select
+// ---------------------------------------------------------------------------------------------
+
+/// Counts the jobs it is asked to run; every candidate scores by its name's length.
+struct Counting(std::cell::RefCell<Vec<String>>);
+
+impl recycle::runner::JobExecutor for Counting {
+    fn execute(
+        &self,
+        job: &recycle::plan::Job,
+        _on_step: &mut dyn FnMut(&recycle::progress::StepInfo),
+    ) -> anyhow::Result<recycle::runner::JobOutput> {
+        self.0.borrow_mut().push(job.id.clone());
+        let score = 0.5 + job.id.len() as f64 / 1000.0;
+        Ok(recycle::runner::JobOutput {
+            test_score: Some(score),
+            device: "cpu".into(),
+            ..Default::default()
+        })
+    }
+}
+
+#[test]
+fn select_fine_tunes_exactly_the_top_k_and_the_baseline_seeds() {
+    use recycle::select::choose::{rank, SelectionSuite, SuiteModel};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_toy_dataset(&tmp.path().join("toy3"));
+    let dir = |n: &str| {
+        let d = tmp.path().join(n);
+        std::fs::create_dir_all(&d).unwrap();
+        d.display().to_string()
+    };
+    let names = ["c1", "c2", "c3", "c4"];
+    let scores: Vec<(String, Option<f64>)> = names
+        .iter()
+        .zip([Some(0.4), Some(0.9), None, Some(0.6)])
+        .map(|(n, s)| (n.to_string(), s))
+        .collect();
+    let ranked = rank(&scores, 2).unwrap();
+    let selected: Vec<&str> = ranked
+        .iter()
+        .filter(|r| r.selected)
+        .map(|r| r.model.as_str())
+        .collect();
+    assert_eq!(selected, vec!["c2", "c4"]);
+    let spec = SelectionSuite {
+        name: "select-toy3".into(),
+        arch: "toy".into(),
+        baseline: SuiteModel {
+            name: "base".into(),
+            ..SuiteModel::from_spec(&dir("base"), true)
+        },
+        candidates: selected
+            .iter()
+            .map(|n| SuiteModel::from_spec(&dir(n), true))
+            .collect(),
+        target: "toy3".into(),
+        dataset: data.display().to_string(),
+        baseline_seeds: 3,
+        max_train: Some(10),
+        max_eval: None,
+        protocol: serde_json::json!({"max_epochs": 1}),
+    };
+    let suite = recycle::suite::Suite::parse(
+        &spec.to_json().to_string(),
+        &tmp.path().join("select.json"),
+        None,
+        tmp.path(),
+    )
+    .unwrap();
+    let store = ResultStore::new(tmp.path().join("results"));
+    let exec = Counting(Default::default());
+    let out = recycle::cli::select::fine_tune_selected(
+        &suite,
+        &store,
+        &exec,
+        &mut recycle::progress::Silent,
+    )
+    .unwrap();
+    let mut ran = exec.0.borrow().clone();
+    ran.sort();
+    assert_eq!(
+        ran,
+        vec![
+            "eval/base/toy3/seed0",
+            "eval/base/toy3/seed1",
+            "eval/base/toy3/seed2",
+            "eval/c2/toy3/seed0",
+            "eval/c4/toy3/seed0",
+        ]
+    );
+    assert_eq!(out.board.rows.len(), 2);
+    assert!(out.board.rows.iter().all(|r| r.avg_gain.is_some()));
+    // Run again: everything is in the store, nothing is fine-tuned twice.
+    let again = Counting(Default::default());
+    recycle::cli::select::fine_tune_selected(
+        &suite,
+        &store,
+        &again,
+        &mut recycle::progress::Silent,
+    )
+    .unwrap();
+    assert!(again.0.borrow().is_empty());
+    // `recycle rank` sees the selection's results.
+    let board = recycle::cli::rank::build_board("toy", store.dir(), &[]).unwrap();
+    assert_eq!(board.rows.len(), 2);
 }
