@@ -166,17 +166,24 @@ fn from_suite(suite: &Suite, store: &ResultStore) -> Result<Vec<Target>> {
                                 "{}: donor {name} has not been trained yet (run the suite first)",
                                 ctx()
                             )
-                        })?;
-                    (PathBuf::from(ckpt), None)
+                        });
+                    match ckpt {
+                        Ok(c) => (PathBuf::from(c), None),
+                        Err(e) => {
+                            eprintln!("warning: {e:#}; skipped");
+                            return Ok(None);
+                        }
+                    }
                 }
             };
-            Ok(Target {
+            Ok(Some(Target {
                 name: m.name.clone(),
                 id: m.source.display_id(),
                 revision,
                 dir,
-            })
+            }))
         })
+        .filter_map(Result::transpose)
         .collect()
 }
 
