@@ -52,7 +52,11 @@ pub fn rank(scores: &[(String, Option<f64>)], budget: usize) -> Result<Vec<Ranke
     ensure!(budget >= 1, "--budget must be at least 1");
     let values: Vec<Option<f64>> = scores.iter().map(|(_, s)| *s).collect();
     let mut taken = 0;
-    Ok(rank_by_proxy(&values)
+    // rank_by_proxy orders the scored ones; the unscored follow in input order.
+    let mut order = rank_by_proxy(&values);
+    order.retain(|&i| values[i].is_some());
+    order.extend((0..values.len()).filter(|&i| values[i].is_none()));
+    Ok(order
         .into_iter()
         .map(|i| {
             let selected = values[i].is_some() && taken < budget;

@@ -220,21 +220,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = FeatureCache::new(dir.path());
         let m = Matrix::from_rows(&[vec![1.0, 0.1], vec![-2.0, 1e-9]]).unwrap();
-        let mut calls = 0;
-        let mut compute = || {
-            calls += 1;
+        let calls = std::cell::Cell::new(0);
+        let compute = || {
+            calls.set(calls.get() + 1);
             Ok(HashMap::from([("train".to_string(), m.clone())]))
         };
-        let (a, hit_a) = cache.get_or_compute(&key(), &mut compute).unwrap();
-        let (b, hit_b) = cache.get_or_compute(&key(), &mut compute).unwrap();
-        assert_eq!((hit_a, hit_b, calls), (false, true, 1));
+        let (a, hit_a) = cache.get_or_compute(&key(), compute).unwrap();
+        let (b, hit_b) = cache.get_or_compute(&key(), compute).unwrap();
+        assert_eq!((hit_a, hit_b, calls.get()), (false, true, 1));
         assert_eq!(a["train"], b["train"]);
         // Another key computes again.
         let other = FeatureKey {
             pooling: FeaturePooling::Cls,
             ..key()
         };
-        let (_, hit) = cache.get_or_compute(&other, &mut compute).unwrap();
-        assert_eq!((hit, calls), (false, 2));
+        let (_, hit) = cache.get_or_compute(&other, compute).unwrap();
+        assert_eq!((hit, calls.get()), (false, 2));
     }
 }
