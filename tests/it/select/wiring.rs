@@ -49,8 +49,7 @@ fn write_tokenizer(path: &Path) {
         vocab.insert(w.to_string(), i.into());
     }
     let model: WordLevel = serde_json::from_str(
-        &serde_json::json!({"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"})
-            .to_string(),
+        &serde_json::json!({"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}).to_string(),
     )
     .unwrap();
     let mut tok = tokenizers::Tokenizer::new(model);
