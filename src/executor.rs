@@ -3,6 +3,7 @@
 //! evaluation job) or saves it as a hub-format checkpoint (a donor job).
 
 use crate::data::{Dataset, Example, Task};
+use crate::hub::materialize::{open_hub_dataset, HubDatasetSpec};
 use crate::hub::HubOptions;
 use crate::leaderboard::Metric;
 use crate::plan::{Job, JobSpec};
@@ -36,6 +37,8 @@ const CAP_SEED: u64 = 0x5eed_ca95;
 pub struct FinetuneExecutor {
     device: Device,
     hub: HubOptions,
+    /// The recycle home, where hub datasets are materialised (`None`: it could not be found).
+    home: Option<PathBuf>,
     /// Evaluation batch size (no graph, so it can be larger than the training micro-batch).
     eval_batch_size: usize,
 }
@@ -45,8 +48,25 @@ impl FinetuneExecutor {
         Self {
             device,
             hub,
+            home: crate::assets::home(None).ok(),
             eval_batch_size: 64,
         }
+    }
+
+    /// Materialise hub datasets under `home` instead of the environment's recycle home.
+    pub fn with_home(mut self, home: PathBuf) -> Self {
+        self.home = Some(home);
+        self
+    }
+
+    fn open(&self, r: &DatasetRef) -> Result<OpenedDataset> {
+        let home = self.home.as_deref().with_context(|| {
+            format!(
+                "dataset {}: cannot find the recycle home (set RECYCLE_HOME)",
+                r.display_id()
+            )
+        })?;
+        open_dataset(r, &self.hub, home)
     }
 }
 
@@ -210,7 +230,12 @@ impl JobExecutor for FinetuneExecutor {
                 ..
             } => {
                 let resolved = self.resolve_model(model, job.donor_checkpoint.as_deref())?;
-                let data = open_dataset(dataset).with_context(|| format!("target {target}"))?;
+                let OpenedDataset {
+                    data,
+                    revision: dataset_revision,
+                } = self
+                    .open(dataset)
+                    .with_context(|| format!("target {target}"))?;
                 check_metric(*metric, data.task()).with_context(|| format!("target {target}"))?;
                 let trained = self.train(
                     &resolved, &data, protocol, *seed, *max_train, *max_eval, on_step,
@@ -227,6 +252,7 @@ impl JobExecutor for FinetuneExecutor {
                     weights_sha256: Some(weights_sha256(&resolved.dir)?),
                     model_revision: resolved.revision,
                     dataset_fingerprint: Some(data.fingerprint()),
+                    dataset_revision,
                     device: crate::device::describe(&self.device),
                     checkpoint: None,
                 })
@@ -245,7 +271,11 @@ impl JobExecutor for FinetuneExecutor {
                     format!("donor {donor}: the runner gave no output directory")
                 })?;
                 let resolved = self.resolve_model(base, None)?;
-                let data = open_dataset(source)
+                let OpenedDataset {
+                    data,
+                    revision: dataset_revision,
+                } = self
+                    .open(source)
                     .with_context(|| format!("donor {donor}: source dataset"))?;
                 let trained = self.train(
                     &resolved, &data, protocol, *seed, *max_train, *max_eval, on_step,
@@ -268,6 +298,7 @@ impl JobExecutor for FinetuneExecutor {
                     weights_sha256: Some(weights_sha256(&resolved.dir)?),
                     model_revision: resolved.revision,
                     dataset_fingerprint: Some(data.fingerprint()),
+                    dataset_revision,
                     device: crate::device::describe(&self.device),
                     checkpoint: Some(out.to_path_buf()),
                 })
@@ -309,15 +340,39 @@ pub fn tokenizer_for(dir: &Path, max_length: usize) -> Result<TextTokenizer> {
     TextTokenizer::new(inner, max_length).with_context(|| format!("tokenizer of {}", dir.display()))
 }
 
-/// A dataset reference opened as a recycle dataset.
-pub fn open_dataset(r: &DatasetRef) -> Result<Dataset> {
+/// A dataset opened for a job, with the hub commit it came from.
+pub struct OpenedDataset {
+    pub data: Dataset,
+    /// The hub commit (`None` for a local directory).
+    pub revision: Option<String>,
+}
+
+/// A dataset reference opened as a recycle dataset: a local directory as it is, a hub dataset
+/// resolved (or taken from the cache offline) and materialised under `home/datasets/hub/`.
+pub fn open_dataset(r: &DatasetRef, hub: &HubOptions, home: &Path) -> Result<OpenedDataset> {
     match r {
-        DatasetRef::Path { resolved, .. } => Dataset::load(resolved),
-        DatasetRef::Hub { .. } => bail!(
-            "dataset {}: hub datasets in suites are not connected to the runner yet; import it with \
-             `recycle data import` and use a path",
-            r.display_id()
-        ),
+        DatasetRef::Path { resolved, .. } => Ok(OpenedDataset {
+            data: Dataset::load(resolved)?,
+            revision: None,
+        }),
+        DatasetRef::Hub {
+            id,
+            config,
+            revision,
+            mapping,
+        } => {
+            let spec = HubDatasetSpec {
+                id,
+                config: config.as_deref(),
+                revision: revision.as_deref(),
+                mapping,
+            };
+            let m = open_hub_dataset(spec, hub, home)?;
+            Ok(OpenedDataset {
+                data: m.dataset,
+                revision: Some(m.commit),
+            })
+        }
     }
 }
 
@@ -374,13 +429,35 @@ pub fn weights_sha256(dir: &Path) -> Result<String> {
 }
 
 /// Saves to a temporary sibling directory and renames it into place, replacing an older copy.
+/// The temporary directory is named after `out`, so that the next save of the same checkpoint
+/// removes what a killed save left behind (and nothing another job is writing).
 fn save_atomically(model: &dyn TrainableModel, out: &Path, labels: &[String]) -> Result<()> {
     let parent = out
         .parent()
         .with_context(|| format!("{} has no parent directory", out.display()))?;
+    let name = out
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{} has no usable directory name", out.display()))?;
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let prefix = format!(".partial-{name}-");
+    for entry in
+        std::fs::read_dir(parent).with_context(|| format!("listing {}", parent.display()))?
+    {
+        let path = entry
+            .with_context(|| format!("listing {}", parent.display()))?
+            .path();
+        let stale = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(&prefix));
+        if stale && path.is_dir() {
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("removing the unfinished save {}", path.display()))?;
+        }
+    }
     let tmp = tempfile::Builder::new()
-        .prefix(".partial-")
+        .prefix(&prefix)
         .tempdir_in(parent)
         .with_context(|| format!("creating a temporary directory in {}", parent.display()))?;
     model.save(tmp.path(), labels)?;
@@ -395,8 +472,10 @@ fn save_atomically(model: &dyn TrainableModel, out: &Path, labels: &[String]) ->
 
 /// Checks one dataset a suite uses before any job starts: it opens, has the three splits, its
 /// labels fit its task, and the metric fits the task.
+/// Hub datasets are resolved with `HubOptions::from_env` and materialised under the recycle home.
 pub fn check_dataset_use(u: &crate::suite::DatasetUse) -> Result<()> {
-    let data = open_dataset(u.dataset)?;
+    let home = crate::assets::home(None)?;
+    let data = open_dataset(u.dataset, &HubOptions::from_env(), &home)?.data;
     for split in [TRAIN, DEV, TEST] {
         let rows = data.split(split)?;
         ensure!(
@@ -421,6 +500,29 @@ pub fn check_dataset_use(u: &crate::suite::DatasetUse) -> Result<()> {
     }
     if let Some(m) = u.metric {
         check_metric(m, data.task())?;
+    }
+    Ok(())
+}
+
+/// Checks that every local model of the suite (baseline and candidates; donors start from one of
+/// them) is a checkpoint directory before any job starts; the error names the file and field.
+pub fn check_model_paths(suite: &crate::suite::Suite) -> Result<()> {
+    let models = std::iter::once(("baseline".to_string(), &suite.baseline)).chain(
+        suite
+            .candidates
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (format!("candidates[{i}]"), m)),
+    );
+    for (at, m) in models {
+        if let ModelRef::Path { raw, resolved } = &m.source {
+            ensure!(
+                resolved.join("config.json").is_file(),
+                "{}: {at}.path: model {raw}: {} has no config.json (not a checkpoint directory)",
+                suite.file.display(),
+                resolved.display()
+            );
+        }
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 pub mod cache;
 pub mod card;
 pub mod files;
+pub mod materialize;
 mod remote;
 pub mod tokenizer;
 

@@ -30,6 +30,11 @@ pub enum JobSpec {
         donor: String,
         base_name: String,
         base: ModelRef,
+        /// The config hash of the job that made `base` (a fusion iteration's merge), so that a
+        /// changed earlier iteration re-runs this one; `None` for a model that exists up front.
+        /// Left out of the JSON when `None`, so plain donors keep their hashes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        base_hash: Option<String>,
         source: DatasetRef,
         protocol: Protocol,
         seed: u32,
@@ -92,6 +97,7 @@ pub fn plan(suite: &Suite) -> Result<Vec<Job>> {
             donor: d.name.clone(),
             base_name: d.base.name.clone(),
             base: d.base.source.clone(),
+            base_hash: None,
             source: d.source.clone(),
             protocol: d.protocol.clone(),
             seed: 0,
@@ -139,7 +145,8 @@ pub fn plan(suite: &Suite) -> Result<Vec<Job>> {
 }
 
 impl Job {
-    fn new(id: String, stage: u8, spec: JobSpec) -> Result<Job> {
+    /// A job with its config hash computed from `spec`.
+    pub fn new(id: String, stage: u8, spec: JobSpec) -> Result<Job> {
         let config_hash = config_hash(&spec)
             .with_context(|| format!("job {id}: cannot hash its configuration"))?;
         Ok(Job {
@@ -279,6 +286,35 @@ mod tests {
             canonical_json(&a),
             r#"{"a":{"x":null,"y":[1,{"c":3,"d":2}]},"b":1}"#
         );
+    }
+
+    #[test]
+    fn base_hash_is_hashed_only_when_set() {
+        let p = Protocol::default();
+        let donor = |base_hash: Option<String>| JobSpec::Donor {
+            donor: "d".into(),
+            base_name: "b".into(),
+            base: ModelRef::Hub {
+                id: "org/b".into(),
+                revision: None,
+            },
+            base_hash,
+            source: DatasetRef::Hub {
+                id: "glue".into(),
+                config: None,
+                revision: None,
+            },
+            protocol: p.clone(),
+            seed: 0,
+            max_train: None,
+            max_eval: None,
+        };
+        // Without it, the JSON (and so every existing donor's hash) is as before the field.
+        let json = serde_json::to_value(donor(None)).unwrap();
+        assert!(json.get("base_hash").is_none(), "{json}");
+        let a = config_hash(&donor(Some("x".into()))).unwrap();
+        assert_ne!(config_hash(&donor(None)).unwrap(), a);
+        assert_ne!(config_hash(&donor(Some("y".into()))).unwrap(), a);
     }
 
     #[test]

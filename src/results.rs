@@ -115,6 +115,10 @@ pub struct ModelRecord {
 #[serde(deny_unknown_fields)]
 pub struct DatasetRecord {
     pub id: String,
+    /// The hub commit the dataset resolved to (`None` for a local directory). Records written
+    /// before this field existed read as `None`.
+    #[serde(default)]
+    pub revision: Option<String>,
     pub fingerprint: Option<String>,
 }
 

@@ -31,6 +31,8 @@ pub struct JobOutput {
     /// The revision the model resolved to (a hub commit).
     pub model_revision: Option<String>,
     pub dataset_fingerprint: Option<String>,
+    /// The revision the dataset resolved to (a hub commit).
+    pub dataset_revision: Option<String>,
     /// e.g. `cpu`, `cuda:0`.
     pub device: String,
     /// A donor job's saved checkpoint.
@@ -206,9 +208,24 @@ pub fn run(
     settings: &RunSettings,
     progress: &mut dyn Progress,
 ) -> Result<RunSummary> {
-    store.clean_stale_temps()?;
     let all = plan::plan(suite)?;
     let selected = plan::select(&all, &settings.selection)?;
+    run_jobs(suite, store, executor, settings, &all, selected, progress)
+}
+
+/// Runs `selected`, jobs of the plan `all` (which gives the donor jobs that evaluations of donor
+/// models depend on), in order: the loop behind `run`, also driven stage by stage by `fuse`.
+/// `settings.selection` is not consulted here.
+pub fn run_jobs(
+    suite: &Suite,
+    store: &ResultStore,
+    executor: &dyn JobExecutor,
+    settings: &RunSettings,
+    all: &[Job],
+    selected: Vec<Job>,
+    progress: &mut dyn Progress,
+) -> Result<RunSummary> {
+    store.clean_stale_temps()?;
     let mut records = records_by_job(store, suite)?;
     let donor_hashes: BTreeMap<String, String> = all
         .iter()
@@ -375,6 +392,7 @@ fn base_record(
         },
         dataset: DatasetRecord {
             id: dataset.display_id(),
+            revision: None,
             fingerprint: None,
         },
         target,
@@ -416,6 +434,7 @@ pub fn success_record(
     }
     r.model.weights_sha256 = out.weights_sha256.clone();
     r.dataset.fingerprint = out.dataset_fingerprint.clone();
+    r.dataset.revision = out.dataset_revision.clone();
     r.dev_score = out.dev_score;
     r.test_score = out.test_score;
     r.n_train = Some(out.n_train);

@@ -164,6 +164,9 @@ impl Protocol {
 #[serde(deny_unknown_fields)]
 struct RawSuite {
     name: String,
+    /// Free text for readers; not used.
+    #[allow(dead_code)]
+    description: Option<String>,
     arch: String,
     baseline: RawModel,
     #[serde(default)]
@@ -179,6 +182,40 @@ struct RawSuite {
     max_eval: Option<usize>,
     #[serde(default)]
     profiles: BTreeMap<String, RawProfile>,
+    fusion: Option<RawFusion>,
+}
+
+/// The `fusion` section: a ColD Fusion loop over some of the suite's datasets.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFusion {
+    iterations: usize,
+    contributors: usize,
+    sources: Vec<RawFusionSource>,
+    #[serde(default)]
+    seed: u32,
+    #[serde(default)]
+    protocol: ProtocolOverrides,
+    base: Option<String>,
+    max_train: Option<usize>,
+}
+
+/// A fusion source: the name of a target or donor of the suite (its dataset), or a named dataset.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawFusionSource {
+    Name(String),
+    Dataset(RawNamedDataset),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNamedDataset {
+    name: String,
+    path: Option<String>,
+    hub: Option<String>,
+    config: Option<String>,
+    revision: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -207,6 +244,59 @@ struct RawDataset {
     hub: Option<String>,
     config: Option<String>,
     revision: Option<String>,
+    columns: Option<RawColumns>,
+    splits: Option<RawSplits>,
+    labels: Option<Vec<String>>,
+}
+
+/// One column name or a list of them (joined into one text).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn to_vec(&self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawColumns {
+    text: OneOrMany,
+    text_pair: Option<OneOrMany>,
+    label: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSplits {
+    train: String,
+    dev: RawSplitSource,
+    test: RawSplitSource,
+}
+
+/// A split name, or a rule carving the split out of train.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawSplitSource {
+    Name(String),
+    Carve(RawCarve),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCarve {
+    carve_from: String,
+    fraction: f64,
+    max: Option<usize>,
+    seed: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -219,6 +309,9 @@ struct RawTarget {
     protocol: ProtocolOverrides,
     max_train: Option<usize>,
     max_eval: Option<usize>,
+    /// Free text for readers (provenance, assumptions); not used.
+    #[allow(dead_code)]
+    note: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -283,11 +376,88 @@ pub enum DatasetRef {
         #[serde(skip)]
         resolved: PathBuf,
     },
+    /// A hub dataset and how its columns and splits become a recycle dataset.
     Hub {
         id: String,
         config: Option<String>,
         revision: Option<String>,
+        mapping: HubMapping,
     },
+}
+
+/// The default split seed of carve rules (IBM's protocol does not name one).
+pub const DEFAULT_CARVE_SEED: u64 = 0;
+/// What a list of text columns is joined with, in the order given (empty cells are left out).
+pub const COLUMN_SEPARATOR: &str = " ";
+
+/// How a hub dataset's columns, splits and labels map onto a recycle dataset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HubMapping {
+    pub columns: HubColumns,
+    pub splits: HubSplits,
+    /// Class names in class-id order; `None`: from the card's `class_label`, else from the data.
+    pub labels: Option<Vec<String>>,
+}
+
+/// Which columns hold the first text, the optional second text and the label.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HubColumns {
+    /// One or more columns, joined with [`COLUMN_SEPARATOR`].
+    pub text: Vec<String>,
+    /// Empty: a single-text task.
+    pub text_pair: Vec<String>,
+    pub label: String,
+}
+
+/// Where train, dev (early stopping) and test (reporting) come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HubSplits {
+    pub train: String,
+    pub dev: SplitSource,
+    pub test: SplitSource,
+}
+
+/// A hub split by name, or a stratified carve-out of train.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SplitSource {
+    Name(String),
+    /// `min(fraction × |train|, max)` examples of train (per class, seeded), removed from train.
+    Carve {
+        /// The fraction as written, in millionths (so the mapping is `Eq` and hashes stably).
+        fraction_ppm: u32,
+        max: Option<usize>,
+        seed: u64,
+    },
+}
+
+impl SplitSource {
+    /// The carve fraction, if this is a carve rule.
+    pub fn carve_fraction(&self) -> Option<f64> {
+        match self {
+            SplitSource::Carve { fraction_ppm, .. } => Some(f64::from(*fraction_ppm) / 1e6),
+            SplitSource::Name(_) => None,
+        }
+    }
+}
+
+impl Default for HubMapping {
+    /// `text` and `label` columns, splits `train`, `validation` and `test`.
+    fn default() -> Self {
+        HubMapping {
+            columns: HubColumns {
+                text: vec!["text".into()],
+                text_pair: vec![],
+                label: "label".into(),
+            },
+            splits: HubSplits {
+                train: "train".into(),
+                dev: SplitSource::Name("validation".into()),
+                test: SplitSource::Name("test".into()),
+            },
+            labels: None,
+        }
+    }
 }
 
 impl DatasetRef {
@@ -335,6 +505,49 @@ pub struct Target {
     pub max_eval: Option<usize>,
 }
 
+/// A dataset contributors of a fusion iteration fine-tune on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FusionSource {
+    pub name: String,
+    pub dataset: DatasetRef,
+}
+
+/// A ColD Fusion loop: each iteration, `contributors` sources (sampled with `seed`, without
+/// replacement) fine-tune the current base, and their bodies are averaged into the next base.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fusion {
+    pub iterations: usize,
+    pub contributors: usize,
+    pub sources: Vec<FusionSource>,
+    pub seed: u32,
+    /// The contributors' fine-tuning protocol.
+    pub protocol: Protocol,
+    /// The model the first iteration starts from (the baseline unless `base` names a candidate).
+    pub base: ModelEntry,
+    pub max_train: Option<usize>,
+    pub max_eval: Option<usize>,
+    /// `<home>/fusion/<suite>`: where the fused bases and contributor checkpoints are saved.
+    pub dir: PathBuf,
+}
+
+/// Model names starting with this are reserved for fusion iterations (`fusion-iter1`, ...).
+pub const FUSION_NAME_PREFIX: &str = "fusion-";
+
+impl Fusion {
+    /// The targets the fused bases are evaluated on: those whose name and dataset are not sources.
+    pub fn held_out<'a>(&self, targets: &'a [Target]) -> Vec<&'a Target> {
+        targets
+            .iter()
+            .filter(|t| {
+                !self
+                    .sources
+                    .iter()
+                    .any(|s| s.name == t.name || s.dataset == t.dataset)
+            })
+            .collect()
+    }
+}
+
 /// Seeds per role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Seeds {
@@ -358,6 +571,8 @@ pub struct Suite {
     pub donors: Vec<Donor>,
     pub targets: Vec<Target>,
     pub seeds: Seeds,
+    /// The ColD Fusion loop of `recycle fuse`, if the suite declares one.
+    pub fusion: Option<Fusion>,
 }
 
 /// What a dataset check (done by whoever can open datasets) is asked about.
@@ -428,6 +643,19 @@ impl Suite {
             };
             check(&u).map_err(|e| anyhow!("{f}: {}: {e:#}", u.field))?;
         }
+        for (i, s) in self
+            .fusion
+            .iter()
+            .flat_map(|x| x.sources.iter())
+            .enumerate()
+        {
+            let u = DatasetUse {
+                field: format!("fusion.sources[{i}]"),
+                dataset: &s.dataset,
+                metric: None,
+            };
+            check(&u).map_err(|e| anyhow!("{f}: {}: {e:#}", u.field))?;
+        }
         Ok(())
     }
 }
@@ -488,8 +716,16 @@ fn resolve_model(m: &RawModel, home: &Path, at: &str) -> Result<ModelEntry> {
 fn resolve_dataset(d: &RawDataset, home: &Path, at: &str) -> Result<DatasetRef> {
     match (&d.path, &d.hub) {
         (Some(p), None) => {
-            if d.config.is_some() || d.revision.is_some() {
-                bail!("{at}: \"config\" and \"revision\" only apply to a \"hub\" dataset");
+            for (name, set) in [
+                ("config", d.config.is_some()),
+                ("revision", d.revision.is_some()),
+                ("columns", d.columns.is_some()),
+                ("splits", d.splits.is_some()),
+                ("labels", d.labels.is_some()),
+            ] {
+                if set {
+                    bail!("{at}.{name}: only applies to a \"hub\" dataset");
+                }
             }
             Ok(DatasetRef::Path {
                 raw: p.clone(),
@@ -500,15 +736,140 @@ fn resolve_dataset(d: &RawDataset, home: &Path, at: &str) -> Result<DatasetRef> 
             if h.is_empty() {
                 bail!("{at}.hub: empty dataset id");
             }
+            if h.contains('@') {
+                bail!("{at}.hub: {h:?}: give the revision in \"revision\", not after '@'");
+            }
             Ok(DatasetRef::Hub {
                 id: h.clone(),
                 config: d.config.clone(),
                 revision: d.revision.clone(),
+                mapping: resolve_mapping(d, at)?,
             })
         }
         (Some(_), Some(_)) => bail!("{at}: give either \"path\" or \"hub\", not both"),
         (None, None) => bail!("{at}: missing field `path` or `hub`"),
     }
+}
+
+fn resolve_mapping(d: &RawDataset, at: &str) -> Result<HubMapping> {
+    let mut m = HubMapping::default();
+    if let Some(c) = &d.columns {
+        let text = c.text.to_vec();
+        let text_pair = c
+            .text_pair
+            .as_ref()
+            .map(OneOrMany::to_vec)
+            .unwrap_or_default();
+        if text.is_empty() {
+            bail!("{at}.columns.text: names no column");
+        }
+        if c.text_pair.is_some() && text_pair.is_empty() {
+            bail!("{at}.columns.text_pair: names no column (leave it out for single texts)");
+        }
+        let mut seen = BTreeSet::new();
+        for (field, col) in text
+            .iter()
+            .map(|t| ("text", t))
+            .chain(text_pair.iter().map(|t| ("text_pair", t)))
+            .chain(std::iter::once(("label", &c.label)))
+        {
+            if col.trim().is_empty() {
+                bail!("{at}.columns.{field}: empty column name");
+            }
+            if !seen.insert(col.as_str()) {
+                bail!("{at}.columns.{field}: column {col:?} is used twice");
+            }
+        }
+        m.columns = HubColumns {
+            text,
+            text_pair,
+            label: c.label.clone(),
+        };
+    }
+    if let Some(s) = &d.splits {
+        if s.train.trim().is_empty() {
+            bail!("{at}.splits.train: empty split name");
+        }
+        let mut seeds = BTreeSet::new();
+        let mut total = 0.0;
+        let mut source = |field: &str, r: &RawSplitSource| -> Result<SplitSource> {
+            match r {
+                RawSplitSource::Name(n) => {
+                    if n.trim().is_empty() {
+                        bail!("{at}.splits.{field}: empty split name");
+                    }
+                    if *n == s.train {
+                        bail!("{at}.splits.{field}: {n:?} is the train split; carve it out of train instead");
+                    }
+                    Ok(SplitSource::Name(n.clone()))
+                }
+                RawSplitSource::Carve(c) => {
+                    if c.carve_from != s.train {
+                        bail!(
+                            "{at}.splits.{field}.carve_from: {:?}: splits are carved from the train split ({:?})",
+                            c.carve_from,
+                            s.train
+                        );
+                    }
+                    if !(c.fraction.is_finite() && c.fraction > 0.0 && c.fraction < 1.0) {
+                        bail!(
+                            "{at}.splits.{field}.fraction: must be in (0, 1), got {}",
+                            c.fraction
+                        );
+                    }
+                    if c.max == Some(0) {
+                        bail!(
+                            "{at}.splits.{field}.max: must be at least 1 (leave it out for no cap)"
+                        );
+                    }
+                    total += c.fraction;
+                    let seed = c.seed.unwrap_or(DEFAULT_CARVE_SEED);
+                    seeds.insert(seed);
+                    Ok(SplitSource::Carve {
+                        fraction_ppm: (c.fraction * 1e6).round() as u32,
+                        max: c.max,
+                        seed,
+                    })
+                }
+            }
+        };
+        let dev = source("dev", &s.dev)?;
+        let test = source("test", &s.test)?;
+        if let (SplitSource::Name(a), SplitSource::Name(b)) = (&dev, &test) {
+            if a == b {
+                bail!("{at}.splits.test: {b:?} is also the dev split");
+            }
+        }
+        if seeds.len() > 1 {
+            bail!(
+                "{at}.splits.test.seed: dev and test are carved in one draw and need the same seed"
+            );
+        }
+        if total >= 1.0 {
+            bail!("{at}.splits: the carved fractions add up to {total}, which leaves no train");
+        }
+        m.splits = HubSplits {
+            train: s.train.clone(),
+            dev,
+            test,
+        };
+    }
+    if let Some(l) = &d.labels {
+        if l.len() < 2 {
+            bail!("{at}.labels: a classification task needs at least 2 labels");
+        }
+        let mut seen = BTreeSet::new();
+        for name in l {
+            if name.trim().is_empty() {
+                bail!("{at}.labels: empty label name");
+            }
+            if !seen.insert(name) {
+                bail!("{at}.labels: label {name:?} is listed twice");
+            }
+        }
+        m.labels = Some(l.clone());
+    }
+    Ok(m)
 }
 
 fn parse_metric(s: &str, at: &str) -> Result<Metric> {
@@ -650,15 +1011,40 @@ fn resolve(raw: RawSuite, file: &Path, profile: Option<&str>, home: &Path) -> Re
         protocol.validate(&format!("{at}.protocol"))?;
         check_cap(t.max_train, &format!("{at}.max_train"))?;
         check_cap(t.max_eval, &format!("{at}.max_eval"))?;
+        let dataset = resolve_dataset(&t.dataset, home, &format!("{at}.dataset"))?;
+        let metric = parse_metric(&t.metric, &format!("{at}.metric"))?;
+        if let (Metric::Spearman, DatasetRef::Hub { mapping, .. }) = (metric, &dataset) {
+            if mapping.labels.is_some() {
+                bail!("{at}.dataset.labels: a spearman (regression) target has scores, not labels");
+            }
+        }
         targets.push(Target {
             name: t.name.clone(),
-            dataset: resolve_dataset(&t.dataset, home, &format!("{at}.dataset"))?,
-            metric: parse_metric(&t.metric, &format!("{at}.metric"))?,
+            dataset,
+            metric,
             protocol,
             max_train: t.max_train.or(max_train),
             max_eval: t.max_eval.or(max_eval),
         });
     }
+
+    let fusion = match &raw.fusion {
+        None => None,
+        Some(rf) => Some(resolve_fusion(
+            rf,
+            &FusionContext {
+                suite: &raw.name,
+                baseline: &baseline,
+                candidates: &candidates,
+                donors: &donors,
+                targets: &targets,
+                protocol: &base_protocol,
+                max_train,
+                max_eval,
+                home,
+            },
+        )?),
+    };
 
     Ok(Suite {
         file: file.to_path_buf(),
@@ -670,7 +1056,125 @@ fn resolve(raw: RawSuite, file: &Path, profile: Option<&str>, home: &Path) -> Re
         donors,
         targets,
         seeds,
+        fusion,
     })
+}
+
+/// What a fusion section is resolved against.
+struct FusionContext<'a> {
+    suite: &'a str,
+    baseline: &'a ModelEntry,
+    candidates: &'a [ModelEntry],
+    donors: &'a [Donor],
+    targets: &'a [Target],
+    protocol: &'a Protocol,
+    max_train: Option<usize>,
+    max_eval: Option<usize>,
+    home: &'a Path,
+}
+
+fn resolve_fusion(rf: &RawFusion, cx: &FusionContext) -> Result<Fusion> {
+    let models = std::iter::once(cx.baseline).chain(cx.candidates.iter());
+    let donor_names = cx.donors.iter().map(|d| &d.name);
+    if let Some(n) = models
+        .clone()
+        .map(|m| &m.name)
+        .chain(donor_names)
+        .find(|n| n.starts_with(FUSION_NAME_PREFIX))
+    {
+        bail!("fusion: model name {n:?} starts with {FUSION_NAME_PREFIX:?}, which is reserved for fusion iterations");
+    }
+    if rf.iterations == 0 {
+        bail!("fusion.iterations: must be at least 1");
+    }
+    let mut sources: Vec<FusionSource> = Vec::new();
+    for (i, s) in rf.sources.iter().enumerate() {
+        let at = format!("fusion.sources[{i}]");
+        let source = match s {
+            RawFusionSource::Name(name) => {
+                let dataset = cx
+                    .targets
+                    .iter()
+                    .find(|t| &t.name == name)
+                    .map(|t| t.dataset.clone())
+                    .or_else(|| {
+                        cx.donors
+                            .iter()
+                            .find(|d| &d.name == name)
+                            .map(|d| d.source.clone())
+                    })
+                    .ok_or_else(|| {
+                        anyhow!("{at}: {name:?} is neither a target nor a donor of the suite (give {{\"name\", \"path\"}} for another dataset)")
+                    })?;
+                FusionSource {
+                    name: name.clone(),
+                    dataset,
+                }
+            }
+            RawFusionSource::Dataset(d) => {
+                let raw = RawDataset {
+                    path: d.path.clone(),
+                    hub: d.hub.clone(),
+                    config: d.config.clone(),
+                    revision: d.revision.clone(),
+                    columns: None,
+                    splits: None,
+                    labels: None,
+                };
+                FusionSource {
+                    name: d.name.clone(),
+                    dataset: resolve_dataset(&raw, cx.home, &at)?,
+                }
+            }
+        };
+        check_name(&source.name, &format!("{at}.name"))?;
+        if let Some(j) = sources.iter().position(|x| x.name == source.name) {
+            bail!(
+                "{at}: duplicate source {:?} (also fusion.sources[{j}])",
+                source.name
+            );
+        }
+        sources.push(source);
+    }
+    if rf.contributors == 0 || rf.contributors > sources.len() {
+        bail!(
+            "fusion.contributors: {} contributors per iteration need between 1 and the {} sources",
+            rf.contributors,
+            sources.len()
+        );
+    }
+    let base = match &rf.base {
+        None => cx.baseline.clone(),
+        Some(name) => models
+            .clone()
+            .find(|m| &m.name == name)
+            .cloned()
+            .ok_or_else(|| {
+                let known: Vec<&str> = models.clone().map(|m| m.name.as_str()).collect();
+                anyhow!(
+                    "fusion.base: unknown model {name:?} (known: {})",
+                    known.join(", ")
+                )
+            })?,
+    };
+    let protocol = cx.protocol.with(&rf.protocol);
+    protocol.validate("fusion.protocol")?;
+    check_cap(rf.max_train, "fusion.max_train")?;
+    let fusion = Fusion {
+        iterations: rf.iterations,
+        contributors: rf.contributors,
+        sources,
+        seed: rf.seed,
+        protocol,
+        base,
+        max_train: rf.max_train.or(cx.max_train),
+        max_eval: cx.max_eval,
+        dir: cx.home.join("fusion").join(cx.suite),
+    };
+    if fusion.held_out(cx.targets).is_empty() {
+        bail!("fusion.sources: every target is a source, so no target is left to evaluate the fused bases on");
+    }
+    Ok(fusion)
 }
 
 fn list_or_none(v: &[&str]) -> String {

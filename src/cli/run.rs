@@ -3,7 +3,9 @@
 
 use super::rank::{build_board, results_dir};
 use crate::device::DeviceRequest;
-use crate::executor::{check_dataset_use, fetch_embedded_assets, FinetuneExecutor};
+use crate::executor::{
+    check_dataset_use, check_model_paths, fetch_embedded_assets, FinetuneExecutor,
+};
 use crate::export::{exporter, Exporter, Format};
 use crate::hub::HubOptions;
 use crate::plan::Selection;
@@ -43,6 +45,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let suite = Suite::load(&args.suite, args.profile.as_deref())?;
     let home = recycle_home()?;
     fetch_embedded_assets(&suite, &home)?;
+    check_model_paths(&suite)?;
     suite.check_datasets(&check_dataset_use)?;
     let store = ResultStore::new(results_dir(args.results)?);
     let settings = RunSettings {

@@ -4,6 +4,7 @@
 
 mod fake_hub;
 mod suite_config;
+mod suite_run;
 
 use fake_hub::{FakeFile, FakeHub, FakeRepos};
 use recycle::hub::{

@@ -1,6 +1,8 @@
 //! Integration tests, compiled into one test binary.
 
 mod data;
+mod e2e;
+mod fuse;
 mod hub;
 mod merge;
 mod models;

@@ -1,9 +1,11 @@
-//! Structural checks of configs/ibm36.json, read as plain JSON until the runner's suite format
-//! lands: every one of IBM's 36 targets once, complete and consistent.
+//! configs/ibm36.json is a valid suite (`Suite::load`): every one of IBM's 36 targets once, each
+//! complete and consistent with IBM's split rule.
 
 use recycle::hub::{DatasetRef, ModelRef};
-use serde_json::Value;
+use recycle::leaderboard::Metric;
+use recycle::suite::{self, DatasetRef as SuiteDataset, Protocol, SplitSource, Suite};
 use std::collections::BTreeSet;
+use std::path::Path;
 
 const IBM36: [&str; 36] = [
     "20_newsgroup",
@@ -44,166 +46,168 @@ const IBM36: [&str; 36] = [
     "yahoo_answers",
 ];
 
-fn load() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/ibm36.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+const PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/ibm36.json");
+
+fn load() -> Suite {
+    Suite::load(Path::new(PATH), None).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-fn columns(v: &Value, what: &str) -> Vec<String> {
-    match v {
-        Value::String(s) if !s.is_empty() => vec![s.clone()],
-        Value::Array(a) if !a.is_empty() => a
-            .iter()
-            .map(|c| {
-                c.as_str()
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(|| panic!("{what}: bad column {c}"))
-                    .to_string()
-            })
-            .collect(),
-        other => panic!("{what}: expected a column or a non-empty list of columns, got {other}"),
-    }
-}
-
-/// A split is a split name, or a carve-out of train.
-fn split(v: &Value, what: &str) -> Option<String> {
-    match v {
-        Value::String(s) if !s.is_empty() => Some(s.clone()),
-        Value::Object(o) => {
-            assert_eq!(
-                o.get("carve_from").and_then(Value::as_str),
-                Some("train"),
-                "{what}"
-            );
-            let f = o.get("fraction").and_then(Value::as_f64).unwrap_or(-1.0);
-            assert!(f > 0.0 && f < 1.0, "{what}: fraction {f}");
-            assert!(
-                o.get("max").and_then(Value::as_u64).unwrap_or(0) > 0,
-                "{what}: max"
-            );
-            assert_eq!(o.len(), 3, "{what}: unknown keys in {v}");
-            None
-        }
-        other => panic!("{what}: expected a split name or a carve-out, got {other}"),
+/// IBM's carve rule: the smaller of 1000 examples or 10 % of train, seed 0.
+fn is_ibm_carve(s: &SplitSource) -> bool {
+    *s == SplitSource::Carve {
+        fraction_ppm: 100_000,
+        max: Some(1000),
+        seed: suite::DEFAULT_CARVE_SEED,
     }
 }
 
 #[test]
-fn ibm36_lists_every_target_once_complete_and_consistent() {
+fn ibm36_parses_as_a_suite_with_every_target_once_complete_and_consistent() {
     let s = load();
-    assert_eq!(s["name"], "ibm36");
-    assert_eq!(s["arch"], "roberta-base");
-    ModelRef::parse(s["baseline"]["hub"].as_str().unwrap()).unwrap();
-    assert_eq!(s["seeds"]["baseline"], 5);
-    assert_eq!(s["seeds"]["candidates"], 1);
-    let cands = s["candidates"].as_array().unwrap();
-    assert!(!cands.is_empty());
+    assert_eq!(s.name, "ibm36");
+    assert_eq!(s.arch, "roberta-base");
+    assert_eq!((s.seeds.baseline, s.seeds.candidates), (5, 1));
+    let hub_id = |m: &suite::ModelEntry| match &m.source {
+        suite::ModelRef::Hub { id, revision } => {
+            ModelRef::parse(id).unwrap_or_else(|e| panic!("{}: {e:#}", m.name));
+            assert!(revision.is_none(), "{}: pinned", m.name);
+            id.clone()
+        }
+        other => panic!("{}: not a hub model: {other:?}", m.name),
+    };
+    let base = hub_id(&s.baseline);
+    assert!(!s.candidates.is_empty());
     let mut hubs = BTreeSet::new();
-    for c in cands {
-        let hub = c["hub"].as_str().unwrap();
-        ModelRef::parse(hub).unwrap();
-        assert!(c["name"].as_str().is_some_and(|n| !n.is_empty()));
-        assert!(hubs.insert(hub.to_string()), "candidate {hub} twice");
-        assert_ne!(
-            Some(hub),
-            s["baseline"]["hub"].as_str(),
-            "the baseline is not a candidate"
-        );
+    for c in &s.candidates {
+        let id = hub_id(c);
+        assert_ne!(id, base, "the baseline is not a candidate");
+        assert!(hubs.insert(id.clone()), "candidate {id} twice");
     }
 
-    let targets = s["targets"].as_array().unwrap();
-    let names: Vec<&str> = targets
-        .iter()
-        .map(|t| t["name"].as_str().unwrap())
-        .collect();
-    let unique: BTreeSet<&str> = names.iter().copied().collect();
-    assert_eq!(names.len(), unique.len(), "a target is listed twice");
-    assert_eq!(unique, IBM36.iter().copied().collect::<BTreeSet<_>>());
+    let names: BTreeSet<&str> = s.targets.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names.len(), s.targets.len(), "a target is listed twice");
+    assert_eq!(names, IBM36.iter().copied().collect::<BTreeSet<_>>());
 
-    let allowed: BTreeSet<&str> = ["name", "dataset", "columns", "splits", "metric", "note"].into();
-    for t in targets {
-        let name = t["name"].as_str().unwrap();
-        let keys: BTreeSet<&str> = t.as_object().unwrap().keys().map(String::as_str).collect();
-        assert!(keys.is_subset(&allowed), "{name}: unknown keys {keys:?}");
-        let d = &t["dataset"];
-        let config = d["config"].as_str().map(str::to_string);
-        assert!(
-            d["config"].is_null() || config.as_deref().is_some_and(|c| !c.is_empty()),
-            "{name}: config"
-        );
-        DatasetRef::parse(
-            d["hub"]
-                .as_str()
-                .unwrap_or_else(|| panic!("{name}: dataset.hub")),
-            config,
-        )
-        .unwrap_or_else(|e| panic!("{name}: {e:#}"));
-        assert!(
-            d["revision"].is_null() || d["revision"].as_str().is_some(),
-            "{name}: revision"
-        );
-
-        let text = columns(&t["columns"]["text"], name);
-        let pair = if t["columns"]["text_pair"].is_null() {
-            vec![]
-        } else {
-            columns(&t["columns"]["text_pair"], name)
-        };
-        let label = t["columns"]["label"]
-            .as_str()
-            .unwrap_or_else(|| panic!("{name}: label column"));
-        let all: Vec<&String> = text.iter().chain(&pair).collect();
+    for t in &s.targets {
+        let name = &t.name;
+        assert_eq!(t.protocol, Protocol::default(), "{name}: IBM's protocol");
+        assert_eq!((t.max_train, t.max_eval), (None, None), "{name}: capped");
         assert_eq!(
-            all.iter().collect::<BTreeSet<_>>().len(),
-            all.len(),
+            t.metric == Metric::Spearman,
+            name == "stsb",
+            "{name}: metric {:?}",
+            t.metric
+        );
+        let SuiteDataset::Hub {
+            id,
+            config,
+            revision,
+            mapping: m,
+        } = &t.dataset
+        else {
+            panic!("{name}: not a hub dataset")
+        };
+        DatasetRef::parse(id, config.clone()).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        assert!(config.as_deref() != Some(""), "{name}: empty config");
+        assert!(revision.is_none(), "{name}: pinned");
+
+        let c = &m.columns;
+        let inputs: Vec<&String> = c.text.iter().chain(&c.text_pair).collect();
+        assert!(!c.text.is_empty(), "{name}: no text column");
+        assert!(
+            inputs.iter().all(|x| !x.is_empty()) && !c.label.is_empty(),
+            "{name}: empty column name"
+        );
+        assert_eq!(
+            inputs.iter().collect::<BTreeSet<_>>().len(),
+            inputs.len(),
             "{name}: a column is used twice"
         );
         assert!(
-            !all.iter().any(|c| c.as_str() == label),
+            !inputs.contains(&&c.label),
             "{name}: the label is also an input"
         );
+        if t.metric == Metric::Spearman {
+            assert!(m.labels.is_none(), "{name}: regression with labels");
+        }
 
-        let sp = &t["splits"];
-        let train =
-            split(&sp["train"], name).unwrap_or_else(|| panic!("{name}: train cannot be carved"));
-        let dev = split(&sp["dev"], name);
-        let test = split(&sp["test"], name);
-        let named: Vec<&String> = [Some(&train), dev.as_ref(), test.as_ref()]
-            .into_iter()
-            .flatten()
-            .collect();
-        assert_eq!(
-            named.iter().collect::<BTreeSet<_>>().len(),
-            named.len(),
-            "{name}: a split is used twice"
-        );
-
-        let metric = t["metric"].as_str().unwrap();
-        assert_eq!(
-            metric == "spearman",
-            name == "stsb",
-            "{name}: metric {metric}"
-        );
-        assert!(
-            ["accuracy", "spearman"].contains(&metric),
-            "{name}: metric {metric}"
-        );
+        let sp = &m.splits;
+        assert!(!sp.train.is_empty(), "{name}: train");
+        for (what, src) in [("dev", &sp.dev), ("test", &sp.test)] {
+            match src {
+                SplitSource::Name(n) => assert_ne!(n, &sp.train, "{name}: {what} is train"),
+                carve => assert!(is_ibm_carve(carve), "{name}: {what}: {carve:?}"),
+            }
+        }
+        if let (SplitSource::Name(a), SplitSource::Name(b)) = (&sp.dev, &sp.test) {
+            assert_ne!(a, b, "{name}: dev and test are one split");
+        }
     }
 
-    let mnli = targets.iter().find(|t| t["name"] == "mnli").unwrap();
-    assert_eq!(mnli["splits"]["dev"], "validation_matched");
-    assert_eq!(mnli["splits"]["test"], "validation_mismatched");
+    let mnli = s.targets.iter().find(|t| t.name == "mnli").unwrap();
+    let SuiteDataset::Hub { mapping, .. } = &mnli.dataset else {
+        panic!("mnli: not a hub dataset")
+    };
+    assert_eq!(
+        mapping.splits.dev,
+        SplitSource::Name("validation_matched".into())
+    );
+    assert_eq!(
+        mapping.splits.test,
+        SplitSource::Name("validation_mismatched".into())
+    );
     // GLUE and SuperGLUE hide test labels: those tests are carved from train.
-    for t in targets.iter().filter(|t| {
-        t["dataset"]["hub"]
-            .as_str()
-            .is_some_and(|h| h.ends_with("/glue") || h.ends_with("/super_glue"))
-            && t["name"] != "mnli"
-    }) {
+    for t in &s.targets {
+        let SuiteDataset::Hub { id, mapping, .. } = &t.dataset else {
+            continue;
+        };
+        if (id.ends_with("/glue") || id.ends_with("/super_glue")) && t.name != "mnli" {
+            assert!(
+                is_ibm_carve(&mapping.splits.test),
+                "{}: hidden test must be carved",
+                t.name
+            );
+        }
+    }
+}
+
+#[test]
+fn broken_hub_mappings_are_errors_naming_the_field() {
+    let text = std::fs::read_to_string(PATH).unwrap();
+    let parse = |t: &str| {
+        Suite::parse(t, Path::new("ibm36.json"), None, Path::new("/home"))
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
+    };
+    parse(&text).unwrap();
+    let cases = [
+        // A carve fraction outside (0, 1).
+        (
+            text.replacen("\"fraction\": 0.1", "\"fraction\": 1.5", 1),
+            "targets[0].dataset.splits.dev.fraction",
+        ),
+        // Carving from a split that is not train.
+        (
+            text.replacen("\"carve_from\": \"train\"", "\"carve_from\": \"test\"", 1),
+            "carve_from",
+        ),
+        // The label column doubling as an input.
+        (
+            text.replacen("\"label\": \"label\"", "\"label\": \"text\"", 1),
+            "targets[0].dataset.columns.label",
+        ),
+        // An unknown key inside a dataset.
+        (
+            text.replacen("\"columns\": {", "\"colums\": {", 1),
+            "targets[0].dataset",
+        ),
+    ];
+    for (bad, field) in cases {
+        assert_ne!(bad, text, "the mutation for {field} did not apply");
+        let e = parse(&bad).expect_err(field);
         assert!(
-            t["splits"]["test"].is_object(),
-            "{}: hidden test must be carved",
-            t["name"]
+            e.starts_with("ibm36.json: ") && e.contains(field),
+            "{field}: {e}"
         );
     }
 }
