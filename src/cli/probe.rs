@@ -308,6 +308,7 @@ pub(crate) fn probe_record(
         },
         dataset: DatasetRecord {
             id: dataset_path.display().to_string(),
+            revision: None,
             fingerprint: Some(run.dataset_fingerprint.clone()),
         },
         target: Some(dataset.card.name.clone()),

@@ -143,6 +143,7 @@ fn base_record(kind: RecordKind, model: &str, target: &str, seed: u32) -> Result
         },
         dataset: DatasetRecord {
             id: target.into(),
+            revision: None,
             fingerprint: None,
         },
         target: Some(target.into()),
