@@ -415,6 +415,7 @@ fn merge_record(
         device: None,
         finished_at: rfc3339_utc(at),
         checkpoint: (kind == RecordKind::Donor).then(|| it.merge.out.display().to_string()),
+        probe: None,
         error,
     })
 }

@@ -285,6 +285,7 @@ pub fn build(
             }
         }
     }
+    let proxy_scores = probe_proxies(arch, records);
     let model_info = |name: &str| {
         info.get(name).cloned().unwrap_or_else(|| ModelInfo {
             id: name.to_string(),
@@ -375,7 +376,7 @@ pub fn build(
                     total,
                 },
                 cells: row_cells,
-                proxies: BTreeMap::new(),
+                proxies: proxy_scores.get(name).cloned().unwrap_or_default(),
             };
             (name.clone(), row)
         })
@@ -411,4 +412,35 @@ pub fn build(
             results: used,
         },
     }
+}
+
+/// Proxy scores of `arch`'s models from named probe records, by model name: `NAME` is the
+/// linear-probe accuracy in points (the paper's `mnli_lp`), `NAME:logme` and `NAME:hscore` the
+/// other two scores where present. Of several records for the same model and name, the last in
+/// record order wins.
+pub fn probe_proxies(
+    arch: &str,
+    records: &[ResultRecord],
+) -> BTreeMap<String, BTreeMap<String, f64>> {
+    let mut out: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
+    for r in records
+        .iter()
+        .filter(|r| r.arch == arch && r.kind == RecordKind::Probe)
+    {
+        let Some(p) = &r.probe else { continue };
+        let Some(name) = &p.name else { continue };
+        let scores = out.entry(r.model.name.clone()).or_default();
+        let named = [
+            (name.clone(), p.lp_accuracy.map(|a| a * 100.0)),
+            (format!("{name}:logme"), p.logme),
+            (format!("{name}:hscore"), p.hscore),
+        ];
+        for (key, value) in named {
+            match value {
+                Some(v) => scores.insert(key, v),
+                None => scores.remove(&key),
+            };
+        }
+    }
+    out
 }

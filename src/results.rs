@@ -31,6 +31,70 @@ pub enum RecordKind {
     Donor,
     /// A job that failed; `error` says why. Retried on the next run.
     Failure,
+    /// Frozen-feature scores of a model on a dataset (no fine-tuning); `probe` holds them.
+    Probe,
+}
+
+/// How pooled features are taken from an encoder's hidden states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeaturePooling {
+    /// The first token's state.
+    Cls,
+    /// The mean over real tokens.
+    Mean,
+}
+
+/// Which hidden states are pooled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeatureLayers {
+    /// The last layer's output.
+    Last,
+    /// The mean over the embedding output and every layer's output.
+    AllMean,
+}
+
+impl FeaturePooling {
+    /// The serialised name (`cls`, `mean`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cls => "cls",
+            Self::Mean => "mean",
+        }
+    }
+}
+
+impl FeatureLayers {
+    /// The serialised name (`last`, `all_mean`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Last => "last",
+            Self::AllMean => "all_mean",
+        }
+    }
+}
+
+/// The scores of a `probe` record. Accuracies are fractions, like every score of a record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeScores {
+    /// The proxy column these scores fill on the leaderboard (e.g. `mnli_lp`), if any.
+    pub name: Option<String>,
+    pub pooling: FeaturePooling,
+    pub layers: FeatureLayers,
+    /// Feature width (the encoder's hidden size).
+    pub features: usize,
+    /// The split the linear probe is scored on (`test` or `validation`).
+    pub eval_split: String,
+    /// Linear-probe accuracy on `eval_split` (classification only).
+    pub lp_accuracy: Option<f64>,
+    /// LogME on the train features (mean log-evidence per example).
+    pub logme: Option<f64>,
+    /// H-score on the train features (classification only).
+    pub hscore: Option<f64>,
+    /// Whether the features came from the feature cache.
+    pub cached: bool,
 }
 
 /// The model a record is about.
@@ -97,6 +161,10 @@ pub struct ResultRecord {
     pub checkpoint: Option<String>,
     /// A failure's error chain.
     pub error: Option<String>,
+    /// A probe record's scores (absent from every other kind, and from records written before
+    /// probes existed: schema v1 stays readable both ways).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<ProbeScores>,
 }
 
 /// `SystemTime` as RFC 3339 UTC with second precision, e.g. `2024-05-01T12:00:00Z`.

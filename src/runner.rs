@@ -412,6 +412,7 @@ fn base_record(
         finished_at: rfc3339_utc(at),
         checkpoint: None,
         error: None,
+        probe: None,
     })
 }
 

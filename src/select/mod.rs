@@ -2,7 +2,9 @@
 //! (linear probe, LogME, H-score), the model/target decomposition of gains, and how well a proxy
 //! would have selected (correlation and regret against exhaustive evaluation).
 //!
-//! Everything here is a pure function of f64 matrices. The caller pools hidden states from
+//! The estimators are pure functions of f64 matrices; [`features`] (hidden states → pooled rows,
+//! with the on-disk feature cache) and [`probing`] (one probe end to end) are the only parts that
+//! touch a model or a file. The caller pools hidden states from
 //! `SequenceClassifier::hidden_states` into a [`Matrix`] of features (one row per example, see
 //! [`linear_probe::pool_cls`], [`linear_probe::pool_mean`], [`linear_probe::average_layers`]) and
 //! builds a [`GainTable`] from result files; nothing here reads files or prints.
@@ -16,12 +18,15 @@
 //! - [`analyze::report`]: all of the above for a gain table and a set of proxies, as one report.
 
 pub mod analyze;
+pub mod choose;
 pub mod correlate;
 pub mod decompose;
+pub mod features;
 pub mod hscore;
 pub mod linalg;
 pub mod linear_probe;
 pub mod logme;
+pub mod probing;
 pub mod regret;
 pub mod rng;
 

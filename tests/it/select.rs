@@ -543,3 +543,5 @@ fn gain_table_from_a_leaderboard() {
         BTreeMap::from([("a".to_string(), 70.0)])
     );
 }
+
+mod wiring;
