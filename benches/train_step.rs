@@ -2,7 +2,10 @@
 //! steps at batch 32 and sequence lengths 128 and 64, and the cost of one AdamW update compared
 //! with a plain copy of every weight measured in the same run.
 //!
-//! `cargo bench --bench train_step`; `RECYCLE_BENCH_DEVICE=cuda` and `RECYCLE_BENCH_REPS=N` adjust it.
+//! `cargo bench --bench train_step`; `RECYCLE_BENCH_DEVICE=cuda`, `RECYCLE_BENCH_REPS=N`,
+//! `RECYCLE_BENCH_KERNELS=fused|composed|both`, `RECYCLE_BENCH_ALLOC=default` and
+//! `RECYCLE_BENCH_PARTS=main` (skip the optimiser comparison) adjust it. Lines `RESULT name value`
+//! are for scripts/bench/compare.sh.
 
 mod common;
 
@@ -75,7 +78,7 @@ fn optimizer(device: &Device) -> anyhow::Result<()> {
 }
 
 /// Full optimiser steps through the training loop (batch 32, one micro-batch, no dev split).
-fn steps(device: &Device) -> anyhow::Result<()> {
+fn steps(device: &Device, suffix: &str) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let model = common::load_minilm(dir.path(), device)?;
     let reps = common::reps(3);
@@ -110,9 +113,10 @@ fn steps(device: &Device) -> anyhow::Result<()> {
         let timed = &secs[1..]; // the first step warms up
         let rate = 32.0 * timed.len() as f64 / timed.iter().sum::<f64>();
         println!(
-            "train  batch 32  seq {seq:>3}: {rate:.1} examples/s ({:.3}s/step)",
+            "train  batch 32  seq {seq:>3}{suffix}: {rate:.1} examples/s ({:.3}s/step)",
             32.0 / rate
         );
+        println!("RESULT train_seq{seq}{suffix} {rate:.3}");
         rates.push(rate);
     }
     println!(
@@ -123,8 +127,18 @@ fn steps(device: &Device) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    common::setup();
     let device = common::bench_device()?;
     println!("device: {}", recycle::device::describe(&device));
-    optimizer(&device)?;
-    steps(&device)
+    if std::env::var("RECYCLE_BENCH_PARTS").as_deref() != Ok("main") {
+        optimizer(&device)?;
+    }
+    for (kernels, suffix) in common::kernel_variants() {
+        recycle::model::ops::set_kernels(kernels);
+        steps(&device, suffix)?;
+    }
+    if let Some(mb) = common::peak_rss_mb() {
+        println!("RESULT train_peak_rss_mb {mb:.0}");
+    }
+    Ok(())
 }
