@@ -4,7 +4,7 @@
 //!
 //! `cargo bench --bench train_step`; `RECYCLE_BENCH_DEVICE=cuda`, `RECYCLE_BENCH_REPS=N`,
 //! `RECYCLE_BENCH_KERNELS=fused|composed|both`, `RECYCLE_BENCH_ALLOC=default` and
-//! `RECYCLE_BENCH_PARTS=main` (skip the optimiser comparison) adjust it. Lines `RESULT name value`
+//! `RECYCLE_BENCH_PARTS=main|kernels` (only the steps / only the fused-kernel comparison) adjust it. Lines `RESULT name value`
 //! are for scripts/bench/compare.sh.
 
 mod common;
@@ -77,6 +77,75 @@ fn optimizer(device: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Forward + backward of each fused op against its composed version on MiniLM's shapes at seq 128
+/// (batch 32): median over alternating runs of the time ratio composed / fused.
+fn kernels(device: &Device) -> anyhow::Result<()> {
+    use recycle::model::ops::{self, set_kernels, Kernels};
+    let (b, s, h, i, heads) = (32, 128, common::HIDDEN, common::INTERMEDIATE, common::HEADS);
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, h), device)?)?;
+    let w = Var::from_tensor(&Tensor::ones(h, candle_core::DType::F32, device)?)?;
+    let bias = Var::from_tensor(&Tensor::zeros(h, candle_core::DType::F32, device)?)?;
+    let scores = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, heads, s, s), device)?)?;
+    let mask = Tensor::ones((b, s), candle_core::DType::U32, device)?;
+    let attn_bias = ops::attention_bias(&mask, candle_core::DType::F32)?;
+    let act = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, i), device)?)?;
+    type Case<'a> = (&'a str, Box<dyn Fn() -> anyhow::Result<()> + 'a>);
+    let cases: Vec<Case> = vec![
+        (
+            "layer_norm",
+            Box::new(|| {
+                let y = ops::layer_norm(x.as_tensor(), w.as_tensor(), bias.as_tensor(), 1e-12)?;
+                y.sum_all()?.backward()?;
+                Ok(())
+            }),
+        ),
+        (
+            "masked_softmax",
+            Box::new(|| {
+                let y = ops::scaled_masked_softmax(scores.as_tensor(), &attn_bias, 0.125)?;
+                (y * scores.as_tensor())?.sum_all()?.backward()?;
+                Ok(())
+            }),
+        ),
+        (
+            "gelu",
+            Box::new(|| {
+                ops::gelu(act.as_tensor())?.sum_all()?.backward()?;
+                Ok(())
+            }),
+        ),
+    ];
+    let rounds = common::reps(3).max(3);
+    for (name, f) in &cases {
+        let mut ratios = vec![];
+        let mut fused_s = vec![];
+        for _ in 0..rounds {
+            let mut t = [0.0; 2];
+            for (k, kernels) in [Kernels::Fused, Kernels::Composed].into_iter().enumerate() {
+                set_kernels(kernels);
+                t[k] = seconds(device, 2, || f())?;
+            }
+            fused_s.push(t[0]);
+            ratios.push(t[1] / t[0]);
+        }
+        set_kernels(Kernels::Fused);
+        ratios.sort_by(f64::total_cmp);
+        fused_s.sort_by(f64::total_cmp);
+        println!(
+            "kernel {name:<15} fwd+bwd: fused {:.4}s; composed / fused median {:.2} (min {:.2}, max {:.2})",
+            fused_s[fused_s.len() / 2],
+            ratios[ratios.len() / 2],
+            ratios[0],
+            ratios[ratios.len() - 1]
+        );
+        println!(
+            "RESULT kernel_speedup_{name} {:.3}",
+            ratios[ratios.len() / 2]
+        );
+    }
+    Ok(())
+}
+
 /// Full optimiser steps through the training loop (batch 32, one micro-batch, no dev split).
 fn steps(device: &Device, suffix: &str) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -130,8 +199,13 @@ fn main() -> anyhow::Result<()> {
     common::setup();
     let device = common::bench_device()?;
     println!("device: {}", recycle::device::describe(&device));
-    if std::env::var("RECYCLE_BENCH_PARTS").as_deref() != Ok("main") {
-        optimizer(&device)?;
+    match std::env::var("RECYCLE_BENCH_PARTS").as_deref() {
+        Ok("main") => {}
+        Ok("kernels") => return kernels(&device),
+        _ => {
+            optimizer(&device)?;
+            kernels(&device)?;
+        }
     }
     for (kernels, suffix) in common::kernel_variants() {
         recycle::model::ops::set_kernels(kernels);
