@@ -133,6 +133,24 @@ pub fn dropout(x: &Tensor, p: f32, mode: Mode) -> Result<Tensor> {
     if p >= 1.0 {
         return x.zeros_like();
     }
+    if fusable(&[x]) {
+        // The same draws as the composed mask below, kept as one byte per element.
+        let keep: Vec<u8> = {
+            let mut guard = HOST_RNG
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("dropout RNG lock poisoned".into()))?;
+            let rng = guard.get_or_insert_with(|| rand::rngs::StdRng::seed_from_u64(0));
+            (0..x.elem_count())
+                .map(|_| u8::from(rng.random::<f32>() >= p))
+                .collect()
+        };
+        return kernels::dropout(x, keep, 1.0 / (1.0 - p));
+    }
+    composed_dropout(x, p)
+}
+
+/// Dropout as a multiplication by an f32 mask tensor (`0 < p < 1`).
+fn composed_dropout(x: &Tensor, p: f32) -> Result<Tensor> {
     let keep = if x.device().is_cpu() {
         let n = x.elem_count();
         let mut guard = HOST_RNG
@@ -285,6 +303,27 @@ mod tests {
             &|t| kernels::gelu(&t[0]),
             &|t| t[0].gelu_erf(),
             "gelu",
+        );
+    }
+
+    #[test]
+    fn fused_dropout_matches_the_composed_op_forward_and_backward() {
+        // The same keep flags drive the kernel and a composed multiplication by an f32 mask.
+        let x = randn(&[3, 40, 17], 1.0, 7);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let keep: Vec<u8> = (0..x.elem_count())
+            .map(|_| u8::from(rng.random::<f32>() >= 0.1))
+            .collect();
+        assert!(keep.contains(&0) && keep.contains(&1));
+        let scale = 1.0 / 0.9;
+        let mask: Vec<f32> = keep.iter().map(|&k| f32::from(k) * scale).collect();
+        let mask = Tensor::from_vec(mask, x.shape(), &Device::Cpu).unwrap();
+        compare(
+            &[x],
+            &[true],
+            &|t| kernels::dropout(&t[0], keep.clone(), scale),
+            &|t| t[0].mul(&mask),
+            "dropout",
         );
     }
 

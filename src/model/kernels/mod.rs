@@ -423,3 +423,65 @@ impl CustomOp2 for GeluBwd {
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Gelu)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Dropout
+
+/// Inverted dropout with a precomputed keep mask: `x * keep * scale`. The mask lives in the op
+/// (one byte per element, shared with the backward), not as an f32 tensor on the tape.
+struct Dropout {
+    keep: std::sync::Arc<Vec<u8>>,
+    scale: f32,
+}
+
+impl Dropout {
+    fn apply(&self, x: &[f32]) -> Vec<f32> {
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(MIN_ELEMS_PER_TASK)
+            .zip(
+                x.par_chunks(MIN_ELEMS_PER_TASK)
+                    .zip(self.keep.par_chunks(MIN_ELEMS_PER_TASK)),
+            )
+            .for_each(|(yc, (xc, kc))| {
+                for ((y, &x), &k) in yc.iter_mut().zip(xc).zip(kc) {
+                    *y = if k != 0 { x * self.scale } else { 0.0 };
+                }
+            });
+        y
+    }
+}
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "fused-dropout"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(storage, layout, self.name())?;
+        if x.len() != self.keep.len() {
+            bail!(
+                "fused-dropout: mask of {} for {} elements",
+                self.keep.len(),
+                x.len()
+            );
+        }
+        Ok((CpuStorage::F32(self.apply(x)), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let same = Dropout {
+            keep: self.keep.clone(),
+            scale: self.scale,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&same)?))
+    }
+}
+
+/// Fused inverted dropout of a contiguous f32 CPU tensor with keep flags `keep` (1 = kept, one
+/// per element in row-major order) and `scale = 1 / (1 - p)`.
+pub fn dropout(x: &Tensor, keep: Vec<u8>, scale: f32) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Dropout {
+        keep: std::sync::Arc::new(keep),
+        scale,
+    })
+}
