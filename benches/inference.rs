@@ -2,7 +2,10 @@
 //! batch 32 and sequence lengths 128 and 64, over detached weights (no autograd graph) and, as the
 //! baseline measured in the same run, over the trainable `Var`s (which record a graph).
 //!
-//! `cargo bench --bench inference`; `RECYCLE_BENCH_DEVICE=cuda` and `RECYCLE_BENCH_REPS=N` adjust it.
+//! `cargo bench --bench inference`; `RECYCLE_BENCH_DEVICE=cuda`, `RECYCLE_BENCH_REPS=N`,
+//! `RECYCLE_BENCH_KERNELS=fused|composed|both`, `RECYCLE_BENCH_ALLOC=default` and
+//! `RECYCLE_BENCH_PARTS=main` (skip the over-`Var`s baseline) adjust it. Lines
+//! `RESULT name value` are for scripts/bench/compare.sh.
 
 mod common;
 
@@ -26,20 +29,29 @@ fn rate(
 }
 
 fn main() -> anyhow::Result<()> {
+    common::setup();
     let device = common::bench_device()?;
     println!("device: {}", recycle::device::describe(&device));
     let dir = tempfile::tempdir()?;
     let model = common::load_minilm(dir.path(), &device)?;
     let detached = model.inference_model()?;
     let reps = common::reps(4);
-    for seq in [128, 64] {
-        let set = common::random_set(32 * reps, seq, seq as u64);
-        let fast = rate(detached.as_ref(), &set.encoded, &device)?;
-        let graph = rate(model.model(), &set.encoded, &device)?;
-        println!(
-            "infer  batch 32  seq {seq:>3}: {fast:.1} examples/s detached, {graph:.1} over Vars (detached / Vars = {:.2})",
-            fast / graph
-        );
+    let with_vars = std::env::var("RECYCLE_BENCH_PARTS").as_deref() != Ok("main");
+    for (kernels, suffix) in common::kernel_variants() {
+        recycle::model::ops::set_kernels(kernels);
+        for seq in [128, 64] {
+            let set = common::random_set(32 * reps, seq, seq as u64);
+            let fast = rate(detached.as_ref(), &set.encoded, &device)?;
+            println!("infer  batch 32  seq {seq:>3}{suffix}: {fast:.1} examples/s detached");
+            println!("RESULT infer_seq{seq}{suffix} {fast:.3}");
+            if with_vars {
+                let graph = rate(model.model(), &set.encoded, &device)?;
+                println!(
+                    "infer  batch 32  seq {seq:>3}{suffix}: {graph:.1} examples/s over Vars (detached / Vars = {:.2})",
+                    fast / graph
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! The binary is a thin shell over this library; see `cli` for the commands and the modules below
 //! for the concepts they are built from.
 
+pub mod alloc;
 pub mod assets;
 pub mod check;
 pub mod cli;

@@ -158,3 +158,35 @@ pub fn reps(default: usize) -> usize {
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
 }
+
+/// Process setup shared by the benches: the allocator settings of the binary (unless
+/// `RECYCLE_BENCH_ALLOC=default`), printed with the thread count.
+pub fn setup() {
+    let alloc = match std::env::var("RECYCLE_BENCH_ALLOC").as_deref() {
+        Ok("default") => "glibc defaults".to_string(),
+        _ => format!("{:?}", recycle::alloc::tune()),
+    };
+    println!(
+        "allocator: {alloc}; threads: {}",
+        candle_core::utils::get_num_threads()
+    );
+}
+
+/// The kernel variants to run from `RECYCLE_BENCH_KERNELS` (fused, composed, both; fused by
+/// default), each with its result-name suffix.
+pub fn kernel_variants() -> Vec<(recycle::model::ops::Kernels, &'static str)> {
+    use recycle::model::ops::Kernels;
+    match std::env::var("RECYCLE_BENCH_KERNELS").as_deref() {
+        Ok("composed") => vec![(Kernels::Composed, "_composed")],
+        Ok("both") => vec![(Kernels::Fused, ""), (Kernels::Composed, "_composed")],
+        _ => vec![(Kernels::Fused, "")],
+    }
+}
+
+/// Peak resident memory of this process so far (VmHWM), in MiB.
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}

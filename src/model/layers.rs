@@ -50,11 +50,22 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = match x.dims() {
-            [b, _, _] => self.weight.broadcast_left(*b)?.t()?,
-            _ => self.weight.t()?,
+        // One `[rows, in] x [in, out]` gemm over every leading dimension: a weight broadcast over
+        // the batch would run `batch` small gemms and, backwards, materialise and sum `batch`
+        // copies of the weight's gradient.
+        let y = match x.dims() {
+            [] | [_] => x.matmul(&self.weight.t()?)?,
+            [.., last] => {
+                let mut out_dims = x.dims().to_vec();
+                let rows = x.elem_count() / last;
+                if let Some(d) = out_dims.last_mut() {
+                    *d = self.weight.dim(0)?;
+                }
+                x.reshape((rows, *last))?
+                    .matmul(&self.weight.t()?)?
+                    .reshape(out_dims)?
+            }
         };
-        let y = x.matmul(&w)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -135,8 +146,9 @@ pub fn attend(
     };
     let (q, k, v) = (split(q)?, split(k)?, split(v)?);
     let scale = 1.0 / (head_dim as f64).sqrt();
-    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
-    let probs = ops::masked_softmax(&scores, bias)?;
+    // gemm reads the transposed `k` through its strides; the scale is applied inside the softmax.
+    let scores = q.matmul(&k.t()?)?;
+    let probs = ops::scaled_masked_softmax(&scores, bias, scale)?;
     let probs = ops::dropout(&probs, attn_dropout, mode)?;
     probs
         .matmul(&v)?

@@ -37,6 +37,7 @@ pub mod bert;
 pub mod checkpoint;
 pub mod deberta_v2;
 pub mod distilbert;
+pub mod kernels;
 pub mod layers;
 pub mod ops;
 

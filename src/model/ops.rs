@@ -1,11 +1,39 @@
 //! Differentiable building blocks: candle's fused layer norm and softmax record no gradient, so the
-//! encoders are built from these composed ops instead (a fused op with a hand-written backward can
-//! later replace a body here without touching the callers).
+//! encoders are built from these ops. On the CPU with f32 tensors they run as fused kernels with
+//! hand-written backward passes (`kernels`); on other devices and dtypes as composed candle ops.
 
+use super::kernels;
 use super::Mode;
 use candle_core::{DType, Device, Result, Tensor, D};
 use rand::{Rng, SeedableRng};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+
+/// Whether the fused CPU kernels may be used (on by default; the benches and tests turn them off to
+/// measure and check the composed ops).
+static FUSED: AtomicBool = AtomicBool::new(true);
+
+/// The implementation behind the ops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// Fused CPU kernels where the tensors allow (CPU, f32), composed ops elsewhere.
+    Fused,
+    /// Composed candle ops everywhere.
+    Composed,
+}
+
+/// Selects the implementation for the whole process.
+pub fn set_kernels(k: Kernels) {
+    FUSED.store(k == Kernels::Fused, Ordering::Relaxed);
+}
+
+/// Whether the fused kernels apply to all of `ts`.
+fn fusable(ts: &[&Tensor]) -> bool {
+    FUSED.load(Ordering::Relaxed)
+        && ts
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
 
 /// Host RNG for dropout masks on the CPU, whose candle RNG cannot be seeded.
 static HOST_RNG: Mutex<Option<rand::rngs::StdRng>> = Mutex::new(None);
@@ -25,6 +53,14 @@ pub fn seed(device: &Device, seed: u64) -> Result<()> {
 /// Layer normalisation over the last dimension, `(x - mean) / sqrt(var + eps) * w + b`, computed in
 /// f32 for half-precision inputs.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let dim = x.dims().last().copied().unwrap_or(0);
+    if fusable(&[x, w, b]) && dim > 0 && w.dims() == [dim] && b.dims() == [dim] {
+        return kernels::layer_norm(x, w, b, eps);
+    }
+    composed_layer_norm(x, w, b, eps)
+}
+
+fn composed_layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = match dtype {
         DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
@@ -47,7 +83,29 @@ pub fn attention_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
 
 /// Softmax over the last dimension of `scores + bias`, where `bias` comes from `attention_bias`.
 pub fn masked_softmax(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    softmax(&scores.broadcast_add(bias)?)
+    scaled_masked_softmax(scores, bias, 1.0)
+}
+
+/// Softmax over the last dimension of `scale * scores + bias`, scores `[b, h, q, k]` and `bias`
+/// from `attention_bias` (`[b, 1, 1, k]`): attention probabilities in one pass on the CPU.
+pub fn scaled_masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    if fusable(&[scores, bias]) {
+        if let ([b, _, _, k], [bb, 1, 1, bk]) = (scores.dims(), bias.dims()) {
+            if b == bb && k == bk {
+                return kernels::masked_softmax(scores, bias, scale);
+            }
+        }
+    }
+    composed_scaled_masked_softmax(scores, bias, scale)
+}
+
+fn composed_scaled_masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let scaled = if scale == 1.0 {
+        scores.clone()
+    } else {
+        (scores * scale)?
+    };
+    softmax(&scaled.broadcast_add(bias)?)
 }
 
 /// Softmax over the last dimension.
@@ -60,6 +118,9 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
 
 /// Exact (erf) GELU, transformers' "gelu"; candle's `gelu_erf` has a backward.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if fusable(&[x]) {
+        return kernels::gelu(x);
+    }
     x.gelu_erf()
 }
 
@@ -72,6 +133,24 @@ pub fn dropout(x: &Tensor, p: f32, mode: Mode) -> Result<Tensor> {
     if p >= 1.0 {
         return x.zeros_like();
     }
+    if fusable(&[x]) {
+        // The same draws as the composed mask below, kept as one byte per element.
+        let keep: Vec<u8> = {
+            let mut guard = HOST_RNG
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("dropout RNG lock poisoned".into()))?;
+            let rng = guard.get_or_insert_with(|| rand::rngs::StdRng::seed_from_u64(0));
+            (0..x.elem_count())
+                .map(|_| u8::from(rng.random::<f32>() >= p))
+                .collect()
+        };
+        return kernels::dropout(x, keep, 1.0 / (1.0 - p));
+    }
+    composed_dropout(x, p)
+}
+
+/// Dropout as a multiplication by an f32 mask tensor (`0 < p < 1`).
+fn composed_dropout(x: &Tensor, p: f32) -> Result<Tensor> {
     let keep = if x.device().is_cpu() {
         let n = x.elem_count();
         let mut guard = HOST_RNG
@@ -113,5 +192,161 @@ impl Activation {
             Self::Relu => x.relu(),
             Self::Tanh => x.tanh(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    /// `|a - b| <= tol * max(1, |b|)` elementwise.
+    fn assert_close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
+        assert_eq!(a.dims(), b.dims(), "{what}: shapes");
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (x - y).abs() <= tol * y.abs().max(1.0),
+                "{what}[{i}]: fused {x} vs composed {y}"
+            );
+        }
+    }
+
+    fn randn(shape: &[usize], std: f64, seed: u64) -> Tensor {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                // Sum of uniforms: roughly normal, deterministic per seed.
+                let u: f32 = (0..4).map(|_| rng.random::<f32>()).sum::<f32>() - 2.0;
+                u * std as f32
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Gradients of `sum(f(inputs) * r)` for a fixed random `r`, and the output.
+    fn grads(
+        inputs: &[Tensor],
+        f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> (Tensor, Vec<Option<Tensor>>) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts).unwrap();
+        let r = randn(y.dims(), 1.0, 99);
+        let store = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = ts.iter().map(|t| store.get(t).cloned()).collect();
+        (y, g)
+    }
+
+    fn compare(
+        inputs: &[Tensor],
+        trained: &[bool],
+        fused: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+        composed: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+        what: &str,
+    ) {
+        let (yf, gf) = grads(inputs, fused);
+        let (yc, gc) = grads(inputs, composed);
+        assert_close(&yf, &yc, 1e-5, &format!("{what} forward"));
+        for (i, ((a, b), &t)) in gf.iter().zip(&gc).zip(trained).enumerate() {
+            if !t {
+                continue;
+            }
+            let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+            assert_close(a, b, 1e-5, &format!("{what} grad of input {i}"));
+        }
+    }
+
+    #[test]
+    fn fused_layer_norm_matches_the_composed_op_forward_and_backward() {
+        let x = (randn(&[3, 5, 48], 2.0, 1) + 0.7).unwrap();
+        let w = (randn(&[48], 0.3, 2) + 1.0).unwrap();
+        let b = randn(&[48], 0.3, 3);
+        compare(
+            &[x, w, b],
+            &[true, true, true],
+            &|t| kernels::layer_norm(&t[0], &t[1], &t[2], 1e-12),
+            &|t| composed_layer_norm(&t[0], &t[1], &t[2], 1e-12),
+            "layer_norm",
+        );
+    }
+
+    #[test]
+    fn fused_masked_softmax_matches_the_composed_op_forward_and_backward() {
+        let scores = randn(&[2, 3, 7, 7], 3.0, 4);
+        let mask = Tensor::new(
+            &[[1u32, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let bias = attention_bias(&mask, DType::F32).unwrap();
+        compare(
+            &[scores, bias],
+            &[true, false],
+            &|t| kernels::masked_softmax(&t[0], &t[1], 0.125),
+            &|t| composed_scaled_masked_softmax(&t[0], &t[1], 0.125),
+            "masked_softmax",
+        );
+    }
+
+    #[test]
+    fn fused_gelu_matches_the_composed_op_forward_and_backward() {
+        let x = randn(&[4, 9, 33], 3.0, 5);
+        compare(
+            &[x],
+            &[true],
+            &|t| kernels::gelu(&t[0]),
+            &|t| t[0].gelu_erf(),
+            "gelu",
+        );
+    }
+
+    #[test]
+    fn fused_dropout_matches_the_composed_op_forward_and_backward() {
+        // The same keep flags drive the kernel and a composed multiplication by an f32 mask.
+        let x = randn(&[3, 40, 17], 1.0, 7);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let keep: Vec<u8> = (0..x.elem_count())
+            .map(|_| u8::from(rng.random::<f32>() >= 0.1))
+            .collect();
+        assert!(keep.contains(&0) && keep.contains(&1));
+        let scale = 1.0 / 0.9;
+        let mask: Vec<f32> = keep.iter().map(|&k| f32::from(k) * scale).collect();
+        let mask = Tensor::from_vec(mask, x.shape(), &Device::Cpu).unwrap();
+        compare(
+            &[x],
+            &[true],
+            &|t| kernels::dropout(&t[0], keep.clone(), scale),
+            &|t| t[0].mul(&mask),
+            "dropout",
+        );
+    }
+
+    #[test]
+    fn dispatch_uses_composed_ops_off_the_fused_dtype() {
+        // f64 takes the composed path: same values as the f32 fused op within f32 precision.
+        let x = randn(&[2, 16], 1.0, 6);
+        let w = Tensor::ones(16, DType::F32, &Device::Cpu).unwrap();
+        let b = Tensor::zeros(16, DType::F32, &Device::Cpu).unwrap();
+        let fused = layer_norm(&x, &w, &b, 1e-5).unwrap();
+        let f64s = layer_norm(
+            &x.to_dtype(DType::F64).unwrap(),
+            &w.to_dtype(DType::F64).unwrap(),
+            &b.to_dtype(DType::F64).unwrap(),
+            1e-5,
+        )
+        .unwrap();
+        assert_eq!(f64s.dtype(), DType::F64);
+        assert_close(
+            &fused,
+            &f64s.to_dtype(DType::F32).unwrap(),
+            1e-5,
+            "f64 path",
+        );
     }
 }
