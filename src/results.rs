@@ -333,14 +333,16 @@ impl ResultStore {
         files.iter().map(|f| read_record(f)).collect()
     }
 
-    /// Removes temporary files left behind by killed runs; returns how many. Only temporaries
-    /// older than `STALE_TEMP_AGE` go: a younger one may belong to another shard writing right now
-    /// (a write takes milliseconds, so an hour-old temporary has no live writer).
+    /// Removes temporary files left behind by killed runs; returns how many. A temporary goes when
+    /// its writer ran on this host and is dead, or when it is older than `STALE_TEMP_AGE`: a younger
+    /// one of a live process (or of another host) may belong to a shard writing right now (a write
+    /// takes milliseconds, so an hour-old temporary has no live writer).
     pub fn clean_stale_temps(&self) -> Result<usize> {
         self.clean_temps_older_than(STALE_TEMP_AGE, SystemTime::now())
     }
 
-    /// Removes temporary files whose modification time is at least `age` before `now`.
+    /// Removes temporary files whose modification time is at least `age` before `now`, or whose
+    /// writer on this host is dead.
     pub fn clean_temps_older_than(&self, age: Duration, now: SystemTime) -> Result<usize> {
         let mut n = 0;
         clean_temps(&self.dir, age, now, &mut n)?;
@@ -363,6 +365,40 @@ fn read_record(path: &Path) -> Result<ResultRecord> {
     Ok(record)
 }
 
+/// This process's temporaries are named `.tmp-<pid>-<host tag>-<random>.json`, so that a later
+/// run on the same host can tell a killed writer's leftovers from a live shard's file.
+fn temp_prefix() -> String {
+    format!(
+        "{TEMP_PREFIX}{}-{}-",
+        std::process::id(),
+        host_tag(&crate::runner::this_host())
+    )
+}
+
+/// A short, file-name-safe tag of a host name.
+fn host_tag(host: &str) -> String {
+    crate::plan::sha256_hex(host.as_bytes())[..8].to_string()
+}
+
+/// Whether the writer of a temporary is known to be gone: it ran on this host and its pid is dead.
+fn temp_writer_is_dead(path: &Path) -> bool {
+    let Some(rest) = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix(TEMP_PREFIX))
+    else {
+        return false;
+    };
+    let mut parts = rest.split('-');
+    let (Some(pid), Some(tag)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    let Ok(pid) = pid.parse::<u32>() else {
+        return false;
+    };
+    tag == host_tag(&crate::runner::this_host()) && !crate::runner::pid_alive(pid)
+}
+
 fn is_temp(path: &Path) -> bool {
     path.file_name()
         .and_then(|n| n.to_str())
@@ -375,7 +411,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::create_dir_all(parent)
         .with_context(|| format!("cannot create results directory {}", parent.display()))?;
     let mut tmp = tempfile::Builder::new()
-        .prefix(TEMP_PREFIX)
+        .prefix(&temp_prefix())
         .suffix(".json")
         .tempfile_in(parent)
         .with_context(|| format!("cannot create a temporary file in {}", parent.display()))?;
@@ -436,7 +472,8 @@ fn clean_temps(dir: &Path, age: Duration, now: SystemTime, n: &mut usize) -> Res
             let Ok(modified) = std::fs::metadata(&path).and_then(|m| m.modified()) else {
                 continue;
             };
-            if now.duration_since(modified).unwrap_or_default() < age {
+            if now.duration_since(modified).unwrap_or_default() < age && !temp_writer_is_dead(&path)
+            {
                 continue;
             }
             match std::fs::remove_file(&path) {
@@ -528,5 +565,33 @@ mod marker_tests {
         assert_eq!(store.clean_stale_temps().unwrap(), 1);
         assert!(young.exists());
         assert!(!old.exists());
+    }
+
+    #[test]
+    fn temp_cleanup_removes_a_dead_writers_temporary_at_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ResultStore::new(tmp.path());
+        let dir = tmp.path().join("s/eval");
+        std::fs::create_dir_all(&dir).unwrap();
+        let tag = host_tag(&crate::runner::this_host());
+        // A child that has exited: its pid is dead (and not reused within this test).
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let killed = dir.join(format!(".tmp-{dead}-{tag}-abc.json"));
+        let live = dir.join(format!(".tmp-{}-{tag}-abc.json", std::process::id()));
+        let other_host = dir.join(format!(".tmp-{dead}-00000000-abc.json"));
+        for f in [&killed, &live, &other_host] {
+            std::fs::write(f, "{").unwrap();
+        }
+        assert_eq!(store.clean_stale_temps().unwrap(), 1);
+        assert!(!killed.exists());
+        assert!(live.exists(), "a live writer's temporary is kept");
+        assert!(
+            other_host.exists(),
+            "another host's young temporary is kept"
+        );
+        // And our own writes are named so that this works.
+        assert!(temp_prefix().starts_with(&format!(".tmp-{}-{tag}-", std::process::id())));
     }
 }
