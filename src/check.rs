@@ -6,7 +6,7 @@ use crate::leaderboard::{Cell, Leaderboard, Row};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
-/// Tolerance used for a model whose noise cannot be estimated (no baseline spread), in points.
+/// Tolerance used for a model whose noise cannot be estimated (no or zero baseline spread), in points.
 pub const FALLBACK_TOLERANCE: f64 = 1.0;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -179,8 +179,12 @@ pub fn compare(
     for r in &reference.rows {
         let c = cur.get(r.model.id.as_str()).copied();
         let tolerance = settings.tolerance.unwrap_or_else(|| {
-            let vr = avg_gain_var(reference, r);
-            let vc = c.and_then(|c| avg_gain_var(current, c));
+            // A zero spread (every baseline seed scored the same) says nothing about the noise:
+            // treat it like no spread, not as a zero tolerance.
+            let vr = avg_gain_var(reference, r).filter(|v| *v > 0.0);
+            let vc = c
+                .and_then(|c| avg_gain_var(current, c))
+                .filter(|v| *v > 0.0);
             match (vr, vc) {
                 (Some(a), Some(b)) => 2.0 * (a + b).sqrt(),
                 (Some(a), None) | (None, Some(a)) => 2.0 * (2.0 * a).sqrt(),
@@ -347,6 +351,20 @@ mod tests {
                 results: 0,
             },
         }
+    }
+
+    #[test]
+    fn a_zero_baseline_spread_falls_back_to_the_default_tolerance() {
+        let mut reference = board(&[("m1", Some(5.0))]);
+        reference.baseline.cells[0].std = Some(0.0);
+        reference.baseline.cells[0].scores = vec![80.0, 80.0, 80.0];
+        let r = compare(&reference, &reference, &CheckSettings::default());
+        assert_eq!(r.deltas[0].tolerance, FALLBACK_TOLERANCE);
+        let mut moved = reference.clone();
+        moved.rows[0].avg_gain = Some(5.5);
+        assert!(compare(&reference, &moved, &CheckSettings::default()).passed());
+        moved.rows[0].avg_gain = Some(6.5);
+        assert!(!compare(&reference, &moved, &CheckSettings::default()).passed());
     }
 
     #[test]
