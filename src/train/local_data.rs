@@ -1,6 +1,6 @@
-//! A stand-in dataset reader for `finetune`/`predict`: a JSONL file (`text`, `text_pair`, `label`)
-//! or a directory of `train.jsonl` / `validation.jsonl` / `test.jsonl`. Replaced by
-//! `data::Dataset::load` when the datasets module lands; only `load_dataset` is called from outside.
+//! The dataset reader of `finetune`/`predict`: a recycle dataset directory (with `dataset.json`,
+//! read by `data::Dataset::load`), or, for quick experiments, a bare JSONL file (`text`,
+//! `text_pair`, `label`) or a directory of `train.jsonl` / `validation.jsonl` / `test.jsonl`.
 
 use crate::data::{Example, Label, Task};
 use anyhow::{bail, Context, Result};
@@ -32,6 +32,18 @@ const SPLITS: [&str; 3] = ["train", "validation", "test"];
 /// Reads `path` (see the module doc). The task: regression if any label is a non-integer number,
 /// else classification over classes 0..=max, named by their numbers.
 pub fn load_dataset(path: &Path) -> Result<LocalDataset> {
+    // A recycle dataset directory (with its card): its own task, label names and splits.
+    if path.join(crate::data::card::CARD_FILE).is_file() {
+        let d = crate::data::Dataset::load(path)?;
+        let mut splits = Vec::new();
+        for name in d.split_names() {
+            splits.push((name.to_string(), d.split(name)?.to_vec()));
+        }
+        return Ok(LocalDataset {
+            task: d.task().clone(),
+            splits,
+        });
+    }
     let files: Vec<(String, PathBuf)> = if path.is_dir() {
         SPLITS
             .iter()
