@@ -254,7 +254,12 @@ fn clicking_a_header_sorts_the_table() {
         std::thread::sleep(Duration::from_millis(100));
     };
     let mut cdp = Cdp::connect(port, &ws_path);
-    while cdp.eval("document.readyState") != json!("complete") {
+    // The page target can exist before the report's document has replaced the initial one: wait
+    // for the loaded report itself (its table rows), not just for some document to be complete.
+    while cdp
+        .eval("document.readyState === 'complete' && document.querySelector('#rows tr') !== null")
+        != json!(true)
+    {
         assert!(
             Instant::now() < deadline,
             "the report did not finish loading"
