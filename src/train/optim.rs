@@ -6,11 +6,10 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{CpuStorage, DType, Layout, Tensor, Var};
 use candle_nn::VarMap;
 
-/// Whether a parameter gets weight decay: not biases, not LayerNorm weights (by transformers' names).
-pub fn decays(name: &str) -> bool {
-    let lower = name.to_ascii_lowercase();
-    !(lower.ends_with("bias") || lower.contains("layernorm") || lower.contains("layer_norm"))
-}
+/// Whether a parameter gets weight decay: not biases, not LayerNorm weights. The one rule is the
+/// architectures' (`model::gets_weight_decay`, checked against torch's no-decay set per
+/// architecture), so the loop and `LoadedModel::decay_mask` cannot disagree.
+pub use crate::model::gets_weight_decay as decays;
 
 /// AdamW's hyper-parameters other than the (scheduled) learning rate.
 #[derive(Debug, Clone, Copy, PartialEq)]
