@@ -139,13 +139,16 @@ pub fn attend(
 ) -> Result<Tensor> {
     let (b, s, hidden) = q.dims3()?;
     let head_dim = hidden / heads;
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    if let Some(ctx) = ops::fused_attention(q, k, v, bias, heads, scale, attn_dropout, mode)? {
+        return Ok(ctx);
+    }
     let split = |t: &Tensor| -> Result<Tensor> {
         t.reshape((b, s, heads, head_dim))?
             .transpose(1, 2)?
             .contiguous()
     };
     let (q, k, v) = (split(q)?, split(k)?, split(v)?);
-    let scale = 1.0 / (head_dim as f64).sqrt();
     // gemm reads the transposed `k` through its strides; the scale is applied inside the softmax.
     let scores = q.matmul(&k.t()?)?;
     let probs = ops::scaled_masked_softmax(&scores, bias, scale)?;

@@ -116,6 +116,53 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
+/// The attention core of the BERT-family encoders when the fused CPU kernel applies: `q`, `k`, `v`
+/// `[b, s, hidden]`, `bias` `[b, 1, 1, s]` from `attention_bias`; dropout `p` on the probabilities
+/// in `Mode::Train` (the same RNG draws, in the same order, as `dropout` on `[b, h, s, s]`
+/// probabilities). Returns `None` where the composed path must run (other devices or dtypes,
+/// other shapes, or the fused kernels turned off).
+pub fn fused_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    heads: usize,
+    scale: f64,
+    p: f32,
+    mode: Mode,
+) -> Result<Option<Tensor>> {
+    if !fusable(&[q, k, v, bias]) || p >= 1.0 {
+        return Ok(None);
+    }
+    let ([b, s, hidden], [bb, 1, 1, bs]) = (q.dims(), bias.dims()) else {
+        return Ok(None);
+    };
+    if k.dims() != q.dims()
+        || v.dims() != q.dims()
+        || b != bb
+        || s != bs
+        || heads == 0
+        || hidden % heads != 0
+    {
+        return Ok(None);
+    }
+    let keep = if mode == Mode::Train && p > 0.0 {
+        let n = b * heads * s * s;
+        let mut guard = HOST_RNG
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("dropout RNG lock poisoned".into()))?;
+        let rng = guard.get_or_insert_with(|| rand::rngs::StdRng::seed_from_u64(0));
+        let flags: Vec<u8> = (0..n).map(|_| u8::from(rng.random::<f32>() >= p)).collect();
+        Some(kernels::Keep {
+            flags: std::sync::Arc::new(flags),
+            scale: 1.0 / (1.0 - p),
+        })
+    } else {
+        None
+    };
+    kernels::attention(q, k, v, bias, heads, scale as f32, keep).map(Some)
+}
+
 /// Exact (erf) GELU, transformers' "gelu"; candle's `gelu_erf` has a backward.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     if fusable(&[x]) {
@@ -325,6 +372,98 @@ mod tests {
             &|t| t[0].mul(&mask),
             "dropout",
         );
+    }
+
+    /// The attention core from composed ops: heads split by copies, softmax, an optional f32
+    /// dropout mask `[b, h, s, s]`, heads merged.
+    fn composed_attention(t: &[Tensor], heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, s, hidden) = t[0].dims3()?;
+        let hd = hidden / heads;
+        let split = |x: &Tensor| x.reshape((b, s, heads, hd))?.transpose(1, 2)?.contiguous();
+        let (q, k, v) = (split(&t[0])?, split(&t[1])?, split(&t[2])?);
+        let scores = q.matmul(&k.t()?.contiguous()?)?;
+        let mut probs = composed_scaled_masked_softmax(&scores, &t[3], 1.0 / (hd as f64).sqrt())?;
+        if let Some(m) = mask {
+            probs = probs.mul(m)?;
+        }
+        probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, s, hidden))
+    }
+
+    #[test]
+    fn fused_attention_matches_the_composed_ops_forward_and_backward() {
+        let (b, s, hidden, heads) = (2, 9, 24, 3);
+        let q = randn(&[b, s, hidden], 1.5, 21);
+        let k = randn(&[b, s, hidden], 1.5, 22);
+        let v = randn(&[b, s, hidden], 1.0, 23);
+        let mask = Tensor::new(
+            &[[1u32, 1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let bias = attention_bias(&mask, DType::F32).unwrap();
+        let scale = 1.0 / ((hidden / heads) as f32).sqrt();
+        // Without dropout.
+        compare(
+            &[q.clone(), k.clone(), v.clone(), bias.clone()],
+            &[true, true, true, false],
+            &|t| kernels::attention(&t[0], &t[1], &t[2], &t[3], heads, scale, None),
+            &|t| composed_attention(t, heads, None),
+            "attention",
+        );
+        // With dropout: the same keep flags as an f32 mask.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        let flags: Vec<u8> = (0..b * heads * s * s)
+            .map(|_| u8::from(rng.random::<f32>() >= 0.2))
+            .collect();
+        assert!(flags.contains(&0) && flags.contains(&1));
+        let keep_scale = 1.0 / 0.8;
+        let m: Vec<f32> = flags.iter().map(|&f| f32::from(f) * keep_scale).collect();
+        let m = Tensor::from_vec(m, (b, heads, s, s), &Device::Cpu).unwrap();
+        let keep = kernels::Keep {
+            flags: std::sync::Arc::new(flags),
+            scale: keep_scale,
+        };
+        compare(
+            &[q, k, v, bias],
+            &[true, true, true, false],
+            &|t| kernels::attention(&t[0], &t[1], &t[2], &t[3], heads, scale, Some(keep.clone())),
+            &|t| composed_attention(t, heads, Some(&m)),
+            "attention with dropout",
+        );
+    }
+
+    #[test]
+    fn fused_attention_draws_dropout_in_the_composed_paths_order() {
+        // `fused_attention` in training mode draws one flag per probability, `[b, h, s, s]`
+        // row-major, from the seeded host RNG — the order `dropout` on the probabilities used.
+        let (b, s, hidden, heads, p) = (2, 6, 16, 2, 0.3f32);
+        let q = randn(&[b, s, hidden], 1.0, 31);
+        let k = randn(&[b, s, hidden], 1.0, 32);
+        let v = randn(&[b, s, hidden], 1.0, 33);
+        let mask = Tensor::ones((b, s), DType::U32, &Device::Cpu).unwrap();
+        let bias = attention_bias(&mask, DType::F32).unwrap();
+        let scale = 1.0 / ((hidden / heads) as f64).sqrt();
+        seed(&Device::Cpu, 5).unwrap();
+        let fused = fused_attention(&q, &k, &v, &bias, heads, scale, p, Mode::Train)
+            .unwrap()
+            .expect("f32 CPU tensors take the fused path");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let m: Vec<f32> = (0..b * heads * s * s)
+            .map(|_| {
+                if rng.random::<f32>() >= p {
+                    1.0 / (1.0 - p)
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let m = Tensor::from_vec(m, (b, heads, s, s), &Device::Cpu).unwrap();
+        let composed = composed_attention(&[q, k, v, bias], heads, Some(&m)).unwrap();
+        assert_close(&fused, &composed, 1e-5, "attention with seeded dropout");
     }
 
     #[test]
