@@ -110,7 +110,7 @@ fn a_file_whose_probe_or_body_stalls_times_out_and_leaves_nothing() {
         Vec::<String>::new(),
         "a partial download was left behind"
     );
-    // The files before the stalled one did arrive; a later run with a patient client finishes.
+    // The files fetched before the stalled one are in place; only the stalled one is missing.
     assert!(folder
         .join("snapshots")
         .join(MODEL_SHA)
@@ -246,4 +246,32 @@ fn a_file_is_fetched_once_and_the_snapshot_links_to_its_blob() {
     let before = downloads(&hub);
     hub::resolve_model(&ModelRef::parse("org/tiny-bert").unwrap(), &o).unwrap();
     assert_eq!(downloads(&hub), before, "a cached file was fetched again");
+}
+
+#[test]
+fn cli_reads_the_timeout_from_hf_hub_etag_timeout() {
+    let cache = tempfile::tempdir().unwrap();
+    let silent = SilentServer::start();
+    let out = assert_cmd::Command::cargo_bin("recycle")
+        .unwrap()
+        .args(["hub", "download", "org/tiny-bert@v2"])
+        .env("HF_HUB_CACHE", cache.path())
+        .env("HF_ENDPOINT", &silent.endpoint)
+        .env("HF_HUB_ETAG_TIMEOUT", "1")
+        .env("HF_TOKEN", "hf_NEVERSHOWN")
+        .env_remove("HF_HUB_OFFLINE")
+        // If the variable were ignored the default 10 s would apply; the error says which.
+        .timeout(Duration::from_secs(60))
+        .assert()
+        .failure()
+        .get_output()
+        .clone();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("org/tiny-bert@v2")
+            && stderr.contains("sent nothing for 1s")
+            && stderr.contains("HF_HUB_ETAG_TIMEOUT"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("NEVERSHOWN"), "{stderr}");
 }
