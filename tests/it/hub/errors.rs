@@ -2,7 +2,7 @@
 //! goes silent (HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT), gated and private repos, revisions
 //! and files that do not exist, and a download that never enters the cache unchecked.
 
-use super::fake_hub::{FakeHub, SilentServer, Stall};
+use super::fake_hub::{FakeFile, FakeHub, SilentServer, Stall};
 use super::{err_text, online, repos, tiny_bert_files, MODEL_SHA};
 use recycle::hub::{self, DatasetRef, HubOptions, ModelRef, Timeouts, Token};
 use std::path::Path;
@@ -274,4 +274,53 @@ fn cli_reads_the_timeout_from_hf_hub_etag_timeout() {
         "{stderr}"
     );
     assert!(!stderr.contains("NEVERSHOWN"), "{stderr}");
+}
+
+#[test]
+fn lfs_files_behind_a_cdn_redirect_and_renamed_repos_resolve() {
+    let cache = tempfile::tempdir().unwrap();
+    let mut r = repos();
+    r.cdn = true;
+    r.renamed
+        .insert("org/old-name".into(), "org/tiny-bert".into());
+    let mut broken = tiny_bert_files();
+    // Its own content: the fake's CDN finds bodies by sha256.
+    broken[1].1 = FakeFile::lfs(vec![7; 64]);
+    broken[1].1.truncate_to = Some(3);
+    r.add("models", "org/cdn-truncated", "main", MODEL_SHA, broken);
+    let hub = FakeHub::start(r);
+    let mut o = online(cache.path(), &hub);
+    o.token = Token::new("hf_STAYSHOME");
+
+    let m = hub::resolve_model(&ModelRef::parse("org/old-name").unwrap(), &o).unwrap();
+    assert_eq!(m.commit, MODEL_SHA);
+    let weights = std::fs::read(m.dir.join("model.safetensors")).unwrap();
+    assert_eq!(
+        weights,
+        tiny_bert_files()[1].1.body,
+        "the CDN's body, whole"
+    );
+    let log = hub.log.lock().unwrap().clone();
+    let cdn: Vec<_> = log.iter().filter(|(p, _)| p.starts_with("/cdn/")).collect();
+    assert!(!cdn.is_empty(), "the download did not follow the redirect");
+    assert!(
+        cdn.iter().all(|(_, auth)| auth.is_none()),
+        "the token went to the CDN: {cdn:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|(p, auth)| p.starts_with("/org/tiny-bert/resolve/")
+                && auth.as_deref() == Some("Bearer hf_STAYSHOME")),
+        "the token did not reach the hub after the rename"
+    );
+
+    // Sizes come from X-Linked-Size, so a short body from the CDN is caught.
+    let err = err_text(hub::resolve_model(
+        &ModelRef::parse("org/cdn-truncated").unwrap(),
+        &o,
+    ));
+    assert!(
+        err.contains("corrupt") && err.contains("model.safetensors") && err.contains("bytes"),
+        "{err}"
+    );
 }

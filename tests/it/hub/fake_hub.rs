@@ -95,6 +95,13 @@ pub struct FakeRepos {
     pub gated: BTreeMap<String, String>,
     /// Private repo ids and their token: without it every request answers 401 `RepoNotFound`.
     pub private: BTreeMap<String, String>,
+    /// As the hub does for LFS files: `resolve` answers 302 to `/cdn/<sha256>` on the same server
+    /// named `localhost` (another host to the client), with `X-Linked-Etag`, `X-Linked-Size` and
+    /// `X-Repo-Commit`; the CDN path serves the body.
+    pub cdn: bool,
+    /// Renamed repos, old id → new id: every request for the old id answers 307 with a relative
+    /// `Location` under the new id.
+    pub renamed: BTreeMap<String, String>,
 }
 
 impl FakeRepos {
@@ -221,7 +228,11 @@ fn serve(stream: TcpStream, repos: &FakeRepos, log: &RequestLog) {
     let auth = headers.get("authorization").cloned();
     log.lock().unwrap().push((path.clone(), auth.clone()));
     let range = headers.get("range").map(String::as_str);
-    let resp = respond(&path, range, auth.as_deref(), repos);
+    let host = headers
+        .get("host")
+        .map(String::as_str)
+        .unwrap_or("127.0.0.1");
+    let resp = respond(&path, range, auth.as_deref(), host, repos);
     let mut out = stream;
     match resp {
         Answer::Full(bytes) => {
@@ -260,7 +271,13 @@ fn http(status: &str, headers: &[(&str, String)], body: &[u8]) -> Vec<u8> {
     bytes
 }
 
-fn respond(path: &str, range: Option<&str>, auth: Option<&str>, repos: &FakeRepos) -> Answer {
+fn respond(
+    path: &str,
+    range: Option<&str>,
+    auth: Option<&str>,
+    host: &str,
+    repos: &FakeRepos,
+) -> Answer {
     let not_found = |what: &str| {
         Answer::Full(http(
             "404 Not Found",
@@ -275,6 +292,17 @@ fn respond(path: &str, range: Option<&str>, auth: Option<&str>, repos: &FakeRepo
             b"{\"error\":\"unauthorized\"}",
         ))
     };
+    if let Some(sha) = path.strip_prefix("/cdn/") {
+        let found = repos
+            .revisions
+            .values()
+            .flat_map(|r| r.files.values())
+            .find(|f| f.lfs && f.sha256() == sha);
+        return match found {
+            Some(f) => serve_body(f, range, vec![]),
+            None => Answer::Full(http("404 Not Found", &[], b"")),
+        };
+    }
     // Which repo and revision the request is about, and the file (for resolve).
     let (kind, repo, rev, file) = if let Some(rest) = path.strip_prefix("/api/") {
         let Some((kind, rest)) = rest.split_once('/') else {
@@ -302,6 +330,10 @@ fn respond(path: &str, range: Option<&str>, auth: Option<&str>, repos: &FakeRepo
             Some(decode(file)),
         )
     };
+    if let Some(new) = repos.renamed.get(&repo) {
+        let moved = path.replacen(&format!("/{repo}/"), &format!("/{new}/"), 1);
+        return Answer::Full(http("307 Temporary Redirect", &[("Location", moved)], b""));
+    }
     let opens = |token: &String| auth == Some(&format!("Bearer {token}"));
     if repos.private.get(&repo).is_some_and(|t| !opens(t)) {
         return unauthorized("RepoNotFound");
@@ -343,12 +375,6 @@ fn respond(path: &str, range: Option<&str>, auth: Option<&str>, repos: &FakeRepo
     if f.stall == Some(Stall::Answer) {
         return Answer::Silent;
     }
-    let size = f.body.len();
-    let mut body = f.body.clone();
-    if f.tamper {
-        body[0] ^= 0x20;
-    }
-    let served = &body[..f.truncate_to.unwrap_or(size).min(size)];
     let mut headers = vec![
         ("X-Repo-Commit", r.commit.clone()),
         ("ETag", format!("\"{}\"", f.etag())),
@@ -356,6 +382,27 @@ fn respond(path: &str, range: Option<&str>, auth: Option<&str>, repos: &FakeRepo
     if f.lfs {
         headers.push(("X-Linked-Etag", format!("\"{}\"", f.etag())));
     }
+    if f.lfs && repos.cdn {
+        headers.push(("X-Linked-Size", f.body.len().to_string()));
+        // Another host name for the same server, as the CDN is another host than the hub.
+        let port = host.rsplit_once(':').map(|(_, p)| p).unwrap_or("80");
+        headers.push((
+            "Location",
+            format!("http://localhost:{port}/cdn/{}", f.sha256()),
+        ));
+        return Answer::Full(http("302 Found", &headers, b""));
+    }
+    serve_body(f, range, headers)
+}
+
+/// A file's body, whole or the asked range, as damaged or stalled as the file says.
+fn serve_body(f: &FakeFile, range: Option<&str>, mut headers: Vec<(&str, String)>) -> Answer {
+    let size = f.body.len();
+    let mut body = f.body.clone();
+    if f.tamper {
+        body[0] ^= 0x20;
+    }
+    let served = &body[..f.truncate_to.unwrap_or(size).min(size)];
     let start = range
         .and_then(|r| r.strip_prefix("bytes="))
         .and_then(|r| r.split('-').next())
