@@ -711,7 +711,7 @@ mod tests {
             .splits
             .iter()
             .flat_map(|(_, s)| s)
-            .filter_map(|e| e.label.clone())
+            .filter_map(|e| e.label)
             .collect();
         seen.sort_by_key(|l| format!("{l:?}"));
         assert_eq!(
@@ -919,7 +919,7 @@ mod tests {
             .iter()
             .map(|&n| ((n as f64 * f).round() as usize).min(n))
             .sum();
-        assert!(taken <= 1000 && taken >= 998, "{f} takes {taken}");
+        assert!((998..=1000).contains(&taken), "{f} takes {taken}");
         assert_eq!(capped_fraction(&rows, 0.1, 1000), 0.1);
     }
 }
