@@ -6,10 +6,12 @@ use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 pub mod cache;
 pub mod card;
 pub mod files;
+mod http;
 pub mod materialize;
 mod remote;
 pub mod tokenizer;
@@ -53,6 +55,31 @@ pub enum ProgressMode {
     Quiet,
 }
 
+/// How long a request may wait for the hub, as huggingface_hub's `HF_HUB_ETAG_TIMEOUT` and
+/// `HF_HUB_DOWNLOAD_TIMEOUT` define it: each bounds connecting and every single read, so a hung
+/// server fails the request while a slow but moving download carries on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timeouts {
+    /// Metadata requests: the repo info call and each file's `Range: bytes=0-0` probe.
+    pub etag: Duration,
+    /// File downloads: the longest wait for the next bytes of the body.
+    pub download: Duration,
+}
+
+/// huggingface_hub's `DEFAULT_ETAG_TIMEOUT`.
+pub const DEFAULT_ETAG_TIMEOUT: Duration = Duration::from_secs(10);
+/// huggingface_hub's `DEFAULT_DOWNLOAD_TIMEOUT`.
+pub const DEFAULT_DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            etag: DEFAULT_ETAG_TIMEOUT,
+            download: DEFAULT_DOWNLOAD_TIMEOUT,
+        }
+    }
+}
+
 /// A hub access token. Its `Debug` and `Display` never show it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Token(String);
@@ -87,6 +114,8 @@ pub struct HubOptions {
     pub network: NetworkMode,
     pub pickle: PickleMode,
     pub progress: ProgressMode,
+    /// `HF_HUB_ETAG_TIMEOUT` and `HF_HUB_DOWNLOAD_TIMEOUT`.
+    pub timeouts: Timeouts,
 }
 
 /// The environment variables and files `HubOptions::from_env` reads, as plain data so the rules
@@ -148,6 +177,26 @@ impl HubEnv {
             })
             .unwrap_or(false)
     }
+
+    /// A timeout variable in seconds (huggingface_hub reads an integer; a decimal is accepted too).
+    /// Unset or empty gives `default`; anything but a positive finite number is an error naming it.
+    pub fn timeout(&self, name: &str, default: Duration) -> Result<Duration> {
+        let Some(v) = self.var(name) else {
+            return Ok(default);
+        };
+        match v.trim().parse::<f64>() {
+            Ok(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
+            _ => bail!("{name}={v:?}: expected a positive number of seconds"),
+        }
+    }
+
+    /// `HF_HUB_ETAG_TIMEOUT` and `HF_HUB_DOWNLOAD_TIMEOUT`.
+    pub fn timeouts(&self) -> Result<Timeouts> {
+        Ok(Timeouts {
+            etag: self.timeout("HF_HUB_ETAG_TIMEOUT", DEFAULT_ETAG_TIMEOUT)?,
+            download: self.timeout("HF_HUB_DOWNLOAD_TIMEOUT", DEFAULT_DOWNLOAD_TIMEOUT)?,
+        })
+    }
 }
 
 fn expand_home(p: &str, home: Option<&Path>) -> PathBuf {
@@ -170,11 +219,12 @@ impl HubOptions {
             network: NetworkMode::Online,
             pickle: PickleMode::Refuse,
             progress: ProgressMode::Quiet,
+            timeouts: Timeouts::default(),
         }
     }
 
-    /// Reads `HF_HOME`, `HF_HUB_CACHE`, `HF_ENDPOINT`, `HF_TOKEN` (or the token file) and
-    /// `HF_HUB_OFFLINE` from the process environment.
+    /// Reads `HF_HOME`, `HF_HUB_CACHE`, `HF_ENDPOINT`, `HF_TOKEN` (or the token file),
+    /// `HF_HUB_OFFLINE` and the two timeouts from the process environment.
     pub fn from_env() -> Self {
         let env = HubEnv {
             vars: std::env::vars()
@@ -202,6 +252,24 @@ impl HubOptions {
             o.network = NetworkMode::Offline;
         }
         o.progress = ProgressMode::Bar;
+        // Infallible for its many callers: a malformed timeout is reported and the default kept.
+        o.timeouts = Timeouts {
+            etag: env
+                .timeout("HF_HUB_ETAG_TIMEOUT", DEFAULT_ETAG_TIMEOUT)
+                .unwrap_or_else(|e| {
+                    eprintln!("warning: {e:#}; using {}s", DEFAULT_ETAG_TIMEOUT.as_secs());
+                    DEFAULT_ETAG_TIMEOUT
+                }),
+            download: env
+                .timeout("HF_HUB_DOWNLOAD_TIMEOUT", DEFAULT_DOWNLOAD_TIMEOUT)
+                .unwrap_or_else(|e| {
+                    eprintln!(
+                        "warning: {e:#}; using {}s",
+                        DEFAULT_DOWNLOAD_TIMEOUT.as_secs()
+                    );
+                    DEFAULT_DOWNLOAD_TIMEOUT
+                }),
+        };
         o
     }
 }
@@ -460,6 +528,28 @@ mod tests {
         );
         assert_eq!(o.token.as_ref().map(Token::secret), Some("hf_env"));
         assert_eq!(o.network, NetworkMode::Online);
+    }
+
+    #[test]
+    fn timeouts_come_from_huggingface_hub_variables() {
+        let o = HubOptions::from_hub_env(&env(&[]), None);
+        assert_eq!(o.timeouts, Timeouts::default());
+        assert_eq!(o.timeouts.etag, Duration::from_secs(10));
+        let e = env(&[
+            ("HF_HUB_ETAG_TIMEOUT", "3"),
+            ("HF_HUB_DOWNLOAD_TIMEOUT", " 0.5 "),
+        ]);
+        let o = HubOptions::from_hub_env(&e, None);
+        assert_eq!(o.timeouts.etag, Duration::from_secs(3));
+        assert_eq!(o.timeouts.download, Duration::from_millis(500));
+        for bad in ["0", "-1", "ten", "inf"] {
+            let e = env(&[("HF_HUB_DOWNLOAD_TIMEOUT", bad)]);
+            let err = format!("{:#}", e.timeouts().unwrap_err());
+            assert!(err.contains("HF_HUB_DOWNLOAD_TIMEOUT"), "{bad}: {err}");
+            // from_env keeps going with the default.
+            let o = HubOptions::from_hub_env(&e, None);
+            assert_eq!(o.timeouts.download, DEFAULT_DOWNLOAD_TIMEOUT);
+        }
     }
 
     #[test]

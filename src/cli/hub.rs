@@ -8,7 +8,8 @@ use std::process::ExitCode;
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
     /// Resolve a hub id to a commit and download its files (HF_HOME, HF_HUB_CACHE, HF_ENDPOINT,
-    /// HF_TOKEN and HF_HUB_OFFLINE=1 are honoured as by huggingface_hub).
+    /// HF_TOKEN, HF_HUB_OFFLINE=1, HF_HUB_ETAG_TIMEOUT and HF_HUB_DOWNLOAD_TIMEOUT are honoured as
+    /// by huggingface_hub).
     Download(DownloadArgs),
 }
 

@@ -42,16 +42,6 @@ pub fn write_ref(folder: &Path, revision: &str, commit: &str) -> Result<()> {
     std::fs::write(&path, commit).with_context(|| format!("writing cache ref {}", path.display()))
 }
 
-/// hf-hub records a download at a commit sha as `refs/<sha>`; huggingface_hub writes no ref for a
-/// commit, so the stray file is removed to keep the cache as Python tools expect it.
-pub fn remove_commit_ref(folder: &Path, revision: &str) -> Result<()> {
-    let path = ref_path(folder, revision);
-    if is_commit(revision) && std::fs::read_to_string(&path).is_ok_and(|c| c.trim() == revision) {
-        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-    }
-    Ok(())
-}
-
 /// The commit a revision points at in the cache.
 pub fn cached_commit(
     cache_dir: &Path,

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Bumped when the way a mapping is applied changes, so old cache folders are not reused.
-const MATERIALIZE_VERSION: u32 = 1;
+const MATERIALIZE_VERSION: u32 = 2;
 
 /// The split names recycle datasets use.
 const TRAIN: &str = "train";
@@ -322,11 +322,24 @@ pub fn draft(d: &ResolvedDataset, m: &HubMapping) -> Result<Draft> {
         }
         p => p,
     };
+    // A split whose labels are all negative ids or null has hidden labels (the hub's `-1` for a
+    // withheld test set); with no class names known they must not become a class of their own.
+    let hidden: Vec<bool> = raw
+        .iter()
+        .map(|s| {
+            !s.rows.is_empty()
+                && s.rows
+                    .iter()
+                    .all(|r| matches!(r.2, Value::Null) || matches!(r.2, Value::Int(i) if i < 0))
+        })
+        .collect();
     let plan = match plan {
         LabelPlan::Infer => {
             let records: Vec<RawRecord> = raw
                 .iter()
-                .flat_map(|s| &s.rows)
+                .zip(&hidden)
+                .filter(|(_, h)| !**h)
+                .flat_map(|(s, _)| &s.rows)
                 .map(|r| RawRecord {
                     at: String::new(),
                     text: Value::Null,
@@ -352,13 +365,14 @@ pub fn draft(d: &ResolvedDataset, m: &HubMapping) -> Result<Draft> {
         LabelPlan::Regression | LabelPlan::Infer => Task::Regression,
     };
     let mut examples: Vec<Vec<Example>> = Vec::new();
-    for s in &raw {
+    for (s, &hidden) in raw.iter().zip(&hidden) {
         let mut out = Vec::with_capacity(s.rows.len());
         let mut unlabelled = 0usize;
         for (i, (text, pair, v)) in s.rows.iter().enumerate() {
             let label = match &plan {
                 LabelPlan::Ids(names) => class_id(v, names),
                 LabelPlan::Regression => score(v),
+                LabelPlan::Keys(_) if hidden => Ok(None),
                 LabelPlan::Keys(names) => Ok(key(v)
                     .and_then(|k| names.iter().position(|l| *l == k))
                     .map(|p| Label::Class(p as u32))),
@@ -454,4 +468,458 @@ pub fn draft(d: &ResolvedDataset, m: &HubMapping) -> Result<Draft> {
         split_seed,
         splits,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::Feature;
+    use crate::suite::{HubColumns, HubSplits};
+    use std::sync::Arc;
+
+    /// A label column as written to parquet.
+    enum Labels {
+        Ints(Vec<i64>),
+        Floats(Vec<f64>),
+        Strs(Vec<&'static str>),
+    }
+
+    /// Writes a parquet file of UTF-8 text columns and one label column named `label_name`.
+    fn parquet(path: &Path, texts: &[(&str, Vec<String>)], label_name: &str, labels: Labels) {
+        use parquet::data_type::{ByteArray, ByteArrayType, DoubleType, Int64Type};
+        use parquet::file::properties::WriterProperties;
+        use parquet::file::writer::SerializedFileWriter;
+        let mut fields: Vec<String> = texts
+            .iter()
+            .map(|(n, _)| format!("REQUIRED BYTE_ARRAY {n} (UTF8);"))
+            .collect();
+        fields.push(match labels {
+            Labels::Ints(_) => format!("REQUIRED INT64 {label_name};"),
+            Labels::Floats(_) => format!("REQUIRED DOUBLE {label_name};"),
+            Labels::Strs(_) => format!("REQUIRED BYTE_ARRAY {label_name} (UTF8);"),
+        });
+        let schema = format!("message schema {{ {} }}", fields.join(" "));
+        let schema = Arc::new(parquet::schema::parser::parse_message_type(&schema).unwrap());
+        let file = std::fs::File::create(path).unwrap();
+        let props = Arc::new(WriterProperties::builder().build());
+        let mut w = SerializedFileWriter::new(file, schema, props).unwrap();
+        let mut rg = w.next_row_group().unwrap();
+        let bytes = |v: &[String]| {
+            v.iter()
+                .map(|s| ByteArray::from(s.as_str()))
+                .collect::<Vec<_>>()
+        };
+        for (_, col) in texts {
+            let mut c = rg.next_column().unwrap().unwrap();
+            c.typed::<ByteArrayType>()
+                .write_batch(&bytes(col), None, None)
+                .unwrap();
+            c.close().unwrap();
+        }
+        let mut c = rg.next_column().unwrap().unwrap();
+        match &labels {
+            Labels::Ints(v) => {
+                c.typed::<Int64Type>().write_batch(v, None, None).unwrap();
+            }
+            Labels::Floats(v) => {
+                c.typed::<DoubleType>().write_batch(v, None, None).unwrap();
+            }
+            Labels::Strs(v) => {
+                let v: Vec<String> = v.iter().map(|s| s.to_string()).collect();
+                c.typed::<ByteArrayType>()
+                    .write_batch(&bytes(&v), None, None)
+                    .unwrap();
+            }
+        }
+        c.close().unwrap();
+        rg.close().unwrap();
+        w.close().unwrap();
+    }
+
+    fn strings(prefix: &str, n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("{prefix} {i}")).collect()
+    }
+
+    /// Alternating labels 0, 1, 0, 1…
+    fn alternating(n: usize) -> Labels {
+        Labels::Ints((0..n).map(|i| (i % 2) as i64).collect())
+    }
+
+    fn resolved(dir: &Path, splits: &[(&str, &str)], features: Vec<Feature>) -> ResolvedDataset {
+        ResolvedDataset {
+            repo: "org/set".into(),
+            revision: "main".into(),
+            files_revision: "main".into(),
+            commit: "c".repeat(40),
+            config: "default".into(),
+            dir: dir.to_path_buf(),
+            splits: splits
+                .iter()
+                .map(|(s, f)| (s.to_string(), vec![dir.join(f)]))
+                .collect(),
+            label_names: crate::hub::card::label_names(&features),
+            features,
+        }
+    }
+
+    fn mapping(
+        text: &[&str],
+        pair: &[&str],
+        label: &str,
+        dev: SplitSource,
+        test: SplitSource,
+    ) -> HubMapping {
+        HubMapping {
+            columns: HubColumns {
+                text: text.iter().map(|s| s.to_string()).collect(),
+                text_pair: pair.iter().map(|s| s.to_string()).collect(),
+                label: label.into(),
+            },
+            splits: HubSplits {
+                train: "train".into(),
+                dev,
+                test,
+            },
+            labels: None,
+        }
+    }
+
+    fn name(s: &str) -> SplitSource {
+        SplitSource::Name(s.into())
+    }
+
+    /// IBM's rule: min(10 % of train, 1000), stratified.
+    fn ibm_carve() -> SplitSource {
+        SplitSource::Carve {
+            fraction_ppm: 100_000,
+            max: Some(1000),
+            seed: 0,
+        }
+    }
+
+    fn split<'a>(d: &'a Draft, name: &str) -> &'a [Example] {
+        &d.splits
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no split {name}"))
+            .1
+    }
+
+    fn class_names(d: &Draft) -> Vec<String> {
+        match &d.task {
+            Task::Classification { labels } => labels.clone(),
+            t => panic!("not classification: {t:?}"),
+        }
+    }
+
+    #[test]
+    fn text_columns_join_in_order_and_pairs_map_to_the_second_text() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cols = |tag: &str| {
+            vec![
+                ("title", vec![format!("{tag} title"), String::new()]),
+                (
+                    "body",
+                    vec![format!("{tag} body"), format!("{tag} lone body")],
+                ),
+                ("question", vec![format!("{tag} q1"), format!("{tag} q2")]),
+                ("ignored", vec!["x".into(), "y".into()]),
+            ]
+        };
+        for s in ["train", "validation", "test"] {
+            parquet(
+                &tmp.path().join(format!("{s}.parquet")),
+                &cols(s),
+                "answer",
+                Labels::Ints(vec![1, 0]),
+            );
+        }
+        let d = resolved(
+            tmp.path(),
+            &[
+                ("train", "train.parquet"),
+                ("validation", "validation.parquet"),
+                ("test", "test.parquet"),
+            ],
+            vec![],
+        );
+        let m = mapping(
+            &["title", "body"],
+            &["question"],
+            "answer",
+            name("validation"),
+            name("test"),
+        );
+        let drafted = draft(&d, &m).unwrap();
+        let train = split(&drafted, "train");
+        assert_eq!(train[0].text, "train title train body");
+        // An empty cell is left out of the join rather than leaving a stray separator.
+        assert_eq!(train[1].text, "train lone body");
+        assert_eq!(train[0].text_pair.as_deref(), Some("train q1"));
+        assert_eq!(
+            split(&drafted, "test")[1].text_pair.as_deref(),
+            Some("test q2")
+        );
+        assert!(split(&drafted, "validation")[0]
+            .text
+            .starts_with("validation"));
+        // Without a pair mapping there is no second text.
+        let single = mapping(&["body"], &[], "answer", name("validation"), name("test"));
+        let drafted = draft(&d, &single).unwrap();
+        assert_eq!(split(&drafted, "train")[0].text, "train body");
+        assert_eq!(split(&drafted, "train")[0].text_pair, None);
+    }
+
+    #[test]
+    fn label_names_come_from_the_suite_then_the_card_then_the_data() {
+        let tmp = tempfile::tempdir().unwrap();
+        let texts = vec![("text", strings("t", 4))];
+        parquet(
+            &tmp.path().join("ids.parquet"),
+            &texts,
+            "label",
+            Labels::Ints(vec![2, 0, 1, 2]),
+        );
+        parquet(
+            &tmp.path().join("names.parquet"),
+            &texts,
+            "label",
+            Labels::Strs(vec!["sports", "world", "sports", "business"]),
+        );
+        parquet(
+            &tmp.path().join("scores.parquet"),
+            &texts,
+            "label",
+            Labels::Floats(vec![0.5, 4.25, 3.0, 1.0]),
+        );
+        let carve = || SplitSource::Carve {
+            fraction_ppm: 250_000,
+            max: None,
+            seed: 0,
+        };
+        let m = mapping(&["text"], &[], "label", carve(), carve());
+        let card = vec![Feature {
+            name: "label".into(),
+            dtype: FeatureType::ClassLabel(vec!["neg".into(), "neu".into(), "pos".into()]),
+        }];
+
+        // The card's class names, in id order; ids index them.
+        let d = resolved(tmp.path(), &[("train", "ids.parquet")], card.clone());
+        let drafted = draft(&d, &m).unwrap();
+        assert_eq!(class_names(&drafted), ["neg", "neu", "pos"]);
+        let mut seen: Vec<Label> = drafted
+            .splits
+            .iter()
+            .flat_map(|(_, s)| s)
+            .filter_map(|e| e.label)
+            .collect();
+        seen.sort_by_key(|l| format!("{l:?}"));
+        assert_eq!(
+            seen,
+            [
+                Label::Class(0),
+                Label::Class(1),
+                Label::Class(2),
+                Label::Class(2)
+            ]
+        );
+
+        // The suite's labels win over the card's.
+        let mut own = m.clone();
+        own.labels = Some(vec!["a".into(), "b".into(), "c".into()]);
+        assert_eq!(class_names(&draft(&d, &own).unwrap()), ["a", "b", "c"]);
+
+        // No card: the distinct label texts, sorted.
+        let d = resolved(tmp.path(), &[("train", "names.parquet")], vec![]);
+        assert_eq!(
+            class_names(&draft(&d, &m).unwrap()),
+            ["business", "sports", "world"]
+        );
+
+        // Fractional labels (STS-B's 0–5 similarity) make a regression task.
+        let d = resolved(tmp.path(), &[("train", "scores.parquet")], vec![]);
+        assert!(matches!(draft(&d, &m).unwrap().task, Task::Regression));
+
+        // A class id beyond the card's names is an error naming the column.
+        let two = vec![Feature {
+            name: "label".into(),
+            dtype: FeatureType::ClassLabel(vec!["neg".into(), "pos".into()]),
+        }];
+        let d = resolved(tmp.path(), &[("train", "ids.parquet")], two);
+        let err = format!("{:#}", draft(&d, &m).unwrap_err());
+        assert!(
+            err.contains("label column `label`") && err.contains("out of range"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn carve_takes_the_smaller_of_a_thousand_and_ten_percent_of_train() {
+        let tmp = tempfile::tempdir().unwrap();
+        for (file, n) in [
+            ("big.parquet", 12_000),
+            ("small.parquet", 3_000),
+            ("dev.parquet", 10),
+        ] {
+            parquet(
+                &tmp.path().join(file),
+                &[("text", strings(file, n))],
+                "label",
+                alternating(n),
+            );
+        }
+        let m = mapping(&["text"], &[], "label", name("validation"), ibm_carve());
+        let sizes = |train_file: &str| {
+            let d = resolved(
+                tmp.path(),
+                &[("train", train_file), ("validation", "dev.parquet")],
+                vec![],
+            );
+            let drafted = draft(&d, &m).unwrap();
+            let test = split(&drafted, "test");
+            let balance = test
+                .iter()
+                .filter(|e| e.label == Some(Label::Class(0)))
+                .count();
+            let rec = drafted.split_seed.clone().unwrap();
+            assert_eq!(rec.from, "train");
+            (
+                split(&drafted, "train").len(),
+                split(&drafted, "validation").len(),
+                test.len(),
+                balance,
+            )
+        };
+        // 10 % of 12 000 is 1 200: the cap of 1 000 applies, stratified 500/500.
+        assert_eq!(sizes("big.parquet"), (11_000, 10, 1_000, 500));
+        // 10 % of 3 000 is 300, under the cap.
+        assert_eq!(sizes("small.parquet"), (2_700, 10, 300, 150));
+    }
+
+    #[test]
+    fn mnli_dev_is_matched_and_test_is_mismatched_validation() {
+        let tmp = tempfile::tempdir().unwrap();
+        for s in [
+            "train",
+            "validation_matched",
+            "validation_mismatched",
+            "test_matched",
+        ] {
+            let texts = vec![
+                ("premise", strings(&format!("{s} p"), 6)),
+                ("hypothesis", strings(&format!("{s} h"), 6)),
+            ];
+            // test_matched has hidden labels (-1), as on the hub; it must not be read.
+            let labels = if s.starts_with("test") {
+                Labels::Ints(vec![-1; 6])
+            } else {
+                Labels::Ints(vec![0, 1, 2, 0, 1, 2])
+            };
+            parquet(
+                &tmp.path().join(format!("{s}.parquet")),
+                &texts,
+                "label",
+                labels,
+            );
+        }
+        let files: Vec<(String, String)> = [
+            "train",
+            "validation_matched",
+            "validation_mismatched",
+            "test_matched",
+        ]
+        .iter()
+        .map(|s| (s.to_string(), format!("{s}.parquet")))
+        .collect();
+        let refs: Vec<(&str, &str)> = files
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        let d = resolved(tmp.path(), &refs, vec![]);
+        let m = mapping(
+            &["premise"],
+            &["hypothesis"],
+            "label",
+            name("validation_matched"),
+            name("validation_mismatched"),
+        );
+        let drafted = draft(&d, &m).unwrap();
+        assert!(split(&drafted, "validation")
+            .iter()
+            .all(|e| e.text.starts_with("validation_matched p")));
+        assert!(split(&drafted, "test").iter().all(|e| e
+            .text
+            .starts_with("validation_mismatched p")
+            && e.text_pair
+                .as_deref()
+                .is_some_and(|p| p.starts_with("validation_mismatched h"))));
+        assert_eq!(drafted.split_seed, None, "nothing was carved");
+
+        // The hidden-label test split is refused with the carve rule as the way out.
+        let hidden = mapping(
+            &["premise"],
+            &["hypothesis"],
+            "label",
+            name("validation_matched"),
+            name("test_matched"),
+        );
+        let err = format!("{:#}", draft(&d, &hidden).unwrap_err());
+        assert!(
+            err.contains("test_matched") && err.contains("carve_from"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_columns_and_splits_are_errors_naming_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        parquet(
+            &tmp.path().join("train.parquet"),
+            &[("sentence", strings("s", 4))],
+            "label",
+            alternating(4),
+        );
+        let d = resolved(tmp.path(), &[("train", "train.parquet")], vec![]);
+        let carve = SplitSource::Carve {
+            fraction_ppm: 250_000,
+            max: None,
+            seed: 0,
+        };
+        for (text, pair, label, missing) in [
+            (&["text"][..], &[][..], "label", "text"),
+            (&["sentence"][..], &["question"][..], "label", "question"),
+            (&["sentence"][..], &[][..], "gold", "gold"),
+        ] {
+            let m = mapping(text, pair, label, carve.clone(), carve.clone());
+            let err = format!("{:#}", draft(&d, &m).unwrap_err());
+            assert!(
+                err.contains(missing) && err.contains("train.parquet"),
+                "{missing}: {err}"
+            );
+        }
+        let m = mapping(&["sentence"], &[], "label", name("dev"), carve.clone());
+        let err = format!("{:#}", draft(&d, &m).unwrap_err());
+        assert!(
+            err.contains("no split `dev`") && err.contains("splits: train"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn capped_fraction_never_exceeds_the_cap() {
+        let rows: Vec<Example> = (0..5003)
+            .map(|i| Example {
+                text: String::new(),
+                text_pair: None,
+                label: Some(Label::Class((i % 3) as u32)),
+            })
+            .collect();
+        let f = capped_fraction(&rows, 0.5, 1000);
+        let taken: usize = [1668usize, 1668, 1667]
+            .iter()
+            .map(|&n| ((n as f64 * f).round() as usize).min(n))
+            .sum();
+        assert!((998..=1000).contains(&taken), "{f} takes {taken}");
+        assert_eq!(capped_fraction(&rows, 0.1, 1000), 0.1);
+    }
 }

@@ -1,15 +1,17 @@
-//! Online resolution through hf-hub's sync API, plus what it leaves out: every file taken from one
-//! commit, size and sha256 checks of each download, refs kept current, and errors that say which
-//! repo, revision and file failed and why.
+//! Online resolution: hf-hub's repo URLs and info call, our own file requests under timeouts
+//! (src/hub/http.rs), every file taken from one commit, size and sha256 checks before a download
+//! enters the cache, refs kept current, and errors that say which repo, revision and file failed
+//! and why.
 
 use super::cache::{self, repo_folder, snapshot_dir};
 use super::files::{self, WeightsPlan};
+use super::http::{self, Client, Failure};
 use super::{
     card, DatasetRef, HubOptions, ModelRef, ProgressMode, RepoKind, ResolvedDataset, ResolvedModel,
     PARQUET_CONVERSION_REVISION,
 };
 use anyhow::{anyhow, bail, Context, Result};
-use hf_hub::api::sync::{Api, ApiBuilder, ApiError, ApiRepo};
+use hf_hub::api::sync::{ApiBuilder, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
 use sha2::{Digest, Sha256};
 use std::io::Read;
@@ -34,8 +36,8 @@ pub(crate) fn is_unreachable(e: &anyhow::Error) -> bool {
 
 /// One repo at one revision, online.
 struct Remote<'a> {
-    api: Api,
     repo: ApiRepo,
+    client: Client,
     kind: RepoKind,
     name: &'a str,
     revision: &'a str,
@@ -48,7 +50,7 @@ impl<'a> Remote<'a> {
         let api = ApiBuilder::from_cache(Cache::new(opts.cache_dir.clone()))
             .with_endpoint(opts.endpoint.clone())
             .with_token(opts.token.as_ref().map(|t| t.secret().to_string()))
-            .with_progress(opts.progress == ProgressMode::Bar)
+            .with_progress(false)
             .build()
             .map_err(|e| anyhow!("setting up the hub client: {e}"))?;
         let repo_type = match kind {
@@ -61,8 +63,8 @@ impl<'a> Remote<'a> {
             revision.to_string(),
         ));
         Ok(Remote {
-            api,
             repo,
+            client: Client::new(opts.token.clone(), opts.timeouts),
             kind,
             name,
             revision,
@@ -79,48 +81,56 @@ impl<'a> Remote<'a> {
         format!("{kind} {}@{}", self.name, self.revision)
     }
 
-    /// Turns hf-hub's error into one that names the repo, revision and file and says what to do.
-    fn explain(&self, e: ApiError, file: Option<&str>) -> anyhow::Error {
+    /// Puts a failed request in words naming the repo, revision and file, and what to do.
+    fn explain(&self, f: Failure, file: Option<&str>) -> anyhow::Error {
         let target = match file {
-            Some(f) => format!("file {f} of {}", self.what()),
+            Some(name) => format!("file {name} of {}", self.what()),
             None => self.what(),
         };
         let endpoint = &self.opts.endpoint;
-        let ApiError::RequestError(req) = &e else {
-            return anyhow!("fetching {target}: {e}");
+        let token_advice = match self.opts.token {
+            Some(_) => "the token given (HF_TOKEN or the token file) has no access to it",
+            None => "no token is set: accept the repo's terms on the hub, then set HF_TOKEN or write the token to $HF_HOME/token",
         };
-        match req.as_ref() {
-            ureq::Error::StatusCode(404) => match file {
-                Some(f) => {
-                    anyhow!("{target}: not found (404): the repo has no file {f} at this revision")
+        match f {
+            Failure::Status { status: 404, code } => {
+                match (file, code.as_deref()) {
+                    (_, Some("RevisionNotFound")) => anyhow!("{target}: not found (404): the repo has no revision {}", self.revision),
+                    (_, Some("RepoNotFound")) => anyhow!("{target}: not found (404): no repo {} on {endpoint}", self.name),
+                    (Some(name), _) => anyhow!("{target}: not found (404): the repo has no file {name} at this revision"),
+                    (None, _) => anyhow!("{target}: not found (404): no such repo or revision on {endpoint}"),
                 }
-                None => {
-                    anyhow!("{target}: not found (404): no such repo or revision on {endpoint}")
-                }
-            },
-            ureq::Error::StatusCode(code @ (401 | 403)) => {
-                let token = match self.opts.token {
-                    Some(_) => "the token given (HF_TOKEN or the token file) has no access to it",
-                    None => "no token is set: accept the repo's terms on the hub, then set HF_TOKEN or write the token to $HF_HOME/token",
+            }
+            Failure::Status { status: status @ (401 | 403), code } => {
+                let why = match code.as_deref() {
+                    Some("GatedRepo") => "the repo is gated",
+                    Some("RepoNotFound") => "the repo is private or does not exist",
+                    _ => "the repo is gated or private (or does not exist)",
                 };
-                anyhow!("{target}: access denied ({code}): the repo is gated or private (or does not exist); {token}")
+                anyhow!("{target}: access denied ({status}): {why}; {token_advice}")
             }
-            ureq::Error::StatusCode(code) => {
-                anyhow!("{target}: the hub at {endpoint} answered HTTP {code}")
+            Failure::Status { status, code } => {
+                let code = code.map(|c| format!(" ({c})")).unwrap_or_default();
+                anyhow!("{target}: the hub at {endpoint} answered HTTP {status}{code}")
             }
-            ureq::Error::Io(_)
-            | ureq::Error::ConnectionFailed
-            | ureq::Error::HostNotFound
-            | ureq::Error::Timeout(_) => {
-                anyhow::Error::new(Unreachable(format!("{target}: cannot reach the hub at {endpoint} ({req}); check the network or HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the cache only")))
+            Failure::TimedOut { var, after } => anyhow::Error::new(Unreachable(format!(
+                "{target}: the hub at {endpoint} sent nothing for {}s ({var}); check the network, raise {var}, or set HF_HUB_OFFLINE=1 to use the cache only",
+                after.as_secs_f64()
+            ))),
+            Failure::Transport(why) => anyhow::Error::new(Unreachable(format!(
+                "{target}: cannot reach the hub at {endpoint} ({why}); check the network or HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the cache only"
+            ))),
+            Failure::Protocol(why) => {
+                anyhow!("{target}: unexpected answer from the hub at {endpoint}: {why}")
             }
-            other => anyhow!("fetching {target} from {endpoint}: {other}"),
+            Failure::Write(e) => anyhow!("{target}: writing the download into the cache {}: {e}", self.folder.display()),
         }
     }
 
     /// The commit the revision points at and the repo's file list.
     fn info(&self) -> Result<(String, Vec<String>)> {
-        let info = self.repo.info().map_err(|e| self.explain(e, None))?;
+        let info = http::read_info(self.repo.info_request(), self.opts.timeouts)
+            .map_err(|e| self.explain(e, None))?;
         if !cache::is_commit(&info.sha) {
             bail!(
                 "{}: the hub's info answer has no valid commit sha ({:?})",
@@ -134,40 +144,98 @@ impl<'a> Remote<'a> {
         ))
     }
 
-    /// Makes `file` present in the commit's snapshot: reused when there, else downloaded and checked.
-    /// `Ok(None)` for an optional file the hub does not have.
+    /// Makes `file` present in the commit's snapshot: reused when there, else downloaded and checked
+    /// before it enters the cache. `Ok(None)` for an optional file the hub does not have.
     fn fetch(&self, commit: &str, file: &str, optional: bool) -> Result<Option<PathBuf>> {
         let pointer = snapshot_dir(&self.folder, commit).join(file);
         if pointer.is_file() {
             return Ok(Some(pointer));
         }
-        let meta = match self.api.metadata(&self.repo.url(file)) {
+        let url = self.repo.url(file);
+        let meta = match self.client.metadata(&url) {
             Ok(m) => m,
-            Err(ApiError::RequestError(e))
-                if optional && matches!(*e, ureq::Error::StatusCode(404)) =>
-            {
-                return Ok(None)
-            }
+            Err(Failure::Status { status: 404, .. }) if optional => return Ok(None),
             Err(e) => return Err(self.explain(e, Some(file))),
         };
-        if meta.commit_hash() != commit {
-            bail!("file {file} of {}: the revision moved from {commit} to {} during the download; run again", self.what(), meta.commit_hash());
+        if meta.commit != commit {
+            bail!("file {file} of {}: the revision moved from {commit} to {} during the download; run again", self.what(), meta.commit);
         }
-        let path = self
-            .repo
-            .download(file)
-            .map_err(|e| self.explain(e, Some(file)))?;
-        let blob = self.folder.join("blobs").join(meta.etag());
-        if let Err(e) = verify(&blob, meta.size() as u64, meta.etag()) {
-            // Leave nothing corrupt behind for the next run (or Python) to trust.
-            let _ = std::fs::remove_file(&path);
-            let _ = std::fs::remove_file(&blob);
-            return Err(e.context(format!(
-                "corrupt download of file {file} of {} (commit {commit}); removed it, run again",
-                self.what()
-            )));
+        let blobs = self.folder.join("blobs");
+        let blob = blobs.join(&meta.etag);
+        let reusable = std::fs::metadata(&blob).is_ok_and(|m| m.is_file() && m.len() == meta.size);
+        if !reusable {
+            std::fs::create_dir_all(&blobs)
+                .with_context(|| format!("creating {}", blobs.display()))?;
+            // A private temporary name: concurrent runs never write into each other's file, and
+            // nothing unchecked ever sits under the blob's name.
+            let mut part = tempfile::Builder::new()
+                .prefix(&format!("{}.", meta.etag))
+                .suffix(".incomplete")
+                .tempfile_in(&blobs)
+                .with_context(|| format!("creating a temporary file in {}", blobs.display()))?;
+            let bar = progress_bar(self.opts.progress, meta.size, file);
+            let mut on_chunk = |n: u64| bar.inc(n);
+            let got = self
+                .client
+                .download(&url, part.as_file_mut(), &mut on_chunk);
+            bar.finish_and_clear();
+            got.map_err(|e| self.explain(e, Some(file)))?;
+            verify(part.path(), meta.size, &meta.etag).map_err(|e| {
+                e.context(format!(
+                    "corrupt download of file {file} of {} (commit {commit}); nothing was kept, run again",
+                    self.what()
+                ))
+            })?;
+            part.persist(&blob)
+                .with_context(|| format!("moving the download into {}", blob.display()))?;
         }
-        Ok(Some(path))
+        link_pointer(&blob, &pointer, file)?;
+        Ok(Some(pointer))
+    }
+}
+
+fn progress_bar(mode: ProgressMode, size: u64, file: &str) -> indicatif::ProgressBar {
+    match mode {
+        ProgressMode::Quiet => indicatif::ProgressBar::hidden(),
+        ProgressMode::Bar => {
+            let bar = indicatif::ProgressBar::new(size);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+            ) {
+                bar.set_style(style);
+            }
+            bar.set_message(file.to_string());
+            bar
+        }
+    }
+}
+
+/// `snapshots/<commit>/<file>` → `../../blobs/<etag>` (one `..` more per folder in `file`), as
+/// huggingface_hub links them; a copy where symlinks are unavailable.
+fn link_pointer(blob: &Path, pointer: &Path, file: &str) -> Result<()> {
+    if let Some(dir) = pointer.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let up = file.split('/').count() + 1;
+    let mut target = PathBuf::new();
+    for _ in 0..up {
+        target.push("..");
+    }
+    target.push("blobs");
+    if let Some(name) = blob.file_name() {
+        target.push(name);
+    }
+    #[cfg(unix)]
+    let made = std::os::unix::fs::symlink(&target, pointer);
+    #[cfg(not(unix))]
+    let made = std::fs::copy(blob, pointer).map(|_| ());
+    match made {
+        Ok(()) => Ok(()),
+        // Another run linked it first: the same blob under the same name.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && pointer.is_file() => Ok(()),
+        Err(e) => {
+            Err(e).with_context(|| format!("linking {} to {}", pointer.display(), target.display()))
+        }
     }
 }
 
@@ -299,7 +367,6 @@ pub(crate) fn resolve_model(r: &ModelRef, opts: &HubOptions) -> Result<ResolvedM
         }
     }
     cache::write_ref(&remote.folder, r.revision(), &commit)?;
-    cache::remove_commit_ref(&remote.folder, r.revision())?;
     let weights = cache::model_weights(&dir, &plan)?;
     cache::warn_if_pickle(&weights, &r.repo);
     Ok(ResolvedModel {
@@ -341,7 +408,6 @@ pub(crate) fn resolve_dataset(r: &DatasetRef, opts: &HubOptions) -> Result<Resol
         files_remote.fetch(&files_commit, f, false)?;
     }
     cache::write_ref(&files_remote.folder, files_remote.revision, &files_commit)?;
-    cache::remove_commit_ref(&files_remote.folder, files_remote.revision)?;
     let dir = snapshot_dir(&files_remote.folder, &files_commit);
     let mut resolved =
         cache::dataset_from_snapshot(r, files_remote.revision, files_commit, dir, &files_listing)?;

@@ -2,6 +2,7 @@
 //! resolve again offline, and each failure names its repo, revision and file. Also checks the
 //! shape of configs/ibm36.json.
 
+mod errors;
 mod fake_hub;
 mod suite_config;
 mod suite_run;

@@ -1,6 +1,8 @@
 //! A stand-in for the HuggingFace hub on 127.0.0.1: the info API (`/api/{models,datasets}/…/revision/…`)
 //! and `resolve` downloads with the headers hf-hub's sync client needs (ETag / X-Linked-Etag,
-//! X-Repo-Commit, Content-Range, ranged bodies). Std only; it stops on drop or after a deadline.
+//! X-Repo-Commit, Content-Range, ranged bodies) and the hub's `X-Error-Code`s; files can be made
+//! to stall, break or go missing. Std only; it stops on drop or after a deadline. `SilentServer`
+//! accepts connections and never answers.
 
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -21,7 +23,24 @@ pub struct FakeFile {
     pub truncate_to: Option<usize>,
     /// Serve the body with its first byte changed, under the original's etag and size.
     pub tamper: bool,
+    /// Listed by the info API but answering 404 `EntryNotFound` when fetched.
+    pub listed_only: bool,
+    /// Stop answering at some point of the file's requests (for timeout tests).
+    pub stall: Option<Stall>,
 }
+
+/// Where a file's requests go silent.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Stall {
+    /// Every request for the file (the metadata probe first) gets no answer at all.
+    Answer,
+    /// The metadata probe is answered; the download sends its headers and half the body, then
+    /// nothing more.
+    Body,
+}
+
+/// How long a stalled answer stays silent before the fake gives up on it.
+const STALL: Duration = Duration::from_secs(8);
 
 impl FakeFile {
     pub fn text(s: &str) -> Self {
@@ -30,6 +49,8 @@ impl FakeFile {
             lfs: false,
             truncate_to: None,
             tamper: false,
+            listed_only: false,
+            stall: None,
         }
     }
     pub fn lfs(body: Vec<u8>) -> Self {
@@ -38,6 +59,8 @@ impl FakeFile {
             lfs: true,
             truncate_to: None,
             tamper: false,
+            listed_only: false,
+            stall: None,
         }
     }
     pub fn sha256(&self) -> String {
@@ -67,8 +90,18 @@ pub struct FakeRevision {
 #[derive(Clone, Default)]
 pub struct FakeRepos {
     pub revisions: BTreeMap<(String, String, String), FakeRevision>,
-    /// Repo ids that answer 401 unless the request carries `Bearer <token>`.
+    /// Gated repo ids and the token that opens them: as on the hub, their info API is public and
+    /// their files answer 401 `GatedRepo` unless the request carries `Bearer <token>`.
     pub gated: BTreeMap<String, String>,
+    /// Private repo ids and their token: without it every request answers 401 `RepoNotFound`.
+    pub private: BTreeMap<String, String>,
+    /// As the hub does for LFS files: `resolve` answers 302 to `/cdn/<sha256>` on the same server
+    /// named `localhost` (another host to the client), with `X-Linked-Etag`, `X-Linked-Size` and
+    /// `X-Repo-Commit`; the CDN path serves the body.
+    pub cdn: bool,
+    /// Renamed repos, old id → new id: every request for the old id answers 307 with a relative
+    /// `Location` under the new id.
+    pub renamed: BTreeMap<String, String>,
 }
 
 impl FakeRepos {
@@ -194,15 +227,34 @@ fn serve(stream: TcpStream, repos: &FakeRepos, log: &RequestLog) {
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
     let auth = headers.get("authorization").cloned();
     log.lock().unwrap().push((path.clone(), auth.clone()));
-    let resp = respond(
-        &path,
-        headers.get("range").map(String::as_str),
-        auth.as_deref(),
-        repos,
-    );
+    let range = headers.get("range").map(String::as_str);
+    let host = headers
+        .get("host")
+        .map(String::as_str)
+        .unwrap_or("127.0.0.1");
+    let resp = respond(&path, range, auth.as_deref(), host, repos);
     let mut out = stream;
-    let _ = out.write_all(&resp);
+    match resp {
+        Answer::Full(bytes) => {
+            let _ = out.write_all(&bytes);
+        }
+        Answer::Silent => std::thread::sleep(STALL),
+        Answer::Stalled(bytes) => {
+            let _ = out.write_all(&bytes);
+            let _ = out.flush();
+            std::thread::sleep(STALL);
+        }
+    }
     let _ = out.flush();
+}
+
+/// What the fake sends back.
+enum Answer {
+    Full(Vec<u8>),
+    /// Nothing at all, for a while.
+    Silent,
+    /// These bytes (headers announcing more), then nothing for a while.
+    Stalled(Vec<u8>),
 }
 
 fn http(status: &str, headers: &[(&str, String)], body: &[u8]) -> Vec<u8> {
@@ -219,14 +271,38 @@ fn http(status: &str, headers: &[(&str, String)], body: &[u8]) -> Vec<u8> {
     bytes
 }
 
-fn respond(path: &str, range: Option<&str>, auth: Option<&str>, repos: &FakeRepos) -> Vec<u8> {
+fn respond(
+    path: &str,
+    range: Option<&str>,
+    auth: Option<&str>,
+    host: &str,
+    repos: &FakeRepos,
+) -> Answer {
     let not_found = |what: &str| {
-        http(
+        Answer::Full(http(
             "404 Not Found",
             &[("X-Error-Code", what.to_string())],
             b"{\"error\":\"not found\"}",
-        )
+        ))
     };
+    let unauthorized = |what: &str| {
+        Answer::Full(http(
+            "401 Unauthorized",
+            &[("X-Error-Code", what.to_string())],
+            b"{\"error\":\"unauthorized\"}",
+        ))
+    };
+    if let Some(sha) = path.strip_prefix("/cdn/") {
+        let found = repos
+            .revisions
+            .values()
+            .flat_map(|r| r.files.values())
+            .find(|f| f.lfs && f.sha256() == sha);
+        return match found {
+            Some(f) => serve_body(f, range, vec![]),
+            None => Answer::Full(http("404 Not Found", &[], b"")),
+        };
+    }
     // Which repo and revision the request is about, and the file (for resolve).
     let (kind, repo, rev, file) = if let Some(rest) = path.strip_prefix("/api/") {
         let Some((kind, rest)) = rest.split_once('/') else {
@@ -254,17 +330,27 @@ fn respond(path: &str, range: Option<&str>, auth: Option<&str>, repos: &FakeRepo
             Some(decode(file)),
         )
     };
-    if let Some(token) = repos.gated.get(&repo) {
-        if auth != Some(&format!("Bearer {token}")) {
-            return http(
-                "401 Unauthorized",
-                &[("X-Error-Code", "GatedRepo".into())],
-                b"{\"error\":\"gated\"}",
-            );
-        }
+    if let Some(new) = repos.renamed.get(&repo) {
+        let moved = path.replacen(&format!("/{repo}/"), &format!("/{new}/"), 1);
+        return Answer::Full(http("307 Temporary Redirect", &[("Location", moved)], b""));
+    }
+    let opens = |token: &String| auth == Some(&format!("Bearer {token}"));
+    if repos.private.get(&repo).is_some_and(|t| !opens(t)) {
+        return unauthorized("RepoNotFound");
+    }
+    if file.is_some() && repos.gated.get(&repo).is_some_and(|t| !opens(t)) {
+        return unauthorized("GatedRepo");
     }
     let Some(r) = repos.revisions.get(&(kind.clone(), repo.clone(), rev)) else {
-        return not_found("RepoNotFound");
+        let known = repos
+            .revisions
+            .keys()
+            .any(|(k, name, _)| *k == kind && *name == repo);
+        return not_found(if known {
+            "RevisionNotFound"
+        } else {
+            "RepoNotFound"
+        });
     };
     let Some(file) = file else {
         let siblings: Vec<String> = r
@@ -277,21 +363,18 @@ fn respond(path: &str, range: Option<&str>, auth: Option<&str>, repos: &FakeRepo
             r.commit,
             siblings.join(",")
         );
-        return http(
+        return Answer::Full(http(
             "200 OK",
             &[("Content-Type", "application/json".into())],
             body.as_bytes(),
-        );
+        ));
     };
-    let Some(f) = r.files.get(&file) else {
+    let Some(f) = r.files.get(&file).filter(|f| !f.listed_only) else {
         return not_found("EntryNotFound");
     };
-    let size = f.body.len();
-    let mut body = f.body.clone();
-    if f.tamper {
-        body[0] ^= 0x20;
+    if f.stall == Some(Stall::Answer) {
+        return Answer::Silent;
     }
-    let served = &body[..f.truncate_to.unwrap_or(size).min(size)];
     let mut headers = vec![
         ("X-Repo-Commit", r.commit.clone()),
         ("ETag", format!("\"{}\"", f.etag())),
@@ -299,6 +382,27 @@ fn respond(path: &str, range: Option<&str>, auth: Option<&str>, repos: &FakeRepo
     if f.lfs {
         headers.push(("X-Linked-Etag", format!("\"{}\"", f.etag())));
     }
+    if f.lfs && repos.cdn {
+        headers.push(("X-Linked-Size", f.body.len().to_string()));
+        // Another host name for the same server, as the CDN is another host than the hub.
+        let port = host.rsplit_once(':').map(|(_, p)| p).unwrap_or("80");
+        headers.push((
+            "Location",
+            format!("http://localhost:{port}/cdn/{}", f.sha256()),
+        ));
+        return Answer::Full(http("302 Found", &headers, b""));
+    }
+    serve_body(f, range, headers)
+}
+
+/// A file's body, whole or the asked range, as damaged or stalled as the file says.
+fn serve_body(f: &FakeFile, range: Option<&str>, mut headers: Vec<(&str, String)>) -> Answer {
+    let size = f.body.len();
+    let mut body = f.body.clone();
+    if f.tamper {
+        body[0] ^= 0x20;
+    }
+    let served = &body[..f.truncate_to.unwrap_or(size).min(size)];
     let start = range
         .and_then(|r| r.strip_prefix("bytes="))
         .and_then(|r| r.split('-').next())
@@ -317,8 +421,54 @@ fn respond(path: &str, range: Option<&str>, auth: Option<&str>, repos: &FakeRepo
                 "Content-Range",
                 format!("bytes {s}-{}/{size}", e.saturating_sub(1)),
             ));
-            http("206 Partial Content", &headers, &served[s..e])
+            Answer::Full(http("206 Partial Content", &headers, &served[s..e]))
         }
-        None => http("200 OK", &headers, served),
+        None if f.stall == Some(Stall::Body) => {
+            let mut bytes = http("200 OK", &headers, served);
+            bytes.truncate(bytes.len() - served.len() / 2);
+            Answer::Stalled(bytes)
+        }
+        None => Answer::Full(http("200 OK", &headers, served)),
+    }
+}
+
+/// A server that accepts connections and never answers, until dropped.
+pub struct SilentServer {
+    pub endpoint: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SilentServer {
+    pub fn start() -> SilentServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut held = Vec::new();
+            while !stop2.load(Ordering::SeqCst) && Instant::now() < deadline {
+                match listener.accept() {
+                    Ok((stream, _)) => held.push(stream),
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        SilentServer {
+            endpoint,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for SilentServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }

@@ -156,19 +156,35 @@ fn ibm36_parses_as_a_suite_with_every_target_once_complete_and_consistent() {
         mapping.splits.test,
         SplitSource::Name("validation_mismatched".into())
     );
-    // GLUE and SuperGLUE hide test labels: those tests are carved from train.
+    // GLUE and SuperGLUE hide test labels: as IBM's loader does, validation is the test set and
+    // dev is carved from train. Datasets without a validation split carve dev and keep their test.
+    let mut hidden = 0;
     for t in &s.targets {
         let SuiteDataset::Hub { id, mapping, .. } = &t.dataset else {
             continue;
         };
         if (id.ends_with("/glue") || id.ends_with("/super_glue")) && t.name != "mnli" {
+            hidden += 1;
             assert!(
-                is_ibm_carve(&mapping.splits.test),
-                "{}: hidden test must be carved",
+                is_ibm_carve(&mapping.splits.dev),
+                "{}: dev must be carved from train",
+                t.name
+            );
+            assert_eq!(
+                mapping.splits.test,
+                SplitSource::Name("validation".into()),
+                "{}: validation is the test set",
                 t.name
             );
         }
+        assert!(
+            !is_ibm_carve(&mapping.splits.test) || is_ibm_carve(&mapping.splits.dev),
+            "{}: test carved while dev is a named split",
+            t.name
+        );
     }
+    // cola mrpc qnli qqp rte sst2 stsb wnli (GLUE) and boolq cb copa multirc wic wsc (SuperGLUE).
+    assert_eq!(hidden, 14);
 }
 
 #[test]
