@@ -62,25 +62,19 @@ for r in $(seq 1 "$rounds"); do
 done
 echo "load at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 
-"$python" - "$out" "$rounds" <<'PY'
-import statistics, sys
-out, rounds = sys.argv[1], int(sys.argv[2])
-def results(path):
-    d = {}
-    for line in open(path):
-        if line.startswith("RESULT "):
-            _, k, v = line.split()
-            d[k] = float(v)
-    return d
+PYTHONPATH=scripts/bench "$python" - "$out" "$rounds" <<'PY'
+import sys
+from results import rounds, spread
+out, n = sys.argv[1], int(sys.argv[2])
 ratios = {}
-for r in range(1, rounds + 1):
-    rust, torch = results(f"{out}/rust.{r}"), results(f"{out}/torch.{r}")
+for rust, torch in rounds(out, n):
     for k, v in rust.items():
         base = k.replace("_composed", "")
         if base in torch and torch[base] > 0:
             ratios.setdefault(k, []).append(v / torch[base])
-print(f"{'figure':<28} {'rust/torch min':>14} {'median':>8} {'max':>8}   (n={rounds})")
+print(f"{'figure':<28} {'rust/torch min':>14} {'median':>8} {'max':>8}   (n={n})")
 for k, v in sorted(ratios.items()):
     note = "  (lower is better)" if "rss" in k else ""
-    print(f"{k:<28} {min(v):>14.2f} {statistics.median(v):>8.2f} {max(v):>8.2f}{note}")
+    lo, mid, hi = spread(v)
+    print(f"{k:<28} {lo:>14.2f} {mid:>8.2f} {hi:>8.2f}{note}")
 PY

@@ -86,29 +86,24 @@ for p in sorted(glob.glob(f"{sys.argv[1]}/**/*.json", recursive=True)):
 PY
     else
       "$python" scripts/bench/e2e_job.py --model "$model" --dataset "$out/data" --seeds "$seeds" \
-        --epochs "$epochs" --patience 1 --padding "$padding" > "$out/torch.$r"
+        --epochs "$epochs" --patience 1 --padding "$padding" > "$out/torch.$r" 2>"$out/torch.err" \
+        || { cat "$out/torch.err"; exit 1; }
     fi
     sed "s/^/  $side /" "$out/$side.$r"
   done
 done
 
-"$python" - "$out" "$rounds" <<'PY'
+PYTHONPATH=scripts/bench "$python" - "$out" "$rounds" <<'PY'
 import statistics, sys
-out, rounds = sys.argv[1], int(sys.argv[2])
-def results(path):
-    d = {}
-    for line in open(path):
-        if line.startswith("RESULT "):
-            _, k, v = line.split()
-            d[k] = float(v)
-    return d
+from results import rounds, spread
+out, n = sys.argv[1], int(sys.argv[2])
 ratios, accs = [], {"rust": [], "torch": []}
-for r in range(1, rounds + 1):
-    rust, torch = results(f"{out}/rust.{r}"), results(f"{out}/torch.{r}")
+for rust, torch in rounds(out, n):
     ratios.append(torch["wall_s"] / rust["wall_s"])
     for side, d in (("rust", rust), ("torch", torch)):
         accs[side] += [v for k, v in d.items() if k.endswith("_test")]
-print(f"wall time peer / recycle: min {min(ratios):.2f}  median {statistics.median(ratios):.2f}  max {max(ratios):.2f}  (n={rounds}; target >= 3)")
+lo, mid, hi = spread(ratios)
+print(f"wall time peer / recycle: min {lo:.2f}  median {mid:.2f}  max {hi:.2f}  (n={n}; target >= 3)")
 for side, a in accs.items():
     if a:
         print(f"test accuracy {side:5}: mean {100*statistics.mean(a):.2f}  sd {100*statistics.pstdev(a):.2f}  (n={len(a)})")
