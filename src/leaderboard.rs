@@ -46,6 +46,18 @@ pub struct ModelInfo {
     pub revision: Option<String>,
 }
 
+impl ModelInfo {
+    /// The name a table shows: a hub id as it is, a local checkpoint by its directory name (the
+    /// full path stays in `id`, in the JSON and CSV exports and in the report's provenance).
+    pub fn label(&self) -> &str {
+        let local = self.id.starts_with(['/', '.', '$', '~']);
+        match local.then(|| self.id.trim_end_matches('/').rsplit('/').next()) {
+            Some(Some(last)) if !last.is_empty() => last,
+            _ => &self.id,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BaselineRow {
     pub model: ModelInfo,
@@ -167,9 +179,15 @@ impl Layout {
                     });
                 }
             }
-            for m in s.evaluated_models().into_iter().skip(1) {
-                if !l.candidates.contains(&m.name) {
-                    l.candidates.push(m.name);
+            // Candidates, donors, then the fused bases of a `fusion` section (`recycle fuse`).
+            let fused = s
+                .fusion
+                .iter()
+                .flat_map(|f| (1..=f.iterations).map(|k| crate::fuse::iteration_model(f, k).name));
+            let names = s.evaluated_models().into_iter().skip(1).map(|m| m.name);
+            for name in names.chain(fused) {
+                if !l.candidates.contains(&name) {
+                    l.candidates.push(name);
                 }
             }
         }
@@ -443,4 +461,31 @@ pub fn probe_proxies(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ModelInfo;
+
+    fn label(id: &str) -> String {
+        ModelInfo {
+            id: id.to_string(),
+            revision: None,
+        }
+        .label()
+        .to_string()
+    }
+
+    #[test]
+    fn local_checkpoints_are_labelled_by_their_directory_and_hub_ids_as_they_are() {
+        assert_eq!(
+            label("${RECYCLE_HOME}/models/all-MiniLM-L6-v2"),
+            "all-MiniLM-L6-v2"
+        );
+        assert_eq!(label("/data/ckpt/run-3/"), "run-3");
+        assert_eq!(label("./models/x"), "x");
+        assert_eq!(label("FacebookAI/roberta-base"), "FacebookAI/roberta-base");
+        assert_eq!(label("donor:from-sarcasm"), "donor:from-sarcasm");
+        assert_eq!(label("/"), "/");
+    }
 }

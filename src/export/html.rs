@@ -86,8 +86,8 @@ pub(crate) fn fmt_gain(x: f64) -> String {
 /// A model as the report names it: `id@revision`, or the id alone when unpinned.
 pub(crate) fn model_label(model: &ModelInfo) -> String {
     match &model.revision {
-        Some(rev) => format!("{}@{}", model.id, rev),
-        None => model.id.clone(),
+        Some(rev) => format!("{}@{}", model.label(), rev),
+        None => model.label().to_string(),
     }
 }
 
@@ -277,10 +277,10 @@ fn model_html(model: &ModelInfo) -> String {
     match &model.revision {
         Some(rev) => format!(
             "{}<span class=\"rev\">@{}</span>",
-            escape(&model.id),
+            escape(model.label()),
             escape(rev)
         ),
-        None => escape(&model.id),
+        None => escape(model.label()),
     }
 }
 

@@ -37,7 +37,7 @@ impl Exporter for Markdown {
         let _ = write!(
             s,
             "| base | {} | {} |",
-            model_label(&b.model.id, b.model.revision.as_deref()),
+            model_label(b.model.label(), b.model.revision.as_deref()),
             b.avg_score
                 .map(|v| format!("{v:.2}"))
                 .unwrap_or_else(|| "—".into())
@@ -65,7 +65,7 @@ impl Exporter for Markdown {
             let _ = write!(
                 s,
                 "| {rank} | {} | {avg} |",
-                model_label(&r.model.id, r.model.revision.as_deref())
+                model_label(r.model.label(), r.model.revision.as_deref())
             );
             for c in &r.cells {
                 let cell = match c {

@@ -180,8 +180,8 @@ pub fn render(board: &Leaderboard) -> String {
 /// `id@revision` or the id alone, as the report labels models.
 pub fn label(m: &ModelInfo) -> String {
     match &m.revision {
-        Some(r) => format!("{}@{}", m.id, r),
-        None => m.id.clone(),
+        Some(r) => format!("{}@{}", m.label(), r),
+        None => m.label().to_string(),
     }
 }
 
