@@ -461,13 +461,8 @@ fn save_atomically(model: &dyn TrainableModel, out: &Path, labels: &[String]) ->
         .tempdir_in(parent)
         .with_context(|| format!("creating a temporary directory in {}", parent.display()))?;
     model.save(tmp.path(), labels)?;
-    if out.exists() {
-        std::fs::remove_dir_all(out).with_context(|| format!("replacing {}", out.display()))?;
-    }
-    let tmp = tmp.keep();
-    std::fs::rename(&tmp, out)
-        .with_context(|| format!("moving the checkpoint into {}", out.display()))?;
-    Ok(())
+    crate::atomic::replace_dir(tmp, out)
+        .with_context(|| format!("moving the checkpoint into {}", out.display()))
 }
 
 /// Checks one dataset a suite uses before any job starts: it opens, has the three splits, its

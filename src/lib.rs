@@ -5,6 +5,7 @@
 
 pub mod alloc;
 pub mod assets;
+pub mod atomic;
 pub mod check;
 pub mod cli;
 pub mod data;

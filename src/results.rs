@@ -7,7 +7,6 @@ use crate::plan::Role;
 use crate::suite::Protocol;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -199,7 +198,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 }
 
 /// Prefix of the temporary files the store writes before renaming them into place.
-const TEMP_PREFIX: &str = ".tmp-";
+use crate::atomic::TEMP_PREFIX;
 
 /// Temporaries younger than this are left alone by `clean_stale_temps`.
 pub const STALE_TEMP_AGE: Duration = Duration::from_secs(3600);
@@ -405,27 +404,10 @@ fn is_temp(path: &Path) -> bool {
         .is_some_and(|n| n.starts_with(TEMP_PREFIX))
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename.
+/// Writes `bytes` to `path` atomically; the temporary's name carries this writer's pid and host
+/// (`temp_prefix`), so that `clean_stale_temps` can tell a dead writer's leftovers.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let parent = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)
-        .with_context(|| format!("cannot create results directory {}", parent.display()))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&temp_prefix())
-        .suffix(".json")
-        .tempfile_in(parent)
-        .with_context(|| format!("cannot create a temporary file in {}", parent.display()))?;
-    tmp.write_all(bytes)
-        .and_then(|_| tmp.as_file().sync_all())
-        .with_context(|| format!("cannot write {}", tmp.path().display()))?;
-    tmp.persist(path)
-        .map_err(|e| e.error)
-        .with_context(|| format!("cannot move {} into place", path.display()))?;
-    // Make the rename itself durable (best effort: not every platform can fsync a directory).
-    if let Ok(d) = std::fs::File::open(parent) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    crate::atomic::write_file_prefixed(path, bytes, &temp_prefix())
 }
 
 /// Visible files under `dir` (recursively) whose extension is `ext`.

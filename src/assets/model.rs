@@ -107,5 +107,5 @@ pub fn install(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
         }
         std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
     }
-    crate::data::store::swap_into_place(tmp, dir)
+    crate::atomic::replace_dir(tmp, dir)
 }

@@ -4,7 +4,6 @@ use crate::export::html::HtmlExporter;
 use crate::export::Exporter;
 use crate::leaderboard::{Leaderboard, LEADERBOARD_SCHEMA_VERSION};
 use anyhow::{bail, ensure, Context, Result};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -108,26 +107,7 @@ pub fn read_board(path: &Path) -> Result<Leaderboard> {
     Ok(board)
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory, so a reader never
-/// sees half a report.
+/// Writes `bytes` to `path` atomically, so a reader never sees half a report.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("creating a temporary file next to --out {}", path.display()))?;
-    tmp.write_all(bytes)
-        .with_context(|| format!("writing --out {}", path.display()))?;
-    // A temporary file is private (0600); a report is meant to be shared.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))
-            .with_context(|| format!("setting permissions of --out {}", path.display()))?;
-    }
-    tmp.persist(path)
-        .with_context(|| format!("writing --out {}", path.display()))?;
-    Ok(())
+    crate::atomic::write_file(path, bytes).with_context(|| format!("--out {}", path.display()))
 }

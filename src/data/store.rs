@@ -134,30 +134,6 @@ pub fn write_dataset(out: &Path, draft: &Draft, existing: Existing) -> Result<Ca
     let mut json = serde_json::to_vec_pretty(&card).context("serialising the dataset card")?;
     json.push(b'\n');
     std::fs::write(&card_path, json).with_context(|| format!("writing {}", card_path.display()))?;
-    swap_into_place(tmp, out)?;
+    crate::atomic::replace_dir(tmp, out)?;
     Ok(card)
-}
-
-/// Renames a finished temporary directory to `out`, replacing an old `out` if there is one.
-pub fn swap_into_place(tmp: tempfile::TempDir, out: &Path) -> Result<()> {
-    let old = if out.exists() {
-        let parent = out.parent().unwrap_or(Path::new("."));
-        let trash = tempfile::Builder::new()
-            .prefix(".old-")
-            .tempdir_in(parent)
-            .with_context(|| format!("creating a temporary directory in {}", parent.display()))?;
-        let target = trash.path().join("old");
-        std::fs::rename(out, &target)
-            .with_context(|| format!("moving the old {} aside", out.display()))?;
-        Some(trash)
-    } else {
-        None
-    };
-    let path = tmp.keep();
-    if let Err(e) = std::fs::rename(&path, out) {
-        let _ = std::fs::remove_dir_all(&path);
-        return Err(e).with_context(|| format!("renaming {} to {}", path.display(), out.display()));
-    }
-    drop(old);
-    Ok(())
 }

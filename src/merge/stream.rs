@@ -155,16 +155,8 @@ pub fn merge_checkpoints(req: &MergeRequest) -> Result<MergeOutcome> {
         }
     }
 
-    let tmp_path = tmp.keep();
-    if let Err(err) = std::fs::rename(&tmp_path, &req.out) {
-        let _ = std::fs::remove_dir_all(&tmp_path);
-        return Err(err).with_context(|| {
-            format!(
-                "renaming the merged checkpoint to --out {}",
-                req.out.display()
-            )
-        });
-    }
+    crate::atomic::replace_dir(tmp, &req.out)
+        .with_context(|| format!("--out {}", req.out.display()))?;
     let merged = plan
         .iter()
         .filter(|t| matches!(t.source, Source::Merge { .. }))
