@@ -6,6 +6,7 @@
 //! file and the field path, e.g. `configs/x.json: targets[2].metric: unknown metric "f1"`.
 
 use crate::leaderboard::Metric;
+use crate::model::Precision;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -62,6 +63,10 @@ pub struct Protocol {
     pub max_length: usize,
     /// Decoupled weight decay of AdamW.
     pub weight_decay: f64,
+    /// Arithmetic of the passes (`f32`, or `bf16` mixed precision). Left out of the JSON when
+    /// f32, so protocols and hashes from before this field are unchanged.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
 }
 
 impl Default for Protocol {
@@ -77,6 +82,7 @@ impl Default for Protocol {
             patience: Some(3),
             max_length: 256,
             weight_decay: 0.01,
+            precision: Precision::F32,
         }
     }
 }
@@ -95,6 +101,9 @@ pub struct ProtocolOverrides {
     pub patience: Option<usize>,
     pub max_length: Option<usize>,
     pub weight_decay: Option<f64>,
+    /// Skipped when absent, so serialised overrides from before this field are unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
 }
 
 impl Protocol {
@@ -114,6 +123,7 @@ impl Protocol {
             },
             max_length: o.max_length.unwrap_or(self.max_length),
             weight_decay: o.weight_decay.unwrap_or(self.weight_decay),
+            precision: o.precision.unwrap_or(self.precision),
         }
     }
 

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Builds recycle with `--features cuda` for the lent GPU machines (H100/H200, sm_90) against the
+# CUDA 13.0 wheels that scripts/cuda/install-toolkit.sh installs, in a target directory of its own
+# (the CPU build in ./target stays untouched), and copies the stripped binaries into dist/cuda/,
+# the ignored folder the device tool carries. See docs/cuda.md.
+# Usage: scripts/cuda/build.sh     (env: CUDA_VENV, CUDA_TARGET_DIR, CUDA_COMPUTE_CAP)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+VENV=${CUDA_VENV:-/work/venv-cuda}
+export CUDA_HOME=$VENV/cuda
+[ -x "$CUDA_HOME/bin/nvcc" ] || scripts/cuda/install-toolkit.sh
+export PATH=$CUDA_HOME/bin:$PATH
+export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+# Pin cudarc's bindings to the CUDA version the GPU machines' driver speaks, rather than whatever
+# `nvcc --version` says.
+export CUDARC_CUDA_VERSION=13000
+export CARGO_TARGET_DIR=${CUDA_TARGET_DIR:-/work/target-cuda}
+
+start=$(date +%s)
+cargo build --release --features cuda --bin recycle --bin gpu-check
+echo "build: cargo took $(( $(date +%s) - start )) s" >&2
+
+mkdir -p dist/cuda
+for b in recycle gpu-check; do
+  cp "$CARGO_TARGET_DIR/release/$b" "dist/cuda/$b"
+  strip "dist/cuda/$b"
+done
+ls -l dist/cuda >&2
+total=$(du -cb dist/cuda/* | tail -n1 | cut -f1)
+if [ "$total" -gt $((60 * 1024 * 1024)) ]; then
+  echo "build: dist/cuda is $total bytes, too close to the device tool's 64 MiB carry limit" >&2
+  exit 1
+fi
