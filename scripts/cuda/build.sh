@@ -18,11 +18,11 @@ export CUDARC_CUDA_VERSION=13000
 export CARGO_TARGET_DIR=${CUDA_TARGET_DIR:-/work/target-cuda}
 
 start=$(date +%s)
-cargo build --release --features cuda --bin recycle --bin gpu-check
+cargo build --release --features cuda --bin recycle
 echo "build: cargo took $(( $(date +%s) - start )) s" >&2
 
 mkdir -p dist/cuda
-for b in recycle gpu-check; do
+for b in recycle; do
   cp "$CARGO_TARGET_DIR/release/$b" "dist/cuda/$b"
   strip "dist/cuda/$b"
 done
