@@ -1199,6 +1199,19 @@ fn list_or_none(v: &[&str]) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn protocol_precision_defaults_to_f32_and_is_left_out_of_its_json() {
+        let p = Protocol::default();
+        assert!(serde_json::to_value(&p).unwrap().get("precision").is_none());
+        let o: ProtocolOverrides = serde_json::from_str(r#"{"precision": "bf16"}"#).unwrap();
+        let q = p.with(&o);
+        assert_eq!(q.precision, Precision::Bf16);
+        assert_eq!(serde_json::to_value(&q).unwrap()["precision"], "bf16");
+        assert!(serde_json::from_str::<ProtocolOverrides>(r#"{"precision": "fp8"}"#).is_err());
+        let cfg = crate::executor::train_config(&q, 0).unwrap();
+        assert_eq!(cfg.precision, Precision::Bf16);
+    }
+
     const OK: &str = r#"{
         "name": "s", "arch": "roberta-base",
         "baseline": {"name": "base", "hub": "roberta-base@main"},
