@@ -596,6 +596,17 @@ pub struct DatasetUse<'a> {
 
 impl Suite {
     /// Reads and validates a suite file, applying `profile` (`--profile`).
+    /// Every job's protocol computes in `precision` (`recycle run --precision`): the same as
+    /// writing it in the suite's top-level protocol, so bf16 jobs get their own hashes.
+    pub fn set_precision(&mut self, precision: Precision) {
+        let donors = self.donors.iter_mut().map(|d| &mut d.protocol);
+        let targets = self.targets.iter_mut().map(|t| &mut t.protocol);
+        let fusion = self.fusion.iter_mut().map(|f| &mut f.protocol);
+        for p in donors.chain(targets).chain(fusion) {
+            p.precision = precision;
+        }
+    }
+
     pub fn load(file: &Path, profile: Option<&str>) -> Result<Suite> {
         let text = std::fs::read_to_string(file)
             .with_context(|| format!("cannot read suite file {}", file.display()))?;

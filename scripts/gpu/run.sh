@@ -11,7 +11,12 @@ OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 DEVICE=${DEVICE:-cuda}
 PY=${PYTHON:-python3}
-BIN=${RECYCLE_BIN:-dist/cuda/recycle}
+BIN=${RECYCLE_BIN:-}
+if [ -z "$BIN" ]; then
+  # scripts/cuda/build.sh ships the binary gzipped (the carry limit).
+  BIN=/tmp/recycle-cuda
+  gzip -dc dist/cuda/recycle.gz >"$BIN" && chmod +x "$BIN"
+fi
 if [ "$DEVICE" = cpu ]; then
   SIZE=(--tiny --batch 4 --seq 16 --warmup 1 --steps 2 --matmul 256)
 else
