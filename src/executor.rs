@@ -145,6 +145,7 @@ impl FinetuneExecutor {
             &model.dir,
             &Head::for_task(&task),
             u64::from(seed),
+            cfg.precision,
             &self.device,
         )
         .with_context(|| format!("loading model {}", model.dir.display()))?;
@@ -328,6 +329,7 @@ pub fn train_config(p: &Protocol, seed: u32) -> Result<TrainConfig> {
         max_length: p.max_length,
         seed: u64::from(seed),
         batching: Batching::LengthBucketed,
+        precision: p.precision,
         ..TrainConfig::default()
     };
     cfg.validate()?;

@@ -6,6 +6,7 @@
 //! file and the field path, e.g. `configs/x.json: targets[2].metric: unknown metric "f1"`.
 
 use crate::leaderboard::Metric;
+use crate::model::Precision;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -62,6 +63,10 @@ pub struct Protocol {
     pub max_length: usize,
     /// Decoupled weight decay of AdamW.
     pub weight_decay: f64,
+    /// Arithmetic of the passes (`f32`, or `bf16` mixed precision). Left out of the JSON when
+    /// f32, so protocols and hashes from before this field are unchanged.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
 }
 
 impl Default for Protocol {
@@ -77,6 +82,7 @@ impl Default for Protocol {
             patience: Some(3),
             max_length: 256,
             weight_decay: 0.01,
+            precision: Precision::F32,
         }
     }
 }
@@ -95,6 +101,9 @@ pub struct ProtocolOverrides {
     pub patience: Option<usize>,
     pub max_length: Option<usize>,
     pub weight_decay: Option<f64>,
+    /// Skipped when absent, so serialised overrides from before this field are unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
 }
 
 impl Protocol {
@@ -114,6 +123,7 @@ impl Protocol {
             },
             max_length: o.max_length.unwrap_or(self.max_length),
             weight_decay: o.weight_decay.unwrap_or(self.weight_decay),
+            precision: o.precision.unwrap_or(self.precision),
         }
     }
 
@@ -586,6 +596,17 @@ pub struct DatasetUse<'a> {
 
 impl Suite {
     /// Reads and validates a suite file, applying `profile` (`--profile`).
+    /// Every job's protocol computes in `precision` (`recycle run --precision`): the same as
+    /// writing it in the suite's top-level protocol, so bf16 jobs get their own hashes.
+    pub fn set_precision(&mut self, precision: Precision) {
+        let donors = self.donors.iter_mut().map(|d| &mut d.protocol);
+        let targets = self.targets.iter_mut().map(|t| &mut t.protocol);
+        let fusion = self.fusion.iter_mut().map(|f| &mut f.protocol);
+        for p in donors.chain(targets).chain(fusion) {
+            p.precision = precision;
+        }
+    }
+
     pub fn load(file: &Path, profile: Option<&str>) -> Result<Suite> {
         let text = std::fs::read_to_string(file)
             .with_context(|| format!("cannot read suite file {}", file.display()))?;
@@ -1188,6 +1209,19 @@ fn list_or_none(v: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn protocol_precision_defaults_to_f32_and_is_left_out_of_its_json() {
+        let p = Protocol::default();
+        assert!(serde_json::to_value(&p).unwrap().get("precision").is_none());
+        let o: ProtocolOverrides = serde_json::from_str(r#"{"precision": "bf16"}"#).unwrap();
+        let q = p.with(&o);
+        assert_eq!(q.precision, Precision::Bf16);
+        assert_eq!(serde_json::to_value(&q).unwrap()["precision"], "bf16");
+        assert!(serde_json::from_str::<ProtocolOverrides>(r#"{"precision": "fp8"}"#).is_err());
+        let cfg = crate::executor::train_config(&q, 0).unwrap();
+        assert_eq!(cfg.precision, Precision::Bf16);
+    }
 
     const OK: &str = r#"{
         "name": "s", "arch": "roberta-base",

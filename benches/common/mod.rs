@@ -114,6 +114,7 @@ pub fn load_minilm(dir: &Path, device: &Device) -> anyhow::Result<Box<dyn Traina
             regression: false,
         },
         0,
+        recycle::model::Precision::F32,
         device,
     )
 }

@@ -68,6 +68,9 @@ pub struct ProtocolArgs {
     /// Batch examples of similar length together (less padding).
     #[arg(long)]
     pub length_bucketing: bool,
+    /// Arithmetic: f32, or bf16 mixed precision (f32 master weights) [default: f32].
+    #[arg(long)]
+    pub precision: Option<crate::model::Precision>,
 }
 
 impl ProtocolArgs {
@@ -109,6 +112,9 @@ impl ProtocolArgs {
         if self.length_bucketing {
             c.batching = Batching::LengthBucketed;
         }
+        if let Some(p) = self.precision {
+            c.precision = p;
+        }
         c.validate().context("invalid protocol flags")?;
         Ok(c)
     }
@@ -137,10 +143,21 @@ fn print_progress(r: &StepReport) {
 pub fn run(args: Args) -> Result<ExitCode> {
     let cfg = args.protocol.to_config()?;
     let device = args.device.open()?;
+    eprintln!(
+        "finetune: running on {} in {}",
+        crate::device::describe(&device),
+        cfg.precision.as_str()
+    );
     let data = load_dataset(&args.dataset)?;
     let tokenizer = TextTokenizer::from_file(&args.model.join("tokenizer.json"), cfg.max_length)
         .with_context(|| format!("--model {}", args.model.display()))?;
-    let model = load_trainable(&args.model, &Head::for_task(&data.task), cfg.seed, &device)?;
+    let model = load_trainable(
+        &args.model,
+        &Head::for_task(&data.task),
+        cfg.seed,
+        cfg.precision,
+        &device,
+    )?;
     let outcome = finetune_on_dataset(
         model.as_ref(),
         &tokenizer,

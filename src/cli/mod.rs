@@ -11,6 +11,7 @@ pub mod data;
 pub mod fetch;
 pub mod finetune;
 pub mod fuse;
+pub mod gpu_check;
 pub mod hub;
 pub mod merge;
 pub mod plan;
@@ -72,6 +73,9 @@ pub enum Command {
     Fuse(fuse::Args),
     /// Write (and optionally submit) a Slurm job-array script for a suite's pending jobs.
     Slurm(slurm::Args),
+    /// CUDA parity and throughput measurements for scripts/gpu/run.sh (docs/cuda.md).
+    #[command(hide = true)]
+    GpuCheck(gpu_check::Args),
 }
 
 /// Runs one parsed command line; the exit code says pass (0), failure or regression (1).
@@ -94,5 +98,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Merge(a) => merge::run(a),
         Command::Fuse(a) => fuse::run(a),
         Command::Slurm(a) => slurm::run(a),
+        Command::GpuCheck(a) => gpu_check::run(a),
     }
 }

@@ -49,7 +49,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
     })?;
     let tokenizer = TextTokenizer::from_file(&args.model.join("tokenizer.json"), args.max_length)
         .with_context(|| format!("--model {}", args.model.display()))?;
-    let model = load_trainable(&args.model, &Head::for_task(&task), 0, &device)?;
+    let model = load_trainable(
+        &args.model,
+        &Head::for_task(&task),
+        0,
+        crate::model::Precision::F32,
+        &device,
+    )?;
     let inference = model.inference_model()?;
     let predictions = predict_examples(
         inference.as_ref(),

@@ -36,13 +36,20 @@ pub struct Args {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     pub device: DeviceRequest,
+    /// f32 or bf16 (mixed precision) for every job, overriding the suite's protocol; bf16 jobs
+    /// are distinct jobs with their own results [default: the suite's, f32].
+    #[arg(long)]
+    pub precision: Option<crate::model::Precision>,
     /// Do not print the leaderboard or write the report at the end (e.g. in a shard).
     #[arg(long)]
     pub no_report: bool,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let suite = Suite::load(&args.suite, args.profile.as_deref())?;
+    let mut suite = Suite::load(&args.suite, args.profile.as_deref())?;
+    if let Some(p) = args.precision {
+        suite.set_precision(p);
+    }
     let home = recycle_home()?;
     fetch_embedded_assets(&suite, &home)?;
     check_model_paths(&suite)?;

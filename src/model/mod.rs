@@ -139,6 +139,50 @@ impl Problem {
     }
 }
 
+/// The arithmetic of the forward and backward passes. The trainable weights and the optimizer state
+/// are f32 in both; `Bf16` casts the weights to bf16 at every forward (a differentiable cast, so
+/// gradients arrive in f32), computes LayerNorm and softmax statistics in f32, and the loop takes
+/// the loss in f32 (mixed precision as torch's autocast does it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    /// The dtype the forward computes in.
+    pub fn compute_dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+
+    pub fn is_f32(&self) -> bool {
+        *self == Self::F32
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "fp32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            other => bail!("precision {other:?}: expected f32 or bf16"),
+        }
+    }
+}
+
 /// How to load a checkpoint for fine-tuning.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -147,8 +191,8 @@ pub struct LoadOptions {
     pub problem: Problem,
     /// Seeds the initialisation of missing or replaced head weights, and dropout (`ops::seed`).
     pub seed: u64,
-    /// Dtype of the trainable weights.
-    pub dtype: DType,
+    /// The arithmetic of the passes; the trainable weights are f32 whatever it is.
+    pub precision: Precision,
     /// Overrides the config's hidden dropout (`hidden_dropout_prob`, DistilBERT's `dropout`).
     pub hidden_dropout: Option<f32>,
 }
@@ -227,8 +271,55 @@ pub struct LoadedModel {
     pub problem: Problem,
     source: std::path::PathBuf,
     arch_config: ArchConfig,
-    dtype: DType,
+    /// The dtype the forward computes in (`Precision::compute_dtype`).
+    compute: DType,
     device: Device,
+}
+
+/// The dtype of the trainable weights (the master copy the optimizer updates), in every precision.
+pub const MASTER_DTYPE: DType = DType::F32;
+
+/// A model that computes in a narrower dtype than its f32 master weights: each forward casts the
+/// current weights (cast op recorded, so gradients flow back to the f32 `Var`s) and builds the
+/// architecture over the casts. Building is a few hundred map look-ups; the cast is one pass over
+/// the weights, as torch's autocast does per matmul.
+struct CastingModel {
+    varmap: VarMap,
+    arch_config: ArchConfig,
+    num_labels: usize,
+    compute: DType,
+    device: Device,
+}
+
+impl CastingModel {
+    fn build(&self, detach: bool) -> CResult<Box<dyn SequenceClassifier>> {
+        let data = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
+        let mut tensors = HashMap::with_capacity(data.len());
+        for (name, var) in data.iter() {
+            let t = if detach {
+                var.as_tensor().detach()
+            } else {
+                var.as_tensor().clone()
+            };
+            tensors.insert(name.clone(), t.to_dtype(self.compute)?);
+        }
+        drop(data);
+        let vb = VarBuilder::from_tensors(tensors, self.compute, &self.device);
+        self.arch_config.build(vb, self.num_labels)
+    }
+}
+
+impl SequenceClassifier for CastingModel {
+    fn forward(&self, batch: &Batch, mode: Mode) -> CResult<Tensor> {
+        self.build(false)?.forward(batch, mode)
+    }
+    fn hidden_states(&self, batch: &Batch) -> CResult<Vec<Tensor>> {
+        self.build(true)?.hidden_states(batch)
+    }
 }
 
 /// Loads the checkpoint in `dir` (`config.json` + safetensors) into a trainable `VarMap` and builds
@@ -260,10 +351,20 @@ pub fn load(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<LoadedMod
     let fresh_ok = arch.head_prefixes().iter().map(|s| s.to_string()).collect();
     let backend = checkpoint::CheckpointBackend::new(name.clone(), weights, fresh_ok, opts.seed);
     let (varmap, fresh) = (backend.varmap.clone(), backend.fresh.clone());
-    let vb = VarBuilder::from_backend(Box::new(backend), opts.dtype, device.clone());
-    let model = arch_config
+    let vb = VarBuilder::from_backend(Box::new(backend), MASTER_DTYPE, device.clone());
+    let mut model = arch_config
         .build(vb, opts.num_labels)
         .with_context(|| format!("{name}: cannot build the {model_type} model"))?;
+    let compute = opts.precision.compute_dtype();
+    if compute != MASTER_DTYPE {
+        model = Box::new(CastingModel {
+            varmap: varmap.clone(),
+            arch_config: arch_config.clone(),
+            num_labels: opts.num_labels,
+            compute,
+            device: device.clone(),
+        });
+    }
     let fresh_params = fresh
         .lock()
         .map_err(|_| anyhow::anyhow!("lock poisoned"))?
@@ -288,7 +389,7 @@ pub fn load(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<LoadedMod
         problem: opts.problem,
         source: dir.to_path_buf(),
         arch_config,
-        dtype: opts.dtype,
+        compute,
         device: device.clone(),
     })
 }
@@ -349,9 +450,9 @@ impl LoadedModel {
             .lock()
             .map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?
             .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-            .collect();
-        let vb = VarBuilder::from_tensors(tensors, self.dtype, &self.device);
+            .map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().to_dtype(self.compute)?)))
+            .collect::<CResult<_>>()?;
+        let vb = VarBuilder::from_tensors(tensors, self.compute, &self.device);
         self.arch_config
             .build(vb, self.num_labels)
             .with_context(|| {
@@ -385,7 +486,7 @@ impl LoadedModel {
         );
         if let Some(obj) = config.as_object_mut() {
             obj.remove("torch_dtype");
-            obj.insert("dtype".into(), dtype_name(self.dtype).into());
+            obj.insert("dtype".into(), dtype_name(MASTER_DTYPE).into());
         }
         let config_path = dir.join("config.json");
         let text = serde_json::to_string_pretty(&config)?;

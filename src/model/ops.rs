@@ -27,12 +27,45 @@ pub fn set_kernels(k: Kernels) {
     FUSED.store(k == Kernels::Fused, Ordering::Relaxed);
 }
 
+/// Which implementation runs one op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// The hand-written CPU kernels of `kernels` (f32, CPU memory only).
+    Fused,
+    /// candle ops, which run on every device and dtype with candle's own backward.
+    Composed,
+}
+
+/// The dispatch rule, pure: the fused kernels read and write f32 CPU buffers, so they run only
+/// when they are selected and every operand is an f32 tensor on the CPU. CUDA tensors, bf16 and
+/// other dtypes always take the composed ops.
+pub fn path_for(selected: Kernels, operands: &[(candle_core::DeviceLocation, DType)]) -> Path {
+    let cpu_f32 = operands.iter().all(|(loc, dtype)| {
+        matches!(loc, candle_core::DeviceLocation::Cpu) && *dtype == DType::F32
+    });
+    if selected == Kernels::Fused && cpu_f32 {
+        Path::Fused
+    } else {
+        Path::Composed
+    }
+}
+
+/// The process-wide selection.
+fn selected() -> Kernels {
+    if FUSED.load(Ordering::Relaxed) {
+        Kernels::Fused
+    } else {
+        Kernels::Composed
+    }
+}
+
 /// Whether the fused kernels apply to all of `ts`.
 fn fusable(ts: &[&Tensor]) -> bool {
-    FUSED.load(Ordering::Relaxed)
-        && ts
-            .iter()
-            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    let operands: Vec<_> = ts
+        .iter()
+        .map(|t| (t.device().location(), t.dtype()))
+        .collect();
+    path_for(selected(), &operands) == Path::Fused
 }
 
 /// Host RNG for dropout masks on the CPU, whose candle RNG cannot be seeded.
@@ -100,6 +133,16 @@ pub fn scaled_masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Resu
 }
 
 fn composed_scaled_masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let dtype = scores.dtype();
+    if matches!(dtype, DType::F16 | DType::BF16) {
+        // Scale, mask and normalise in f32: bf16's 8-bit mantissa would round the scores first.
+        let p = composed_scaled_masked_softmax(
+            &scores.to_dtype(DType::F32)?,
+            &bias.to_dtype(DType::F32)?,
+            scale,
+        )?;
+        return p.to_dtype(dtype);
+    }
     let scaled = if scale == 1.0 {
         scores.clone()
     } else {
@@ -108,8 +151,13 @@ fn composed_scaled_masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) ->
     softmax(&scaled.broadcast_add(bias)?)
 }
 
-/// Softmax over the last dimension.
+/// Softmax over the last dimension; half-precision inputs are exponentiated and summed in f32 and
+/// the probabilities cast back.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    if matches!(dtype, DType::F16 | DType::BF16) {
+        return softmax(&x.to_dtype(DType::F32)?)?.to_dtype(dtype);
+    }
     // The shift is a constant for the gradient: softmax is invariant to it.
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
@@ -464,6 +512,86 @@ mod tests {
         let m = Tensor::from_vec(m, (b, heads, s, s), &Device::Cpu).unwrap();
         let composed = composed_attention(&[q, k, v, bias], heads, Some(&m)).unwrap();
         assert_close(&fused, &composed, 1e-5, "attention with seeded dropout");
+    }
+
+    #[test]
+    fn dispatch_rule_sends_only_cpu_f32_to_the_fused_kernels() {
+        use candle_core::DeviceLocation::{Cpu, Cuda};
+        let cuda = Cuda { gpu_id: 0 };
+        assert_eq!(path_for(Kernels::Fused, &[(Cpu, DType::F32)]), Path::Fused);
+        assert_eq!(
+            path_for(Kernels::Fused, &[(Cpu, DType::F32), (Cpu, DType::F32)]),
+            Path::Fused
+        );
+        // CUDA, in any dtype, never reaches the CPU kernels.
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            assert_eq!(path_for(Kernels::Fused, &[(cuda, dtype)]), Path::Composed);
+        }
+        // bf16 on the CPU, and a mix with one bf16 operand, take the composed ops.
+        assert_eq!(
+            path_for(Kernels::Fused, &[(Cpu, DType::BF16)]),
+            Path::Composed
+        );
+        assert_eq!(
+            path_for(Kernels::Fused, &[(Cpu, DType::F32), (Cpu, DType::BF16)]),
+            Path::Composed
+        );
+        assert_eq!(
+            path_for(Kernels::Fused, &[(Cpu, DType::F32), (cuda, DType::F32)]),
+            Path::Composed
+        );
+        // Deselected: composed everywhere.
+        assert_eq!(
+            path_for(Kernels::Composed, &[(Cpu, DType::F32)]),
+            Path::Composed
+        );
+    }
+
+    #[test]
+    fn bf16_softmax_and_layer_norm_keep_f32_statistics() {
+        // Scores whose softmax needs more than bf16's mantissa in the sum: the result must be the
+        // f32 softmax rounded once to bf16 (relative error <= 2^-8), and rows must sum to 1.
+        let scores = randn(&[2, 3, 5, 64], 4.0, 21);
+        let mask = Tensor::ones((2, 64), DType::U32, &Device::Cpu).unwrap();
+        let bias = attention_bias(&mask, DType::F32).unwrap();
+        let want = composed_scaled_masked_softmax(&scores, &bias, 0.125).unwrap();
+        let got = scaled_masked_softmax(
+            &scores.to_dtype(DType::BF16).unwrap(),
+            &bias.to_dtype(DType::BF16).unwrap(),
+            0.125,
+        )
+        .unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        let got = got.to_dtype(DType::F32).unwrap();
+        // Inputs were rounded to bf16 too (|scores| up to ~8, scaled by 1/8): allow 2^-7 relative
+        // plus a small absolute term for tiny probabilities.
+        let (g, w) = (
+            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+            assert!(
+                (a - b).abs() <= b.abs() / 128.0 + 1e-4,
+                "softmax[{i}]: {a} vs {b}"
+            );
+        }
+        let sums = got.sum_keepdim(D::Minus1).unwrap().flatten_all().unwrap();
+        for s in sums.to_vec1::<f32>().unwrap() {
+            assert!((s - 1.0).abs() < 0.02, "row sum {s}");
+        }
+        let x = (randn(&[4, 96], 1.0, 22) + 50.0).unwrap();
+        let w = Tensor::ones(96, DType::F32, &Device::Cpu).unwrap();
+        let b = Tensor::zeros(96, DType::F32, &Device::Cpu).unwrap();
+        let want = composed_layer_norm(&x, &w, &b, 1e-5).unwrap();
+        let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let got = layer_norm(&bf(&x), &bf(&w), &bf(&b), 1e-5)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        // Offset 50 with unit spread: bf16 rounds the input to 0.25 steps, so the normalised
+        // values move by up to ~0.25 / std; statistics in bf16 would be far worse (variance of
+        // values quantised around 50).
+        assert_close(&got, &want, 0.3, "bf16 layer_norm");
     }
 
     #[test]

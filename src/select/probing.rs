@@ -13,7 +13,7 @@ use crate::model::{load, LoadOptions, Problem};
 use crate::results::{FeatureLayers, FeaturePooling, ProbeScores};
 use crate::tokenize::TextTokenizer;
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::io::Read;
@@ -143,7 +143,7 @@ fn compute(
         num_labels: 2,
         problem: Problem::SingleLabel,
         seed: 0,
-        dtype: DType::F32,
+        precision: crate::model::Precision::F32,
         hidden_dropout: None,
     };
     let loaded = load(model_dir, &opts, device)?;

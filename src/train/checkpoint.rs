@@ -2,9 +2,9 @@
 //! loaded checkpoint, and the function that loads one.
 
 use crate::data::Task;
-use crate::model::{LoadOptions, LoadedModel, Problem, SequenceClassifier};
+use crate::model::{LoadOptions, LoadedModel, Precision, Problem, SequenceClassifier};
 use anyhow::{Context, Result};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use candle_nn::VarMap;
 use std::path::Path;
 
@@ -36,11 +36,12 @@ impl Head {
 }
 
 /// Loads the checkpoint in `dir` with a head for `head`, its fresh weights seeded by `seed`
-/// (f32 weights, the config's dropout).
+/// (f32 weights computing in `precision`, the config's dropout).
 pub fn load_trainable(
     dir: &Path,
     head: &Head,
     seed: u64,
+    precision: Precision,
     device: &Device,
 ) -> Result<Box<dyn TrainableModel>> {
     let problem = if head.regression {
@@ -52,7 +53,7 @@ pub fn load_trainable(
         num_labels: head.num_labels,
         problem,
         seed,
-        dtype: DType::F32,
+        precision,
         hidden_dropout: None,
     };
     Ok(Box::new(crate::model::load(dir, &opts, device)?))

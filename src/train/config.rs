@@ -1,5 +1,6 @@
 //! Every fine-tuning default in one place, one comment each; the runner hashes the resolved config.
 
+pub use crate::model::Precision;
 use serde::{Deserialize, Serialize};
 
 /// When the loop evaluates on the dev split (and may stop early).
@@ -62,6 +63,11 @@ pub struct TrainConfig {
     pub seed: u64,
     /// How examples are grouped into batches (plain seeded shuffling by default).
     pub batching: Batching,
+    /// Arithmetic of the passes: f32, or bf16 with f32 master weights, optimizer state and loss
+    /// (see docs/cuda.md). f32 by default on every device; left out of the JSON when f32, so
+    /// configs (and their hashes) from before this field are unchanged.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -83,6 +89,7 @@ impl Default for TrainConfig {
             max_length: 128,
             seed: 0,
             batching: Batching::Shuffled,
+            precision: Precision::F32,
         }
     }
 }
@@ -165,6 +172,19 @@ mod tests {
         let json = serde_json::to_string(&c).unwrap();
         let back: TrainConfig = serde_json::from_str(&json).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn precision_is_absent_from_f32_json_and_recorded_for_bf16() {
+        let f32_json = serde_json::to_value(TrainConfig::default()).unwrap();
+        assert!(f32_json.get("precision").is_none());
+        let bf16 = TrainConfig {
+            precision: Precision::Bf16,
+            ..TrainConfig::default()
+        };
+        let v = serde_json::to_value(&bf16).unwrap();
+        assert_eq!(v["precision"], "bf16");
+        assert_eq!(serde_json::from_value::<TrainConfig>(v).unwrap(), bf16);
     }
 
     #[test]

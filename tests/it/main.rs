@@ -6,6 +6,7 @@ mod fuse;
 mod hub;
 mod merge;
 mod models;
+mod precision;
 mod report;
 mod runner;
 mod select;

@@ -41,7 +41,7 @@ fn options(case: &str, seed: u64) -> LoadOptions {
             Problem::SingleLabel
         },
         seed,
-        dtype: DType::F32,
+        precision: recycle::model::Precision::F32,
         hidden_dropout: None,
     }
 }
@@ -447,7 +447,7 @@ fn bare_sentence_transformers_encoder_loads_with_a_fresh_seeded_head() {
         num_labels: 4,
         problem: Problem::SingleLabel,
         seed,
-        dtype: DType::F32,
+        precision: recycle::model::Precision::F32,
         hidden_dropout: None,
     };
     let dir = fixture("bert_bare");
@@ -668,36 +668,6 @@ fn a_sharded_checkpoint_loads_like_a_single_file() {
         max_abs_diff(&logits, &load(case).model.forward(&b, Mode::Eval).unwrap()),
         0.0
     );
-}
-
-#[test]
-fn bf16_weights_train_and_stay_close_to_the_reference() {
-    for case in ["bert", "deberta-v3"] {
-        let exp = expected(case);
-        let mut opts = options(case, 0);
-        opts.dtype = DType::BF16;
-        let loaded = model::load(&fixture(case), &opts, &Device::Cpu).unwrap();
-        assert_eq!(var(&loaded, "classifier.weight").dtype(), DType::BF16);
-        let logits = loaded
-            .model
-            .forward(&batch(case, &exp), Mode::Train)
-            .unwrap();
-        assert_eq!(
-            logits.dtype(),
-            DType::F32,
-            "logits are f32 whatever the weights"
-        );
-        let grads = loss(case, &logits, &exp).backward().unwrap();
-        assert!(grads
-            .get(var(&loaded, "classifier.weight").as_tensor())
-            .is_some());
-        let eval = loaded
-            .model
-            .forward(&batch(case, &exp), Mode::Eval)
-            .unwrap();
-        let d = max_abs_diff(&eval, &exp["logits"]);
-        assert!(d < 0.05, "{case}: bf16 logits differ by {d}");
-    }
 }
 
 #[test]

@@ -1,0 +1,71 @@
+"""Joins `recycle gpu-check` and scripts/gpu/torch_gpu_bench.py output (JSON lines) into the
+report scripts/gpu/run.sh writes: parity verdicts, examples/s side by side, recycle/torch ratios
+and MFU against the bf16 matmul ceiling measured in the same run.
+
+    python3 scripts/gpu/summarize.py recycle.jsonl torch.jsonl > gpu-report.txt
+"""
+
+import json
+import sys
+
+
+def read(path):
+    rows = []
+    try:
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line.startswith("{"):
+                    rows.append(json.loads(line))
+    except OSError as e:
+        print(f"(cannot read {path}: {e})")
+    return rows
+
+
+def main():
+    rows = [r for p in sys.argv[1:] for r in read(p)]
+    parity = [r for r in rows if r["kind"] == "parity"]
+    print("== parity (device vs CPU f32)")
+    if not parity:
+        print("no parity rows: the recycle run did not get that far")
+    for r in parity:
+        verdict = "PASS" if r["pass"] else "FAIL"
+        print(f"{verdict} {r['case']:<11} {r['precision']:<5} {r['what']:<28} "
+              f"max|diff| {r['max_abs_diff']:.2e} (tol {r['tol']:.1e})")
+    ceilings = {r["impl"]: r["tflops"] for r in rows if r["kind"] == "matmul"}
+    print("\n== bf16 matmul ceiling (TFLOP/s)")
+    for k, v in ceilings.items():
+        print(f"{k:<8} {v:8.1f}")
+    peak = max(ceilings.values()) if ceilings else None
+    bench = [r for r in rows if r["kind"] == "bench"]
+    key = lambda r: (r["shape"], r["precision"], r["mode"])
+    ours = {key(r): r for r in bench if r["impl"] == "recycle"}
+    theirs = {}
+    for r in bench:
+        if r["impl"].startswith("torch"):
+            theirs.setdefault(key(r), {})[r["impl"]] = r
+    print("\n== throughput (examples/s), ratios recycle/torch, MFU = TFLOP/s over the ceiling")
+    print(f"{'shape':<18}{'prec':<6}{'mode':<7}{'recycle':>10}{'eager':>10}{'sdpa':>10}"
+          f"{'r/eager':>9}{'r/sdpa':>8}{'MFU':>7}")
+    for k in sorted(set(ours) | set(theirs)):
+        o = ours.get(k)
+        t = theirs.get(k, {})
+        e, s = t.get("torch-eager"), t.get("torch-sdpa")
+        f = lambda r: f"{r['examples_per_s']:10.1f}" if r else f"{'-':>10}"
+        ratio = lambda r: f"{o['examples_per_s'] / r['examples_per_s']:8.2f}" if o and r else f"{'-':>8}"
+        mfu = f"{100 * o['tflops'] / peak:6.1f}%" if o and peak else f"{'-':>7}"
+        print(f"{k[0]:<18}{k[1]:<6}{k[2]:<7}{f(o)}{f(e)}{f(s)} {ratio(e)}{ratio(s)}{mfu}")
+    target = ours.get(("roberta-base", "bf16", "train"))
+    if target and peak:
+        mfu = 100 * target["tflops"] / peak
+        print(f"\ntarget: roberta-base bf16 train MFU {mfu:.1f}% (goal >= 40%): "
+              + ("met" if mfu >= 40 else "NOT met"))
+    e = theirs.get(("roberta-base", "bf16", "train"), {}).get("torch-eager")
+    if target and e:
+        r = target["examples_per_s"] / e["examples_per_s"]
+        print(f"target: roberta-base bf16 train vs torch eager {r:.2f}x (goal >= 1): "
+              + ("met" if r >= 1 else "NOT met"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,399 @@
+//! `recycle gpu-check` (hidden): the measurements scripts/gpu/run.sh takes on a lent GPU in one
+//! call. CUDA against CPU on the tiny parity fixtures (logits, one AdamW step, bf16), then
+//! training and inference examples/s of MiniLM-L6- and roberta-base-shaped models with random
+//! weights, and a large bf16 matmul as the card's ceiling. One JSON line per measurement on stdout,
+//! progress on stderr. `--device cpu --tiny` runs the same control flow on a CPU in seconds.
+
+use crate::device::{describe, DeviceRequest};
+use crate::model::bert::{BertClassifier, BertConfig, Flavour};
+use crate::model::{self, Batch, LoadOptions, Mode, Precision, Problem};
+use crate::train::optim::{clip_grad_norm, decays, AdamW, AdamWParams, Kernel};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceRequest,
+    /// The parity fixtures (tests/fixtures/parity in the repository).
+    #[arg(long, default_value = "tests/fixtures/parity")]
+    pub fixtures: PathBuf,
+    /// Model shapes to time, comma-separated: minilm, roberta-base.
+    #[arg(long, value_delimiter = ',', default_value = "minilm,roberta-base")]
+    pub shapes: Vec<String>,
+    /// Precisions to time, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "f32,bf16")]
+    pub precisions: Vec<Precision>,
+    /// Examples per training step and per inference batch.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Tokens per example.
+    #[arg(long, default_value_t = 128)]
+    pub seq: usize,
+    /// Untimed steps before each measurement.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Timed steps of each measurement.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Side of the square bf16 matmul that measures the ceiling (0 skips it).
+    #[arg(long, default_value_t = 8192)]
+    pub matmul: usize,
+    /// Shrink the shapes (2 layers, hidden 64) for a smoke test of the control flow.
+    #[arg(long)]
+    pub tiny: bool,
+    /// Skip the parity checks.
+    #[arg(long)]
+    pub skip_parity: bool,
+}
+
+/// An encoder shape: transformers' config fields that set the FLOPs.
+#[derive(Debug, Clone)]
+struct Shape {
+    name: String,
+    model_type: &'static str,
+    vocab: usize,
+    hidden: usize,
+    layers: usize,
+    heads: usize,
+    intermediate: usize,
+}
+
+impl Shape {
+    fn named(name: &str, tiny: bool) -> Result<Self> {
+        let (model_type, vocab, hidden, layers, heads, intermediate) = match name {
+            "minilm" => ("bert", 30522, 384, 6, 12, 1536),
+            "roberta-base" => ("roberta", 50265, 768, 12, 12, 3072),
+            other => bail!("--shapes {other}: expected minilm or roberta-base"),
+        };
+        Ok(if tiny {
+            Self {
+                name: format!("{name}-tiny"),
+                model_type,
+                vocab: 1000,
+                hidden: 64,
+                layers: 2,
+                heads: 4,
+                intermediate: 128,
+            }
+        } else {
+            Self {
+                name: name.to_string(),
+                model_type,
+                vocab,
+                hidden,
+                layers,
+                heads,
+                intermediate,
+            }
+        })
+    }
+
+    fn config(&self) -> serde_json::Value {
+        let roberta = self.model_type == "roberta";
+        json!({
+            "model_type": self.model_type,
+            "vocab_size": self.vocab,
+            "hidden_size": self.hidden,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "intermediate_size": self.intermediate,
+            "hidden_act": "gelu",
+            "hidden_dropout_prob": 0.1,
+            "attention_probs_dropout_prob": 0.1,
+            "max_position_embeddings": if roberta { 514 } else { 512 },
+            "type_vocab_size": if roberta { 1 } else { 2 },
+            "initializer_range": 0.02,
+            "layer_norm_eps": if roberta { 1e-5 } else { 1e-12 },
+            "pad_token_id": if roberta { 1 } else { 0 },
+        })
+    }
+
+    /// Matmul FLOPs of one example's forward pass: the encoder's dense layers (2 per weight per
+    /// token) and attention's two products (QKᵀ and PV, 2·seq·hidden each per token and layer).
+    /// Embeddings, the head, LayerNorm and softmax are left out, as MFU conventions do.
+    fn forward_flops(&self, seq: usize) -> f64 {
+        let (h, i, l, s) = (
+            self.hidden as f64,
+            self.intermediate as f64,
+            self.layers as f64,
+            seq as f64,
+        );
+        let dense = l * (4.0 * h * h + 2.0 * h * i);
+        s * (2.0 * dense + l * 4.0 * s * h)
+    }
+}
+
+/// Writes `config.json` and random `model.safetensors` (transformers' initialisation: normal(0,
+/// 0.02) weights, unit LayerNorm) of `shape` to `dir`.
+fn write_random_checkpoint(shape: &Shape, dir: &Path) -> Result<()> {
+    let config = shape.config();
+    let cfg: BertConfig = serde_json::from_value(config.clone())?;
+    let flavour = if shape.model_type == "roberta" {
+        Flavour::Roberta
+    } else {
+        Flavour::Bert
+    };
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    BertClassifier::load(vb, &cfg, flavour, 2)
+        .with_context(|| format!("building a random {}", shape.name))?;
+    std::fs::write(dir.join("config.json"), serde_json::to_string(&config)?)
+        .with_context(|| format!("writing {}/config.json", dir.display()))?;
+    varmap
+        .save(dir.join("model.safetensors"))
+        .with_context(|| format!("writing {}/model.safetensors", dir.display()))
+}
+
+fn emit(v: serde_json::Value) {
+    println!("{v}");
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar()?)
+}
+
+fn max_abs(a: &Tensor) -> Result<f32> {
+    Ok(a.to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar()?)
+}
+
+fn adamw_defaults() -> AdamWParams {
+    AdamWParams {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    }
+}
+
+/// Logits of `case` after one AdamW step (eval-mode forward, so no dropout draws differ between
+/// devices), with the logits before it.
+fn one_step(
+    case: &str,
+    dir: &Path,
+    exp: &HashMap<String, Tensor>,
+    precision: Precision,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let opts = LoadOptions {
+        num_labels: 3,
+        problem: Problem::SingleLabel,
+        seed: 0,
+        precision,
+        hidden_dropout: None,
+    };
+    let m = model::load(dir, &opts, device).with_context(|| format!("fixture {case}"))?;
+    let ids = |n: &str| -> Result<Tensor> { Ok(exp[n].to_dtype(DType::U32)?.to_device(device)?) };
+    let batch = Batch {
+        input_ids: ids("input_ids")?,
+        attention_mask: ids("attention_mask")?,
+        token_type_ids: if case.starts_with("bert") || case.starts_with("deberta") {
+            Some(ids("token_type_ids")?)
+        } else {
+            None
+        },
+    };
+    let labels = ids("labels")?;
+    let mut opt = AdamW::new(&m.varmap, adamw_defaults(), decays, Kernel::Auto)?;
+    let before = m.model.forward(&batch, Mode::Eval)?;
+    let loss = candle_nn::loss::cross_entropy(&before.to_dtype(DType::F32)?, &labels)?;
+    let grads = loss.backward()?;
+    let mut gs: Vec<Option<Tensor>> = opt
+        .vars()
+        .map(|v| grads.get(v.as_tensor()).cloned())
+        .collect();
+    clip_grad_norm(&mut gs, 1.0)?;
+    opt.step(&gs, 1e-3, 1.0)?;
+    let after = m.model.forward(&batch, Mode::Eval)?;
+    Ok((before, after))
+}
+
+/// Device against CPU f32 on each fixture; returns whether every check passed.
+fn parity(args: &Args, device: &Device) -> Result<bool> {
+    let mut ok = true;
+    for case in ["bert", "roberta", "distilbert", "deberta-v3"] {
+        let dir = args.fixtures.join(case);
+        let exp = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)
+            .with_context(|| format!("{}/expected.safetensors", dir.display()))?;
+        let (cpu_before, cpu_after) = one_step(case, &dir, &exp, Precision::F32, &Device::Cpu)?;
+        for precision in [Precision::F32, Precision::Bf16] {
+            let (before, after) = one_step(case, &dir, &exp, precision, device)?;
+            // f32: reduction order alone; bf16: 2^-5 of the logits' scale (tests/it/precision.rs).
+            let tol = match precision {
+                Precision::F32 => 1e-3,
+                Precision::Bf16 => max_abs(&cpu_before)?.max(1.0) / 32.0,
+            };
+            for (what, ours, cpu) in [
+                ("logits", &before, &cpu_before),
+                ("logits after one AdamW step", &after, &cpu_after),
+            ] {
+                let d = max_abs_diff(ours, cpu)?;
+                let pass = d.is_finite() && d <= tol;
+                ok &= pass;
+                emit(json!({
+                    "kind": "parity", "case": case, "precision": precision.as_str(),
+                    "what": what, "device": describe(device), "max_abs_diff": d, "tol": tol,
+                    "pass": pass,
+                }));
+            }
+        }
+        eprintln!("gpu-check: parity {case} done");
+    }
+    Ok(ok)
+}
+
+fn random_batch(shape: &Shape, args: &Args, device: &Device, seed: u64) -> Result<(Batch, Tensor)> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = args.batch * args.seq;
+    // Ids above the special tokens, so padding-derived positions stay ordinary.
+    let ids: Vec<u32> = (0..n)
+        .map(|_| rng.random_range(5..shape.vocab as u32))
+        .collect();
+    let labels: Vec<u32> = (0..args.batch).map(|_| rng.random_range(0..2)).collect();
+    let batch = Batch {
+        input_ids: Tensor::from_vec(ids, (args.batch, args.seq), device)?,
+        attention_mask: Tensor::ones((args.batch, args.seq), DType::U32, device)?,
+        token_type_ids: None,
+    };
+    Ok((batch, Tensor::from_vec(labels, args.batch, device)?))
+}
+
+/// Seconds per call of `f`, after `warmup` untimed calls, with the device drained before the
+/// clock stops.
+fn time_it(
+    device: &Device,
+    warmup: usize,
+    steps: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    device.synchronize()?;
+    let t = Instant::now();
+    for _ in 0..steps {
+        f()?;
+    }
+    device.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() / steps.max(1) as f64)
+}
+
+fn bench_shape(shape: &Shape, args: &Args, device: &Device) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    write_random_checkpoint(shape, tmp.path())?;
+    let (batch, labels) = random_batch(shape, args, device, 7)?;
+    let fwd = shape.forward_flops(args.seq);
+    for &precision in &args.precisions {
+        let opts = LoadOptions {
+            num_labels: 2,
+            problem: Problem::SingleLabel,
+            seed: 0,
+            precision,
+            hidden_dropout: None,
+        };
+        let m = model::load(tmp.path(), &opts, device)?;
+        let mut opt = AdamW::new(&m.varmap, adamw_defaults(), decays, Kernel::Auto)?;
+        let train = time_it(device, args.warmup, args.steps, || {
+            let logits = m.model.forward(&batch, Mode::Train)?;
+            let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, &labels)?;
+            let grads = loss.backward()?;
+            let gs: Vec<Option<Tensor>> = opt
+                .vars()
+                .map(|v| grads.get(v.as_tensor()).cloned())
+                .collect();
+            opt.step(&gs, 1e-5, 1.0)
+        })?;
+        let inference = m.inference_model()?;
+        let infer = time_it(device, args.warmup, args.steps, || {
+            inference.forward(&batch, Mode::Eval)?;
+            Ok(())
+        })?;
+        for (mode, secs, flops) in [("train", train, 3.0 * fwd), ("infer", infer, fwd)] {
+            let eps = args.batch as f64 / secs;
+            emit(json!({
+                "kind": "bench", "impl": "recycle", "shape": shape.name,
+                "precision": precision.as_str(), "mode": mode, "batch": args.batch,
+                "seq": args.seq, "examples_per_s": eps, "flops_per_example": flops,
+                "tflops": eps * flops / 1e12, "device": describe(device),
+            }));
+            eprintln!(
+                "gpu-check: {} {} {mode}: {eps:.1} examples/s",
+                shape.name,
+                precision.as_str()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// TFLOP/s of an n×n×n bf16 matmul through candle (cuBLAS on CUDA).
+fn matmul_ceiling(n: usize, device: &Device) -> Result<f64> {
+    let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(DType::BF16)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(DType::BF16)?;
+    let secs = time_it(device, 2, 10, || {
+        a.matmul(&b)?;
+        Ok(())
+    })?;
+    Ok(2.0 * (n as f64).powi(3) / secs / 1e12)
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let device = args.device.open()?;
+    eprintln!("gpu-check: running on {}", describe(&device));
+    let mut ok = true;
+    if !args.skip_parity {
+        ok &= parity(&args, &device)?;
+    }
+    if args.matmul > 0 {
+        let tflops = matmul_ceiling(args.matmul, &device)?;
+        emit(
+            json!({"kind": "matmul", "impl": "recycle", "n": args.matmul, "dtype": "bf16",
+                    "tflops": tflops, "device": describe(&device)}),
+        );
+        eprintln!(
+            "gpu-check: bf16 matmul {}³: {tflops:.1} TFLOP/s",
+            args.matmul
+        );
+    }
+    for name in &args.shapes {
+        let shape = Shape::named(name, args.tiny)?;
+        bench_shape(&shape, &args, &device).with_context(|| format!("bench {}", shape.name))?;
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_flops_follow_the_dense_and_attention_terms() {
+        // roberta-base at seq 128: 85M encoder matmul weights → 2·85M·128 ≈ 21.7 GFLOP, plus
+        // attention 12·4·128²·768 ≈ 0.6 GFLOP.
+        let s = Shape::named("roberta-base", false).unwrap();
+        let dense_weights = 12.0 * (4.0 * 768.0 * 768.0 + 2.0 * 768.0 * 3072.0);
+        assert_eq!(dense_weights, 84_934_656.0);
+        let want = 128.0 * 2.0 * dense_weights + 12.0 * 4.0 * 128.0 * 128.0 * 768.0;
+        assert_eq!(s.forward_flops(128), want);
+        assert!(Shape::named("gpt2", false).is_err());
+    }
+}

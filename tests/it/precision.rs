@@ -1,0 +1,216 @@
+//! bf16 mixed precision on the CPU (candle's CPU backend has bf16), which is how it is tested
+//! without a GPU: logits and AdamW steps of the tiny parity fixtures against transformers' f32
+//! references, with f32 master weights and gradients throughout.
+
+use candle_core::{DType, Device, Tensor};
+use recycle::model::{self, Batch, LoadOptions, LoadedModel, Mode, Precision, Problem};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+const CASES: &[&str] = &[
+    "bert",
+    "bert_regression",
+    "roberta",
+    "xlm-roberta",
+    "distilbert",
+    "deberta-v3",
+    "deberta-v2",
+];
+
+/// bf16 keeps 8 significant bits: one rounding is off by at most 2^-9 relatively. A logit of the
+/// two-layer fixtures goes through about a dozen roundings in sequence (embeddings, each matmul's
+/// inputs, the casts after LayerNorm and softmax), whose errors partly cancel in the dot
+/// products; 2^-5 of the logits' scale bounds that with room, and is still far below the
+/// differences the f32 parity tests catch in a wrong layer (those move logits by O(scale)).
+const BF16_REL_TOL: f32 = 1.0 / 32.0;
+
+fn fixture(case: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/parity")
+        .join(case)
+}
+
+fn expected(case: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(case).join("expected.safetensors"), &Device::Cpu)
+        .unwrap()
+}
+
+fn problem(case: &str) -> Problem {
+    if case.ends_with("regression") {
+        Problem::Regression
+    } else {
+        Problem::SingleLabel
+    }
+}
+
+fn load(case: &str, precision: Precision) -> LoadedModel {
+    let opts = LoadOptions {
+        num_labels: if problem(case) == Problem::Regression {
+            1
+        } else {
+            3
+        },
+        problem: problem(case),
+        seed: 0,
+        precision,
+        hidden_dropout: None,
+    };
+    model::load(&fixture(case), &opts, &Device::Cpu).unwrap()
+}
+
+fn batch(case: &str, exp: &HashMap<String, Tensor>) -> Batch {
+    let ids = |n: &str| exp[n].to_dtype(DType::U32).unwrap();
+    Batch {
+        input_ids: ids("input_ids"),
+        attention_mask: ids("attention_mask"),
+        token_type_ids: (case.starts_with("bert") || case.starts_with("deberta"))
+            .then(|| ids("token_type_ids")),
+    }
+}
+
+fn loss(case: &str, logits: &Tensor, exp: &HashMap<String, Tensor>) -> Tensor {
+    let labels = match problem(case) {
+        Problem::Regression => exp["labels"].to_dtype(DType::F32).unwrap(),
+        Problem::SingleLabel => exp["labels"].to_dtype(DType::U32).unwrap(),
+    };
+    problem(case).loss(logits, &labels).unwrap()
+}
+
+fn max_abs(a: &Tensor) -> f32 {
+    a.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    max_abs(&(a - b).unwrap())
+}
+
+fn master_dtypes(m: &LoadedModel) -> Vec<(String, DType)> {
+    m.varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.dtype()))
+        .collect()
+}
+
+#[test]
+fn bf16_logits_are_close_to_transformers_f32_logits() {
+    for case in CASES {
+        let exp = expected(case);
+        let b = batch(case, &exp);
+        let m = load(case, Precision::Bf16);
+        let want = &exp["logits"];
+        let scale = max_abs(want).max(1.0);
+        for (what, logits) in [
+            (
+                "train-graph model",
+                m.model.forward(&b, Mode::Eval).unwrap(),
+            ),
+            (
+                "inference model",
+                m.inference_model()
+                    .unwrap()
+                    .forward(&b, Mode::Eval)
+                    .unwrap(),
+            ),
+        ] {
+            assert_eq!(logits.dtype(), DType::F32, "{case}: logits are f32");
+            let d = max_abs_diff(&logits, want);
+            assert!(
+                d <= BF16_REL_TOL * scale,
+                "{case} {what}: bf16 logits differ by {d} (scale {scale})"
+            );
+            // The bf16 path really ran: exact f32 agreement would mean nothing was rounded.
+            assert!(d > 0.0, "{case} {what}: bf16 logits equal f32 exactly");
+        }
+        let f32_logits = load(case, Precision::F32)
+            .model
+            .forward(&b, Mode::Eval)
+            .unwrap();
+        assert!(max_abs_diff(&f32_logits, want) < 1e-4);
+        for (name, dtype) in master_dtypes(&m) {
+            assert_eq!(
+                dtype,
+                DType::F32,
+                "{case}: master weight {name} is {dtype:?}"
+            );
+        }
+    }
+}
+
+/// Five AdamW steps computed in bf16: gradients reach the f32 master weights in f32, the loss
+/// falls, and the logits after the steps match transformers' f32 run within bf16's tolerance.
+#[test]
+fn bf16_training_steps_update_f32_master_weights_like_transformers() {
+    use recycle::train::optim::{clip_grad_norm, decays, AdamW, AdamWParams, Kernel};
+    use recycle::train::schedule::lr_at;
+    for case in CASES {
+        let exp = expected(case);
+        let m = load(case, Precision::Bf16);
+        let b = batch(case, &exp);
+        let settings: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture(case).join("optimizer.json")).unwrap(),
+        )
+        .unwrap();
+        let f = |k: &str| settings[k].as_f64().unwrap();
+        let hp = AdamWParams {
+            beta1: settings["betas"][0].as_f64().unwrap(),
+            beta2: settings["betas"][1].as_f64().unwrap(),
+            eps: f("eps"),
+            weight_decay: f("weight_decay"),
+        };
+        let steps = settings["lr_per_step"].as_array().unwrap().len();
+        let mut opt = AdamW::new(&m.varmap, hp, decays, Kernel::Auto).unwrap();
+        let first_loss: f32 = loss(case, &m.model.forward(&b, Mode::Eval).unwrap(), &exp)
+            .to_scalar()
+            .unwrap();
+        for step in 0..steps {
+            let logits = m.model.forward(&b, Mode::Eval).unwrap();
+            let l = loss(case, &logits, &exp);
+            assert_eq!(l.dtype(), DType::F32, "{case}: the loss is f32");
+            let grads = l.backward().unwrap();
+            let mut gs: Vec<Option<Tensor>> = opt
+                .vars()
+                .map(|v| grads.get(v.as_tensor()).cloned())
+                .collect();
+            assert!(
+                gs.iter().flatten().all(|g| g.dtype() == DType::F32),
+                "{case}: gradients of the master weights are f32"
+            );
+            assert!(
+                gs.iter().filter(|g| g.is_some()).count() > opt.vars().count() / 2,
+                "{case}: most weights get a gradient through the bf16 casts"
+            );
+            clip_grad_norm(&mut gs, f("grad_clip_max_norm")).unwrap();
+            opt.step(&gs, lr_at(step, steps, 1, f("lr")), 1.0).unwrap();
+        }
+        let after = m.model.forward(&b, Mode::Eval).unwrap();
+        let last_loss: f32 = loss(case, &after, &exp).to_scalar().unwrap();
+        assert!(
+            last_loss < first_loss,
+            "{case}: bf16 steps did not lower the loss ({first_loss} → {last_loss})"
+        );
+        let want = &exp["logits_after_adamw"];
+        let d = max_abs_diff(&after, want);
+        assert!(
+            d <= BF16_REL_TOL * max_abs(want).max(1.0),
+            "{case}: logits after 5 bf16 steps differ by {d}"
+        );
+        for (name, dtype) in master_dtypes(&m) {
+            assert_eq!(
+                dtype,
+                DType::F32,
+                "{case}: master weight {name} is {dtype:?}"
+            );
+        }
+    }
+}
