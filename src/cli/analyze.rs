@@ -3,7 +3,7 @@
 //! the probe proxies come from the leaderboard of the result store (`select::analyze::from_leaderboard`),
 //! the report itself is `select::analyze::report_with`.
 
-use crate::select::analyze::{from_leaderboard, report_with, to_markdown, AnalysisConfig};
+use crate::select::analyze::{from_leaderboard, report_with, to_markdown, AnalysisConfig, Holdout};
 use crate::select::decompose::{DecomposeConfig, Interaction};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -33,6 +33,10 @@ pub struct Args {
     /// The decomposition: additive (model + target) or with a rank-one interaction.
     #[arg(long, value_enum, default_value_t = InteractionArg::Additive)]
     pub interaction: InteractionArg,
+    /// Check the predictions on evaluated cells: `leave-one-out` hides each in turn, refits and
+    /// reports the error and the intervals' coverage.
+    #[arg(long, value_enum, default_value_t = HoldoutArg::None)]
+    pub holdout: HoldoutArg,
     /// Bootstrap replicates for standard errors and prediction intervals (0: none).
     #[arg(long, default_value_t = 200)]
     pub bootstrap: usize,
@@ -51,6 +55,12 @@ pub struct Args {
 pub enum InteractionArg {
     Additive,
     RankOne,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldoutArg {
+    None,
+    LeaveOneOut,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +87,10 @@ impl Args {
                 ..DecomposeConfig::default()
             },
             ks: self.ks.clone(),
+            holdout: match self.holdout {
+                HoldoutArg::None => Holdout::Off,
+                HoldoutArg::LeaveOneOut => Holdout::LeaveOneOut,
+            },
         })
     }
 }

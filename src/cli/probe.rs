@@ -141,7 +141,43 @@ pub(crate) fn resolve_flag_model(m: &str) -> Result<Target> {
     })
 }
 
+/// The suite's models to probe: the baseline, the candidates, the donors that have been trained, and
+/// the fused bases of the `fusion` rounds that `recycle fuse` has completed (`fusion-iter<k>`).
 fn from_suite(suite: &Suite, store: &ResultStore) -> Result<Vec<Target>> {
+    let mut targets = suite_models(suite, store)?;
+    targets.extend(fused_bases(suite, store)?);
+    Ok(targets)
+}
+
+/// Fused bases whose merge record is in the store without an error and whose checkpoint exists.
+fn fused_bases(suite: &Suite, store: &ResultStore) -> Result<Vec<Target>> {
+    let Some(fusion) = &suite.fusion else {
+        return Ok(Vec::new());
+    };
+    let records = store.load_suite(&suite.name)?;
+    Ok((1..=fusion.iterations)
+        .filter_map(|k| {
+            let job = format!("fuse/iter{k}/merge");
+            let merged = records
+                .iter()
+                .rev()
+                .find(|r| r.job_id == job)
+                .is_some_and(|r| r.error.is_none());
+            let model = crate::fuse::iteration_model(fusion, k);
+            let ModelRef::Path { resolved, .. } = &model.source else {
+                return None;
+            };
+            (merged && resolved.join("config.json").is_file()).then(|| Target {
+                name: model.name.clone(),
+                id: model.source.display_id(),
+                revision: None,
+                dir: resolved.clone(),
+            })
+        })
+        .collect())
+}
+
+fn suite_models(suite: &Suite, store: &ResultStore) -> Result<Vec<Target>> {
     let donors = store.load_suite(&suite.name)?;
     suite
         .evaluated_models()

@@ -55,6 +55,15 @@ pub struct Args {
     /// Fine-tuning: examples per optimiser step.
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// Fine-tuning: peak learning rate (e.g. the suite's, to compare with its exhaustive run).
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    /// Fine-tuning: tokens per example.
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// Fine-tuning: early-stopping patience in epochs (0 disables early stopping).
+    #[arg(long)]
+    pub patience: Option<usize>,
     /// Probe: pooling of the hidden states.
     #[arg(long, value_enum, default_value_t = PoolingArg::Mean)]
     pub pooling: PoolingArg,
@@ -218,6 +227,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if let Some(b) = args.batch_size {
         protocol.insert("batch_size".into(), b.into());
         protocol.insert("micro_batch_size".into(), b.min(32).into());
+    }
+    if let Some(lr) = args.learning_rate {
+        protocol.insert("learning_rate".into(), lr.into());
+    }
+    if let Some(l) = args.max_length {
+        protocol.insert("max_length".into(), l.into());
+    }
+    if let Some(p) = args.patience {
+        protocol.insert("patience".into(), p.into());
     }
     let spec = SelectionSuite {
         name: suite_name.clone(),

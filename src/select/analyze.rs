@@ -5,6 +5,7 @@
 
 use super::correlate::{pearson, spearman};
 use super::decompose::{decompose, DecomposeConfig, Decomposition};
+use super::holdout::{leave_one_out, HoldoutReport};
 use super::regret::{regret, Proxy, RegretReport};
 use super::GainTable;
 use crate::leaderboard::{Cell, Leaderboard};
@@ -19,6 +20,18 @@ pub struct AnalysisConfig {
     pub decompose: DecomposeConfig,
     /// The k of the top-k regrets (the paper reports 1 and 3).
     pub ks: Vec<usize>,
+    /// Whether to check the predictions on evaluated cells, hiding them one at a time.
+    pub holdout: Holdout,
+}
+
+/// The check of the decomposition's predictions on cells whose gain is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Holdout {
+    /// No check (the report's `holdout` is absent).
+    #[default]
+    Off,
+    /// Hide each evaluated cell in turn, refit, compare ([`leave_one_out`]).
+    LeaveOneOut,
 }
 
 impl Default for AnalysisConfig {
@@ -26,6 +39,7 @@ impl Default for AnalysisConfig {
         Self {
             decompose: DecomposeConfig::default(),
             ks: vec![1, 3],
+            holdout: Holdout::Off,
         }
     }
 }
@@ -39,6 +53,9 @@ pub struct AnalysisReport {
     /// One row per model, best adjusted average first.
     pub averages: Vec<ModelAverage>,
     pub proxies: Vec<ProxyAnalysis>,
+    /// Predictions of hidden evaluated cells against their real gains, when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holdout: Option<HoldoutReport>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -133,6 +150,13 @@ pub fn report_with(
             regret: regrets,
         });
     }
+    let holdout = match config.holdout {
+        Holdout::Off => None,
+        Holdout::LeaveOneOut => Some(
+            leave_one_out(gains, &config.decompose)
+                .context("leave-one-out check of predictions")?,
+        ),
+    };
     Ok(AnalysisReport {
         models: gains.models.len(),
         targets: nt,
@@ -140,6 +164,7 @@ pub fn report_with(
         decomposition,
         averages,
         proxies: analyses,
+        holdout,
     })
 }
 
@@ -294,6 +319,48 @@ pub fn to_markdown(r: &AnalysisReport) -> String {
                 s,
                 "| {} | {} | {:.2} | {} |",
                 c.model, c.target, c.estimate, interval
+            );
+        }
+    }
+    if let Some(h) = &r.holdout {
+        let _ = writeln!(
+            s,
+            "\n## Predictions of hidden evaluated cells (leave-one-out)\n"
+        );
+        let _ = writeln!(
+            s,
+            "{} cells hidden one at a time. Interval coverage {} (nominal {:.0} %); mean absolute error \
+             {} points, against {} for the mean of the other models on the target.{}\n",
+            h.cells.len(),
+            h.coverage
+                .map_or_else(|| "—".to_string(), |c| format!("{:.0} %", 100.0 * c)),
+            100.0 * h.nominal_coverage,
+            opt(h.mean_abs_error, 2),
+            opt(h.target_mean_abs_error, 2),
+            if h.skipped.is_empty() {
+                String::new()
+            } else {
+                format!(" Not hidden (sole cell of a row or column): {}.", h.skipped.join(", "))
+            }
+        );
+        let _ = writeln!(
+            s,
+            "| model | target | real | predicted | interval | covered |\n|---|---|---:|---:|---|---|"
+        );
+        for c in &h.cells {
+            let interval = match (c.lower, c.upper) {
+                (Some(l), Some(u)) => format!("[{l:.2}, {u:.2}]"),
+                _ => "—".to_string(),
+            };
+            let covered = match c.covered {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "—",
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.2} | {:.2} | {} | {} |",
+                c.model, c.target, c.actual, c.predicted, interval, covered
             );
         }
     }

@@ -273,6 +273,29 @@ mod tests {
         assert!((a - b).abs() < 1e-8, "{a} vs {b}");
     }
 
+    /// With all-zero features nothing is explained (k = 0): β = n / (‖y‖² + ε) and the evidence per
+    /// example is ½ ln(n / (‖y‖² + ε)) − ½ − ½ ln 2π, a closed form per one-hot column.
+    fn zero_feature_evidence(n: usize, count: usize) -> f64 {
+        let n = n as f64;
+        0.5 * (n / (count as f64 + EPSILON)).ln() - 0.5 - 0.5 * (2.0 * std::f64::consts::PI).ln()
+    }
+
+    #[test]
+    fn zero_features_give_the_closed_form_evidence() {
+        // Two classes of 3 and 7 examples.
+        let labels: Vec<usize> = (0..10).map(|i| usize::from(i >= 3)).collect();
+        let got = logme(&Matrix::zeros(10, 4), &labels, 2).unwrap();
+        let want = (zero_feature_evidence(10, 3) + zero_feature_evidence(10, 7)) / 2.0;
+        assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+        // One class: the column is all ones.
+        let got = logme(&Matrix::zeros(10, 4), &[0; 10], 1).unwrap();
+        assert!((got - zero_feature_evidence(10, 10)).abs() < 1e-9, "{got}");
+        // More classes than examples: the empty classes' columns are all zero, ‖y‖² = 0.
+        let got = logme(&Matrix::zeros(2, 3), &[0, 4], 5).unwrap();
+        let want = (2.0 * zero_feature_evidence(2, 1) + 3.0 * zero_feature_evidence(2, 0)) / 5.0;
+        assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+    }
+
     #[test]
     fn degenerate_inputs_are_defined() {
         let (f, _) = labelled(10, 4, false, 4);

@@ -13,6 +13,7 @@
 //! - [`logme::logme`], [`logme::logme_regression`]: LogME (You et al. 2021), mean log-evidence per example.
 //! - [`hscore::hscore`]: H-score (Bao et al. 2019).
 //! - [`decompose::decompose`]: gain = μ + model effect + target effect (+ rank-1 interaction).
+//! - [`holdout::leave_one_out`]: the decomposition's predictions checked on hidden evaluated cells.
 //! - [`correlate::pearson`], [`correlate::spearman`]: proxy vs average gain.
 //! - [`regret::regret`]: what selecting the top-k by a proxy loses against the best of all.
 //! - [`analyze::report`]: all of the above for a gain table and a set of proxies, as one report.
@@ -22,6 +23,7 @@ pub mod choose;
 pub mod correlate;
 pub mod decompose;
 pub mod features;
+pub mod holdout;
 pub mod hscore;
 pub mod linalg;
 pub mod linear_probe;

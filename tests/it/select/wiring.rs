@@ -515,6 +515,88 @@ fn regret_through_analyze_equals_the_hand_computation() {
     }
 }
 
+#[test]
+fn leave_one_out_through_analyze_matches_the_library_and_names_every_cell() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_hand_store(tmp.path());
+    let out = recycle(tmp.path())
+        .args(["analyze", "--arch", "toy", "--format", "json"])
+        .args([
+            "--holdout",
+            "leave-one-out",
+            "--bootstrap",
+            "20",
+            "--results",
+        ])
+        .arg(tmp.path())
+        .assert()
+        .success();
+    let report: AnalysisReport = serde_json::from_slice(&out.get_output().stdout).unwrap();
+    let h = report
+        .holdout
+        .expect("--holdout leave-one-out reports the check");
+    // 11 evaluated cells, each hidden once; none is the sole cell of its model or target.
+    assert_eq!(h.cells.len(), 11);
+    assert!(h.skipped.is_empty());
+    let board = recycle::cli::rank::build_board("toy", tmp.path(), &[]).unwrap();
+    let (table, _) = from_leaderboard(&board).unwrap();
+    let config = recycle::select::decompose::DecomposeConfig {
+        bootstrap: 20,
+        ..Default::default()
+    };
+    // The same cells and figures as the library's (JSON parsing may move the last bit of a float).
+    let want = recycle::select::holdout::leave_one_out(&table, &config).unwrap();
+    let close = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => (a - b).abs() < 1e-9,
+        (a, b) => a == b,
+    };
+    assert_eq!(h.cells.len(), want.cells.len());
+    for (got, want) in h.cells.iter().zip(&want.cells) {
+        assert_eq!(
+            (&got.model, &got.target, got.covered),
+            (&want.model, &want.target, want.covered)
+        );
+        assert!(close(Some(got.actual), Some(want.actual)), "{got:?}");
+        assert!(close(Some(got.predicted), Some(want.predicted)), "{got:?}");
+        assert!(
+            close(got.lower, want.lower) && close(got.upper, want.upper),
+            "{got:?}"
+        );
+        assert!(close(got.target_mean, want.target_mean), "{got:?}");
+    }
+    assert!(close(h.coverage, want.coverage) && close(h.mean_abs_error, want.mean_abs_error));
+    assert!(close(h.target_mean_abs_error, want.target_mean_abs_error));
+    // The real gains are the table's (A/t2 = −0.5), the target means those of the other models
+    // (t2 without A: (0 + 1.5 + 2.5) / 3).
+    let a_t2 = h
+        .cells
+        .iter()
+        .find(|c| c.model == "A" && c.target == "t2")
+        .unwrap();
+    assert!((a_t2.actual + 0.5).abs() < 1e-9, "{a_t2:?}");
+    assert!(
+        (a_t2.target_mean.unwrap() - 4.0 / 3.0).abs() < 1e-9,
+        "{a_t2:?}"
+    );
+    // Without the flag the report has no holdout section.
+    let out = recycle(tmp.path())
+        .args([
+            "analyze",
+            "--arch",
+            "toy",
+            "--format",
+            "json",
+            "--bootstrap",
+            "0",
+        ])
+        .arg("--results")
+        .arg(tmp.path())
+        .assert()
+        .success();
+    let plain: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
+    assert!(plain.get("holdout").is_none());
+}
+
 // ---------------------------------------------------------------------------------------------
 // select
 // ---------------------------------------------------------------------------------------------
