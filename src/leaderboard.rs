@@ -50,11 +50,16 @@ impl ModelInfo {
     /// The name a table shows: a hub id as it is, a local checkpoint by its directory name (the
     /// full path stays in `id`, in the JSON and CSV exports and in the report's provenance).
     pub fn label(&self) -> &str {
-        let local = self.id.starts_with(['/', '.', '$', '~']);
-        match local.then(|| self.id.trim_end_matches('/').rsplit('/').next()) {
-            Some(Some(last)) if !last.is_empty() => last,
-            _ => &self.id,
-        }
+        display_name(&self.id)
+    }
+}
+
+/// A model id as tables show it: a hub id as it is, a local path by its last component.
+pub fn display_name(id: &str) -> &str {
+    let local = id.starts_with(['/', '.', '$', '~']);
+    match local.then(|| id.trim_end_matches('/').rsplit('/').next()) {
+        Some(Some(last)) if !last.is_empty() => last,
+        _ => id,
     }
 }
 

@@ -229,8 +229,10 @@ fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "—".to_string(), |v| format!("{v:.digits$}"))
 }
 
-/// The report as Markdown: variance shares, model ranking, proxies.
+/// The report as Markdown: variance shares, model ranking, proxies. Local model paths are shown by
+/// their directory name (the JSON keeps the full ids).
 pub fn to_markdown(r: &AnalysisReport) -> String {
+    use crate::leaderboard::display_name;
     let d = &r.decomposition;
     let mut s = String::new();
     let _ = writeln!(s, "# Gain analysis\n");
@@ -264,7 +266,7 @@ pub fn to_markdown(r: &AnalysisReport) -> String {
         let _ = writeln!(
             s,
             "| {} | {:.2} | {} | {} | {}/{} |",
-            a.model,
+            display_name(&a.model),
             a.adjusted,
             opt(a.std_err, 2),
             opt(a.observed, 2),
@@ -318,7 +320,10 @@ pub fn to_markdown(r: &AnalysisReport) -> String {
             let _ = writeln!(
                 s,
                 "| {} | {} | {:.2} | {} |",
-                c.model, c.target, c.estimate, interval
+                display_name(&c.model),
+                c.target,
+                c.estimate,
+                interval
             );
         }
     }
@@ -360,7 +365,12 @@ pub fn to_markdown(r: &AnalysisReport) -> String {
             let _ = writeln!(
                 s,
                 "| {} | {} | {:.2} | {:.2} | {} | {} |",
-                c.model, c.target, c.actual, c.predicted, interval, covered
+                display_name(&c.model),
+                c.target,
+                c.actual,
+                c.predicted,
+                interval,
+                covered
             );
         }
     }
