@@ -184,20 +184,34 @@ impl Layout {
                     });
                 }
             }
-            // Candidates, donors, then the fused bases of a `fusion` section (`recycle fuse`).
-            let fused = s
-                .fusion
-                .iter()
-                .flat_map(|f| (1..=f.iterations).map(|k| crate::fuse::iteration_model(f, k).name));
-            let names = s.evaluated_models().into_iter().skip(1).map(|m| m.name);
-            for name in names.chain(fused) {
-                if !l.candidates.contains(&name) {
-                    l.candidates.push(name);
+            for m in s.evaluated_models().into_iter().skip(1) {
+                if !l.candidates.contains(&m.name) {
+                    l.candidates.push(m.name);
                 }
             }
         }
         layout
             .ok_or_else(|| anyhow::anyhow!("--arch {arch}: none of the given suites has this arch"))
+    }
+
+    /// Adds the fused bases of the suites' `fusion` sections (`recycle fuse`) that have results
+    /// among `records`: a suite whose fusion loop never ran gets no empty rows for it.
+    pub fn add_fused(&mut self, arch: &str, suites: &[Suite], records: &[ResultRecord]) {
+        for f in suites
+            .iter()
+            .filter(|s| s.arch == arch)
+            .filter_map(|s| s.fusion.as_ref())
+        {
+            for k in 1..=f.iterations {
+                let name = crate::fuse::iteration_model(f, k).name;
+                let ran = records
+                    .iter()
+                    .any(|r| r.arch == arch && r.model.name == name);
+                if ran && !self.candidates.contains(&name) {
+                    self.candidates.push(name);
+                }
+            }
+        }
     }
 
     /// The layout the records of `arch` imply: targets and candidates in name order.

@@ -6,7 +6,7 @@ use super::rank::results_dir;
 use crate::device::DeviceRequest;
 use crate::executor::{check_dataset_use, fetch_embedded_assets, FinetuneExecutor};
 use crate::export::{exporter, Format};
-use crate::fuse::run_fusion;
+use crate::fuse::{iteration_model, run_fusion};
 use crate::hub::HubOptions;
 use crate::leaderboard::{build, Layout};
 use crate::results::{rfc3339_utc, ResultStore};
@@ -104,8 +104,10 @@ fn print_board(suite: &Suite, store: &ResultStore) -> Result<()> {
         .into_iter()
         .map(|t| t.name.as_str())
         .collect();
-    // The layout already lists the fusion iterations as candidates.
     layout.targets.retain(|t| held.contains(&t.name.as_str()));
+    layout
+        .candidates
+        .extend((1..=fusion.iterations).map(|k| iteration_model(fusion, k).name));
     let board = build(
         &suite.arch,
         &layout,

@@ -68,7 +68,9 @@ pub fn build_board(arch: &str, dir: &Path, suites: &[PathBuf]) -> Result<Leaderb
             .iter()
             .map(|f| Suite::load(f, None))
             .collect::<Result<_>>()?;
-        Layout::from_suites(arch, &loaded)?
+        let mut layout = Layout::from_suites(arch, &loaded)?;
+        layout.add_fused(arch, &loaded, &records);
+        layout
     };
     Ok(build(
         arch,

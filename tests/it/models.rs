@@ -16,13 +16,13 @@ const CASES: &[&str] = &[
     "deberta-v2",
 ];
 
-fn fixture(case: &str) -> PathBuf {
+pub fn fixture(case: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/parity")
         .join(case)
 }
 
-fn expected(case: &str) -> HashMap<String, Tensor> {
+pub fn expected(case: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(case).join("expected.safetensors"), &Device::Cpu)
         .unwrap()
 }

@@ -5,7 +5,8 @@
 use candle_core::{DType, Device, Tensor};
 use recycle::model::{self, Batch, LoadOptions, LoadedModel, Mode, Precision, Problem};
 use std::collections::HashMap;
-use std::path::PathBuf;
+
+use super::models::{expected, fixture};
 
 const CASES: &[&str] = &[
     "bert",
@@ -23,17 +24,6 @@ const CASES: &[&str] = &[
 /// products; 2^-5 of the logits' scale bounds that with room, and is still far below the
 /// differences the f32 parity tests catch in a wrong layer (those move logits by O(scale)).
 const BF16_REL_TOL: f32 = 1.0 / 32.0;
-
-fn fixture(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/parity")
-        .join(case)
-}
-
-fn expected(case: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture(case).join("expected.safetensors"), &Device::Cpu)
-        .unwrap()
-}
 
 fn problem(case: &str) -> Problem {
     if case.ends_with("regression") {
