@@ -51,7 +51,7 @@ fn load(case: &str) -> LoadedModel {
 }
 
 /// The fixture's padded batch; token types only where the reference model was given them.
-fn batch(case: &str, exp: &HashMap<String, Tensor>) -> Batch {
+pub fn batch(case: &str, exp: &HashMap<String, Tensor>) -> Batch {
     let ids = |n: &str| exp[n].to_dtype(DType::U32).unwrap();
     Batch {
         input_ids: ids("input_ids"),
@@ -61,7 +61,7 @@ fn batch(case: &str, exp: &HashMap<String, Tensor>) -> Batch {
     }
 }
 
-fn loss(case: &str, logits: &Tensor, exp: &HashMap<String, Tensor>) -> Tensor {
+pub fn loss(case: &str, logits: &Tensor, exp: &HashMap<String, Tensor>) -> Tensor {
     let problem = options(case, 0).problem;
     let labels = match problem {
         Problem::Regression => exp["labels"].to_dtype(DType::F32).unwrap(),

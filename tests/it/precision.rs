@@ -3,10 +3,9 @@
 //! references, with f32 master weights and gradients throughout.
 
 use candle_core::{DType, Device, Tensor};
-use recycle::model::{self, Batch, LoadOptions, LoadedModel, Mode, Precision, Problem};
-use std::collections::HashMap;
+use recycle::model::{self, LoadOptions, LoadedModel, Mode, Precision, Problem};
 
-use super::models::{expected, fixture};
+use super::models::{batch, expected, fixture, loss};
 
 const CASES: &[&str] = &[
     "bert",
@@ -46,24 +45,6 @@ fn load(case: &str, precision: Precision) -> LoadedModel {
         hidden_dropout: None,
     };
     model::load(&fixture(case), &opts, &Device::Cpu).unwrap()
-}
-
-fn batch(case: &str, exp: &HashMap<String, Tensor>) -> Batch {
-    let ids = |n: &str| exp[n].to_dtype(DType::U32).unwrap();
-    Batch {
-        input_ids: ids("input_ids"),
-        attention_mask: ids("attention_mask"),
-        token_type_ids: (case.starts_with("bert") || case.starts_with("deberta"))
-            .then(|| ids("token_type_ids")),
-    }
-}
-
-fn loss(case: &str, logits: &Tensor, exp: &HashMap<String, Tensor>) -> Tensor {
-    let labels = match problem(case) {
-        Problem::Regression => exp["labels"].to_dtype(DType::F32).unwrap(),
-        Problem::SingleLabel => exp["labels"].to_dtype(DType::U32).unwrap(),
-    };
-    problem(case).loss(logits, &labels).unwrap()
 }
 
 fn max_abs(a: &Tensor) -> f32 {
