@@ -31,7 +31,7 @@ fn is_regression(case: &str) -> bool {
     case.ends_with("regression")
 }
 
-fn options(case: &str, seed: u64) -> LoadOptions {
+pub fn options(case: &str, seed: u64) -> LoadOptions {
     let regression = is_regression(case);
     LoadOptions {
         num_labels: if regression { 1 } else { 3 },
@@ -84,7 +84,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
-fn max_abs(a: &Tensor) -> f32 {
+pub fn max_abs(a: &Tensor) -> f32 {
     a.abs()
         .unwrap()
         .flatten_all()

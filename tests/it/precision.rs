@@ -3,9 +3,9 @@
 //! references, with f32 master weights and gradients throughout.
 
 use candle_core::{DType, Device, Tensor};
-use recycle::model::{self, LoadOptions, LoadedModel, Mode, Precision, Problem};
+use recycle::model::{self, LoadOptions, LoadedModel, Mode, Precision};
 
-use super::models::{batch, expected, fixture, loss};
+use super::models::{batch, expected, fixture, loss, max_abs, options};
 
 const CASES: &[&str] = &[
     "bert",
@@ -24,38 +24,12 @@ const CASES: &[&str] = &[
 /// differences the f32 parity tests catch in a wrong layer (those move logits by O(scale)).
 const BF16_REL_TOL: f32 = 1.0 / 32.0;
 
-fn problem(case: &str) -> Problem {
-    if case.ends_with("regression") {
-        Problem::Regression
-    } else {
-        Problem::SingleLabel
-    }
-}
-
 fn load(case: &str, precision: Precision) -> LoadedModel {
     let opts = LoadOptions {
-        num_labels: if problem(case) == Problem::Regression {
-            1
-        } else {
-            3
-        },
-        problem: problem(case),
-        seed: 0,
         precision,
-        hidden_dropout: None,
+        ..options(case, 0)
     };
     model::load(&fixture(case), &opts, &Device::Cpu).unwrap()
-}
-
-fn max_abs(a: &Tensor) -> f32 {
-    a.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
