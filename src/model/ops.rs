@@ -83,6 +83,16 @@ pub fn seed(device: &Device, seed: u64) -> Result<()> {
     Ok(())
 }
 
+/// `n` dropout keep flags (1 = kept, with probability `1 - p`) from the host RNG: the one draw
+/// sequence every CPU dropout path uses, so fused and composed paths drop the same elements.
+fn keep_flags(n: usize, p: f32) -> Result<Vec<u8>> {
+    let mut guard = HOST_RNG
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("dropout RNG lock poisoned".into()))?;
+    let rng = guard.get_or_insert_with(|| rand::rngs::StdRng::seed_from_u64(0));
+    Ok((0..n).map(|_| u8::from(rng.random::<f32>() >= p)).collect())
+}
+
 /// Layer normalisation over the last dimension, `(x - mean) / sqrt(var + eps) * w + b`, computed in
 /// f32 for half-precision inputs.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
@@ -195,12 +205,7 @@ pub fn fused_attention(
         return Ok(None);
     }
     let keep = if mode == Mode::Train && p > 0.0 {
-        let n = b * heads * s * s;
-        let mut guard = HOST_RNG
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("dropout RNG lock poisoned".into()))?;
-        let rng = guard.get_or_insert_with(|| rand::rngs::StdRng::seed_from_u64(0));
-        let flags: Vec<u8> = (0..n).map(|_| u8::from(rng.random::<f32>() >= p)).collect();
+        let flags = keep_flags(b * heads * s * s, p)?;
         Some(kernels::Keep {
             flags: std::sync::Arc::new(flags),
             scale: 1.0 / (1.0 - p),
@@ -230,16 +235,7 @@ pub fn dropout(x: &Tensor, p: f32, mode: Mode) -> Result<Tensor> {
     }
     if fusable(&[x]) {
         // The same draws as the composed mask below, kept as one byte per element.
-        let keep: Vec<u8> = {
-            let mut guard = HOST_RNG
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("dropout RNG lock poisoned".into()))?;
-            let rng = guard.get_or_insert_with(|| rand::rngs::StdRng::seed_from_u64(0));
-            (0..x.elem_count())
-                .map(|_| u8::from(rng.random::<f32>() >= p))
-                .collect()
-        };
-        return kernels::dropout(x, keep, 1.0 / (1.0 - p));
+        return kernels::dropout(x, keep_flags(x.elem_count(), p)?, 1.0 / (1.0 - p));
     }
     composed_dropout(x, p)
 }
@@ -247,14 +243,10 @@ pub fn dropout(x: &Tensor, p: f32, mode: Mode) -> Result<Tensor> {
 /// Dropout as a multiplication by an f32 mask tensor (`0 < p < 1`).
 fn composed_dropout(x: &Tensor, p: f32) -> Result<Tensor> {
     let keep = if x.device().is_cpu() {
-        let n = x.elem_count();
-        let mut guard = HOST_RNG
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("dropout RNG lock poisoned".into()))?;
-        let rng = guard.get_or_insert_with(|| rand::rngs::StdRng::seed_from_u64(0));
         let scale = 1.0 / (1.0 - p);
-        let v: Vec<f32> = (0..n)
-            .map(|_| if rng.random::<f32>() >= p { scale } else { 0.0 })
+        let v: Vec<f32> = keep_flags(x.elem_count(), p)?
+            .into_iter()
+            .map(|k| f32::from(k) * scale)
             .collect();
         Tensor::from_vec(v, x.shape(), x.device())?.to_dtype(x.dtype())?
     } else {
