@@ -172,30 +172,17 @@ fn read_features(path: &Path) -> Result<SplitFeatures> {
         .collect()
 }
 
-/// Writes the features as f64 tensors to a temporary file beside `path`, then renames it.
+/// Writes the features as f64 tensors to `path`, atomically.
 fn write_features(path: &Path, features: &SplitFeatures) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create the feature cache {}", dir.display()))?;
     let mut tensors = HashMap::new();
     for (name, m) in features {
         let t = Tensor::from_slice(m.as_slice(), (m.rows(), m.cols()), &Device::Cpu)?;
         tensors.insert(name.clone(), t);
     }
-    let tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .suffix(".safetensors")
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-    candle_core::safetensors::save(&tensors, tmp.path())
-        .with_context(|| format!("cannot write {}", tmp.path().display()))?;
-    tmp.persist(path).map_err(|e| e.error).with_context(|| {
-        format!(
-            "cannot move cached features into place at {}",
-            path.display()
-        )
-    })?;
-    Ok(())
+    crate::atomic::write_file_with(path, crate::atomic::TEMP_PREFIX, |tmp| {
+        Ok(candle_core::safetensors::save(&tensors, tmp)?)
+    })
+    .context("cannot write to the feature cache")
 }
 
 #[cfg(test)]
