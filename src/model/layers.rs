@@ -50,26 +50,7 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // One `[rows, in] x [in, out]` gemm over every leading dimension: a weight broadcast over
-        // the batch would run `batch` small gemms and, backwards, materialise and sum `batch`
-        // copies of the weight's gradient.
-        let y = match x.dims() {
-            [] | [_] => x.matmul(&self.weight.t()?)?,
-            [.., last] => {
-                let mut out_dims = x.dims().to_vec();
-                let rows = x.elem_count() / last;
-                if let Some(d) = out_dims.last_mut() {
-                    *d = self.weight.dim(0)?;
-                }
-                x.reshape((rows, *last))?
-                    .matmul(&self.weight.t()?)?
-                    .reshape(out_dims)?
-            }
-        };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        ops::linear(x, &self.weight, self.bias.as_ref())
     }
 }
 

@@ -116,6 +116,45 @@ fn composed_layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<T
     normed.to_dtype(dtype)?.broadcast_mul(w)?.broadcast_add(b)
 }
 
+/// A dense layer `x·Wᵀ + b` over the last dimension of `x` (`w` `[out, in]`, `b` `[out]`): one
+/// fused op with a hand-written backward on the CPU, composed candle ops elsewhere.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let mut operands = vec![x, w];
+    operands.extend(b);
+    let shapes_fit = match (x.dims().last(), w.dims(), b.map(|b| b.dims())) {
+        (Some(inp), [out, w_in], bias) => {
+            inp == w_in && *out > 0 && bias.map_or(true, |d| d == [*out])
+        }
+        _ => false,
+    };
+    if fusable(&operands) && shapes_fit && x.rank() >= 2 {
+        return kernels::linear(x, w, b);
+    }
+    composed_linear(x, w, b)
+}
+
+/// `linear` from candle ops: one `[rows, in]·[in, out]` matmul over every leading dimension (a
+/// weight broadcast over the batch would run `batch` small matmuls and, backwards, materialise
+/// `batch` copies of the weight's gradient), then the bias.
+fn composed_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = match x.dims() {
+        [] => candle_core::bail!("linear: a scalar input has no features"),
+        [_] => x.unsqueeze(0)?.matmul(&w.t()?)?.squeeze(0)?,
+        [.., last] => {
+            let mut out_dims = x.dims().to_vec();
+            let rows = x.elem_count() / last;
+            if let Some(d) = out_dims.last_mut() {
+                *d = w.dim(0)?;
+            }
+            x.reshape((rows, *last))?.matmul(&w.t()?)?.reshape(out_dims)?
+        }
+    };
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
 /// Additive attention bias `[batch, 1, 1, seq]` from a `[batch, seq]` 0/1 mask: 0 where attended,
 /// a large negative where padded. Computed once per forward and shared by every layer.
 pub fn attention_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
@@ -379,6 +418,48 @@ mod tests {
             &|t| composed_scaled_masked_softmax(&t[0], &t[1], 0.125),
             "masked_softmax",
         );
+    }
+
+    #[test]
+    fn fused_linear_matches_the_composed_op_forward_and_backward() {
+        // Odd sizes (no multiple of a SIMD width) and a size large enough for gemm to split the
+        // work over threads and for the bias gradient to be summed in several row blocks.
+        for (shape, out, seed) in [(vec![3, 5, 13], 7, 20), (vec![4, 129, 96], 200, 30)] {
+            let inp = *shape.last().unwrap();
+            let x = randn(&shape, 1.0, seed);
+            let w = randn(&[out, inp], 0.2, seed + 1);
+            let b = randn(&[out], 0.5, seed + 2);
+            compare(
+                &[x.clone(), w.clone(), b],
+                &[true, true, true],
+                &|t| kernels::linear(&t[0], &t[1], Some(&t[2])),
+                &|t| composed_linear(&t[0], &t[1], Some(&t[2])),
+                &format!("linear {shape:?}→{out}"),
+            );
+            compare(
+                &[x, w],
+                &[true, true],
+                &|t| kernels::linear(&t[0], &t[1], None),
+                &|t| composed_linear(&t[0], &t[1], None),
+                &format!("linear without bias {shape:?}→{out}"),
+            );
+        }
+    }
+
+    #[test]
+    fn linear_dispatch_takes_the_fused_op_only_where_its_shapes_fit() {
+        let x = randn(&[2, 3, 4], 1.0, 40);
+        let w = randn(&[5, 4], 1.0, 41);
+        let b = randn(&[5], 1.0, 42);
+        let y = linear(&x, &w, Some(&b)).unwrap();
+        assert_eq!(y.dims(), [2, 3, 5]);
+        // A weight whose input width does not match is an error from the composed matmul, not a
+        // fused kernel reading out of bounds.
+        let bad = randn(&[5, 3], 1.0, 43);
+        assert!(linear(&x, &bad, Some(&b)).is_err());
+        // A one-dimensional input takes the composed path and still gives `[out]`.
+        let v = randn(&[4], 1.0, 44);
+        assert_eq!(linear(&v, &w, None).unwrap().dims(), [5]);
     }
 
     #[test]

@@ -12,7 +12,9 @@ use candle_core::{
 use rayon::prelude::*;
 
 mod attention;
+mod linear;
 pub use attention::{attention, Keep};
+pub use linear::linear;
 
 /// Rows handed to one rayon task: large enough that scheduling costs nothing next to the work.
 const MIN_ELEMS_PER_TASK: usize = 16 * 1024;
