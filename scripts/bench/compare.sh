@@ -4,9 +4,9 @@
 # figure with min/median/max over the rounds. Alternating spreads the load of a shared machine
 # over both sides; the ratios, not the absolute figures, are the result.
 #
-# Build: the dev profile with optimised dependencies (Cargo.toml's [profile.dev.package."*"]) and
-# the crate itself at opt-level 3 (CARGO_PROFILE_DEV_OPT_LEVEL=3), so no release build of the
-# dependencies is needed. (The first such build recompiles the dependencies once.)
+# Build: cargo's bench profile (the release settings), the build users run. Not the dev profile:
+# its dependencies keep debug assertions and overflow checks even at opt-level 3, which cost gemm
+# about 2.7x on this machine (docs/performance.md).
 #
 # usage: scripts/bench/compare.sh [train|infer|all]
 # env:   ROUNDS (3), REPS (3; timed batches per figure), PYTHON (/work/venv-ref/bin/python),
@@ -17,7 +17,7 @@ what="${1:-all}"
 rounds="${ROUNDS:-3}"
 reps="${REPS:-3}"
 python="${PYTHON:-/work/venv-ref/bin/python}"
-export CARGO_PROFILE_DEV_OPT_LEVEL=3 RECYCLE_BENCH_REPS="$reps"
+export RECYCLE_BENCH_REPS="$reps"
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-2}"
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
@@ -33,7 +33,7 @@ esac
 # Build once, then run the bench binaries directly.
 bins=()
 for b in "${benches[@]}"; do
-  bin=$(cargo bench --profile dev --no-run --bench "$b" --message-format=json 2>/dev/null \
+  bin=$(cargo bench --no-run --bench "$b" --message-format=json 2>/dev/null \
     | "$python" -c 'import json,sys
 for l in sys.stdin:
     m=json.loads(l)

@@ -90,7 +90,26 @@ fn keep_flags(n: usize, p: f32) -> Result<Vec<u8>> {
         .lock()
         .map_err(|_| candle_core::Error::Msg("dropout RNG lock poisoned".into()))?;
     let rng = guard.get_or_insert_with(|| rand::rngs::StdRng::seed_from_u64(0));
-    Ok((0..n).map(|_| u8::from(rng.random::<f32>() >= p)).collect())
+    Ok(flags_from(rng, n, p))
+}
+
+/// The keep flags of `n` draws `u ~ U[0, 1)` kept where `u >= p`, exactly as `rng.random::<f32>()`
+/// would draw them, but from words filled in bulk. rand's f32 is `(w >> 8) · 2⁻²⁴` for one 32-bit
+/// word `w`, so `u >= p` is the integer test `w >> 8 >= ⌈p · 2²⁴⌉`; and filling a `[u32]` consumes
+/// the generator's words in the same order as one `next_u32` per draw. Same flags, same stream
+/// position afterwards (a test checks both), several times faster.
+fn flags_from(rng: &mut impl Rng, n: usize, p: f32) -> Vec<u8> {
+    let threshold = (f64::from(p) * f64::from(1u32 << 24)).ceil() as u32;
+    let mut flags = vec![0u8; n];
+    let mut words = [0u32; 1024];
+    for chunk in flags.chunks_mut(words.len()) {
+        let words = &mut words[..chunk.len()];
+        rng.fill(words);
+        for (f, &w) in chunk.iter_mut().zip(words.iter()) {
+            *f = u8::from(w >> 8 >= threshold);
+        }
+    }
+    flags
 }
 
 /// Layer normalisation over the last dimension, `(x - mean) / sqrt(var + eps) * w + b`, computed in
@@ -418,6 +437,32 @@ mod tests {
             &|t| composed_scaled_masked_softmax(&t[0], &t[1], 0.125),
             "masked_softmax",
         );
+    }
+
+    #[test]
+    fn bulk_keep_flags_are_the_per_draw_flags_and_leave_the_stream_in_the_same_place() {
+        for (n, p, skip) in [(5000, 0.1f32, 0), (3, 0.5, 7), (2049, 0.9, 13), (100, 0.0, 1)] {
+            let mut a = rand::rngs::StdRng::seed_from_u64(42);
+            let mut b = rand::rngs::StdRng::seed_from_u64(42);
+            // Start mid-block, as after an earlier dropout of odd size.
+            for _ in 0..skip {
+                let _: u32 = a.random();
+                let _: u32 = b.random();
+            }
+            let per_draw: Vec<u8> = (0..n).map(|_| u8::from(a.random::<f32>() >= p)).collect();
+            let bulk = flags_from(&mut b, n, p);
+            assert_eq!(per_draw, bulk, "n {n}, p {p}");
+            assert_eq!(a.random::<u64>(), b.random::<u64>(), "stream position after n {n}");
+        }
+        // Thresholds right at a representable draw: u = p exactly is kept (`u >= p`).
+        let mut a = rand::rngs::StdRng::seed_from_u64(3);
+        let draws: Vec<f32> = (0..64).map(|_| a.random::<f32>()).collect();
+        for &u in &draws {
+            let mut b = rand::rngs::StdRng::seed_from_u64(3);
+            let flags = flags_from(&mut b, draws.len(), u);
+            let expect: Vec<u8> = draws.iter().map(|&d| u8::from(d >= u)).collect();
+            assert_eq!(flags, expect, "threshold {u}");
+        }
     }
 
     #[test]

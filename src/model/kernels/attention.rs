@@ -195,18 +195,10 @@ impl CustomOp3 for Attention {
                 }
                 let bias = &self.bias[b * s..(b + 1) * s];
                 for row in p.chunks_exact_mut(s) {
-                    let mut max = f32::NEG_INFINITY;
                     for (x, &bb) in row.iter_mut().zip(bias) {
                         *x += bb;
-                        max = max.max(*x);
                     }
-                    let mut sum = 0f32;
-                    for x in row.iter_mut() {
-                        *x = (*x - max).exp();
-                        sum += *x;
-                    }
-                    let inv = 1.0 / sum;
-                    row.iter_mut().for_each(|x| *x *= inv);
+                    super::vecmath::softmax_in_place(row);
                 }
                 self.dropped(t, p, scratch);
                 let o = out_ptr;

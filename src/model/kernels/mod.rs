@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 mod attention;
 mod linear;
+mod vecmath;
 pub use attention::{attention, Keep};
 pub use linear::linear;
 
@@ -244,21 +245,10 @@ impl CustomOp2 for MaskedSoftmax {
                 for (j, (yr, xr)) in yc.chunks_exact_mut(k).zip(xc.chunks_exact(k)).enumerate() {
                     let row = t * per_task + j;
                     let br = &bias[(row / rows_per_batch) * k..][..k];
-                    let mut max = f32::NEG_INFINITY;
                     for i in 0..k {
-                        let v = xr[i] * self.scale + br[i];
-                        yr[i] = v;
-                        max = max.max(v);
+                        yr[i] = xr[i] * self.scale + br[i];
                     }
-                    let mut sum = 0f32;
-                    for v in yr.iter_mut() {
-                        *v = (*v - max).exp();
-                        sum += *v;
-                    }
-                    let inv = 1.0 / sum;
-                    for v in yr.iter_mut() {
-                        *v *= inv;
-                    }
+                    vecmath::softmax_in_place(yr);
                 }
             });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -335,31 +325,6 @@ pub fn masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tens
 // ---------------------------------------------------------------------------------------------
 // GELU (erf)
 
-/// 1/√(2π).
-const INV_SQRT_2PI: f32 = 0.398_942_3;
-
-/// Φ(x) and φ(x), the standard normal CDF and density, sharing one `exp(-x²/2)`: erf by
-/// Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7, under f32 rounding of the outputs
-/// that matter), which needs the same exponential as the density.
-#[inline]
-fn cdf_pdf(x: f32) -> (f32, f32) {
-    const P: f32 = 0.327_591_1;
-    const A: [f32; 5] = [
-        0.254_829_6,
-        -0.284_496_74,
-        1.421_413_7,
-        -1.453_152_1,
-        1.061_405_4,
-    ];
-    let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
-    let t = 1.0 / (1.0 + P * z);
-    let e = (-z * z).exp();
-    let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
-    let erf = 1.0 - poly * e;
-    let cdf = 0.5 * (1.0 + if x < 0.0 { -erf } else { erf });
-    (cdf, INV_SQRT_2PI * e)
-}
-
 /// Exact GELU `x Φ(x)`.
 struct Gelu;
 
@@ -373,11 +338,7 @@ impl CustomOp1 for Gelu {
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(MIN_ELEMS_PER_TASK)
             .zip(x.par_chunks(MIN_ELEMS_PER_TASK))
-            .for_each(|(yc, xc)| {
-                for (y, &x) in yc.iter_mut().zip(xc) {
-                    *y = x * cdf_pdf(x).0;
-                }
-            });
+            .for_each(|(yc, xc)| vecmath::gelu(xc, yc));
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
@@ -414,12 +375,7 @@ impl CustomOp2 for GeluBwd {
                 x.par_chunks(MIN_ELEMS_PER_TASK)
                     .zip(dy.par_chunks(MIN_ELEMS_PER_TASK)),
             )
-            .for_each(|(dxc, (xc, dyc))| {
-                for ((d, &x), &g) in dxc.iter_mut().zip(xc).zip(dyc) {
-                    let (cdf, pdf) = cdf_pdf(x);
-                    *d = g * (cdf + x * pdf);
-                }
-            });
+            .for_each(|(dxc, (xc, dyc))| vecmath::gelu_bwd(xc, dyc, dxc));
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
