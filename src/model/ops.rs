@@ -142,7 +142,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     operands.extend(b);
     let shapes_fit = match (x.dims().last(), w.dims(), b.map(|b| b.dims())) {
         (Some(inp), [out, w_in], bias) => {
-            inp == w_in && *out > 0 && bias.map_or(true, |d| d == [*out])
+            inp == w_in && *out > 0 && bias.is_none_or(|d| d == [*out])
         }
         _ => false,
     };
@@ -165,7 +165,9 @@ fn composed_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor>
             if let Some(d) = out_dims.last_mut() {
                 *d = w.dim(0)?;
             }
-            x.reshape((rows, *last))?.matmul(&w.t()?)?.reshape(out_dims)?
+            x.reshape((rows, *last))?
+                .matmul(&w.t()?)?
+                .reshape(out_dims)?
         }
     };
     match b {
@@ -441,7 +443,12 @@ mod tests {
 
     #[test]
     fn bulk_keep_flags_are_the_per_draw_flags_and_leave_the_stream_in_the_same_place() {
-        for (n, p, skip) in [(5000, 0.1f32, 0), (3, 0.5, 7), (2049, 0.9, 13), (100, 0.0, 1)] {
+        for (n, p, skip) in [
+            (5000, 0.1f32, 0),
+            (3, 0.5, 7),
+            (2049, 0.9, 13),
+            (100, 0.0, 1),
+        ] {
             let mut a = rand::rngs::StdRng::seed_from_u64(42);
             let mut b = rand::rngs::StdRng::seed_from_u64(42);
             // Start mid-block, as after an earlier dropout of odd size.
@@ -452,7 +459,11 @@ mod tests {
             let per_draw: Vec<u8> = (0..n).map(|_| u8::from(a.random::<f32>() >= p)).collect();
             let bulk = flags_from(&mut b, n, p);
             assert_eq!(per_draw, bulk, "n {n}, p {p}");
-            assert_eq!(a.random::<u64>(), b.random::<u64>(), "stream position after n {n}");
+            assert_eq!(
+                a.random::<u64>(),
+                b.random::<u64>(),
+                "stream position after n {n}"
+            );
         }
         // Thresholds right at a representable draw: u = p exactly is kept (`u >= p`).
         let mut a = rand::rngs::StdRng::seed_from_u64(3);

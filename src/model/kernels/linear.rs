@@ -7,7 +7,9 @@
 //! gradient goes through a strided reduction over the rows. This op is one node on the tape.
 
 use super::{f32s, rows_of};
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
+};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
@@ -25,7 +27,18 @@ fn buffer(n: usize) -> Vec<f32> {
     vec![0f32; n]
 }
 
+/// Elements a `rows × cols` operand with non-negative (column, row) strides reaches: one past its
+/// last element.
+fn span(rows: usize, cols: usize, (cs, rs): (isize, isize)) -> usize {
+    if rows == 0 || cols == 0 {
+        return 0;
+    }
+    (rows - 1) * rs as usize + (cols - 1) * cs as usize + 1
+}
+
 /// `dst[m×n] = (acc ? dst : 0) + lhs[m×k]·rhs[k×n]` with (column, row) strides for each operand.
+/// Panics, rather than letting gemm read or write out of bounds, when a slice is too short for
+/// its strides.
 #[allow(clippy::too_many_arguments)]
 fn matmul(
     m: usize,
@@ -38,9 +51,14 @@ fn matmul(
     rhs: &[f32],
     rhs_strides: (isize, isize),
 ) {
-    debug_assert!(dst.len() >= m * n);
-    // SAFETY: the callers size every slice for the strides they pass (checked in `Dense::check`),
-    // and `dst` is row-major `m × n`.
+    assert!(
+        dst.len() >= m * n
+            && lhs.len() >= span(m, k, lhs_strides)
+            && rhs.len() >= span(k, n, rhs_strides),
+        "fused-linear: operand slices too short for a {m}×{k}·{k}×{n} product"
+    );
+    // SAFETY: every element gemm touches lies inside a slice (asserted above; all strides are
+    // non-negative), and `dst` is row-major `m × n`.
     unsafe {
         gemm(
             m,
@@ -102,8 +120,10 @@ impl Dense {
     fn forward(self, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
         let mut y = buffer(self.rows * self.out);
         if let Some(b) = b {
-            y.par_chunks_mut(self.out * 64)
-                .for_each(|rows| rows.chunks_exact_mut(self.out).for_each(|r| r.copy_from_slice(b)));
+            y.par_chunks_mut(self.out * 64).for_each(|rows| {
+                rows.chunks_exact_mut(self.out)
+                    .for_each(|r| r.copy_from_slice(b))
+            });
         }
         // rhs = Wᵀ, element (i, j) = W[j, i]: column stride `inp`, row stride 1.
         matmul(
@@ -145,7 +165,10 @@ impl Linear {
             }
             None => None,
         };
-        Ok((CpuStorage::F32(d.forward(xs, ws, bs)), d.out_shape(x.1.shape())))
+        Ok((
+            CpuStorage::F32(d.forward(xs, ws, bs)),
+            d.out_shape(x.1.shape()),
+        ))
     }
 
     /// `dx`, `dW` and, with a bias, `db` from the output gradient.
@@ -241,14 +264,32 @@ impl CustomOp2 for GradInput {
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, out) = rows_of(l1.shape())?;
         let [w_out, inp] = l2.shape().dims() else {
-            bail!("{}: weight must be [out, in], got {:?}", self.name(), l2.shape());
+            bail!(
+                "{}: weight must be [out, in], got {:?}",
+                self.name(),
+                l2.shape()
+            );
         };
         if *w_out != out {
-            bail!("{}: weight {:?} for gradients of {out}", self.name(), l2.shape());
+            bail!(
+                "{}: weight {:?} for gradients of {out}",
+                self.name(),
+                l2.shape()
+            );
         }
         let (dy, w) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
         let mut dx = buffer(rows * inp);
-        matmul(rows, *inp, out, &mut dx, false, dy, (1, out as isize), w, (1, *inp as isize));
+        matmul(
+            rows,
+            *inp,
+            out,
+            &mut dx,
+            false,
+            dy,
+            (1, out as isize),
+            w,
+            (1, *inp as isize),
+        );
         Ok((CpuStorage::F32(dx), Shape::from((rows, *inp))))
     }
 }
@@ -271,12 +312,25 @@ impl CustomOp2 for GradWeight {
         let (rows, out) = rows_of(l1.shape())?;
         let (x_rows, inp) = rows_of(l2.shape())?;
         if x_rows != rows {
-            bail!("{}: {rows} gradient rows for {x_rows} input rows", self.name());
+            bail!(
+                "{}: {rows} gradient rows for {x_rows} input rows",
+                self.name()
+            );
         }
         let (dy, x) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
         let mut dw = buffer(out * inp);
         // lhs = dyᵀ, element (i, r) = dy[r, i]: column stride `out`, row stride 1.
-        matmul(out, inp, rows, &mut dw, false, dy, (out as isize, 1), x, (1, inp as isize));
+        matmul(
+            out,
+            inp,
+            rows,
+            &mut dw,
+            false,
+            dy,
+            (out as isize, 1),
+            x,
+            (1, inp as isize),
+        );
         Ok((CpuStorage::F32(dw), Shape::from((out, inp))))
     }
 }
@@ -324,5 +378,36 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     match b {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, Linear),
         None => x.apply_op2(&w, Linear),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn span_is_one_past_the_last_element_reached() {
+        // Row-major 3×4: the last element is at 11.
+        assert_eq!(span(3, 4, (1, 4)), 12);
+        // The transpose of a row-major 4×3 seen as 3×4: element (2, 3) is at 3·3 + 2 = 11.
+        assert_eq!(span(3, 4, (3, 1)), 12);
+        assert_eq!(span(0, 4, (1, 4)), 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "too short")]
+    fn a_short_operand_panics_instead_of_reaching_past_its_end() {
+        let mut dst = vec![0f32; 4];
+        matmul(
+            2,
+            2,
+            3,
+            &mut dst,
+            false,
+            &[1.0; 5],
+            (1, 3),
+            &[1.0; 6],
+            (1, 2),
+        );
     }
 }
