@@ -7,7 +7,7 @@
 
 use super::f32s;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use gemm::{gemm, Parallelism};
+use gemm::Parallelism;
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
@@ -57,25 +57,16 @@ unsafe fn mm(
     rhs_strides: (isize, isize),
     beta: f32,
 ) {
-    gemm(
-        m,
-        n,
-        k,
+    super::strided_gemm(
+        (m, n, k),
         dst,
-        dst_strides.0,
-        dst_strides.1,
+        dst_strides,
         false,
         lhs,
-        lhs_strides.0,
-        lhs_strides.1,
+        lhs_strides,
         rhs,
-        rhs_strides.0,
-        rhs_strides.1,
-        0.0,
+        rhs_strides,
         beta,
-        false,
-        false,
-        false,
         Parallelism::None,
     );
 }

@@ -10,7 +10,7 @@ use super::{f32s, rows_of};
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
 };
-use gemm::{gemm, Parallelism};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// Threads for one gemm: candle's own count (rayon's pool size unless set otherwise).
@@ -60,25 +60,16 @@ fn matmul(
     // SAFETY: every element gemm touches lies inside a slice (asserted above; all strides are
     // non-negative), and `dst` is row-major `m × n`.
     unsafe {
-        gemm(
-            m,
-            n,
-            k,
+        super::strided_gemm(
+            (m, n, k),
             dst.as_mut_ptr(),
-            1,
-            n as isize,
+            (1, n as isize),
             acc,
             lhs.as_ptr(),
-            lhs_strides.0,
-            lhs_strides.1,
+            lhs_strides,
             rhs.as_ptr(),
-            rhs_strides.0,
-            rhs_strides.1,
-            if acc { 1.0 } else { 0.0 },
+            rhs_strides,
             1.0,
-            false,
-            false,
-            false,
             parallelism(),
         )
     }

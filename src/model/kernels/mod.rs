@@ -32,6 +32,48 @@ fn f32s<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f
     }
 }
 
+/// `dst[m×n] = (acc ? dst : 0) + beta · lhs[m×k]·rhs[k×n]`, each operand given by a pointer and
+/// its (column, row) strides: the one place the kernels call gemm.
+///
+/// # Safety
+/// Every element the sizes and strides reach lies inside its buffer, and `dst` overlaps neither
+/// `lhs` nor `rhs`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn strided_gemm(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_strides: (isize, isize),
+    acc: bool,
+    lhs: *const f32,
+    lhs_strides: (isize, isize),
+    rhs: *const f32,
+    rhs_strides: (isize, isize),
+    beta: f32,
+    parallelism: gemm::Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_strides.0,
+        dst_strides.1,
+        acc,
+        lhs,
+        lhs_strides.0,
+        lhs_strides.1,
+        rhs,
+        rhs_strides.0,
+        rhs_strides.1,
+        if acc { 1.0 } else { 0.0 },
+        beta,
+        false,
+        false,
+        false,
+        parallelism,
+    )
+}
+
 /// Rows per rayon task for rows of `width` elements.
 fn rows_per_task(width: usize) -> usize {
     MIN_ELEMS_PER_TASK.div_ceil(width.max(1)).max(1)
