@@ -188,24 +188,58 @@ fn every_parameter_gets_a_gradient() {
     }
 }
 
-/// torch.optim.AdamW with the fixture's settings (optimizer.json), written out step by step.
-fn adamw_steps(case: &str, loaded: &LoadedModel, b: &Batch, exp: &HashMap<String, Tensor>) {
+/// The reference optimizer of a fixture, from its optimizer.json.
+pub struct OptimizerFixture {
+    pub adamw: recycle::train::optim::AdamWParams,
+    /// The peak learning rate of the schedule.
+    pub lr: f64,
+    /// The learning rate torch used at each step.
+    pub lr_per_step: Vec<f64>,
+    pub grad_clip_max_norm: f64,
+    /// Parameters torch left out of weight decay.
+    pub no_decay: BTreeSet<String>,
+}
+
+pub fn optimizer_fixture(case: &str) -> OptimizerFixture {
     let settings: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixture(case).join("optimizer.json")).unwrap(),
     )
     .unwrap();
     let f = |k: &str| settings[k].as_f64().unwrap();
-    let (wd, eps, max_norm) = (f("weight_decay"), f("eps"), f("grad_clip_max_norm"));
-    let (b1, b2) = (
-        settings["betas"][0].as_f64().unwrap(),
-        settings["betas"][1].as_f64().unwrap(),
+    OptimizerFixture {
+        adamw: recycle::train::optim::AdamWParams {
+            beta1: settings["betas"][0].as_f64().unwrap(),
+            beta2: settings["betas"][1].as_f64().unwrap(),
+            eps: f("eps"),
+            weight_decay: f("weight_decay"),
+        },
+        lr: f("lr"),
+        lr_per_step: settings["lr_per_step"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect(),
+        grad_clip_max_norm: f("grad_clip_max_norm"),
+        no_decay: settings["no_decay_params"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect(),
+    }
+}
+
+/// torch.optim.AdamW with the fixture's settings (optimizer.json), written out step by step.
+fn adamw_steps(case: &str, loaded: &LoadedModel, b: &Batch, exp: &HashMap<String, Tensor>) {
+    let opt = optimizer_fixture(case);
+    let (wd, eps, max_norm) = (
+        opt.adamw.weight_decay,
+        opt.adamw.eps,
+        opt.grad_clip_max_norm,
     );
-    let lrs: Vec<f64> = settings["lr_per_step"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let (b1, b2) = (opt.adamw.beta1, opt.adamw.beta2);
+    let lrs = opt.lr_per_step;
     let decay = loaded.decay_mask().unwrap();
     let vars: Vec<(String, Var)> = loaded
         .varmap
@@ -280,32 +314,17 @@ fn five_adamw_steps_match_transformers() {
 /// kernel), `clip_grad_norm`, the linear warm-up schedule and the decay rule the loop uses.
 #[test]
 fn five_steps_of_the_training_optimizer_match_transformers() {
-    use recycle::train::optim::{clip_grad_norm, decays, AdamW, AdamWParams, Kernel};
+    use recycle::train::optim::{clip_grad_norm, decays, AdamW, Kernel};
     use recycle::train::schedule::lr_at;
     for case in CASES {
         let exp = expected(case);
         let loaded = load(case);
         let b = batch(case, &exp);
-        let settings: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(fixture(case).join("optimizer.json")).unwrap(),
-        )
-        .unwrap();
-        let f = |k: &str| settings[k].as_f64().unwrap();
-        let hp = AdamWParams {
-            beta1: settings["betas"][0].as_f64().unwrap(),
-            beta2: settings["betas"][1].as_f64().unwrap(),
-            eps: f("eps"),
-            weight_decay: f("weight_decay"),
-        };
-        let lrs: Vec<f64> = settings["lr_per_step"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
+        let fixture = optimizer_fixture(case);
+        let (hp, lrs) = (fixture.adamw, fixture.lr_per_step);
         let mut opt = AdamW::new(&loaded.varmap, hp, decays, Kernel::Auto).unwrap();
         for (step, want_lr) in lrs.iter().enumerate() {
-            let lr = lr_at(step, lrs.len(), 1, f("lr"));
+            let lr = lr_at(step, lrs.len(), 1, fixture.lr);
             assert!(
                 (lr - want_lr).abs() < 1e-12,
                 "{case}: step {step}: lr {lr} vs {want_lr}"
@@ -316,7 +335,7 @@ fn five_steps_of_the_training_optimizer_match_transformers() {
                 .vars()
                 .map(|v| grads.get(v.as_tensor()).cloned())
                 .collect();
-            clip_grad_norm(&mut gs, f("grad_clip_max_norm")).unwrap();
+            clip_grad_norm(&mut gs, fixture.grad_clip_max_norm).unwrap();
             opt.step(&gs, lr, 1.0).unwrap();
         }
         let after = loaded.model.forward(&b, Mode::Eval).unwrap();
@@ -332,16 +351,7 @@ fn five_steps_of_the_training_optimizer_match_transformers() {
 fn decay_mask_matches_the_reference_optimizer() {
     for case in CASES {
         let loaded = load(case);
-        let settings: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(fixture(case).join("optimizer.json")).unwrap(),
-        )
-        .unwrap();
-        let no_decay: BTreeSet<String> = settings["no_decay_params"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap().to_string())
-            .collect();
+        let no_decay = optimizer_fixture(case).no_decay;
         let all: BTreeSet<String> = loaded
             .varmap
             .data()

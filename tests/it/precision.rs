@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 use recycle::model::{self, LoadOptions, LoadedModel, Mode, Precision};
 
-use super::models::{batch, expected, fixture, loss, max_abs, options};
+use super::models::{batch, expected, fixture, loss, max_abs, optimizer_fixture, options};
 
 const CASES: &[&str] = &[
     "bert",
@@ -96,24 +96,14 @@ fn bf16_logits_are_close_to_transformers_f32_logits() {
 /// falls, and the logits after the steps match transformers' f32 run within bf16's tolerance.
 #[test]
 fn bf16_training_steps_update_f32_master_weights_like_transformers() {
-    use recycle::train::optim::{clip_grad_norm, decays, AdamW, AdamWParams, Kernel};
+    use recycle::train::optim::{clip_grad_norm, decays, AdamW, Kernel};
     use recycle::train::schedule::lr_at;
     for case in CASES {
         let exp = expected(case);
         let m = load(case, Precision::Bf16);
         let b = batch(case, &exp);
-        let settings: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(fixture(case).join("optimizer.json")).unwrap(),
-        )
-        .unwrap();
-        let f = |k: &str| settings[k].as_f64().unwrap();
-        let hp = AdamWParams {
-            beta1: settings["betas"][0].as_f64().unwrap(),
-            beta2: settings["betas"][1].as_f64().unwrap(),
-            eps: f("eps"),
-            weight_decay: f("weight_decay"),
-        };
-        let steps = settings["lr_per_step"].as_array().unwrap().len();
+        let fixture = optimizer_fixture(case);
+        let (hp, steps) = (fixture.adamw, fixture.lr_per_step.len());
         let mut opt = AdamW::new(&m.varmap, hp, decays, Kernel::Auto).unwrap();
         let first_loss: f32 = loss(case, &m.model.forward(&b, Mode::Eval).unwrap(), &exp)
             .to_scalar()
@@ -135,8 +125,9 @@ fn bf16_training_steps_update_f32_master_weights_like_transformers() {
                 gs.iter().filter(|g| g.is_some()).count() > opt.vars().count() / 2,
                 "{case}: most weights get a gradient through the bf16 casts"
             );
-            clip_grad_norm(&mut gs, f("grad_clip_max_norm")).unwrap();
-            opt.step(&gs, lr_at(step, steps, 1, f("lr")), 1.0).unwrap();
+            clip_grad_norm(&mut gs, fixture.grad_clip_max_norm).unwrap();
+            opt.step(&gs, lr_at(step, steps, 1, fixture.lr), 1.0)
+                .unwrap();
         }
         let after = m.model.forward(&b, Mode::Eval).unwrap();
         let last_loss: f32 = loss(case, &after, &exp).to_scalar().unwrap();
