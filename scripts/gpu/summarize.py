@@ -55,6 +55,18 @@ def main():
         ratio = lambda r: f"{o['examples_per_s'] / r['examples_per_s']:8.2f}" if o and r else f"{'-':>8}"
         mfu = f"{100 * o['tflops'] / peak:6.1f}%" if o and peak else f"{'-':>7}"
         print(f"{k[0]:<18}{k[1]:<6}{k[2]:<7}{f(o)}{f(e)}{f(s)} {ratio(e)}{ratio(s)}{mfu}")
+    phases = [r for r in rows if r["kind"] == "phases"]
+    if phases:
+        print("\n== training step phases (ms per step, device drained after each phase)")
+        print(f"{'shape':<18}{'prec':<6}{'impl':<15}{'forward':>9}{'backward':>9}{'norm':>7}"
+              "  optimizer")
+        for r in sorted(phases, key=lambda r: (r["shape"], r["precision"], r["impl"])):
+            opt = r["optimizer_s"]
+            opt = (", ".join(f"{k} {1e3 * v:.1f}" for k, v in opt.items())
+                   if isinstance(opt, dict) else f"{1e3 * opt:.1f}")
+            norm = f"{1e3 * r['grad_norm_s']:7.1f}" if "grad_norm_s" in r else f"{'-':>7}"
+            print(f"{r['shape']:<18}{r['precision']:<6}{r['impl']:<15}"
+                  f"{1e3 * r['forward_s']:9.1f}{1e3 * r['backward_s']:9.1f}{norm}  {opt}")
     target = ours.get(("roberta-base", "bf16", "train"))
     if target and peak:
         mfu = 100 * target["tflops"] / peak

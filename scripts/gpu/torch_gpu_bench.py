@@ -103,6 +103,25 @@ def bench(name, attn, precision, args, device):
         with torch.inference_mode(), autocast:
             model(input_ids=ids, attention_mask=mask)
 
+    phases = {"forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0}
+    for step in range(args.warmup + args.steps):
+        laps = []
+        t = time.perf_counter()
+        with autocast:
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        sync(device)
+        laps.append(time.perf_counter())
+        loss.backward()
+        sync(device)
+        laps.append(time.perf_counter())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        laps.append(time.perf_counter())
+        if step >= args.warmup:
+            for k, (a, b) in zip(phases, zip([t] + laps, laps)):
+                phases[k] += (b - a) / args.steps
+
     model.eval()
     infer = time_it(device, args.warmup, args.steps, infer_step)
     fwd = forward_flops(cfg, args.seq)
@@ -113,6 +132,10 @@ def bench(name, attn, precision, args, device):
              batch=args.batch, seq=args.seq, examples_per_s=eps, flops_per_example=flops,
              tflops=eps * flops / 1e12, device=str(device))
         print(f"torch: {shape} {attn} {precision} {mode}: {eps:.1f} examples/s", file=sys.stderr)
+    emit(kind="phases", impl=f"torch-{attn}", shape=shape, precision=precision, batch=args.batch,
+         seq=args.seq, device=str(device), **phases)
+    print(f"torch: {shape} {attn} {precision} phases: "
+          + ", ".join(f"{k[:-2]} {1e3 * v:.1f} ms" for k, v in phases.items()), file=sys.stderr)
     del model, opt
     if device.type == "cuda":
         torch.cuda.empty_cache()

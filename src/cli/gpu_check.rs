@@ -7,7 +7,7 @@
 use crate::device::{describe, DeviceRequest};
 use crate::model::bert::{BertClassifier, BertConfig, Flavour};
 use crate::model::{self, Batch, LoadOptions, Mode, Precision, Problem};
-use crate::train::optim::{clip_grad_norm, decays, AdamW, AdamWParams, Kernel};
+use crate::train::optim::{clip_grad_norm, decays, global_grad_norm, AdamW, AdamWParams, Kernel};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -318,6 +318,7 @@ fn bench_shape(shape: &Shape, args: &Args, device: &Device) -> Result<()> {
                 .collect();
             opt.step(&gs, 1e-5, 1.0)
         })?;
+        emit_phases(shape, args, precision, device, &m, &batch, &labels)?;
         let inference = m.inference_model()?;
         let infer = time_it(device, args.warmup, args.steps, || {
             inference.forward(&batch, Mode::Eval)?;
@@ -338,6 +339,84 @@ fn bench_shape(shape: &Shape, args: &Args, device: &Device) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Where a training step's time goes: the forward pass with the loss, the backward pass, the global
+/// gradient norm, and the AdamW update by each implementation (`Kernel::Auto`, what training uses:
+/// the fused kernel on the CPU, `Flat` elsewhere; `Kernel::Flat`: one update per weight-decay
+/// group; `Kernel::TensorOps`: tensor ops per parameter). Seconds per step, the device drained after each phase, so the phases add up to more
+/// than a step that overlaps host and device work.
+fn emit_phases(
+    shape: &Shape,
+    args: &Args,
+    precision: Precision,
+    device: &Device,
+    m: &model::LoadedModel,
+    batch: &Batch,
+    labels: &Tensor,
+) -> Result<()> {
+    let mut optimizers = [
+        ("auto", Kernel::Auto, 0.0),
+        ("flat", Kernel::Flat, 0.0),
+        ("per-parameter", Kernel::TensorOps, 0.0),
+    ];
+    let mut opts = optimizers
+        .iter()
+        .map(|&(_, kernel, _)| AdamW::new(&m.varmap, adamw_defaults(), decays, kernel))
+        .collect::<Result<Vec<_>>>()?;
+    let (mut forward, mut backward, mut norm) = (0.0, 0.0, 0.0);
+    for step in 0..args.warmup + args.steps {
+        let timed = step >= args.warmup;
+        let lap = |acc: &mut f64, t: Instant| -> Result<Instant> {
+            device.synchronize()?;
+            if timed {
+                *acc += t.elapsed().as_secs_f64();
+            }
+            Ok(Instant::now())
+        };
+        let t = Instant::now();
+        let logits = m.model.forward(batch, Mode::Train)?;
+        let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, labels)?;
+        let t = lap(&mut forward, t)?;
+        let store = loss.backward()?;
+        let gs: Vec<Option<Tensor>> = opts[0]
+            .vars()
+            .map(|v| store.get(v.as_tensor()).cloned())
+            .collect();
+        let t = lap(&mut backward, t)?;
+        global_grad_norm(&gs)?;
+        let mut t = lap(&mut norm, t)?;
+        for (opt, entry) in opts.iter_mut().zip(optimizers.iter_mut()) {
+            opt.step(&gs, 1e-5, 1.0)?;
+            t = lap(&mut entry.2, t)?;
+        }
+    }
+    let per_step = |secs: f64| secs / args.steps.max(1) as f64;
+    let optimizer: serde_json::Map<String, serde_json::Value> = optimizers
+        .iter()
+        .map(|&(name, _, secs)| (name.to_string(), json!(per_step(secs))))
+        .collect();
+    emit(json!({
+        "kind": "phases", "impl": "recycle", "shape": shape.name,
+        "precision": precision.as_str(), "batch": args.batch, "seq": args.seq,
+        "forward_s": per_step(forward), "backward_s": per_step(backward),
+        "grad_norm_s": per_step(norm), "optimizer_s": optimizer, "device": describe(device),
+    }));
+    eprintln!(
+        "gpu-check: {} {} phases: forward {:.1} ms, backward {:.1} ms, grad norm {:.1} ms, \
+         AdamW {}",
+        shape.name,
+        precision.as_str(),
+        1e3 * per_step(forward),
+        1e3 * per_step(backward),
+        1e3 * per_step(norm),
+        optimizers
+            .iter()
+            .map(|&(name, _, secs)| format!("{name} {:.1} ms", 1e3 * per_step(secs)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     Ok(())
 }
 

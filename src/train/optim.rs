@@ -1,6 +1,7 @@
 //! AdamW as `torch.optim.AdamW` (decoupled weight decay, bias correction) with global-norm gradient
 //! clipping, over the named `Var`s of a `VarMap`. Pure tensor code: a fused in-place kernel on CPU
-//! f32, plain tensor ops on every other device and dtype.
+//! f32; off the CPU, tensor ops over all parameters of a weight-decay group at once (on a GPU each
+//! tensor op is a kernel launch, so a dozen per parameter would be thousands per step).
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{CpuStorage, DType, Layout, Tensor, Var};
@@ -23,10 +24,28 @@ pub struct AdamWParams {
 /// Which implementation updates the weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
-    /// The fused in-place CPU kernel for f32 weights, tensor ops elsewhere.
+    /// The fused in-place CPU kernel for f32 weights on the CPU, `Flat` for f32 weights elsewhere,
+    /// `TensorOps` for other dtypes.
     Auto,
-    /// Tensor ops everywhere (the reference the fused kernel is tested against).
+    /// Tensor ops, one parameter at a time (the reference the others are tested against).
     TensorOps,
+    /// Tensor ops over each weight-decay group's parameters concatenated into one vector (f32
+    /// weights only; others fall back to `TensorOps`).
+    Flat,
+}
+
+impl Kernel {
+    /// The implementation for `vars`: they share a device and a dtype in every model recycle builds,
+    /// and one that differs takes the per-parameter tensor ops.
+    fn resolve(self, vars: &[&Tensor]) -> Kernel {
+        let all_f32 = vars.iter().all(|t| t.dtype() == DType::F32);
+        let all_cpu = vars.iter().all(|t| t.device().is_cpu());
+        match self {
+            Kernel::Auto if all_f32 && all_cpu => Kernel::Auto,
+            Kernel::Auto | Kernel::Flat if all_f32 => Kernel::Flat,
+            _ => Kernel::TensorOps,
+        }
+    }
 }
 
 /// Adam's moments of one parameter.
@@ -37,16 +56,33 @@ enum Moments {
     Split { m: Tensor, v: Tensor },
 }
 
+/// The moments of one weight-decay group's parameters, concatenated in parameter order.
+struct FlatGroup {
+    decay: bool,
+    /// Indices into `AdamW::params`, ascending.
+    members: Vec<usize>,
+    m: Tensor,
+    v: Tensor,
+}
+
+/// Where the moments live.
+enum State {
+    /// One entry per parameter, index-aligned with `AdamW::params`.
+    PerParam(Vec<Moments>),
+    /// One entry per weight-decay group that has members.
+    Flat(Vec<FlatGroup>),
+}
+
 struct Param {
     name: String,
     var: Var,
     decay: bool,
-    moments: Moments,
 }
 
 /// The optimiser: one entry per trainable `Var`, in name order (so runs are reproducible).
 pub struct AdamW {
     params: Vec<Param>,
+    state: State,
     hp: AdamWParams,
     /// Updates taken so far (torch's `state['step']`).
     steps: u64,
@@ -68,33 +104,34 @@ impl AdamW {
             data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         drop(data);
         named.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut params = Vec::with_capacity(named.len());
-        for (name, var) in named {
-            let t = var.as_tensor();
+        for (name, var) in &named {
             ensure!(
-                t.dtype().is_float(),
+                var.dtype().is_float(),
                 "optimizer: parameter {name} has non-float dtype {:?}",
-                t.dtype()
+                var.dtype()
             );
-            let fused = kernel == Kernel::Auto && t.device().is_cpu() && t.dtype() == DType::F32;
-            let moments = if fused {
-                Moments::Fused(Tensor::zeros(2 * t.elem_count(), DType::F32, t.device())?)
-            } else {
-                let m = Tensor::zeros(t.shape(), DType::F32, t.device())?;
-                Moments::Split {
-                    v: m.zeros_like()?,
-                    m,
-                }
-            };
-            params.push(Param {
+        }
+        let params: Vec<Param> = named
+            .into_iter()
+            .map(|(name, var)| Param {
                 decay: decay(&name),
                 name,
                 var,
-                moments,
-            });
-        }
+            })
+            .collect();
+        let tensors: Vec<&Tensor> = params.iter().map(|p| p.var.as_tensor()).collect();
+        let state = match kernel.resolve(&tensors) {
+            Kernel::Flat => State::Flat(flat_groups(&params)?),
+            kernel => State::PerParam(
+                tensors
+                    .iter()
+                    .map(|t| per_param_moments(t, kernel))
+                    .collect::<Result<_>>()?,
+            ),
+        };
         Ok(Self {
             params,
+            state,
             hp,
             steps: 0,
         })
@@ -130,27 +167,88 @@ impl AdamW {
             grads.len(),
             self.params.len()
         );
+        for (p, g) in self.params.iter().zip(grads) {
+            if let Some(g) = g {
+                ensure!(
+                    g.shape() == p.var.shape(),
+                    "optimizer: the gradient of {} has shape {:?}, the weight {:?}",
+                    p.name,
+                    g.shape(),
+                    p.var.shape()
+                );
+            }
+        }
         self.steps += 1;
         let t = self.steps as i32;
         let bc1 = 1.0 - self.hp.beta1.powi(t);
         let bc2 = 1.0 - self.hp.beta2.powi(t);
-        for (p, g) in self.params.iter_mut().zip(grads) {
-            let Some(g) = g else { continue };
-            let wd = if p.decay { self.hp.weight_decay } else { 0.0 };
-            let coef = StepCoefficients {
-                beta1: self.hp.beta1,
-                beta2: self.hp.beta2,
-                eps: self.hp.eps,
+        let hp = self.hp;
+        let coefficients = |decay: bool| {
+            let wd = if decay { hp.weight_decay } else { 0.0 };
+            StepCoefficients {
+                beta1: hp.beta1,
+                beta2: hp.beta2,
+                eps: hp.eps,
                 decay_factor: 1.0 - lr * wd,
                 step_size: lr / bc1,
                 bc2_sqrt: bc2.sqrt(),
                 grad_scale,
-            };
-            update_one(p, g, &coef)
-                .with_context(|| format!("optimizer: updating parameter {}", p.name))?;
+            }
+        };
+        match &mut self.state {
+            State::PerParam(moments) => {
+                for ((p, moments), g) in self.params.iter().zip(moments).zip(grads) {
+                    let Some(g) = g else { continue };
+                    update_one(&p.var, moments, g, &coefficients(p.decay))
+                        .with_context(|| format!("optimizer: updating parameter {}", p.name))?;
+                }
+            }
+            State::Flat(groups) => {
+                for group in groups {
+                    let c = coefficients(group.decay);
+                    update_group(&self.params, group, grads, &c).with_context(|| {
+                        let kind = if group.decay { "" } else { "no-" };
+                        format!("optimizer: updating the {kind}decay parameters")
+                    })?;
+                }
+            }
         }
         Ok(())
     }
+}
+
+fn per_param_moments(t: &Tensor, kernel: Kernel) -> Result<Moments> {
+    Ok(if kernel == Kernel::Auto {
+        Moments::Fused(Tensor::zeros(2 * t.elem_count(), DType::F32, t.device())?)
+    } else {
+        let m = Tensor::zeros(t.shape(), DType::F32, t.device())?;
+        Moments::Split {
+            v: m.zeros_like()?,
+            m,
+        }
+    })
+}
+
+/// The decay and no-decay groups of `params` (those with members), zero moments.
+fn flat_groups(params: &[Param]) -> Result<Vec<FlatGroup>> {
+    let mut groups = Vec::new();
+    for decay in [true, false] {
+        let members: Vec<usize> = (0..params.len())
+            .filter(|&i| params[i].decay == decay)
+            .collect();
+        let Some(&first) = members.first() else {
+            continue;
+        };
+        let n: usize = members.iter().map(|&i| params[i].var.elem_count()).sum();
+        let m = Tensor::zeros(n, DType::F32, params[first].var.device())?;
+        groups.push(FlatGroup {
+            decay,
+            members,
+            v: m.zeros_like()?,
+            m,
+        });
+    }
+    Ok(groups)
 }
 
 /// The per-step scalars of one update.
@@ -168,32 +266,85 @@ struct StepCoefficients {
     grad_scale: f64,
 }
 
-fn update_one(p: &mut Param, g: &Tensor, c: &StepCoefficients) -> Result<()> {
-    let w = p.var.as_tensor();
-    ensure!(
-        g.shape() == w.shape(),
-        "gradient shape {:?} differs from weight shape {:?}",
-        g.shape(),
-        w.shape()
-    );
-    match &mut p.moments {
+fn update_one(var: &Var, moments: &mut Moments, g: &Tensor, c: &StepCoefficients) -> Result<()> {
+    let w = var.as_tensor();
+    match moments {
         Moments::Fused(state) => {
             let g = g.to_dtype(DType::F32)?.contiguous()?;
             state.inplace_op2(&g, &MomentsUpdate(*c))?;
             w.inplace_op2(state, &WeightUpdate(*c))?;
         }
         Moments::Split { m, v } => {
-            let g = g.to_dtype(DType::F32)?.affine(c.grad_scale, 0.0)?;
-            // torch: m ← β1·m + (1-β1)·g ; v ← β2·v + (1-β2)·g²
-            *m = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-            *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            // denom = sqrt(v)/sqrt(1-β2^t) + eps ; w ← w·(1-lr·wd) - step_size · m / denom
-            let denom = v.sqrt()?.affine(1.0 / c.bc2_sqrt, c.eps)?;
             let w32 = w.detach().to_dtype(DType::F32)?;
-            let new = ((w32 * c.decay_factor)? - (m.div(&denom)? * c.step_size)?)?;
-            p.var.set(&new.to_dtype(w.dtype())?)?;
+            let (new_w, new_m, new_v) = adam_tensors(&w32, g, m, v, c)?;
+            (*m, *v) = (new_m, new_v);
+            var.set(&new_w.to_dtype(w.dtype())?)?;
         }
     }
+    Ok(())
+}
+
+/// AdamW's arithmetic as tensor ops, any shape and device: returns the new weight, first and second
+/// moments (all f32).
+fn adam_tensors(
+    w: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    c: &StepCoefficients,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let g = g.to_dtype(DType::F32)?.affine(c.grad_scale, 0.0)?;
+    // torch: m ← β1·m + (1-β1)·g ; v ← β2·v + (1-β2)·g²
+    let m = ((m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+    let v = ((v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+    // denom = sqrt(v)/sqrt(1-β2^t) + eps ; w ← w·(1-lr·wd) - step_size · m / denom
+    let denom = v.sqrt()?.affine(1.0 / c.bc2_sqrt, c.eps)?;
+    let w = ((w * c.decay_factor)? - (m.div(&denom)? * c.step_size)?)?;
+    Ok((w, m, v))
+}
+
+/// One update of a flat group: the members' weights and gradients are concatenated, updated by one
+/// `adam_tensors`, and copied back into the `Var`s. A member without a gradient (torch skips it)
+/// enters with a zero gradient, keeps its old moments and is not written back.
+fn update_group(
+    params: &[Param],
+    group: &mut FlatGroup,
+    grads: &[Option<Tensor>],
+    c: &StepCoefficients,
+) -> Result<()> {
+    if group.members.iter().all(|&i| grads[i].is_none()) {
+        return Ok(());
+    }
+    let mut ws = Vec::with_capacity(group.members.len());
+    let mut gs = Vec::with_capacity(group.members.len());
+    for &i in &group.members {
+        let w = params[i].var.as_tensor();
+        ws.push(w.detach().flatten_all()?);
+        gs.push(match &grads[i] {
+            Some(g) => g.flatten_all()?.to_dtype(DType::F32)?,
+            None => Tensor::zeros(w.elem_count(), DType::F32, w.device())?,
+        });
+    }
+    let (w, m, v) = adam_tensors(
+        &Tensor::cat(&ws, 0)?,
+        &Tensor::cat(&gs, 0)?,
+        &group.m,
+        &group.v,
+        c,
+    )?;
+    let mut offset = 0;
+    for &i in &group.members {
+        let var = &params[i].var;
+        let n = var.elem_count();
+        if grads[i].is_some() {
+            var.set(&w.narrow(0, offset, n)?.reshape(var.shape())?)?;
+        } else {
+            m.slice_set(&group.m.narrow(0, offset, n)?, 0, offset)?;
+            v.slice_set(&group.v.narrow(0, offset, n)?, 0, offset)?;
+        }
+        offset += n;
+    }
+    (group.m, group.v) = (m, v);
     Ok(())
 }
 
@@ -289,13 +440,19 @@ impl candle_core::InplaceOp2 for WeightUpdate {
 }
 
 /// The global L2 norm of all gradients together (as `torch.nn.utils.clip_grad_norm_` computes it).
+/// Each gradient's sum of squares is reduced on its device in f32 and the sums are read back in one
+/// transfer (one device synchronisation per step, not one per parameter), then added in f64.
 pub fn global_grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
-    let mut total = 0f64;
-    for g in grads.iter().flatten() {
-        let sq: f32 = g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar()?;
-        total += sq as f64;
+    let sums = grads
+        .iter()
+        .flatten()
+        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if sums.is_empty() {
+        return Ok(0.0);
     }
-    Ok(total.sqrt())
+    let sums: Vec<f32> = Tensor::stack(&sums, 0)?.to_vec1()?;
+    Ok(sums.iter().map(|&s| f64::from(s)).sum::<f64>().sqrt())
 }
 
 /// The factor that brings gradients of global norm `norm` down to at most `max_norm`
@@ -356,7 +513,7 @@ mod tests {
     #[test]
     fn two_steps_match_the_formula_on_both_kernels() {
         let (w0, g1, g2, lr, wd) = ([0.5f32, -1.5], [0.2f32, -0.03], [-0.1f32, 0.4], 0.01, 0.1);
-        for kernel in [Kernel::Auto, Kernel::TensorOps] {
+        for kernel in [Kernel::Auto, Kernel::TensorOps, Kernel::Flat] {
             let vm = one_var_map("encoder.weight", &w0);
             let mut opt = AdamW::new(&vm, hp(wd), decays, kernel).unwrap();
             let gt = |g: &[f32]| vec![Some(Tensor::from_slice(g, 2, &Device::Cpu).unwrap())];
@@ -390,15 +547,17 @@ mod tests {
             ("dense.bias", false),
             ("LayerNorm.weight", false),
         ] {
-            let vm = one_var_map(name, &[1.0, -2.0]);
-            let mut opt = AdamW::new(&vm, hp(0.5), decays, Kernel::Auto).unwrap();
-            opt.step(&zero, 0.1, 1.0).unwrap();
-            let factor = if expect_decay { 1.0 - 0.1 * 0.5 } else { 1.0 };
-            assert_eq!(
-                weights(&opt),
-                vec![factor as f32, -2.0 * factor as f32],
-                "{name}"
-            );
+            for kernel in [Kernel::Auto, Kernel::Flat] {
+                let vm = one_var_map(name, &[1.0, -2.0]);
+                let mut opt = AdamW::new(&vm, hp(0.5), decays, kernel).unwrap();
+                opt.step(&zero, 0.1, 1.0).unwrap();
+                let factor = if expect_decay { 1.0 - 0.1 * 0.5 } else { 1.0 };
+                assert_eq!(
+                    weights(&opt),
+                    vec![factor as f32, -2.0 * factor as f32],
+                    "{name} {kernel:?}"
+                );
+            }
         }
     }
 
@@ -455,5 +614,111 @@ mod tests {
             .fold(0f32, f32::max);
         assert!(max_diff < 1e-6, "{max_diff}");
         assert_ne!(out[0], w);
+    }
+
+    /// Five parameters of several shapes in both weight-decay groups; the gradient of one member of
+    /// each group is missing on the second step (when the moments are no longer zero).
+    fn mixed_var_map() -> VarMap {
+        let vm = VarMap::new();
+        let shapes: [(&str, &[usize]); 5] = [
+            ("a.dense.weight", &[3, 4]),
+            ("a.dense.bias", &[3]),
+            ("b.LayerNorm.weight", &[4]),
+            ("b.query.weight", &[2, 2, 2]),
+            ("c.classifier.weight", &[5]),
+        ];
+        for (k, (name, shape)) in shapes.into_iter().enumerate() {
+            let n: usize = shape.iter().product();
+            let w: Vec<f32> = (0..n)
+                .map(|i| ((i * 29 + k * 7) % 23) as f32 / 11.0 - 1.0)
+                .collect();
+            let var = Var::from_vec(w, shape, &Device::Cpu).unwrap();
+            vm.data().lock().unwrap().insert(name.to_string(), var);
+        }
+        vm
+    }
+
+    fn mixed_grads(opt: &AdamW, step: usize) -> Vec<Option<Tensor>> {
+        opt.vars()
+            .zip(opt.names())
+            .enumerate()
+            .map(|(k, (v, name))| {
+                let skip = step == 1 && (name == "a.dense.bias" || name == "b.query.weight");
+                let n = v.elem_count();
+                let g: Vec<f32> = (0..n)
+                    .map(|i| ((i * 17 + k * 5 + step * 3) % 19) as f32 / 9.0 - 1.0)
+                    .collect();
+                (!skip).then(|| Tensor::from_vec(g, v.shape(), &Device::Cpu).unwrap())
+            })
+            .collect()
+    }
+
+    fn all_weights(opt: &AdamW) -> Vec<Vec<f32>> {
+        opt.vars()
+            .map(|v| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn flat_groups_match_per_parameter_ops_exactly() {
+        let mut runs = vec![];
+        for kernel in [Kernel::TensorOps, Kernel::Flat, Kernel::Auto] {
+            let vm = mixed_var_map();
+            let mut opt = AdamW::new(&vm, hp(0.1), decays, kernel).unwrap();
+            let (mut before, mut after) = (vec![], vec![]);
+            for step in 0..4 {
+                let grads = mixed_grads(&opt, step);
+                if step == 1 {
+                    before = all_weights(&opt);
+                }
+                opt.step(&grads, 0.05, 0.7).unwrap();
+                if step == 1 {
+                    after = all_weights(&opt);
+                }
+            }
+            // Parameters without a gradient are left alone; the others moved.
+            for (k, name) in opt.names().enumerate() {
+                let skipped = name == "a.dense.bias" || name == "b.query.weight";
+                assert_eq!(after[k] == before[k], skipped, "{kernel:?} {name}");
+            }
+            runs.push(all_weights(&opt));
+        }
+        // Same tensor ops on the same numbers: identical, skipped moments included.
+        assert_eq!(runs[0], runs[1], "flat vs per-parameter tensor ops");
+        let max_diff = runs[0]
+            .iter()
+            .flatten()
+            .zip(runs[2].iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(max_diff < 1e-6, "fused kernel vs tensor ops: {max_diff}");
+    }
+
+    #[test]
+    fn auto_picks_fused_on_cpu_f32_and_tensor_ops_for_other_dtypes() {
+        let f32 = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+        let bf16 = f32.to_dtype(DType::BF16).unwrap();
+        assert_eq!(Kernel::Auto.resolve(&[&f32]), Kernel::Auto);
+        assert_eq!(Kernel::Flat.resolve(&[&f32]), Kernel::Flat);
+        assert_eq!(Kernel::TensorOps.resolve(&[&f32]), Kernel::TensorOps);
+        assert_eq!(Kernel::Auto.resolve(&[&f32, &bf16]), Kernel::TensorOps);
+        assert_eq!(Kernel::Flat.resolve(&[&bf16]), Kernel::TensorOps);
+    }
+
+    #[test]
+    fn grad_norm_reads_all_sums_at_once() {
+        let d = &Device::Cpu;
+        assert_eq!(global_grad_norm(&[None]).unwrap(), 0.0);
+        let grads = [
+            Some(Tensor::new(&[1f32, 2.0], d).unwrap()),
+            None,
+            Some(
+                Tensor::new(&[[2f32]], d)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap(),
+            ),
+        ];
+        assert!((global_grad_norm(&grads).unwrap() - 3.0).abs() < 1e-9);
     }
 }
