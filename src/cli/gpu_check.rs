@@ -181,15 +181,16 @@ fn adamw_defaults() -> AdamWParams {
     }
 }
 
-/// Logits of `case` after one AdamW step (eval-mode forward, so no dropout draws differ between
-/// devices), with the logits before it.
+/// Logits of `case` before one AdamW step, from the training graph and from the inference model
+/// (which takes candle's forward-only kernels off the CPU), and after the step (eval-mode
+/// forwards, so no dropout draws differ between devices).
 fn one_step(
     case: &str,
     dir: &Path,
     exp: &HashMap<String, Tensor>,
     precision: Precision,
     device: &Device,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<[Tensor; 3]> {
     let opts = LoadOptions {
         num_labels: 3,
         problem: Problem::SingleLabel,
@@ -211,6 +212,7 @@ fn one_step(
     let labels = ids("labels")?;
     let mut opt = AdamW::new(&m.varmap, adamw_defaults(), decays, Kernel::Auto)?;
     let before = m.model.forward(&batch, Mode::Eval)?;
+    let inference = m.inference_model()?.forward(&batch, Mode::Eval)?;
     let loss = candle_nn::loss::cross_entropy(&before.to_dtype(DType::F32)?, &labels)?;
     let grads = loss.backward()?;
     let mut gs: Vec<Option<Tensor>> = opt
@@ -220,7 +222,7 @@ fn one_step(
     clip_grad_norm(&mut gs, 1.0)?;
     opt.step(&gs, 1e-3, 1.0)?;
     let after = m.model.forward(&batch, Mode::Eval)?;
-    Ok((before, after))
+    Ok([before, inference, after])
 }
 
 /// Device against CPU f32 on each fixture; returns whether every check passed.
@@ -230,9 +232,9 @@ fn parity(args: &Args, device: &Device) -> Result<bool> {
         let dir = args.fixtures.join(case);
         let exp = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)
             .with_context(|| format!("{}/expected.safetensors", dir.display()))?;
-        let (cpu_before, cpu_after) = one_step(case, &dir, &exp, Precision::F32, &Device::Cpu)?;
+        let [cpu_before, _, cpu_after] = one_step(case, &dir, &exp, Precision::F32, &Device::Cpu)?;
         for precision in [Precision::F32, Precision::Bf16] {
-            let (before, after) = one_step(case, &dir, &exp, precision, device)?;
+            let [before, inference, after] = one_step(case, &dir, &exp, precision, device)?;
             // f32: reduction order alone; bf16: 2^-5 of the logits' scale (tests/it/precision.rs).
             let tol = match precision {
                 Precision::F32 => 1e-3,
@@ -240,6 +242,7 @@ fn parity(args: &Args, device: &Device) -> Result<bool> {
             };
             for (what, ours, cpu) in [
                 ("logits", &before, &cpu_before),
+                ("inference-model logits", &inference, &cpu_before),
                 ("logits after one AdamW step", &after, &cpu_after),
             ] {
                 let d = max_abs_diff(ours, cpu)?;
