@@ -56,7 +56,7 @@ enum Moments {
     Split { m: Tensor, v: Tensor },
 }
 
-/// The moments of one weight-decay group's parameters, concatenated in parameter order.
+/// The moments of a bucket of one weight-decay group's parameters, concatenated in parameter order.
 struct FlatGroup {
     decay: bool,
     /// Indices into `AdamW::params`, ascending.
@@ -69,7 +69,7 @@ struct FlatGroup {
 enum State {
     /// One entry per parameter, index-aligned with `AdamW::params`.
     PerParam(Vec<Moments>),
-    /// One entry per weight-decay group that has members.
+    /// One entry per bucket of each weight-decay group (`flat_groups`).
     Flat(Vec<FlatGroup>),
 }
 
@@ -96,6 +96,17 @@ impl AdamW {
         decay: impl Fn(&str) -> bool,
         kernel: Kernel,
     ) -> Result<Self> {
+        Self::with_buckets(varmap, hp, decay, kernel, FLAT_BUCKET_ELEMS)
+    }
+
+    /// `new` with `Kernel::Flat`'s buckets capped at `bucket_elems` elements.
+    fn with_buckets(
+        varmap: &VarMap,
+        hp: AdamWParams,
+        decay: impl Fn(&str) -> bool,
+        kernel: Kernel,
+        bucket_elems: usize,
+    ) -> Result<Self> {
         let data = varmap
             .data()
             .lock()
@@ -121,7 +132,7 @@ impl AdamW {
             .collect();
         let tensors: Vec<&Tensor> = params.iter().map(|p| p.var.as_tensor()).collect();
         let state = match kernel.resolve(&tensors) {
-            Kernel::Flat => State::Flat(flat_groups(&params)?),
+            Kernel::Flat => State::Flat(flat_groups(&params, bucket_elems)?),
             kernel => State::PerParam(
                 tensors
                     .iter()
@@ -229,24 +240,37 @@ fn per_param_moments(t: &Tensor, kernel: Kernel) -> Result<Moments> {
     })
 }
 
-/// The decay and no-decay groups of `params` (those with members), zero moments.
-fn flat_groups(params: &[Param]) -> Result<Vec<FlatGroup>> {
+/// The most elements one flat update concatenates (128 MiB of f32). An update holds about eight
+/// vectors of its size at once (weights, gradients, old and new moments, temporaries), so the cap
+/// bounds that transient memory (about 1 GiB) whatever the model's size, at the cost of one more
+/// dozen launches per 32M parameters. A parameter larger than the cap is a bucket of its own.
+const FLAT_BUCKET_ELEMS: usize = 32 << 20;
+
+/// `params` split by weight decay, each group into buckets of consecutive members of at most
+/// `max_elems` elements (or one member), with zero moments.
+fn flat_groups(params: &[Param], max_elems: usize) -> Result<Vec<FlatGroup>> {
     let mut groups = Vec::new();
     for decay in [true, false] {
-        let members: Vec<usize> = (0..params.len())
-            .filter(|&i| params[i].decay == decay)
-            .collect();
-        let Some(&first) = members.first() else {
-            continue;
-        };
-        let n: usize = members.iter().map(|&i| params[i].var.elem_count()).sum();
-        let m = Tensor::zeros(n, DType::F32, params[first].var.device())?;
-        groups.push(FlatGroup {
-            decay,
-            members,
-            v: m.zeros_like()?,
-            m,
-        });
+        let mut members: Vec<usize> = Vec::new();
+        let mut elems = 0;
+        let in_group = (0..params.len()).filter(|&i| params[i].decay == decay);
+        for i in in_group.map(Some).chain([None]) {
+            let n = i.map_or(0, |i| params[i].var.elem_count());
+            if !members.is_empty() && (i.is_none() || elems + n > max_elems) {
+                let m = Tensor::zeros(elems, DType::F32, params[members[0]].var.device())?;
+                groups.push(FlatGroup {
+                    decay,
+                    members: std::mem::take(&mut members),
+                    v: m.zeros_like()?,
+                    m,
+                });
+                elems = 0;
+            }
+            if let Some(i) = i {
+                members.push(i);
+                elems += n;
+            }
+        }
     }
     Ok(groups)
 }
@@ -662,9 +686,22 @@ mod tests {
     #[test]
     fn flat_groups_match_per_parameter_ops_exactly() {
         let mut runs = vec![];
-        for kernel in [Kernel::TensorOps, Kernel::Flat, Kernel::Auto] {
+        // Flat in one bucket per group, and in buckets of at most 8 elements: the decay group's
+        // 12, 8 and 5 elements one bucket each, the no-decay group's 3 and 4 together.
+        let runs_of = [
+            (Kernel::TensorOps, FLAT_BUCKET_ELEMS),
+            (Kernel::Flat, FLAT_BUCKET_ELEMS),
+            (Kernel::Flat, 8),
+            (Kernel::Auto, FLAT_BUCKET_ELEMS),
+        ];
+        for (kernel, bucket) in runs_of {
             let vm = mixed_var_map();
-            let mut opt = AdamW::new(&vm, hp(0.1), decays, kernel).unwrap();
+            let mut opt = AdamW::with_buckets(&vm, hp(0.1), decays, kernel, bucket).unwrap();
+            if let State::Flat(groups) = &opt.state {
+                let sizes: Vec<usize> = groups.iter().map(|g| g.members.len()).collect();
+                let want: &[usize] = if bucket == 8 { &[1, 1, 1, 2] } else { &[3, 2] };
+                assert_eq!(sizes, want, "buckets of at most {bucket}");
+            }
             let (mut before, mut after) = (vec![], vec![]);
             for step in 0..4 {
                 let grads = mixed_grads(&opt, step);
@@ -685,10 +722,14 @@ mod tests {
         }
         // Same tensor ops on the same numbers: identical, skipped moments included.
         assert_eq!(runs[0], runs[1], "flat vs per-parameter tensor ops");
+        assert_eq!(
+            runs[0], runs[2],
+            "small buckets vs per-parameter tensor ops"
+        );
         let max_diff = runs[0]
             .iter()
             .flatten()
-            .zip(runs[2].iter().flatten())
+            .zip(runs[3].iter().flatten())
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         assert!(max_diff < 1e-6, "fused kernel vs tensor ops: {max_diff}");
