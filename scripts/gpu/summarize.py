@@ -67,6 +67,13 @@ def main():
             norm = f"{1e3 * r['grad_norm_s']:7.1f}" if "grad_norm_s" in r else f"{'-':>7}"
             print(f"{r['shape']:<18}{r['precision']:<6}{r['impl']:<15}"
                   f"{1e3 * r['forward_s']:9.1f}{1e3 * r['backward_s']:9.1f}{norm}  {opt}")
+    kernels = [r for r in rows if r["kind"] == "kernels"]
+    if kernels:
+        print("\n== inference forward: fused kernels vs composed ops (ms per batch)")
+        print(f"{'shape':<18}{'prec':<6}{'fused':>9}{'composed':>10}{'speed-up':>10}")
+        for r in sorted(kernels, key=lambda r: (r["shape"], r["precision"])):
+            print(f"{r['shape']:<18}{r['precision']:<6}{1e3 * r['fused_s']:9.1f}"
+                  f"{1e3 * r['composed_s']:10.1f}{r['composed_s'] / r['fused_s']:9.2f}x")
     target = ours.get(("roberta-base", "bf16", "train"))
     if target and peak:
         mfu = 100 * target["tflops"] / peak

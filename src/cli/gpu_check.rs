@@ -6,6 +6,7 @@
 
 use crate::device::{describe, DeviceRequest};
 use crate::model::bert::{BertClassifier, BertConfig, Flavour};
+use crate::model::ops::{self, Kernels};
 use crate::model::{self, Batch, LoadOptions, Mode, Precision, Problem};
 use crate::train::optim::{clip_grad_norm, decays, global_grad_norm, AdamW, AdamWParams, Kernel};
 use anyhow::{bail, Context, Result};
@@ -327,6 +328,27 @@ fn bench_shape(shape: &Shape, args: &Args, device: &Device) -> Result<()> {
             inference.forward(&batch, Mode::Eval)?;
             Ok(())
         })?;
+        // The same forward on the composed ops alone: what the fused kernels (the CPU's own, or
+        // candle's forward-only ones elsewhere) are worth.
+        ops::set_kernels(Kernels::Composed);
+        let composed = time_it(device, args.warmup, args.steps, || {
+            inference.forward(&batch, Mode::Eval)?;
+            Ok(())
+        });
+        ops::set_kernels(Kernels::Fused);
+        let composed = composed?;
+        emit(json!({
+            "kind": "kernels", "impl": "recycle", "shape": shape.name,
+            "precision": precision.as_str(), "mode": "infer", "batch": args.batch,
+            "seq": args.seq, "fused_s": infer, "composed_s": composed, "device": describe(device),
+        }));
+        eprintln!(
+            "gpu-check: {} {} infer: fused kernels {:.1} ms, composed ops {:.1} ms",
+            shape.name,
+            precision.as_str(),
+            1e3 * infer,
+            1e3 * composed
+        );
         for (mode, secs, flops) in [("train", train, 3.0 * fwd), ("infer", infer, fwd)] {
             let eps = args.batch as f64 / secs;
             emit(json!({
