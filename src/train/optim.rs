@@ -251,25 +251,25 @@ const FLAT_BUCKET_ELEMS: usize = 32 << 20;
 fn flat_groups(params: &[Param], max_elems: usize) -> Result<Vec<FlatGroup>> {
     let mut groups = Vec::new();
     for decay in [true, false] {
-        let mut members: Vec<usize> = Vec::new();
-        let mut elems = 0;
-        let in_group = (0..params.len()).filter(|&i| params[i].decay == decay);
-        for i in in_group.map(Some).chain([None]) {
-            let n = i.map_or(0, |i| params[i].var.elem_count());
-            if !members.is_empty() && (i.is_none() || elems + n > max_elems) {
-                let m = Tensor::zeros(elems, DType::F32, params[members[0]].var.device())?;
-                groups.push(FlatGroup {
-                    decay,
-                    members: std::mem::take(&mut members),
-                    v: m.zeros_like()?,
-                    m,
-                });
-                elems = 0;
+        let mut buckets: Vec<(Vec<usize>, usize)> = Vec::new();
+        for i in (0..params.len()).filter(|&i| params[i].decay == decay) {
+            let n = params[i].var.elem_count();
+            match buckets.last_mut() {
+                Some((members, elems)) if *elems + n <= max_elems => {
+                    members.push(i);
+                    *elems += n;
+                }
+                _ => buckets.push((vec![i], n)),
             }
-            if let Some(i) = i {
-                members.push(i);
-                elems += n;
-            }
+        }
+        for (members, elems) in buckets {
+            let m = Tensor::zeros(elems, DType::F32, params[members[0]].var.device())?;
+            groups.push(FlatGroup {
+                decay,
+                members,
+                v: m.zeros_like()?,
+                m,
+            });
         }
     }
     Ok(groups)
