@@ -218,6 +218,26 @@ fn plan_tensors<'a>(
             },
         });
     }
+    // The converse: a float body tensor of any input must have a place in the output. A model
+    // with more layers than the template would otherwise lose them without a word.
+    for other in models.iter().chain(base) {
+        for e in &other.tensors {
+            let Role::Body { canonical } = &e.role else {
+                continue;
+            };
+            if FloatDtype::from_safetensors(e.dtype).is_some() && template.body(canonical).is_none()
+            {
+                bail!(
+                    "tensor {} of {} has no counterpart in {}: the checkpoints differ in \
+                     architecture (compare num_hidden_layers and the sizes in their config.json), \
+                     and merging would drop it",
+                    e.name,
+                    other.file_of(e).display(),
+                    template.dir.display()
+                );
+            }
+        }
+    }
     if keep_head {
         let first = &models[0];
         let heads: Vec<&TensorEntry> = first

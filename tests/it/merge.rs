@@ -581,6 +581,50 @@ fn mismatched_architecture_or_shape_is_refused_with_names() {
         "{err}"
     );
     assert!(!tmp.path().join("o2").exists());
+
+    // A deeper model is refused in either order: as the template's partner (its extra layer has
+    // no place in the output) and as the template (the shallow model lacks that layer).
+    let deep = write_checkpoint(
+        &tmp.path().join("deep"),
+        "bert",
+        "BertForSequenceClassification",
+        &[
+            t(
+                "bert.embeddings.word_embeddings.weight",
+                &[3, 4],
+                grid(12, 70),
+            ),
+            t(
+                "bert.encoder.layer.0.attention.self.query.weight",
+                &[4, 4],
+                grid(16, 71),
+            ),
+            t(
+                "bert.encoder.layer.1.attention.self.query.weight",
+                &[4, 4],
+                grid(16, 72),
+            ),
+            t("bert.pooler.dense.bias", &[4], grid(4, 73)),
+        ],
+    );
+    for (k, (method, base, models)) in [
+        (Method::Average, None, [&a, &deep]),
+        (Method::Average, None, [&deep, &a]),
+        (Method::Ties, Some(&base), [&a, &deep]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = tmp.path().join(format!("o-deep-{k}"));
+        let models: Vec<&Path> = models.iter().map(|m| m.as_path()).collect();
+        let req = request(method, base.map(|b: &PathBuf| b.as_path()), &models, &out);
+        let err = format!("{:#}", merge_checkpoints(&req).unwrap_err());
+        assert!(
+            err.contains("encoder.layer.1.attention.self.query.weight"),
+            "{k}: {err}"
+        );
+        assert!(!out.exists(), "{k}");
+    }
 }
 
 #[test]
@@ -627,12 +671,16 @@ fn half_precision_inputs_merge_in_f32_and_keep_the_base_dtype() {
 fn sharded_inputs_and_dare_masks_keyed_by_name_not_position() {
     let tmp = tempfile::tempdir().unwrap();
     let n = 4096;
-    // Base A: "z.weight" alone. Base B: sharded, "a.weight" in one shard and "z.weight" in another.
+    // Base A: one file, "z.weight" first. Base B: sharded, "a.weight" in one shard and "z.weight"
+    // in another, so the tensors sit at other positions.
     let base_a = write_checkpoint(
         &tmp.path().join("base_a"),
         "bert",
         "BertModel",
-        &[t("z.weight", &[n], grid(n, 1))],
+        &[
+            t("z.weight", &[n], grid(n, 1)),
+            t("a.weight", &[n], grid(n, 9)),
+        ],
     );
     let base_b = tmp.path().join("base_b");
     std::fs::create_dir_all(&base_b).unwrap();
