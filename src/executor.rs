@@ -136,7 +136,7 @@ impl FinetuneExecutor {
     ) -> Result<Trained> {
         let task = dataset.task().clone();
         let cfg = train_config(protocol, seed)?;
-        let tokenizer = tokenizer_for(&model.dir, cfg.max_length)?;
+        let tokenizer = TextTokenizer::for_checkpoint(&model.dir, cfg.max_length)?;
         let train_rows = capped(dataset.split(TRAIN)?, max_train);
         let dev_rows = capped(dataset.split(DEV)?, max_eval);
         let train = labeled_set(&tokenizer, &train_rows, TRAIN)?;
@@ -334,12 +334,6 @@ pub fn train_config(p: &Protocol, seed: u32) -> Result<TrainConfig> {
     };
     cfg.validate()?;
     Ok(cfg)
-}
-
-/// The tokenizer of a checkpoint: its `tokenizer.json`, else one built from its vocabulary files.
-pub fn tokenizer_for(dir: &Path, max_length: usize) -> Result<TextTokenizer> {
-    let inner = crate::hub::tokenizer_for(dir)?;
-    TextTokenizer::new(inner, max_length).with_context(|| format!("tokenizer of {}", dir.display()))
 }
 
 /// A dataset opened for a job, with the hub commit it came from.

@@ -52,6 +52,13 @@ impl TextTokenizer {
         Self::new(inner, max_length).with_context(|| format!("tokenizer {}", path.display()))
     }
 
+    /// The tokenizer of the checkpoint in `dir`: its `tokenizer.json`, else one built from its
+    /// vocabulary files (`vocab.txt`, or `vocab.json` + `merges.txt`), as `hub::tokenizer_for`.
+    pub fn for_checkpoint(dir: &Path, max_length: usize) -> Result<Self> {
+        let inner = crate::hub::tokenizer_for(dir)?;
+        Self::new(inner, max_length).with_context(|| format!("tokenizer of {}", dir.display()))
+    }
+
     /// Wraps a tokenizer: padding off (we pad per batch), truncation longest-first to `max_length`.
     /// The pad id is the tokenizer's own padding id, else the id of a known pad token.
     pub fn new(mut inner: Tokenizer, max_length: usize) -> Result<Self> {

@@ -3,12 +3,12 @@
 
 use crate::device::DeviceRequest;
 use crate::tokenize::TextTokenizer;
-use crate::train::checkpoint::{load_trainable, Head};
+use crate::train::checkpoint::{load_trainable, Head, TrainableModel};
 use crate::train::local_data::load_dataset;
 use crate::train::session::finetune_on_dataset;
 use crate::train::{Batching, EvalEvery, StepReport, TrainConfig};
-use anyhow::{Context, Result};
-use std::path::PathBuf;
+use anyhow::{ensure, Context, Result};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(clap::Args, Debug)]
@@ -140,8 +140,69 @@ fn print_progress(r: &StepReport) {
     }
 }
 
+/// Refuses an `--out` that holds anything (the `--model` directory above all) before any training:
+/// a fine-tune never overwrites a checkpoint.
+fn check_out(out: &Path, model: &Path) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    let same = matches!(
+        (out.canonicalize(), model.canonicalize()),
+        (Ok(a), Ok(b)) if a == b
+    );
+    ensure!(
+        !same,
+        "--out {} is the --model directory: the fine-tuned weights would overwrite the input \
+         checkpoint; choose a new directory",
+        out.display()
+    );
+    let empty = out.is_dir()
+        && std::fs::read_dir(out)
+            .with_context(|| format!("--out {}", out.display()))?
+            .next()
+            .is_none();
+    ensure!(
+        empty,
+        "--out {} already exists and is not empty; choose a new directory (finetune does not \
+         overwrite)",
+        out.display()
+    );
+    Ok(())
+}
+
+/// Writes the checkpoint and `training.json` into a temporary directory beside `out`, then renames
+/// it into place, so `out` is complete or absent.
+fn save_atomically(
+    model: &dyn TrainableModel,
+    label_names: &[String],
+    summary: &serde_json::Value,
+    out: &Path,
+) -> Result<()> {
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent)
+        .with_context(|| format!("creating the parent of --out {}", out.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".recycle-finetune-")
+        .tempdir_in(&parent)
+        .with_context(|| format!("creating a temporary directory in {}", parent.display()))?;
+    model.save(tmp.path(), label_names)?;
+    let path = tmp.path().join("training.json");
+    std::fs::write(&path, serde_json::to_string_pretty(summary)? + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    crate::atomic::replace_dir(tmp, out)
+}
+
 pub fn run(args: Args) -> Result<ExitCode> {
     let cfg = args.protocol.to_config()?;
+    ensure!(
+        args.model.is_dir(),
+        "--model {}: no such directory",
+        args.model.display()
+    );
+    check_out(&args.out, &args.model)?;
     let device = args.device.open()?;
     eprintln!(
         "finetune: running on {} in {}",
@@ -149,7 +210,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         cfg.precision.as_str()
     );
     let data = load_dataset(&args.dataset)?;
-    let tokenizer = TextTokenizer::from_file(&args.model.join("tokenizer.json"), cfg.max_length)
+    let tokenizer = TextTokenizer::for_checkpoint(&args.model, cfg.max_length)
         .with_context(|| format!("--model {}", args.model.display()))?;
     let model = load_trainable(
         &args.model,
@@ -177,13 +238,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
         crate::data::Task::Classification { labels } => labels.clone(),
         crate::data::Task::Regression => Vec::new(),
     };
-    model
-        .save(&args.out, &label_names)
-        .with_context(|| format!("--out {}", args.out.display()))?;
     let summary = serde_json::json!({ "config": cfg, "outcome": outcome });
-    let path = args.out.join("training.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&summary)? + "\n")
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    save_atomically(model.as_ref(), &label_names, &summary, &args.out)
+        .with_context(|| format!("--out {}", args.out.display()))?;
     eprintln!(
         "{} steps, {:.2} epochs, best dev {}; saved to {}",
         outcome.steps,
@@ -388,5 +445,73 @@ mod end_to_end {
             assert_eq!(l["label"], ((j + 2) % 2 == 0) as u32, "{l}");
             assert_eq!(l["logits"].as_array().unwrap().len(), 2);
         }
+    }
+
+    #[test]
+    fn out_must_be_new_or_empty_and_never_the_model() {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = tmp.path().join("m");
+        std::fs::create_dir_all(&model).unwrap();
+        std::fs::write(model.join("config.json"), "{}").unwrap();
+        check_out(&tmp.path().join("new"), &model).unwrap();
+        let empty = tmp.path().join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        check_out(&empty, &model).unwrap();
+        for same in [model.clone(), model.join(".")] {
+            let err = format!("{:#}", check_out(&same, &model).unwrap_err());
+            assert!(err.contains("is the --model directory"), "{err}");
+        }
+        let full = tmp.path().join("full");
+        std::fs::create_dir_all(&full).unwrap();
+        std::fs::write(full.join("notes.txt"), "keep me").unwrap();
+        let err = format!("{:#}", check_out(&full, &model).unwrap_err());
+        assert!(err.contains("not empty") && err.contains("full"), "{err}");
+    }
+
+    #[test]
+    fn a_checkpoint_with_only_vocab_txt_fine_tunes_and_predicts() {
+        // The tiny fixture has vocab.txt and no tokenizer.json, as the donors `recycle run` writes.
+        let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/bert");
+        assert!(!model.join("tokenizer.json").exists());
+        let tmp = tempfile::tempdir().unwrap();
+        let (data, out) = (tmp.path().join("data"), tmp.path().join("tuned"));
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(data.join("train.jsonl"), split(16, 0)).unwrap();
+        std::fs::write(data.join("validation.jsonl"), split(4, 1)).unwrap();
+        std::fs::write(data.join("test.jsonl"), split(4, 2)).unwrap();
+        let args = || Args {
+            model: model.clone(),
+            dataset: data.clone(),
+            out: out.clone(),
+            protocol: ProtocolArgs {
+                epochs: Some(1),
+                batch_size: Some(8),
+                micro_batch_size: Some(8),
+                ..Default::default()
+            },
+            device: DeviceRequest::Cpu,
+        };
+        run(args()).unwrap();
+        assert!(out.join("vocab.txt").is_file() && out.join("training.json").is_file());
+        // A second run into the same --out is refused before training, and loses nothing.
+        let before = std::fs::read(out.join("model.safetensors")).unwrap();
+        let err = format!("{:#}", run(args()).unwrap_err());
+        assert!(err.contains("not empty"), "{err}");
+        assert_eq!(
+            std::fs::read(out.join("model.safetensors")).unwrap(),
+            before
+        );
+        let preds = tmp.path().join("preds.jsonl");
+        crate::cli::predict::run(crate::cli::predict::Args {
+            model: out,
+            dataset: data,
+            split: "test".into(),
+            out: preds.clone(),
+            batch_size: 2,
+            max_length: 32,
+            device: DeviceRequest::Cpu,
+        })
+        .unwrap();
+        assert_eq!(std::fs::read_to_string(&preds).unwrap().lines().count(), 4);
     }
 }

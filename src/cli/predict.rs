@@ -5,7 +5,7 @@ use crate::tokenize::TextTokenizer;
 use crate::train::checkpoint::{load_trainable, task_of_checkpoint, Head};
 use crate::train::local_data::load_dataset;
 use crate::train::session::predict_examples;
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,6 +37,11 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<ExitCode> {
     let device = args.device.open()?;
+    ensure!(
+        args.model.is_dir(),
+        "--model {}: no such directory",
+        args.model.display()
+    );
     let task = task_of_checkpoint(&args.model)?;
     let data = load_dataset(&args.dataset)?;
     let examples = data.split(&args.split).with_context(|| {
@@ -47,7 +52,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             data.split_names()
         )
     })?;
-    let tokenizer = TextTokenizer::from_file(&args.model.join("tokenizer.json"), args.max_length)
+    let tokenizer = TextTokenizer::for_checkpoint(&args.model, args.max_length)
         .with_context(|| format!("--model {}", args.model.display()))?;
     let model = load_trainable(
         &args.model,

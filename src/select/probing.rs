@@ -148,8 +148,7 @@ fn compute(
     };
     let loaded = load(model_dir, &opts, device)?;
     let model = loaded.inference_model()?;
-    let tokenizer =
-        TextTokenizer::from_file(&model_dir.join("tokenizer.json"), settings.max_length)?;
+    let tokenizer = TextTokenizer::for_checkpoint(model_dir, settings.max_length)?;
     let spec = FeatureSpec {
         pooling: settings.pooling,
         layers: settings.layers,
