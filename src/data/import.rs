@@ -87,7 +87,17 @@ pub fn build(spec: &ImportSpec) -> Result<Draft> {
     };
     let mut splits: Vec<(String, Vec<Example>)> = Vec::new();
     for (name, path, rows) in &raw {
-        splits.push((name.clone(), to_examples(path, rows, &task)?));
+        let examples = to_examples(path, rows, &task)?;
+        // Reading maps an empty or null label cell to "no label" (hidden test labels on the hub);
+        // an imported row must have one.
+        if let Some(r) = rows
+            .iter()
+            .zip(&examples)
+            .find_map(|(r, e)| e.label.is_none().then_some(r))
+        {
+            bail!("{}, {}: the label cell is empty", path.display(), r.at);
+        }
+        splits.push((name.clone(), examples));
     }
     let mut carve: Vec<(String, f64)> = Vec::new();
     if spec.validation.is_none() {

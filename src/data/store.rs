@@ -41,12 +41,29 @@ pub fn validate(draft: &Draft) -> Result<()> {
     if draft.splits.is_empty() {
         bail!("dataset `{}` has no splits", draft.name);
     }
+    if let Task::Classification { labels } = &draft.task {
+        if labels.len() < 2 {
+            bail!(
+                "dataset `{}` has {} class{} ({}): classification needs at least two, or every \
+                 model scores 100 %",
+                draft.name,
+                labels.len(),
+                if labels.len() == 1 { "" } else { "es" },
+                labels.join(", ")
+            );
+        }
+    }
     for (name, rows) in &draft.splits {
         if rows.is_empty() {
             bail!("dataset `{}`: split `{name}` is empty", draft.name);
         }
         for (i, e) in rows.iter().enumerate() {
             match (&draft.task, e.label) {
+                (_, None) => bail!(
+                    "dataset `{}`, split `{name}`, row {}: no label (every stored row needs one)",
+                    draft.name,
+                    i + 1
+                ),
                 (Task::Classification { labels }, Some(Label::Class(c)))
                     if (c as usize) >= labels.len() =>
                 {

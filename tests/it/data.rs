@@ -676,6 +676,24 @@ fn bad_input_missing_label_column() {
 }
 
 #[test]
+fn bad_input_empty_label_cell() {
+    let err = failing_import(&[("a.csv", b"text,label\nhi,pos\nho,\nhu,neg\n")], &[]);
+    assert!(
+        err.contains("a.csv") && err.contains("line 3") && err.contains("label cell is empty"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_input_one_class() {
+    let err = failing_import(&[("a.csv", b"text,label\nt0,pos\nt1,pos\nt2,pos\nt3,pos\nt4,pos\nt5,pos\nt6,pos\nt7,pos\nt8,pos\nt9,pos\nt10,pos\nt11,pos\nt12,pos\nt13,pos\nt14,pos\nt15,pos\nt16,pos\nt17,pos\nt18,pos\nt19,pos\nt20,pos\nt21,pos\nt22,pos\nt23,pos\nt24,pos\nt25,pos\nt26,pos\nt27,pos\nt28,pos\nt29,pos\n")], &[]);
+    assert!(
+        err.contains("1 class (pos)") && err.contains("at least two"),
+        "{err}"
+    );
+}
+
+#[test]
 fn bad_input_unknown_label() {
     let err = failing_import(
         &[("a.csv", b"text,label\nhi,pos\nho,neg\nhu,maybe\n")],
