@@ -149,11 +149,16 @@ impl Protocol {
             ("batch_size", self.batch_size),
             ("micro_batch_size", self.micro_batch_size),
             ("max_epochs", self.max_epochs),
-            ("max_length", self.max_length),
         ] {
             if v == 0 {
                 bail!("{at}.{name}: must be at least 1");
             }
+        }
+        if self.max_length < 2 {
+            bail!(
+                "{at}.max_length: must be at least 2 (room for the [CLS] and [SEP] tokens), got {}",
+                self.max_length
+            );
         }
         if !self.batch_size.is_multiple_of(self.micro_batch_size) {
             bail!(
@@ -615,19 +620,34 @@ impl Suite {
     }
 
     /// Parses and validates a suite; `file` is only used in messages.
+    /// Every profile is resolved, not only the one asked for, so a mistake in a profile is
+    /// reported whichever profile a run uses.
     pub fn parse(text: &str, file: &Path, profile: Option<&str>, home: &Path) -> Result<Suite> {
         let f = file.display();
-        let de = &mut serde_json::Deserializer::from_str(text);
-        let raw: RawSuite = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            if path == "." {
-                anyhow!("{f}: {inner}")
-            } else {
-                anyhow!("{f}: {path}: {inner}")
-            }
-        })?;
-        resolve(raw, file, profile, home).map_err(|e| anyhow!("{f}: {e:#}"))
+        let read = || -> Result<RawSuite> {
+            let de = &mut serde_json::Deserializer::from_str(text);
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                if path == "." {
+                    anyhow!("{f}: {inner}")
+                } else {
+                    anyhow!("{f}: {path}: {inner}")
+                }
+            })
+        };
+        let raw = read()?;
+        let others: Vec<String> = raw
+            .profiles
+            .keys()
+            .filter(|k| Some(k.as_str()) != profile)
+            .cloned()
+            .collect();
+        let suite = resolve(raw, file, profile, home).map_err(|e| anyhow!("{f}: {e:#}"))?;
+        for other in others {
+            resolve(read()?, file, Some(&other), home).map_err(|e| anyhow!("{f}: {e:#}"))?;
+        }
+        Ok(suite)
     }
 
     /// Every model that is evaluated on the targets: the baseline, the candidates, then the donors.
@@ -1286,5 +1306,31 @@ mod tests {
             e.starts_with("configs/x.json: targets[0].metric: unknown metric \"f1\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_bad_profile_is_reported_whichever_profile_runs() {
+        // batch 32 with micro-batch 64 is valid at the suite level and broken in `quick`.
+        let text = OK.replace(
+            r#""protocol": {"batch_size": 32}"#,
+            r#""protocol": {"batch_size": 24, "micro_batch_size": 16}"#,
+        );
+        assert_ne!(text, OK);
+        for profile in [None, Some("quick")] {
+            let e = format!("{:#}", parse(&text, profile).unwrap_err());
+            assert!(
+                e.contains("profiles.quick.protocol.micro_batch_size: 16 does not divide"),
+                "{profile:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn max_length_leaves_room_for_the_special_tokens() {
+        let text = OK.replace(r#""max_epochs": 3"#, r#""max_epochs": 3, "max_length": 1"#);
+        let e = format!("{:#}", parse(&text, None).unwrap_err());
+        assert!(e.contains("protocol.max_length: must be at least 2"), "{e}");
+        let text = OK.replace(r#""max_epochs": 3"#, r#""max_epochs": 3, "max_length": 2"#);
+        parse(&text, None).unwrap();
     }
 }
