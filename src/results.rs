@@ -311,11 +311,20 @@ impl ResultStore {
         if !path.exists() {
             return Ok(None);
         }
-        read_record(&path).map(Some)
+        match read_record(&path)? {
+            Some(r) => Ok(Some(r)),
+            None => bail!(
+                "{}: a JSON file that is not a result record sits where the result of job \
+                 {job_id} belongs; move it away and `recycle run` redoes the job",
+                path.display()
+            ),
+        }
     }
 
     /// Every record under the store (all suites), in path order. A file that does not parse is
-    /// an error naming it; temporary files of killed runs are ignored.
+    /// an error naming it; JSON files that are not result records at all (neither
+    /// `schema_version` nor `kind`: a leaderboard or reference written into the directory) are
+    /// skipped with a warning; temporary files of killed runs are ignored.
     pub fn load_all(&self) -> Result<Vec<ResultRecord>> {
         self.load_under(&self.dir)
     }
@@ -329,7 +338,17 @@ impl ResultStore {
         let mut files = Vec::new();
         collect_ext(root, "json", &mut files)?;
         files.sort();
-        files.iter().map(|f| read_record(f)).collect()
+        let mut records = Vec::with_capacity(files.len());
+        for f in &files {
+            match read_record(f)? {
+                Some(r) => records.push(r),
+                None => eprintln!(
+                    "warning: {}: not a result record (no `schema_version` or `kind`), skipped",
+                    f.display()
+                ),
+            }
+        }
+        Ok(records)
     }
 
     /// Removes temporary files left behind by killed runs; returns how many. A temporary goes when
@@ -349,11 +368,26 @@ impl ResultStore {
     }
 }
 
-fn read_record(path: &Path) -> Result<ResultRecord> {
+/// The fix a broken record's message offers: results are one file per job, so losing one file
+/// loses one job, which a re-run redoes.
+const REDO_HINT: &str = "delete it and `recycle run` redoes that job";
+
+/// The record in `path`; `None` for well-formed JSON that is not a result record at all (neither
+/// `schema_version` nor `kind`).
+fn read_record(path: &Path) -> Result<Option<ResultRecord>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read result file {}", path.display()))?;
-    let record: ResultRecord = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a valid result record", path.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: not valid JSON (a result file cut short?); {REDO_HINT}",
+            path.display()
+        )
+    })?;
+    if value.get("schema_version").is_none() && value.get("kind").is_none() {
+        return Ok(None);
+    }
+    let record: ResultRecord = serde_json::from_value(value)
+        .with_context(|| format!("{}: not a valid result record; {REDO_HINT}", path.display()))?;
     if record.schema_version != RESULT_SCHEMA_VERSION {
         bail!(
             "{}: result schema version {} (this recycle reads version {RESULT_SCHEMA_VERSION})",
@@ -361,7 +395,7 @@ fn read_record(path: &Path) -> Result<ResultRecord> {
             record.schema_version
         );
     }
-    Ok(record)
+    Ok(Some(record))
 }
 
 /// This process's temporaries are named `.tmp-<pid>-<host tag>-<random>.json`, so that a later

@@ -593,7 +593,40 @@ fn a_corrupt_result_file_is_an_error_naming_it() {
     std::fs::create_dir_all(bad.parent().unwrap()).unwrap();
     std::fs::write(&bad, "{\"kind\": \"finetune\"}").unwrap();
     let err = format!("{:#}", ResultStore::new(tmp.path()).load_all().unwrap_err());
-    assert!(err.contains("seed0.json"), "{err}");
+    assert!(
+        err.contains("seed0.json") && err.contains("delete it and `recycle run` redoes"),
+        "{err}"
+    );
+    // Cut short: not even JSON.
+    std::fs::write(&bad, "{\"schema_version\": 1, \"ki").unwrap();
+    let err = format!("{:#}", ResultStore::new(tmp.path()).load_all().unwrap_err());
+    assert!(
+        err.contains("seed0.json") && err.contains("cut short"),
+        "{err}"
+    );
+}
+
+#[test]
+fn json_files_that_are_not_records_are_skipped_not_fatal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ResultStore::new(tmp.path());
+    let suite = parse(SUITE);
+    runner::run(
+        &suite,
+        &store,
+        &FakeExecutor::default(),
+        &settings(tmp.path(), Selection::All),
+        &mut Silent,
+    )
+    .unwrap();
+    let n = store.load_all().unwrap().len();
+    assert!(n > 0);
+    // A leaderboard written into the results directory, at the top and inside a suite.
+    let board = r#"{"arch": "x", "targets": ["t"], "rows": []}"#;
+    std::fs::write(tmp.path().join("reference.json"), board).unwrap();
+    std::fs::write(tmp.path().join("mini/board.json"), board).unwrap();
+    assert_eq!(store.load_all().unwrap().len(), n);
+    assert_eq!(store.load_suite("mini").unwrap().len(), n);
 }
 
 #[test]
