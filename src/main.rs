@@ -3,6 +3,7 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    recycle::cli::quiet_broken_pipe();
     recycle::alloc::tune();
     let cli = recycle::cli::Cli::parse();
     match recycle::cli::run(cli) {

@@ -101,3 +101,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::GpuCheck(a) => gpu_check::run(a),
     }
 }
+
+/// Output piped into a reader that stops early (`recycle rank | head -1`) ends the process quietly,
+/// as other Unix tools do, instead of `println!` panicking on the closed pipe. Rust starts programs
+/// with SIGPIPE ignored; this restores the default action. Call first thing in `main`.
+pub fn quiet_broken_pipe() {
+    #[cfg(unix)]
+    // SAFETY: resetting one signal's disposition to the default before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
