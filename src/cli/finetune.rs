@@ -210,6 +210,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
         cfg.precision.as_str()
     );
     let data = load_dataset(&args.dataset)?;
+    let empty = data.classes_without_examples();
+    if !empty.is_empty() {
+        let ids: Vec<String> = empty.iter().map(u32::to_string).collect();
+        eprintln!(
+            "warning: --dataset {}: class ids {} have no examples; the head still gets an output \
+             for each (bare JSONL labels are ids 0..=max; `recycle data import` maps names)",
+            args.dataset.display(),
+            ids.join(", ")
+        );
+    }
     let tokenizer = TextTokenizer::for_checkpoint(&args.model, cfg.max_length)
         .with_context(|| format!("--model {}", args.model.display()))?;
     let model = load_trainable(

@@ -25,6 +25,26 @@ impl LocalDataset {
     pub fn split_names(&self) -> Vec<&str> {
         self.splits.iter().map(|(n, _)| n.as_str()).collect()
     }
+
+    /// The class ids of a classification task that no example of any split carries: with bare
+    /// JSONL's ids 0..=max, a stray id (a 7 among 0s and 1s) makes a head with empty classes.
+    pub fn classes_without_examples(&self) -> Vec<u32> {
+        let Task::Classification { labels } = &self.task else {
+            return Vec::new();
+        };
+        let seen: std::collections::BTreeSet<u32> = self
+            .splits
+            .iter()
+            .flat_map(|(_, e)| e.iter())
+            .filter_map(|e| match e.label {
+                Some(Label::Class(c)) => Some(c),
+                _ => None,
+            })
+            .collect();
+        (0..labels.len() as u32)
+            .filter(|c| !seen.contains(c))
+            .collect()
+    }
 }
 
 const SPLITS: [&str; 3] = ["train", "validation", "test"];
@@ -121,6 +141,8 @@ mod tests {
         );
         assert_eq!(d.split("train").unwrap()[1].text_pair.as_deref(), Some("c"));
         assert_eq!(d.split("test").unwrap()[0].label, None);
+        // Class 1 is implied by the ids 0 and 2 and carried by no example.
+        assert_eq!(d.classes_without_examples(), vec![1]);
 
         let f = dir.path().join("sts.jsonl");
         std::fs::write(
@@ -128,7 +150,18 @@ mod tests {
             "{\"text\":\"a\",\"label\":4}\n{\"text\":\"b\",\"label\":3.5}\n",
         )
         .unwrap();
-        assert_eq!(load_dataset(&f).unwrap().task, Task::Regression);
+        let sts = load_dataset(&f).unwrap();
+        assert_eq!(sts.task, Task::Regression);
+        assert!(sts.classes_without_examples().is_empty());
+        std::fs::write(
+            &f,
+            "{\"text\":\"a\",\"label\":1}\n{\"text\":\"b\",\"label\":0}\n",
+        )
+        .unwrap();
+        assert!(load_dataset(&f)
+            .unwrap()
+            .classes_without_examples()
+            .is_empty());
 
         std::fs::write(&f, "{\"text\":\"a\"}\nnot json\n").unwrap();
         let err = format!("{:#}", load_dataset(&f).unwrap_err());
