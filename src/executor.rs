@@ -508,6 +508,12 @@ pub fn check_model_paths(suite: &crate::suite::Suite) -> Result<()> {
     for (at, m) in models {
         if let ModelRef::Path { raw, resolved } = &m.source {
             ensure!(
+                resolved.exists(),
+                "{}: {at}.path: model {raw}: {} does not exist",
+                suite.file.display(),
+                resolved.display()
+            );
+            ensure!(
                 resolved.join("config.json").is_file(),
                 "{}: {at}.path: model {raw}: {} has no config.json (not a checkpoint directory)",
                 suite.file.display(),

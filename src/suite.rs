@@ -636,6 +636,9 @@ impl Suite {
                 }
             })
         };
+        if text.trim().is_empty() {
+            bail!("{f}: the suite file is empty (docs/suite-format.md describes the format)");
+        }
         let raw = read()?;
         let others: Vec<String> = raw
             .profiles
@@ -1332,5 +1335,13 @@ mod tests {
         assert!(e.contains("protocol.max_length: must be at least 2"), "{e}");
         let text = OK.replace(r#""max_epochs": 3"#, r#""max_epochs": 3, "max_length": 2"#);
         parse(&text, None).unwrap();
+    }
+
+    #[test]
+    fn an_empty_suite_file_says_so() {
+        for text in ["", "  \n"] {
+            let e = format!("{:#}", parse(text, None).unwrap_err());
+            assert!(e.contains("configs/x.json: the suite file is empty"), "{e}");
+        }
     }
 }

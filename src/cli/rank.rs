@@ -54,6 +54,12 @@ pub fn results_dir(flag: Option<PathBuf>) -> Result<PathBuf> {
 
 /// The board of `arch` from every record under `dir`, laid out by `suites` when given.
 pub fn build_board(arch: &str, dir: &Path, suites: &[PathBuf]) -> Result<Leaderboard> {
+    if !dir.is_dir() {
+        bail!(
+            "{}: no results directory there (pass --results, or `recycle run` a suite first)",
+            dir.display()
+        );
+    }
     let records = ResultStore::new(dir).load_all()?;
     if !records.iter().any(|r| r.arch == arch) {
         bail!(

@@ -765,3 +765,45 @@ fn a_run_picks_a_profile() {
     let full = plan::plan(&parse(SUITE)).unwrap();
     assert_ne!(jobs[0].config_hash, full[0].config_hash);
 }
+
+#[test]
+fn model_paths_are_checked_before_any_job_and_named() {
+    let home = tempfile::tempdir().unwrap();
+    let suite = Suite::parse(SUITE, Path::new("suite.json"), None, home.path()).unwrap();
+    let err = format!(
+        "{:#}",
+        recycle::executor::check_model_paths(&suite).unwrap_err()
+    );
+    assert!(
+        err.contains("candidates[1].path") && err.contains("does not exist"),
+        "{err}"
+    );
+    std::fs::create_dir_all(home.path().join("models/beta")).unwrap();
+    let err = format!(
+        "{:#}",
+        recycle::executor::check_model_paths(&suite).unwrap_err()
+    );
+    assert!(err.contains("has no config.json"), "{err}");
+    std::fs::write(home.path().join("models/beta/config.json"), "{}").unwrap();
+    recycle::executor::check_model_paths(&suite).unwrap();
+}
+
+#[test]
+fn rank_names_a_missing_results_directory() {
+    let out = recycle()
+        .args([
+            "rank",
+            "--arch",
+            "tiny-arch",
+            "--results",
+            "/nonexistent-results",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent-results: no results directory"),
+        "{err}"
+    );
+}
