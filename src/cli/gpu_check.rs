@@ -216,10 +216,7 @@ fn one_step(
     let inference = m.inference_model()?.forward(&batch, Mode::Eval)?;
     let loss = candle_nn::loss::cross_entropy(&before.to_dtype(DType::F32)?, &labels)?;
     let grads = loss.backward()?;
-    let mut gs: Vec<Option<Tensor>> = opt
-        .vars()
-        .map(|v| grads.get(v.as_tensor()).cloned())
-        .collect();
+    let mut gs = opt.gradients(&grads);
     clip_grad_norm(&mut gs, 1.0)?;
     opt.step(&gs, 1e-3, 1.0)?;
     let after = m.model.forward(&batch, Mode::Eval)?;
@@ -316,11 +313,7 @@ fn bench_shape(shape: &Shape, args: &Args, device: &Device) -> Result<()> {
             let logits = m.model.forward(&batch, Mode::Train)?;
             let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, &labels)?;
             let grads = loss.backward()?;
-            let gs: Vec<Option<Tensor>> = opt
-                .vars()
-                .map(|v| grads.get(v.as_tensor()).cloned())
-                .collect();
-            opt.step(&gs, 1e-5, 1.0)
+            opt.step(&opt.gradients(&grads), 1e-5, 1.0)
         })?;
         emit_phases(shape, args, precision, device, &m, &batch, &labels)?;
         let inference = m.inference_model()?;
@@ -370,8 +363,8 @@ fn bench_shape(shape: &Shape, args: &Args, device: &Device) -> Result<()> {
 /// Where a training step's time goes: the forward pass with the loss, the backward pass, the global
 /// gradient norm, and the AdamW update by each implementation (`Kernel::Auto`, what training uses:
 /// the fused kernel on the CPU, `Flat` elsewhere; `Kernel::Flat`: one update per weight-decay
-/// group; `Kernel::TensorOps`: tensor ops per parameter). Seconds per step, the device drained after each phase, so the phases add up to more
-/// than a step that overlaps host and device work.
+/// group; `Kernel::TensorOps`: tensor ops per parameter). Seconds per step, the device drained
+/// after each phase, so the phases add up to more than a step that overlaps host and device work.
 fn emit_phases(
     shape: &Shape,
     args: &Args,
@@ -405,10 +398,7 @@ fn emit_phases(
         let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, labels)?;
         let t = lap(&mut forward, t)?;
         let store = loss.backward()?;
-        let gs: Vec<Option<Tensor>> = opts[0]
-            .vars()
-            .map(|v| store.get(v.as_tensor()).cloned())
-            .collect();
+        let gs = opts[0].gradients(&store);
         let t = lap(&mut backward, t)?;
         global_grad_norm(&gs)?;
         let mut t = lap(&mut norm, t)?;

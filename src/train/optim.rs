@@ -158,6 +158,13 @@ impl AdamW {
         self.params.iter().map(|p| &p.var)
     }
 
+    /// The gradients `store` holds for the optimised variables, in the order `step` expects them.
+    pub fn gradients(&self, store: &candle_core::backprop::GradStore) -> Vec<Option<Tensor>> {
+        self.vars()
+            .map(|v| store.get(v.as_tensor()).cloned())
+            .collect()
+    }
+
     /// Whether the parameter at `index` (in `names()` order) gets weight decay.
     pub fn decays_at(&self, index: usize) -> bool {
         self.params.get(index).is_some_and(|p| p.decay)

@@ -331,10 +331,7 @@ fn five_steps_of_the_training_optimizer_match_transformers() {
             );
             let logits = loaded.model.forward(&b, Mode::Eval).unwrap();
             let grads = loss(case, &logits, &exp).backward().unwrap();
-            let mut gs: Vec<Option<Tensor>> = opt
-                .vars()
-                .map(|v| grads.get(v.as_tensor()).cloned())
-                .collect();
+            let mut gs = opt.gradients(&grads);
             clip_grad_norm(&mut gs, fixture.grad_clip_max_norm).unwrap();
             opt.step(&gs, lr, 1.0).unwrap();
         }

@@ -113,10 +113,7 @@ fn bf16_training_steps_update_f32_master_weights_like_transformers() {
             let l = loss(case, &logits, &exp);
             assert_eq!(l.dtype(), DType::F32, "{case}: the loss is f32");
             let grads = l.backward().unwrap();
-            let mut gs: Vec<Option<Tensor>> = opt
-                .vars()
-                .map(|v| grads.get(v.as_tensor()).cloned())
-                .collect();
+            let mut gs = opt.gradients(&grads);
             assert!(
                 gs.iter().flatten().all(|g| g.dtype() == DType::F32),
                 "{case}: gradients of the master weights are f32"
