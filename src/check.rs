@@ -146,13 +146,22 @@ pub fn kendall_tau_b(x: &[f64], y: &[f64]) -> Option<f64> {
     (denom > 0.0).then(|| (concordant - discordant) as f64 / denom)
 }
 
+/// How reference and current rows are paired and named: the model id, plus the board's
+/// disambiguating label where one checkpoint appears under several suite names.
+fn key(r: &Row) -> String {
+    match &r.model.label {
+        Some(label) => format!("{} [{label}]", r.model.id),
+        None => r.model.id.clone(),
+    }
+}
+
 fn top(board: &Leaderboard, k: usize) -> Vec<String> {
     board
         .rows
         .iter()
         .filter(|r| r.avg_gain.is_some())
         .take(k)
-        .map(|r| r.model.id.clone())
+        .map(key)
         .collect()
 }
 
@@ -169,15 +178,11 @@ pub fn compare(
             reference.arch, current.arch
         ));
     }
-    let cur: BTreeMap<&str, &Row> = current
-        .rows
-        .iter()
-        .map(|r| (r.model.id.as_str(), r))
-        .collect();
+    let cur: BTreeMap<String, &Row> = current.rows.iter().map(|r| (key(r), r)).collect();
     let mut deltas = Vec::new();
     let mut paired = Vec::new();
     for r in &reference.rows {
-        let c = cur.get(r.model.id.as_str()).copied();
+        let c = cur.get(&key(r)).copied();
         let tolerance = settings.tolerance.unwrap_or_else(|| {
             // A zero spread (every baseline seed scored the same) says nothing about the noise:
             // treat it like no spread, not as a zero tolerance.
@@ -198,7 +203,7 @@ pub fn compare(
                 if (b - a).abs() > tolerance {
                     regressions.push(format!(
                         "{}: average gain {:+.2} → {:+.2} (change {:+.2} beyond ±{tolerance:.2})",
-                        r.model.id,
+                        key(r),
                         a,
                         b,
                         b - a
@@ -211,14 +216,14 @@ pub fn compare(
             (Some(a), None) => {
                 regressions.push(format!(
                     "{}: had average gain {a:+.2}, now no complete row",
-                    r.model.id
+                    key(r)
                 ));
                 true
             }
             _ => false,
         };
         deltas.push(ModelDelta {
-            model: r.model.id.clone(),
+            model: key(r),
             reference: r.avg_gain,
             current: current_gain,
             tolerance,
@@ -226,9 +231,9 @@ pub fn compare(
         });
     }
     for c in &current.rows {
-        if !reference.rows.iter().any(|r| r.model.id == c.model.id) {
+        if !reference.rows.iter().any(|r| key(r) == key(c)) {
             deltas.push(ModelDelta {
-                model: c.model.id.clone(),
+                model: key(c),
                 reference: None,
                 current: c.avg_gain,
                 tolerance: settings.tolerance.unwrap_or(FALLBACK_TOLERANCE),
@@ -303,6 +308,7 @@ mod tests {
                 model: ModelInfo {
                     id: id.to_string(),
                     revision: None,
+                    label: None,
                 },
                 cells: vec![match g {
                     Some(g) => Cell::Done {
@@ -333,6 +339,7 @@ mod tests {
                 model: ModelInfo {
                     id: "b".into(),
                     revision: None,
+                    label: None,
                 },
                 cells: vec![BaselineCell {
                     mean: Some(80.0),
@@ -439,5 +446,30 @@ mod tests {
             ..settings
         };
         assert!(!compare(&reference, &moved, &tight).passed());
+    }
+
+    #[test]
+    fn one_checkpoint_under_two_names_is_two_rows_to_compare() {
+        // `a` and `c` are the same directory: the board labels them apart, and so does the gate.
+        let mut reference = board(&[("/m/x", Some(5.0)), ("/m/x", Some(1.0))]);
+        reference.rows[0].model.label = Some("a (x)".into());
+        reference.rows[1].model.label = Some("c (x)".into());
+        let settings = CheckSettings {
+            tolerance: Some(0.5),
+            top_k: 1,
+            min_tau: -1.0,
+        };
+        let r = compare(&reference, &reference, &settings);
+        assert!(r.passed(), "{:?}", r.regressions);
+        assert_eq!(r.deltas.len(), 2);
+        let mut moved = reference.clone();
+        moved.rows[1].avg_gain = Some(3.0);
+        let r = compare(&reference, &moved, &settings);
+        assert_eq!(r.regressions.len(), 1, "{:?}", r.regressions);
+        assert!(
+            r.regressions[0].starts_with("/m/x [c (x)]"),
+            "{:?}",
+            r.regressions
+        );
     }
 }

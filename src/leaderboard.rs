@@ -44,13 +44,36 @@ pub struct ModelInfo {
     pub id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
+    /// What tables show when `display_name(id)` alone would be ambiguous on this board (two local
+    /// checkpoints in directories of the same name, or one checkpoint under two suite names):
+    /// `suite name (directory)`. Set by `build`; `None` keeps the plain display name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
 }
 
 impl ModelInfo {
     /// The name a table shows: a hub id as it is, a local checkpoint by its directory name (the
-    /// full path stays in `id`, in the JSON and CSV exports and in the report's provenance).
+    /// full path stays in `id`, in the JSON and CSV exports and in the report's provenance), or
+    /// `label` where that would be ambiguous.
     pub fn label(&self) -> &str {
-        display_name(&self.id)
+        self.label
+            .as_deref()
+            .unwrap_or_else(|| display_name(&self.id))
+    }
+}
+
+/// Gives every model whose display name it shares with another model of the board (rows are
+/// keyed by suite name) the label `name (display name)`, so no two rows read the same.
+fn disambiguate(models: &mut [(&str, &mut ModelInfo)]) {
+    let mut count: BTreeMap<String, usize> = BTreeMap::new();
+    for (_, m) in models.iter() {
+        *count.entry(display_name(&m.id).to_string()).or_default() += 1;
+    }
+    for (name, m) in models.iter_mut() {
+        let shown = display_name(&m.id);
+        if count[shown] > 1 {
+            m.label = Some(format!("{name} ({shown})"));
+        }
     }
 }
 
@@ -304,6 +327,7 @@ pub fn build(
                     ModelInfo {
                         id: r.model.id.clone(),
                         revision: r.model.revision.clone(),
+                        label: None,
                     },
                 );
             }
@@ -318,6 +342,7 @@ pub fn build(
                     .or_insert_with(|| ModelInfo {
                         id: r.model.id.clone(),
                         revision: r.model.revision.clone(),
+                        label: None,
                     });
             }
         }
@@ -327,6 +352,7 @@ pub fn build(
         info.get(name).cloned().unwrap_or_else(|| ModelInfo {
             id: name.to_string(),
             revision: None,
+            label: None,
         })
     };
 
@@ -435,6 +461,12 @@ pub fn build(
         }
     }
 
+    let mut baseline = baseline;
+    let mut named: Vec<(&str, &mut ModelInfo)> =
+        vec![(layout.baseline.as_str(), &mut baseline.model)];
+    named.extend(rows.iter_mut().map(|(n, r)| (n.as_str(), &mut r.model)));
+    disambiguate(&mut named);
+
     Leaderboard {
         schema_version: LEADERBOARD_SCHEMA_VERSION,
         arch: arch.to_string(),
@@ -484,12 +516,13 @@ pub fn probe_proxies(
 
 #[cfg(test)]
 mod tests {
-    use super::ModelInfo;
+    use super::{disambiguate, ModelInfo};
 
     fn label(id: &str) -> String {
         ModelInfo {
             id: id.to_string(),
             revision: None,
+            label: None,
         }
         .label()
         .to_string()
@@ -506,5 +539,46 @@ mod tests {
         assert_eq!(label("FacebookAI/roberta-base"), "FacebookAI/roberta-base");
         assert_eq!(label("donor:from-sarcasm"), "donor:from-sarcasm");
         assert_eq!(label("/"), "/");
+    }
+
+    #[test]
+    fn models_that_would_read_the_same_are_labelled_by_suite_name() {
+        let info = |id: &str| ModelInfo {
+            id: id.to_string(),
+            revision: None,
+            label: None,
+        };
+        let mut models = [
+            ("base", info("org/base")),
+            ("run1", info("/runs/1/checkpoint-500")),
+            ("run2", info("/runs/2/checkpoint-500/")),
+            ("other", info("/runs/3/final")),
+            ("alias", info("/runs/3/final")),
+            ("hub", info("org/checkpoint-500")),
+        ];
+        let mut named: Vec<(&str, &mut ModelInfo)> =
+            models.iter_mut().map(|(n, m)| (*n, m)).collect();
+        disambiguate(&mut named);
+        let labels: Vec<&str> = models.iter().map(|(_, m)| m.label()).collect();
+        assert_eq!(
+            labels,
+            [
+                "org/base",
+                "run1 (checkpoint-500)",
+                "run2 (checkpoint-500)",
+                "other (final)",
+                "alias (final)",
+                "org/checkpoint-500",
+            ]
+        );
+        // An unambiguous board keeps the plain names and serialises as before (no `label`).
+        let mut alone = [("run1", info("/runs/1/checkpoint-500"))];
+        let mut named: Vec<(&str, &mut ModelInfo)> =
+            alone.iter_mut().map(|(n, m)| (*n, m)).collect();
+        disambiguate(&mut named);
+        assert_eq!(alone[0].1.label(), "checkpoint-500");
+        assert!(!serde_json::to_string(&alone[0].1)
+            .unwrap()
+            .contains("label"));
     }
 }

@@ -33,6 +33,7 @@ fn model(id: &str, revision: Option<&str>) -> ModelInfo {
     ModelInfo {
         id: id.to_string(),
         revision: revision.map(str::to_string),
+        label: None,
     }
 }
 

@@ -472,6 +472,7 @@ fn gain_table_from_a_leaderboard() {
         model: ModelInfo {
             id: id.into(),
             revision: None,
+            label: None,
         },
         cells,
         avg_gain: None,
@@ -504,6 +505,7 @@ fn gain_table_from_a_leaderboard() {
             model: ModelInfo {
                 id: "roberta-base".into(),
                 revision: None,
+                label: None,
             },
             cells: vec![base(Some(0.4)), base(None)],
             avg_score: Some(80.0),
