@@ -8,7 +8,7 @@
 #   RECYCLE_HOME=/work/home scripts/select-run.sh OUT_DIR
 #
 # Results go to OUT_DIR/results; wall times of each step to OUT_DIR/times.tsv; reports to OUT_DIR.
-# Needs the assets of the embedded default suite (`recycle fetch configs/default.json`) and a
+# Needs the assets of the embedded default suite (`recycle fetch`) and a
 # release build (`cargo build --release`; RECYCLE=path overrides the binary).
 set -euo pipefail
 

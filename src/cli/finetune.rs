@@ -19,7 +19,8 @@ pub struct Args {
     /// A JSONL file (text, text_pair, label) or a directory of train/validation/test.jsonl.
     #[arg(long)]
     pub dataset: PathBuf,
-    /// Where the fine-tuned checkpoint is written.
+    /// Where the fine-tuned checkpoint is written: a new or empty directory (never the --model one),
+    /// checked before training.
     #[arg(long)]
     pub out: PathBuf,
     #[command(flatten)]

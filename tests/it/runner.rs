@@ -674,6 +674,20 @@ fn written_records_validate_against_the_json_schema() {
     wrong["surprise"] = serde_json::json!(1);
     wrong.as_object_mut().unwrap().remove("seed");
     assert_eq!(schema::validate(&schema, &schema, &wrong, "").len(), 3);
+    // A bf16 job records its precision in the protocol (f32 leaves the field out).
+    let finetune = records
+        .iter()
+        .find(|r| r.kind == RecordKind::Finetune)
+        .unwrap();
+    let mut bf16 = serde_json::to_value(finetune).unwrap();
+    assert!(bf16["protocol"].get("precision").is_none());
+    bf16["protocol"]["precision"] = serde_json::json!("bf16");
+    assert_eq!(
+        schema::validate(&schema, &schema, &bf16, ""),
+        Vec::<String>::new()
+    );
+    bf16["protocol"]["precision"] = serde_json::json!("fp8");
+    assert_eq!(schema::validate(&schema, &schema, &bf16, "").len(), 1);
 }
 
 #[test]
