@@ -122,6 +122,9 @@ pub fn merge_checkpoints(req: &MergeRequest) -> Result<MergeOutcome> {
             );
         }
     }
+    for m in models.iter().chain(base.as_ref()) {
+        check_same_shape_config(template, m)?;
+    }
     let delta_base = if req.spec.method.needs_base() {
         base.as_ref()
     } else {
@@ -168,6 +171,39 @@ pub fn merge_checkpoints(req: &MergeRequest) -> Result<MergeOutcome> {
         dropped,
         bytes,
     })
+}
+
+/// The config fields that set an encoder's depth and widths (BERT family, then DistilBERT's names).
+const SHAPE_FIELDS: [&str; 8] = [
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "n_layers",
+    "dim",
+    "hidden_dim",
+    "n_heads",
+];
+
+/// Refuses inputs whose configs disagree on depth or widths. The output takes the template's
+/// tensors, so a deeper input's extra layers would otherwise be dropped without a word (a
+/// shallower one is caught by its missing tensors). Tensors outside the template that are not
+/// layers (a pooler the template lacks) are dropped, as the template's architecture has no place
+/// for them.
+fn check_same_shape_config(template: &Checkpoint, m: &Checkpoint) -> Result<()> {
+    for field in SHAPE_FIELDS {
+        if let (Some(a), Some(b)) = (template.config.get(field), m.config.get(field)) {
+            if a != b {
+                bail!(
+                    "architecture mismatch: {} has {field} {a}, {} has {b}; merging would drop \
+                     or misplace layers",
+                    template.dir.join("config.json").display(),
+                    m.dir.join("config.json").display()
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Lines up every output tensor with its inputs, refusing missing tensors and shape mismatches.
@@ -217,26 +253,6 @@ fn plan_tensors<'a>(
                 average_instead: false,
             },
         });
-    }
-    // The converse: a float body tensor of any input must have a place in the output. A model
-    // with more layers than the template would otherwise lose them without a word.
-    for other in models.iter().chain(base) {
-        for e in &other.tensors {
-            let Role::Body { canonical } = &e.role else {
-                continue;
-            };
-            if FloatDtype::from_safetensors(e.dtype).is_some() && template.body(canonical).is_none()
-            {
-                bail!(
-                    "tensor {} of {} has no counterpart in {}: the checkpoints differ in \
-                     architecture (compare num_hidden_layers and the sizes in their config.json), \
-                     and merging would drop it",
-                    e.name,
-                    other.file_of(e).display(),
-                    template.dir.display()
-                );
-            }
-        }
     }
     if keep_head {
         let first = &models[0];

@@ -255,6 +255,7 @@ fn write_checkpoint(dir: &Path, model_type: &str, arch: &str, tensors: &[T]) -> 
         "architectures": [arch],
         "model_type": model_type,
         "hidden_size": 4,
+        "num_hidden_layers": 1,
         "id2label": {"0": "neg", "1": "pos"},
         "label2id": {"neg": 0, "pos": 1},
     });
@@ -582,8 +583,8 @@ fn mismatched_architecture_or_shape_is_refused_with_names() {
     );
     assert!(!tmp.path().join("o2").exists());
 
-    // A deeper model is refused in either order: as the template's partner (its extra layer has
-    // no place in the output) and as the template (the shallow model lacks that layer).
+    // A deeper model is refused in either order, by its config: as the template's partner its
+    // extra layer would have no place in the output.
     let deep = write_checkpoint(
         &tmp.path().join("deep"),
         "bert",
@@ -607,6 +608,10 @@ fn mismatched_architecture_or_shape_is_refused_with_names() {
             t("bert.pooler.dense.bias", &[4], grid(4, 73)),
         ],
     );
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(deep.join("config.json")).unwrap()).unwrap();
+    config["num_hidden_layers"] = serde_json::json!(2);
+    std::fs::write(deep.join("config.json"), config.to_string()).unwrap();
     for (k, (method, base, models)) in [
         (Method::Average, None, [&a, &deep]),
         (Method::Average, None, [&deep, &a]),
@@ -620,7 +625,7 @@ fn mismatched_architecture_or_shape_is_refused_with_names() {
         let req = request(method, base.map(|b: &PathBuf| b.as_path()), &models, &out);
         let err = format!("{:#}", merge_checkpoints(&req).unwrap_err());
         assert!(
-            err.contains("encoder.layer.1.attention.self.query.weight"),
+            err.contains("num_hidden_layers") && err.contains(" 1") && err.contains(" 2"),
             "{k}: {err}"
         );
         assert!(!out.exists(), "{k}");
@@ -671,16 +676,12 @@ fn half_precision_inputs_merge_in_f32_and_keep_the_base_dtype() {
 fn sharded_inputs_and_dare_masks_keyed_by_name_not_position() {
     let tmp = tempfile::tempdir().unwrap();
     let n = 4096;
-    // Base A: one file, "z.weight" first. Base B: sharded, "a.weight" in one shard and "z.weight"
-    // in another, so the tensors sit at other positions.
+    // Base A: "z.weight" alone. Base B: sharded, "a.weight" in one shard and "z.weight" in another.
     let base_a = write_checkpoint(
         &tmp.path().join("base_a"),
         "bert",
         "BertModel",
-        &[
-            t("z.weight", &[n], grid(n, 1)),
-            t("a.weight", &[n], grid(n, 9)),
-        ],
+        &[t("z.weight", &[n], grid(n, 1))],
     );
     let base_b = tmp.path().join("base_b");
     std::fs::create_dir_all(&base_b).unwrap();
@@ -727,6 +728,36 @@ fn sharded_inputs_and_dare_masks_keyed_by_name_not_position() {
     assert_eq!(za, zb);
     assert_ne!(za, grid(n, 1), "DARE at p = 0.5 kept the base unchanged");
     assert_eq!(names(&tmp.path().join("ob")), vec!["a.weight", "z.weight"]);
+}
+
+#[test]
+fn a_pooler_the_template_lacks_is_dropped_not_refused() {
+    // ColD Fusion's case: a base without a pooler, contributors whose classification head added
+    // one. Same config, so the merge mirrors the base and leaves the pooler out.
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, a, b) = bert_fixture(tmp.path());
+    let bare = write_checkpoint(
+        &tmp.path().join("bare"),
+        "bert",
+        "BertModel",
+        &[
+            t("embeddings.word_embeddings.weight", &[3, 4], grid(12, 80)),
+            t(
+                "encoder.layer.0.attention.self.query.weight",
+                &[4, 4],
+                grid(16, 81),
+            ),
+        ],
+    );
+    let out = tmp.path().join("o");
+    merge_checkpoints(&request(Method::Average, Some(&bare), &[&a, &b], &out)).unwrap();
+    assert_eq!(
+        names(&out),
+        vec![
+            "embeddings.word_embeddings.weight",
+            "encoder.layer.0.attention.self.query.weight"
+        ]
+    );
 }
 
 #[test]
