@@ -322,9 +322,9 @@ impl ResultStore {
     }
 
     /// Every record under the store (all suites), in path order. A file that does not parse is
-    /// an error naming it; JSON files that are not result records at all (neither
-    /// `schema_version` nor `kind`: a leaderboard or reference written into the directory) are
-    /// skipped with a warning; temporary files of killed runs are ignored.
+    /// an error naming it; JSON files that are not result records at all (no `kind`: a leaderboard
+    /// or reference written into the directory) are skipped with a warning; temporary files of
+    /// killed runs are ignored.
     pub fn load_all(&self) -> Result<Vec<ResultRecord>> {
         self.load_under(&self.dir)
     }
@@ -343,7 +343,7 @@ impl ResultStore {
             match read_record(f)? {
                 Some(r) => records.push(r),
                 None => eprintln!(
-                    "warning: {}: not a result record (no `schema_version` or `kind`), skipped",
+                    "warning: {}: not a result record (no `kind`), skipped",
                     f.display()
                 ),
             }
@@ -372,8 +372,8 @@ impl ResultStore {
 /// loses one job, which a re-run redoes.
 const REDO_HINT: &str = "delete it and `recycle run` redoes that job";
 
-/// The record in `path`; `None` for well-formed JSON that is not a result record at all (neither
-/// `schema_version` nor `kind`).
+/// The record in `path`; `None` for well-formed JSON that is not a result record at all (no
+/// `kind`: every record has one; recycle's own leaderboard JSON has a `schema_version` but none).
 fn read_record(path: &Path) -> Result<Option<ResultRecord>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read result file {}", path.display()))?;
@@ -383,7 +383,7 @@ fn read_record(path: &Path) -> Result<Option<ResultRecord>> {
             path.display()
         )
     })?;
-    if value.get("schema_version").is_none() && value.get("kind").is_none() {
+    if value.get("kind").is_none() {
         return Ok(None);
     }
     let record: ResultRecord = serde_json::from_value(value)

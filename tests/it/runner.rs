@@ -621,10 +621,19 @@ fn json_files_that_are_not_records_are_skipped_not_fatal() {
     .unwrap();
     let n = store.load_all().unwrap().len();
     assert!(n > 0);
-    // A leaderboard written into the results directory, at the top and inside a suite.
-    let board = r#"{"arch": "x", "targets": ["t"], "rows": []}"#;
-    std::fs::write(tmp.path().join("reference.json"), board).unwrap();
-    std::fs::write(tmp.path().join("mini/board.json"), board).unwrap();
+    // recycle's own leaderboard JSON written into the results directory, at the top and inside
+    // a suite (it has a schema_version of its own, and no `kind`).
+    let board = recycle::export::exporter(recycle::export::Format::Json)
+        .render(&build(
+            "tiny-arch",
+            &Layout::from_records("tiny-arch", &store.load_all().unwrap()).unwrap(),
+            &store.load_all().unwrap(),
+            "2026-01-01T00:00:00Z",
+        ))
+        .unwrap();
+    assert!(String::from_utf8_lossy(&board).contains("\"schema_version\""));
+    std::fs::write(tmp.path().join("reference.json"), &board).unwrap();
+    std::fs::write(tmp.path().join("mini/board.json"), &board).unwrap();
     assert_eq!(store.load_all().unwrap().len(), n);
     assert_eq!(store.load_suite("mini").unwrap().len(), n);
 }
