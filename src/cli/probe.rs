@@ -25,7 +25,7 @@ pub struct Args {
     /// Probe the baseline and every candidate of this suite instead (records go under its name).
     #[arg(long, conflicts_with = "model")]
     pub suite: Option<PathBuf>,
-    /// The dataset directory to probe on (train split, scored on test or validation).
+    /// The dataset directory to probe on (train split, scored on validation, else test).
     #[arg(long)]
     pub dataset: PathBuf,
     /// Name of the proxy column these scores fill on the leaderboard, e.g. `mnli_lp`.

@@ -64,9 +64,12 @@ pub struct ProbeRun {
     pub n_eval: usize,
 }
 
-/// The split the probe is scored on: `test` when it has labels, else `validation`.
+/// The split the probe is scored on: `validation` when it has labels, else `test`. Validation
+/// first: `recycle select` probes a target to choose which candidates to fine-tune and then reports
+/// their gains on the target's test split, so a probe scored on test would pick with the labels
+/// it is judged on.
 fn eval_split(dataset: &Dataset) -> Result<&'static str> {
-    for name in ["test", "validation"] {
+    for name in ["validation", "test"] {
         if let Ok(rows) = dataset.split(name) {
             if rows.iter().any(|e| e.label.is_some()) {
                 return Ok(name);
@@ -267,4 +270,50 @@ pub fn probe_model(
         n_train: train_x.rows(),
         n_eval: eval_x.rows(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::store::{write_dataset, Draft, Existing};
+    use crate::data::{Label, Task};
+
+    fn stored(dir: &Path, splits: &[&str]) -> Dataset {
+        let rows = |k: u32| -> Vec<Example> {
+            (0..4)
+                .map(|i| Example {
+                    text: format!("row {k} {i}"),
+                    text_pair: None,
+                    label: Some(Label::Class(i % 2)),
+                })
+                .collect()
+        };
+        let draft = Draft {
+            name: "d".into(),
+            task: Task::Classification {
+                labels: vec!["a".into(), "b".into()],
+            },
+            source: "test".into(),
+            license: "none".into(),
+            split_seed: None,
+            splits: splits
+                .iter()
+                .enumerate()
+                .map(|(k, s)| (s.to_string(), rows(k as u32)))
+                .collect(),
+        };
+        write_dataset(dir, &draft, Existing::Fail).unwrap();
+        Dataset::load(dir).unwrap()
+    }
+
+    #[test]
+    fn the_probe_is_scored_on_validation_never_test_when_there_is_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let both = stored(&tmp.path().join("both"), &["train", "validation", "test"]);
+        assert_eq!(eval_split(&both).unwrap(), "validation");
+        let test_only = stored(&tmp.path().join("t"), &["train", "test"]);
+        assert_eq!(eval_split(&test_only).unwrap(), "test");
+        let train_only = stored(&tmp.path().join("n"), &["train"]);
+        assert!(eval_split(&train_only).is_err());
+    }
 }
