@@ -319,9 +319,12 @@ pub(crate) fn probe_record(
         max_length: settings.max_length,
         ..Protocol::default()
     };
+    // Keyed by the proxy's name where it has one, so probes under different `--name`s (or of
+    // different datasets given different names) keep their own records.
+    let key = run.scores.name.as_deref().unwrap_or(&dataset.card.name);
     let job_id = format!(
         "probe/{}/{}/{}-{}",
-        dataset.card.name,
+        key.replace(['/', '\\'], "--"),
         t.name.replace(['/', '\\'], "--"),
         settings.pooling.as_str(),
         settings.layers.as_str()

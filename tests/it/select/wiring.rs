@@ -21,6 +21,7 @@ use recycle::select::hscore::{hscore, CovInverse};
 use recycle::select::linear_probe::{probe, ProbeConfig};
 use recycle::select::logme::logme;
 use recycle::suite::Protocol;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 // ---------------------------------------------------------------------------------------------
@@ -352,6 +353,31 @@ fn probe_writes_records_and_reads_features_back_from_the_cache() {
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let errors = schema::validate(&schema, &schema, &value, "");
     assert!(errors.is_empty(), "{errors:?}");
+
+    // A probe under another --name keeps its own record beside the first.
+    recycle(tmp.path())
+        .args(["probe", "--model"])
+        .arg(&model)
+        .arg("--dataset")
+        .arg(&data)
+        .args(["--name", "other_lp", "--arch", "toy", "--device", "cpu"])
+        .args(["--max-length", "12", "--batch-size", "7"])
+        .arg("--results")
+        .arg(&results)
+        .arg("--features")
+        .arg(&features)
+        .assert()
+        .success();
+    let names: BTreeSet<String> = ResultStore::new(&results)
+        .load_all()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.probe.as_ref().and_then(|p| p.name.clone()))
+        .collect();
+    assert_eq!(
+        names,
+        BTreeSet::from(["other_lp".to_string(), "toy_lp".to_string()])
+    );
 }
 
 #[test]
