@@ -669,6 +669,27 @@ impl Suite {
     /// Runs `check` on every dataset the suite uses (missing columns, labels out of range, a
     /// metric that does not fit the task: the dataset owner knows how); the first error is returned
     /// with the file and field path named.
+    /// The files and directories the suite reads from the local disk: the suite file, local model
+    /// checkpoints and local datasets (as resolved, relative to the working directory where not
+    /// absolute). A command that writes files must not write into any of them.
+    pub fn local_inputs(&self) -> Vec<PathBuf> {
+        let mut out = vec![self.file.clone()];
+        for m in std::iter::once(&self.baseline).chain(&self.candidates) {
+            if let ModelRef::Path { resolved, .. } = &m.source {
+                out.push(resolved.clone());
+            }
+        }
+        let datasets = std::cell::RefCell::new(Vec::new());
+        let _ = self.check_datasets(&|u| {
+            if let DatasetRef::Path { resolved, .. } = u.dataset {
+                datasets.borrow_mut().push(resolved.clone());
+            }
+            Ok(())
+        });
+        out.extend(datasets.into_inner());
+        out
+    }
+
     pub fn check_datasets(&self, check: &dyn Fn(&DatasetUse) -> Result<()>) -> Result<()> {
         let f = self.file.display();
         for (i, d) in self.donors.iter().enumerate() {

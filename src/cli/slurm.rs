@@ -116,6 +116,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         array_limit: args.array_limit,
     };
     let sweep = slurm::build(&pending, &options);
+    check_outputs_spare_inputs(&sweep.files, &suite)?;
     let logs = options.out.parent().unwrap_or(Path::new(".")).join("logs");
     std::fs::create_dir_all(&logs)
         .with_context(|| format!("--out: cannot create {}", logs.display()))?;
@@ -168,6 +169,30 @@ fn sbatch(mut cmd: Command, script: &Path) -> Result<String> {
             script.display()
         )
     })
+}
+
+/// Refuses a sweep that would write over the suite file or into a checkpoint or dataset the suite
+/// reads (`--out suite.json` replaced the suite with the submit script).
+fn check_outputs_spare_inputs(files: &[(PathBuf, String)], suite: &Suite) -> Result<()> {
+    // Canonical where the path exists, so `./x/../suite.json` and symlinks compare equal.
+    let norm = |p: &Path| {
+        p.canonicalize()
+            .or_else(|_| std::path::absolute(p))
+            .unwrap_or_else(|_| p.to_path_buf())
+    };
+    let inputs: Vec<PathBuf> = suite.local_inputs().iter().map(|p| norm(p)).collect();
+    for (path, _) in files {
+        let path = norm(path);
+        if let Some(input) = inputs.iter().find(|i| path == **i || path.starts_with(i)) {
+            bail!(
+                "--out: the sweep would write {}, over {} that the suite reads; choose another \
+                 --out",
+                path.display(),
+                input.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn absolute(p: &Path, flag: &str) -> Result<PathBuf> {

@@ -422,6 +422,38 @@ fn cli_writes_the_pending_jobs_and_submits_the_stages_in_order() {
 }
 
 #[test]
+fn out_never_writes_over_the_suite_or_its_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("suite.json");
+    std::fs::write(&file, SUITE).unwrap();
+    std::fs::create_dir_all(tmp.path().join("data/sst2")).unwrap();
+    for out in [
+        file.clone(),
+        tmp.path().join("data/sst2/dataset.json"),
+        tmp.path().join("data/rte/x.sh"),
+    ] {
+        let run = recycle()
+            .current_dir(tmp.path())
+            .arg("slurm")
+            .arg(&file)
+            .arg("--results")
+            .arg(tmp.path().join("results"))
+            .arg("--out")
+            .arg(&out)
+            .assert()
+            .code(2);
+        let stderr = String::from_utf8_lossy(&run.get_output().stderr).to_string();
+        assert!(
+            stderr.contains("that the suite reads"),
+            "{}: {stderr}",
+            out.display()
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), SUITE);
+    assert!(!tmp.path().join("data/sst2/dataset.json").exists());
+}
+
+#[test]
 fn bad_flags_are_errors_naming_the_flag() {
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("suite.json");
