@@ -132,7 +132,9 @@ pub(crate) fn resolve_flag_model(m: &str) -> Result<Target> {
             dir: path.to_path_buf(),
         });
     }
-    let (dir, commit) = resolve_hub(m, None).with_context(|| format!("--model {m}"))?;
+    let (dir, commit) = resolve_hub(m, None).with_context(|| {
+        format!("--model {m}: no such local directory, so it was taken for a hub id")
+    })?;
     Ok(Target {
         name: m.to_string(),
         id: m.to_string(),

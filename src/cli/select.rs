@@ -187,6 +187,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
     // 1. Probe every candidate on the target.
     let mut scores = Vec::new();
+    let mut probe_failures = 0usize;
     for (spec, cand) in args.candidates.iter().zip(&candidates) {
         let start = Instant::now();
         let result = resolve_flag_model(spec).and_then(|mut t| {
@@ -210,6 +211,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             Ok(s) => scores.push((cand.name.clone(), s)),
             Err(e) => {
                 eprintln!("Error: candidate {spec}: probe failed: {e:#}");
+                probe_failures += 1;
                 scores.push((cand.name.clone(), None));
             }
         }
@@ -270,11 +272,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
     for (id, err) in &outcome.summary.failed {
         eprintln!("failed: {id}: {err}");
     }
-    Ok(if outcome.summary.failed.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    if probe_failures > 0 {
+        eprintln!("{probe_failures} candidate(s) could not be probed and were left out (above)");
+    }
+    // Exit 1 when anything asked for was left out: a failed fine-tune or an unprobed candidate.
+    Ok(
+        if outcome.summary.failed.is_empty() && probe_failures == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        },
+    )
 }
 
 /// The chosen model (best gain among the fine-tuned), the fine-tuned gains and the proxy ranking.

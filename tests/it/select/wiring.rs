@@ -731,3 +731,57 @@ fn select_fine_tunes_exactly_the_top_k_and_the_baseline_seeds() {
     let board = recycle::cli::rank::build_board("toy", store.dir(), &[]).unwrap();
     assert_eq!(board.rows.len(), 2);
 }
+
+#[test]
+fn select_exits_1_when_a_candidate_cannot_be_probed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = write_model(&tmp.path().join("model"));
+    let cand = write_model(&tmp.path().join("cand"));
+    let data = tmp.path().join("toy3dev");
+    let draft = Draft {
+        name: "toy3dev".into(),
+        task: Task::Classification {
+            labels: vec!["colour".into(), "animal".into(), "number".into()],
+        },
+        source: "written by tests/it/select/wiring.rs".into(),
+        license: "CC0".into(),
+        split_seed: None,
+        splits: vec![
+            ("train".into(), examples(36, 0)),
+            ("validation".into(), examples(9, 3)),
+            ("test".into(), examples(9, 5)),
+        ],
+    };
+    write_dataset(&data, &draft, Existing::Fail).unwrap();
+    let missing = tmp.path().join("nope");
+    let out = recycle(tmp.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["select", "--target"])
+        .arg(&data)
+        .arg("--baseline")
+        .arg(&model)
+        .arg("--candidates")
+        .arg(&cand)
+        .arg(&missing)
+        .args([
+            "--budget",
+            "1",
+            "--baseline-seeds",
+            "3",
+            "--max-epochs",
+            "1",
+        ])
+        .args(["--max-length", "12", "--patience", "0", "--device", "cpu"])
+        .arg("--results")
+        .arg(tmp.path().join("results"))
+        .arg("--features")
+        .arg(tmp.path().join("features"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("nope") && stderr.contains("could not be probed"),
+        "{stderr}"
+    );
+}
