@@ -545,6 +545,9 @@ pub struct Fusion {
     pub dir: PathBuf,
 }
 
+/// The most ColD Fusion iterations a suite may ask for.
+pub const MAX_FUSION_ITERATIONS: usize = 1000;
+
 /// Model names starting with this are reserved for fusion iterations (`fusion-iter1`, ...).
 pub const FUSION_NAME_PREFIX: &str = "fusion-";
 
@@ -1152,6 +1155,14 @@ fn resolve_fusion(rf: &RawFusion, cx: &FusionContext) -> Result<Fusion> {
     if rf.iterations == 0 {
         bail!("fusion.iterations: must be at least 1");
     }
+    // Each iteration fine-tunes every contributor and evaluates on every held-out target; the
+    // whole plan is built up front, so an absurd count would stall before the first job.
+    if rf.iterations > MAX_FUSION_ITERATIONS {
+        bail!(
+            "fusion.iterations: {} is more than {MAX_FUSION_ITERATIONS} (ColD Fusion used 5 to 30)",
+            rf.iterations
+        );
+    }
     let mut sources: Vec<FusionSource> = Vec::new();
     for (i, s) in rf.sources.iter().enumerate() {
         let at = format!("fusion.sources[{i}]");
@@ -1364,5 +1375,28 @@ mod tests {
             let e = format!("{:#}", parse(text, None).unwrap_err());
             assert!(e.contains("configs/x.json: the suite file is empty"), "{e}");
         }
+    }
+
+    #[test]
+    fn fusion_iterations_are_bounded() {
+        let fusion = |n: usize| {
+            OK.replace(
+                r#""protocol": {"max_epochs": 3},"#,
+                &format!(
+                    r#""protocol": {{"max_epochs": 3}},
+                    "fusion": {{"iterations": {n}, "contributors": 1,
+                               "sources": [{{"name": "s1", "path": "data/s1"}}]}},"#
+                ),
+            )
+        };
+        parse(&fusion(MAX_FUSION_ITERATIONS), None).unwrap();
+        let e = format!(
+            "{:#}",
+            parse(&fusion(MAX_FUSION_ITERATIONS + 1), None).unwrap_err()
+        );
+        assert!(
+            e.contains("fusion.iterations: 1001 is more than 1000"),
+            "{e}"
+        );
     }
 }

@@ -45,10 +45,12 @@ pub struct Args {
     #[arg(long)]
     pub max_eval: Option<usize>,
     /// Tokens per example.
-    #[arg(long, default_value_t = ProbeSettings::default().max_length)]
+    #[arg(long, default_value_t = ProbeSettings::default().max_length,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..))]
     pub max_length: usize,
     /// Examples per forward pass.
-    #[arg(long, default_value_t = ProbeSettings::default().batch_size)]
+    #[arg(long, default_value_t = ProbeSettings::default().batch_size,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub batch_size: usize,
     /// Results directory [default: $RECYCLE_HOME/results].
     #[arg(long)]

@@ -67,6 +67,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
             bail!("{flag} 0: must be at least 1");
         }
     }
+    // Each value becomes one `#SBATCH` line: a line break would smuggle in another directive.
+    for (flag, v) in [
+        ("--partition", &args.partition),
+        ("--mem", &args.mem),
+        ("--time", &args.time),
+    ] {
+        if let Some(v) = v.as_deref().filter(|v| v.contains(['\n', '\r'])) {
+            bail!("{flag} {v:?}: must be one line");
+        }
+    }
     let suite = Suite::load(&args.suite, args.profile.as_deref())?;
     let results = absolute(&results_dir(args.results)?, "--results")?;
     let store = ResultStore::new(&results);
@@ -151,9 +161,19 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
 /// Runs one sbatch command and returns the job id it printed.
 fn sbatch(mut cmd: Command, script: &Path) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("--submit: cannot run sbatch for {}", script.display()))?;
+    let out = cmd.output().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            anyhow::anyhow!(
+                "--submit: sbatch is not on PATH (the scripts are written; submit them with \
+                 `bash` on a Slurm login node)"
+            )
+        } else {
+            anyhow::Error::new(e).context(format!(
+                "--submit: cannot run sbatch for {}",
+                script.display()
+            ))
+        }
+    })?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!(

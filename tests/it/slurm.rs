@@ -454,6 +454,28 @@ fn out_never_writes_over_the_suite_or_its_inputs() {
 }
 
 #[test]
+fn submit_without_sbatch_says_so_and_keeps_the_scripts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("suite.json");
+    std::fs::write(&file, SUITE).unwrap();
+    let out = tmp.path().join("sweep/run.sh");
+    let run = recycle()
+        .env("PATH", tmp.path().join("empty-path"))
+        .arg("slurm")
+        .arg(&file)
+        .arg("--results")
+        .arg(tmp.path().join("results"))
+        .arg("--out")
+        .arg(&out)
+        .arg("--submit")
+        .assert()
+        .code(2);
+    let stderr = String::from_utf8_lossy(&run.get_output().stderr).to_string();
+    assert!(stderr.contains("sbatch is not on PATH"), "{stderr}");
+    assert!(out.is_file(), "the scripts stay for a manual submit");
+}
+
+#[test]
 fn bad_flags_are_errors_naming_the_flag() {
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("suite.json");
@@ -462,6 +484,7 @@ fn bad_flags_are_errors_naming_the_flag() {
         (vec!["--tasks", "0"], "--tasks"),
         (vec!["--array-limit", "0"], "--array-limit"),
         (vec!["--device", "tpu"], "--device"),
+        (vec!["--mem", "16G\n#SBATCH --exclusive"], "--mem"),
     ] {
         let out = recycle()
             .arg("slurm")

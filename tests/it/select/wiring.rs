@@ -785,3 +785,27 @@ fn select_exits_1_when_a_candidate_cannot_be_probed() {
         "{stderr}"
     );
 }
+
+#[test]
+fn probe_refuses_a_zero_batch_and_a_one_token_length() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (flag, value) in [("--batch-size", "0"), ("--max-length", "1")] {
+        let out = recycle(tmp.path())
+            .args([
+                "probe",
+                "--model",
+                "m",
+                "--arch",
+                "a",
+                "--dataset",
+                "d",
+                flag,
+                value,
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(flag), "{flag}: {stderr}");
+    }
+}
