@@ -46,10 +46,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
 /// `--results`, else `$RECYCLE_HOME/results`.
 pub fn results_dir(flag: Option<PathBuf>) -> Result<PathBuf> {
-    match flag {
-        Some(d) => Ok(d),
-        None => Ok(recycle_home()?.join("results")),
+    let dir = match flag {
+        Some(d) => d,
+        None => recycle_home()?.join("results"),
+    };
+    if dir.exists() && !dir.is_dir() {
+        bail!("--results {}: not a directory", dir.display());
     }
+    Ok(dir)
 }
 
 /// The board of `arch` from every record under `dir`, laid out by `suites` when given.

@@ -175,6 +175,25 @@ pub fn run(args: Args) -> Result<ExitCode> {
         .iter()
         .map(|c| suite_model(c).with_context(|| format!("--candidates {c}")))
         .collect::<Result<_>>()?;
+    // The generated suite would reject these, naming its own file: name the flags instead.
+    if args.baseline_seeds < crate::suite::MIN_BASELINE_SEEDS {
+        bail!(
+            "--baseline-seeds {}: the baseline needs at least {} (its spread is the noise yardstick)",
+            args.baseline_seeds,
+            crate::suite::MIN_BASELINE_SEEDS
+        );
+    }
+    let mut seen: Vec<(&str, &str)> = vec![(baseline.name.as_str(), args.baseline.as_str())];
+    for (spec, c) in args.candidates.iter().zip(&candidates) {
+        if let Some((_, other)) = seen.iter().find(|(n, _)| *n == c.name) {
+            bail!(
+                "--candidates {spec}: its model name `{}` is already taken by {other}; give \
+                 each candidate its own checkpoint",
+                c.name
+            );
+        }
+        seen.push((c.name.as_str(), spec.as_str()));
+    }
     let device = args.device.open()?;
     let proxy = args.proxy.kind();
     let settings = ProbeSettings {

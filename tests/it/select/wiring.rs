@@ -809,3 +809,41 @@ fn probe_refuses_a_zero_batch_and_a_one_token_length() {
         assert!(stderr.contains(flag), "{flag}: {stderr}");
     }
 }
+
+#[test]
+fn select_names_its_own_flags_in_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = write_model(&tmp.path().join("model"));
+    let cand = write_model(&tmp.path().join("cand"));
+    let data = write_toy_dataset(&tmp.path().join("toy3"));
+    let select = |extra: &[&std::ffi::OsStr]| {
+        let out = recycle(tmp.path())
+            .args(["select", "--target"])
+            .arg(&data)
+            .arg("--baseline")
+            .arg(&model)
+            .args(["--budget", "1", "--device", "cpu", "--candidates"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let err = select(&[cand.as_os_str(), "--baseline-seeds".as_ref(), "2".as_ref()]);
+    assert!(
+        err.contains("--baseline-seeds 2: the baseline needs at least 3"),
+        "{err}"
+    );
+    let err = select(&[cand.as_os_str(), cand.as_os_str()]);
+    assert!(err.contains("already taken by"), "{err}");
+    // And the results flag of every command: a file is not a results directory.
+    let file = tmp.path().join("results.txt");
+    std::fs::write(&file, "x").unwrap();
+    let out = recycle(tmp.path())
+        .args(["rank", "--arch", "a", "--results"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not a directory"), "{stderr}");
+}
