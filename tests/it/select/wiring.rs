@@ -245,13 +245,13 @@ fn probe_writes_records_and_reads_features_back_from_the_cache() {
     let data = write_toy_dataset(&tmp.path().join("toy3"));
     let results = tmp.path().join("results");
     let features = tmp.path().join("features");
-    let run = || {
+    let probe_cli = |name: &str| {
         recycle(tmp.path())
             .args(["probe", "--model"])
             .arg(&model)
             .arg("--dataset")
             .arg(&data)
-            .args(["--name", "toy_lp", "--arch", "toy", "--device", "cpu"])
+            .args(["--name", name, "--arch", "toy", "--device", "cpu"])
             .args(["--max-length", "12", "--batch-size", "7"])
             .arg("--results")
             .arg(&results)
@@ -259,6 +259,9 @@ fn probe_writes_records_and_reads_features_back_from_the_cache() {
             .arg(&features)
             .assert()
             .success();
+    };
+    let run = || {
+        probe_cli("toy_lp");
         let records = ResultStore::new(&results).load_all().unwrap();
         assert_eq!(records.len(), 1, "one probe record, rewritten in place");
         records.into_iter().next().unwrap()
@@ -355,19 +358,7 @@ fn probe_writes_records_and_reads_features_back_from_the_cache() {
     assert!(errors.is_empty(), "{errors:?}");
 
     // A probe under another --name keeps its own record beside the first.
-    recycle(tmp.path())
-        .args(["probe", "--model"])
-        .arg(&model)
-        .arg("--dataset")
-        .arg(&data)
-        .args(["--name", "other_lp", "--arch", "toy", "--device", "cpu"])
-        .args(["--max-length", "12", "--batch-size", "7"])
-        .arg("--results")
-        .arg(&results)
-        .arg("--features")
-        .arg(&features)
-        .assert()
-        .success();
+    probe_cli("other_lp");
     let names: BTreeSet<String> = ResultStore::new(&results)
         .load_all()
         .unwrap()
