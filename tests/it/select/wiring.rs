@@ -99,23 +99,32 @@ fn examples(n: usize, offset: usize) -> Vec<Example> {
         .collect()
 }
 
-/// A 3-class dataset: 36 train and 18 test examples.
-fn write_toy_dataset(dir: &Path) -> PathBuf {
+/// A 3-class dataset named `name` with `splits` as (split name, examples), written to `dir`.
+fn write_toy_splits(dir: &Path, name: &str, splits: Vec<(String, Vec<Example>)>) -> PathBuf {
     let draft = Draft {
-        name: "toy3".into(),
+        name: name.into(),
         task: Task::Classification {
             labels: vec!["colour".into(), "animal".into(), "number".into()],
         },
         source: "written by tests/it/select/wiring.rs".into(),
         license: "CC0".into(),
         split_seed: None,
-        splits: vec![
-            ("train".into(), examples(36, 0)),
-            ("test".into(), examples(18, 5)),
-        ],
+        splits,
     };
     write_dataset(dir, &draft, Existing::Fail).unwrap();
     dir.to_path_buf()
+}
+
+/// A 3-class dataset: 36 train and 18 test examples.
+fn write_toy_dataset(dir: &Path) -> PathBuf {
+    write_toy_splits(
+        dir,
+        "toy3",
+        vec![
+            ("train".into(), examples(36, 0)),
+            ("test".into(), examples(18, 5)),
+        ],
+    )
 }
 
 fn recycle(home: &Path) -> Command {
@@ -728,22 +737,15 @@ fn select_exits_1_when_a_candidate_cannot_be_probed() {
     let tmp = tempfile::tempdir().unwrap();
     let model = write_model(&tmp.path().join("model"));
     let cand = write_model(&tmp.path().join("cand"));
-    let data = tmp.path().join("toy3dev");
-    let draft = Draft {
-        name: "toy3dev".into(),
-        task: Task::Classification {
-            labels: vec!["colour".into(), "animal".into(), "number".into()],
-        },
-        source: "written by tests/it/select/wiring.rs".into(),
-        license: "CC0".into(),
-        split_seed: None,
-        splits: vec![
+    let data = write_toy_splits(
+        &tmp.path().join("toy3dev"),
+        "toy3dev",
+        vec![
             ("train".into(), examples(36, 0)),
             ("validation".into(), examples(9, 3)),
             ("test".into(), examples(9, 5)),
         ],
-    };
-    write_dataset(&data, &draft, Existing::Fail).unwrap();
+    );
     let missing = tmp.path().join("nope");
     let out = recycle(tmp.path())
         .env("HF_HUB_OFFLINE", "1")
