@@ -148,18 +148,19 @@ pub(crate) fn resolve_flag_model(m: &str) -> Result<Target> {
 /// The suite's models to probe: the baseline, the candidates, the donors that have been trained, and
 /// the fused bases of the `fusion` rounds that `recycle fuse` has completed (`fusion-iter<k>`).
 fn from_suite(suite: &Suite, store: &ResultStore) -> Result<Vec<Target>> {
-    let mut targets = suite_models(suite, store)?;
-    targets.extend(fused_bases(suite, store)?);
+    // One read of the suite's records serves both the donors and the fused bases.
+    let records = store.load_suite(&suite.name)?;
+    let mut targets = suite_models(suite, &records)?;
+    targets.extend(fused_bases(suite, &records));
     Ok(targets)
 }
 
 /// Fused bases whose merge record is in the store without an error and whose checkpoint exists.
-fn fused_bases(suite: &Suite, store: &ResultStore) -> Result<Vec<Target>> {
+fn fused_bases(suite: &Suite, records: &[ResultRecord]) -> Vec<Target> {
     let Some(fusion) = &suite.fusion else {
-        return Ok(Vec::new());
+        return Vec::new();
     };
-    let records = store.load_suite(&suite.name)?;
-    Ok((1..=fusion.iterations)
+    (1..=fusion.iterations)
         .filter_map(|k| {
             let job = format!("fuse/iter{k}/merge");
             let merged = records
@@ -178,11 +179,10 @@ fn fused_bases(suite: &Suite, store: &ResultStore) -> Result<Vec<Target>> {
                 dir: resolved.clone(),
             })
         })
-        .collect())
+        .collect()
 }
 
-fn suite_models(suite: &Suite, store: &ResultStore) -> Result<Vec<Target>> {
-    let donors = store.load_suite(&suite.name)?;
+fn suite_models(suite: &Suite, donors: &[ResultRecord]) -> Result<Vec<Target>> {
     suite
         .evaluated_models()
         .into_iter()
