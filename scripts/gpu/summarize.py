@@ -24,6 +24,16 @@ def read(path):
 
 def main():
     rows = [r for p in sys.argv[1:] for r in read(p)]
+    versions = {json.dumps(r, sort_keys=True) for r in rows if r["kind"] == "versions"}
+    for v in sorted(versions):
+        print("versions: " + ", ".join(f"{k} {x}" for k, x in json.loads(v).items() if k != "kind"))
+    errors = [r for r in rows if r["kind"] == "error"]
+    if errors:
+        print(f"== {len(errors)} FAILED measurement(s)")
+        for r in errors:
+            where = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("kind", "error"))
+            print(f"FAILED {where}: {r['error']}")
+        print()
     parity = [r for r in rows if r["kind"] == "parity"]
     print("== parity (device vs CPU f32)")
     if not parity:
@@ -38,14 +48,14 @@ def main():
         print(f"{k:<8} {v:8.1f}")
     peak = max(ceilings.values()) if ceilings else None
     bench = [r for r in rows if r["kind"] == "bench"]
-    key = lambda r: (r["shape"], r["precision"], r["mode"])
+    key = lambda r: (r["shape"], r["precision"], r["mode"], r["batch"])
     ours = {key(r): r for r in bench if r["impl"] == "recycle"}
     theirs = {}
     for r in bench:
         if r["impl"].startswith("torch"):
             theirs.setdefault(key(r), {})[r["impl"]] = r
     print("\n== throughput (examples/s), ratios recycle/torch, MFU = TFLOP/s over the ceiling")
-    print(f"{'shape':<18}{'prec':<6}{'mode':<7}{'recycle':>10}{'eager':>10}{'sdpa':>10}"
+    print(f"{'shape':<18}{'prec':<6}{'mode':<7}{'batch':>6}{'recycle':>10}{'eager':>10}{'sdpa':>10}"
           f"{'r/eager':>9}{'r/sdpa':>8}{'MFU':>7}")
     for k in sorted(set(ours) | set(theirs)):
         o = ours.get(k)
@@ -54,35 +64,38 @@ def main():
         f = lambda r: f"{r['examples_per_s']:10.1f}" if r else f"{'-':>10}"
         ratio = lambda r: f"{o['examples_per_s'] / r['examples_per_s']:8.2f}" if o and r else f"{'-':>8}"
         mfu = f"{100 * o['tflops'] / peak:6.1f}%" if o and peak else f"{'-':>7}"
-        print(f"{k[0]:<18}{k[1]:<6}{k[2]:<7}{f(o)}{f(e)}{f(s)} {ratio(e)}{ratio(s)}{mfu}")
+        print(f"{k[0]:<18}{k[1]:<6}{k[2]:<7}{k[3]:>6}{f(o)}{f(e)}{f(s)} {ratio(e)}{ratio(s)}{mfu}")
     phases = [r for r in rows if r["kind"] == "phases"]
     if phases:
         print("\n== training step phases (ms per step, device drained after each phase)")
-        print(f"{'shape':<18}{'prec':<6}{'impl':<15}{'forward':>9}{'backward':>9}{'norm':>7}"
+        print(f"{'shape':<18}{'prec':<6}{'batch':>6} {'impl':<15}{'forward':>9}{'backward':>9}{'norm':>7}"
               "  optimizer")
-        for r in sorted(phases, key=lambda r: (r["shape"], r["precision"], r["impl"])):
+        for r in sorted(phases, key=lambda r: (r["shape"], r["precision"], r["batch"], r["impl"])):
             opt = r["optimizer_s"]
             opt = (", ".join(f"{k} {1e3 * v:.1f}" for k, v in opt.items())
                    if isinstance(opt, dict) else f"{1e3 * opt:.1f}")
             norm = f"{1e3 * r['grad_norm_s']:7.1f}" if "grad_norm_s" in r else f"{'-':>7}"
-            print(f"{r['shape']:<18}{r['precision']:<6}{r['impl']:<15}"
+            print(f"{r['shape']:<18}{r['precision']:<6}{r['batch']:>6} {r['impl']:<15}"
                   f"{1e3 * r['forward_s']:9.1f}{1e3 * r['backward_s']:9.1f}{norm}  {opt}")
     kernels = [r for r in rows if r["kind"] == "kernels"]
     if kernels:
         print("\n== inference forward: fused kernels vs composed ops (ms per batch)")
-        print(f"{'shape':<18}{'prec':<6}{'fused':>9}{'composed':>10}{'speed-up':>10}")
-        for r in sorted(kernels, key=lambda r: (r["shape"], r["precision"])):
-            print(f"{r['shape']:<18}{r['precision']:<6}{1e3 * r['fused_s']:9.1f}"
+        print(f"{'shape':<18}{'prec':<6}{'batch':>6}{'fused':>9}{'composed':>10}{'speed-up':>10}")
+        for r in sorted(kernels, key=lambda r: (r["shape"], r["precision"], r["batch"])):
+            print(f"{r['shape']:<18}{r['precision']:<6}{r['batch']:>6}{1e3 * r['fused_s']:9.1f}"
                   f"{1e3 * r['composed_s']:10.1f}{r['composed_s'] / r['fused_s']:9.2f}x")
-    target = ours.get(("roberta-base", "bf16", "train"))
+    # The targets at the main run's batch (the smallest measured); larger batches are extra rows.
+    batches = sorted({k[3] for k in ours if k[:3] == ("roberta-base", "bf16", "train")})
+    b = batches[0] if batches else None
+    target = ours.get(("roberta-base", "bf16", "train", b))
     if target and peak:
         mfu = 100 * target["tflops"] / peak
-        print(f"\ntarget: roberta-base bf16 train MFU {mfu:.1f}% (goal >= 40%): "
+        print(f"\ntarget (batch {b}): roberta-base bf16 train MFU {mfu:.1f}% (goal >= 40%): "
               + ("met" if mfu >= 40 else "NOT met"))
-    e = theirs.get(("roberta-base", "bf16", "train"), {}).get("torch-eager")
+    e = theirs.get(("roberta-base", "bf16", "train", b), {}).get("torch-eager")
     if target and e:
         r = target["examples_per_s"] / e["examples_per_s"]
-        print(f"target: roberta-base bf16 train vs torch eager {r:.2f}x (goal >= 1): "
+        print(f"target (batch {b}): roberta-base bf16 train vs torch eager {r:.2f}x (goal >= 1): "
               + ("met" if r >= 1 else "NOT met"))
 
 

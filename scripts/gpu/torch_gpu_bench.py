@@ -167,15 +167,29 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {device}",
           file=sys.stderr)
+    emit(kind="versions", impl="torch", torch=torch.__version__,
+         transformers=transformers.__version__, cuda=torch.version.cuda,
+         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     if args.matmul > 0:
         tf = matmul_ceiling(args.matmul, device)
         emit(kind="matmul", impl="torch", n=args.matmul, dtype="bf16", tflops=tf,
              device=str(device))
         print(f"torch: bf16 matmul {args.matmul}^3: {tf:.1f} TFLOP/s", file=sys.stderr)
+    failed = False
     for name in args.shapes.split(","):
         for attn in args.attn.split(","):
             for precision in args.precisions.split(","):
-                bench(name, attn, precision, args, device)
+                # One failing configuration must not cost the others of a single GPU run.
+                try:
+                    bench(name, attn, precision, args, device)
+                except Exception as e:  # noqa: BLE001 (reported, and the exit code says so)
+                    failed = True
+                    emit(kind="error", impl=f"torch-{attn}", stage="bench", shape=name,
+                         precision=precision, error=repr(e))
+                    print(f"torch: FAILED {name} {attn} {precision}: {e!r}", file=sys.stderr)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

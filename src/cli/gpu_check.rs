@@ -158,6 +158,24 @@ fn emit(v: serde_json::Value) {
     println!("{v}");
 }
 
+/// `result`'s value, or `None` after reporting its error as a `{"kind": "error"}` line (with the
+/// fields of `at` saying where) and on stderr: one failing measurement must not cost the rest of
+/// a GPU session's single run.
+fn reported<T>(result: Result<T>, at: serde_json::Value) -> Option<T> {
+    match result {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let mut line = json!({"kind": "error", "error": format!("{e:#}")});
+            if let (Some(line), serde_json::Value::Object(at)) = (line.as_object_mut(), at) {
+                line.extend(at);
+            }
+            eprintln!("gpu-check: FAILED {line}");
+            emit(line);
+            None
+        }
+    }
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
     let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
@@ -232,7 +250,14 @@ fn parity(args: &Args, device: &Device) -> Result<bool> {
             .with_context(|| format!("{}/expected.safetensors", dir.display()))?;
         let [cpu_before, _, cpu_after] = one_step(case, &dir, &exp, Precision::F32, &Device::Cpu)?;
         for precision in [Precision::F32, Precision::Bf16] {
-            let [before, inference, after] = one_step(case, &dir, &exp, precision, device)?;
+            let run = one_step(case, &dir, &exp, precision, device);
+            let Some([before, inference, after]) = reported(
+                run,
+                json!({"stage": "parity", "case": case, "precision": precision.as_str()}),
+            ) else {
+                ok = false;
+                continue;
+            };
             // f32: reduction order alone; bf16: 2^-5 of the logits' scale (tests/it/precision.rs).
             let tol = match precision {
                 Precision::F32 => 1e-3,
@@ -294,68 +319,101 @@ fn time_it(
     Ok(t.elapsed().as_secs_f64() / steps.max(1) as f64)
 }
 
-fn bench_shape(shape: &Shape, args: &Args, device: &Device) -> Result<()> {
+/// Times every precision of `args` on `shape`; returns whether all of them ran.
+fn bench_shape(shape: &Shape, args: &Args, device: &Device) -> Result<bool> {
     let tmp = tempfile::tempdir()?;
     write_random_checkpoint(shape, tmp.path())?;
     let (batch, labels) = random_batch(shape, args, device, 7)?;
-    let fwd = shape.forward_flops(args.seq);
+    let mut ok = true;
     for &precision in &args.precisions {
-        let opts = LoadOptions {
-            num_labels: 2,
-            problem: Problem::SingleLabel,
-            seed: 0,
-            precision,
-            hidden_dropout: None,
-        };
-        let m = model::load(tmp.path(), &opts, device)?;
-        let mut opt = AdamW::new(&m.varmap, adamw_defaults(), decays, Kernel::Auto)?;
-        let train = time_it(device, args.warmup, args.steps, || {
-            let logits = m.model.forward(&batch, Mode::Train)?;
-            let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, &labels)?;
-            let grads = loss.backward()?;
-            opt.step(&opt.gradients(&grads), 1e-5, 1.0)
-        })?;
-        emit_phases(shape, args, precision, device, &m, &batch, &labels)?;
-        let inference = m.inference_model()?;
-        let infer = time_it(device, args.warmup, args.steps, || {
-            inference.forward(&batch, Mode::Eval)?;
-            Ok(())
-        })?;
-        // The same forward on the composed ops alone: what the fused kernels (the CPU's own, or
-        // candle's forward-only ones elsewhere) are worth.
-        ops::set_kernels(Kernels::Composed);
-        let composed = time_it(device, args.warmup, args.steps, || {
-            inference.forward(&batch, Mode::Eval)?;
-            Ok(())
-        });
-        ops::set_kernels(Kernels::Fused);
-        let composed = composed?;
+        let run = bench_one(shape, precision, args, device, tmp.path(), &batch, &labels);
+        ok &= reported(
+            run,
+            json!({"stage": "bench", "shape": shape.name, "precision": precision.as_str()}),
+        )
+        .is_some();
+    }
+    Ok(ok)
+}
+
+/// One shape in one precision: training examples/s, the phases of a training step, and inference
+/// examples/s with and without the fused kernels. Each figure is emitted as soon as it is measured.
+fn bench_one(
+    shape: &Shape,
+    precision: Precision,
+    args: &Args,
+    device: &Device,
+    checkpoint: &Path,
+    batch: &Batch,
+    labels: &Tensor,
+) -> Result<()> {
+    let fwd = shape.forward_flops(args.seq);
+    let bench_line = |mode: &str, secs: f64, flops: f64| {
+        let eps = args.batch as f64 / secs;
         emit(json!({
-            "kind": "kernels", "impl": "recycle", "shape": shape.name,
-            "precision": precision.as_str(), "mode": "infer", "batch": args.batch,
-            "seq": args.seq, "fused_s": infer, "composed_s": composed, "device": describe(device),
+            "kind": "bench", "impl": "recycle", "shape": shape.name,
+            "precision": precision.as_str(), "mode": mode, "batch": args.batch,
+            "seq": args.seq, "examples_per_s": eps, "flops_per_example": flops,
+            "tflops": eps * flops / 1e12, "device": describe(device),
         }));
         eprintln!(
-            "gpu-check: {} {} infer: fused kernels {:.1} ms, composed ops {:.1} ms",
+            "gpu-check: {} {} {mode}: {eps:.1} examples/s",
             shape.name,
-            precision.as_str(),
-            1e3 * infer,
-            1e3 * composed
+            precision.as_str()
         );
-        for (mode, secs, flops) in [("train", train, 3.0 * fwd), ("infer", infer, fwd)] {
-            let eps = args.batch as f64 / secs;
-            emit(json!({
-                "kind": "bench", "impl": "recycle", "shape": shape.name,
-                "precision": precision.as_str(), "mode": mode, "batch": args.batch,
-                "seq": args.seq, "examples_per_s": eps, "flops_per_example": flops,
-                "tflops": eps * flops / 1e12, "device": describe(device),
-            }));
-            eprintln!(
-                "gpu-check: {} {} {mode}: {eps:.1} examples/s",
-                shape.name,
-                precision.as_str()
-            );
-        }
+    };
+    let opts = LoadOptions {
+        num_labels: 2,
+        problem: Problem::SingleLabel,
+        seed: 0,
+        precision,
+        hidden_dropout: None,
+    };
+    let m = model::load(checkpoint, &opts, device)?;
+    let mut opt = AdamW::new(&m.varmap, adamw_defaults(), decays, Kernel::Auto)?;
+    let train = time_it(device, args.warmup, args.steps, || {
+        let logits = m.model.forward(batch, Mode::Train)?;
+        let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, labels)?;
+        let grads = loss.backward()?;
+        opt.step(&opt.gradients(&grads), 1e-5, 1.0)
+    })?;
+    bench_line("train", train, 3.0 * fwd);
+    drop(opt);
+    let phases = emit_phases(shape, args, precision, device, &m, batch, labels);
+    let phases_ok = reported(
+        phases,
+        json!({"stage": "phases", "shape": shape.name, "precision": precision.as_str()}),
+    )
+    .is_some();
+    let inference = m.inference_model()?;
+    let infer = time_it(device, args.warmup, args.steps, || {
+        inference.forward(batch, Mode::Eval)?;
+        Ok(())
+    })?;
+    bench_line("infer", infer, fwd);
+    // The same forward on the composed ops alone: what the fused kernels (the CPU's own, or
+    // candle's forward-only ones elsewhere) are worth.
+    ops::set_kernels(Kernels::Composed);
+    let composed = time_it(device, args.warmup, args.steps, || {
+        inference.forward(batch, Mode::Eval)?;
+        Ok(())
+    });
+    ops::set_kernels(Kernels::Fused);
+    let composed = composed?;
+    emit(json!({
+        "kind": "kernels", "impl": "recycle", "shape": shape.name,
+        "precision": precision.as_str(), "mode": "infer", "batch": args.batch,
+        "seq": args.seq, "fused_s": infer, "composed_s": composed, "device": describe(device),
+    }));
+    eprintln!(
+        "gpu-check: {} {} infer: fused kernels {:.1} ms, composed ops {:.1} ms",
+        shape.name,
+        precision.as_str(),
+        1e3 * infer,
+        1e3 * composed
+    );
+    if !phases_ok {
+        bail!("the phase timings failed (above)");
     }
     Ok(())
 }
@@ -454,19 +512,24 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ok &= parity(&args, &device)?;
     }
     if args.matmul > 0 {
-        let tflops = matmul_ceiling(args.matmul, &device)?;
-        emit(
-            json!({"kind": "matmul", "impl": "recycle", "n": args.matmul, "dtype": "bf16",
+        let ceiling = matmul_ceiling(args.matmul, &device);
+        if let Some(tflops) = reported(ceiling, json!({"stage": "matmul"})) {
+            emit(
+                json!({"kind": "matmul", "impl": "recycle", "n": args.matmul, "dtype": "bf16",
                     "tflops": tflops, "device": describe(&device)}),
-        );
-        eprintln!(
-            "gpu-check: bf16 matmul {}³: {tflops:.1} TFLOP/s",
-            args.matmul
-        );
+            );
+            eprintln!(
+                "gpu-check: bf16 matmul {}³: {tflops:.1} TFLOP/s",
+                args.matmul
+            );
+        } else {
+            ok = false;
+        }
     }
     for name in &args.shapes {
         let shape = Shape::named(name, args.tiny)?;
-        bench_shape(&shape, &args, &device).with_context(|| format!("bench {}", shape.name))?;
+        let bench = bench_shape(&shape, &args, &device);
+        ok &= reported(bench, json!({"stage": "bench", "shape": shape.name})).unwrap_or(false);
     }
     Ok(if ok {
         ExitCode::SUCCESS
