@@ -18,10 +18,11 @@ if [ -z "$BIN" ]; then
   gzip -dc dist/cuda/recycle.gz >"$BIN" && chmod +x "$BIN"
 fi
 if [ "$DEVICE" = cpu ]; then
-  SIZE=(--tiny --batch 4 --seq 16 --warmup 1 --steps 2 --matmul 256)
+  SHAPE=(--tiny --seq 16 --warmup 1 --steps 2) B=4 M=256
 else
-  SIZE=(--batch 32 --seq 128 --warmup 3 --steps 10 --matmul 8192)
+  SHAPE=(--seq 128 --warmup 3 --steps 10) B=32 M=8192
 fi
+SIZE=("${SHAPE[@]}" --batch "$B" --matmul "$M")
 REPORT=$OUT/gpu-report.txt
 log() { echo "run.sh: $*" | tee -a "$REPORT" >&2; }
 : >"$REPORT"
@@ -73,6 +74,17 @@ stage() {
   return $rc
 }
 RECYCLE=(env "LD_LIBRARY_PATH=$CUDA_LIBS" "$BIN")
+
+# ONLY=ops: the op-by-op profile alone (both precisions at the main batch, bf16 at 4x), a short
+# call for chasing a slow phase.
+if [ "${ONLY:-}" = ops ]; then
+  stage ops 150 "$OUT/recycle-ops.jsonl" "${RECYCLE[@]}" gpu-check --device "$DEVICE" \
+    --skip-parity --matmul 0 --shapes "" "${SHAPE[@]}" --batch "$B"
+  stage ops-b128 100 "$OUT/recycle-ops-b128.jsonl" "${RECYCLE[@]}" gpu-check --device "$DEVICE" \
+    --skip-parity --matmul 0 --shapes "" --precisions bf16 "${SHAPE[@]}" --batch $(( 4 * B ))
+  "$PY" scripts/gpu/summarize.py "$OUT"/recycle-ops*.jsonl | tee -a "$REPORT"
+  exit 0
+fi
 
 stage recycle 300 "$OUT/recycle.jsonl" "${RECYCLE[@]}" gpu-check --device "$DEVICE" "${SIZE[@]}"
 rc=$?

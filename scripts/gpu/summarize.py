@@ -87,6 +87,18 @@ def main():
     # The targets at the main run's batch (the smallest measured); larger batches are extra rows.
     batches = sorted({k[3] for k in ours if k[:3] == ("roberta-base", "bf16", "train")})
     b = batches[0] if batches else None
+    ops = [r for r in rows if r["kind"] == "op"]
+    if ops:
+        print("\n== op by op (ms; x = runs per roberta-base step; share of the sum of count x fwd+bwd)")
+        groups = sorted({(r["precision"], r["batch"]) for r in ops})
+        for prec, batch in groups:
+            rs = [r for r in ops if (r["precision"], r["batch"]) == (prec, batch)]
+            total = sum(r["count"] * r["forward_backward_s"] for r in rs)
+            print(f"-- {prec}, batch {batch}: sum {1e3 * total:.1f} ms")
+            for r in sorted(rs, key=lambda r: -r["count"] * r["forward_backward_s"]):
+                part = r["count"] * r["forward_backward_s"]
+                print(f"{r['name']:<46}{1e3 * r['forward_s']:8.3f}{1e3 * r['forward_backward_s']:8.3f}"
+                      f"  x{r['count']:<3}{1e3 * part:8.2f}{100 * part / total if total else 0:6.1f}%")
     target = ours.get(("roberta-base", "bf16", "train", b))
     if target and peak:
         mfu = 100 * target["tflops"] / peak

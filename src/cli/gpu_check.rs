@@ -54,6 +54,9 @@ pub struct Args {
     /// Skip the parity checks.
     #[arg(long)]
     pub skip_parity: bool,
+    /// Skip the op-by-op profile.
+    #[arg(long)]
+    pub skip_ops: bool,
 }
 
 /// An encoder shape: transformers' config fields that set the FLOPs.
@@ -98,6 +101,14 @@ impl Shape {
         })
     }
 
+    fn max_positions(&self) -> usize {
+        if self.model_type == "roberta" {
+            514
+        } else {
+            512
+        }
+    }
+
     fn config(&self) -> serde_json::Value {
         let roberta = self.model_type == "roberta";
         json!({
@@ -110,7 +121,7 @@ impl Shape {
             "hidden_act": "gelu",
             "hidden_dropout_prob": 0.1,
             "attention_probs_dropout_prob": 0.1,
-            "max_position_embeddings": if roberta { 514 } else { 512 },
+            "max_position_embeddings": self.max_positions(),
             "type_vocab_size": if roberta { 1 } else { 2 },
             "initializer_range": 0.02,
             "layer_norm_eps": if roberta { 1e-5 } else { 1e-12 },
@@ -493,6 +504,180 @@ fn emit_phases(
     Ok(())
 }
 
+/// The ops of a roberta-base-shaped training step, one at a time at the bench's batch and
+/// sequence length: seconds of the forward alone and of forward + backward (the output's gradient
+/// seeded with ones), the device drained around each, and how many times a step runs the op. Weights
+/// are f32 `Var`s cast to the compute dtype inside the op, as `CastingModel` does; activations are
+/// `Var`s of the compute dtype. Σ count × forward+backward against the measured step says how much
+/// of the step the list covers, and the largest products say where the time goes.
+fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()> {
+    use candle_core::Var;
+    let shape = Shape::named("roberta-base", args.tiny)?;
+    let (b, s, h, i, heads, l) = (
+        args.batch,
+        args.seq,
+        shape.hidden,
+        shape.intermediate,
+        shape.heads,
+        shape.layers,
+    );
+    let dt = precision.compute_dtype();
+    let act = |dims: &[usize]| -> Result<Var> {
+        Ok(Var::from_tensor(
+            &Tensor::randn(0f32, 1.0, dims, device)?.to_dtype(dt)?,
+        )?)
+    };
+    let weight = |dims: &[usize]| -> Result<Var> {
+        Ok(Var::from_tensor(&Tensor::randn(0f32, 0.02, dims, device)?)?)
+    };
+    let cast = |v: &Var| v.as_tensor().to_dtype(dt);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let ids = |vocab: usize, rng: &mut rand::rngs::StdRng| -> Result<Tensor> {
+        let v: Vec<u32> = (0..b * s)
+            .map(|_| rng.random_range(0..vocab as u32))
+            .collect();
+        Ok(Tensor::from_vec(v, b * s, device)?)
+    };
+    let word_ids = ids(shape.vocab, &mut rng)?;
+    let pos_ids = ids(shape.max_positions(), &mut rng)?;
+    let (w_word, w_pos) = (
+        weight(&[shape.vocab, h])?,
+        weight(&[shape.max_positions(), h])?,
+    );
+    let x = act(&[b, s, h])?;
+    let y = act(&[b, s, h])?;
+    let wide = act(&[b, s, i])?;
+    let (w_hh, b_h) = (weight(&[h, h])?, weight(&[h])?);
+    let (w_ih, b_i) = (weight(&[i, h])?, weight(&[i])?);
+    let w_hi = weight(&[h, i])?;
+    let (ln_w, ln_b) = (weight(&[h])?, weight(&[h])?);
+    let d = h / heads;
+    let (qh, kh, vh) = (
+        act(&[b, heads, s, d])?,
+        act(&[b, heads, s, d])?,
+        act(&[b, heads, s, d])?,
+    );
+    let scores = act(&[b, heads, s, s])?;
+    let mask = Tensor::ones((b, s), DType::U32, device)?;
+    let bias = ops::attention_bias(&mask, dt)?;
+    type Op<'a> = (
+        &'static str,
+        usize,
+        Box<dyn Fn() -> candle_core::Result<Tensor> + 'a>,
+    );
+    let list: Vec<Op> = vec![
+        (
+            "embedding: word table",
+            1,
+            Box::new(|| cast(&w_word)?.index_select(&word_ids, 0)),
+        ),
+        (
+            "embedding: position table",
+            1,
+            Box::new(|| cast(&w_pos)?.index_select(&pos_ids, 0)),
+        ),
+        (
+            "linear h->h (q, k, v, out)",
+            4 * l,
+            Box::new(|| ops::linear(&x, &cast(&w_hh)?, Some(&cast(&b_h)?))),
+        ),
+        (
+            "linear h->4h",
+            l,
+            Box::new(|| ops::linear(&x, &cast(&w_ih)?, Some(&cast(&b_i)?))),
+        ),
+        (
+            "linear 4h->h",
+            l,
+            Box::new(|| ops::linear(&wide, &cast(&w_hi)?, Some(&cast(&b_h)?))),
+        ),
+        (
+            "matmul x.W^T alone (h->4h, no bias, no cast)",
+            0,
+            Box::new(|| {
+                x.as_tensor()
+                    .reshape((b * s, h))?
+                    .matmul(&cast(&w_ih)?.t()?)
+            }),
+        ),
+        (
+            "layer norm",
+            2 * l + 1,
+            Box::new(|| ops::layer_norm(&x, &cast(&ln_w)?, &cast(&ln_b)?, 1e-5)),
+        ),
+        (
+            "attention: split heads x3 + merge",
+            l,
+            Box::new(|| {
+                let split = |t: &Tensor| t.reshape((b, s, heads, d))?.transpose(1, 2)?.contiguous();
+                let (q, k, v) = (split(&x)?, split(&y)?, split(&x)?);
+                ((q + k)? + v)?
+                    .transpose(1, 2)?
+                    .contiguous()?
+                    .reshape((b, s, h))
+            }),
+        ),
+        (
+            "attention: QK^T and PV matmuls",
+            l,
+            Box::new(|| {
+                let p = qh.matmul(&kh.t()?)?;
+                p.matmul(&vh)
+            }),
+        ),
+        (
+            "attention: scaled masked softmax",
+            l,
+            Box::new(|| ops::scaled_masked_softmax(&scores, &bias, 0.125)),
+        ),
+        (
+            "dropout on probabilities",
+            l,
+            Box::new(|| ops::dropout(&scores, 0.1, Mode::Train)),
+        ),
+        (
+            "dropout on hidden states",
+            2 * l + 1,
+            Box::new(|| ops::dropout(&x, 0.1, Mode::Train)),
+        ),
+        ("gelu (erf)", l, Box::new(|| ops::gelu(&wide))),
+        (
+            "residual add",
+            2 * l,
+            Box::new(|| x.as_tensor() + y.as_tensor()),
+        ),
+    ];
+    let mut total = 0.0;
+    for (name, count, f) in &list {
+        let fwd = time_it(device, args.warmup, args.steps, || {
+            f()?;
+            Ok(())
+        })?;
+        let both = time_it(device, args.warmup, args.steps, || {
+            f()?.backward()?;
+            Ok(())
+        })?;
+        total += *count as f64 * both;
+        emit(json!({
+            "kind": "op", "impl": "recycle", "name": name, "precision": precision.as_str(),
+            "batch": b, "seq": s, "count": count, "forward_s": fwd, "forward_backward_s": both,
+            "device": describe(device),
+        }));
+        eprintln!(
+            "gpu-check: op {name} {}: forward {:.3} ms, forward+backward {:.3} ms, x{count}",
+            precision.as_str(),
+            1e3 * fwd,
+            1e3 * both
+        );
+    }
+    eprintln!(
+        "gpu-check: ops {}: Σ count × forward+backward = {:.1} ms",
+        precision.as_str(),
+        1e3 * total
+    );
+    Ok(())
+}
+
 /// TFLOP/s of an n×n×n bf16 matmul through candle (cuBLAS on CUDA).
 fn matmul_ceiling(n: usize, device: &Device) -> Result<f64> {
     let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(DType::BF16)?;
@@ -526,7 +711,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
             ok = false;
         }
     }
-    for name in &args.shapes {
+    if !args.skip_ops {
+        for &precision in &args.precisions {
+            let run = profile_ops(&args, precision, &device);
+            ok &= reported(
+                run,
+                json!({"stage": "ops", "precision": precision.as_str()}),
+            )
+            .is_some();
+        }
+    }
+    for name in args.shapes.iter().filter(|n| !n.is_empty()) {
         let shape = Shape::named(name, args.tiny)?;
         let bench = bench_shape(&shape, &args, &device);
         ok &= reported(bench, json!({"stage": "bench", "shape": shape.name})).unwrap_or(false);
