@@ -211,16 +211,24 @@ fn adamw_defaults() -> AdamWParams {
     }
 }
 
+/// What one AdamW step on a fixture gives, for comparison across devices.
+struct Step {
+    /// Logits before the step (training graph), from the inference model, and after the step.
+    logits: [Tensor; 3],
+    /// The loss's gradient for each parameter, by name, as f32 on the CPU.
+    grads: Vec<(String, Tensor)>,
+}
+
 /// Logits of `case` before one AdamW step, from the training graph and from the inference model
-/// (which takes candle's forward-only kernels off the CPU), and after the step (eval-mode
-/// forwards, so no dropout draws differ between devices).
+/// (which takes the forward-only kernels off the CPU), the gradients, and the logits after the step
+/// (eval-mode forwards, so no dropout draws differ between devices).
 fn one_step(
     case: &str,
     dir: &Path,
     exp: &HashMap<String, Tensor>,
     precision: Precision,
     device: &Device,
-) -> Result<[Tensor; 3]> {
+) -> Result<Step> {
     let opts = LoadOptions {
         num_labels: 3,
         problem: Problem::SingleLabel,
@@ -245,11 +253,52 @@ fn one_step(
     let inference = m.inference_model()?.forward(&batch, Mode::Eval)?;
     let loss = candle_nn::loss::cross_entropy(&before.to_dtype(DType::F32)?, &labels)?;
     let grads = loss.backward()?;
+    let mut named = Vec::new();
+    for (name, var) in m
+        .varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("varmap lock"))?
+        .iter()
+    {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            named.push((
+                name.clone(),
+                g.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
+            ));
+        }
+    }
+    named.sort_by(|a, b| a.0.cmp(&b.0));
     let mut gs = opt.gradients(&grads);
     clip_grad_norm(&mut gs, 1.0)?;
     opt.step(&gs, 1e-3, 1.0)?;
     let after = m.model.forward(&batch, Mode::Eval)?;
-    Ok([before, inference, after])
+    Ok(Step {
+        logits: [before, inference, after],
+        grads: named,
+    })
+}
+
+/// The largest difference between two sets of named gradients, over the largest CPU gradient
+/// (one scale for all, so that a near-zero tensor does not dominate), and the parameter where it
+/// is; an error when the names differ.
+fn grad_diff(ours: &[(String, Tensor)], cpu: &[(String, Tensor)]) -> Result<(f32, String)> {
+    let names = |v: &[(String, Tensor)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    if names(ours) != names(cpu) {
+        bail!("the devices give gradients for different parameters");
+    }
+    let mut scale = 0f32;
+    for (_, g) in cpu {
+        scale = scale.max(max_abs(g)?);
+    }
+    let mut worst = (0f32, String::new());
+    for ((name, a), (_, b)) in ours.iter().zip(cpu) {
+        let d = max_abs_diff(a, b)? / scale.max(1e-12);
+        if !(d <= worst.0) {
+            worst = (d, name.clone());
+        }
+    }
+    Ok(worst)
 }
 
 /// Device against CPU f32 on each fixture; returns whether every check passed.
@@ -259,25 +308,42 @@ fn parity(args: &Args, device: &Device) -> Result<bool> {
         let dir = args.fixtures.join(case);
         let exp = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)
             .with_context(|| format!("{}/expected.safetensors", dir.display()))?;
-        let [cpu_before, _, cpu_after] = one_step(case, &dir, &exp, Precision::F32, &Device::Cpu)?;
+        let cpu = one_step(case, &dir, &exp, Precision::F32, &Device::Cpu)?;
+        let [cpu_before, _, cpu_after] = &cpu.logits;
         for precision in [Precision::F32, Precision::Bf16] {
             let run = one_step(case, &dir, &exp, precision, device);
-            let Some([before, inference, after]) = reported(
+            let Some(step) = reported(
                 run,
                 json!({"stage": "parity", "case": case, "precision": precision.as_str()}),
             ) else {
                 ok = false;
                 continue;
             };
+            let [before, inference, after] = &step.logits;
+            // Gradients, against the largest CPU gradient: f32 to reduction order, bf16 to its
+            // 8 bits. (The logits after one AdamW step barely see a gradient's size: the first
+            // update is about lr · sign(g).)
+            let (d, at) = grad_diff(&step.grads, &cpu.grads)?;
+            let grad_tol = match precision {
+                Precision::F32 => 1e-3,
+                Precision::Bf16 => 1.0 / 16.0,
+            };
+            let pass = d.is_finite() && d <= grad_tol;
+            ok &= pass;
+            emit(json!({
+                "kind": "parity", "case": case, "precision": precision.as_str(),
+                "what": "gradients (vs largest)", "device": describe(device),
+                "max_abs_diff": d, "tol": grad_tol, "pass": pass, "worst": at,
+            }));
             // f32: reduction order alone; bf16: 2^-5 of the logits' scale (tests/it/precision.rs).
             let tol = match precision {
                 Precision::F32 => 1e-3,
-                Precision::Bf16 => max_abs(&cpu_before)?.max(1.0) / 32.0,
+                Precision::Bf16 => max_abs(cpu_before)?.max(1.0) / 32.0,
             };
             for (what, ours, cpu) in [
-                ("logits", &before, &cpu_before),
-                ("inference-model logits", &inference, &cpu_before),
-                ("logits after one AdamW step", &after, &cpu_after),
+                ("logits", before, cpu_before),
+                ("inference-model logits", inference, cpu_before),
+                ("logits after one AdamW step", after, cpu_after),
             ] {
                 let d = max_abs_diff(ours, cpu)?;
                 let pass = d.is_finite() && d <= tol;
@@ -291,6 +357,85 @@ fn parity(args: &Args, device: &Device) -> Result<bool> {
         }
         eprintln!("gpu-check: parity {case} done");
     }
+    Ok(ok)
+}
+
+/// Dropout on the device, checked by its properties (the devices draw different masks): about `p`
+/// of the elements dropped, the backward applying the forward's mask (`y = x · dy/dx`, every
+/// `dy/dx` either 0 or `1/(1-p)`), the same mask again after re-seeding, and a new one on the next
+/// call.
+fn dropout_check(device: &Device) -> Result<bool> {
+    let p = 0.1f32;
+    let scale = 1.0 / (1.0 - p);
+    let mut ok = true;
+    for precision in [Precision::F32, Precision::Bf16] {
+        let dt = precision.compute_dtype();
+        let x = candle_core::Var::from_tensor(
+            &(Tensor::randn(0f32, 1.0, (256, 1024), device)?.abs()? + 0.5)?.to_dtype(dt)?,
+        )?;
+        ops::seed(device, 5)?;
+        let y = ops::dropout(&x, p, Mode::Train)?;
+        let g = y
+            .backward()?
+            .get(x.as_tensor())
+            .context("dropout: no gradient for its input")?
+            .to_dtype(DType::F32)?;
+        let kept = g
+            .ne(0f64)?
+            .to_dtype(DType::F32)?
+            .mean_all()?
+            .to_scalar::<f32>()?;
+        // Every gradient 0 or the scale (bf16 rounds 1/0.9 by up to 2^-8 of it).
+        let off_scale = g.broadcast_sub(&Tensor::new(scale, device)?)?.abs()?;
+        let off = off_scale
+            .minimum(&g.abs()?)?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        let x32 = x.as_tensor().to_dtype(DType::F32)?;
+        let y32 = y.to_dtype(DType::F32)?;
+        let mismatch = max_abs_diff(&y32, &(&x32 * &g)?)? / max_abs(&y32)?.max(1e-6);
+        ops::seed(device, 5)?;
+        let again = ops::dropout(&x, p, Mode::Train)?;
+        let next = ops::dropout(&x, p, Mode::Train)?;
+        let same = max_abs_diff(&again, &y)?;
+        let differs = max_abs_diff(&next, &y)? > 0.0;
+        let tol = match precision {
+            Precision::F32 => 1e-6,
+            Precision::Bf16 => 1.0 / 128.0,
+        };
+        for (what, value, pass) in [
+            (
+                "dropout: kept fraction (0.9 +- 0.01)",
+                kept,
+                (kept - 0.9).abs() <= 0.01,
+            ),
+            (
+                "dropout: gradients are 0 or 1/(1-p)",
+                off,
+                off <= scale * tol,
+            ),
+            (
+                "dropout: y = x * dy/dx (the same mask)",
+                mismatch,
+                mismatch <= tol,
+            ),
+            ("dropout: re-seeded, the same mask", same, same == 0.0),
+            (
+                "dropout: the next call, a new mask",
+                f32::from(u8::from(differs)),
+                differs,
+            ),
+        ] {
+            ok &= pass;
+            emit(json!({
+                "kind": "parity", "case": "dropout", "precision": precision.as_str(),
+                "what": what, "device": describe(device), "max_abs_diff": value, "tol": tol,
+                "pass": pass,
+            }));
+        }
+    }
+    eprintln!("gpu-check: dropout checks done");
     Ok(ok)
 }
 
@@ -695,6 +840,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let mut ok = true;
     if !args.skip_parity {
         ok &= parity(&args, &device)?;
+        let dropout = dropout_check(&device);
+        ok &= reported(dropout, json!({"stage": "dropout"})).unwrap_or(false);
     }
     if args.matmul > 0 {
         let ceiling = matmul_ceiling(args.matmul, &device);

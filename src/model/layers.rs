@@ -81,7 +81,6 @@ impl Module for LayerNorm {
 #[derive(Debug, Clone)]
 pub struct Embedding {
     weight: Tensor,
-    dim: usize,
 }
 
 impl Embedding {
@@ -94,16 +93,13 @@ impl Embedding {
                 stdev: init_std,
             },
         )?;
-        Ok(Self { weight, dim })
+        Ok(Self { weight })
     }
 }
 
 impl Module for Embedding {
     fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let mut out_dims = ids.dims().to_vec();
-        out_dims.push(self.dim);
-        let flat = ids.flatten_all()?;
-        self.weight.index_select(&flat, 0)?.reshape(out_dims)
+        ops::embedding(&self.weight, ids)
     }
 }
 

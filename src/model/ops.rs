@@ -1,8 +1,9 @@
 //! Differentiable building blocks: candle's fused layer norm and softmax record no gradient, so the
 //! encoders are built from these ops. On the CPU with f32 tensors they run as fused kernels with
-//! hand-written backward passes (`kernels`); on other devices and dtypes as composed candle ops,
-//! except off the CPU where no operand records a gradient (inference models): there layer norm and
-//! softmax run as candle's fused forward kernels, one launch each on a GPU instead of five to nine.
+//! hand-written backward passes (`kernels`); on CUDA, in a build with the `cuda` feature, with f32
+//! or bf16 tensors, as recycle's own CUDA kernels, each with a backward (`kernels::cuda`); elsewhere
+//! as composed candle ops, except off the CPU where no operand records a gradient (inference
+//! models): there layer norm and softmax run as candle's fused forward kernels.
 
 use super::kernels;
 use super::Mode;
@@ -39,7 +40,13 @@ pub enum Path {
     ForwardOnly,
     /// candle ops, which run on every device and dtype with candle's own backward.
     Composed,
+    /// recycle's CUDA kernels (`kernels::cuda`: f32 and bf16 on a CUDA device, with a backward),
+    /// in builds with the `cuda` feature.
+    Cuda,
 }
+
+/// Whether this build has recycle's CUDA kernels.
+pub const CUDA_KERNELS: bool = cfg!(feature = "cuda");
 
 /// One operand as the dispatch rule sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,13 +68,20 @@ impl Operand {
 }
 
 /// The dispatch rule, pure: the fused kernels read and write f32 CPU buffers, so they run only
-/// when they are selected and every operand is an f32 tensor on the CPU. Off the CPU, when nothing
-/// records a gradient and the dtype is f32, bf16 or f16, candle's forward-only kernels; otherwise
-/// the composed ops. CUDA tensors, bf16 and other dtypes never reach the CPU kernels.
-pub fn path_for(selected: Kernels, operands: &[Operand]) -> Path {
+/// when they are selected and every operand is an f32 tensor on the CPU. When every operand is an
+/// f32 or bf16 tensor on CUDA and the build has the CUDA kernels (`cuda_kernels`), those, with or
+/// without gradients. Otherwise off the CPU, when nothing records a gradient and the dtype is f32,
+/// bf16 or f16, candle's forward-only kernels; else the composed ops. CUDA tensors, bf16 and other
+/// dtypes never reach the CPU kernels, nor CPU tensors the CUDA ones.
+pub fn path_for(selected: Kernels, operands: &[Operand], cuda_kernels: bool) -> Path {
     let cpu_f32 = operands
         .iter()
         .all(|o| matches!(o.location, DeviceLocation::Cpu) && o.dtype == DType::F32);
+    let cuda = cuda_kernels
+        && operands.iter().all(|o| {
+            matches!(o.location, DeviceLocation::Cuda { .. })
+                && matches!(o.dtype, DType::F32 | DType::BF16)
+        });
     // candle's forward kernels cover these dtypes. They exist here to save GPU launches; on the CPU
     // (bf16 is all that reaches them there) they measured slower than the composed ops.
     let candle_kernels = operands.iter().all(|o| {
@@ -78,6 +92,7 @@ pub fn path_for(selected: Kernels, operands: &[Operand]) -> Path {
     match selected {
         Kernels::Composed => Path::Composed,
         Kernels::Fused if cpu_f32 => Path::Fused,
+        Kernels::Fused if cuda => Path::Cuda,
         Kernels::Fused if candle_kernels => Path::ForwardOnly,
         Kernels::Fused => Path::Composed,
     }
@@ -95,7 +110,7 @@ fn selected() -> Kernels {
 /// The path for an op over `ts`.
 fn path(ts: &[&Tensor]) -> Path {
     let operands: Vec<_> = ts.iter().map(|t| Operand::of(t)).collect();
-    path_for(selected(), &operands)
+    path_for(selected(), &operands, CUDA_KERNELS)
 }
 
 /// Whether the fused CPU kernels apply to all of `ts`.
@@ -128,6 +143,34 @@ fn keep_flags(n: usize, p: f32) -> Result<Vec<u8>> {
     Ok(flags_from(rng, n, p))
 }
 
+/// A seed for one CUDA dropout mask, from the host RNG `seed` sets.
+#[cfg(feature = "cuda")]
+fn host_seed() -> Result<u64> {
+    let mut guard = HOST_RNG
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("dropout RNG lock poisoned".into()))?;
+    Ok(guard
+        .get_or_insert_with(|| rand::rngs::StdRng::seed_from_u64(0))
+        .random())
+}
+
+/// Rows `ids` of the embedding table `table` `[vocab, n]`, shaped `[ids.., n]`.
+pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if path(&[table]) == Path::Cuda
+        && ids.dtype() == DType::U32
+        && ids.device().same_device(table.device())
+        && table.rank() == 2
+    {
+        return kernels::cuda::embedding(table, ids);
+    }
+    let mut out_dims = ids.dims().to_vec();
+    out_dims.push(table.dim(D::Minus1)?);
+    table
+        .index_select(&ids.flatten_all()?, 0)?
+        .reshape(out_dims)
+}
+
 /// The keep flags of `n` draws `u ~ U[0, 1)` kept where `u >= p`, exactly as `rng.random::<f32>()`
 /// would draw them, but from words filled in bulk. rand's f32 is `(w >> 8) · 2⁻²⁴` for one 32-bit
 /// word `w`, so `u >= p` is the integer test `w >> 8 >= ⌈p · 2²⁴⌉`; and filling a `[u32]` consumes
@@ -152,11 +195,14 @@ fn flags_from(rng: &mut impl Rng, n: usize, p: f32) -> Vec<u8> {
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let dim = x.dims().last().copied().unwrap_or(0);
     let fits = dim > 0 && w.dims() == [dim] && b.dims() == [dim];
+    let same_dtype = w.dtype() == x.dtype() && b.dtype() == x.dtype();
     match path(&[x, w, b]) {
         Path::Fused if fits => kernels::layer_norm(x, w, b, eps),
-        Path::ForwardOnly if fits && w.dtype() == x.dtype() && b.dtype() == x.dtype() => {
-            forward_only_layer_norm(x, w, b, eps)
+        #[cfg(feature = "cuda")]
+        Path::Cuda if fits && same_dtype && dim <= kernels::cuda::MAX_LAYER_NORM_DIM => {
+            kernels::cuda::layer_norm(x, w, b, eps)
         }
+        Path::ForwardOnly if fits && same_dtype => forward_only_layer_norm(x, w, b, eps),
         _ => composed_layer_norm(x, w, b, eps),
     }
 }
@@ -221,9 +267,22 @@ fn composed_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor>
         }
     };
     match b {
-        Some(b) => y.broadcast_add(b),
+        Some(b) => bias_add(&y, b),
         None => Ok(y),
     }
+}
+
+/// `y + b`, `b` `[n]` broadcast over the leading dimensions of `y` `[.., n]`.
+fn bias_add(y: &Tensor, b: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if path(&[y, b]) == Path::Cuda
+        && y.dtype() == b.dtype()
+        && b.rank() == 1
+        && y.dims().last() == Some(&b.dim(0)?)
+    {
+        return kernels::cuda::bias_add(y, b);
+    }
+    y.broadcast_add(b)
 }
 
 /// Additive attention bias `[batch, 1, 1, seq]` from a `[batch, seq]` 0/1 mask: 0 where attended,
@@ -242,11 +301,18 @@ pub fn masked_softmax(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
 /// Softmax over the last dimension of `scale * scores + bias`, scores `[b, h, q, k]` and `bias`
 /// from `attention_bias` (`[b, 1, 1, k]`): attention probabilities in one pass on the CPU.
 pub fn scaled_masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
-    if fusable(&[scores, bias]) {
-        if let ([b, _, _, k], [bb, 1, 1, bk]) = (scores.dims(), bias.dims()) {
-            if b == bb && k == bk {
-                return kernels::masked_softmax(scores, bias, scale);
+    let shapes_fit = matches!(
+        (scores.dims(), bias.dims()),
+        ([b, _, _, k], [bb, 1, 1, bk]) if b == bb && k == bk
+    );
+    if shapes_fit {
+        match path(&[scores, bias]) {
+            Path::Fused => return kernels::masked_softmax(scores, bias, scale),
+            #[cfg(feature = "cuda")]
+            Path::Cuda if scores.dtype() == bias.dtype() => {
+                return kernels::cuda::masked_softmax(scores, bias, scale)
             }
+            _ => {}
         }
     }
     composed_scaled_masked_softmax(scores, bias, scale)
@@ -336,10 +402,12 @@ pub fn fused_attention(
 
 /// Exact (erf) GELU, transformers' "gelu"; candle's `gelu_erf` has a backward.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    if fusable(&[x]) {
-        return kernels::gelu(x);
+    match path(&[x]) {
+        Path::Fused => kernels::gelu(x),
+        #[cfg(feature = "cuda")]
+        Path::Cuda => kernels::cuda::gelu(x),
+        _ => x.gelu_erf(),
     }
-    x.gelu_erf()
 }
 
 /// Inverted dropout: in `Mode::Train` zeroes each element with probability `p` and scales the rest
@@ -351,11 +419,14 @@ pub fn dropout(x: &Tensor, p: f32, mode: Mode) -> Result<Tensor> {
     if p >= 1.0 {
         return x.zeros_like();
     }
-    if fusable(&[x]) {
+    match path(&[x]) {
         // The same draws as the composed mask below, kept as one byte per element.
-        return kernels::dropout(x, keep_flags(x.elem_count(), p)?, 1.0 / (1.0 - p));
+        Path::Fused => kernels::dropout(x, keep_flags(x.elem_count(), p)?, 1.0 / (1.0 - p)),
+        // The mask is a hash of (seed, element): one seed per call from the seeded host RNG.
+        #[cfg(feature = "cuda")]
+        Path::Cuda => kernels::cuda::dropout(x, p, host_seed()?),
+        _ => composed_dropout(x, p),
     }
-    composed_dropout(x, p)
 }
 
 /// Dropout as a multiplication by an f32 mask tensor (`0 < p < 1`).
@@ -701,6 +772,59 @@ mod tests {
         assert_close(&fused, &composed, 1e-5, "attention with seeded dropout");
     }
 
+    /// The rule as a build without the CUDA kernels applies it.
+    fn path_for_here(selected: Kernels, operands: &[Operand]) -> Path {
+        path_for(selected, operands, false)
+    }
+
+    #[test]
+    fn with_cuda_kernels_f32_and_bf16_cuda_operands_take_them_gradients_or_not() {
+        use candle_core::DeviceLocation::{Cpu, Cuda};
+        let cuda = Cuda { gpu_id: 0 };
+        let op = |location, dtype, tracks_grad| Operand {
+            location,
+            dtype,
+            tracks_grad,
+        };
+        for tracks_grad in [true, false] {
+            for dtype in [DType::F32, DType::BF16] {
+                let o = op(cuda, dtype, tracks_grad);
+                assert_eq!(path_for(Kernels::Fused, &[o, o], true), Path::Cuda);
+                assert_eq!(path_for(Kernels::Composed, &[o], true), Path::Composed);
+            }
+            // f16 and f64 are not among the kernels' types.
+            assert_eq!(
+                path_for(Kernels::Fused, &[op(cuda, DType::F16, tracks_grad)], true),
+                if tracks_grad {
+                    Path::Composed
+                } else {
+                    Path::ForwardOnly
+                }
+            );
+            assert_eq!(
+                path_for(Kernels::Fused, &[op(cuda, DType::F64, tracks_grad)], true),
+                Path::Composed
+            );
+            // A CPU operand among CUDA ones: never the CUDA kernels.
+            assert_eq!(
+                path_for(
+                    Kernels::Fused,
+                    &[
+                        op(cuda, DType::F32, tracks_grad),
+                        op(Cpu, DType::F32, tracks_grad)
+                    ],
+                    true
+                ),
+                Path::Composed
+            );
+            // CPU f32 keeps the CPU kernels in a CUDA build.
+            assert_eq!(
+                path_for(Kernels::Fused, &[op(Cpu, DType::F32, tracks_grad)], true),
+                Path::Fused
+            );
+        }
+    }
+
     #[test]
     fn dispatch_rule_sends_only_cpu_f32_to_the_fused_kernels() {
         use candle_core::DeviceLocation::{Cpu, Cuda};
@@ -711,11 +835,14 @@ mod tests {
             tracks_grad,
         };
         let f32_cpu = op(Cpu, DType::F32, true);
-        assert_eq!(path_for(Kernels::Fused, &[f32_cpu]), Path::Fused);
-        assert_eq!(path_for(Kernels::Fused, &[f32_cpu, f32_cpu]), Path::Fused);
+        assert_eq!(path_for_here(Kernels::Fused, &[f32_cpu]), Path::Fused);
+        assert_eq!(
+            path_for_here(Kernels::Fused, &[f32_cpu, f32_cpu]),
+            Path::Fused
+        );
         // Without gradients too: CPU f32 keeps its own kernels.
         assert_eq!(
-            path_for(Kernels::Fused, &[op(Cpu, DType::F32, false)]),
+            path_for_here(Kernels::Fused, &[op(Cpu, DType::F32, false)]),
             Path::Fused
         );
         for tracks_grad in [true, false] {
@@ -728,13 +855,13 @@ mod tests {
             };
             for dtype in [DType::F32, DType::BF16, DType::F16] {
                 assert_eq!(
-                    path_for(Kernels::Fused, &[op(cuda, dtype, tracks_grad)]),
+                    path_for_here(Kernels::Fused, &[op(cuda, dtype, tracks_grad)]),
                     off_cpu_kernels
                 );
             }
             // bf16 on the CPU, and a mix with one bf16 or CUDA operand, take the composed ops.
             assert_eq!(
-                path_for(Kernels::Fused, &[op(Cpu, DType::BF16, tracks_grad)]),
+                path_for_here(Kernels::Fused, &[op(Cpu, DType::BF16, tracks_grad)]),
                 Path::Composed
             );
             assert_eq!(
@@ -762,13 +889,13 @@ mod tests {
                 op(Cpu, DType::F32, tracks_grad),
                 op(cuda, DType::BF16, tracks_grad),
             ] {
-                assert_eq!(path_for(Kernels::Composed, &[o]), Path::Composed);
+                assert_eq!(path_for_here(Kernels::Composed, &[o]), Path::Composed);
             }
         }
         // candle's forward kernels have no f64 on the CPU.
         for location in [Cpu, cuda] {
             assert_eq!(
-                path_for(Kernels::Fused, &[op(location, DType::F64, false)]),
+                path_for_here(Kernels::Fused, &[op(location, DType::F64, false)]),
                 Path::Composed
             );
         }

@@ -4,7 +4,7 @@
 //! tensor op is a kernel launch, so a dozen per parameter would be thousands per step).
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{CpuStorage, DType, Layout, Tensor, Var};
+use candle_core::{CpuStorage, DType, Layout, Tensor, Var, D};
 use candle_nn::VarMap;
 
 /// Whether a parameter gets weight decay: not biases, not LayerNorm weights. The one rule is the
@@ -477,7 +477,16 @@ pub fn global_grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
     let sums = grads
         .iter()
         .flatten()
-        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
+        .map(|g| {
+            let sq = g.to_dtype(DType::F32)?.sqr()?;
+            // Rows first: candle's CUDA reduction gives each output one block, so a whole-tensor
+            // sum of the 38M-element embedding gradient would run on one block.
+            if sq.rank() >= 2 {
+                sq.sum_keepdim(D::Minus1)?.sum_all()
+            } else {
+                sq.sum_all()
+            }
+        })
         .collect::<candle_core::Result<Vec<_>>>()?;
     if sums.is_empty() {
         return Ok(0.0);

@@ -12,6 +12,8 @@ use candle_core::{
 use rayon::prelude::*;
 
 mod attention;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod linear;
 mod vecmath;
 pub use attention::{attention, Keep};

@@ -1,0 +1,857 @@
+//! The CUDA side of the fused ops: candle custom ops over recycle's own kernels
+//! (`kernels.cu`, compiled to PTX by build.rs), each with a backward, for f32 and bf16 tensors on
+//! one CUDA device. `ops` sends an op here only when every operand is such a tensor (`Path::Cuda`);
+//! the CPU entry points of these custom ops are never reached and say so.
+//!
+//! What each replaces, and why (the op-by-op profile of `recycle gpu-check`, roberta-base, H200):
+//! composed layer norm (nine candle kernels forward, more backward) and the composed masked
+//! softmax were a quarter and a fifth of a bf16 training step; a bias's gradient summed a
+//! `[rows, n]` tensor down its columns with strided reads; candle's `index_add`, the backward of
+//! an embedding lookup, loops over every token id in one thread per column; exact GELU's backward
+//! is a chain of elementwise ops; dropout drew a float tensor, compared, cast and multiplied.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{
+    bail, CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout,
+    Result, Shape, Tensor,
+};
+use half::bf16;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/recycle_kernels.ptx"));
+const MODULE: &str = "recycle_kernels";
+
+/// The largest last dimension the layer norm kernels take (16 columns per thread, 1024 threads).
+pub const MAX_LAYER_NORM_DIM: usize = 16 * 1024;
+
+/// Runs `$f::<T>(args)` for the dtype's element type.
+macro_rules! by_dtype {
+    ($dtype:expr, $f:ident ( $($arg:expr),* $(,)? )) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::BF16 => $f::<bf16>($($arg),*),
+            other => bail!("recycle's CUDA kernels take f32 or bf16 tensors, not {other:?}"),
+        }
+    };
+}
+
+fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        other => bail!("recycle's CUDA kernels take f32 or bf16 tensors, not {other:?}"),
+    })
+}
+
+/// The kernel `name` for `dtype` (loading the module on first use).
+macro_rules! func {
+    ($dev:expr, $name:expr, $dtype:expr) => {
+        $dev.get_or_load_custom_func(&format!("{}_{}", $name, suffix($dtype)?), MODULE, PTX)
+    };
+}
+
+/// The contiguous elements of a storage as `layout` sees them.
+fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+    let slice: &CudaSlice<T> = s.as_cuda_slice()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(slice.slice(a..b)),
+        None => bail!("{what}: the CUDA kernel needs a contiguous input"),
+    }
+}
+
+/// A grid-stride launch over `n` elements.
+fn elementwise(n: usize) -> LaunchConfig {
+    let threads = 256u32;
+    let blocks = n.div_ceil(threads as usize).clamp(1, 65_535 * 8) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Threads per block for a row of `n`: about four columns per thread, whole warps, at most 1024.
+fn row_threads(n: usize) -> u32 {
+    (n.div_ceil(4).div_ceil(32) * 32).clamp(32, 1024) as u32
+}
+
+fn last_dim(l: &Layout, what: &str) -> Result<(usize, usize)> {
+    let n = match l.dims().last() {
+        Some(&n) if n > 0 => n,
+        _ => bail!("{what}: needs a non-empty last dimension"),
+    };
+    Ok((l.shape().elem_count() / n, n))
+}
+
+fn wrap<T: CudaDType>(s: CudaSlice<T>, dev: &CudaDevice) -> CudaStorage {
+    CudaStorage::wrap_cuda_slice(s, dev.clone())
+}
+
+fn cpu_unreachable<T>(op: &str) -> Result<T> {
+    bail!("{op}: a CUDA kernel, reached with CPU tensors")
+}
+
+// ---- layer norm ---------------------------------------------------------------------------------
+
+struct LayerNorm {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        fn run<T: CudaDType + DeviceRepr>(
+            eps: f32,
+            x: &CudaStorage,
+            xl: &Layout,
+            w: &CudaStorage,
+            wl: &Layout,
+            b: &CudaStorage,
+            bl: &Layout,
+        ) -> Result<CudaStorage> {
+            let dev = x.device();
+            let (rows, n) = last_dim(xl, "layer norm")?;
+            let (xv, wv, bv) = (
+                view::<T>(x, xl, "layer norm")?,
+                view::<T>(w, wl, "layer norm weight")?,
+                view::<T>(b, bl, "layer norm bias")?,
+            );
+            let y = unsafe { dev.alloc::<T>(rows * n)? };
+            let f = func!(dev, "layer_norm_fwd", x.dtype())?;
+            let mut a = f.builder();
+            let n_i = n as i32;
+            a.arg(&xv).arg(&wv).arg(&bv).arg(&y).arg(&n_i).arg(&eps);
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (row_threads(n), 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { a.launch(cfg) }.w()?;
+            Ok(wrap(y, dev))
+        }
+        let out = by_dtype!(x.dtype(), run(self.eps, x, xl, w, wl, b, bl))?;
+        Ok((out, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = x.apply_op3_no_bwd(w, &grad, &LayerNormDx { eps: self.eps })?;
+        let dwdb = x.apply_op2_no_bwd(&grad, &LayerNormDwDb { eps: self.eps })?;
+        let dw = dwdb.get(0)?.to_dtype(w.dtype())?;
+        let db = dwdb.get(1)?.to_dtype(w.dtype())?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+struct LayerNormDx {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormDx {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-layer-norm-dx"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        fn run<T: CudaDType + DeviceRepr>(
+            eps: f32,
+            x: &CudaStorage,
+            xl: &Layout,
+            w: &CudaStorage,
+            wl: &Layout,
+            g: &CudaStorage,
+            gl: &Layout,
+        ) -> Result<CudaStorage> {
+            let dev = x.device();
+            let (rows, n) = last_dim(xl, "layer norm backward")?;
+            let (xv, wv, gv) = (
+                view::<T>(x, xl, "layer norm backward")?,
+                view::<T>(w, wl, "layer norm backward")?,
+                view::<T>(g, gl, "layer norm backward")?,
+            );
+            let dx = unsafe { dev.alloc::<T>(rows * n)? };
+            let f = func!(dev, "layer_norm_bwd_dx", x.dtype())?;
+            let mut a = f.builder();
+            let n_i = n as i32;
+            a.arg(&xv).arg(&wv).arg(&gv).arg(&dx).arg(&n_i).arg(&eps);
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (row_threads(n), 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { a.launch(cfg) }.w()?;
+            Ok(wrap(dx, dev))
+        }
+        let out = by_dtype!(x.dtype(), run(self.eps, x, xl, w, wl, g, gl))?;
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+struct LayerNormDwDb {
+    eps: f32,
+}
+
+impl CustomOp2 for LayerNormDwDb {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-layer-norm-dwdb"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        fn run<T: CudaDType + DeviceRepr>(
+            eps: f32,
+            x: &CudaStorage,
+            xl: &Layout,
+            g: &CudaStorage,
+            gl: &Layout,
+        ) -> Result<CudaStorage> {
+            let dev = x.device();
+            let (rows, n) = last_dim(xl, "layer norm backward")?;
+            let (xv, gv) = (
+                view::<T>(x, xl, "layer norm backward")?,
+                view::<T>(g, gl, "layer norm backward")?,
+            );
+            let dwdb = dev.alloc_zeros::<f32>(2 * n)?;
+            let threads = (n.div_ceil(16).div_ceil(32) * 32).clamp(128, 1024) as u32;
+            let f = func!(dev, "layer_norm_bwd_dwdb", x.dtype())?;
+            let mut a = f.builder();
+            let (n_i, rows_u) = (n as i32, rows);
+            a.arg(&xv)
+                .arg(&gv)
+                .arg(&dwdb)
+                .arg(&rows_u)
+                .arg(&n_i)
+                .arg(&eps);
+            let cfg = LaunchConfig {
+                grid_dim: (rows.clamp(1, 1024) as u32, 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { a.launch(cfg) }.w()?;
+            Ok(wrap(dwdb, dev))
+        }
+        let n = last_dim(xl, "layer norm backward")?.1;
+        let out = by_dtype!(x.dtype(), run(self.eps, x, xl, g, gl))?;
+        Ok((out, Shape::from((2, n))))
+    }
+}
+
+/// Layer norm over the last dimension (`w`, `b` of that size, all of one dtype), with a backward.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let n = x.dims().last().copied().unwrap_or(0);
+    if n == 0 || n > MAX_LAYER_NORM_DIM {
+        bail!("layer norm: the CUDA kernel takes a last dimension of 1 to {MAX_LAYER_NORM_DIM}, got {n}");
+    }
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        LayerNorm { eps: eps as f32 },
+    )
+}
+
+// ---- scaled masked softmax -----------------------------------------------------------------
+
+struct Softmax {
+    scale: f32,
+}
+
+impl CustomOp2 for Softmax {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &CudaStorage,
+        sl: &Layout,
+        bias: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        fn run<T: CudaDType + DeviceRepr>(
+            scale: f32,
+            s: &CudaStorage,
+            sl: &Layout,
+            bias: &CudaStorage,
+            bl: &Layout,
+        ) -> Result<CudaStorage> {
+            let dev = s.device();
+            let (rows, k) = last_dim(sl, "masked softmax")?;
+            let batch = sl.dims()[0];
+            let (sv, bv) = (
+                view::<T>(s, sl, "masked softmax")?,
+                view::<T>(bias, bl, "attention bias")?,
+            );
+            let p = unsafe { dev.alloc::<T>(rows * k)? };
+            let f = func!(dev, "softmax_fwd", s.dtype())?;
+            let mut a = f.builder();
+            let (k_i, rows_per_batch) = (k as i32, rows / batch);
+            a.arg(&sv)
+                .arg(&bv)
+                .arg(&p)
+                .arg(&rows)
+                .arg(&k_i)
+                .arg(&rows_per_batch)
+                .arg(&scale);
+            unsafe { a.launch(warp_rows(rows)) }.w()?;
+            Ok(wrap(p, dev))
+        }
+        let out = by_dtype!(s.dtype(), run(self.scale, s, sl, bias, bl))?;
+        Ok((out, sl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _s: &Tensor,
+        _bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let ds = res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd { scale: self.scale })?;
+        Ok((Some(ds), None))
+    }
+}
+
+/// One warp per row, eight rows per block.
+fn warp_rows(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+struct SoftmaxBwd {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-masked-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        p: &CudaStorage,
+        pl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        fn run<T: CudaDType + DeviceRepr>(
+            scale: f32,
+            p: &CudaStorage,
+            pl: &Layout,
+            g: &CudaStorage,
+            gl: &Layout,
+        ) -> Result<CudaStorage> {
+            let dev = p.device();
+            let (rows, k) = last_dim(pl, "masked softmax backward")?;
+            let (pv, gv) = (
+                view::<T>(p, pl, "masked softmax backward")?,
+                view::<T>(g, gl, "masked softmax backward")?,
+            );
+            let ds = unsafe { dev.alloc::<T>(rows * k)? };
+            let f = func!(dev, "softmax_bwd", p.dtype())?;
+            let mut a = f.builder();
+            let k_i = k as i32;
+            a.arg(&pv)
+                .arg(&gv)
+                .arg(&ds)
+                .arg(&rows)
+                .arg(&k_i)
+                .arg(&scale);
+            unsafe { a.launch(warp_rows(rows)) }.w()?;
+            Ok(wrap(ds, dev))
+        }
+        let out = by_dtype!(p.dtype(), run(self.scale, p, pl, g, gl))?;
+        Ok((out, pl.shape().clone()))
+    }
+}
+
+/// `softmax(scale · scores + bias)` over the last dimension: scores `[b, h, q, k]`, `bias`
+/// `[b, 1, 1, k]` (from `ops::attention_bias`), one dtype; the gradient reaches `scores` only.
+pub fn masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    scores.contiguous()?.apply_op2(
+        &bias.contiguous()?,
+        Softmax {
+            scale: scale as f32,
+        },
+    )
+}
+
+// ---- elementwise: GELU, bias add, dropout ---------------------------------------------------------
+
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-gelu"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn run<T: CudaDType + DeviceRepr>(x: &CudaStorage, xl: &Layout) -> Result<CudaStorage> {
+            let dev = x.device();
+            let n = xl.shape().elem_count();
+            let xv = view::<T>(x, xl, "gelu")?;
+            let y = unsafe { dev.alloc::<T>(n)? };
+            let f = func!(dev, "gelu_fwd", x.dtype())?;
+            let mut a = f.builder();
+            a.arg(&xv).arg(&y).arg(&n);
+            unsafe { a.launch(elementwise(n)) }.w()?;
+            Ok(wrap(y, dev))
+        }
+        let out = by_dtype!(x.dtype(), run(x, xl))?;
+        Ok((out, xl.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GeluBwd)?))
+    }
+}
+
+struct GeluBwd;
+
+impl CustomOp2 for GeluBwd {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-gelu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        fn run<T: CudaDType + DeviceRepr>(
+            x: &CudaStorage,
+            xl: &Layout,
+            g: &CudaStorage,
+            gl: &Layout,
+        ) -> Result<CudaStorage> {
+            let dev = x.device();
+            let n = xl.shape().elem_count();
+            let (xv, gv) = (
+                view::<T>(x, xl, "gelu backward")?,
+                view::<T>(g, gl, "gelu backward")?,
+            );
+            let dx = unsafe { dev.alloc::<T>(n)? };
+            let f = func!(dev, "gelu_bwd", x.dtype())?;
+            let mut a = f.builder();
+            a.arg(&xv).arg(&gv).arg(&dx).arg(&n);
+            unsafe { a.launch(elementwise(n)) }.w()?;
+            Ok(wrap(dx, dev))
+        }
+        let out = by_dtype!(x.dtype(), run(x, xl, g, gl))?;
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+/// Exact (erf) GELU with its derivative.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Gelu)
+}
+
+struct BiasAdd;
+
+impl CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        fn run<T: CudaDType + DeviceRepr>(
+            x: &CudaStorage,
+            xl: &Layout,
+            b: &CudaStorage,
+            bl: &Layout,
+        ) -> Result<CudaStorage> {
+            let dev = x.device();
+            let total = xl.shape().elem_count();
+            let n = last_dim(xl, "bias add")?.1;
+            let (xv, bv) = (view::<T>(x, xl, "bias add")?, view::<T>(b, bl, "bias")?);
+            let y = unsafe { dev.alloc::<T>(total)? };
+            let f = func!(dev, "bias_add", x.dtype())?;
+            let mut a = f.builder();
+            let n_i = n as i32;
+            a.arg(&xv).arg(&bv).arg(&y).arg(&total).arg(&n_i);
+            unsafe { a.launch(elementwise(total)) }.w()?;
+            Ok(wrap(y, dev))
+        }
+        let out = by_dtype!(x.dtype(), run(x, xl, b, bl))?;
+        Ok((out, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let db = grad
+            .contiguous()?
+            .apply_op1_no_bwd(&ColumnSum)?
+            .to_dtype(b.dtype())?;
+        Ok((Some(grad.clone()), Some(db)))
+    }
+}
+
+/// The sums down the columns of a `[.., n]` tensor, as f32 `[n]`.
+struct ColumnSum;
+
+impl CustomOp1 for ColumnSum {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-column-sum"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(&self, g: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn run<T: CudaDType + DeviceRepr>(g: &CudaStorage, gl: &Layout) -> Result<CudaStorage> {
+            let dev = g.device();
+            let (rows, n) = last_dim(gl, "bias backward")?;
+            let gv = view::<T>(g, gl, "bias backward")?;
+            let out = dev.alloc_zeros::<f32>(n)?;
+            let f = func!(dev, "column_sum", g.dtype())?;
+            let mut a = f.builder();
+            let n_i = n as i32;
+            a.arg(&gv).arg(&out).arg(&rows).arg(&n_i);
+            // Enough row blocks to fill the GPU, each summing at least 64 rows.
+            let row_blocks = rows.div_ceil(64).clamp(1, 256) as u32;
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(32) as u32, row_blocks, 1),
+                block_dim: (32, 8, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { a.launch(cfg) }.w()?;
+            Ok(wrap(out, dev))
+        }
+        let n = last_dim(gl, "bias backward")?.1;
+        let out = by_dtype!(g.dtype(), run(g, gl))?;
+        Ok((out, Shape::from(n)))
+    }
+}
+
+/// `x + b` with `b` broadcast over the leading dimensions of `x` (`b`'s one dimension is the last of
+/// `x`); the bias's gradient is a column sum.
+pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&b.contiguous()?, BiasAdd)
+}
+
+#[derive(Clone)]
+struct Dropout {
+    seed: u64,
+    threshold: u32,
+    scale: f32,
+}
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-dropout"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn run<T: CudaDType + DeviceRepr>(
+            op: &Dropout,
+            x: &CudaStorage,
+            xl: &Layout,
+        ) -> Result<CudaStorage> {
+            let dev = x.device();
+            let n = xl.shape().elem_count();
+            let xv = view::<T>(x, xl, "dropout")?;
+            let y = unsafe { dev.alloc::<T>(n)? };
+            let f = func!(dev, "dropout", x.dtype())?;
+            let mut a = f.builder();
+            a.arg(&xv)
+                .arg(&y)
+                .arg(&n)
+                .arg(&op.seed)
+                .arg(&op.threshold)
+                .arg(&op.scale);
+            unsafe { a.launch(elementwise(n)) }.w()?;
+            Ok(wrap(y, dev))
+        }
+        let out = by_dtype!(x.dtype(), run(self, x, xl))?;
+        Ok((out, xl.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // The mask is a function of (seed, index): the same op on the gradient applies it again.
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(self)?))
+    }
+}
+
+/// Inverted dropout with probability `p` (0 < p < 1): element `i` is kept by a hash of
+/// `(seed, i)`, so the backward needs no stored mask.
+pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    let threshold = (f64::from(p) * f64::from(1u32 << 24)).ceil() as u32;
+    x.contiguous()?.apply_op1(Dropout {
+        seed,
+        threshold,
+        scale: 1.0 / (1.0 - p),
+    })
+}
+
+// ---- embedding ----------------------------------------------------------------------------------
+
+struct Embedding;
+
+impl CustomOp2 for Embedding {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-embedding"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        table: &CudaStorage,
+        tl: &Layout,
+        ids: &CudaStorage,
+        il: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        fn run<T: CudaDType + DeviceRepr>(
+            table: &CudaStorage,
+            tl: &Layout,
+            ids: &CudaStorage,
+            il: &Layout,
+        ) -> Result<CudaStorage> {
+            let dev = table.device();
+            let n = last_dim(tl, "embedding")?.1;
+            let vocab = tl.dims()[0] as u32;
+            let rows = il.shape().elem_count();
+            let (tv, iv) = (
+                view::<T>(table, tl, "embedding table")?,
+                view::<u32>(ids, il, "token ids")?,
+            );
+            let out = unsafe { dev.alloc::<T>(rows * n)? };
+            let f = func!(dev, "embedding_fwd", table.dtype())?;
+            let mut a = f.builder();
+            let n_i = n as i32;
+            a.arg(&tv)
+                .arg(&iv)
+                .arg(&out)
+                .arg(&rows)
+                .arg(&n_i)
+                .arg(&vocab);
+            unsafe { a.launch(elementwise(rows * n)) }.w()?;
+            Ok(wrap(out, dev))
+        }
+        let n = last_dim(tl, "embedding")?.1;
+        let rows = il.shape().elem_count();
+        let out = by_dtype!(table.dtype(), run(table, tl, ids, il))?;
+        Ok((out, Shape::from((rows, n))))
+    }
+
+    fn bwd(
+        &self,
+        table: &Tensor,
+        ids: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let vocab = table.dim(0)?;
+        let g = grad
+            .contiguous()?
+            .apply_op2_no_bwd(ids, &EmbeddingBwd { vocab })?
+            .to_dtype(table.dtype())?;
+        Ok((Some(g), None))
+    }
+}
+
+struct EmbeddingBwd {
+    vocab: usize,
+}
+
+impl CustomOp2 for EmbeddingBwd {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-embedding-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        g: &CudaStorage,
+        gl: &Layout,
+        ids: &CudaStorage,
+        il: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        fn run<T: CudaDType + DeviceRepr>(
+            vocab: usize,
+            g: &CudaStorage,
+            gl: &Layout,
+            ids: &CudaStorage,
+            il: &Layout,
+        ) -> Result<CudaStorage> {
+            let dev = g.device();
+            let (rows, n) = last_dim(gl, "embedding backward")?;
+            let (gv, iv) = (
+                view::<T>(g, gl, "embedding backward")?,
+                view::<u32>(ids, il, "token ids")?,
+            );
+            let out = dev.alloc_zeros::<f32>(vocab * n)?;
+            let f = func!(dev, "embedding_bwd", g.dtype())?;
+            let mut a = f.builder();
+            let n_i = n as i32;
+            a.arg(&gv).arg(&iv).arg(&out).arg(&rows).arg(&n_i);
+            unsafe { a.launch(elementwise(rows * n)) }.w()?;
+            Ok(wrap(out, dev))
+        }
+        let n = last_dim(gl, "embedding backward")?.1;
+        let out = by_dtype!(g.dtype(), run(self.vocab, g, gl, ids, il))?;
+        Ok((out, Shape::from((self.vocab, n))))
+    }
+}
+
+/// Rows `ids` (u32, any shape) of `table` `[vocab, n]`, shaped `[ids.., n]`; the table's gradient
+/// is scattered back with atomic adds in f32. An id past the table fails the kernel, reported as a
+/// CUDA error at the next synchronisation.
+pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let mut dims = ids.dims().to_vec();
+    dims.push(table.dim(1)?);
+    table
+        .contiguous()?
+        .apply_op2(&ids.flatten_all()?.contiguous()?, Embedding)?
+        .reshape(dims)
+}

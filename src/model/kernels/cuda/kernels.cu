@@ -1,0 +1,330 @@
+// recycle's CUDA kernels (built into PTX by build.rs when the `cuda` feature is on; called from
+// src/model/kernels/cuda.rs). Each replaces a chain of candle ops that the op-by-op profile of
+// `recycle gpu-check` found slow on a GPU: layer norm and its backward, the scaled masked softmax and
+// its backward, exact GELU and its derivative, a bias add and the column sums of its backward,
+// dropout from a counter-based hash (so the backward redraws the forward's mask instead of storing
+// it), and an embedding gather with an atomic scatter-add backward.
+//
+// Every kernel reads and writes contiguous row-major buffers of `float` or `__nv_bfloat16` and
+// computes in f32. Names end in _f32 or _bf16.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+  return __float2bfloat16(x);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// The sum of `v` over a one-dimensional block (blockDim.x a multiple of 32, at most 1024), returned
+// to every thread. `sh` holds 32 floats.
+__device__ float block_sum(float v, float *sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // the previous call's readers are done with sh
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  const int warps = blockDim.x >> 5;
+  float t = lane < warps ? sh[lane] : 0.f;
+  t = warp_sum(t);
+  return t;
+}
+
+// ---- layer norm -----------------------------------------------------------------------------
+// One block per row: mean, then the centred variance (two passes, as the composed ops and
+// transformers compute it), then y = (x - mean) * rstd * w + b.
+template <typename T>
+__device__ void layer_norm_fwd(const T *x, const T *w, const T *b, T *y, int n, float eps) {
+  __shared__ float sh[32];
+  const size_t row = blockIdx.x;
+  const T *xr = x + row * n;
+  T *yr = y + row * n;
+  float s = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) s += to_f(xr[i]);
+  const float mean = block_sum(s, sh) / n;
+  float v = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float d = to_f(xr[i]) - mean;
+    v += d * d;
+  }
+  const float rstd = rsqrtf(block_sum(v, sh) / n + eps);
+  for (int i = threadIdx.x; i < n; i += blockDim.x)
+    yr[i] = from_f<T>((to_f(xr[i]) - mean) * rstd * to_f(w[i]) + to_f(b[i]));
+}
+
+// The statistics of one row, recomputed by both backward kernels (cheaper than storing them: a
+// row is in cache by the time the second pass reads it).
+template <typename T>
+__device__ void row_stats(const T *xr, int n, float eps, float *sh, float *mean, float *rstd) {
+  float s = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) s += to_f(xr[i]);
+  const float m = block_sum(s, sh) / n;
+  float v = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float d = to_f(xr[i]) - m;
+    v += d * d;
+  }
+  *mean = m;
+  *rstd = rsqrtf(block_sum(v, sh) / n + eps);
+}
+
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w; one block per row.
+template <typename T>
+__device__ void layer_norm_bwd_dx(const T *x, const T *w, const T *dy, T *dx, int n, float eps) {
+  __shared__ float sh[32];
+  const size_t row = blockIdx.x;
+  const T *xr = x + row * n;
+  const T *gr = dy + row * n;
+  T *dxr = dx + row * n;
+  float mean, rstd;
+  row_stats(xr, n, eps, sh, &mean, &rstd);
+  float a = 0.f, c = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float gw = to_f(gr[i]) * to_f(w[i]);
+    a += gw;
+    c += gw * (to_f(xr[i]) - mean) * rstd;
+  }
+  a = block_sum(a, sh) / n;
+  c = block_sum(c, sh) / n;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float xh = (to_f(xr[i]) - mean) * rstd;
+    dxr[i] = from_f<T>(rstd * (to_f(gr[i]) * to_f(w[i]) - a - xh * c));
+  }
+}
+
+// Columns one thread keeps partial sums for: n <= LN_MAX_PER_THREAD * blockDim.x.
+#define LN_MAX_PER_THREAD 16
+
+// dw = sum over rows of dy * xhat and db = sum over rows of dy, into dwdb ([2, n], f32, zeroed by
+// the caller). Each block walks rows blockIdx.x, blockIdx.x + gridDim.x, ... keeping its columns'
+// partial sums in registers, and adds them in once at the end.
+template <typename T>
+__device__ void layer_norm_bwd_dwdb(const T *x, const T *dy, float *dwdb, size_t rows, int n,
+                                    float eps) {
+  __shared__ float sh[32];
+  float dw[LN_MAX_PER_THREAD], db[LN_MAX_PER_THREAD];
+#pragma unroll
+  for (int k = 0; k < LN_MAX_PER_THREAD; k++) dw[k] = db[k] = 0.f;
+  for (size_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const T *xr = x + row * n;
+    const T *gr = dy + row * n;
+    float mean, rstd;
+    row_stats(xr, n, eps, sh, &mean, &rstd);
+#pragma unroll
+    for (int k = 0; k < LN_MAX_PER_THREAD; k++) {
+      const int i = threadIdx.x + k * blockDim.x;
+      if (i < n) {
+        const float g = to_f(gr[i]);
+        dw[k] += g * (to_f(xr[i]) - mean) * rstd;
+        db[k] += g;
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < LN_MAX_PER_THREAD; k++) {
+    const int i = threadIdx.x + k * blockDim.x;
+    if (i < n) {
+      atomicAdd(dwdb + i, dw[k]);
+      atomicAdd(dwdb + n + i, db[k]);
+    }
+  }
+}
+
+// ---- scaled masked softmax ------------------------------------------------------------------
+// One warp per row of scores [rows, k]; row r belongs to batch element r / rows_per_batch, whose
+// additive mask is bias[batch, :]. p = softmax(scale * s + bias) in f32.
+template <typename T>
+__device__ void softmax_fwd(const T *s, const T *bias, T *p, size_t rows, int k,
+                            size_t rows_per_batch, float scale) {
+  const size_t row = (size_t)blockIdx.x * blockDim.y + threadIdx.y;
+  if (row >= rows) return;
+  const int lane = threadIdx.x;
+  const T *sr = s + row * k;
+  const T *br = bias + (row / rows_per_batch) * k;
+  T *pr = p + row * k;
+  float m = -INFINITY;
+  for (int i = lane; i < k; i += 32) m = fmaxf(m, to_f(sr[i]) * scale + to_f(br[i]));
+  m = warp_max(m);
+  float z = 0.f;
+  for (int i = lane; i < k; i += 32) z += expf(to_f(sr[i]) * scale + to_f(br[i]) - m);
+  const float inv = 1.f / warp_sum(z);
+  for (int i = lane; i < k; i += 32) pr[i] = from_f<T>(expf(to_f(sr[i]) * scale + to_f(br[i]) - m) * inv);
+}
+
+// ds = scale * p * (dp - sum(dp * p)), one warp per row.
+template <typename T>
+__device__ void softmax_bwd(const T *p, const T *dp, T *ds, size_t rows, int k, float scale) {
+  const size_t row = (size_t)blockIdx.x * blockDim.y + threadIdx.y;
+  if (row >= rows) return;
+  const int lane = threadIdx.x;
+  const T *pr = p + row * k;
+  const T *gr = dp + row * k;
+  T *dr = ds + row * k;
+  float dot = 0.f;
+  for (int i = lane; i < k; i += 32) dot += to_f(pr[i]) * to_f(gr[i]);
+  dot = warp_sum(dot);
+  for (int i = lane; i < k; i += 32) dr[i] = from_f<T>(scale * to_f(pr[i]) * (to_f(gr[i]) - dot));
+}
+
+// ---- exact GELU ------------------------------------------------------------------------------
+template <typename T>
+__device__ void gelu_fwd(const T *x, T *y, size_t n) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (size_t)blockDim.x * gridDim.x) {
+    const float v = to_f(x[i]);
+    y[i] = from_f<T>(0.5f * v * (1.f + erff(v * 0.70710678118654752f)));
+  }
+}
+
+// dx = dy * (Phi(x) + x * phi(x)).
+template <typename T>
+__device__ void gelu_bwd(const T *x, const T *dy, T *dx, size_t n) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (size_t)blockDim.x * gridDim.x) {
+    const float v = to_f(x[i]);
+    const float cdf = 0.5f * (1.f + erff(v * 0.70710678118654752f));
+    const float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
+    dx[i] = from_f<T>(to_f(dy[i]) * (cdf + v * pdf));
+  }
+}
+
+// ---- bias add and its backward ---------------------------------------------------------------
+// y[r, c] = x[r, c] + b[c] for x [rows, n].
+template <typename T>
+__device__ void bias_add(const T *x, const T *b, T *y, size_t total, int n) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+       i += (size_t)blockDim.x * gridDim.x)
+    y[i] = from_f<T>(to_f(x[i]) + to_f(b[i % n]));
+}
+
+// out[c] += sum over rows of g[r, c], g [rows, n], out f32 zeroed by the caller. Block (32, 8):
+// threadIdx.x picks the column (coalesced reads along a row), threadIdx.y and blockIdx.y stride
+// the rows; the block's 8 partial sums meet in shared memory, one atomic per column and block.
+template <typename T>
+__device__ void column_sum(const T *g, float *out, size_t rows, int n) {
+  __shared__ float sh[8][33];
+  const int c = blockIdx.x * 32 + threadIdx.x;
+  float acc = 0.f;
+  if (c < n)
+    for (size_t r = (size_t)blockIdx.y * 8 + threadIdx.y; r < rows; r += (size_t)gridDim.y * 8)
+      acc += to_f(g[r * n + c]);
+  sh[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < n) {
+    float t = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; j++) t += sh[j][threadIdx.x];
+    atomicAdd(out + c, t);
+  }
+}
+
+// ---- dropout ---------------------------------------------------------------------------------
+// Element i is kept when the top 24 bits of splitmix64(seed ^ (i * golden)) reach threshold
+// (= ceil(p * 2^24)); kept elements are scaled by `scale`. The mask is a pure function of
+// (seed, i), so the backward applies the same op with the same seed to the gradient.
+__device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+template <typename T>
+__device__ void dropout(const T *x, T *y, size_t n, uint64_t seed, uint32_t threshold,
+                        float scale) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (size_t)blockDim.x * gridDim.x) {
+    const uint32_t u = (uint32_t)(splitmix64(seed ^ (i * 0x9E3779B97F4A7C15ull)) >> 40);
+    y[i] = from_f<T>(u >= threshold ? to_f(x[i]) * scale : 0.f);
+  }
+}
+
+// ---- embedding ---------------------------------------------------------------------------------
+// out[r, :] = table[ids[r], :] for table [vocab, n].
+// An id past the table stops the kernel (a CUDA error at the next synchronisation) rather than read
+// out of bounds.
+template <typename T>
+__device__ void embedding_fwd(const T *table, const uint32_t *ids, T *out, size_t rows, int n,
+                              uint32_t vocab) {
+  const size_t total = rows * n;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+       i += (size_t)blockDim.x * gridDim.x) {
+    const size_t r = i / n;
+    if (ids[r] >= vocab) __trap();
+    out[i] = table[(size_t)ids[r] * n + (i - r * n)];
+  }
+}
+
+// grad[ids[r], c] += g[r, c], grad f32 [vocab, n] zeroed by the caller: one atomic per element,
+// spread over the rows of the table, instead of candle's index_add (one thread per column looping
+// over every id).
+template <typename T>
+__device__ void embedding_bwd(const T *g, const uint32_t *ids, float *grad, size_t rows, int n) {
+  const size_t total = rows * n;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+       i += (size_t)blockDim.x * gridDim.x) {
+    const size_t r = i / n;
+    atomicAdd(grad + (size_t)ids[r] * n + (i - r * n), to_f(g[i]));
+  }
+}
+
+#define FOR_TYPES(M) M(float, f32) M(__nv_bfloat16, bf16)
+
+#define KERNELS(T, S)                                                                           \
+  extern "C" __global__ void layer_norm_fwd_##S(const T *x, const T *w, const T *b, T *y, int n, \
+                                                float eps) {                                     \
+    layer_norm_fwd<T>(x, w, b, y, n, eps);                                                       \
+  }                                                                                              \
+  extern "C" __global__ void layer_norm_bwd_dx_##S(const T *x, const T *w, const T *dy, T *dx,   \
+                                                   int n, float eps) {                           \
+    layer_norm_bwd_dx<T>(x, w, dy, dx, n, eps);                                                  \
+  }                                                                                              \
+  extern "C" __global__ void layer_norm_bwd_dwdb_##S(const T *x, const T *dy, float *dwdb,       \
+                                                     size_t rows, int n, float eps) {            \
+    layer_norm_bwd_dwdb<T>(x, dy, dwdb, rows, n, eps);                                           \
+  }                                                                                              \
+  extern "C" __global__ void softmax_fwd_##S(const T *s, const T *bias, T *p, size_t rows, int k, \
+                                             size_t rows_per_batch, float scale) {               \
+    softmax_fwd<T>(s, bias, p, rows, k, rows_per_batch, scale);                                  \
+  }                                                                                              \
+  extern "C" __global__ void softmax_bwd_##S(const T *p, const T *dp, T *ds, size_t rows, int k, \
+                                             float scale) {                                      \
+    softmax_bwd<T>(p, dp, ds, rows, k, scale);                                                   \
+  }                                                                                              \
+  extern "C" __global__ void gelu_fwd_##S(const T *x, T *y, size_t n) { gelu_fwd<T>(x, y, n); }  \
+  extern "C" __global__ void gelu_bwd_##S(const T *x, const T *dy, T *dx, size_t n) {            \
+    gelu_bwd<T>(x, dy, dx, n);                                                                   \
+  }                                                                                              \
+  extern "C" __global__ void bias_add_##S(const T *x, const T *b, T *y, size_t total, int n) {   \
+    bias_add<T>(x, b, y, total, n);                                                              \
+  }                                                                                              \
+  extern "C" __global__ void column_sum_##S(const T *g, float *out, size_t rows, int n) {        \
+    column_sum<T>(g, out, rows, n);                                                              \
+  }                                                                                              \
+  extern "C" __global__ void dropout_##S(const T *x, T *y, size_t n, uint64_t seed,             \
+                                         uint32_t threshold, float scale) {                      \
+    dropout<T>(x, y, n, seed, threshold, scale);                                                 \
+  }                                                                                              \
+  extern "C" __global__ void embedding_fwd_##S(const T *table, const uint32_t *ids, T *out,      \
+                                               size_t rows, int n, uint32_t vocab) {             \
+    embedding_fwd<T>(table, ids, out, rows, n, vocab);                                           \
+  }                                                                                              \
+  extern "C" __global__ void embedding_bwd_##S(const T *g, const uint32_t *ids, float *grad,     \
+                                               size_t rows, int n) {                             \
+    embedding_bwd<T>(g, ids, grad, rows, n);                                                     \
+  }
+
+FOR_TYPES(KERNELS)
