@@ -439,6 +439,82 @@ fn dropout_check(device: &Device) -> Result<bool> {
     Ok(ok)
 }
 
+/// The optimizer on the device: three AdamW steps by `Kernel::Auto` (the fused in-place kernels
+/// where the build has them) against the per-parameter tensor ops (the reference), from the same
+/// weights and gradients, gradients scaled as clipping would; and the global gradient norm
+/// against the CPU's.
+fn optimizer_check(device: &Device) -> Result<bool> {
+    use candle_core::Var;
+    let shapes: [(&str, &[usize]); 4] = [
+        ("layer.dense.weight", &[768, 3072]),
+        ("layer.dense.bias", &[768]),
+        ("layer.LayerNorm.weight", &[768]),
+        ("embeddings.word_embeddings.weight", &[1000, 64]),
+    ];
+    let make = || -> Result<VarMap> {
+        let vm = VarMap::new();
+        for (k, (name, shape)) in shapes.iter().enumerate() {
+            // The same weights in both maps: a function of position.
+            let n: usize = shape.iter().product();
+            let t = (Tensor::arange(0f32, n as f32, &Device::Cpu)? * (1e-3 * (k + 1) as f64))?
+                .sin()?
+                .reshape(*shape)?;
+            let var = Var::from_tensor(&t.to_device(device)?)?;
+            vm.data()
+                .lock()
+                .map_err(|_| anyhow::anyhow!("varmap lock"))?
+                .insert(name.to_string(), var);
+        }
+        Ok(vm)
+    };
+    let (vm_a, vm_b) = (make()?, make()?);
+    let mut fused = AdamW::new(&vm_a, adamw_defaults(), decays, Kernel::Auto)?;
+    let mut reference = AdamW::new(&vm_b, adamw_defaults(), decays, Kernel::TensorOps)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut norm_diff = 0f64;
+    for _ in 0..3 {
+        let grads = fused
+            .vars()
+            .map(|v| {
+                let n = v.elem_count();
+                let g: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                Ok(Some(Tensor::from_vec(g, v.shape(), device)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let on_device = global_grad_norm(&grads)?;
+        let cpu = grads
+            .iter()
+            .map(|g| g.as_ref().map(|g| g.to_device(&Device::Cpu)).transpose())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let on_cpu = global_grad_norm(&cpu)?;
+        norm_diff = norm_diff.max((on_device - on_cpu).abs() / on_cpu);
+        fused.step(&grads, 1e-3, 0.5)?;
+        reference.step(&grads, 1e-3, 0.5)?;
+    }
+    let mut weight_diff = 0f32;
+    for (a, b) in fused.vars().zip(reference.vars()) {
+        weight_diff = weight_diff.max(max_abs_diff(a.as_tensor(), b.as_tensor())?);
+    }
+    let mut ok = true;
+    for (what, value, tol) in [
+        (
+            "adamw: fused vs tensor ops, 3 steps",
+            weight_diff as f64,
+            1e-6,
+        ),
+        ("gradient norm vs the CPU (relative)", norm_diff, 1e-5),
+    ] {
+        let pass = value.is_finite() && value <= tol;
+        ok &= pass;
+        emit(json!({
+            "kind": "parity", "case": "optimizer", "precision": "f32", "what": what,
+            "device": describe(device), "max_abs_diff": value, "tol": tol, "pass": pass,
+        }));
+    }
+    eprintln!("gpu-check: optimizer checks done");
+    Ok(ok)
+}
+
 fn random_batch(shape: &Shape, args: &Args, device: &Device, seed: u64) -> Result<(Batch, Tensor)> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let n = args.batch * args.seq;
@@ -714,12 +790,12 @@ fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()>
         (
             "embedding: word table",
             1,
-            Box::new(|| cast(&w_word)?.index_select(&word_ids, 0)),
+            Box::new(|| ops::embedding(&cast(&w_word)?, &word_ids)),
         ),
         (
             "embedding: position table",
             1,
-            Box::new(|| cast(&w_pos)?.index_select(&pos_ids, 0)),
+            Box::new(|| ops::embedding(&cast(&w_pos)?, &pos_ids)),
         ),
         (
             "linear h->h (q, k, v, out)",
@@ -754,12 +830,9 @@ fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()>
             "attention: split heads x3 + merge",
             l,
             Box::new(|| {
-                let split = |t: &Tensor| t.reshape((b, s, heads, d))?.transpose(1, 2)?.contiguous();
+                let split = |t: &Tensor| ops::swap12(&t.reshape((b, s, heads, d))?);
                 let (q, k, v) = (split(&x)?, split(&y)?, split(&x)?);
-                ((q + k)? + v)?
-                    .transpose(1, 2)?
-                    .contiguous()?
-                    .reshape((b, s, h))
+                ops::swap12(&((q + k)? + v)?)?.reshape((b, s, h))
             }),
         ),
         (
@@ -842,6 +915,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ok &= parity(&args, &device)?;
         let dropout = dropout_check(&device);
         ok &= reported(dropout, json!({"stage": "dropout"})).unwrap_or(false);
+        let optimizer = optimizer_check(&device);
+        ok &= reported(optimizer, json!({"stage": "optimizer"})).unwrap_or(false);
     }
     if args.matmul > 0 {
         let ceiling = matmul_ceiling(args.matmul, &device);

@@ -120,19 +120,12 @@ pub fn attend(
     if let Some(ctx) = ops::fused_attention(q, k, v, bias, heads, scale, attn_dropout, mode)? {
         return Ok(ctx);
     }
-    let split = |t: &Tensor| -> Result<Tensor> {
-        t.reshape((b, s, heads, head_dim))?
-            .transpose(1, 2)?
-            .contiguous()
-    };
+    let split =
+        |t: &Tensor| -> Result<Tensor> { ops::swap12(&t.reshape((b, s, heads, head_dim))?) };
     let (q, k, v) = (split(q)?, split(k)?, split(v)?);
     // gemm reads the transposed `k` through its strides; the scale is applied inside the softmax.
     let scores = q.matmul(&k.t()?)?;
     let probs = ops::scaled_masked_softmax(&scores, bias, scale)?;
     let probs = ops::dropout(&probs, attn_dropout, mode)?;
-    probs
-        .matmul(&v)?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((b, s, hidden))
+    ops::swap12(&probs.matmul(&v)?)?.reshape((b, s, hidden))
 }

@@ -143,6 +143,16 @@ fn keep_flags(n: usize, p: f32) -> Result<Vec<u8>> {
     Ok(flags_from(rng, n, p))
 }
 
+/// `x.transpose(1, 2).contiguous()` for a four-dimensional `x`: attention's split into heads and
+/// the merge back.
+pub fn swap12(x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.rank() == 4 && path(&[x]) == Path::Cuda {
+        return kernels::cuda::swap12(x);
+    }
+    x.transpose(1, 2)?.contiguous()
+}
+
 /// A seed for one CUDA dropout mask, from the host RNG `seed` sets.
 #[cfg(feature = "cuda")]
 fn host_seed() -> Result<u64> {
@@ -865,7 +875,7 @@ mod tests {
                 Path::Composed
             );
             assert_eq!(
-                path_for(
+                path_for_here(
                     Kernels::Fused,
                     &[
                         op(Cpu, DType::F32, false),
@@ -875,7 +885,7 @@ mod tests {
                 Path::Composed
             );
             assert_eq!(
-                path_for(
+                path_for_here(
                     Kernels::Fused,
                     &[
                         op(Cpu, DType::F32, false),
@@ -901,7 +911,7 @@ mod tests {
         }
         // One operand that records a gradient is enough to need the composed ops.
         assert_eq!(
-            path_for(
+            path_for_here(
                 Kernels::Fused,
                 &[op(cuda, DType::F32, false), op(cuda, DType::F32, true)]
             ),

@@ -24,8 +24,8 @@ pub struct AdamWParams {
 /// Which implementation updates the weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
-    /// The fused in-place CPU kernel for f32 weights on the CPU, `Flat` for f32 weights elsewhere,
-    /// `TensorOps` for other dtypes.
+    /// The fused in-place kernel for f32 weights on the CPU (and on CUDA in a build with the `cuda`
+    /// feature), `Flat` for f32 weights elsewhere, `TensorOps` for other dtypes.
     Auto,
     /// Tensor ops, one parameter at a time (the reference the others are tested against).
     TensorOps,
@@ -40,8 +40,10 @@ impl Kernel {
     fn resolve(self, vars: &[&Tensor]) -> Kernel {
         let all_f32 = vars.iter().all(|t| t.dtype() == DType::F32);
         let all_cpu = vars.iter().all(|t| t.device().is_cpu());
+        // The fused step's two in-place ops have CUDA kernels in a build with them.
+        let all_cuda = crate::model::ops::CUDA_KERNELS && vars.iter().all(|t| t.device().is_cuda());
         match self {
-            Kernel::Auto if all_f32 && all_cpu => Kernel::Auto,
+            Kernel::Auto if all_f32 && (all_cpu || all_cuda) => Kernel::Auto,
             Kernel::Auto | Kernel::Flat if all_f32 => Kernel::Flat,
             _ => Kernel::TensorOps,
         }
@@ -426,6 +428,26 @@ impl candle_core::InplaceOp2 for MomentsUpdate {
         }
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        dst_l: &Layout,
+        src: &candle_core::CudaStorage,
+        src_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let c = &self.0;
+        crate::model::kernels::cuda::adamw_moments(
+            dst,
+            dst_l,
+            src,
+            src_l,
+            c.beta1 as f32,
+            c.beta2 as f32,
+            c.grad_scale as f32,
+        )
+    }
 }
 
 /// In place on the weight, reading the moments: w ← w·(1-lr·wd) - step_size · m / (sqrt(v)/sqrt(bc2) + eps).
@@ -468,12 +490,45 @@ impl candle_core::InplaceOp2 for WeightUpdate {
         }
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        dst_l: &Layout,
+        src: &candle_core::CudaStorage,
+        src_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let c = &self.0;
+        crate::model::kernels::cuda::adamw_weights(
+            dst,
+            dst_l,
+            src,
+            src_l,
+            c.decay_factor as f32,
+            c.step_size as f32,
+            (1.0 / c.bc2_sqrt) as f32,
+            c.eps as f32,
+        )
+    }
 }
 
 /// The global L2 norm of all gradients together (as `torch.nn.utils.clip_grad_norm_` computes it).
 /// Each gradient's sum of squares is reduced on its device in f32 and the sums are read back in one
 /// transfer (one device synchronisation per step, not one per parameter), then added in f64.
 pub fn global_grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
+    #[cfg(feature = "cuda")]
+    {
+        let present: Vec<&Tensor> = grads.iter().flatten().collect();
+        if !present.is_empty()
+            && present
+                .iter()
+                .all(|g| g.device().is_cuda() && g.dtype() == DType::F32)
+        {
+            let sums = crate::model::kernels::cuda::sums_of_squares(&present)?;
+            return Ok(sums.iter().map(|&s| f64::from(s)).sum::<f64>().sqrt());
+        }
+    }
     let sums = grads
         .iter()
         .flatten()

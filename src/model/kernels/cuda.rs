@@ -584,15 +584,19 @@ impl CustomOp2 for BiasAdd {
             bl: &Layout,
         ) -> Result<CudaStorage> {
             let dev = x.device();
-            let total = xl.shape().elem_count();
-            let n = last_dim(xl, "bias add")?.1;
+            let (rows, n) = last_dim(xl, "bias add")?;
             let (xv, bv) = (view::<T>(x, xl, "bias add")?, view::<T>(b, bl, "bias")?);
-            let y = unsafe { dev.alloc::<T>(total)? };
+            let y = unsafe { dev.alloc::<T>(rows * n)? };
             let f = func!(dev, "bias_add", x.dtype())?;
             let mut a = f.builder();
             let n_i = n as i32;
-            a.arg(&xv).arg(&bv).arg(&y).arg(&total).arg(&n_i);
-            unsafe { a.launch(elementwise(total)) }.w()?;
+            a.arg(&xv).arg(&bv).arg(&y).arg(&rows).arg(&n_i);
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(256) as u32, rows.clamp(1, 65_535) as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { a.launch(cfg) }.w()?;
             Ok(wrap(y, dev))
         }
         let out = by_dtype!(x.dtype(), run(x, xl, b, bl))?;
@@ -606,54 +610,21 @@ impl CustomOp2 for BiasAdd {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let db = grad
-            .contiguous()?
-            .apply_op1_no_bwd(&ColumnSum)?
+        // The column sums as a [1, rows]·[rows, n] product: cuBLAS reads the gradient at full
+        // bandwidth and accumulates in f32 (a column-sum kernel would read it down strided columns).
+        let n = b.dim(0)?;
+        let rows = grad.elem_count() / n;
+        let ones = Tensor::ones((1, rows), grad.dtype(), grad.device())?;
+        let db = ones
+            .matmul(&grad.contiguous()?.reshape((rows, n))?)?
+            .reshape(n)?
             .to_dtype(b.dtype())?;
         Ok((Some(grad.clone()), Some(db)))
     }
 }
 
-/// The sums down the columns of a `[.., n]` tensor, as f32 `[n]`.
-struct ColumnSum;
-
-impl CustomOp1 for ColumnSum {
-    fn name(&self) -> &'static str {
-        "recycle-cuda-column-sum"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_unreachable(self.name())
-    }
-
-    fn cuda_fwd(&self, g: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
-        fn run<T: CudaDType + DeviceRepr>(g: &CudaStorage, gl: &Layout) -> Result<CudaStorage> {
-            let dev = g.device();
-            let (rows, n) = last_dim(gl, "bias backward")?;
-            let gv = view::<T>(g, gl, "bias backward")?;
-            let out = dev.alloc_zeros::<f32>(n)?;
-            let f = func!(dev, "column_sum", g.dtype())?;
-            let mut a = f.builder();
-            let n_i = n as i32;
-            a.arg(&gv).arg(&out).arg(&rows).arg(&n_i);
-            // Enough row blocks to fill the GPU, each summing at least 64 rows.
-            let row_blocks = rows.div_ceil(64).clamp(1, 256) as u32;
-            let cfg = LaunchConfig {
-                grid_dim: (n.div_ceil(32) as u32, row_blocks, 1),
-                block_dim: (32, 8, 1),
-                shared_mem_bytes: 0,
-            };
-            unsafe { a.launch(cfg) }.w()?;
-            Ok(wrap(out, dev))
-        }
-        let n = last_dim(gl, "bias backward")?.1;
-        let out = by_dtype!(g.dtype(), run(g, gl))?;
-        Ok((out, Shape::from(n)))
-    }
-}
-
 /// `x + b` with `b` broadcast over the leading dimensions of `x` (`b`'s one dimension is the last of
-/// `x`); the bias's gradient is a column sum.
+/// `x`); the bias's gradient is a column sum, computed as a product with a row of ones.
 pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&b.contiguous()?, BiasAdd)
 }
@@ -714,6 +685,61 @@ pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
         threshold,
         scale: 1.0 / (1.0 - p),
     })
+}
+
+// ---- swapping the middle dimensions --------------------------------------------------------------
+
+struct Swap12;
+
+impl CustomOp1 for Swap12 {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-swap12"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn run<T: CudaDType + DeviceRepr>(x: &CudaStorage, xl: &Layout) -> Result<CudaStorage> {
+            let dev = x.device();
+            let &[a, b, c, d] = xl.dims() else {
+                bail!("swap12: needs four dimensions, got {:?}", xl.dims())
+            };
+            let xv = view::<T>(x, xl, "swap12")?;
+            let y = unsafe { dev.alloc::<T>(a * b * c * d)? };
+            let f = func!(dev, "swap12", x.dtype())?;
+            let mut l = f.builder();
+            let dims = [a as u32, b as u32, c as u32, d as u32];
+            l.arg(&xv)
+                .arg(&y)
+                .arg(&dims[0])
+                .arg(&dims[1])
+                .arg(&dims[2])
+                .arg(&dims[3]);
+            unsafe { l.launch(elementwise(a * b * c * d)) }.w()?;
+            Ok(wrap(y, dev))
+        }
+        let &[a, b, c, d] = xl.dims() else {
+            bail!("swap12: needs four dimensions, got {:?}", xl.dims())
+        };
+        if xl.shape().elem_count() > u32::MAX as usize {
+            bail!("swap12: at most 2^32 elements");
+        }
+        let out = by_dtype!(x.dtype(), run(x, xl))?;
+        Ok((out, Shape::from((a, c, b, d))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // Its own inverse.
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Swap12)?))
+    }
+}
+
+/// `x.transpose(1, 2).contiguous()` of a four-dimensional tensor, as one copy kernel whose backward
+/// is itself.
+pub fn swap12(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Swap12)
 }
 
 // ---- embedding ----------------------------------------------------------------------------------
@@ -854,4 +880,158 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
         .contiguous()?
         .apply_op2(&ids.flatten_all()?.contiguous()?, Embedding)?
         .reshape(dims)
+}
+
+// ---- AdamW and the gradient norm (f32) -------------------------------------------------------------
+
+fn f32_view<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, f32>> {
+    if s.dtype() != DType::F32 {
+        bail!("{what}: f32 only, got {:?}", s.dtype());
+    }
+    view::<f32>(s, l, what)
+}
+
+/// The mutable f32 elements of a contiguous storage that starts at offset 0 and covers it whole
+/// (the optimizer's own tensors and `Var`s are such).
+fn f32_whole_mut<'a>(
+    s: &'a mut CudaStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<&'a mut CudaSlice<f32>> {
+    let n = l.shape().elem_count();
+    match l.contiguous_offsets() {
+        Some((0, end)) if end == n => {}
+        _ => bail!("{what}: needs a whole contiguous buffer"),
+    }
+    let slice: &mut CudaSlice<f32> = s.as_cuda_slice_mut()?;
+    if slice.len() != n {
+        bail!("{what}: a view into a larger buffer");
+    }
+    Ok(slice)
+}
+
+/// AdamW's moment update in place on `state` (`[m; v]`, 2n f32) from the gradient `g` (n f32).
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_moments(
+    state: &mut CudaStorage,
+    sl: &Layout,
+    g: &CudaStorage,
+    gl: &Layout,
+    beta1: f32,
+    beta2: f32,
+    grad_scale: f32,
+) -> Result<()> {
+    let dev = state.device().clone();
+    let gv = f32_view(g, gl, "adamw gradient")?;
+    let n = gl.shape().elem_count();
+    if sl.shape().elem_count() != 2 * n {
+        bail!(
+            "adamw: {} moments for {n} gradients",
+            sl.shape().elem_count()
+        );
+    }
+    let st = f32_whole_mut(state, sl, "adamw moments")?;
+    let f = dev.get_or_load_custom_func("adamw_moments", MODULE, PTX)?;
+    let mut a = f.builder();
+    let (one_b1, one_b2) = (1.0 - beta1, 1.0 - beta2);
+    a.arg(st)
+        .arg(&gv)
+        .arg(&n)
+        .arg(&beta1)
+        .arg(&beta2)
+        .arg(&one_b1)
+        .arg(&one_b2)
+        .arg(&grad_scale);
+    unsafe { a.launch(elementwise(n)) }.w()?;
+    Ok(())
+}
+
+/// AdamW's weight update in place on `w` (n f32) from `state` (`[m; v]`, 2n f32).
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_weights(
+    w: &mut CudaStorage,
+    wl: &Layout,
+    state: &CudaStorage,
+    sl: &Layout,
+    decay: f32,
+    step: f32,
+    inv_bc2: f32,
+    eps: f32,
+) -> Result<()> {
+    let dev = w.device().clone();
+    let sv = f32_view(state, sl, "adamw moments")?;
+    let n = wl.shape().elem_count();
+    if sl.shape().elem_count() != 2 * n {
+        bail!("adamw: {} moments for {n} weights", sl.shape().elem_count());
+    }
+    let wv = f32_whole_mut(w, wl, "adamw weights")?;
+    let f = dev.get_or_load_custom_func("adamw_weights", MODULE, PTX)?;
+    let mut a = f.builder();
+    a.arg(wv)
+        .arg(&sv)
+        .arg(&n)
+        .arg(&decay)
+        .arg(&step)
+        .arg(&inv_bc2)
+        .arg(&eps);
+    unsafe { a.launch(elementwise(n)) }.w()?;
+    Ok(())
+}
+
+/// Adds the sum of squares of `g` (f32) into element `slot` of `sums` (f32), on the device.
+struct SumSquaresInto {
+    slot: u32,
+}
+
+impl candle_core::InplaceOp2 for SumSquaresInto {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-sum-squares-into"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        sums: &mut CudaStorage,
+        sl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<()> {
+        let dev = sums.device().clone();
+        let gv = f32_view(g, gl, "gradient")?;
+        let n = gl.shape().elem_count();
+        if self.slot as usize >= sl.shape().elem_count() {
+            bail!(
+                "sum of squares: slot {} of {}",
+                self.slot,
+                sl.shape().elem_count()
+            );
+        }
+        let out = f32_whole_mut(sums, sl, "sums of squares")?;
+        let f = dev.get_or_load_custom_func("sum_squares_into", MODULE, PTX)?;
+        let mut a = f.builder();
+        a.arg(out).arg(&gv).arg(&n).arg(&self.slot);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(1024).clamp(1, 1024) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { a.launch(cfg) }.w()?;
+        Ok(())
+    }
+}
+
+/// The sum of squares of each of `grads` (f32, on one CUDA device), one launch each and one
+/// transfer back for all.
+pub fn sums_of_squares(grads: &[&Tensor]) -> Result<Vec<f32>> {
+    let Some(first) = grads.first() else {
+        return Ok(Vec::new());
+    };
+    let sums = Tensor::zeros(grads.len(), DType::F32, first.device())?;
+    for (slot, g) in grads.iter().enumerate() {
+        sums.inplace_op2(&g.contiguous()?, &SumSquaresInto { slot: slot as u32 })?;
+    }
+    sums.to_vec1()
 }

@@ -202,12 +202,14 @@ __device__ void gelu_bwd(const T *x, const T *dy, T *dx, size_t n) {
 }
 
 // ---- bias add and its backward ---------------------------------------------------------------
-// y[r, c] = x[r, c] + b[c] for x [rows, n].
+// y[r, c] = x[r, c] + b[c] for x [rows, n]: blockIdx.x and threadIdx.x pick the column (no
+// division per element), blockIdx.y strides the rows.
 template <typename T>
-__device__ void bias_add(const T *x, const T *b, T *y, size_t total, int n) {
-  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-       i += (size_t)blockDim.x * gridDim.x)
-    y[i] = from_f<T>(to_f(x[i]) + to_f(b[i % n]));
+__device__ void bias_add(const T *x, const T *b, T *y, size_t rows, int n) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= n) return;
+  const float bc = to_f(b[c]);
+  for (size_t r = blockIdx.y; r < rows; r += gridDim.y) y[r * n + c] = from_f<T>(to_f(x[r * n + c]) + bc);
 }
 
 // out[c] += sum over rows of g[r, c], g [rows, n], out f32 zeroed by the caller. Block (32, 8):
@@ -252,6 +254,26 @@ __device__ void dropout(const T *x, T *y, size_t n, uint64_t seed, uint32_t thre
   }
 }
 
+// ---- swapping the middle dimensions -----------------------------------------------------------
+// y [a, c, b, d] from x [a, b, c, d]: attention's split of [batch, seq, heads, head_dim] into
+// [batch, heads, seq, head_dim] and the merge back (the same op with b and c exchanged). Threads
+// run along d, so reads and writes both come in runs of d contiguous elements.
+template <typename T>
+__device__ void swap12(const T *x, T *y, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  const size_t total = (size_t)a * b * c * d;
+  for (size_t o = (size_t)blockIdx.x * blockDim.x + threadIdx.x; o < total;
+       o += (size_t)blockDim.x * gridDim.x) {
+    // o = ((ia * c + ic) * b + ib) * d + id
+    const uint32_t id = o % d;
+    size_t t = o / d;
+    const uint32_t ib = t % b;
+    t /= b;
+    const uint32_t ic = t % c;
+    const size_t ia = t / c;
+    y[o] = x[((ia * b + ib) * c + ic) * d + id];
+  }
+}
+
 // ---- embedding ---------------------------------------------------------------------------------
 // out[r, :] = table[ids[r], :] for table [vocab, n].
 // An id past the table stops the kernel (a CUDA error at the next synchronisation) rather than read
@@ -281,6 +303,39 @@ __device__ void embedding_bwd(const T *g, const uint32_t *ids, float *grad, size
   }
 }
 
+// ---- AdamW (f32 master weights) and the gradient norm ----------------------------------------------
+// The two halves of the optimizer's fused step, as on the CPU: the moments [m; v] (2n floats) in
+// place from the gradient scaled by s, then the weight in place from the moments.
+extern "C" __global__ void adamw_moments(float *state, const float *g, size_t n, float b1, float b2,
+                                         float one_b1, float one_b2, float s) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (size_t)blockDim.x * gridDim.x) {
+    const float gi = g[i] * s;
+    state[i] = b1 * state[i] + one_b1 * gi;
+    state[n + i] = b2 * state[n + i] + one_b2 * (gi * gi);
+  }
+}
+
+extern "C" __global__ void adamw_weights(float *w, const float *state, size_t n, float decay,
+                                         float step, float inv_bc2, float eps) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (size_t)blockDim.x * gridDim.x) {
+    const float denom = sqrtf(state[n + i]) * inv_bc2 + eps;
+    w[i] = w[i] * decay - step * (state[i] / denom);
+  }
+}
+
+// sums[slot] += the sum of g's squares: one block-wide sum per block, one atomic per block.
+extern "C" __global__ void sum_squares_into(float *sums, const float *g, size_t n, uint32_t slot) {
+  __shared__ float sh[32];
+  float acc = 0.f;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (size_t)blockDim.x * gridDim.x)
+    acc += g[i] * g[i];
+  acc = block_sum(acc, sh);
+  if (threadIdx.x == 0) atomicAdd(sums + slot, acc);
+}
+
 #define FOR_TYPES(M) M(float, f32) M(__nv_bfloat16, bf16)
 
 #define KERNELS(T, S)                                                                           \
@@ -308,8 +363,8 @@ __device__ void embedding_bwd(const T *g, const uint32_t *ids, float *grad, size
   extern "C" __global__ void gelu_bwd_##S(const T *x, const T *dy, T *dx, size_t n) {            \
     gelu_bwd<T>(x, dy, dx, n);                                                                   \
   }                                                                                              \
-  extern "C" __global__ void bias_add_##S(const T *x, const T *b, T *y, size_t total, int n) {   \
-    bias_add<T>(x, b, y, total, n);                                                              \
+  extern "C" __global__ void bias_add_##S(const T *x, const T *b, T *y, size_t rows, int n) {    \
+    bias_add<T>(x, b, y, rows, n);                                                               \
   }                                                                                              \
   extern "C" __global__ void column_sum_##S(const T *g, float *out, size_t rows, int n) {        \
     column_sum<T>(g, out, rows, n);                                                              \
@@ -321,6 +376,10 @@ __device__ void embedding_bwd(const T *g, const uint32_t *ids, float *grad, size
   extern "C" __global__ void embedding_fwd_##S(const T *table, const uint32_t *ids, T *out,      \
                                                size_t rows, int n, uint32_t vocab) {             \
     embedding_fwd<T>(table, ids, out, rows, n, vocab);                                           \
+  }                                                                                              \
+  extern "C" __global__ void swap12_##S(const T *x, T *y, uint32_t a, uint32_t b, uint32_t c,    \
+                                        uint32_t d) {                                            \
+    swap12<T>(x, y, a, b, c, d);                                                                 \
   }                                                                                              \
   extern "C" __global__ void embedding_bwd_##S(const T *g, const uint32_t *ids, float *grad,     \
                                                size_t rows, int n) {                             \
