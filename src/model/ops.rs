@@ -252,8 +252,17 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         }
         _ => false,
     };
-    if fusable(&operands) && shapes_fit && x.rank() >= 2 {
-        return kernels::linear(x, w, b);
+    if shapes_fit && x.rank() >= 2 {
+        match path(&operands) {
+            Path::Fused => return kernels::linear(x, w, b),
+            #[cfg(feature = "cuda")]
+            Path::Cuda => {
+                if let Some(b) = b.filter(|b| b.dtype() == x.dtype() && w.dtype() == x.dtype()) {
+                    return kernels::cuda::linear(x, w, b);
+                }
+            }
+            _ => {}
+        }
     }
     composed_linear(x, w, b)
 }

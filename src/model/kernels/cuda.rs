@@ -687,6 +687,117 @@ pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     })
 }
 
+// ---- dense layer ------------------------------------------------------------------------------------
+
+/// `x·Wᵀ + b` as one node of the graph: the product through cuBLAS (candle's CUDA matmul on the
+/// storages), the bias added in place; the backward is three cuBLAS products (dx = g·W,
+/// dW = gᵀ·x, db = 1ᵀ·g) with no transposed gradient to copy and none of the reshape, transpose and
+/// broadcast nodes of the composed form, each of which costs candle's backward a zero-filled
+/// gradient and an add.
+struct Linear;
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, k) = last_dim(xl, "linear")?;
+        let &[out, w_in] = wl.dims() else {
+            bail!("linear: the weight must be [out, in], got {:?}", wl.dims())
+        };
+        if w_in != k || bl.dims() != [out] {
+            bail!(
+                "linear: input {:?}, weight {:?}, bias {:?} do not fit",
+                xl.dims(),
+                wl.dims(),
+                bl.dims()
+            );
+        }
+        if !xl.is_contiguous() || !wl.is_contiguous() || !bl.is_contiguous() {
+            bail!("linear: the CUDA path needs contiguous operands");
+        }
+        let x2 = Layout::contiguous_with_offset((rows, k), xl.start_offset());
+        let wt = Layout::contiguous_with_offset((out, k), wl.start_offset()).transpose(0, 1)?;
+        let y = x.matmul(w, (1, rows, out, k), &x2, &wt)?;
+        fn add_bias<T: CudaDType + DeviceRepr>(
+            y: &CudaStorage,
+            b: &CudaStorage,
+            bl: &Layout,
+            rows: usize,
+            n: usize,
+        ) -> Result<()> {
+            let dev = y.device();
+            let ys: &CudaSlice<T> = y.as_cuda_slice()?;
+            let bv = view::<T>(b, bl, "bias")?;
+            let f = func!(dev, "bias_add", y.dtype())?;
+            let mut a = f.builder();
+            let n_i = n as i32;
+            // In place: each element is read and written by the same thread.
+            a.arg(ys).arg(&bv).arg(ys).arg(&rows).arg(&n_i);
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(256) as u32, rows.clamp(1, 65_535) as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { a.launch(cfg) }.w()?;
+            Ok(())
+        }
+        by_dtype!(y.dtype(), add_bias(&y, b, bl, rows, out))?;
+        let mut dims = xl.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = out;
+        }
+        Ok((y, Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (out, k) = w.dims2()?;
+        let rows = x.elem_count() / k;
+        let g = grad.contiguous()?.reshape((rows, out))?;
+        let (x2, w) = (x.detach().reshape((rows, k))?, w.detach());
+        let dx = g.matmul(&w)?.reshape(x.shape())?;
+        let dw = g.t()?.matmul(&x2)?;
+        let ones = Tensor::ones((1, rows), g.dtype(), g.device())?;
+        let db = ones.matmul(&g)?.reshape(out)?.to_dtype(b.dtype())?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// `x·Wᵀ + b` over the last dimension of `x` (`w` `[out, in]`, `b` `[out]`, one dtype), one node
+/// with a backward of three products.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)
+}
+
 // ---- swapping the middle dimensions --------------------------------------------------------------
 
 struct Swap12;
