@@ -26,6 +26,12 @@ pub enum JobEnd {
 pub trait Progress {
     fn run_started(&mut self, total: usize);
     fn job_started(&mut self, index: usize, job_id: &str);
+    /// A job whose result already exists: started and finished at once, unless the display has a
+    /// shorter way to say so.
+    fn job_skipped(&mut self, index: usize, job_id: &str) {
+        self.job_started(index, job_id);
+        self.job_finished(job_id, &JobEnd::Skipped);
+    }
     fn step(&mut self, info: &StepInfo);
     fn job_finished(&mut self, job_id: &str, end: &JobEnd);
     fn run_finished(&mut self);
@@ -66,6 +72,13 @@ impl Progress for LogLines {
     }
     fn job_started(&mut self, index: usize, job_id: &str) {
         eprintln!("[{}/{}] {job_id}: started", index + 1, self.total);
+    }
+    fn job_skipped(&mut self, index: usize, job_id: &str) {
+        eprintln!(
+            "[{}/{}] {job_id}: skipped (result exists)",
+            index + 1,
+            self.total
+        );
     }
     fn step(&mut self, s: &StepInfo) {
         if self.every > 0 && s.step.is_multiple_of(self.every) {

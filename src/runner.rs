@@ -238,14 +238,14 @@ pub fn run_jobs(
     let mut summary = RunSummary::default();
     progress.run_started(selected.len());
     for (i, job) in selected.into_iter().enumerate() {
-        progress.job_started(i, &job.id);
         if let Some(r) = records.get(&job.id) {
             if r.config_hash == job.config_hash && r.kind != RecordKind::Failure {
-                progress.job_finished(&job.id, &JobEnd::Skipped);
+                progress.job_skipped(i, &job.id);
                 summary.skipped.push(job.id);
                 continue;
             }
         }
+        progress.job_started(i, &job.id);
         let mut job = job;
         store
             .write_marker(&suite.name, &marker_for(&job))

@@ -365,6 +365,13 @@ fn a_killed_run_resumes_to_the_uninterrupted_results() {
         err.contains(&format!("{} skipped (already done)", partial.len())),
         "{err}"
     );
+    // A job with a result is reported skipped on one line, never as started.
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("[1/11] donor/d1: skipped (result exists)")),
+        "{err}"
+    );
+    assert!(!err.contains("donor/d1: started"), "{err}");
     assert_eq!(
         outcomes(&ws.records("res")),
         outcomes(&ws.records("res-ref"))
