@@ -294,7 +294,8 @@ fn grad_diff(ours: &[(String, Tensor)], cpu: &[(String, Tensor)]) -> Result<(f32
     let mut worst = (0f32, String::new());
     for ((name, a), (_, b)) in ours.iter().zip(cpu) {
         let d = max_abs_diff(a, b)? / scale.max(1e-12);
-        if !(d <= worst.0) {
+        // A NaN difference is the worst of all.
+        if d.is_nan() || d > worst.0 {
             worst = (d, name.clone());
         }
     }
