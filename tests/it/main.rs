@@ -3,6 +3,7 @@
 mod data;
 mod e2e;
 mod fuse;
+mod gpu_check;
 mod hub;
 mod merge;
 mod models;

@@ -1,0 +1,59 @@
+//! `recycle gpu-check`, the measurement scripts/gpu/run.sh takes on a lent GPU, run on the CPU with
+//! tiny shapes: every stage must run and every check pass, so that a GPU session's one call is not
+//! spent on a broken control flow.
+
+use assert_cmd::Command;
+use serde_json::Value;
+
+#[test]
+fn gpu_check_runs_every_stage_on_the_cpu_and_every_check_passes() {
+    let out = Command::cargo_bin("recycle")
+        .unwrap()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["gpu-check", "--device", "cpu", "--tiny"])
+        .args(["--batch", "2", "--seq", "8", "--warmup", "0", "--steps", "1"])
+        .args(["--matmul", "16", "--shapes", "minilm", "--precisions", "f32,bf16"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let rows: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    let of = |kind: &'static str| rows.iter().filter(move |r| r["kind"] == kind);
+
+    // Four fixtures × two precisions × (gradients, three logits), then dropout's five checks in
+    // both precisions and the optimizer's two.
+    let parity: Vec<&Value> = of("parity").collect();
+    assert_eq!(parity.len(), 4 * 2 * 4 + 5 * 2 + 2, "{parity:#?}");
+    for r in &parity {
+        assert_eq!(r["pass"], true, "{r}");
+    }
+    for case in ["bert", "roberta", "distilbert", "deberta-v3", "dropout", "optimizer"] {
+        assert!(parity.iter().any(|r| r["case"] == case), "no {case} rows");
+    }
+    assert_eq!(of("error").count(), 0);
+    assert_eq!(of("matmul").count(), 1);
+
+    // Throughput in both modes and precisions, with positive, finite rates.
+    let bench: Vec<&Value> = of("bench").collect();
+    assert_eq!(bench.len(), 2 * 2, "{bench:#?}");
+    for r in &bench {
+        let eps = r["examples_per_s"].as_f64().unwrap();
+        assert!(eps.is_finite() && eps > 0.0, "{r}");
+    }
+    assert_eq!(of("phases").count(), 2);
+    assert_eq!(of("kernels").count(), 2);
+
+    // The op profile: the same ops in both precisions, each timed.
+    let ops: Vec<&Value> = of("op").collect();
+    assert!(ops.len() >= 2 * 10, "{ops:#?}");
+    for r in &ops {
+        for k in ["forward_s", "forward_backward_s"] {
+            let t = r[k].as_f64().unwrap();
+            assert!(t.is_finite() && t > 0.0, "{r}");
+        }
+    }
+}
