@@ -342,10 +342,11 @@ impl ResultStore {
         for f in &files {
             match read_record(f)? {
                 Some(r) => records.push(r),
-                None => eprintln!(
+                None if first_warning_for(f) => eprintln!(
                     "warning: {}: not a result record (no `kind`), skipped",
                     f.display()
                 ),
+                None => {}
             }
         }
         Ok(records)
@@ -371,6 +372,19 @@ impl ResultStore {
 /// The fix a broken record's message offers: results are one file per job, so losing one file
 /// loses one job, which a re-run redoes.
 const REDO_HINT: &str = "delete it and `recycle run` redoes that job";
+
+/// Whether `path` has not been warned about yet in this process: a command that reads a results
+/// directory twice (`recycle run`: to resume, then for the leaderboard) says so once.
+fn first_warning_for(path: &Path) -> bool {
+    static WARNED: std::sync::Mutex<Option<std::collections::HashSet<PathBuf>>> =
+        std::sync::Mutex::new(None);
+    match WARNED.lock() {
+        Ok(mut set) => set
+            .get_or_insert_with(Default::default)
+            .insert(path.to_path_buf()),
+        Err(_) => true,
+    }
+}
 
 /// The record in `path`; `None` for well-formed JSON that is not a result record at all (no
 /// `kind`: every record has one; recycle's own leaderboard JSON has a `schema_version` but none).

@@ -123,6 +123,14 @@ fn a_second_run_skips_every_job_and_leaves_the_results_untouched() {
             })
             .collect()
     };
+    // A JSON file that is not a result, beside the suite's results: the run reads the directory
+    // twice (to resume, then for the leaderboard) and warns about it once.
+    let suite_dir = std::fs::read_dir(ws.path("res"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir())
+        .unwrap();
+    std::fs::write(suite_dir.join("notes.json"), r#"{"note": "not a result"}"#).unwrap();
     let before = files_under(&ws.path("res"));
     let before_mtimes = mtimes(&ws);
     std::thread::sleep(std::time::Duration::from_millis(20));
@@ -130,6 +138,12 @@ fn a_second_run_skips_every_job_and_leaves_the_results_untouched() {
     let again = ws.run(&s, "res");
     assert!(again.status.success(), "{}", stderr(&again));
     let err = stderr(&again);
+    assert_eq!(
+        err.matches("notes.json: not a result record (no `kind`), skipped")
+            .count(),
+        1,
+        "{err}"
+    );
     assert!(
         err.contains("0 done, 11 skipped (already done), 0 failed"),
         "{err}"

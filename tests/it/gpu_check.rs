@@ -11,8 +11,17 @@ fn gpu_check_runs_every_stage_on_the_cpu_and_every_check_passes() {
         .unwrap()
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .args(["gpu-check", "--device", "cpu", "--tiny"])
-        .args(["--batch", "2", "--seq", "8", "--warmup", "0", "--steps", "1"])
-        .args(["--matmul", "16", "--shapes", "minilm", "--precisions", "f32,bf16"])
+        .args([
+            "--batch", "2", "--seq", "8", "--warmup", "0", "--steps", "1",
+        ])
+        .args([
+            "--matmul",
+            "16",
+            "--shapes",
+            "minilm",
+            "--precisions",
+            "f32,bf16",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -31,7 +40,14 @@ fn gpu_check_runs_every_stage_on_the_cpu_and_every_check_passes() {
     for r in &parity {
         assert_eq!(r["pass"], true, "{r}");
     }
-    for case in ["bert", "roberta", "distilbert", "deberta-v3", "dropout", "optimizer"] {
+    for case in [
+        "bert",
+        "roberta",
+        "distilbert",
+        "deberta-v3",
+        "dropout",
+        "optimizer",
+    ] {
         assert!(parity.iter().any(|r| r["case"] == case), "no {case} rows");
     }
     assert_eq!(of("error").count(), 0);
