@@ -54,15 +54,22 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+# Rounds of `steps` timed calls; the median round counts (as in recycle's gpu-check).
+ROUNDS = 3
+
+
 def time_it(device, warmup, steps, f):
     for _ in range(warmup):
         f()
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        f()
-    sync(device)
-    return (time.perf_counter() - t) / max(steps, 1)
+    rounds = []
+    for _ in range(ROUNDS):
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            f()
+        sync(device)
+        rounds.append((time.perf_counter() - t) / max(steps, 1))
+    return sorted(rounds)[len(rounds) // 2]
 
 
 def emit(**kv):

@@ -42,7 +42,7 @@ pub struct Args {
     /// Untimed steps before each measurement.
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
-    /// Timed steps of each measurement.
+    /// Timed steps of each measurement round (three rounds; the median counts).
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
     /// Side of the square bf16 matmul that measures the ceiling (0 skips it).
@@ -532,8 +532,12 @@ fn random_batch(shape: &Shape, args: &Args, device: &Device, seed: u64) -> Resul
     Ok((batch, Tensor::from_vec(labels, args.batch, device)?))
 }
 
-/// Seconds per call of `f`, after `warmup` untimed calls, with the device drained before the
-/// clock stops.
+/// Rounds of `steps` timed calls per measurement; the median round counts, so one round disturbed
+/// by something else on the machine does not (PyTorch's side does the same).
+const ROUNDS: usize = 3;
+
+/// Seconds per call of `f`: after `warmup` untimed calls, `ROUNDS` rounds of `steps` calls, each
+/// timed with the device drained before the clock stops; the median round's.
 fn time_it(
     device: &Device,
     warmup: usize,
@@ -543,13 +547,22 @@ fn time_it(
     for _ in 0..warmup {
         f()?;
     }
-    device.synchronize()?;
-    let t = Instant::now();
-    for _ in 0..steps {
-        f()?;
+    let mut rounds = Vec::with_capacity(ROUNDS);
+    for _ in 0..ROUNDS {
+        device.synchronize()?;
+        let t = Instant::now();
+        for _ in 0..steps {
+            f()?;
+        }
+        device.synchronize()?;
+        rounds.push(t.elapsed().as_secs_f64() / steps.max(1) as f64);
     }
-    device.synchronize()?;
-    Ok(t.elapsed().as_secs_f64() / steps.max(1) as f64)
+    Ok(median(&mut rounds))
+}
+
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
 }
 
 /// Times every precision of `args` on `shape`; returns whether all of them ran.
