@@ -100,6 +100,34 @@ struct LayerNorm {
     eps: f32,
 }
 
+/// Runs a layer norm kernel `name(a, b, c, out, n, eps)` with one block per row of `a` `[rows, n]`
+/// (`b` and `c` as the kernel reads them) and returns `out`, shaped like `a`.
+fn per_row<T: CudaDType + DeviceRepr>(
+    name: &str,
+    eps: f32,
+    [(a, al), (b, bl), (c, cl)]: [(&CudaStorage, &Layout); 3],
+) -> Result<CudaStorage> {
+    let dev = a.device();
+    let (rows, n) = last_dim(al, name)?;
+    let (av, bv, cv) = (
+        view::<T>(a, al, name)?,
+        view::<T>(b, bl, name)?,
+        view::<T>(c, cl, name)?,
+    );
+    let out = unsafe { dev.alloc::<T>(rows * n)? };
+    let f = func!(dev, name, a.dtype())?;
+    let mut l = f.builder();
+    let n_i = n as i32;
+    l.arg(&av).arg(&bv).arg(&cv).arg(&out).arg(&n_i).arg(&eps);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (row_threads(n), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { l.launch(cfg) }.w()?;
+    Ok(wrap(out, dev))
+}
+
 impl CustomOp3 for LayerNorm {
     fn name(&self) -> &'static str {
         "recycle-cuda-layer-norm"
@@ -126,36 +154,8 @@ impl CustomOp3 for LayerNorm {
         b: &CudaStorage,
         bl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        fn run<T: CudaDType + DeviceRepr>(
-            eps: f32,
-            x: &CudaStorage,
-            xl: &Layout,
-            w: &CudaStorage,
-            wl: &Layout,
-            b: &CudaStorage,
-            bl: &Layout,
-        ) -> Result<CudaStorage> {
-            let dev = x.device();
-            let (rows, n) = last_dim(xl, "layer norm")?;
-            let (xv, wv, bv) = (
-                view::<T>(x, xl, "layer norm")?,
-                view::<T>(w, wl, "layer norm weight")?,
-                view::<T>(b, bl, "layer norm bias")?,
-            );
-            let y = unsafe { dev.alloc::<T>(rows * n)? };
-            let f = func!(dev, "layer_norm_fwd", x.dtype())?;
-            let mut a = f.builder();
-            let n_i = n as i32;
-            a.arg(&xv).arg(&wv).arg(&bv).arg(&y).arg(&n_i).arg(&eps);
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (row_threads(n), 1, 1),
-                shared_mem_bytes: 0,
-            };
-            unsafe { a.launch(cfg) }.w()?;
-            Ok(wrap(y, dev))
-        }
-        let out = by_dtype!(x.dtype(), run(self.eps, x, xl, w, wl, b, bl))?;
+        let args = [(x, xl), (w, wl), (b, bl)];
+        let out = by_dtype!(x.dtype(), per_row("layer_norm_fwd", self.eps, args))?;
         Ok((out, xl.shape().clone()))
     }
 
@@ -206,36 +206,8 @@ impl CustomOp3 for LayerNormDx {
         g: &CudaStorage,
         gl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        fn run<T: CudaDType + DeviceRepr>(
-            eps: f32,
-            x: &CudaStorage,
-            xl: &Layout,
-            w: &CudaStorage,
-            wl: &Layout,
-            g: &CudaStorage,
-            gl: &Layout,
-        ) -> Result<CudaStorage> {
-            let dev = x.device();
-            let (rows, n) = last_dim(xl, "layer norm backward")?;
-            let (xv, wv, gv) = (
-                view::<T>(x, xl, "layer norm backward")?,
-                view::<T>(w, wl, "layer norm backward")?,
-                view::<T>(g, gl, "layer norm backward")?,
-            );
-            let dx = unsafe { dev.alloc::<T>(rows * n)? };
-            let f = func!(dev, "layer_norm_bwd_dx", x.dtype())?;
-            let mut a = f.builder();
-            let n_i = n as i32;
-            a.arg(&xv).arg(&wv).arg(&gv).arg(&dx).arg(&n_i).arg(&eps);
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (row_threads(n), 1, 1),
-                shared_mem_bytes: 0,
-            };
-            unsafe { a.launch(cfg) }.w()?;
-            Ok(wrap(dx, dev))
-        }
-        let out = by_dtype!(x.dtype(), run(self.eps, x, xl, w, wl, g, gl))?;
+        let args = [(x, xl), (w, wl), (g, gl)];
+        let out = by_dtype!(x.dtype(), per_row("layer_norm_bwd_dx", self.eps, args))?;
         Ok((out, xl.shape().clone()))
     }
 }

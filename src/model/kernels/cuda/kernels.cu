@@ -44,29 +44,9 @@ __device__ float block_sum(float v, float *sh) {
 }
 
 // ---- layer norm -----------------------------------------------------------------------------
-// One block per row: mean, then the centred variance (two passes, as the composed ops and
-// transformers compute it), then y = (x - mean) * rstd * w + b.
-template <typename T>
-__device__ void layer_norm_fwd(const T *x, const T *w, const T *b, T *y, int n, float eps) {
-  __shared__ float sh[32];
-  const size_t row = blockIdx.x;
-  const T *xr = x + row * n;
-  T *yr = y + row * n;
-  float s = 0.f;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) s += to_f(xr[i]);
-  const float mean = block_sum(s, sh) / n;
-  float v = 0.f;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const float d = to_f(xr[i]) - mean;
-    v += d * d;
-  }
-  const float rstd = rsqrtf(block_sum(v, sh) / n + eps);
-  for (int i = threadIdx.x; i < n; i += blockDim.x)
-    yr[i] = from_f<T>((to_f(xr[i]) - mean) * rstd * to_f(w[i]) + to_f(b[i]));
-}
-
-// The statistics of one row, recomputed by both backward kernels (cheaper than storing them: a
-// row is in cache by the time the second pass reads it).
+// The mean and 1/sqrt(var + eps) of one row, over a one-dimensional block: the mean, then the
+// centred variance (two passes, as the composed ops and transformers compute it). The backward
+// kernels recompute them (cheaper than storing them: a row is in cache by the second pass).
 template <typename T>
 __device__ void row_stats(const T *xr, int n, float eps, float *sh, float *mean, float *rstd) {
   float s = 0.f;
@@ -79,6 +59,19 @@ __device__ void row_stats(const T *xr, int n, float eps, float *sh, float *mean,
   }
   *mean = m;
   *rstd = rsqrtf(block_sum(v, sh) / n + eps);
+}
+
+// One block per row: y = (x - mean) * rstd * w + b.
+template <typename T>
+__device__ void layer_norm_fwd(const T *x, const T *w, const T *b, T *y, int n, float eps) {
+  __shared__ float sh[32];
+  const size_t row = blockIdx.x;
+  const T *xr = x + row * n;
+  T *yr = y + row * n;
+  float mean, rstd;
+  row_stats(xr, n, eps, sh, &mean, &rstd);
+  for (int i = threadIdx.x; i < n; i += blockDim.x)
+    yr[i] = from_f<T>((to_f(xr[i]) - mean) * rstd * to_f(w[i]) + to_f(b[i]));
 }
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w; one block per row.
