@@ -1,12 +1,13 @@
 // recycle's CUDA kernels (built into PTX by build.rs when the `cuda` feature is on; called from
 // src/model/kernels/cuda.rs). Each replaces a chain of candle ops that the op-by-op profile of
 // `recycle gpu-check` found slow on a GPU: layer norm and its backward, the scaled masked softmax and
-// its backward, exact GELU and its derivative, a bias add and the column sums of its backward,
+// its backward, exact GELU and its derivative, a bias add (whose backward is a cuBLAS product),
 // dropout from a counter-based hash (so the backward redraws the forward's mask instead of storing
-// it), and an embedding gather with an atomic scatter-add backward.
+// it), an embedding gather with an atomic scatter-add backward, the swap of attention's head and
+// sequence dimensions, and the optimizer's fused AdamW halves and gradient sums of squares.
 //
-// Every kernel reads and writes contiguous row-major buffers of `float` or `__nv_bfloat16` and
-// computes in f32. Names end in _f32 or _bf16.
+// The templated kernels read and write contiguous row-major buffers of `float` or `__nv_bfloat16`
+// and compute in f32; their names end in _f32 or _bf16. The optimizer's are f32 only.
 
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -194,7 +195,7 @@ __device__ void gelu_bwd(const T *x, const T *dy, T *dx, size_t n) {
   }
 }
 
-// ---- bias add and its backward ---------------------------------------------------------------
+// ---- bias add -------------------------------------------------------------------------------
 // y[r, c] = x[r, c] + b[c] for x [rows, n]: blockIdx.x and threadIdx.x pick the column (no
 // division per element), blockIdx.y strides the rows.
 template <typename T>
@@ -203,27 +204,6 @@ __device__ void bias_add(const T *x, const T *b, T *y, size_t rows, int n) {
   if (c >= n) return;
   const float bc = to_f(b[c]);
   for (size_t r = blockIdx.y; r < rows; r += gridDim.y) y[r * n + c] = from_f<T>(to_f(x[r * n + c]) + bc);
-}
-
-// out[c] += sum over rows of g[r, c], g [rows, n], out f32 zeroed by the caller. Block (32, 8):
-// threadIdx.x picks the column (coalesced reads along a row), threadIdx.y and blockIdx.y stride
-// the rows; the block's 8 partial sums meet in shared memory, one atomic per column and block.
-template <typename T>
-__device__ void column_sum(const T *g, float *out, size_t rows, int n) {
-  __shared__ float sh[8][33];
-  const int c = blockIdx.x * 32 + threadIdx.x;
-  float acc = 0.f;
-  if (c < n)
-    for (size_t r = (size_t)blockIdx.y * 8 + threadIdx.y; r < rows; r += (size_t)gridDim.y * 8)
-      acc += to_f(g[r * n + c]);
-  sh[threadIdx.y][threadIdx.x] = acc;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < n) {
-    float t = 0.f;
-#pragma unroll
-    for (int j = 0; j < 8; j++) t += sh[j][threadIdx.x];
-    atomicAdd(out + c, t);
-  }
 }
 
 // ---- dropout ---------------------------------------------------------------------------------
@@ -358,9 +338,6 @@ extern "C" __global__ void sum_squares_into(float *sums, const float *g, size_t 
   }                                                                                              \
   extern "C" __global__ void bias_add_##S(const T *x, const T *b, T *y, size_t rows, int n) {    \
     bias_add<T>(x, b, y, rows, n);                                                               \
-  }                                                                                              \
-  extern "C" __global__ void column_sum_##S(const T *g, float *out, size_t rows, int n) {        \
-    column_sum<T>(g, out, rows, n);                                                              \
   }                                                                                              \
   extern "C" __global__ void dropout_##S(const T *x, T *y, size_t n, uint64_t seed,             \
                                          uint32_t threshold, float scale) {                      \
