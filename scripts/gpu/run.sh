@@ -50,8 +50,8 @@ else
   log "no binary at $BIN (build it with scripts/cuda/build.sh and carry dist/cuda)"
 fi
 
-# The device call's timeout is 570 s; every stage gets at most what is left of BUDGET, and the
-# optional stages run only while enough is left.
+# Every stage gets at most what is left of BUDGET (seconds; keep it under the device call's
+# timeout), and the optional stages run only while enough is left.
 BUDGET=${BUDGET:-540}
 T0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
@@ -74,6 +74,8 @@ stage() {
   return $rc
 }
 RECYCLE=(env "LD_LIBRARY_PATH=$CUDA_LIBS" "$BIN")
+# The device tool brings back a limited number of files: everything also travels as one archive.
+bundle() { (cd "$OUT" && tar czf all.tgz ./*.jsonl ./*.log ./*.txt 2>/dev/null); }
 
 # ONLY=ops: the op-by-op profile alone (both precisions at the main batch, bf16 at 4x), a short
 # call for chasing a slow phase.
@@ -83,6 +85,7 @@ if [ "${ONLY:-}" = ops ]; then
   stage ops-b128 100 "$OUT/recycle-ops-b128.jsonl" "${RECYCLE[@]}" gpu-check --device "$DEVICE" \
     --skip-parity --matmul 0 --shapes "" --precisions bf16 "${SHAPE[@]}" --batch $(( 4 * B ))
   "$PY" scripts/gpu/summarize.py "$OUT"/recycle-ops*.jsonl | tee -a "$REPORT"
+  bundle
   exit 0
 fi
 
@@ -144,4 +147,5 @@ if [ $erc -eq 0 ] && [ $e2e_ready -eq 1 ] && [ "$(left)" -gt 120 ]; then
 fi
 
 "$PY" scripts/gpu/summarize.py "$OUT"/recycle*.jsonl "$OUT"/torch*.jsonl | tee -a "$REPORT"
+bundle
 exit $(( rc != 0 || trc != 0 || erc != 0 ))
