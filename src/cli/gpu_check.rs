@@ -305,7 +305,14 @@ fn grad_diff(ours: &[(String, Tensor)], cpu: &[(String, Tensor)]) -> Result<(f32
 /// Device against CPU f32 on each fixture; returns whether every check passed.
 fn parity(args: &Args, device: &Device) -> Result<bool> {
     let mut ok = true;
-    for case in ["bert", "roberta", "distilbert", "deberta-v3"] {
+    for case in [
+        "bert",
+        "roberta",
+        "xlm-roberta",
+        "distilbert",
+        "deberta-v2",
+        "deberta-v3",
+    ] {
         let dir = args.fixtures.join(case);
         let exp = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)
             .with_context(|| format!("{}/expected.safetensors", dir.display()))?;

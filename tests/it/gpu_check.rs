@@ -33,10 +33,10 @@ fn gpu_check_runs_every_stage_on_the_cpu_and_every_check_passes() {
         .collect();
     let of = |kind: &'static str| rows.iter().filter(move |r| r["kind"] == kind);
 
-    // Four fixtures × two precisions × (gradients, three logits), then dropout's five checks in
+    // Six fixtures × two precisions × (gradients, three logits), then dropout's five checks in
     // both precisions and the optimizer's two.
     let parity: Vec<&Value> = of("parity").collect();
-    assert_eq!(parity.len(), 4 * 2 * 4 + 5 * 2 + 2, "{parity:#?}");
+    assert_eq!(parity.len(), 6 * 2 * 4 + 5 * 2 + 2, "{parity:#?}");
     for r in &parity {
         assert_eq!(r["pass"], true, "{r}");
     }
