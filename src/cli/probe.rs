@@ -276,6 +276,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 continue;
             }
         };
+        for w in &run.warnings {
+            eprintln!("warning: model {}: {w}", t.name);
+        }
         let record = probe_record(
             &suite_name,
             &arch,

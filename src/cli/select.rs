@@ -212,6 +212,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
         let result = resolve_flag_model(spec).and_then(|mut t| {
             t.name = cand.name.clone();
             let run = probe_model(&t.dir, &dataset, None, &settings, &cache, &device)?;
+            for w in &run.warnings {
+                eprintln!("warning: model {}: {w}", t.name);
+            }
             let record = probe_record(
                 &suite_name,
                 &arch,

@@ -62,6 +62,47 @@ pub struct ProbeRun {
     pub feature_key: String,
     pub n_train: usize,
     pub n_eval: usize,
+    /// What makes these scores weak: classes missing from the training sample or with a single
+    /// example there (`sample_warnings`). Empty when there is nothing to say.
+    pub warnings: Vec<String>,
+}
+
+/// Warnings about a classification probe's training sample: labels `y` of `classes` classes.
+/// A class absent from the sample cannot be predicted at all (the linear probe scores 0 on it, and
+/// LogME and the H-score see one class fewer); a class with one example has no spread for LogME
+/// and the H-score to measure.
+pub fn sample_warnings(y: &[usize], classes: usize) -> Vec<String> {
+    let mut counts = vec![0usize; classes];
+    for &c in y {
+        if let Some(n) = counts.get_mut(c) {
+            *n += 1;
+        }
+    }
+    let with = |want: fn(usize) -> bool| -> Vec<String> {
+        (0..classes)
+            .filter(|&c| want(counts[c]))
+            .map(|c| c.to_string())
+            .collect()
+    };
+    let (absent, single) = (with(|n| n == 0), with(|n| n == 1));
+    let mut out = Vec::new();
+    if !absent.is_empty() {
+        out.push(format!(
+            "the training sample ({} examples) has no example of class(es) {}: the probe cannot \
+             predict them",
+            y.len(),
+            absent.join(", ")
+        ));
+    }
+    if !single.is_empty() {
+        out.push(format!(
+            "the training sample ({} examples) has a single example of class(es) {}: the scores \
+             are unreliable",
+            y.len(),
+            single.join(", ")
+        ));
+    }
+    out
 }
 
 /// The split the probe is scored on: `validation` when it has labels, else `test`. Validation
@@ -225,10 +266,15 @@ pub fn probe_model(
     let eval_x = features
         .get(eval)
         .with_context(|| format!("cached features lack split {eval}"))?;
+    let mut warnings = Vec::new();
     let (lp, lm, hs) = match dataset.task() {
         Task::Classification { labels } => {
             let c = labels.len();
             let ytr = class_labels(&splits[0].1, c, "train")?;
+            warnings = sample_warnings(&ytr, c)
+                .into_iter()
+                .map(|w| format!("dataset `{ds}`: {w}"))
+                .collect();
             let yte = class_labels(&splits[1].1, c, eval)?;
             let lp = probe(train_x, &ytr, eval_x, &yte, c, &ProbeConfig::default())
                 .with_context(|| format!("dataset `{ds}`: linear probe"))?;
@@ -269,6 +315,7 @@ pub fn probe_model(
         feature_key: key.hash()?,
         n_train: train_x.rows(),
         n_eval: eval_x.rows(),
+        warnings,
     })
 }
 
@@ -276,6 +323,17 @@ pub fn probe_model(
 mod tests {
     use super::*;
     use crate::data::store::{write_dataset, Draft, Existing};
+
+    #[test]
+    fn sample_warnings_name_absent_and_single_example_classes() {
+        // Every class twice: nothing to say.
+        assert!(sample_warnings(&[0, 0, 2, 2, 1, 1], 3).is_empty());
+        let w = sample_warnings(&[0, 0, 0, 2], 4);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("no example of class(es) 1, 3"), "{w:?}");
+        assert!(w[1].contains("single example of class(es) 2"), "{w:?}");
+        assert!(w.iter().all(|l| l.contains("(4 examples)")), "{w:?}");
+    }
     use crate::data::{Label, Task};
 
     fn stored(dir: &Path, splits: &[&str]) -> Dataset {

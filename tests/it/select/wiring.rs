@@ -248,6 +248,33 @@ fn write_hand_store(dir: &Path) -> ResultStore {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
+fn probe_warns_when_its_training_sample_misses_a_class() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = write_model(&tmp.path().join("model"));
+    let data = write_toy_dataset(&tmp.path().join("toy3"));
+    let out = recycle(tmp.path())
+        .args(["probe", "--model"])
+        .arg(&model)
+        .arg("--dataset")
+        .arg(&data)
+        .args(["--arch", "toy", "--device", "cpu", "--max-length", "12"])
+        // Two training examples for three classes: at least one class is missing.
+        .args(["--max-train", "2"])
+        .arg("--results")
+        .arg(tmp.path().join("results"))
+        .arg("--features")
+        .arg(tmp.path().join("features"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("warning: model ") && err.contains("has no example of class(es)"),
+        "{err}"
+    );
+}
+
+#[test]
 fn probe_writes_records_and_reads_features_back_from_the_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let model = write_model(&tmp.path().join("model"));
