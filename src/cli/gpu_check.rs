@@ -169,6 +169,30 @@ fn emit(v: serde_json::Value) {
     println!("{v}");
 }
 
+/// Whether a measured difference passes: finite and at most `tol`.
+fn within(value: impl Into<f64>, tol: impl Into<f64>) -> bool {
+    let (v, t) = (value.into(), tol.into());
+    v.is_finite() && v <= t
+}
+
+/// One check's verdict as a `{"kind": "parity"}` line, the rows the summary reports as PASS/FAIL:
+/// `value` is the measured difference (or, for the dropout checks, the measured quantity).
+fn check_line(
+    case: &str,
+    precision: &str,
+    what: &str,
+    device: &Device,
+    value: impl Into<f64>,
+    tol: impl Into<f64>,
+    pass: bool,
+) -> serde_json::Value {
+    json!({
+        "kind": "parity", "case": case, "precision": precision, "what": what,
+        "device": describe(device), "max_abs_diff": value.into(), "tol": tol.into(),
+        "pass": pass,
+    })
+}
+
 /// `result`'s value, or `None` after reporting its error as a `{"kind": "error"}` line (with the
 /// fields of `at` saying where) and on stderr: one failing measurement must not cost the rest of
 /// a GPU session's single run.
@@ -336,13 +360,12 @@ fn parity(args: &Args, device: &Device) -> Result<bool> {
                 Precision::F32 => 1e-3,
                 Precision::Bf16 => 1.0 / 16.0,
             };
-            let pass = d.is_finite() && d <= grad_tol;
+            let pass = within(d, grad_tol);
             ok &= pass;
-            emit(json!({
-                "kind": "parity", "case": case, "precision": precision.as_str(),
-                "what": "gradients (vs largest)", "device": describe(device),
-                "max_abs_diff": d, "tol": grad_tol, "pass": pass, "worst": at,
-            }));
+            let what = "gradients (vs largest)";
+            let mut line = check_line(case, precision.as_str(), what, device, d, grad_tol, pass);
+            line["worst"] = json!(at);
+            emit(line);
             // f32: reduction order alone; bf16: 2^-5 of the logits' scale (tests/it/precision.rs).
             let tol = match precision {
                 Precision::F32 => 1e-3,
@@ -354,13 +377,17 @@ fn parity(args: &Args, device: &Device) -> Result<bool> {
                 ("logits after one AdamW step", after, cpu_after),
             ] {
                 let d = max_abs_diff(ours, cpu)?;
-                let pass = d.is_finite() && d <= tol;
+                let pass = within(d, tol);
                 ok &= pass;
-                emit(json!({
-                    "kind": "parity", "case": case, "precision": precision.as_str(),
-                    "what": what, "device": describe(device), "max_abs_diff": d, "tol": tol,
-                    "pass": pass,
-                }));
+                emit(check_line(
+                    case,
+                    precision.as_str(),
+                    what,
+                    device,
+                    d,
+                    tol,
+                    pass,
+                ));
             }
         }
         eprintln!("gpu-check: parity {case} done");
@@ -436,11 +463,8 @@ fn dropout_check(device: &Device) -> Result<bool> {
             ),
         ] {
             ok &= pass;
-            emit(json!({
-                "kind": "parity", "case": "dropout", "precision": precision.as_str(),
-                "what": what, "device": describe(device), "max_abs_diff": value, "tol": tol,
-                "pass": pass,
-            }));
+            let p = precision.as_str();
+            emit(check_line("dropout", p, what, device, value, tol, pass));
         }
     }
     eprintln!("gpu-check: dropout checks done");
@@ -512,12 +536,17 @@ fn optimizer_check(device: &Device) -> Result<bool> {
         ),
         ("gradient norm vs the CPU (relative)", norm_diff, 1e-5),
     ] {
-        let pass = value.is_finite() && value <= tol;
+        let pass = within(value, tol);
         ok &= pass;
-        emit(json!({
-            "kind": "parity", "case": "optimizer", "precision": "f32", "what": what,
-            "device": describe(device), "max_abs_diff": value, "tol": tol, "pass": pass,
-        }));
+        emit(check_line(
+            "optimizer",
+            "f32",
+            what,
+            device,
+            value,
+            tol,
+            pass,
+        ));
     }
     eprintln!("gpu-check: optimizer checks done");
     Ok(ok)
