@@ -1,5 +1,6 @@
 //! Integration tests, compiled into one test binary.
 
+mod cuda_emu;
 mod data;
 mod e2e;
 mod fuse;

@@ -1,0 +1,405 @@
+// recycle's CUDA kernels (src/model/kernels/cuda/kernels.cu), compiled as C++ against the CPU
+// stand-in in include/cuda_bf16.h and checked against double-precision references written here:
+// forward values directly, backward passes by central differences of the forward reference. Each
+// kernel runs with the launch geometry src/model/kernels/cuda.rs gives it, and also with fewer
+// blocks where the kernel strides over its rows or elements. Prints one PASS/FAIL line per check
+// and exits non-zero when one fails. Built and run by tests/it/cuda_emu.rs.
+
+#include "kernels.cu"
+
+#include <algorithm>
+#include <cstdio>
+#include <functional>
+#include <random>
+#include <string>
+
+using bf16 = __nv_bfloat16;
+using Vec = std::vector<double>;
+
+static int passed = 0, failed = 0;
+
+static void check(const std::string &name, double err, double tol) {
+  const bool ok = std::isfinite(err) && err <= tol;
+  std::printf("%s %-64s err %.2e (tol %.1e)\n", ok ? "PASS" : "FAIL", name.c_str(), err, tol);
+  (ok ? passed : failed)++;
+}
+
+// The largest |a - b| over the largest |b| (or 1 when b is all small): a relative error of the
+// whole tensor, as the GPU parity checks measure it.
+static double rel_err(const std::vector<float> &a, const Vec &b) {
+  if (a.size() != b.size()) return INFINITY;
+  double num = 0, den = 1e-30;
+  for (size_t i = 0; i < a.size(); i++) {
+    num = std::max(num, std::fabs(a[i] - b[i]));
+    den = std::max(den, std::fabs(b[i]));
+  }
+  return num / std::max(den, 1.0);
+}
+
+static Vec randn(size_t n, std::mt19937 &rng, double scale = 1.0) {
+  std::normal_distribution<double> d(0.0, scale);
+  Vec v(n);
+  for (auto &x : v) x = d(rng);
+  return v;
+}
+
+template <typename T> std::vector<T> to_dev(const Vec &v) {
+  std::vector<T> out(v.size());
+  for (size_t i = 0; i < v.size(); i++) out[i] = from_f<T>(float(v[i]));
+  return out;
+}
+template <typename T> std::vector<float> to_host(const std::vector<T> &v) {
+  std::vector<float> out(v.size());
+  for (size_t i = 0; i < v.size(); i++) out[i] = to_f(v[i]);
+  return out;
+}
+// `v` as the kernel sees it after rounding to T (the reference then starts from the same inputs).
+template <typename T> Vec rounded(const Vec &v) {
+  Vec out(v.size());
+  for (size_t i = 0; i < v.size(); i++) out[i] = to_f(from_f<T>(float(v[i])));
+  return out;
+}
+
+// d/dx of sum(dy * f(x)) by central differences, for a reference `f` in double.
+static Vec numeric_grad(const std::function<Vec(const Vec &)> &f, Vec x, const Vec &dy) {
+  const double h = 1e-5;
+  Vec g(x.size());
+  for (size_t i = 0; i < x.size(); i++) {
+    const double keep = x[i];
+    x[i] = keep + h;
+    const Vec up = f(x);
+    x[i] = keep - h;
+    const Vec down = f(x);
+    x[i] = keep;
+    double s = 0;
+    for (size_t j = 0; j < dy.size(); j++) s += dy[j] * (up[j] - down[j]);
+    g[i] = s / (2 * h);
+  }
+  return g;
+}
+
+// The launch geometry of src/model/kernels/cuda.rs.
+static unsigned row_threads(size_t n) {
+  return unsigned(std::clamp<size_t>((((n + 3) / 4) + 31) / 32 * 32, 32, 1024));
+}
+static dim3 elementwise_blocks(size_t n) {
+  return dim3(unsigned(std::clamp<size_t>((n + 255) / 256, 1, 65535 * 8)));
+}
+
+template <typename T> const char *tname();
+template <> const char *tname<float>() { return "f32"; }
+template <> const char *tname<bf16>() { return "bf16"; }
+// Tolerances: f32 kernels against a double reference; bf16 ones round inputs and outputs to 8
+// significant bits.
+template <typename T> double tol();
+template <> double tol<float>() { return 2e-5; }
+template <> double tol<bf16>() { return 1.0 / 64; }
+
+// ---- layer norm ----------------------------------------------------------------------------
+static Vec ln_ref(const Vec &x, const Vec &w, const Vec &b, size_t rows, size_t n, double eps) {
+  Vec y(x.size());
+  for (size_t r = 0; r < rows; r++) {
+    double m = 0, v = 0;
+    for (size_t i = 0; i < n; i++) m += x[r * n + i];
+    m /= n;
+    for (size_t i = 0; i < n; i++) v += (x[r * n + i] - m) * (x[r * n + i] - m);
+    const double rstd = 1 / std::sqrt(v / n + eps);
+    for (size_t i = 0; i < n; i++) y[r * n + i] = (x[r * n + i] - m) * rstd * w[i] + b[i];
+  }
+  return y;
+}
+
+template <typename T>
+static void layer_norm(size_t rows, size_t n, unsigned dwdb_blocks, std::mt19937 &rng) {
+  const float eps = 1e-5f;
+  const Vec x = rounded<T>(randn(rows * n, rng, 2.0)), w = rounded<T>(randn(n, rng)),
+            b = rounded<T>(randn(n, rng)), dy = rounded<T>(randn(rows * n, rng));
+  const auto xd = to_dev<T>(x), wd = to_dev<T>(w), bd = to_dev<T>(b), dyd = to_dev<T>(dy);
+  std::vector<T> y(rows * n), dx(rows * n);
+  std::vector<float> dwdb(2 * n, 0.f);
+  const std::string at = std::string(tname<T>()) + " " + std::to_string(rows) + "x" +
+                         std::to_string(n);
+  emu::launch(dim3(rows), dim3(row_threads(n)), [&] {
+    if constexpr (std::is_same_v<T, float>)
+      layer_norm_fwd_f32(xd.data(), wd.data(), bd.data(), y.data(), int(n), eps);
+    else
+      layer_norm_fwd_bf16(xd.data(), wd.data(), bd.data(), y.data(), int(n), eps);
+  });
+  check("layer_norm_fwd " + at, rel_err(to_host(y), ln_ref(x, w, b, rows, n, eps)), tol<T>());
+
+  emu::launch(dim3(rows), dim3(row_threads(n)), [&] {
+    if constexpr (std::is_same_v<T, float>)
+      layer_norm_bwd_dx_f32(xd.data(), wd.data(), dyd.data(), dx.data(), int(n), eps);
+    else
+      layer_norm_bwd_dx_bf16(xd.data(), wd.data(), dyd.data(), dx.data(), int(n), eps);
+  });
+  const Vec gx = numeric_grad([&](const Vec &v) { return ln_ref(v, w, b, rows, n, eps); }, x, dy);
+  check("layer_norm_bwd_dx " + at, rel_err(to_host(dx), gx), 4 * tol<T>());
+
+  const unsigned threads = unsigned(std::clamp<size_t>((((n + 15) / 16) + 31) / 32 * 32, 128, 1024));
+  emu::launch(dim3(dwdb_blocks), dim3(threads), [&] {
+    if constexpr (std::is_same_v<T, float>)
+      layer_norm_bwd_dwdb_f32(xd.data(), dyd.data(), dwdb.data(), rows, int(n), eps);
+    else
+      layer_norm_bwd_dwdb_bf16(xd.data(), dyd.data(), dwdb.data(), rows, int(n), eps);
+  });
+  const Vec gw = numeric_grad([&](const Vec &v) { return ln_ref(x, v, b, rows, n, eps); }, w, dy);
+  const Vec gb = numeric_grad([&](const Vec &v) { return ln_ref(x, w, v, rows, n, eps); }, b, dy);
+  const std::vector<float> dw(dwdb.begin(), dwdb.begin() + n), db(dwdb.begin() + n, dwdb.end());
+  const std::string blocks = " over " + std::to_string(dwdb_blocks) + " blocks";
+  check("layer_norm_bwd_dwdb dw " + at + blocks, rel_err(dw, gw), 4 * tol<T>());
+  check("layer_norm_bwd_dwdb db " + at + blocks, rel_err(db, gb), 4 * tol<T>());
+}
+
+// ---- scaled masked softmax -------------------------------------------------------------------
+static Vec softmax_ref(const Vec &s, const Vec &bias, size_t rows, size_t k, size_t per_batch,
+                       double scale) {
+  Vec p(s.size());
+  for (size_t r = 0; r < rows; r++) {
+    const double *br = bias.data() + (r / per_batch) * k;
+    double m = -INFINITY, z = 0;
+    for (size_t i = 0; i < k; i++) m = std::max(m, s[r * k + i] * scale + br[i]);
+    for (size_t i = 0; i < k; i++) z += std::exp(s[r * k + i] * scale + br[i] - m);
+    for (size_t i = 0; i < k; i++) p[r * k + i] = std::exp(s[r * k + i] * scale + br[i] - m) / z;
+  }
+  return p;
+}
+
+template <typename T> static void softmax(size_t batch, size_t per_batch, size_t k, std::mt19937 &rng) {
+  const size_t rows = batch * per_batch;
+  const float scale = 0.125f;
+  const Vec s = rounded<T>(randn(rows * k, rng, 8.0)), dp = rounded<T>(randn(rows * k, rng));
+  Vec bias(batch * k, 0.0);  // the last `i` keys of batch element i are padding
+  for (size_t b = 0; b < batch; b++)
+    for (size_t i = k - std::min(k - 1, b); i < k; i++) bias[b * k + i] = -1e9;
+  const auto sd = to_dev<T>(s), bd = to_dev<T>(bias), dpd = to_dev<T>(dp);
+  std::vector<T> p(rows * k), ds(rows * k);
+  const dim3 grid(unsigned((rows + 7) / 8)), block(32, 8);
+  emu::launch(grid, block, [&] {
+    if constexpr (std::is_same_v<T, float>)
+      softmax_fwd_f32(sd.data(), bd.data(), p.data(), rows, int(k), per_batch, scale);
+    else
+      softmax_fwd_bf16(sd.data(), bd.data(), p.data(), rows, int(k), per_batch, scale);
+  });
+  const std::string at = std::string(tname<T>()) + " " + std::to_string(rows) + "x" +
+                         std::to_string(k);
+  const Vec pref = softmax_ref(s, bias, rows, k, per_batch, scale);
+  check("softmax_fwd " + at, rel_err(to_host(p), pref), tol<T>());
+  // The backward takes the forward's output; give it the reference's, rounded as the kernel's is.
+  const auto pd = to_dev<T>(pref);
+  emu::launch(grid, block, [&] {
+    if constexpr (std::is_same_v<T, float>)
+      softmax_bwd_f32(pd.data(), dpd.data(), ds.data(), rows, int(k), scale);
+    else
+      softmax_bwd_bf16(pd.data(), dpd.data(), ds.data(), rows, int(k), scale);
+  });
+  const Vec gs = numeric_grad(
+      [&](const Vec &v) { return softmax_ref(v, bias, rows, k, per_batch, scale); }, s, dp);
+  check("softmax_bwd " + at, rel_err(to_host(ds), gs), 4 * tol<T>());
+}
+
+// ---- GELU, bias add ----------------------------------------------------------------------------
+static Vec gelu_ref(const Vec &x) {
+  Vec y(x.size());
+  for (size_t i = 0; i < x.size(); i++) y[i] = 0.5 * x[i] * (1 + std::erf(x[i] / std::sqrt(2.0)));
+  return y;
+}
+
+template <typename T> static void gelu(size_t n, dim3 blocks, std::mt19937 &rng) {
+  const Vec x = rounded<T>(randn(n, rng, 3.0)), dy = rounded<T>(randn(n, rng));
+  const auto xd = to_dev<T>(x), dyd = to_dev<T>(dy);
+  std::vector<T> y(n), dx(n);
+  emu::launch(blocks, dim3(256), [&] {
+    if constexpr (std::is_same_v<T, float>) {
+      gelu_fwd_f32(xd.data(), y.data(), n);
+      gelu_bwd_f32(xd.data(), dyd.data(), dx.data(), n);
+    } else {
+      gelu_fwd_bf16(xd.data(), y.data(), n);
+      gelu_bwd_bf16(xd.data(), dyd.data(), dx.data(), n);
+    }
+  });
+  const std::string at = std::string(tname<T>()) + " n=" + std::to_string(n) + " over " +
+                         std::to_string(blocks.x) + " blocks";
+  check("gelu_fwd " + at, rel_err(to_host(y), gelu_ref(x)), tol<T>());
+  check("gelu_bwd " + at, rel_err(to_host(dx), numeric_grad(gelu_ref, x, dy)), 2 * tol<T>());
+}
+
+template <typename T> static void bias_add(size_t rows, size_t n, unsigned row_blocks, std::mt19937 &rng) {
+  const Vec x = rounded<T>(randn(rows * n, rng)), b = rounded<T>(randn(n, rng));
+  Vec want(rows * n);
+  for (size_t r = 0; r < rows; r++)
+    for (size_t c = 0; c < n; c++) want[r * n + c] = x[r * n + c] + b[c];
+  const auto xd = to_dev<T>(x), bd = to_dev<T>(b);
+  std::vector<T> y(rows * n);
+  emu::launch(dim3(unsigned((n + 255) / 256), row_blocks), dim3(256), [&] {
+    if constexpr (std::is_same_v<T, float>)
+      bias_add_f32(xd.data(), bd.data(), y.data(), rows, int(n));
+    else
+      bias_add_bf16(xd.data(), bd.data(), y.data(), rows, int(n));
+  });
+  check(std::string("bias_add ") + tname<T>() + " " + std::to_string(rows) + "x" +
+            std::to_string(n) + " over " + std::to_string(row_blocks) + " row blocks",
+        rel_err(to_host(y), want), tol<T>());
+}
+
+// ---- dropout -------------------------------------------------------------------------------------
+static void dropout_checks(std::mt19937 &rng) {
+  const size_t n = 20000;
+  const float p = 0.1f, scale = 1 / (1 - p);
+  const uint32_t threshold = uint32_t(std::ceil(double(p) * (1 << 24)));
+  const Vec x = randn(n, rng);
+  Vec ones(n, 1.0);
+  const auto xd = to_dev<float>(x), od = to_dev<float>(ones);
+  auto run = [&](const std::vector<float> &in, uint64_t seed, dim3 blocks) {
+    std::vector<float> out(n);
+    emu::launch(blocks, dim3(256), [&] { dropout_f32(in.data(), out.data(), n, seed, threshold, scale); });
+    return out;
+  };
+  const auto y = run(xd, 7, elementwise_blocks(n));
+  const auto mask = run(od, 7, dim3(3));  // the same seed over a 3-block stride
+  const auto other = run(od, 8, elementwise_blocks(n));
+  size_t kept = 0, differs = 0;
+  double scaled_err = 0, mask_err = 0;
+  for (size_t i = 0; i < n; i++) {
+    const bool k = mask[i] != 0.f;
+    kept += k;
+    differs += (other[i] != 0.f) != k;
+    scaled_err = std::max(scaled_err, std::fabs(y[i] - (k ? x[i] * double(scale) : 0.0)));
+    // The mask is splitmix64's output for (seed ^ i * golden ratio), top 24 bits.
+    uint64_t z = (7 ^ (uint64_t(i) * 0x9E3779B97F4A7C15ull)) + 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    mask_err = std::max(mask_err, std::fabs(double(k) - double((z >> 40) >= threshold)));
+  }
+  check("dropout f32: kept fraction within 0.01 of 1 - p", std::fabs(double(kept) / n - (1 - p)), 0.01);
+  check("dropout f32: kept elements scaled by 1/(1-p), the rest 0", scaled_err, 1e-6);
+  check("dropout f32: the same seed, the same mask (other grid)", mask_err, 0);
+  check("dropout f32: another seed, about p(1-p)*2 of the mask differs",
+        std::fabs(double(differs) / n - 2 * p * (1 - p)), 0.02);
+}
+
+// ---- swap12, embedding ----------------------------------------------------------------------------
+template <typename T> static void swap(uint32_t a, uint32_t b, uint32_t c, uint32_t d, dim3 blocks, std::mt19937 &rng) {
+  const size_t n = size_t(a) * b * c * d;
+  const Vec x = rounded<T>(randn(n, rng));
+  const auto xd = to_dev<T>(x);
+  std::vector<T> y(n);
+  emu::launch(blocks, dim3(256), [&] {
+    if constexpr (std::is_same_v<T, float>) swap12_f32(xd.data(), y.data(), a, b, c, d);
+    else swap12_bf16(xd.data(), y.data(), a, b, c, d);
+  });
+  Vec want(n);
+  for (size_t ia = 0; ia < a; ia++)
+    for (size_t ib = 0; ib < b; ib++)
+      for (size_t ic = 0; ic < c; ic++)
+        for (size_t id = 0; id < d; id++)
+          want[((ia * c + ic) * b + ib) * d + id] = x[((ia * b + ib) * c + ic) * d + id];
+  check(std::string("swap12 ") + tname<T>() + " [" + std::to_string(a) + "," + std::to_string(b) +
+            "," + std::to_string(c) + "," + std::to_string(d) + "] over " +
+            std::to_string(blocks.x) + " blocks",
+        rel_err(to_host(y), want), 0);
+}
+
+template <typename T> static void embedding(std::mt19937 &rng) {
+  const uint32_t vocab = 11;
+  const size_t n = 37;
+  const std::vector<uint32_t> ids = {3, 0, 10, 3, 3, 7, 0, 9, 2};
+  const size_t rows = ids.size();
+  const Vec table = rounded<T>(randn(vocab * n, rng)), g = rounded<T>(randn(rows * n, rng));
+  const auto td = to_dev<T>(table), gd = to_dev<T>(g);
+  std::vector<T> out(rows * n);
+  std::vector<float> grad(vocab * n, 0.f);
+  const bool ok = emu::launch(dim3(2), dim3(256), [&] {
+    if constexpr (std::is_same_v<T, float>) {
+      embedding_fwd_f32(td.data(), ids.data(), out.data(), rows, int(n), vocab);
+      embedding_bwd_f32(gd.data(), ids.data(), grad.data(), rows, int(n));
+    } else {
+      embedding_fwd_bf16(td.data(), ids.data(), out.data(), rows, int(n), vocab);
+      embedding_bwd_bf16(gd.data(), ids.data(), grad.data(), rows, int(n));
+    }
+  });
+  Vec want(rows * n), want_grad(vocab * n, 0.0);
+  for (size_t r = 0; r < rows; r++)
+    for (size_t c = 0; c < n; c++) {
+      want[r * n + c] = table[ids[r] * n + c];
+      want_grad[ids[r] * n + c] += g[r * n + c];
+    }
+  check(std::string("embedding_fwd ") + tname<T>() + " (repeated ids)", ok ? rel_err(to_host(out), want) : INFINITY, 0);
+  check(std::string("embedding_bwd ") + tname<T>() + " (repeated ids summed)", rel_err(grad, want_grad), 1e-6);
+  const std::vector<uint32_t> bad = {1, vocab};
+  std::vector<T> out2(2 * n);
+  const bool trapped = !emu::launch(dim3(1), dim3(256), [&] {
+    if constexpr (std::is_same_v<T, float>) embedding_fwd_f32(td.data(), bad.data(), out2.data(), 2, int(n), vocab);
+    else embedding_fwd_bf16(td.data(), bad.data(), out2.data(), 2, int(n), vocab);
+  });
+  check(std::string("embedding_fwd ") + tname<T>() + ": an id past the table traps", trapped ? 0 : 1, 0);
+}
+
+// ---- AdamW, gradient sums of squares ---------------------------------------------------------
+static void adamw(std::mt19937 &rng) {
+  const size_t n = 1000;
+  const double lr = 1e-3, b1 = 0.9, b2 = 0.999, eps = 1e-8, wd = 0.01, clip = 0.5;
+  Vec w = randn(n, rng), m(n, 0), v(n, 0);
+  std::vector<float> wf(w.begin(), w.end()), state(2 * n, 0.f);
+  for (int t = 1; t <= 3; t++) {
+    const Vec g = randn(n, rng);
+    const std::vector<float> gf(g.begin(), g.end());
+    const double bc1 = 1 - std::pow(b1, t), bc2 = 1 - std::pow(b2, t);
+    emu::launch(dim3(2), dim3(256), [&] {
+      adamw_moments(state.data(), gf.data(), n, float(b1), float(b2), float(1 - b1), float(1 - b2), float(clip));
+    });
+    emu::launch(elementwise_blocks(n), dim3(256), [&] {
+      adamw_weights(wf.data(), state.data(), n, float(1 - lr * wd), float(lr / bc1), float(1 / std::sqrt(bc2)), float(eps));
+    });
+    for (size_t i = 0; i < n; i++) {  // torch.optim.AdamW on the clipped gradient
+      const double gi = g[i] * clip;
+      m[i] = b1 * m[i] + (1 - b1) * gi;
+      v[i] = b2 * v[i] + (1 - b2) * gi * gi;
+      w[i] = w[i] * (1 - lr * wd) - lr * (m[i] / bc1) / (std::sqrt(v[i] / bc2) + eps);
+    }
+  }
+  check("adamw_moments + adamw_weights: 3 steps against AdamW", rel_err(wf, w), 1e-6);
+  std::vector<float> mf(state.begin(), state.begin() + n), vf(state.begin() + n, state.end());
+  check("adamw_moments: first moments after 3 steps", rel_err(mf, m), 1e-6);
+  check("adamw_moments: second moments after 3 steps", rel_err(vf, v), 1e-6);
+}
+
+static void sum_squares(std::mt19937 &rng) {
+  const Vec a = randn(3000, rng), b = randn(70, rng);
+  const std::vector<float> af(a.begin(), a.end()), bf(b.begin(), b.end());
+  std::vector<float> sums(3, 0.f);
+  emu::launch(dim3(4), dim3(256), [&] { sum_squares_into(sums.data(), af.data(), a.size(), 2); });
+  emu::launch(dim3(1), dim3(256), [&] { sum_squares_into(sums.data(), bf.data(), b.size(), 0); });
+  Vec want(3, 0.0);
+  for (double x : a) want[2] += x * x;
+  for (double x : b) want[0] += x * x;
+  check("sum_squares_into: two gradients into slots 2 and 0 (slot 1 untouched)", rel_err(sums, want), 1e-5);
+}
+
+int main() {
+  std::mt19937 rng(20261126);
+  for (auto [rows, n, blocks] : {std::tuple{5, 48, 5u}, {7, 200, 3u}, {3, 1100, 1u}}) {
+    layer_norm<float>(rows, n, blocks, rng);
+    layer_norm<bf16>(rows, n, blocks, rng);
+  }
+  softmax<float>(3, 5, 40, rng);  // 15 rows: the last block of 8 warps has idle warps
+  softmax<bf16>(3, 5, 40, rng);
+  softmax<float>(2, 3, 7, rng);  // a row shorter than a warp
+  gelu<float>(3000, elementwise_blocks(3000), rng);
+  gelu<float>(3000, dim3(2), rng);
+  gelu<bf16>(3000, dim3(3), rng);
+  bias_add<float>(9, 300, 9, rng);
+  bias_add<float>(9, 300, 4, rng);
+  bias_add<bf16>(9, 300, 2, rng);
+  dropout_checks(rng);
+  swap<float>(2, 5, 3, 4, elementwise_blocks(120), rng);
+  swap<float>(3, 7, 4, 6, dim3(1), rng);
+  swap<bf16>(2, 6, 3, 8, dim3(2), rng);
+  embedding<float>(rng);
+  embedding<bf16>(rng);
+  adamw(rng);
+  sum_squares(rng);
+  std::printf("%d passed, %d failed\n", passed, failed);
+  return failed == 0 ? 0 : 1;
+}
