@@ -280,14 +280,23 @@ static void dropout_checks(std::mt19937 &rng) {
 }
 
 // ---- swap12, embedding ----------------------------------------------------------------------------
-template <typename T> static void swap(uint32_t a, uint32_t b, uint32_t c, uint32_t d, dim3 blocks, std::mt19937 &rng) {
+// Elements of type T moved in units U (the kernel swap12_u{8 * sizeof(U)}), d in elements, over
+// `grid_y` rows of blocks (the host's choice is min(a, 65535); fewer makes blocks stride over a).
+template <typename T, typename U>
+static void swap(uint32_t a, uint32_t b, uint32_t c, uint32_t d, unsigned grid_y, std::mt19937 &rng) {
   const size_t n = size_t(a) * b * c * d;
   const Vec x = rounded<T>(randn(n, rng));
   const auto xd = to_dev<T>(x);
   std::vector<T> y(n);
-  emu::launch(blocks, dim3(256), [&] {
-    if constexpr (std::is_same_v<T, float>) swap12_f32(xd.data(), y.data(), a, b, c, d);
-    else swap12_bf16(xd.data(), y.data(), a, b, c, d);
+  const uint32_t du = uint32_t(d * sizeof(T) / sizeof(U));
+  const unsigned threads = std::clamp<unsigned>((b * du + 31) / 32 * 32, 32, 256);
+  emu::launch(dim3(c, grid_y), dim3(threads), [&] {
+    const U *xs = reinterpret_cast<const U *>(xd.data());
+    U *ys = reinterpret_cast<U *>(y.data());
+    if constexpr (sizeof(U) == 2) swap12_u16(xs, ys, a, b, c, du);
+    else if constexpr (sizeof(U) == 4) swap12_u32(xs, ys, a, b, c, du);
+    else if constexpr (sizeof(U) == 8) swap12_u64(xs, ys, a, b, c, du);
+    else swap12_u128(xs, ys, a, b, c, du);
   });
   Vec want(n);
   for (size_t ia = 0; ia < a; ia++)
@@ -295,9 +304,9 @@ template <typename T> static void swap(uint32_t a, uint32_t b, uint32_t c, uint3
       for (size_t ic = 0; ic < c; ic++)
         for (size_t id = 0; id < d; id++)
           want[((ia * c + ic) * b + ib) * d + id] = x[((ia * b + ib) * c + ic) * d + id];
-  check(std::string("swap12 ") + tname<T>() + " [" + std::to_string(a) + "," + std::to_string(b) +
-            "," + std::to_string(c) + "," + std::to_string(d) + "] over " +
-            std::to_string(blocks.x) + " blocks",
+  check("swap12_u" + std::to_string(8 * sizeof(U)) + " " + tname<T>() + " [" + std::to_string(a) +
+            "," + std::to_string(b) + "," + std::to_string(c) + "," + std::to_string(d) + "] over " +
+            std::to_string(c) + "x" + std::to_string(grid_y) + " blocks",
         rel_err(to_host(y), want), 0);
 }
 
@@ -310,7 +319,7 @@ template <typename T> static void embedding(std::mt19937 &rng) {
   const auto td = to_dev<T>(table), gd = to_dev<T>(g);
   std::vector<T> out(rows * n);
   std::vector<float> grad(vocab * n, 0.f);
-  const bool ok = emu::launch(dim3(2), dim3(256), [&] {
+  const bool ok = emu::launch(dim3(4), dim3(64), [&] {  // 9 rows over 4 blocks
     if constexpr (std::is_same_v<T, float>) {
       embedding_fwd_f32(td.data(), ids.data(), out.data(), rows, int(n), vocab);
       embedding_bwd_f32(gd.data(), ids.data(), grad.data(), rows, int(n));
@@ -329,7 +338,7 @@ template <typename T> static void embedding(std::mt19937 &rng) {
   check(std::string("embedding_bwd ") + tname<T>() + " (repeated ids summed)", rel_err(grad, want_grad), 1e-6);
   const std::vector<uint32_t> bad = {1, vocab};
   std::vector<T> out2(2 * n);
-  const bool trapped = !emu::launch(dim3(1), dim3(256), [&] {
+  const bool trapped = !emu::launch(dim3(2), dim3(64), [&] {
     if constexpr (std::is_same_v<T, float>) embedding_fwd_f32(td.data(), bad.data(), out2.data(), 2, int(n), vocab);
     else embedding_fwd_bf16(td.data(), bad.data(), out2.data(), 2, int(n), vocab);
   });
@@ -393,9 +402,12 @@ int main() {
   bias_add<float>(9, 300, 4, rng);
   bias_add<bf16>(9, 300, 2, rng);
   dropout_checks(rng);
-  swap<float>(2, 5, 3, 4, elementwise_blocks(120), rng);
-  swap<float>(3, 7, 4, 6, dim3(1), rng);
-  swap<bf16>(2, 6, 3, 8, dim3(2), rng);
+  swap<bf16, uint16_t>(2, 5, 3, 3, 2, rng);  // odd bf16 runs: element by element
+  swap<float, uint32_t>(3, 7, 4, 5, 3, rng);
+  swap<bf16, uint2>(2, 6, 3, 4, 2, rng);
+  swap<bf16, uint4>(3, 40, 2, 16, 3, rng);  // slabs of 80 units: threads stride
+  swap<float, uint4>(5, 3, 4, 8, 2, rng);   // a = 5 over 2 rows of blocks
+  swap<float, uint4>(2, 12, 9, 64, 2, rng);  // a merge of 12 heads of 64
   embedding<float>(rng);
   embedding<bf16>(rng);
   adamw(rng);

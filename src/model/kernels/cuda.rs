@@ -21,6 +21,8 @@ use candle_core::{
 };
 use half::bf16;
 
+use super::geometry;
+
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/recycle_kernels.ptx"));
 const MODULE: &str = "recycle_kernels";
 
@@ -66,6 +68,16 @@ fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<
 fn elementwise(n: usize) -> LaunchConfig {
     let threads = 256u32;
     let blocks = n.div_ceil(threads as usize).clamp(1, 65_535 * 8) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A launch with one block per row of `n` elements (`geometry::rows_launch`).
+fn by_rows(rows: usize, n: usize) -> LaunchConfig {
+    let (blocks, threads) = geometry::rows_launch(rows, n);
     LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (threads, 1, 1),
@@ -791,24 +803,31 @@ impl CustomOp1 for Swap12 {
             };
             let xv = view::<T>(x, xl, "swap12")?;
             let y = unsafe { dev.alloc::<T>(a * b * c * d)? };
-            let f = func!(dev, "swap12", x.dtype())?;
+            let (unit, d_units) = geometry::swap_unit(std::mem::size_of::<T>(), d, xl.start_offset());
+            if (b * d_units) > u32::MAX as usize {
+                bail!("swap12: a slab of {b} × {d} elements is past 32-bit indexing");
+            }
+            let f = dev.get_or_load_custom_func(&format!("swap12_u{}", unit * 8), MODULE, PTX)?;
             let mut l = f.builder();
-            let dims = [a as u32, b as u32, c as u32, d as u32];
+            let dims = [a as u32, b as u32, c as u32, d_units as u32];
             l.arg(&xv)
                 .arg(&y)
                 .arg(&dims[0])
                 .arg(&dims[1])
                 .arg(&dims[2])
                 .arg(&dims[3]);
-            unsafe { l.launch(elementwise(a * b * c * d)) }.w()?;
+            let (grid_dim, threads) = geometry::swap_launch(a, b, c, d_units);
+            let cfg = LaunchConfig {
+                grid_dim,
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { l.launch(cfg) }.w()?;
             Ok(wrap(y, dev))
         }
         let &[a, b, c, d] = xl.dims() else {
             bail!("swap12: needs four dimensions, got {:?}", xl.dims())
         };
-        if xl.shape().elem_count() > u32::MAX as usize {
-            bail!("swap12: at most 2^32 elements");
-        }
         let out = by_dtype!(x.dtype(), run(x, xl))?;
         Ok((out, Shape::from((a, c, b, d))))
     }
@@ -875,7 +894,7 @@ impl CustomOp2 for Embedding {
                 .arg(&rows)
                 .arg(&n_i)
                 .arg(&vocab);
-            unsafe { a.launch(elementwise(rows * n)) }.w()?;
+            unsafe { a.launch(by_rows(rows, n)) }.w()?;
             Ok(wrap(out, dev))
         }
         let n = last_dim(tl, "embedding")?.1;
@@ -944,7 +963,7 @@ impl CustomOp2 for EmbeddingBwd {
             let mut a = f.builder();
             let n_i = n as i32;
             a.arg(&gv).arg(&iv).arg(&out).arg(&rows).arg(&n_i);
-            unsafe { a.launch(elementwise(rows * n)) }.w()?;
+            unsafe { a.launch(by_rows(rows, n)) }.w()?;
             Ok(wrap(out, dev))
         }
         let n = last_dim(gl, "embedding backward")?.1;

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 mod attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod geometry;
 mod linear;
 mod vecmath;
 pub use attention::{attention, Keep};

@@ -4,7 +4,8 @@
 // its backward, exact GELU and its derivative, a bias add (whose backward is a cuBLAS product),
 // dropout from a counter-based hash (so the backward redraws the forward's mask instead of storing
 // it), an embedding gather with an atomic scatter-add backward, the swap of attention's head and
-// sequence dimensions, and the optimizer's fused AdamW halves and gradient sums of squares.
+// sequence dimensions (a copy in units of up to 16 bytes), and the optimizer's fused AdamW halves
+// and gradient sums of squares.
 //
 // The templated kernels read and write contiguous row-major buffers of `float` or `__nv_bfloat16`
 // and compute in f32; their names end in _f32 or _bf16. The optimizer's are f32 only.
@@ -229,50 +230,59 @@ __device__ void dropout(const T *x, T *y, size_t n, uint64_t seed, uint32_t thre
 
 // ---- swapping the middle dimensions -----------------------------------------------------------
 // y [a, c, b, d] from x [a, b, c, d]: attention's split of [batch, seq, heads, head_dim] into
-// [batch, heads, seq, head_dim] and the merge back (the same op with b and c exchanged). Threads
-// run along d, so reads and writes both come in runs of d contiguous elements.
-template <typename T>
-__device__ void swap12(const T *x, T *y, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
-  const size_t total = (size_t)a * b * c * d;
-  for (size_t o = (size_t)blockIdx.x * blockDim.x + threadIdx.x; o < total;
-       o += (size_t)blockDim.x * gridDim.x) {
-    // o = ((ia * c + ic) * b + ib) * d + id
-    const uint32_t id = o % d;
-    size_t t = o / d;
-    const uint32_t ib = t % b;
-    t /= b;
-    const uint32_t ic = t % c;
-    const size_t ia = t / c;
-    y[o] = x[((ia * b + ib) * c + ic) * d + id];
+// [batch, heads, seq, head_dim] and the merge back (the same op with b and c exchanged). A pure
+// copy, so it moves units U of 2, 4, 8 or 16 bytes: the host picks the widest that divides a run of
+// d elements and the buffers' offsets, and gives d in those units (a bf16 head of 64 is 8 units of
+// 16 bytes). One block per (ic, ia) writes the contiguous slab y[ia, ic, :, :] (b * d units) from b
+// runs of d units in x, which sit c * d units apart; index maths in 32 bits within a slab.
+template <typename U>
+__device__ void swap12(const U *x, U *y, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  const uint32_t ic = blockIdx.x, slab = b * d;
+  for (uint32_t ia = blockIdx.y; ia < a; ia += gridDim.y) {
+    const U *xs = x + ((size_t)ia * b * c + ic) * d;  // x[ia, 0, ic, 0]
+    U *ys = y + ((size_t)ia * c + ic) * slab;          // y[ia, ic, 0, 0]
+    for (uint32_t j = threadIdx.x; j < slab; j += blockDim.x) {
+      const uint32_t ib = j / d;
+      ys[j] = xs[(size_t)ib * c * d + (j - ib * d)];
+    }
   }
 }
 
+#define SWAP12(U, S)                                                                            \
+  extern "C" __global__ void swap12_##S(const U *x, U *y, uint32_t a, uint32_t b, uint32_t c,   \
+                                        uint32_t d) {                                           \
+    swap12<U>(x, y, a, b, c, d);                                                                \
+  }
+SWAP12(uint16_t, u16)
+SWAP12(uint32_t, u32)
+SWAP12(uint2, u64)
+SWAP12(uint4, u128)
+
 // ---- embedding ---------------------------------------------------------------------------------
-// out[r, :] = table[ids[r], :] for table [vocab, n].
-// An id past the table stops the kernel (a CUDA error at the next synchronisation) rather than read
-// out of bounds.
+// out[r, :] = table[ids[r], :] for table [vocab, n]: blocks stride over the rows, threads along
+// the row (no division per element). An id past the table stops the kernel (a CUDA error at the
+// next synchronisation) rather than read out of bounds.
 template <typename T>
 __device__ void embedding_fwd(const T *table, const uint32_t *ids, T *out, size_t rows, int n,
                               uint32_t vocab) {
-  const size_t total = rows * n;
-  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-       i += (size_t)blockDim.x * gridDim.x) {
-    const size_t r = i / n;
-    if (ids[r] >= vocab) __trap();
-    out[i] = table[(size_t)ids[r] * n + (i - r * n)];
+  for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const uint32_t id = ids[r];
+    if (id >= vocab) __trap();
+    const T *src = table + (size_t)id * n;
+    T *dst = out + r * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
   }
 }
 
-// grad[ids[r], c] += g[r, c], grad f32 [vocab, n] zeroed by the caller: one atomic per element,
+// grad[ids[r], :] += g[r, :], grad f32 [vocab, n] zeroed by the caller: one atomic per element,
 // spread over the rows of the table, instead of candle's index_add (one thread per column looping
-// over every id).
+// over every id). Laid out as the forward.
 template <typename T>
 __device__ void embedding_bwd(const T *g, const uint32_t *ids, float *grad, size_t rows, int n) {
-  const size_t total = rows * n;
-  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-       i += (size_t)blockDim.x * gridDim.x) {
-    const size_t r = i / n;
-    atomicAdd(grad + (size_t)ids[r] * n + (i - r * n), to_f(g[i]));
+  for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    float *dst = grad + (size_t)ids[r] * n;
+    const T *src = g + r * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) atomicAdd(dst + i, to_f(src[i]));
   }
 }
 
@@ -346,10 +356,6 @@ extern "C" __global__ void sum_squares_into(float *sums, const float *g, size_t 
   extern "C" __global__ void embedding_fwd_##S(const T *table, const uint32_t *ids, T *out,      \
                                                size_t rows, int n, uint32_t vocab) {             \
     embedding_fwd<T>(table, ids, out, rows, n, vocab);                                           \
-  }                                                                                              \
-  extern "C" __global__ void swap12_##S(const T *x, T *y, uint32_t a, uint32_t b, uint32_t c,    \
-                                        uint32_t d) {                                            \
-    swap12<T>(x, y, a, b, c, d);                                                                 \
   }                                                                                              \
   extern "C" __global__ void embedding_bwd_##S(const T *g, const uint32_t *ids, float *grad,     \
                                                size_t rows, int n) {                             \
