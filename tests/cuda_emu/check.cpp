@@ -205,21 +205,28 @@ static Vec gelu_ref(const Vec &x) {
   return y;
 }
 
-template <typename T> static void gelu(size_t n, dim3 blocks, std::mt19937 &rng) {
+// `offset` elements into each buffer: 0 keeps the pointers 16-byte aligned (the packed path),
+// 1 does not (the one-element path); an n that is no multiple of a pack exercises the tail.
+template <typename T> static void gelu(size_t n, dim3 blocks, size_t offset, std::mt19937 &rng) {
   const Vec x = rounded<T>(randn(n, rng, 3.0)), dy = rounded<T>(randn(n, rng));
-  const auto xd = to_dev<T>(x), dyd = to_dev<T>(dy);
-  std::vector<T> y(n), dx(n);
+  auto xd = to_dev<T>(x), dyd = to_dev<T>(dy);
+  xd.insert(xd.begin(), offset, from_f<T>(0.f));
+  dyd.insert(dyd.begin(), offset, from_f<T>(0.f));
+  std::vector<T> y(n + offset), dx(n + offset);
   emu::launch(blocks, dim3(256), [&] {
+    const T *xs = xd.data() + offset, *gs = dyd.data() + offset;
     if constexpr (std::is_same_v<T, float>) {
-      gelu_fwd_f32(xd.data(), y.data(), n);
-      gelu_bwd_f32(xd.data(), dyd.data(), dx.data(), n);
+      gelu_fwd_f32(xs, y.data() + offset, n);
+      gelu_bwd_f32(xs, gs, dx.data() + offset, n);
     } else {
-      gelu_fwd_bf16(xd.data(), y.data(), n);
-      gelu_bwd_bf16(xd.data(), dyd.data(), dx.data(), n);
+      gelu_fwd_bf16(xs, y.data() + offset, n);
+      gelu_bwd_bf16(xs, gs, dx.data() + offset, n);
     }
   });
+  y.erase(y.begin(), y.begin() + offset);
+  dx.erase(dx.begin(), dx.begin() + offset);
   const std::string at = std::string(tname<T>()) + " n=" + std::to_string(n) + " over " +
-                         std::to_string(blocks.x) + " blocks";
+                         std::to_string(blocks.x) + " blocks" + (offset ? ", unaligned" : "");
   check("gelu_fwd " + at, rel_err(to_host(y), gelu_ref(x)), tol<T>());
   check("gelu_bwd " + at, rel_err(to_host(dx), numeric_grad(gelu_ref, x, dy)), 2 * tol<T>());
 }
@@ -250,13 +257,18 @@ static void dropout_checks(std::mt19937 &rng) {
   const Vec x = randn(n, rng);
   Vec ones(n, 1.0);
   const auto xd = to_dev<float>(x), od = to_dev<float>(ones);
-  auto run = [&](const std::vector<float> &in, uint64_t seed, dim3 blocks) {
-    std::vector<float> out(n);
-    emu::launch(blocks, dim3(256), [&] { dropout_f32(in.data(), out.data(), n, seed, threshold, scale); });
+  // `shift` elements into the buffers: 1 takes the one-element path instead of 16-byte packs.
+  auto run = [&](std::vector<float> in, uint64_t seed, dim3 blocks, size_t shift = 0) {
+    in.insert(in.begin(), shift, 0.f);
+    std::vector<float> out(n + shift);
+    emu::launch(blocks, dim3(256), [&] {
+      dropout_f32(in.data() + shift, out.data() + shift, n, seed, threshold, scale);
+    });
+    out.erase(out.begin(), out.begin() + shift);
     return out;
   };
-  const auto y = run(xd, 7, elementwise_blocks(n));
-  const auto mask = run(od, 7, dim3(3));  // the same seed over a 3-block stride
+  const auto y = run(xd, 7, elementwise_blocks(n / 4));
+  const auto mask = run(od, 7, dim3(3), 1);  // the same seed, another grid, unaligned
   const auto other = run(od, 8, elementwise_blocks(n));
   size_t kept = 0, differs = 0;
   double scaled_err = 0, mask_err = 0;
@@ -274,7 +286,7 @@ static void dropout_checks(std::mt19937 &rng) {
   }
   check("dropout f32: kept fraction within 0.01 of 1 - p", std::fabs(double(kept) / n - (1 - p)), 0.01);
   check("dropout f32: kept elements scaled by 1/(1-p), the rest 0", scaled_err, 1e-6);
-  check("dropout f32: the same seed, the same mask (other grid)", mask_err, 0);
+  check("dropout f32: the same seed, the same mask (other grid, unaligned)", mask_err, 0);
   check("dropout f32: another seed, about p(1-p)*2 of the mask differs",
         std::fabs(double(differs) / n - 2 * p * (1 - p)), 0.02);
 }
@@ -395,9 +407,11 @@ int main() {
   softmax<float>(3, 5, 40, rng);  // 15 rows: the last block of 8 warps has idle warps
   softmax<bf16>(3, 5, 40, rng);
   softmax<float>(2, 3, 7, rng);  // a row shorter than a warp
-  gelu<float>(3000, elementwise_blocks(3000), rng);
-  gelu<float>(3000, dim3(2), rng);
-  gelu<bf16>(3000, dim3(3), rng);
+  gelu<float>(3000, elementwise_blocks(3000 / 4), 0, rng);
+  gelu<float>(3001, dim3(2), 0, rng);
+  gelu<float>(3001, dim3(2), 1, rng);
+  gelu<bf16>(3003, dim3(3), 0, rng);
+  gelu<bf16>(3003, dim3(3), 1, rng);
   bias_add<float>(9, 300, 9, rng);
   bias_add<float>(9, 300, 4, rng);
   bias_add<bf16>(9, 300, 2, rng);

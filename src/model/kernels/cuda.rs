@@ -64,7 +64,7 @@ fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<
     }
 }
 
-/// A grid-stride launch over `n` elements.
+/// A grid-stride launch of about `n` threads (one per element, or per pack: `geometry::packs`).
 fn elementwise(n: usize) -> LaunchConfig {
     let threads = 256u32;
     let blocks = n.div_ceil(threads as usize).clamp(1, 65_535 * 8) as u32;
@@ -472,7 +472,7 @@ impl CustomOp1 for Gelu {
             let f = func!(dev, "gelu_fwd", x.dtype())?;
             let mut a = f.builder();
             a.arg(&xv).arg(&y).arg(&n);
-            unsafe { a.launch(elementwise(n)) }.w()?;
+            unsafe { a.launch(elementwise(geometry::packs(n, std::mem::size_of::<T>()))) }.w()?;
             Ok(wrap(y, dev))
         }
         let out = by_dtype!(x.dtype(), run(x, xl))?;
@@ -524,7 +524,7 @@ impl CustomOp2 for GeluBwd {
             let f = func!(dev, "gelu_bwd", x.dtype())?;
             let mut a = f.builder();
             a.arg(&xv).arg(&gv).arg(&dx).arg(&n);
-            unsafe { a.launch(elementwise(n)) }.w()?;
+            unsafe { a.launch(elementwise(geometry::packs(n, std::mem::size_of::<T>()))) }.w()?;
             Ok(wrap(dx, dev))
         }
         let out = by_dtype!(x.dtype(), run(x, xl, g, gl))?;
@@ -647,7 +647,7 @@ impl CustomOp1 for Dropout {
                 .arg(&op.seed)
                 .arg(&op.threshold)
                 .arg(&op.scale);
-            unsafe { a.launch(elementwise(n)) }.w()?;
+            unsafe { a.launch(elementwise(geometry::packs(n, std::mem::size_of::<T>()))) }.w()?;
             Ok(wrap(y, dev))
         }
         let out = by_dtype!(x.dtype(), run(self, x, xl))?;
@@ -803,7 +803,8 @@ impl CustomOp1 for Swap12 {
             };
             let xv = view::<T>(x, xl, "swap12")?;
             let y = unsafe { dev.alloc::<T>(a * b * c * d)? };
-            let (unit, d_units) = geometry::swap_unit(std::mem::size_of::<T>(), d, xl.start_offset());
+            let (unit, d_units) =
+                geometry::swap_unit(std::mem::size_of::<T>(), d, xl.start_offset());
             if (b * d_units) > u32::MAX as usize {
                 bail!("swap12: a slab of {b} × {d} elements is past 32-bit indexing");
             }

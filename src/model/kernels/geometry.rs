@@ -31,6 +31,13 @@ pub fn rows_launch(rows: usize, n: usize) -> (u32, u32) {
     (rows.clamp(1, i32::MAX as usize) as u32, threads)
 }
 
+/// Threads an elementwise kernel needs for `n` elements of `elem` bytes: one per 16-byte pack
+/// (`map1`/`map2` in kernels.cu; when a pointer is not 16-byte aligned the same threads stride over
+/// single elements).
+pub fn packs(n: usize, elem: usize) -> usize {
+    n.div_ceil(16 / elem)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,6 +68,14 @@ mod tests {
         assert_eq!(swap_launch(128, 12, 128, 8), ((128, 128, 1), 96));
         // a batch past the grid's y limit is strided over
         assert_eq!(swap_launch(70_000, 2, 3, 1), ((3, 65_535, 1), 32));
+    }
+
+    #[test]
+    fn packs_hold_16_bytes() {
+        assert_eq!(packs(3072, 2), 384);
+        assert_eq!(packs(3072, 4), 768);
+        assert_eq!(packs(3001, 4), 751);
+        assert_eq!(packs(1, 2), 1);
     }
 
     #[test]

@@ -31,6 +31,61 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// Elementwise kernels move 16 bytes per access (8 bf16 or 4 f32) where every pointer they touch is
+// 16-byte aligned (a fresh allocation is; a view at an odd offset may not be), and one element per
+// access otherwise and for the tail. f(i, ...) computes element i in f32; the index is the
+// element's, whichever path runs, so results do not depend on alignment.
+template <typename T> struct alignas(16) Pack {
+  T v[16 / sizeof(T)];
+};
+
+__device__ __forceinline__ bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
+
+// y[i] = f(i, x[i]) for i < n.
+template <typename T, typename F>
+__device__ void map1(const T *x, T *y, size_t n, F f) {
+  constexpr int P = 16 / sizeof(T);
+  const size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const size_t stride = (size_t)blockDim.x * gridDim.x;
+  size_t done = 0;
+  if (aligned16(x) && aligned16(y)) {
+    const Pack<T> *xp = reinterpret_cast<const Pack<T> *>(x);
+    Pack<T> *yp = reinterpret_cast<Pack<T> *>(y);
+    done = n / P * P;
+    for (size_t q = first; q < n / P; q += stride) {
+      const Pack<T> a = xp[q];
+      Pack<T> r;
+#pragma unroll
+      for (int k = 0; k < P; k++) r.v[k] = from_f<T>(f(q * P + k, to_f(a.v[k])));
+      yp[q] = r;
+    }
+  }
+  for (size_t i = done + first; i < n; i += stride) y[i] = from_f<T>(f(i, to_f(x[i])));
+}
+
+// z[i] = f(x[i], y[i]) for i < n.
+template <typename T, typename F>
+__device__ void map2(const T *x, const T *y, T *z, size_t n, F f) {
+  constexpr int P = 16 / sizeof(T);
+  const size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const size_t stride = (size_t)blockDim.x * gridDim.x;
+  size_t done = 0;
+  if (aligned16(x) && aligned16(y) && aligned16(z)) {
+    const Pack<T> *xp = reinterpret_cast<const Pack<T> *>(x);
+    const Pack<T> *yp = reinterpret_cast<const Pack<T> *>(y);
+    Pack<T> *zp = reinterpret_cast<Pack<T> *>(z);
+    done = n / P * P;
+    for (size_t q = first; q < n / P; q += stride) {
+      const Pack<T> a = xp[q], b = yp[q];
+      Pack<T> r;
+#pragma unroll
+      for (int k = 0; k < P; k++) r.v[k] = from_f<T>(f(to_f(a.v[k]), to_f(b.v[k])));
+      zp[q] = r;
+    }
+  }
+  for (size_t i = done + first; i < n; i += stride) z[i] = from_f<T>(f(to_f(x[i]), to_f(y[i])));
+}
+
 // The sum of `v` over a one-dimensional block (blockDim.x a multiple of 32, at most 1024), returned
 // to every thread. `sh` holds 32 floats.
 __device__ float block_sum(float v, float *sh) {
@@ -177,23 +232,17 @@ __device__ void softmax_bwd(const T *p, const T *dp, T *ds, size_t rows, int k, 
 // ---- exact GELU ------------------------------------------------------------------------------
 template <typename T>
 __device__ void gelu_fwd(const T *x, T *y, size_t n) {
-  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-       i += (size_t)blockDim.x * gridDim.x) {
-    const float v = to_f(x[i]);
-    y[i] = from_f<T>(0.5f * v * (1.f + erff(v * 0.70710678118654752f)));
-  }
+  map1(x, y, n, [](size_t, float v) { return 0.5f * v * (1.f + erff(v * 0.70710678118654752f)); });
 }
 
 // dx = dy * (Phi(x) + x * phi(x)).
 template <typename T>
 __device__ void gelu_bwd(const T *x, const T *dy, T *dx, size_t n) {
-  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-       i += (size_t)blockDim.x * gridDim.x) {
-    const float v = to_f(x[i]);
+  map2(x, dy, dx, n, [](float v, float g) {
     const float cdf = 0.5f * (1.f + erff(v * 0.70710678118654752f));
     const float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
-    dx[i] = from_f<T>(to_f(dy[i]) * (cdf + v * pdf));
-  }
+    return g * (cdf + v * pdf);
+  });
 }
 
 // ---- bias add -------------------------------------------------------------------------------
@@ -221,11 +270,10 @@ __device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
 template <typename T>
 __device__ void dropout(const T *x, T *y, size_t n, uint64_t seed, uint32_t threshold,
                         float scale) {
-  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-       i += (size_t)blockDim.x * gridDim.x) {
+  map1(x, y, n, [=](size_t i, float v) {
     const uint32_t u = (uint32_t)(splitmix64(seed ^ (i * 0x9E3779B97F4A7C15ull)) >> 40);
-    y[i] = from_f<T>(u >= threshold ? to_f(x[i]) * scale : 0.f);
-  }
+    return u >= threshold ? v * scale : 0.f;
+  });
 }
 
 // ---- swapping the middle dimensions -----------------------------------------------------------
