@@ -471,6 +471,53 @@ fn dropout_check(device: &Device) -> Result<bool> {
     Ok(ok)
 }
 
+/// The attention node (`kernels::attention_node`, what CUDA trains with) against autograd over
+/// composed ops on the same device, with dropout on the probabilities from the node's own mask
+/// source: the context and the gradients of q, k and v. On the CPU, where training uses the fused
+/// CPU kernel instead, the node runs with its CPU stand-ins so that the check's control flow is
+/// tested.
+fn attention_node_check(device: &Device) -> Result<bool> {
+    use crate::model::kernels::attention_node::{self as node, Drop};
+    let mut ok = true;
+    for precision in [Precision::F32, Precision::Bf16] {
+        let dt = precision.compute_dtype();
+        let drop = Some(Drop { p: 0.1, seed: 11 });
+        let parity = match device {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => {
+                node::parity(crate::model::kernels::cuda::CudaPrims, device, dt, drop)?
+            }
+            _ => node::parity(node::CpuPrims, device, dt, drop)?,
+        };
+        // bf16: both sides round every product to 8 bits, in different orders.
+        let tol = match precision {
+            Precision::F32 => 1e-4,
+            Precision::Bf16 => 1.0 / 16.0,
+        };
+        let rows = [
+            ("attention node: context, with dropout", parity.context),
+            ("attention node: gradient of q", parity.grads[0]),
+            ("attention node: gradient of k", parity.grads[1]),
+            ("attention node: gradient of v", parity.grads[2]),
+        ];
+        for (what, value) in rows {
+            let pass = within(value, tol);
+            ok &= pass;
+            emit(check_line(
+                "attention",
+                precision.as_str(),
+                what,
+                device,
+                value,
+                tol,
+                pass,
+            ));
+        }
+    }
+    eprintln!("gpu-check: attention node checks done");
+    Ok(ok)
+}
+
 /// The optimizer on the device: three AdamW steps by `Kernel::Auto` (the fused in-place kernels
 /// where the build has them) against the per-parameter tensor ops (the reference), from the same
 /// weights and gradients, gradients scaled as clipping would; and the global gradient norm
@@ -831,12 +878,20 @@ fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()>
     let scores = act(&[b, heads, s, s])?;
     let mask = Tensor::ones((b, s), DType::U32, device)?;
     let bias = ops::attention_bias(&mask, dt)?;
+    // Where the attention core runs fused (one kernel on the CPU, one graph node on CUDA), its
+    // pieces below are measured alone but count no runs per step.
+    let attention = || {
+        let (q, k) = (x.as_tensor(), y.as_tensor());
+        ops::fused_attention(q, k, q, &bias, heads, 0.125, 0.1, Mode::Train)
+    };
+    let fused = attention()?.is_some();
+    let pieces = if fused { 0 } else { l };
     type Op<'a> = (
         &'static str,
         usize,
         Box<dyn Fn() -> candle_core::Result<Tensor> + 'a>,
     );
-    let list: Vec<Op> = vec![
+    let mut list: Vec<Op> = vec![
         (
             "embedding: word table",
             1,
@@ -878,7 +933,7 @@ fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()>
         ),
         (
             "attention: split heads x3 + merge",
-            l,
+            pieces,
             Box::new(|| {
                 let split = |t: &Tensor| ops::swap12(&t.reshape((b, s, heads, d))?);
                 let (q, k, v) = (split(&x)?, split(&y)?, split(&x)?);
@@ -887,7 +942,7 @@ fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()>
         ),
         (
             "attention: QK^T and PV matmuls",
-            l,
+            pieces,
             Box::new(|| {
                 let p = qh.matmul(&kh.t()?)?;
                 p.matmul(&vh)
@@ -895,12 +950,12 @@ fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()>
         ),
         (
             "attention: scaled masked softmax",
-            l,
+            pieces,
             Box::new(|| ops::scaled_masked_softmax(&scores, &bias, 0.125)),
         ),
         (
             "dropout on probabilities",
-            l,
+            pieces,
             Box::new(|| ops::dropout(&scores, 0.1, Mode::Train)),
         ),
         (
@@ -915,6 +970,15 @@ fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()>
             Box::new(|| x.as_tensor() + y.as_tensor()),
         ),
     ];
+    if fused {
+        list.push((
+            "attention core, fused (the four rows above)",
+            l,
+            Box::new(|| {
+                attention()?.ok_or_else(|| candle_core::Error::Msg("attention not fused".into()))
+            }),
+        ));
+    }
     let mut total = 0.0;
     for (name, count, f) in &list {
         let fwd = time_it(device, args.warmup, args.steps, || {
@@ -965,6 +1029,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ok &= parity(&args, &device)?;
         let dropout = dropout_check(&device);
         ok &= reported(dropout, json!({"stage": "dropout"})).unwrap_or(false);
+        let attention = attention_node_check(&device);
+        ok &= reported(attention, json!({"stage": "attention"})).unwrap_or(false);
         let optimizer = optimizer_check(&device);
         ok &= reported(optimizer, json!({"stage": "optimizer"})).unwrap_or(false);
     }

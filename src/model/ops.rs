@@ -113,11 +113,6 @@ fn path(ts: &[&Tensor]) -> Path {
     path_for(selected(), &operands, CUDA_KERNELS)
 }
 
-/// Whether the fused CPU kernels apply to all of `ts`.
-fn fusable(ts: &[&Tensor]) -> bool {
-    path(ts) == Path::Fused
-}
-
 /// Host RNG for dropout masks on the CPU, whose candle RNG cannot be seeded.
 static HOST_RNG: Mutex<Option<rand::rngs::StdRng>> = Mutex::new(None);
 
@@ -377,11 +372,12 @@ fn forward_only_softmax(x: &Tensor) -> Result<Tensor> {
     candle_nn::ops::softmax_last_dim(&x.contiguous()?)
 }
 
-/// The attention core of the BERT-family encoders when the fused CPU kernel applies: `q`, `k`, `v`
-/// `[b, s, hidden]`, `bias` `[b, 1, 1, s]` from `attention_bias`; dropout `p` on the probabilities
-/// in `Mode::Train` (the same RNG draws, in the same order, as `dropout` on `[b, h, s, s]`
-/// probabilities). Returns `None` where the composed path must run (other devices or dtypes,
-/// other shapes, or the fused kernels turned off).
+/// The attention core of the BERT-family encoders, fused: `q`, `k`, `v` `[b, s, hidden]`, `bias`
+/// `[b, 1, 1, s]` from `attention_bias`; dropout `p` on the probabilities in `Mode::Train`. On the
+/// CPU (f32) the fused kernel (the same RNG draws, in the same order, as `dropout` on `[b, h, s, s]`
+/// probabilities); on CUDA with recycle's kernels one graph node over them
+/// (`kernels::attention_node`, the mask from one host seed). Returns `None` where the composed path
+/// must run (other devices or dtypes, other shapes, or the fused kernels turned off).
 pub fn fused_attention(
     q: &Tensor,
     k: &Tensor,
@@ -392,7 +388,8 @@ pub fn fused_attention(
     p: f32,
     mode: Mode,
 ) -> Result<Option<Tensor>> {
-    if !fusable(&[q, k, v, bias]) || p >= 1.0 {
+    let route = path(&[q, k, v, bias]);
+    if !matches!(route, Path::Fused | Path::Cuda) || p >= 1.0 {
         return Ok(None);
     }
     let ([b, s, hidden], [bb, 1, 1, bs]) = (q.dims(), bias.dims()) else {
@@ -405,6 +402,23 @@ pub fn fused_attention(
         || heads == 0
         || hidden % heads != 0
     {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    if route == Path::Cuda {
+        let drop = if mode == Mode::Train && p > 0.0 {
+            Some(kernels::attention_node::Drop {
+                p,
+                seed: host_seed()?,
+            })
+        } else {
+            None
+        };
+        let cuda = kernels::cuda::CudaPrims;
+        return kernels::attention_node::attention(cuda, q, k, v, bias, heads, scale, drop)
+            .map(Some);
+    }
+    if route != Path::Fused {
         return Ok(None);
     }
     let keep = if mode == Mode::Train && p > 0.0 {

@@ -34,9 +34,9 @@ fn gpu_check_runs_every_stage_on_the_cpu_and_every_check_passes() {
     let of = |kind: &'static str| rows.iter().filter(move |r| r["kind"] == kind);
 
     // Six fixtures × two precisions × (gradients, three logits), then dropout's five checks in
-    // both precisions and the optimizer's two.
+    // both precisions, the attention node's four in both, and the optimizer's two.
     let parity: Vec<&Value> = of("parity").collect();
-    assert_eq!(parity.len(), 6 * 2 * 4 + 5 * 2 + 2, "{parity:#?}");
+    assert_eq!(parity.len(), 6 * 2 * 4 + 5 * 2 + 4 * 2 + 2, "{parity:#?}");
     for r in &parity {
         assert_eq!(r["pass"], true, "{r}");
     }

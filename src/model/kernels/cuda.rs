@@ -845,6 +845,35 @@ pub fn swap12(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Swap12)
 }
 
+/// The swap kernel on a storage (`[a, b, c, d]` → `[a, c, b, d]`), for ops that produce their
+/// output from a tensor they computed beforehand (`attention_node`).
+pub fn swap12_storage(x: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+    if !l.is_contiguous() {
+        bail!("swap12: the CUDA kernel needs a contiguous input");
+    }
+    Ok(Swap12.cuda_fwd(x, l)?.0)
+}
+
+/// `attention_node`'s device parts on CUDA: the counter-hash dropout and the softmax backward
+/// kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct CudaPrims;
+
+impl super::attention_node::Prims for CudaPrims {
+    fn dropout(&self, x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+        dropout(x, p, seed)
+    }
+
+    fn softmax_backward(&self, p: &Tensor, dp: &Tensor, scale: f64) -> Result<Tensor> {
+        p.contiguous()?.apply_op2_no_bwd(
+            &dp.contiguous()?,
+            &SoftmaxBwd {
+                scale: scale as f32,
+            },
+        )
+    }
+}
+
 // ---- embedding ----------------------------------------------------------------------------------
 
 struct Embedding;

@@ -12,6 +12,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 mod attention;
+pub mod attention_node;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod geometry;

@@ -1,0 +1,353 @@
+//! Attention as one node of candle's graph, for devices where recycle has device kernels for the
+//! parts but no fused attention kernel (CUDA). The forward runs as ordinary tensor ops on detached
+//! inputs (head split, `QKᵀ`, the scaled masked softmax, dropout, `PV`); one custom op, whose output
+//! is the head merge of that result, carries the hand-written backward.
+//!
+//! Why: candle's backward gives every node's input a zero-filled gradient and then adds to it
+//! (`GradStore::or_insert`), three passes over the tensor per node. Composed, attention is about a
+//! dozen nodes per layer over `[b, s, hidden]` and `[b, h, s, s]` tensors (reshapes, head splits, a
+//! transpose, two products, softmax, dropout, the merge); here it is one, and the backward computes
+//! each gradient once.
+//!
+//! What depends on the device is behind `Prims`: dropout whose mask is a function of a seed (so the
+//! backward applies the forward's mask again instead of storing it), and the softmax backward.
+//! `CpuPrims` exists so that the node's forward and backward are tested on the CPU against autograd
+//! over composed ops; the CPU trains with its own fused attention kernel (`kernels::attention`).
+
+use crate::model::ops;
+use candle_core::{
+    bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, Var, D,
+};
+use rand::{Rng, SeedableRng};
+
+/// The device-specific parts of the attention node.
+pub trait Prims: Send + Sync + 'static {
+    /// `x` with each element dropped with probability `p` and the rest scaled by `1 / (1 - p)`,
+    /// the mask a function of `seed` and the element's index: the same seed drops the same
+    /// elements.
+    fn dropout(&self, x: &Tensor, p: f32, seed: u64) -> Result<Tensor>;
+
+    /// The gradient of the scores `s` given that of `p = softmax(scale · s + bias)`:
+    /// `scale · p · (dp − Σ dp·p)` over the last dimension.
+    fn softmax_backward(&self, p: &Tensor, dp: &Tensor, scale: f64) -> Result<Tensor>;
+}
+
+/// Dropout of one attention call: its probability and the seed of its mask.
+#[derive(Debug, Clone, Copy)]
+pub struct Drop {
+    pub p: f32,
+    pub seed: u64,
+}
+
+/// `softmax(scale · QKᵀ + bias)·V` per head, with `drop` on the probabilities: `q`, `k`, `v`
+/// `[b, s, hidden]`, `bias` `[b, 1, 1, s]` (from `ops::attention_bias`), returning the context
+/// `[b, s, hidden]`. When none of `q`, `k`, `v` records a gradient, no node is made.
+#[allow(clippy::too_many_arguments)]
+pub fn attention<P: Prims>(
+    prims: P,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    heads: usize,
+    scale: f64,
+    drop: Option<Drop>,
+) -> Result<Tensor> {
+    let (b, s, hidden) = q.dims3()?;
+    if heads == 0 || hidden % heads != 0 || k.dims() != q.dims() || v.dims() != q.dims() {
+        bail!(
+            "attention: q {:?}, k {:?}, v {:?} with {heads} heads",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    let d = hidden / heads;
+    let split = |t: &Tensor| ops::swap12(&t.detach().reshape((b, s, heads, d))?);
+    let (qh, kh, vh) = (split(q)?, split(k)?, split(v)?);
+    let probs = ops::scaled_masked_softmax(&qh.matmul(&kh.t()?)?, &bias.detach(), scale)?;
+    let dropped = match drop {
+        Some(dr) => prims.dropout(&probs, dr.p, dr.seed)?,
+        None => probs.clone(),
+    };
+    let ctx_heads = dropped.matmul(&vh)?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return ops::swap12(&ctx_heads)?.reshape((b, s, hidden));
+    }
+    q.apply_op3(
+        k,
+        v,
+        Node {
+            prims,
+            dims: [b, s, heads, d],
+            scale,
+            drop,
+            ctx_heads,
+            qh,
+            kh,
+            vh,
+            probs,
+        },
+    )
+}
+
+/// The graph node: its forward output is the merge of `ctx_heads` (computed before the node was
+/// made), its backward the gradients of `q`, `k` and `v`. The dropped-out probabilities are not
+/// kept: the backward recomputes them from `probs` and the seed (one pass) rather than hold a
+/// second `[b, h, s, s]` tensor per layer until the backward.
+struct Node<P> {
+    prims: P,
+    /// `[b, s, heads, head_dim]`.
+    dims: [usize; 4],
+    scale: f64,
+    drop: Option<Drop>,
+    /// `[b, h, s, d]`: the context per head, before the merge.
+    ctx_heads: Tensor,
+    qh: Tensor,
+    kh: Tensor,
+    vh: Tensor,
+    /// The probabilities before dropout, `[b, h, s, s]`.
+    probs: Tensor,
+}
+
+impl<P> Node<P> {
+    fn out_shape(&self) -> Shape {
+        let [b, s, h, d] = self.dims;
+        Shape::from((b, s, h * d))
+    }
+}
+
+impl<P: Prims> CustomOp3 for Node<P> {
+    fn name(&self) -> &'static str {
+        "recycle-attention-node"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        // A fresh contiguous tensor (or, with one head, `ctx_heads` itself, which is contiguous
+        // from offset 0): its storage holds exactly the output's elements.
+        let merged = self.ctx_heads.transpose(1, 2)?.contiguous()?;
+        let (storage, layout) = merged.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(c), Some((0, end))) if end == merged.elem_count() => {
+                Ok((c.clone(), self.out_shape()))
+            }
+            _ => bail!("attention node: the merged context is not a whole CPU buffer"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (storage, layout) = self.ctx_heads.storage_and_layout();
+        let Storage::Cuda(c) = &*storage else {
+            bail!("attention node: the context is not on a CUDA device")
+        };
+        let merged = super::cuda::swap12_storage(c, layout)?;
+        Ok((merged, self.out_shape()))
+    }
+
+    fn bwd(
+        &self,
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [b, s, h, d] = self.dims;
+        let gh = ops::swap12(&grad.reshape((b, s, h, d))?)?;
+        let dropped = match self.drop {
+            Some(dr) => self.prims.dropout(&self.probs, dr.p, dr.seed)?,
+            None => self.probs.clone(),
+        };
+        let dvh = dropped.t()?.matmul(&gh)?;
+        let ddropped = gh.matmul(&self.vh.t()?)?;
+        let dprobs = match self.drop {
+            // The same mask and scale again: dropout is linear in its input.
+            Some(dr) => self.prims.dropout(&ddropped, dr.p, dr.seed)?,
+            None => ddropped,
+        };
+        let dscores = self
+            .prims
+            .softmax_backward(&self.probs, &dprobs, self.scale)?;
+        let dqh = dscores.matmul(&self.kh)?;
+        let dkh = dscores.t()?.matmul(&self.qh)?;
+        let merge = |t: &Tensor| ops::swap12(t)?.reshape((b, s, h * d));
+        Ok((Some(merge(&dqh)?), Some(merge(&dkh)?), Some(merge(&dvh)?)))
+    }
+}
+
+/// The CPU's `Prims`, for testing the node: a mask from a generator seeded with `seed`, and the
+/// softmax backward as tensor ops.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuPrims;
+
+impl Prims for CpuPrims {
+    fn dropout(&self, x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let scale = 1.0 / (1.0 - p);
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.random::<f32>() >= p { scale } else { 0.0 })
+            .collect();
+        x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)
+    }
+
+    fn softmax_backward(&self, p: &Tensor, dp: &Tensor, scale: f64) -> Result<Tensor> {
+        let dot = (dp * p)?.sum_keepdim(D::Minus1)?;
+        (dp.broadcast_sub(&dot)? * p)? * scale
+    }
+}
+
+/// How far the node is from autograd over composed ops (`composed`, with the same `prims` for
+/// the dropout mask), each the largest difference over the reference's largest magnitude.
+#[derive(Debug, Clone, Copy)]
+pub struct Parity {
+    pub context: f32,
+    /// The gradients of q, k and v (of the sum of the context times fixed random weights).
+    pub grads: [f32; 3],
+}
+
+/// The node against the composed reference on `device` in `dtype`: a batch of two, the second
+/// sequence padded, four heads, dropout `drop` on the probabilities.
+pub fn parity<P: Prims + Clone>(
+    prims: P,
+    device: &Device,
+    dtype: DType,
+    drop: Option<Drop>,
+) -> Result<Parity> {
+    let (b, s, hidden, heads) = (2, 16, 64, 4);
+    let scale = 1.0 / 4.0;
+    let var = || -> Result<Var> {
+        Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, hidden), device)?.to_dtype(dtype)?)
+    };
+    let (q, k, v) = (var()?, var()?, var()?);
+    let weights = var()?.as_tensor().detach();
+    let mut mask = vec![1u32; b * s];
+    mask[b * s - 5..].fill(0);
+    let mask = Tensor::from_vec(mask, (b, s), device)?;
+    let bias = ops::attention_bias(&mask, dtype)?;
+    let grads = |out: &Tensor| -> Result<Vec<Tensor>> {
+        let g = (out * &weights)?
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .backward()?;
+        [&q, &k, &v]
+            .iter()
+            .map(|t| {
+                g.get(t.as_tensor())
+                    .cloned()
+                    .ok_or_else(|| candle_core::Error::Msg("attention: no gradient".into()))
+            })
+            .collect()
+    };
+    let ours = attention(prims.clone(), &q, &k, &v, &bias, heads, scale, drop)?;
+    let reference = composed(&prims, &q, &k, &v, &bias, heads, scale, drop)?;
+    let (ga, gr) = (grads(&ours)?, grads(&reference)?);
+    Ok(Parity {
+        context: rel_diff(&ours, &reference)?,
+        grads: [
+            rel_diff(&ga[0], &gr[0])?,
+            rel_diff(&ga[1], &gr[1])?,
+            rel_diff(&ga[2], &gr[2])?,
+        ],
+    })
+}
+
+/// Attention as composed candle ops (differentiated by candle), the mask from `prims`.
+#[allow(clippy::too_many_arguments)]
+fn composed<P: Prims>(
+    prims: &P,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    heads: usize,
+    scale: f64,
+    drop: Option<Drop>,
+) -> Result<Tensor> {
+    let (b, s, hidden) = q.dims3()?;
+    let d = hidden / heads;
+    let split = |t: &Tensor| t.reshape((b, s, heads, d))?.transpose(1, 2)?.contiguous();
+    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+    let z = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?
+        .broadcast_add(&bias.to_dtype(DType::F32)?)?;
+    let e = z
+        .broadcast_sub(&z.max_keepdim(D::Minus1)?.detach())?
+        .exp()?;
+    let mut p = e
+        .broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+        .to_dtype(q.dtype())?;
+    if let Some(dr) = drop {
+        p = prims.dropout(&p, dr.p, dr.seed)?;
+    }
+    p.matmul(&v)?.transpose(1, 2)?.reshape((b, s, hidden))
+}
+
+/// The largest |a − b| over the largest |b| (at least 1e-12), in f32.
+fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+    let largest = |t: &Tensor| -> Result<f32> { t.abs()?.flatten_all()?.max(0)?.to_scalar() };
+    Ok(largest(&(&a - &b)?)? / largest(&b)?.max(1e-12))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The node's output and the gradients of q, k, v against the composed reference.
+    fn check(drop: Option<Drop>) {
+        let p = parity(CpuPrims, &Device::Cpu, DType::F32, drop).unwrap();
+        assert!(p.context < 1e-5, "{p:?}");
+        for (name, g) in ["q", "k", "v"].iter().zip(p.grads) {
+            assert!(g < 1e-5, "gradient of {name}: {p:?}");
+        }
+    }
+
+    #[test]
+    fn node_matches_autograd_over_composed_ops() {
+        check(None);
+    }
+
+    #[test]
+    fn node_matches_autograd_with_dropout_on_the_probabilities() {
+        check(Some(Drop { p: 0.3, seed: 17 }));
+    }
+
+    #[test]
+    fn no_node_without_gradients() {
+        let x = Tensor::randn(0f32, 1.0, (2, 4, 8), &Device::Cpu).unwrap();
+        let bias = ops::attention_bias(
+            &Tensor::ones((2, 4), DType::U32, &Device::Cpu).unwrap(),
+            DType::F32,
+        )
+        .unwrap();
+        let out = attention(CpuPrims, &x, &x, &x, &bias, 2, 0.5, None).unwrap();
+        assert!(!out.track_op());
+        assert_eq!(out.dims(), &[2, 4, 8]);
+    }
+
+    #[test]
+    fn the_same_seed_drops_the_same_elements() {
+        let x = Tensor::ones((4, 50), DType::F32, &Device::Cpu).unwrap();
+        let a = CpuPrims.dropout(&x, 0.5, 3).unwrap();
+        let b = CpuPrims.dropout(&x, 0.5, 3).unwrap();
+        let c = CpuPrims.dropout(&x, 0.5, 4).unwrap();
+        assert_eq!(rel_diff(&a, &b).unwrap(), 0.0);
+        assert!(rel_diff(&a, &c).unwrap() > 0.0);
+    }
+}
