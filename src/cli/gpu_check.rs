@@ -972,7 +972,7 @@ fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()>
     ];
     if fused {
         list.push((
-            "attention core, fused (the four rows above)",
+            "attention core fused (split..PV, prob dropout)",
             l,
             Box::new(|| {
                 attention()?.ok_or_else(|| candle_core::Error::Msg("attention not fused".into()))
