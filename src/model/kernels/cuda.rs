@@ -805,8 +805,8 @@ impl CustomOp1 for Swap12 {
             let y = unsafe { dev.alloc::<T>(a * b * c * d)? };
             let (unit, d_units) =
                 geometry::swap_unit(std::mem::size_of::<T>(), d, xl.start_offset());
-            if (b * d_units) > u32::MAX as usize {
-                bail!("swap12: a slab of {b} × {d} elements is past 32-bit indexing");
+            if b * d_units > u32::MAX as usize || a > u32::MAX as usize || c > i32::MAX as usize {
+                bail!("swap12: [{a}, {b}, {c}, {d}] is past the kernel's 32-bit indexing");
             }
             let f = dev.get_or_load_custom_func(&format!("swap12_u{}", unit * 8), MODULE, PTX)?;
             let mut l = f.builder();
