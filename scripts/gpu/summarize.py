@@ -86,6 +86,13 @@ def main():
         for r in sorted(kernels, key=lambda r: (r["shape"], r["precision"], r["batch"])):
             print(f"{r['shape']:<18}{r['precision']:<6}{r['batch']:>6}{1e3 * r['fused_s']:9.1f}"
                   f"{1e3 * r['composed_s']:10.1f}{r['composed_s'] / r['fused_s']:9.2f}x")
+    ab = [r for r in rows if r["kind"] == "ab"]
+    if ab:
+        print("\n== training with the fused attention on and off, same run (ms per step)")
+        print(f"{'shape':<18}{'prec':<6}{'batch':>6}{'on':>9}{'off':>9}{'speed-up':>10}")
+        for r in sorted(ab, key=lambda r: (r["shape"], r["precision"], r["batch"])):
+            print(f"{r['shape']:<18}{r['precision']:<6}{r['batch']:>6}{1e3 * r['on_s']:9.1f}"
+                  f"{1e3 * r['off_s']:9.1f}{r['off_s'] / r['on_s']:9.2f}x")
     # The targets at the main run's batch (the smallest measured); larger batches are extra rows.
     batches = sorted({k[3] for k in ours if k[:3] == ("roberta-base", "bf16", "train")})
     b = batches[0] if batches else None

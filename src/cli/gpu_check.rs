@@ -707,6 +707,28 @@ fn bench_one(
         opt.step(&opt.gradients(&grads), 1e-5, 1.0)
     })?;
     bench_line("train", train, 3.0 * fwd);
+    // The same steps with attention composed: what the fused attention is worth end to end.
+    ops::set_fused_attention(false);
+    let composed = time_it(device, args.warmup, args.steps, || {
+        let logits = m.model.forward(batch, Mode::Train)?;
+        let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, labels)?;
+        let grads = loss.backward()?;
+        opt.step(&opt.gradients(&grads), 1e-5, 1.0)
+    });
+    ops::set_fused_attention(true);
+    let composed = composed?;
+    emit(json!({
+        "kind": "ab", "impl": "recycle", "what": "fused attention", "shape": shape.name,
+        "precision": precision.as_str(), "mode": "train", "batch": args.batch, "seq": args.seq,
+        "on_s": train, "off_s": composed, "device": describe(device),
+    }));
+    eprintln!(
+        "gpu-check: {} {} train: fused attention {:.1} ms a step, composed {:.1} ms",
+        shape.name,
+        precision.as_str(),
+        1e3 * train,
+        1e3 * composed
+    );
     drop(opt);
     let phases = emit_phases(shape, args, precision, device, &m, batch, labels);
     let phases_ok = reported(

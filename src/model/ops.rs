@@ -30,6 +30,15 @@ pub fn set_kernels(k: Kernels) {
     FUSED.store(k == Kernels::Fused, Ordering::Relaxed);
 }
 
+/// Whether `fused_attention` may fuse (on by default): `gpu-check` turns it off to measure training
+/// with the composed attention in the same run.
+static FUSED_ATTENTION: AtomicBool = AtomicBool::new(true);
+
+/// Turns the fused attention (the CPU kernel, the CUDA node) on or off for the whole process.
+pub fn set_fused_attention(on: bool) {
+    FUSED_ATTENTION.store(on, Ordering::Relaxed);
+}
+
 /// Which implementation runs one op.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
@@ -389,7 +398,10 @@ pub fn fused_attention(
     mode: Mode,
 ) -> Result<Option<Tensor>> {
     let route = path(&[q, k, v, bias]);
-    if !matches!(route, Path::Fused | Path::Cuda) || p >= 1.0 {
+    if !matches!(route, Path::Fused | Path::Cuda)
+        || p >= 1.0
+        || !FUSED_ATTENTION.load(Ordering::Relaxed)
+    {
         return Ok(None);
     }
     let ([b, s, hidden], [bb, 1, 1, bs]) = (q.dims(), bias.dims()) else {

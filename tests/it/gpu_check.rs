@@ -62,6 +62,15 @@ fn gpu_check_runs_every_stage_on_the_cpu_and_every_check_passes() {
     }
     assert_eq!(of("phases").count(), 2);
     assert_eq!(of("kernels").count(), 2);
+    // Training with the fused attention and with it composed, per precision, both timed.
+    let ab: Vec<&Value> = of("ab").collect();
+    assert_eq!(ab.len(), 2, "{ab:#?}");
+    for r in &ab {
+        for k in ["on_s", "off_s"] {
+            let t = r[k].as_f64().unwrap();
+            assert!(t.is_finite() && t > 0.0, "{r}");
+        }
+    }
 
     // The op profile: the same ops in both precisions, each timed.
     let ops: Vec<&Value> = of("op").collect();
