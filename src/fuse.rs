@@ -15,10 +15,11 @@ use crate::results::{
     git_revision, rfc3339_utc, DatasetRecord, ModelRecord, RecordKind, ResultRecord, ResultStore,
     RECYCLE_VERSION, RESULT_SCHEMA_VERSION,
 };
-use crate::runner::{self, JobExecutor, RunSettings, RunSummary};
+use crate::runner::{self, JobExecutor, JobState, Liveness, RunSettings, RunSummary};
 use crate::select::rng::SplitMix64;
 use crate::suite::{Fusion, ModelEntry, ModelRef, Suite};
 use anyhow::{anyhow, bail, Context, Result};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
@@ -188,6 +189,65 @@ pub fn plan_fusion(suite: &Suite) -> Result<FusionPlan> {
     })
 }
 
+/// One step of a fusion iteration: a runner job (a contributor or an evaluation) or the merge.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Step<'a> {
+    Job(&'a Job),
+    Merge(&'a MergeStep),
+}
+
+impl<'a> Step<'a> {
+    pub fn id(&self) -> &'a str {
+        match self {
+            Step::Job(j) => &j.id,
+            Step::Merge(m) => &m.id,
+        }
+    }
+    pub fn config_hash(&self) -> &'a str {
+        match self {
+            Step::Job(j) => &j.config_hash,
+            Step::Merge(m) => &m.config_hash,
+        }
+    }
+}
+
+impl IterationPlan {
+    /// The iteration's steps in the order `run_fusion` takes them: the contributors, the merge,
+    /// the evaluations of the fused base.
+    pub fn steps(&self) -> impl Iterator<Item = Step<'_>> {
+        self.contributors
+            .iter()
+            .map(Step::Job)
+            .chain(std::iter::once(Step::Merge(&self.merge)))
+            .chain(self.evals.iter().map(Step::Job))
+    }
+}
+
+/// The state of every iteration step of `plan` (iteration, step, state), in the order
+/// `run_fusion` takes them, against the suite's records and running markers. The reference
+/// evaluations are left out: they are jobs of the suite's own plan. A merge counts as done only
+/// when `run_fusion` would skip it (its fused base is still on disk); otherwise it is missing.
+pub fn step_states<'a>(
+    plan: &'a FusionPlan,
+    records: &BTreeMap<String, ResultRecord>,
+    running: &BTreeMap<String, Liveness>,
+) -> Vec<(usize, Step<'a>, JobState)> {
+    plan.iterations
+        .iter()
+        .flat_map(|it| it.steps().map(move |step| (it.k, step)))
+        .map(|(k, step)| {
+            let state = runner::job_state(step.id(), step.config_hash(), records, running);
+            let state = match (step, state, records.get(step.id())) {
+                (Step::Merge(m), JobState::Done, Some(r)) if !merge_is_done(r, m) => {
+                    JobState::Missing
+                }
+                _ => state,
+            };
+            (k, step, state)
+        })
+        .collect()
+}
+
 /// sha256 of the merge's identity: iteration, method, heads dropped, contributors (id + hash).
 fn merge_hash(k: usize, contributors: &[Job]) -> Result<String> {
     let inputs: Vec<serde_json::Value> = contributors
@@ -314,11 +374,17 @@ fn existing_merge(
     let Some(r) = store.get(&suite.name, &step.id)? else {
         return Ok(None);
     };
+    Ok(merge_is_done(&r, step).then_some(r))
+}
+
+/// Whether `r` is the record of `step` done for its current configuration, with the fused base
+/// still on disk (a merge whose checkpoint is gone is redone).
+fn merge_is_done(r: &ResultRecord, step: &MergeStep) -> bool {
     let present = r
         .checkpoint
         .as_ref()
         .is_some_and(|c| Path::new(c).join("config.json").is_file());
-    Ok((r.config_hash == step.config_hash && r.kind == RecordKind::Donor && present).then_some(r))
+    r.config_hash == step.config_hash && r.kind == RecordKind::Donor && present
 }
 
 /// Averages the bodies of the iteration's contributors (heads dropped) into `it.merge.out`, with
@@ -423,17 +489,11 @@ fn merge_record(
 /// Checks that a fusion plan's ids are unique (ids are result file paths).
 pub fn check_ids(plan: &FusionPlan) -> Result<()> {
     let mut seen = std::collections::BTreeSet::new();
-    let ids =
-        plan.reference_evals
+    let ids = plan.reference_evals.iter().map(|j| j.id.as_str()).chain(
+        plan.iterations
             .iter()
-            .map(|j| j.id.as_str())
-            .chain(plan.iterations.iter().flat_map(|it| {
-                it.contributors
-                    .iter()
-                    .map(|j| j.id.as_str())
-                    .chain(std::iter::once(it.merge.id.as_str()))
-                    .chain(it.evals.iter().map(|j| j.id.as_str()))
-            }));
+            .flat_map(|it| it.steps().map(|s| s.id())),
+    );
     for id in ids {
         if !seen.insert(id) {
             bail!("fusion plan: job id {id} appears twice");

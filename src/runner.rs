@@ -112,20 +112,29 @@ pub fn job_states(
     running: &BTreeMap<String, Liveness>,
 ) -> Vec<JobState> {
     jobs.iter()
-        .map(|j| {
-            let recorded = match records.get(&j.id) {
-                None => JobState::Missing,
-                Some(r) if r.config_hash != j.config_hash => JobState::Stale,
-                Some(r) if r.kind == RecordKind::Failure => JobState::Failed,
-                Some(_) => JobState::Done,
-            };
-            match (recorded, running.get(&j.id)) {
-                (JobState::Done, _) | (_, None) => recorded,
-                (_, Some(Liveness::Alive)) => JobState::Running,
-                (_, Some(Liveness::Dead)) => JobState::StaleRunning,
-            }
-        })
+        .map(|j| job_state(&j.id, &j.config_hash, records, running))
         .collect()
+}
+
+/// The state of the job `id` whose current configuration hashes to `config_hash` (a job of a
+/// plan, or a step that is not a runner job, such as a fusion merge).
+pub fn job_state(
+    id: &str,
+    config_hash: &str,
+    records: &BTreeMap<String, ResultRecord>,
+    running: &BTreeMap<String, Liveness>,
+) -> JobState {
+    let recorded = match records.get(id) {
+        None => JobState::Missing,
+        Some(r) if r.config_hash != config_hash => JobState::Stale,
+        Some(r) if r.kind == RecordKind::Failure => JobState::Failed,
+        Some(_) => JobState::Done,
+    };
+    match (recorded, running.get(id)) {
+        (JobState::Done, _) | (_, None) => recorded,
+        (_, Some(Liveness::Alive)) => JobState::Running,
+        (_, Some(Liveness::Dead)) => JobState::StaleRunning,
+    }
 }
 
 /// The liveness of every running marker of `suite`, by job id, as seen from this process.

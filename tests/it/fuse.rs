@@ -466,3 +466,90 @@ fn fusion_section_errors_name_the_field() {
     let e = parse(&SUITE.replace("\"iterations\": 2", "\"iterations\": 0"));
     assert!(e.contains("fusion.iterations"), "{e}");
 }
+
+/// `recycle plan` / `status` list the fusion steps from the plan `recycle fuse` runs, with the
+/// states the loop would see: a failed contributor, the merge and evaluation it blocks, and a merge
+/// whose fused base was deleted (the loop would redo it, so it is missing, not done).
+#[test]
+fn plan_and_status_list_the_fusion_steps() {
+    let s = setup();
+    let suite = s.suite();
+    let plan = plan_fusion(&suite).unwrap();
+    let store = ResultStore::new(&s.results);
+    let exec = CopyExecutor {
+        base: s.home.join("models/base"),
+        fail: [plan.iterations[1].contributors[1].id.clone()].into(),
+        runs: Mutex::new(Vec::new()),
+    };
+    run_fusion(&suite, &store, &exec, &model_dir, &mut Silent).unwrap();
+    let cli = |cmd: &str| {
+        let out = Command::cargo_bin("recycle")
+            .unwrap()
+            .env("RECYCLE_HOME", &s.home)
+            .arg(cmd)
+            .arg(&s.suite_file)
+            .arg("--results")
+            .arg(&s.results)
+            .assert()
+            .success();
+        String::from_utf8_lossy(&out.get_output().stdout).to_string()
+    };
+    // Every step, in the loop's order: (state, stage column, id).
+    let expected = |merge1: &str| -> Vec<(String, String, String)> {
+        let mut rows = Vec::new();
+        for it in &plan.iterations {
+            let k = it.k;
+            let row =
+                |state: &str, id: &str| (state.to_string(), format!("iter{k}"), id.to_string());
+            for c in &it.contributors {
+                let failed = exec.fail.contains(&c.id);
+                rows.push(row(if failed { "failed" } else { "done" }, &c.id));
+            }
+            let done = k == 1;
+            rows.push(row(if done { merge1 } else { "missing" }, &it.merge.id));
+            for e in &it.evals {
+                rows.push(row(if done { "done" } else { "missing" }, &e.id));
+            }
+        }
+        rows
+    };
+    let fusion_lines = |stdout: &str| -> Vec<(String, String, String)> {
+        stdout
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|w| w[1].starts_with("iter"))
+            .map(|w| (w[0].to_string(), w[1].to_string(), w[2].to_string()))
+            .collect()
+    };
+    let stdout = cli("plan");
+    assert_eq!(fusion_lines(&stdout), expected("done"), "{stdout}");
+    // The reference evaluations are the suite's own jobs, listed once, as done.
+    for j in &plan.reference_evals {
+        let n = stdout
+            .lines()
+            .filter(|l| l.contains(&format!(" {} ", j.id)))
+            .count();
+        assert_eq!(n, 1, "{}: {stdout}", j.id);
+    }
+    let stdout = cli("status");
+    // 4 targets × 3 baseline seeds, of which the 3 on the held-out target are done.
+    assert!(
+        stdout.contains("fz: 12 jobs: 3 done, 0 failed, 0 stale, 9 missing,"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "fz fusion: 8 jobs: 5 done, 1 failed, 0 stale, 2 missing, 0 running, 0 stale-running"
+        ),
+        "{stdout}"
+    );
+
+    // Without its fused base, iteration 1's merge is pending again.
+    std::fs::remove_dir_all(&plan.iterations[0].merge.out).unwrap();
+    assert_eq!(fusion_lines(&cli("plan")), expected("missing"));
+    let stdout = cli("status");
+    assert!(
+        stdout.contains("fz fusion: 8 jobs: 4 done, 1 failed, 0 stale, 3 missing,"),
+        "{stdout}"
+    );
+}

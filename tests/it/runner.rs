@@ -318,6 +318,7 @@ fn plan_and_status_show_job_states() {
         )),
         "{stdout}"
     );
+    assert!(!stdout.contains("fusion"), "no fusion section: {stdout}");
 }
 
 #[test]
