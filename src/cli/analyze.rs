@@ -125,6 +125,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     let report = report_with(&table, &proxies, &config)
         .with_context(|| format!("--arch {arch}: results under {}", dir.display()))?;
+    // The Markdown on stdout says what was not computed; elsewhere stderr says it too.
+    if args.format == FormatArg::Json || args.out.is_some() {
+        for note in &report.decomposition.notes {
+            eprintln!("warning: --arch {arch}: not computed: {note}");
+        }
+    }
     let bytes = match args.format {
         FormatArg::Markdown => to_markdown(&report).into_bytes(),
         FormatArg::Json => {

@@ -100,6 +100,11 @@ pub fn report_with(
         !config.ks.is_empty(),
         "analysis needs at least one k for the top-k regret"
     );
+    ensure!(
+        !gains.models.is_empty(),
+        "no candidate to analyse: gains need at least one model besides the baseline evaluated on \
+         a target (`recycle rank` shows the baseline's scores)"
+    );
     let decomposition = decompose(gains, &config.decompose)?;
     let nt = gains.targets.len();
     let mut averages: Vec<ModelAverage> = (0..gains.models.len())
@@ -241,14 +246,28 @@ pub fn to_markdown(r: &AnalysisReport) -> String {
         "{} models × {} targets, {} cells evaluated. Gains in points.\n",
         r.models, r.targets, r.observed_cells
     );
-    let _ = writeln!(s, "## Variance of gains\n");
-    let _ = writeln!(s, "| part | share |\n|---|---:|");
-    let _ = writeln!(s, "| model effect | {:.1} % |", 100.0 * d.variance.model);
-    let _ = writeln!(s, "| target effect | {:.1} % |", 100.0 * d.variance.target);
-    if let Some(i) = d.variance.interaction {
-        let _ = writeln!(s, "| rank-1 interaction | {:.1} % |", 100.0 * i);
+    if !d.notes.is_empty() {
+        let _ = writeln!(s, "Not computed:\n");
+        for n in &d.notes {
+            let _ = writeln!(s, "- {n}.");
+        }
+        let _ = writeln!(s);
     }
-    let _ = writeln!(s, "| residual | {:.1} % |", 100.0 * d.variance.residual);
+    let _ = writeln!(s, "## Variance of gains\n");
+    match &d.variance {
+        Some(v) => {
+            let _ = writeln!(s, "| part | share |\n|---|---:|");
+            let _ = writeln!(s, "| model effect | {:.1} % |", 100.0 * v.model);
+            let _ = writeln!(s, "| target effect | {:.1} % |", 100.0 * v.target);
+            if let Some(i) = v.interaction {
+                let _ = writeln!(s, "| rank-1 interaction | {:.1} % |", 100.0 * i);
+            }
+            let _ = writeln!(s, "| residual | {:.1} % |", 100.0 * v.residual);
+        }
+        None => {
+            let _ = writeln!(s, "Not computed (see above).");
+        }
+    }
     let _ = writeln!(
         s,
         "\nMean gain μ = {:.2} (± {}), residual std {}, {} degrees of freedom.\n",

@@ -100,7 +100,8 @@ pub struct Decomposition {
     /// `b_t`, aligned with the table's targets.
     pub target_effects: Vec<Effect>,
     pub rank_one: Option<RankOneTerm>,
-    pub variance: VarianceShares,
+    /// `None` when the table cannot split its variance (see `notes`).
+    pub variance: Option<VarianceShares>,
     /// √(residual SS / dof), when dof > 0.
     pub residual_std: Option<f64>,
     /// Observed cells minus free parameters.
@@ -111,6 +112,9 @@ pub struct Decomposition {
     /// Backfitting sweeps of the main fit, and whether it met the tolerance.
     pub iterations: usize,
     pub converged: bool,
+    /// What this table does not allow to estimate, and why (one sentence each).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 impl Decomposition {
@@ -198,8 +202,21 @@ pub fn decompose(table: &GainTable, config: &DecomposeConfig) -> Result<Decompos
 
     let grand = cells.iter().map(|c| c.y).sum::<f64>() / n as f64;
     let total_ss: f64 = cells.iter().map(|c| (c.y - grand).powi(2)).sum();
-    let share = |ss: f64| if total_ss > 0.0 { ss / total_ss } else { 0.0 };
-    let variance = VarianceShares {
+    let mut notes = Vec::new();
+    let unsplit = split_unavailable(nm, nt, total_ss);
+    if let Some(why) = &unsplit {
+        notes.push(format!("variance shares: {why}"));
+    }
+    if config.bootstrap > 1 && dof == 0 {
+        notes.push(format!(
+            "standard errors, residual std and prediction intervals: they need more evaluated \
+             cells than fitted parameters; have {n} cell{} for {free} parameter{}",
+            plural(n),
+            plural(free)
+        ));
+    }
+    let share = |ss: f64| ss / total_ss;
+    let variance = unsplit.is_none().then(|| VarianceShares {
         model: share(cells.iter().map(|c| params.a[c.m].powi(2)).sum()),
         target: share(cells.iter().map(|c| params.b[c.t].powi(2)).sum()),
         interaction: (!params.u.is_empty()).then(|| {
@@ -212,7 +229,7 @@ pub fn decompose(table: &GainTable, config: &DecomposeConfig) -> Result<Decompos
         }),
         residual: share(resid_ss),
         total_ss,
-    };
+    });
 
     let missing: Vec<(usize, usize)> = (0..nm)
         .flat_map(|m| (0..nt).map(move |t| (m, t)))
@@ -311,7 +328,30 @@ pub fn decompose(table: &GainTable, config: &DecomposeConfig) -> Result<Decompos
         predictions,
         iterations,
         converged,
+        notes,
     })
+}
+
+/// Why the gains' variance cannot be split into model and target effects, if it cannot: with one
+/// model (one target) that effect is zero by construction and the other takes all the variance, and
+/// equal gains have no variance to split.
+pub fn split_unavailable(models: usize, targets: usize, total_ss: f64) -> Option<String> {
+    if models < 2 || targets < 2 {
+        return Some(format!(
+            "the model/target effect split needs at least 2 models and 2 targets; have {models} × \
+             {targets}"
+        ));
+    }
+    (total_ss <= 0.0)
+        .then(|| "every evaluated gain is the same, so there is no variance to split".to_string())
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
 }
 
 /// Backfitting from `init` (or from zero effects); returns the parameters, sweeps and convergence.

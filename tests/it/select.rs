@@ -218,8 +218,9 @@ fn decomposition_recovers_planted_effects_with_missing_cells() {
         "residual std {sd} for planted noise 0.1"
     );
     // Nearly all variance is model + target; the residual share is small.
-    assert!(d.variance.residual < 0.01, "{:?}", d.variance);
-    assert!((d.variance.model + d.variance.target + d.variance.residual - 1.0).abs() < 0.05);
+    let v = d.variance.as_ref().unwrap();
+    assert!(v.residual < 0.01, "{v:?}");
+    assert!((v.model + v.target + v.residual - 1.0).abs() < 0.05);
     // The bootstrap is seeded: the same seed gives the same errors.
     let again = decompose(&p.table, &DecomposeConfig::default()).unwrap();
     assert_eq!(again, d);
@@ -241,7 +242,7 @@ fn variance_shares_add_up_in_a_complete_table() {
         },
     )
     .unwrap();
-    let v = &d.variance;
+    let v = d.variance.as_ref().unwrap();
     assert!(
         (v.model + v.target + v.residual - 1.0).abs() < 1e-9,
         "{v:?}"
@@ -284,7 +285,7 @@ fn rank_one_interaction_is_recovered() {
         sd1 < 0.1 && sd0 > 3.0 * sd1,
         "rank-one residual {sd1}, additive {sd0}"
     );
-    assert!(d.variance.interaction.unwrap() > 0.02);
+    assert!(d.variance.as_ref().unwrap().interaction.unwrap() > 0.02);
     for c in &d.predictions {
         let m: usize = c.model[1..].parse().unwrap();
         let t: usize = c.target[1..].parse().unwrap();
@@ -319,6 +320,59 @@ fn decomposition_names_what_it_cannot_fit() {
         vec![vec![None], vec![None]]
     )
     .is_err());
+}
+
+#[test]
+fn variance_shares_need_two_models_two_targets_and_some_spread() {
+    let config = DecomposeConfig {
+        bootstrap: 20,
+        ..Default::default()
+    };
+    let table = |rows: &[&[f64]]| {
+        let gains = rows
+            .iter()
+            .map(|r| r.iter().map(|&g| Some(g)).collect())
+            .collect();
+        GainTable::new(names("m", rows.len()), names("t", rows[0].len()), gains).unwrap()
+    };
+    let notes = |rows: &[&[f64]]| {
+        let d = decompose(&table(rows), &config).unwrap();
+        assert_eq!(d.variance.is_none(), !d.notes.is_empty(), "{d:?}");
+        d.notes
+    };
+    let split = |m: usize, t: usize| {
+        format!(
+            "variance shares: the model/target effect split needs at least 2 models and 2 \
+             targets; have {m} × {t}"
+        )
+    };
+    let no_dof = |n: usize, p: usize| {
+        format!(
+            "standard errors, residual std and prediction intervals: they need more evaluated \
+             cells than fitted parameters; have {n} cell{} for {p} parameter{}",
+            if n == 1 { "" } else { "s" },
+            if p == 1 { "" } else { "s" }
+        )
+    };
+    assert_eq!(notes(&[&[1.0]]), [split(1, 1), no_dof(1, 1)]);
+    assert_eq!(notes(&[&[1.0, 2.0, 4.0]]), [split(1, 3), no_dof(3, 3)]);
+    assert_eq!(notes(&[&[1.0], &[2.0]]), [split(2, 1), no_dof(2, 2)]);
+    assert_eq!(
+        notes(&[&[1.5, 1.5], &[1.5, 1.5]]),
+        ["variance shares: every evaluated gain is the same, so there is no variance to split"]
+    );
+    // 2 × 2 with spread: shares, and one degree of freedom for the standard errors.
+    assert!(notes(&[&[1.0, 2.0], &[3.0, 5.0]]).is_empty());
+    // Without a bootstrap nothing was asked of the degrees of freedom.
+    let d = decompose(
+        &table(&[&[1.0]]),
+        &DecomposeConfig {
+            bootstrap: 0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(d.notes, [split(1, 1)]);
 }
 
 #[test]

@@ -650,6 +650,83 @@ fn leave_one_out_through_analyze_matches_the_library_and_names_every_cell() {
     assert!(plain.get("holdout").is_none());
 }
 
+/// `analyze` on tables too small for a decomposition: only the baseline (refused, exit 2, with the
+/// reason), and one candidate on one target (the gain is reported; the variance split and the
+/// standard errors are named as not computed instead of printed as 0 %).
+#[test]
+fn analyze_says_what_a_degenerate_table_cannot_give() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ResultStore::new(tmp.path());
+    for (seed, s) in [0.50, 0.52, 0.54].into_iter().enumerate() {
+        store
+            .write(&finetune("base", Role::Baseline, "t1", seed as u32, s))
+            .unwrap();
+    }
+    let analyze = |format: &str| {
+        let mut c = recycle(tmp.path());
+        c.args(["analyze", "--arch", "toy", "--format", format, "--results"])
+            .arg(tmp.path());
+        c
+    };
+    let out = analyze("md").assert().code(2);
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    assert!(
+        stderr.contains("--arch toy") && stderr.contains("no candidate to analyse"),
+        "{stderr}"
+    );
+    assert!(out.get_output().stdout.is_empty());
+
+    store
+        .write(&finetune("A", Role::Candidate, "t1", 0, 0.55))
+        .unwrap();
+    let out = analyze("md").assert().success();
+    let md = String::from_utf8(out.get_output().stdout.clone()).unwrap();
+    assert!(
+        md.contains(
+            "- variance shares: the model/target effect split needs at least 2 models and 2 \
+             targets; have 1 × 1."
+        ),
+        "{md}"
+    );
+    assert!(
+        md.contains(
+            "- standard errors, residual std and prediction intervals: they need more evaluated \
+             cells than fitted parameters; have 1 cell for 1 parameter."
+        ),
+        "{md}"
+    );
+    assert!(!md.contains(" % |"), "no variance shares: {md}");
+    // What is meaningful is still there: A's gain, 55 − 52 points.
+    assert!(md.contains("| A | 3.00 | — | 3.00 | 1/1 |"), "{md}");
+    let out = analyze("json").assert().success();
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    assert!(
+        stderr.contains("warning: --arch toy: not computed: variance shares"),
+        "{stderr}"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
+    assert!(report["decomposition"]["variance"].is_null(), "{report}");
+    assert_eq!(
+        report["decomposition"]["notes"].as_array().unwrap().len(),
+        2
+    );
+
+    // A second target makes it 1 × 2: still no split (a lone model's effect is zero by
+    // construction); the average is over both targets.
+    for (seed, s) in [0.60, 0.62, 0.64].into_iter().enumerate() {
+        store
+            .write(&finetune("base", Role::Baseline, "t2", seed as u32, s))
+            .unwrap();
+    }
+    store
+        .write(&finetune("A", Role::Candidate, "t2", 0, 0.61))
+        .unwrap();
+    let out = analyze("md").assert().success();
+    let md = String::from_utf8(out.get_output().stdout.clone()).unwrap();
+    assert!(md.contains("have 1 × 2."), "{md}");
+    assert!(md.contains("| A | 1.00 | — | 1.00 | 2/2 |"), "{md}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // select
 // ---------------------------------------------------------------------------------------------
