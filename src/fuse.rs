@@ -1,6 +1,6 @@
 //! ColD Fusion (`recycle fuse`): each iteration, contributors fine-tune the current base on their
 //! own datasets and the bodies are averaged into the next base, which is evaluated on the suite's
-//! held-out targets so that every iteration appears on the leaderboard as `fusion:iter<k>`.
+//! held-out targets so that every iteration appears on the leaderboard as `fusion:<suite>/iter<k>`.
 //!
 //! The plan is pure and static (`plan_fusion`): contributors are sampled from the seed up front,
 //! so every job has a stable id and a config hash chained from the previous iteration's merge.
@@ -61,14 +61,38 @@ pub struct MergeStep {
     pub out: PathBuf,
 }
 
-/// The suite model of iteration `k`'s fused base. Its `raw` is `fusion:iter<k>` rather than a
-/// path as written: that is the id the leaderboard shows, and it keeps the hash independent of
-/// where the recycle home lies (the chain of hashes is carried by `donor_hash`/`base_hash`).
+/// The suite model of iteration `k`'s fused base: `fusion-<suite>-iter<k>`, shown as
+/// `fusion:<suite>/iter<k>`. The suite's name is part of both, so two fusion suites of one
+/// architecture sharing a results directory have rows of their own on the leaderboard (which keys
+/// rows by model name). Its `raw` is that id rather than a path as written: it is what the
+/// leaderboard shows, and it keeps the hash independent of where the recycle home lies (the chain
+/// of hashes is carried by `donor_hash`/`base_hash`).
 pub fn iteration_model(fusion: &Fusion, k: usize) -> ModelEntry {
+    model_named(fusion, k, Naming::Scoped)
+}
+
+/// How the fused bases are named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Naming {
+    /// `fusion-<suite>-iter<k>` (`iteration_model`).
+    Scoped,
+    /// `fusion-iter<k>`, shown as `fusion:iter<k>`, in every suite: earlier builds, before the
+    /// names were scoped. Only used to recognise results written then (`legacy_results`).
+    Unscoped,
+}
+
+fn model_named(fusion: &Fusion, k: usize, naming: Naming) -> ModelEntry {
+    let (name, raw) = match naming {
+        Naming::Scoped => (
+            format!("fusion-{}-iter{k}", fusion.suite),
+            format!("fusion:{}/iter{k}", fusion.suite),
+        ),
+        Naming::Unscoped => (format!("fusion-iter{k}"), format!("fusion:iter{k}")),
+    };
     ModelEntry {
-        name: format!("fusion-iter{k}"),
+        name,
         source: ModelRef::Path {
-            raw: format!("fusion:iter{k}"),
+            raw,
             resolved: fusion.dir.join(format!("iter{k}")),
         },
     }
@@ -92,6 +116,10 @@ pub fn sample_sources(n: usize, count: usize, seed: u32, k: usize) -> Vec<usize>
 
 /// The fusion plan of a suite that has a `fusion` section.
 pub fn plan_fusion(suite: &Suite) -> Result<FusionPlan> {
+    plan_named(suite, Naming::Scoped)
+}
+
+fn plan_named(suite: &Suite, naming: Naming) -> Result<FusionPlan> {
     let fusion = suite.fusion.as_ref().ok_or_else(|| {
         anyhow!(
             "{}: no `fusion` section (see docs/suite-format.md)",
@@ -138,7 +166,7 @@ pub fn plan_fusion(suite: &Suite) -> Result<FusionPlan> {
                 spec,
             )?);
         }
-        let model = iteration_model(fusion, k);
+        let model = model_named(fusion, k, naming);
         let merge_hash = merge_hash(k, &contributors)?;
         let mut evals = Vec::new();
         for t in &held_out {
@@ -248,6 +276,130 @@ pub fn step_states<'a>(
         .collect()
 }
 
+/// A result written under the unscoped names of earlier builds (`fusion-iter<k>`) for a step of the
+/// current plan: the same job (the record's config hash is the step's hash under the old names)
+/// under another id (an evaluation), or the same id with another hash (a contributor starting
+/// from a fused base, a later merge), or naming the fused base the old way (iteration 1's merge).
+/// `run_fusion` renames it (`adopt_legacy_results`) rather than redoing the work.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LegacyResult {
+    pub old_id: String,
+    pub new_id: String,
+    pub new_hash: String,
+    /// The record's new `model.name` and `model.id`: the step's model (an evaluation), base (a
+    /// contributor) or fused base (the merge), as a fresh record of the step would have them.
+    pub model_name: String,
+    pub model_id: String,
+    /// The step already has a current result under its new id (a rename interrupted after the
+    /// write): the old file is only removed.
+    pub superseded: bool,
+}
+
+/// The records of the suite (by job id) that `adopt_legacy_results` renames: results of the
+/// current plan's steps under the unscoped names. Pairing is unambiguous: the record is in this
+/// suite's results directory, under the id the step had, with exactly the hash it had.
+pub fn legacy_results(
+    suite: &Suite,
+    records: &BTreeMap<String, ResultRecord>,
+) -> Result<Vec<LegacyResult>> {
+    let old = plan_named(suite, Naming::Unscoped)?;
+    let new = plan_fusion(suite)?;
+    let mut found = Vec::new();
+    for (old_it, new_it) in old.iterations.iter().zip(&new.iterations) {
+        for (o, n) in old_it.steps().zip(new_it.steps()) {
+            let Some(r) = records
+                .get(o.id())
+                .filter(|r| r.config_hash == o.config_hash())
+            else {
+                continue;
+            };
+            let (model_name, model_id) = step_model(n);
+            // Iteration 1's contributors are untouched by the names; its merge keeps its id and
+            // hash but its record names the fused base.
+            let same = o.id() == n.id()
+                && o.config_hash() == n.config_hash()
+                && r.model.name == model_name
+                && r.model.id == model_id;
+            if same {
+                continue;
+            }
+            let superseded = o.id() != n.id()
+                && records
+                    .get(n.id())
+                    .is_some_and(|r| r.config_hash == n.config_hash());
+            found.push(LegacyResult {
+                old_id: o.id().to_string(),
+                new_id: n.id().to_string(),
+                new_hash: n.config_hash().to_string(),
+                model_name,
+                model_id,
+                superseded,
+            });
+        }
+    }
+    Ok(found)
+}
+
+/// The model a step's record names (see `runner::success_record` and `merge_record`).
+fn step_model(step: Step) -> (String, String) {
+    match step {
+        Step::Job(j) => match &j.spec {
+            JobSpec::Eval {
+                model_name, model, ..
+            } => (model_name.clone(), model.display_id()),
+            JobSpec::Donor {
+                base_name, base, ..
+            } => (base_name.clone(), base.display_id()),
+        },
+        Step::Merge(m) => (m.model.name.clone(), m.model.source.display_id()),
+    }
+}
+
+/// Renames the suite's `legacy_results`: each record is written again (atomically) under its new
+/// id, with its new hash and model names and everything else as it was (scores, checkpoint,
+/// versions, times), then the old file is removed. Returns what was renamed.
+pub fn adopt_legacy_results(suite: &Suite, store: &ResultStore) -> Result<Vec<LegacyResult>> {
+    let records = runner::records_by_job(store, suite)?;
+    let found = legacy_results(suite, &records)?;
+    for l in &found {
+        if !l.superseded {
+            let mut r = records[&l.old_id].clone();
+            r.job_id = l.new_id.clone();
+            r.config_hash = l.new_hash.clone();
+            r.model.name = l.model_name.clone();
+            r.model.id = l.model_id.clone();
+            store
+                .write(&r)
+                .with_context(|| format!("renaming the result of {} to {}", l.old_id, l.new_id))?;
+        }
+        if l.old_id != l.new_id {
+            store.remove(&suite.name, &l.old_id)?;
+        }
+    }
+    Ok(found)
+}
+
+/// Ids among `records` of evaluations of fused bases under the unscoped names
+/// (`eval/fusion-iter<k>/…`) other than those `adoptable` renames: results of an earlier
+/// configuration that no step of the plan claims. The leaderboard would show them as rows
+/// `fusion:iter<k>`.
+pub fn unscoped_leftovers<'a>(
+    records: &'a BTreeMap<String, ResultRecord>,
+    adoptable: &[LegacyResult],
+) -> Vec<&'a str> {
+    records
+        .keys()
+        .map(String::as_str)
+        .filter(|id| !adoptable.iter().any(|l| l.old_id == *id))
+        .filter(|id| {
+            id.strip_prefix("eval/fusion-iter").is_some_and(|rest| {
+                let digits = rest.chars().take_while(char::is_ascii_digit).count();
+                digits > 0 && rest[digits..].starts_with('/')
+            })
+        })
+        .collect()
+}
+
 /// sha256 of the merge's identity: iteration, method, heads dropped, contributors (id + hash).
 fn merge_hash(k: usize, contributors: &[Job]) -> Result<String> {
     let inputs: Vec<serde_json::Value> = contributors
@@ -274,11 +426,15 @@ pub struct FuseSummary {
     pub jobs: RunSummary,
     /// The iteration at which the loop stopped (a contributor or the merge failed).
     pub stopped_at: Option<usize>,
+    /// Results under earlier builds' unscoped names, renamed to this plan's before the loop ran.
+    pub adopted: Vec<LegacyResult>,
 }
 
-/// Runs the fusion of `suite`: the reference evaluations, then iteration by iteration the
-/// contributors, the merge and the evaluations. A failed contributor or merge ends the loop
-/// (later iterations depend on it); a failed evaluation is recorded and the loop goes on.
+/// Runs the fusion of `suite`: first renames the results of its steps written under recycle
+/// builds' unscoped names (`adopt_legacy_results`), then runs the reference evaluations, then
+/// iteration by iteration the contributors, the merge and the evaluations. A failed contributor
+/// or merge ends the loop (later iterations depend on it); a failed evaluation is recorded and the
+/// loop goes on.
 /// `model_dir` resolves a model to its local checkpoint dir (the template of the first merge).
 pub fn run_fusion(
     suite: &Suite,
@@ -301,7 +457,10 @@ pub fn run_fusion(
             .unwrap_or_else(|| fusion.dir.clone()),
         selection: plan::Selection::All,
     };
-    let mut summary = FuseSummary::default();
+    let mut summary = FuseSummary {
+        adopted: adopt_legacy_results(suite, store)?,
+        ..FuseSummary::default()
+    };
     let mut stage = |jobs: &[Job], summary: &mut FuseSummary| -> Result<bool> {
         let s = runner::run_jobs(
             suite,
@@ -578,8 +737,8 @@ mod tests {
         assert_eq!(
             eval_ids,
             [
-                "eval/fusion-iter2/held/seed0",
-                "eval/fusion-iter2/held/seed1"
+                "eval/fusion-s-iter2/held/seed0",
+                "eval/fusion-s-iter2/held/seed1"
             ]
         );
         // Iteration 1 starts from the baseline, with no chained hash.

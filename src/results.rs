@@ -257,6 +257,17 @@ impl ResultStore {
         Ok(path)
     }
 
+    /// Removes the record of `job_id` of `suite`; a record that is already gone is fine.
+    pub fn remove(&self, suite: &str, job_id: &str) -> Result<()> {
+        let path = self.path_for(suite, job_id);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("cannot remove result {}", path.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Where the running marker of `job_id` of `suite` lives: next to its result, `<job>.running`
     /// (not `.json`, so loading records never sees it).
     pub fn marker_path(&self, suite: &str, job_id: &str) -> PathBuf {

@@ -541,6 +541,9 @@ pub struct Fusion {
     pub base: ModelEntry,
     pub max_train: Option<usize>,
     pub max_eval: Option<usize>,
+    /// The suite's name: it scopes the fused bases' model names, so that two fusion suites of one
+    /// architecture never fill the same leaderboard rows.
+    pub suite: String,
     /// `<home>/fusion/<suite>`: where the fused bases and contributor checkpoints are saved.
     pub dir: PathBuf,
 }
@@ -548,7 +551,7 @@ pub struct Fusion {
 /// The most ColD Fusion iterations a suite may ask for.
 pub const MAX_FUSION_ITERATIONS: usize = 1000;
 
-/// Model names starting with this are reserved for fusion iterations (`fusion-iter1`, ...).
+/// Model names starting with this are reserved for fusion iterations (`fusion-<suite>-iter1`, ...).
 pub const FUSION_NAME_PREFIX: &str = "fusion-";
 
 impl Fusion {
@@ -1245,6 +1248,7 @@ fn resolve_fusion(rf: &RawFusion, cx: &FusionContext) -> Result<Fusion> {
         base,
         max_train: rf.max_train.or(cx.max_train),
         max_eval: cx.max_eval,
+        suite: cx.suite.to_string(),
         dir: cx.home.join("fusion").join(cx.suite),
     };
     if fusion.held_out(cx.targets).is_empty() {

@@ -6,12 +6,14 @@ use super::rank::results_dir;
 use crate::device::DeviceRequest;
 use crate::executor::{check_dataset_use, fetch_embedded_assets, FinetuneExecutor};
 use crate::export::{exporter, Format};
-use crate::fuse::{iteration_model, run_fusion};
+use crate::fuse::{iteration_model, run_fusion, unscoped_leftovers, LegacyResult};
 use crate::hub::HubOptions;
 use crate::leaderboard::{build, Layout};
-use crate::results::{rfc3339_utc, ResultStore};
+use crate::results::{rfc3339_utc, ResultRecord, ResultStore};
+use crate::runner::records_by_job;
 use crate::suite::{recycle_home, ModelRef, Suite};
 use anyhow::{Context, Result};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -71,6 +73,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
     };
     let mut progress = crate::progress::for_stderr();
     let summary = run_fusion(&suite, &store, &executor, &model_dir, progress.as_mut())?;
+    if !summary.adopted.is_empty() {
+        eprintln!(
+            "{}: renamed {} results of earlier builds' unscoped fusion ids (fusion-iter<k>) to \
+             this suite's (fusion-{}-iter<k>); they were not re-run",
+            suite.name,
+            summary.adopted.len(),
+            suite.name
+        );
+    }
+    warn_unscoped_leftovers(&suite, &store, &records_by_job(&store, &suite)?, &[]);
     eprintln!(
         "{}: {} done, {} skipped (already done), {} failed; results in {}",
         suite.name,
@@ -117,4 +129,27 @@ fn print_board(suite: &Suite, store: &ResultStore) -> Result<()> {
     let md = exporter(Format::Markdown).render(&board)?;
     println!("{}", String::from_utf8_lossy(&md));
     Ok(())
+}
+
+/// Warns about evaluations of fused bases left under earlier builds' unscoped ids that no step
+/// of the plan claims (results of an earlier configuration): they stay where they are, and a
+/// leaderboard built without `--suite` shows them as rows `fusion:iter<k>`.
+pub(super) fn warn_unscoped_leftovers(
+    suite: &Suite,
+    store: &ResultStore,
+    records: &BTreeMap<String, ResultRecord>,
+    adoptable: &[LegacyResult],
+) {
+    let left = unscoped_leftovers(records, adoptable);
+    if let Some(first) = left.first() {
+        eprintln!(
+            "warning: {}: {} results under the unscoped fusion ids of earlier builds match no step of \
+             this suite's plan and are left as they are (e.g. {}); `recycle rank` without --suite \
+             shows them as rows fusion:iter<k>: delete {}/eval/fusion-iter* to drop them",
+            suite.name,
+            left.len(),
+            store.path_for(&suite.name, first).display(),
+            store.dir().join(&suite.name).display()
+        );
+    }
 }

@@ -3,7 +3,7 @@
 //! the steps `recycle fuse` adds (contributors, merge and evaluations, iteration by iteration).
 
 use super::rank::results_dir;
-use crate::fuse::{plan_fusion, step_states};
+use crate::fuse::{legacy_results, plan_fusion, step_states};
 use crate::results::ResultStore;
 use crate::runner::{job_states, marker_liveness, records_by_job, JobState};
 use crate::suite::Suite;
@@ -60,6 +60,18 @@ pub(super) fn listing(suite: &Suite, store: &ResultStore) -> Result<Listing> {
     let fusion = match &suite.fusion {
         None => None,
         Some(_) => {
+            let legacy = legacy_results(suite, &records)?;
+            if !legacy.is_empty() {
+                eprintln!(
+                    "note: {}: {} fusion results were written under earlier builds' unscoped names \
+                     (fusion-iter<k>); `recycle fuse` renames them to this suite's before it runs \
+                     anything, and until then those whose id or hash changed show as missing or \
+                     stale",
+                    suite.name,
+                    legacy.len()
+                );
+            }
+            super::fuse::warn_unscoped_leftovers(suite, store, &records, &legacy);
             let plan = plan_fusion(suite)?;
             let steps = step_states(&plan, &records, &running)
                 .into_iter()

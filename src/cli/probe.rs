@@ -146,7 +146,7 @@ pub(crate) fn resolve_flag_model(m: &str) -> Result<Target> {
 }
 
 /// The suite's models to probe: the baseline, the candidates, the donors that have been trained, and
-/// the fused bases of the `fusion` rounds that `recycle fuse` has completed (`fusion-iter<k>`).
+/// the fused bases of the `fusion` rounds that `recycle fuse` has completed (`fusion-<suite>-iter<k>`).
 fn from_suite(suite: &Suite, store: &ResultStore) -> Result<Vec<Target>> {
     // One read of the suite's records serves both the donors and the fused bases.
     let records = store.load_suite(&suite.name)?;

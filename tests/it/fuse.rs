@@ -166,7 +166,7 @@ fn two_iterations_through_the_cli_then_resume_and_rank() {
     let out = s.fuse().success();
     let stdout = String::from_utf8_lossy(&out.get_output().stdout).to_string();
     assert!(
-        stdout.contains("fusion:iter1") && stdout.contains("fusion:iter2"),
+        stdout.contains("fusion:fz/iter1") && stdout.contains("fusion:fz/iter2"),
         "{stdout}"
     );
 
@@ -259,7 +259,7 @@ fn two_iterations_through_the_cli_then_resume_and_rank() {
         .get("fz", &plan.iterations[1].contributors[0].id)
         .unwrap()
         .unwrap();
-    assert_eq!(c2.model.id, "fusion:iter1");
+    assert_eq!(c2.model.id, "fusion:fz/iter1");
 
     // Lose the last iteration's merge and evaluations: a re-run redoes exactly those.
     let it2 = &plan.iterations[1];
@@ -308,7 +308,7 @@ fn two_iterations_through_the_cli_then_resume_and_rank() {
         .map(|r| r["model"]["id"].as_str().unwrap())
         .collect();
     assert_eq!(rows.len(), 2, "{rows:?}");
-    assert!(rows.contains(&"fusion:iter1") && rows.contains(&"fusion:iter2"));
+    assert!(rows.contains(&"fusion:fz/iter1") && rows.contains(&"fusion:fz/iter2"));
     let targets: Vec<&str> = board["targets"]
         .as_array()
         .unwrap()
@@ -552,4 +552,259 @@ fn plan_and_status_list_the_fusion_steps() {
         stdout.contains("fz fusion: 8 jobs: 4 done, 1 failed, 0 stale, 3 missing,"),
         "{stdout}"
     );
+}
+
+/// A `CopyExecutor` whose evaluations score `score`.
+struct Scoring {
+    inner: CopyExecutor,
+    score: f64,
+}
+
+impl JobExecutor for Scoring {
+    fn execute(&self, job: &Job, s: &mut dyn FnMut(&StepInfo)) -> anyhow::Result<JobOutput> {
+        let mut out = self.inner.execute(job, s)?;
+        if matches!(job.spec, JobSpec::Eval { .. }) {
+            out.test_score = Some(self.score);
+        }
+        Ok(out)
+    }
+}
+
+fn rank_rows(s: &Setup) -> BTreeMap<String, f64> {
+    let rank = Command::cargo_bin("recycle")
+        .unwrap()
+        .env("RECYCLE_HOME", &s.home)
+        .args([
+            "rank",
+            "--arch",
+            "tiny-bert",
+            "--format",
+            "json",
+            "--results",
+        ])
+        .arg(&s.results)
+        .assert()
+        .success();
+    let board: serde_json::Value = serde_json::from_slice(&rank.get_output().stdout).unwrap();
+    board["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let cell = &r["cells"][0];
+            assert_eq!(cell["state"], "done", "{r}");
+            (
+                r["model"]["id"].as_str().unwrap().to_string(),
+                cell["score"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Two fusion suites of one architecture in one results directory: each suite's fused bases have
+/// rows of their own, with their own seeds (they used to share the rows `fusion:iter<k>`, one
+/// suite's scores overwriting the other's).
+#[test]
+fn two_fusion_suites_sharing_results_keep_their_own_rows() {
+    let s = setup();
+    let store = ResultStore::new(&s.results);
+    for (name, score) in [("fz", 0.5), ("fz2", 0.75)] {
+        let text = SUITE.replace("\"name\": \"fz\"", &format!("\"name\": \"{name}\""));
+        let suite = Suite::parse(&text, &s.suite_file, None, &s.home).unwrap();
+        let exec = Scoring {
+            inner: CopyExecutor {
+                base: s.home.join("models/base"),
+                fail: BTreeSet::new(),
+                runs: Mutex::new(Vec::new()),
+            },
+            score,
+        };
+        let summary = run_fusion(&suite, &store, &exec, &model_dir, &mut Silent).unwrap();
+        assert!(summary.jobs.failed.is_empty(), "{:?}", summary.jobs.failed);
+        let plan = plan_fusion(&suite).unwrap();
+        assert_eq!(
+            plan.iterations[1].evals[0].id,
+            format!("eval/fusion-{name}-iter2/held/seed0")
+        );
+    }
+    let rows = rank_rows(&s);
+    let want: BTreeMap<String, f64> = [
+        ("fusion:fz/iter1", 50.0),
+        ("fusion:fz/iter2", 50.0),
+        ("fusion:fz2/iter1", 75.0),
+        ("fusion:fz2/iter2", 75.0),
+    ]
+    .into_iter()
+    .map(|(id, score)| (id.to_string(), score))
+    .collect();
+    assert_eq!(rows, want);
+}
+
+/// The config hash of a merge as earlier builds computed it (src/fuse.rs `merge_hash` then).
+fn merge_hash_unscoped(k: usize, contributors: &[(String, String)]) -> String {
+    let inputs: Vec<serde_json::Value> = contributors
+        .iter()
+        .map(|(id, h)| serde_json::json!({ "id": id, "config_hash": h }))
+        .collect();
+    let value = serde_json::json!({
+        "schema_version": 1,
+        "spec": { "kind": "fusion_merge", "iteration": k, "method": "average",
+                  "keep_head": false, "contributors": inputs }
+    });
+    recycle::plan::sha256_hex(recycle::plan::canonical_json(&value).as_bytes())
+}
+
+/// Rewrites the suite's fusion records as earlier builds wrote them: fused bases named
+/// `fusion-iter<k>` / `fusion:iter<k>` in every suite, the ids and hashes that follow from that.
+/// Built here from the job specs, independently of how `recycle::fuse` recognises them.
+fn rewrite_as_unscoped(store: &ResultStore, plan: &FusionPlan) {
+    let fused = |k: usize, dir: &Path| ModelRef::Path {
+        raw: format!("fusion:iter{k}"),
+        resolved: dir.to_path_buf(),
+    };
+    let mut previous: Option<String> = None; // the legacy hash of the previous merge
+    for it in &plan.iterations {
+        let k = it.k;
+        let mut contribs = Vec::new();
+        for c in &it.contributors {
+            let mut spec = c.spec.clone();
+            if let (
+                JobSpec::Donor {
+                    base_name,
+                    base,
+                    base_hash,
+                    ..
+                },
+                Some(prev),
+            ) = (&mut spec, &previous)
+            {
+                *base_name = format!("fusion-iter{}", k - 1);
+                *base = fused(k - 1, &plan.iterations[k - 2].merge.out);
+                *base_hash = Some(prev.clone());
+            }
+            let hash = recycle::plan::config_hash(&spec).unwrap();
+            let mut r = store.get("fz", &c.id).unwrap().unwrap();
+            r.config_hash = hash.clone();
+            if k > 1 {
+                r.model.name = format!("fusion-iter{}", k - 1);
+                r.model.id = format!("fusion:iter{}", k - 1);
+            }
+            store.write(&r).unwrap();
+            contribs.push((c.id.clone(), hash));
+        }
+        let merge = merge_hash_unscoped(k, &contribs);
+        let mut r = store.get("fz", &it.merge.id).unwrap().unwrap();
+        r.config_hash = merge.clone();
+        r.model.name = format!("fusion-iter{k}");
+        r.model.id = format!("fusion:iter{k}");
+        store.write(&r).unwrap();
+        for e in &it.evals {
+            let mut spec = e.spec.clone();
+            let JobSpec::Eval {
+                model_name,
+                model,
+                donor_hash,
+                target,
+                seed,
+                ..
+            } = &mut spec
+            else {
+                panic!("an evaluation")
+            };
+            *model_name = format!("fusion-iter{k}");
+            *model = fused(k, &it.merge.out);
+            *donor_hash = Some(merge.clone());
+            let old_id = format!("eval/fusion-iter{k}/{target}/seed{seed}");
+            let mut r = store.get("fz", &e.id).unwrap().unwrap();
+            r.job_id = old_id;
+            r.config_hash = recycle::plan::config_hash(&spec).unwrap();
+            r.model.name = format!("fusion-iter{k}");
+            r.model.id = format!("fusion:iter{k}");
+            store.write(&r).unwrap();
+            store.remove("fz", &e.id).unwrap();
+        }
+        previous = Some(merge);
+    }
+}
+
+/// Results of earlier builds (unscoped fusion names) are renamed to the suite-scoped ids by the
+/// next `fuse`, exactly as a fresh run would have written them, without re-running anything;
+/// `status` says so before; an old evaluation that matches no step is left and warned about.
+#[test]
+fn results_under_the_unscoped_ids_of_earlier_builds_are_renamed_not_rerun() {
+    let s = setup();
+    let suite = s.suite();
+    let plan = plan_fusion(&suite).unwrap();
+    let store = ResultStore::new(&s.results);
+    let exec = CopyExecutor {
+        base: s.home.join("models/base"),
+        fail: BTreeSet::new(),
+        runs: Mutex::new(Vec::new()),
+    };
+    run_fusion(&suite, &store, &exec, &model_dir, &mut Silent).unwrap();
+    let fresh = s.files();
+    rewrite_as_unscoped(&store, &plan);
+    // An evaluation of an earlier configuration under an old id: no step claims it.
+    let mut stray = store
+        .get("fz", "eval/fusion-iter1/held/seed0")
+        .unwrap()
+        .unwrap();
+    stray.job_id = "eval/fusion-iter1/held/seed7".into();
+    stray.seed = 7;
+    store.write(&stray).unwrap();
+    let old = s.files();
+    assert!(
+        old.contains_key("eval/fusion-iter2/held/seed0"),
+        "{:?}",
+        old.keys()
+    );
+    assert!(!old.contains_key(&plan.iterations[1].evals[0].id));
+
+    let status = Command::cargo_bin("recycle")
+        .unwrap()
+        .env("RECYCLE_HOME", &s.home)
+        .arg("status")
+        .arg(&s.suite_file)
+        .arg("--results")
+        .arg(&s.results)
+        .assert()
+        .success();
+    let stderr = String::from_utf8_lossy(&status.get_output().stderr).to_string();
+    // Iteration 2's contributors, merge and evaluation, iteration 1's merge and evaluation.
+    assert!(
+        stderr.contains("fz: 6 fusion results were written under earlier builds' unscoped names"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("fz: 1 results under the unscoped fusion ids")
+            && stderr.contains("seed7.json"),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&status.get_output().stdout).to_string();
+    assert!(
+        stdout.contains("fz fusion: 8 jobs: 3 done, 0 failed, 3 stale, 2 missing"),
+        "{stdout}"
+    );
+
+    let again = CopyExecutor {
+        base: s.home.join("models/base"),
+        fail: BTreeSet::new(),
+        runs: Mutex::new(Vec::new()),
+    };
+    let summary = run_fusion(&suite, &store, &again, &model_dir, &mut Silent).unwrap();
+    assert_eq!(again.runs.lock().unwrap().len(), 0, "nothing is re-run");
+    assert_eq!(summary.adopted.len(), 6);
+    let mut renamed = s.files();
+    assert!(renamed.remove("eval/fusion-iter1/held/seed7").is_some());
+    assert_eq!(
+        renamed, fresh,
+        "the renamed records are those of a fresh run"
+    );
+    // The board has the scoped rows, and the stray old row, which is what the warning is about.
+    let rows: BTreeSet<String> = rank_rows(&s).into_keys().collect();
+    let want: BTreeSet<String> = ["fusion:fz/iter1", "fusion:fz/iter2", "fusion:iter1"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    assert_eq!(rows, want);
 }
