@@ -188,7 +188,10 @@ pub fn decompose(table: &GainTable, config: &DecomposeConfig) -> Result<Decompos
     }
     let (params, iterations, converged) = fit(&cells, nm, nt, config, None);
     let n = cells.len();
-    let mut free = nm + nt - 1;
+    // Each group of models and targets linked by evaluated cells has an offset of its own: the
+    // additive model has nm + nt − groups free parameters, and compares models only within a group.
+    let (model_group, target_group, groups) = groups(&cells, nm, nt);
+    let mut free = nm + nt - groups;
     if config.interaction == Interaction::RankOne {
         free += nm + nt - 3;
     }
@@ -203,7 +206,26 @@ pub fn decompose(table: &GainTable, config: &DecomposeConfig) -> Result<Decompos
     let grand = cells.iter().map(|c| c.y).sum::<f64>() / n as f64;
     let total_ss: f64 = cells.iter().map(|c| (c.y - grand).powi(2)).sum();
     let mut notes = Vec::new();
-    let unsplit = split_unavailable(nm, nt, total_ss);
+    if groups > 1 {
+        let members: Vec<String> = (0..groups)
+            .map(|g| {
+                let names: Vec<&str> = (0..nm)
+                    .filter(|&m| model_group[m] == g)
+                    .map(|m| table.models[m].as_str())
+                    .collect();
+                format!("[{}]", names.join(", "))
+            })
+            .collect();
+        notes.push(format!(
+            "comparisons across groups: the evaluated cells fall into {groups} groups of models              that share no evaluated target ({}), so model effects and adjusted averages compare              models only within a group, and gains across groups are neither split nor predicted",
+            members.join(" ")
+        ));
+    }
+    let unsplit = if groups > 1 {
+        Some("the evaluated cells do not link every model to every target (above)".to_string())
+    } else {
+        split_unavailable(nm, nt, total_ss)
+    };
     if let Some(why) = &unsplit {
         notes.push(format!("variance shares: {why}"));
     }
@@ -231,9 +253,10 @@ pub fn decompose(table: &GainTable, config: &DecomposeConfig) -> Result<Decompos
         total_ss,
     });
 
+    // Only cells within a group can be predicted (see `groups`).
     let missing: Vec<(usize, usize)> = (0..nm)
         .flat_map(|m| (0..nt).map(move |t| (m, t)))
-        .filter(|&(m, t)| table.get(m, t).is_none())
+        .filter(|&(m, t)| table.get(m, t).is_none() && model_group[m] == target_group[t])
         .collect();
 
     // Residual bootstrap.
@@ -344,6 +367,37 @@ pub fn split_unavailable(models: usize, targets: usize, total_ss: f64) -> Option
     }
     (total_ss <= 0.0)
         .then(|| "every evaluated gain is the same, so there is no variance to split".to_string())
+}
+
+/// The connected groups of the table: models and targets are linked by evaluated cells. Returns
+/// each model's group, each target's group (numbered by first model) and how many there are.
+fn groups(cells: &[Cell], nm: usize, nt: usize) -> (Vec<usize>, Vec<usize>, usize) {
+    // Union-find over models 0..nm and targets nm..nm + nt.
+    let mut parent: Vec<usize> = (0..nm + nt).collect();
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    for c in cells {
+        let (a, b) = (root(&mut parent, c.m), root(&mut parent, nm + c.t));
+        parent[a.max(b)] = a.min(b);
+    }
+    let mut number = vec![usize::MAX; nm + nt];
+    let mut count = 0;
+    let mut group_of = |i: usize, parent: &mut [usize]| {
+        let r = root(parent, i);
+        if number[r] == usize::MAX {
+            number[r] = count;
+            count += 1;
+        }
+        number[r]
+    };
+    let models: Vec<usize> = (0..nm).map(|m| group_of(m, &mut parent)).collect();
+    let targets: Vec<usize> = (0..nt).map(|t| group_of(nm + t, &mut parent)).collect();
+    (models, targets, count)
 }
 
 fn plural(n: usize) -> &'static str {

@@ -3,6 +3,7 @@
 
 use recycle::select::correlate::{average_ranks, pearson, spearman};
 use recycle::select::decompose::{decompose, DecomposeConfig, Interaction};
+use recycle::select::holdout::leave_one_out;
 use recycle::select::regret::{rank_by_proxy, regret, Proxy};
 use recycle::select::rng::SplitMix64;
 use recycle::select::GainTable;
@@ -373,6 +374,57 @@ fn variance_shares_need_two_models_two_targets_and_some_spread() {
     )
     .unwrap();
     assert_eq!(d.notes, [split(1, 1)]);
+}
+
+#[test]
+fn disconnected_groups_are_neither_split_nor_predicted_across() {
+    // m0, m1 were evaluated on t0, t1 only; m2 on t2 only: two groups that share no target, whose
+    // relative level no cell measures.
+    let table = GainTable::new(
+        names("m", 3),
+        names("t", 3),
+        vec![
+            vec![Some(1.0), Some(2.0), None],
+            vec![Some(3.0), Some(4.5), None],
+            vec![None, None, Some(7.0)],
+        ],
+    )
+    .unwrap();
+    let d = decompose(
+        &table,
+        &DecomposeConfig {
+            bootstrap: 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(d.variance.is_none(), "{d:?}");
+    assert!(
+        d.notes[0].contains("2 groups") && d.notes[0].contains("[m0, m1] [m2]"),
+        "{:?}",
+        d.notes
+    );
+    // Only the cells within a group are predicted: none here (each group is complete).
+    assert!(d.predictions.is_empty(), "{:?}", d.predictions);
+    // 5 cells, 3 + 3 − 2 parameters.
+    assert_eq!(d.dof, 1);
+    // Within the first group the fit is the additive one: m1 − m0 = 2.25.
+    let gap = d.model_average(1) - d.model_average(0);
+    assert!((gap - 2.25).abs() < 1e-6, "{gap}");
+
+    // Linking the groups with one cell restores the split, and predicts every missing cell.
+    let mut linked = table.gains.clone();
+    linked[0][2] = Some(5.0);
+    let table = GainTable::new(names("m", 3), names("t", 3), linked).unwrap();
+    let d = decompose(&table, &DecomposeConfig::default()).unwrap();
+    assert!(d.variance.is_some() && d.notes.is_empty(), "{d:?}");
+    assert_eq!(d.predictions.len(), 3);
+    assert_eq!(d.dof, 6 - 5);
+    // Hiding that one link disconnects the groups again: leave-one-out skips it, as it skips a
+    // model's or target's only cell, and checks the rest.
+    let h = leave_one_out(&table, &DecomposeConfig::default()).unwrap();
+    assert_eq!(h.skipped, ["m0 / t2", "m2 / t2"]);
+    assert_eq!(h.cells.len(), 4);
 }
 
 #[test]
