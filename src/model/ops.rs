@@ -387,6 +387,7 @@ fn forward_only_softmax(x: &Tensor) -> Result<Tensor> {
 /// probabilities); on CUDA with recycle's kernels one graph node over them
 /// (`kernels::attention_node`, the mask from one host seed). Returns `None` where the composed path
 /// must run (other devices or dtypes, other shapes, or the fused kernels turned off).
+#[allow(clippy::too_many_arguments)]
 pub fn fused_attention(
     q: &Tensor,
     k: &Tensor,

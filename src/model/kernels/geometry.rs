@@ -10,7 +10,7 @@ pub fn swap_unit(elem: usize, d: usize, offset: usize) -> (usize, usize) {
     let at = offset * elem;
     let unit = [16, 8, 4, 2]
         .into_iter()
-        .find(|u| run % u == 0 && at % u == 0)
+        .find(|&u| run.is_multiple_of(u) && at.is_multiple_of(u))
         .unwrap_or(elem);
     (unit, run / unit)
 }
