@@ -286,21 +286,7 @@ fn two_iterations_through_the_cli_then_resume_and_rank() {
     assert!(it2.merge.out.join("model.safetensors").is_file());
 
     // The leaderboard shows the fusion iterations as candidates on the held-out target.
-    let rank = Command::cargo_bin("recycle")
-        .unwrap()
-        .env("RECYCLE_HOME", &s.home)
-        .args([
-            "rank",
-            "--arch",
-            "tiny-bert",
-            "--format",
-            "json",
-            "--results",
-        ])
-        .arg(&s.results)
-        .assert()
-        .success();
-    let board: serde_json::Value = serde_json::from_slice(&rank.get_output().stdout).unwrap();
+    let board = rank_board(&s);
     let rows: Vec<&str> = board["rows"]
         .as_array()
         .unwrap()
@@ -570,7 +556,8 @@ impl JobExecutor for Scoring {
     }
 }
 
-fn rank_rows(s: &Setup) -> BTreeMap<String, f64> {
+/// `recycle rank --format json` of the setup's results.
+fn rank_board(s: &Setup) -> serde_json::Value {
     let rank = Command::cargo_bin("recycle")
         .unwrap()
         .env("RECYCLE_HOME", &s.home)
@@ -585,8 +572,12 @@ fn rank_rows(s: &Setup) -> BTreeMap<String, f64> {
         .arg(&s.results)
         .assert()
         .success();
-    let board: serde_json::Value = serde_json::from_slice(&rank.get_output().stdout).unwrap();
-    board["rows"]
+    serde_json::from_slice(&rank.get_output().stdout).unwrap()
+}
+
+/// The leaderboard's rows as model id → score on its one target.
+fn rank_rows(s: &Setup) -> BTreeMap<String, f64> {
+    rank_board(s)["rows"]
         .as_array()
         .unwrap()
         .iter()
