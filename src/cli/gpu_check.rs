@@ -477,11 +477,11 @@ fn dropout_check(device: &Device) -> Result<bool> {
 /// CPU kernel instead, the node runs with its CPU stand-ins so that the check's control flow is
 /// tested.
 fn attention_node_check(device: &Device) -> Result<bool> {
-    use crate::model::kernels::attention_node::{self as node, Drop};
+    use crate::model::kernels::attention_node::{self as node, ProbDropout};
     let mut ok = true;
     for precision in [Precision::F32, Precision::Bf16] {
         let dt = precision.compute_dtype();
-        let drop = Some(Drop { p: 0.1, seed: 11 });
+        let drop = Some(ProbDropout { p: 0.1, seed: 11 });
         let parity = match device {
             #[cfg(feature = "cuda")]
             Device::Cuda(_) => {

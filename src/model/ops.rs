@@ -420,7 +420,7 @@ pub fn fused_attention(
     #[cfg(feature = "cuda")]
     if route == Path::Cuda {
         let drop = if mode == Mode::Train && p > 0.0 {
-            Some(kernels::attention_node::Drop {
+            Some(kernels::attention_node::ProbDropout {
                 p,
                 seed: host_seed()?,
             })

@@ -34,7 +34,7 @@ pub trait Prims: Send + Sync + 'static {
 
 /// Dropout of one attention call: its probability and the seed of its mask.
 #[derive(Debug, Clone, Copy)]
-pub struct Drop {
+pub struct ProbDropout {
     pub p: f32,
     pub seed: u64,
 }
@@ -51,7 +51,7 @@ pub fn attention<P: Prims>(
     bias: &Tensor,
     heads: usize,
     scale: f64,
-    drop: Option<Drop>,
+    drop: Option<ProbDropout>,
 ) -> Result<Tensor> {
     let (b, s, hidden) = q.dims3()?;
     if heads == 0 || hidden % heads != 0 || k.dims() != q.dims() || v.dims() != q.dims() {
@@ -100,7 +100,7 @@ struct Node<P> {
     /// `[b, s, heads, head_dim]`.
     dims: [usize; 4],
     scale: f64,
-    drop: Option<Drop>,
+    drop: Option<ProbDropout>,
     /// `[b, h, s, d]`: the context per head, before the merge.
     ctx_heads: Tensor,
     qh: Tensor,
@@ -228,7 +228,7 @@ pub fn parity<P: Prims + Clone>(
     prims: P,
     device: &Device,
     dtype: DType,
-    drop: Option<Drop>,
+    drop: Option<ProbDropout>,
 ) -> Result<Parity> {
     let (b, s, hidden, heads) = (2, 16, 64, 4);
     let scale = 1.0 / 4.0;
@@ -278,7 +278,7 @@ fn composed<P: Prims>(
     bias: &Tensor,
     heads: usize,
     scale: f64,
-    drop: Option<Drop>,
+    drop: Option<ProbDropout>,
 ) -> Result<Tensor> {
     let (b, s, hidden) = q.dims3()?;
     let d = hidden / heads;
@@ -310,7 +310,7 @@ mod tests {
     use super::*;
 
     /// The node's output and the gradients of q, k, v against the composed reference.
-    fn check(drop: Option<Drop>) {
+    fn check(drop: Option<ProbDropout>) {
         let p = parity(CpuPrims, &Device::Cpu, DType::F32, drop).unwrap();
         assert!(p.context < 1e-5, "{p:?}");
         for (name, g) in ["q", "k", "v"].iter().zip(p.grads) {
@@ -325,7 +325,7 @@ mod tests {
 
     #[test]
     fn node_matches_autograd_with_dropout_on_the_probabilities() {
-        check(Some(Drop { p: 0.3, seed: 17 }));
+        check(Some(ProbDropout { p: 0.3, seed: 17 }));
     }
 
     #[test]
