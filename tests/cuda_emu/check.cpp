@@ -136,12 +136,29 @@ static void layer_norm(size_t rows, size_t n, unsigned dwdb_blocks, std::mt19937
   const Vec gx = numeric_grad([&](const Vec &v) { return ln_ref(v, w, b, rows, n, eps); }, x, dy);
   check("layer_norm_bwd_dx " + at, rel_err(to_host(dx), gx), 4 * tol<T>());
 
+  std::vector<float> stats(2 * rows);
+  emu::launch(dim3(unsigned((rows + 7) / 8)), dim3(32, 8), [&] {
+    if constexpr (std::is_same_v<T, float>)
+      layer_norm_stats_f32(xd.data(), stats.data(), rows, int(n), eps);
+    else
+      layer_norm_stats_bf16(xd.data(), stats.data(), rows, int(n), eps);
+  });
+  Vec want_stats(2 * rows);
+  for (size_t r = 0; r < rows; r++) {
+    double m = 0, v = 0;
+    for (size_t i = 0; i < n; i++) m += x[r * n + i];
+    m /= n;
+    for (size_t i = 0; i < n; i++) v += (x[r * n + i] - m) * (x[r * n + i] - m);
+    want_stats[2 * r] = m;
+    want_stats[2 * r + 1] = 1 / std::sqrt(v / n + eps);
+  }
+  check("layer_norm_stats " + at, rel_err(stats, want_stats), 2e-5);
   const unsigned threads = unsigned(std::clamp<size_t>((((n + 15) / 16) + 31) / 32 * 32, 128, 1024));
   emu::launch(dim3(dwdb_blocks), dim3(threads), [&] {
     if constexpr (std::is_same_v<T, float>)
-      layer_norm_bwd_dwdb_f32(xd.data(), dyd.data(), dwdb.data(), rows, int(n), eps);
+      layer_norm_bwd_dwdb_f32(xd.data(), dyd.data(), stats.data(), dwdb.data(), rows, int(n));
     else
-      layer_norm_bwd_dwdb_bf16(xd.data(), dyd.data(), dwdb.data(), rows, int(n), eps);
+      layer_norm_bwd_dwdb_bf16(xd.data(), dyd.data(), stats.data(), dwdb.data(), rows, int(n));
   });
   const Vec gw = numeric_grad([&](const Vec &v) { return ln_ref(x, v, b, rows, n, eps); }, w, dy);
   const Vec gb = numeric_grad([&](const Vec &v) { return ln_ref(x, w, v, rows, n, eps); }, b, dy);

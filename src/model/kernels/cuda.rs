@@ -263,17 +263,24 @@ impl CustomOp2 for LayerNormDwDb {
                 view::<T>(x, xl, "layer norm backward")?,
                 view::<T>(g, gl, "layer norm backward")?,
             );
+            let n_i = n as i32;
+            // Each row's mean and rstd, one warp per row, so that the gradient kernel below
+            // streams over the rows instead of reducing each one with a whole block.
+            let stats = unsafe { dev.alloc::<f32>(2 * rows)? };
+            let f = func!(dev, "layer_norm_stats", x.dtype())?;
+            let mut a = f.builder();
+            a.arg(&xv).arg(&stats).arg(&rows).arg(&n_i).arg(&eps);
+            unsafe { a.launch(warp_rows(rows)) }.w()?;
             let dwdb = dev.alloc_zeros::<f32>(2 * n)?;
             let threads = (n.div_ceil(16).div_ceil(32) * 32).clamp(128, 1024) as u32;
             let f = func!(dev, "layer_norm_bwd_dwdb", x.dtype())?;
             let mut a = f.builder();
-            let (n_i, rows_u) = (n as i32, rows);
             a.arg(&xv)
                 .arg(&gv)
+                .arg(&stats)
                 .arg(&dwdb)
-                .arg(&rows_u)
-                .arg(&n_i)
-                .arg(&eps);
+                .arg(&rows)
+                .arg(&n_i);
             let cfg = LaunchConfig {
                 grid_dim: (rows.clamp(1, 1024) as u32, 1, 1),
                 block_dim: (threads, 1, 1),

@@ -102,8 +102,9 @@ __device__ float block_sum(float v, float *sh) {
 
 // ---- layer norm -----------------------------------------------------------------------------
 // The mean and 1/sqrt(var + eps) of one row, over a one-dimensional block: the mean, then the
-// centred variance (two passes, as the composed ops and transformers compute it). The backward
-// kernels recompute them (cheaper than storing them: a row is in cache by the second pass).
+// centred variance (two passes, as the composed ops and transformers compute it). The forward and
+// the dx kernel compute them per row (cheaper than storing them: a row is in cache by the second
+// pass); the dw/db kernel reads them from layer_norm_stats.
 template <typename T>
 __device__ void row_stats(const T *xr, int n, float eps, float *sh, float *mean, float *rstd) {
   float s = 0.f;
@@ -155,24 +156,46 @@ __device__ void layer_norm_bwd_dx(const T *x, const T *w, const T *dy, T *dx, in
   }
 }
 
+// The mean and 1/sqrt(var + eps) of each row of x [rows, n], one warp per row (blockDim (32, k)),
+// into stats [rows, 2] (f32): what the weight and bias gradients need of each row, computed once
+// instead of by a whole block per row inside their kernel.
+template <typename T>
+__device__ void layer_norm_stats(const T *x, float *stats, size_t rows, int n, float eps) {
+  const size_t row = (size_t)blockIdx.x * blockDim.y + threadIdx.y;
+  if (row >= rows) return;
+  const T *xr = x + row * n;
+  float s = 0.f;
+  for (int i = threadIdx.x; i < n; i += 32) s += to_f(xr[i]);
+  const float m = warp_sum(s) / n;
+  float v = 0.f;
+  for (int i = threadIdx.x; i < n; i += 32) {
+    const float d = to_f(xr[i]) - m;
+    v += d * d;
+  }
+  v = warp_sum(v) / n;
+  if (threadIdx.x == 0) {
+    stats[2 * row] = m;
+    stats[2 * row + 1] = rsqrtf(v + eps);
+  }
+}
+
 // Columns one thread keeps partial sums for: n <= LN_MAX_PER_THREAD * blockDim.x.
 #define LN_MAX_PER_THREAD 16
 
 // dw = sum over rows of dy * xhat and db = sum over rows of dy, into dwdb ([2, n], f32, zeroed by
-// the caller). Each block walks rows blockIdx.x, blockIdx.x + gridDim.x, ... keeping its columns'
-// partial sums in registers, and adds them in once at the end.
+// the caller), with each row's mean and rstd from stats (layer_norm_stats). Each block walks rows
+// blockIdx.x, blockIdx.x + gridDim.x, ... keeping its columns' partial sums in registers, and adds
+// them in once at the end.
 template <typename T>
-__device__ void layer_norm_bwd_dwdb(const T *x, const T *dy, float *dwdb, size_t rows, int n,
-                                    float eps) {
-  __shared__ float sh[32];
+__device__ void layer_norm_bwd_dwdb(const T *x, const T *dy, const float *stats, float *dwdb,
+                                    size_t rows, int n) {
   float dw[LN_MAX_PER_THREAD], db[LN_MAX_PER_THREAD];
 #pragma unroll
   for (int k = 0; k < LN_MAX_PER_THREAD; k++) dw[k] = db[k] = 0.f;
   for (size_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const T *xr = x + row * n;
     const T *gr = dy + row * n;
-    float mean, rstd;
-    row_stats(xr, n, eps, sh, &mean, &rstd);
+    const float mean = stats[2 * row], rstd = stats[2 * row + 1];
 #pragma unroll
     for (int k = 0; k < LN_MAX_PER_THREAD; k++) {
       const int i = threadIdx.x + k * blockDim.x;
@@ -378,9 +401,13 @@ extern "C" __global__ void sum_squares_into(float *sums, const float *g, size_t 
                                                    int n, float eps) {                           \
     layer_norm_bwd_dx<T>(x, w, dy, dx, n, eps);                                                  \
   }                                                                                              \
-  extern "C" __global__ void layer_norm_bwd_dwdb_##S(const T *x, const T *dy, float *dwdb,       \
-                                                     size_t rows, int n, float eps) {            \
-    layer_norm_bwd_dwdb<T>(x, dy, dwdb, rows, n, eps);                                           \
+  extern "C" __global__ void layer_norm_stats_##S(const T *x, float *stats, size_t rows, int n,   \
+                                                  float eps) {                                   \
+    layer_norm_stats<T>(x, stats, rows, n, eps);                                                 \
+  }                                                                                              \
+  extern "C" __global__ void layer_norm_bwd_dwdb_##S(const T *x, const T *dy, const float *stats, \
+                                                     float *dwdb, size_t rows, int n) {          \
+    layer_norm_bwd_dwdb<T>(x, dy, stats, dwdb, rows, n);                                         \
   }                                                                                              \
   extern "C" __global__ void softmax_fwd_##S(const T *s, const T *bias, T *p, size_t rows, int k, \
                                              size_t rows_per_batch, float scale) {               \
