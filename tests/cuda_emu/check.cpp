@@ -248,21 +248,32 @@ template <typename T> static void gelu(size_t n, dim3 blocks, size_t offset, std
   check("gelu_bwd " + at, rel_err(to_host(dx), numeric_grad(gelu_ref, x, dy)), 2 * tol<T>());
 }
 
-template <typename T> static void bias_add(size_t rows, size_t n, unsigned row_blocks, std::mt19937 &rng) {
+// `offset` elements into each buffer; the launch takes packs of columns when the host would
+// (geometry::bias_packs: n a whole number of 16-byte packs, the pointers aligned).
+template <typename T>
+static void bias_add(size_t rows, size_t n, unsigned row_blocks, size_t offset, std::mt19937 &rng) {
   const Vec x = rounded<T>(randn(rows * n, rng)), b = rounded<T>(randn(n, rng));
   Vec want(rows * n);
   for (size_t r = 0; r < rows; r++)
     for (size_t c = 0; c < n; c++) want[r * n + c] = x[r * n + c] + b[c];
-  const auto xd = to_dev<T>(x), bd = to_dev<T>(b);
-  std::vector<T> y(rows * n);
-  emu::launch(dim3(unsigned((n + 255) / 256), row_blocks), dim3(256), [&] {
+  auto xd = to_dev<T>(x), bd = to_dev<T>(b);
+  xd.insert(xd.begin(), offset, from_f<T>(0.f));
+  bd.insert(bd.begin(), offset, from_f<T>(0.f));
+  std::vector<T> y(rows * n + offset);
+  constexpr size_t P = 16 / sizeof(T);
+  const bool packed = n % P == 0 && offset * sizeof(T) % 16 == 0;
+  const size_t columns = packed ? n / P : n;
+  emu::launch(dim3(unsigned((columns + 255) / 256), row_blocks), dim3(256), [&] {
+    const T *xs = xd.data() + offset, *bs = bd.data() + offset;
     if constexpr (std::is_same_v<T, float>)
-      bias_add_f32(xd.data(), bd.data(), y.data(), rows, int(n));
+      bias_add_f32(xs, bs, y.data() + offset, rows, int(n), packed);
     else
-      bias_add_bf16(xd.data(), bd.data(), y.data(), rows, int(n));
+      bias_add_bf16(xs, bs, y.data() + offset, rows, int(n), packed);
   });
+  y.erase(y.begin(), y.begin() + offset);
   check(std::string("bias_add ") + tname<T>() + " " + std::to_string(rows) + "x" +
-            std::to_string(n) + " over " + std::to_string(row_blocks) + " row blocks",
+            std::to_string(n) + " over " + std::to_string(row_blocks) + " row blocks" +
+            (packed ? ", packed" : ", by element"),
         rel_err(to_host(y), want), tol<T>());
 }
 
@@ -429,9 +440,12 @@ int main() {
   gelu<float>(3001, dim3(2), 1, rng);
   gelu<bf16>(3003, dim3(3), 0, rng);
   gelu<bf16>(3003, dim3(3), 1, rng);
-  bias_add<float>(9, 300, 9, rng);
-  bias_add<float>(9, 300, 4, rng);
-  bias_add<bf16>(9, 300, 2, rng);
+  bias_add<float>(9, 300, 9, 0, rng);  // packed
+  bias_add<float>(9, 300, 4, 0, rng);
+  bias_add<float>(9, 300, 4, 1, rng);  // unaligned: by element
+  bias_add<float>(5, 301, 3, 0, rng);  // no whole packs: by element
+  bias_add<bf16>(9, 304, 2, 0, rng);   // packed
+  bias_add<bf16>(9, 300, 2, 0, rng);   // 300 is no multiple of 8: by element
   dropout_checks(rng);
   swap<bf16, uint16_t>(2, 5, 3, 3, 2, rng);  // odd bf16 runs: element by element
   swap<float, uint32_t>(3, 7, 4, 5, 3, rng);

@@ -744,10 +744,17 @@ impl CustomOp3 for Linear {
             let f = func!(dev, "bias_add", y.dtype())?;
             let mut a = f.builder();
             let n_i = n as i32;
+            let per_thread =
+                geometry::bias_columns_per_thread(std::mem::size_of::<T>(), n, bl.start_offset());
+            let packed = per_thread > 1;
             // In place: each element is read and written by the same thread.
-            a.arg(ys).arg(&bv).arg(ys).arg(&rows).arg(&n_i);
+            a.arg(ys).arg(&bv).arg(ys).arg(&rows).arg(&n_i).arg(&packed);
             let cfg = LaunchConfig {
-                grid_dim: (n.div_ceil(256) as u32, rows.clamp(1, 65_535) as u32, 1),
+                grid_dim: (
+                    (n / per_thread).div_ceil(256) as u32,
+                    rows.clamp(1, 65_535) as u32,
+                    1,
+                ),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };

@@ -270,9 +270,28 @@ __device__ void gelu_bwd(const T *x, const T *dy, T *dx, size_t n) {
 
 // ---- bias add -------------------------------------------------------------------------------
 // y[r, c] = x[r, c] + b[c] for x [rows, n]: blockIdx.x and threadIdx.x pick the column (no
-// division per element), blockIdx.y strides the rows.
+// division per element), blockIdx.y strides the rows. With `packed` (the host's choice: n a whole
+// number of 16-byte packs, every pointer 16-byte aligned) a thread takes one pack of columns
+// instead of one column.
 template <typename T>
-__device__ void bias_add(const T *x, const T *b, T *y, size_t rows, int n) {
+__device__ void bias_add(const T *x, const T *b, T *y, size_t rows, int n, bool packed) {
+  if (packed) {
+    constexpr int P = 16 / sizeof(T);
+    const int packs = n / P;
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= packs) return;
+    const Pack<T> bc = reinterpret_cast<const Pack<T> *>(b)[c];
+    const Pack<T> *xp = reinterpret_cast<const Pack<T> *>(x);
+    Pack<T> *yp = reinterpret_cast<Pack<T> *>(y);
+    for (size_t r = blockIdx.y; r < rows; r += gridDim.y) {
+      const Pack<T> v = xp[r * packs + c];
+      Pack<T> out;
+#pragma unroll
+      for (int k = 0; k < P; k++) out.v[k] = from_f<T>(to_f(v.v[k]) + to_f(bc.v[k]));
+      yp[r * packs + c] = out;
+    }
+    return;
+  }
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= n) return;
   const float bc = to_f(b[c]);
@@ -421,8 +440,9 @@ extern "C" __global__ void sum_squares_into(float *sums, const float *g, size_t 
   extern "C" __global__ void gelu_bwd_##S(const T *x, const T *dy, T *dx, size_t n) {            \
     gelu_bwd<T>(x, dy, dx, n);                                                                   \
   }                                                                                              \
-  extern "C" __global__ void bias_add_##S(const T *x, const T *b, T *y, size_t rows, int n) {    \
-    bias_add<T>(x, b, y, rows, n);                                                               \
+  extern "C" __global__ void bias_add_##S(const T *x, const T *b, T *y, size_t rows, int n,     \
+                                          bool packed) {                                         \
+    bias_add<T>(x, b, y, rows, n, packed);                                                       \
   }                                                                                              \
   extern "C" __global__ void dropout_##S(const T *x, T *y, size_t n, uint64_t seed,             \
                                          uint32_t threshold, float scale) {                      \
