@@ -544,6 +544,38 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Gelu)
 }
 
+/// `y = x + b` over rows of `n` (`b` broadcast; `x` and `y` may be one buffer) with the bias
+/// kernel: 16-byte packs of columns where the row length and the offsets (elements into their
+/// buffers; `y` is a fresh allocation) allow, one column per thread otherwise. `like` gives the
+/// device and dtype.
+fn launch_bias_add<T: CudaDType + DeviceRepr>(
+    like: &CudaStorage,
+    (x, x_offset): (&CudaView<T>, usize),
+    (b, b_offset): (&CudaView<T>, usize),
+    y: &CudaView<T>,
+    rows: usize,
+    n: usize,
+) -> Result<()> {
+    let dev = like.device();
+    let f = func!(dev, "bias_add", like.dtype())?;
+    let per_thread =
+        geometry::bias_columns_per_thread(std::mem::size_of::<T>(), n, &[x_offset, b_offset]);
+    let (n_i, packed) = (n as i32, per_thread > 1);
+    let mut a = f.builder();
+    a.arg(x).arg(b).arg(y).arg(&rows).arg(&n_i).arg(&packed);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            (n / per_thread).div_ceil(256) as u32,
+            rows.clamp(1, 65_535) as u32,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { a.launch(cfg) }.w()?;
+    Ok(())
+}
+
 struct BiasAdd;
 
 impl CustomOp2 for BiasAdd {
@@ -578,16 +610,8 @@ impl CustomOp2 for BiasAdd {
             let (rows, n) = last_dim(xl, "bias add")?;
             let (xv, bv) = (view::<T>(x, xl, "bias add")?, view::<T>(b, bl, "bias")?);
             let y = unsafe { dev.alloc::<T>(rows * n)? };
-            let f = func!(dev, "bias_add", x.dtype())?;
-            let mut a = f.builder();
-            let n_i = n as i32;
-            a.arg(&xv).arg(&bv).arg(&y).arg(&rows).arg(&n_i);
-            let cfg = LaunchConfig {
-                grid_dim: (n.div_ceil(256) as u32, rows.clamp(1, 65_535) as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            unsafe { a.launch(cfg) }.w()?;
+            let xo = (&xv, xl.start_offset());
+            launch_bias_add(x, xo, (&bv, bl.start_offset()), &y.slice(..), rows, n)?;
             Ok(wrap(y, dev))
         }
         let out = by_dtype!(x.dtype(), run(x, xl, b, bl))?;
@@ -738,28 +762,11 @@ impl CustomOp3 for Linear {
             rows: usize,
             n: usize,
         ) -> Result<()> {
-            let dev = y.device();
             let ys: &CudaSlice<T> = y.as_cuda_slice()?;
+            let yv = ys.slice(0..rows * n);
             let bv = view::<T>(b, bl, "bias")?;
-            let f = func!(dev, "bias_add", y.dtype())?;
-            let mut a = f.builder();
-            let n_i = n as i32;
-            let per_thread =
-                geometry::bias_columns_per_thread(std::mem::size_of::<T>(), n, bl.start_offset());
-            let packed = per_thread > 1;
             // In place: each element is read and written by the same thread.
-            a.arg(ys).arg(&bv).arg(ys).arg(&rows).arg(&n_i).arg(&packed);
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    (n / per_thread).div_ceil(256) as u32,
-                    rows.clamp(1, 65_535) as u32,
-                    1,
-                ),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            unsafe { a.launch(cfg) }.w()?;
-            Ok(())
+            launch_bias_add(y, (&yv, 0), (&bv, bl.start_offset()), &yv, rows, n)
         }
         by_dtype!(y.dtype(), add_bias(&y, b, bl, rows, out))?;
         let mut dims = xl.dims().to_vec();

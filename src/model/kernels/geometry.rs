@@ -39,11 +39,12 @@ pub fn packs(n: usize, elem: usize) -> usize {
 }
 
 /// Whether the bias kernel takes 16-byte packs of columns (`bias_add` in kernels.cu) for rows of
-/// `n` elements of `elem` bytes whose bias starts `bias_offset` elements into its buffer (the
-/// output is a fresh allocation): when a row is whole packs and the bias is aligned to one. Returns
-/// the columns one thread takes (the pack's elements, or 1).
-pub fn bias_columns_per_thread(elem: usize, n: usize, bias_offset: usize) -> usize {
-    let packed = (n * elem).is_multiple_of(16) && (bias_offset * elem).is_multiple_of(16);
+/// `n` elements of `elem` bytes whose operands start `offsets` elements into their buffers (the
+/// output is a fresh allocation or one of them): when a row is whole packs and every operand is
+/// aligned to one. Returns the columns one thread takes (the pack's elements, or 1).
+pub fn bias_columns_per_thread(elem: usize, n: usize, offsets: &[usize]) -> usize {
+    let packed =
+        (n * elem).is_multiple_of(16) && offsets.iter().all(|o| (o * elem).is_multiple_of(16));
     if packed {
         16 / elem
     } else {
@@ -93,11 +94,13 @@ mod tests {
 
     #[test]
     fn bias_takes_packs_only_when_rows_and_bias_are_whole_packs() {
-        assert_eq!(bias_columns_per_thread(2, 768, 0), 8);
-        assert_eq!(bias_columns_per_thread(4, 3072, 0), 4);
-        assert_eq!(bias_columns_per_thread(2, 300, 0), 1);
-        assert_eq!(bias_columns_per_thread(4, 768, 2), 1);
-        assert_eq!(bias_columns_per_thread(4, 768, 4), 4);
+        assert_eq!(bias_columns_per_thread(2, 768, &[0, 0]), 8);
+        assert_eq!(bias_columns_per_thread(4, 3072, &[0, 0]), 4);
+        assert_eq!(bias_columns_per_thread(2, 300, &[0, 0]), 1);
+        // the bias, or the input, one pack off alignment
+        assert_eq!(bias_columns_per_thread(4, 768, &[0, 2]), 1);
+        assert_eq!(bias_columns_per_thread(4, 768, &[2, 0]), 1);
+        assert_eq!(bias_columns_per_thread(4, 768, &[4, 4]), 4);
     }
 
     #[test]
