@@ -477,11 +477,11 @@ fn dropout_check(device: &Device) -> Result<bool> {
 /// CPU kernel instead, the node runs with its CPU stand-ins so that the check's control flow is
 /// tested.
 fn attention_node_check(device: &Device) -> Result<bool> {
-    use crate::model::kernels::attention_node::{self as node, ProbDropout};
+    use crate::model::kernels::attention_node::{self as node, SeededDropout};
     let mut ok = true;
     for precision in [Precision::F32, Precision::Bf16] {
         let dt = precision.compute_dtype();
-        let drop = Some(ProbDropout { p: 0.1, seed: 11 });
+        let drop = Some(SeededDropout { p: 0.1, seed: 11 });
         let parity = match device {
             #[cfg(feature = "cuda")]
             Device::Cuda(_) => {
@@ -515,6 +515,60 @@ fn attention_node_check(device: &Device) -> Result<bool> {
         }
     }
     eprintln!("gpu-check: attention node checks done");
+    Ok(ok)
+}
+
+/// The block nodes (`kernels::block_node`, what CUDA trains BERT-family encoders with) against
+/// autograd over the composed ops on the same device, with dropout from the nodes' own mask source:
+/// the output and the gradients of the input and of the parameters, for the attention and the
+/// feed-forward block. On the CPU the nodes run with their CPU stand-ins, so that the check's
+/// control flow is tested.
+fn block_node_check(device: &Device) -> Result<bool> {
+    use crate::model::kernels::{attention_node::CpuPrims, block_node as node};
+    let mut ok = true;
+    for precision in [Precision::F32, Precision::Bf16] {
+        let dt = precision.compute_dtype();
+        for (block, name) in [
+            (node::Block::Attention, "attention block"),
+            (node::Block::FeedForward, "ffn block"),
+        ] {
+            let parity = match device {
+                #[cfg(feature = "cuda")]
+                Device::Cuda(_) => node::parity(
+                    crate::model::kernels::cuda::CudaPrims,
+                    device,
+                    dt,
+                    block,
+                    Some(0.1),
+                )?,
+                _ => node::parity(CpuPrims, device, dt, block, Some(0.1))?,
+            };
+            // bf16: both sides round every product to 8 bits, in different orders.
+            let tol = match precision {
+                Precision::F32 => 1e-4,
+                Precision::Bf16 => 1.0 / 16.0,
+            };
+            let rows = [
+                ("output, with dropout", parity.output),
+                ("gradient of the input", parity.input_grad),
+                ("gradients of the parameters", parity.param_grads),
+            ];
+            for (what, value) in rows {
+                let pass = within(value, tol);
+                ok &= pass;
+                emit(check_line(
+                    "block",
+                    precision.as_str(),
+                    &format!("{name}: {what}"),
+                    device,
+                    value,
+                    tol,
+                    pass,
+                ));
+            }
+        }
+    }
+    eprintln!("gpu-check: block node checks done");
     Ok(ok)
 }
 
@@ -707,28 +761,39 @@ fn bench_one(
         opt.step(&opt.gradients(&grads), 1e-5, 1.0)
     })?;
     bench_line("train", train, 3.0 * fwd);
-    // The same steps with attention composed: what the fused attention is worth end to end.
-    ops::set_fused_attention(false);
-    let composed = time_it(device, args.warmup, args.steps, || {
+    // The same steps without the block nodes (the attention node still on), then with neither:
+    // what each is worth end to end, in the same run. `None` for a switch that changes nothing
+    // here (the CPU trains with neither node).
+    let step = |opt: &mut AdamW| -> Result<()> {
         let logits = m.model.forward(batch, Mode::Train)?;
         let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, labels)?;
         let grads = loss.backward()?;
         opt.step(&opt.gradients(&grads), 1e-5, 1.0)
-    });
+    };
+    ops::set_fused_blocks(false);
+    let no_blocks = time_it(device, args.warmup, args.steps, || step(&mut opt));
+    ops::set_fused_attention(false);
+    let neither = time_it(device, args.warmup, args.steps, || step(&mut opt));
     ops::set_fused_attention(true);
-    let composed = composed?;
-    emit(json!({
-        "kind": "ab", "impl": "recycle", "what": "fused attention", "shape": shape.name,
-        "precision": precision.as_str(), "mode": "train", "batch": args.batch, "seq": args.seq,
-        "on_s": train, "off_s": composed, "device": describe(device),
-    }));
-    eprintln!(
-        "gpu-check: {} {} train: fused attention {:.1} ms a step, composed {:.1} ms",
-        shape.name,
-        precision.as_str(),
-        1e3 * train,
-        1e3 * composed
-    );
+    ops::set_fused_blocks(true);
+    let (no_blocks, neither) = (no_blocks?, neither?);
+    for (what, on_s, off_s) in [
+        ("block nodes", train, no_blocks),
+        ("fused attention (without block nodes)", no_blocks, neither),
+    ] {
+        emit(json!({
+            "kind": "ab", "impl": "recycle", "what": what, "shape": shape.name,
+            "precision": precision.as_str(), "mode": "train", "batch": args.batch,
+            "seq": args.seq, "on_s": on_s, "off_s": off_s, "device": describe(device),
+        }));
+        eprintln!(
+            "gpu-check: {} {} train: {what} on {:.1} ms a step, off {:.1} ms",
+            shape.name,
+            precision.as_str(),
+            1e3 * on_s,
+            1e3 * off_s
+        );
+    }
     drop(opt);
     let phases = emit_phases(shape, args, precision, device, &m, batch, labels);
     let phases_ok = reported(
@@ -907,7 +972,54 @@ fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()>
         ops::fused_attention(q, k, q, &bias, heads, 0.125, 0.1, Mode::Train)
     };
     let fused = attention()?.is_some();
-    let pieces = if fused { 0 } else { l };
+    // Where the residual blocks run as single nodes (CUDA), the dense layers, the layer norms
+    // after them, the hidden dropouts, GELU, the residual adds and the attention core are inside
+    // the two block rows at the end, and count only outside them (the embeddings' layer norm and
+    // dropout).
+    use crate::model::kernels::block_node::{AttentionParams, Dense, FfnParams, Norm};
+    let (w_hh_t, b_h_t, w_ih_t, b_i_t, w_hi_t, ln_w_t, ln_b_t) = (
+        cast(&w_hh)?,
+        cast(&b_h)?,
+        cast(&w_ih)?,
+        cast(&b_i)?,
+        cast(&w_hi)?,
+        cast(&ln_w)?,
+        cast(&ln_b)?,
+    );
+    let dense_hh = Dense {
+        w: &w_hh_t,
+        b: &b_h_t,
+    };
+    let norm = Norm {
+        w: &ln_w_t,
+        b: &ln_b_t,
+        eps: 1e-5,
+    };
+    let attention_params = AttentionParams {
+        q: dense_hh,
+        k: dense_hh,
+        v: dense_hh,
+        out: dense_hh,
+        norm,
+        heads,
+    };
+    let ffn_params = FfnParams {
+        up: Dense {
+            w: &w_ih_t,
+            b: &b_i_t,
+        },
+        down: Dense {
+            w: &w_hi_t,
+            b: &b_h_t,
+        },
+        norm,
+    };
+    let attention_block =
+        || ops::attention_block(&x, &bias, &attention_params, 0.1, 0.1, Mode::Train);
+    let ffn_block = || ops::ffn_block(&x, &ffn_params, 0.1, Mode::Train);
+    let blocks = attention_block()?.is_some() && ffn_block()?.is_some();
+    let in_blocks = |count: usize| if blocks { 0 } else { count };
+    let pieces = if fused || blocks { 0 } else { l };
     type Op<'a> = (
         &'static str,
         usize,
@@ -926,17 +1038,17 @@ fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()>
         ),
         (
             "linear h->h (q, k, v, out)",
-            4 * l,
+            in_blocks(4 * l),
             Box::new(|| ops::linear(&x, &cast(&w_hh)?, Some(&cast(&b_h)?))),
         ),
         (
             "linear h->4h",
-            l,
+            in_blocks(l),
             Box::new(|| ops::linear(&x, &cast(&w_ih)?, Some(&cast(&b_i)?))),
         ),
         (
             "linear 4h->h",
-            l,
+            in_blocks(l),
             Box::new(|| ops::linear(&wide, &cast(&w_hi)?, Some(&cast(&b_h)?))),
         ),
         (
@@ -950,7 +1062,7 @@ fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()>
         ),
         (
             "layer norm",
-            2 * l + 1,
+            in_blocks(2 * l) + 1,
             Box::new(|| ops::layer_norm(&x, &cast(&ln_w)?, &cast(&ln_b)?, 1e-5)),
         ),
         (
@@ -982,23 +1094,35 @@ fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()>
         ),
         (
             "dropout on hidden states",
-            2 * l + 1,
+            in_blocks(2 * l) + 1,
             Box::new(|| ops::dropout(&x, 0.1, Mode::Train)),
         ),
-        ("gelu (erf)", l, Box::new(|| ops::gelu(&wide))),
+        ("gelu (erf)", in_blocks(l), Box::new(|| ops::gelu(&wide))),
         (
             "residual add",
-            2 * l,
+            in_blocks(2 * l),
             Box::new(|| x.as_tensor() + y.as_tensor()),
         ),
     ];
     if fused {
         list.push((
             "attention core fused (split..PV, prob dropout)",
-            l,
+            in_blocks(l),
             Box::new(|| {
                 attention()?.ok_or_else(|| candle_core::Error::Msg("attention not fused".into()))
             }),
+        ));
+    }
+    if blocks {
+        list.push((
+            "attention block node (q,k,v..LN)",
+            l,
+            Box::new(|| attention_block()?.ok_or_else(block_missing)),
+        ));
+        list.push((
+            "ffn block node (h->4h..LN)",
+            l,
+            Box::new(|| ffn_block()?.ok_or_else(block_missing)),
         ));
     }
     let mut total = 0.0;
@@ -1032,6 +1156,10 @@ fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()>
     Ok(())
 }
 
+fn block_missing() -> candle_core::Error {
+    candle_core::Error::Msg("the block ran composed where it ran as a node before".into())
+}
+
 /// TFLOP/s of an n×n×n bf16 matmul through candle (cuBLAS on CUDA).
 fn matmul_ceiling(n: usize, device: &Device) -> Result<f64> {
     let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(DType::BF16)?;
@@ -1053,6 +1181,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ok &= reported(dropout, json!({"stage": "dropout"})).unwrap_or(false);
         let attention = attention_node_check(&device);
         ok &= reported(attention, json!({"stage": "attention"})).unwrap_or(false);
+        let blocks = block_node_check(&device);
+        ok &= reported(blocks, json!({"stage": "block"})).unwrap_or(false);
         let optimizer = optimizer_check(&device);
         ok &= reported(optimizer, json!({"stage": "optimizer"})).unwrap_or(false);
     }

@@ -1,6 +1,7 @@
 //! BERT-family encoders (BERT, MiniLM-style BERT checkpoints, RoBERTa, XLM-RoBERTa): one encoder
 //! with two ways of numbering positions, and the two classification heads transformers puts on it.
 
+use super::kernels::block_node::{AttentionParams, FfnParams};
 use super::layers::{attend, Embedding, LayerNorm, Linear};
 use super::ops::{self, Activation};
 use super::{Batch, Mode, SequenceClassifier};
@@ -181,20 +182,56 @@ impl Layer {
     }
 
     fn forward(&self, x: &Tensor, bias: &Tensor, mode: Mode) -> Result<Tensor> {
-        let ctx = attend(
-            &self.query.forward(x)?,
-            &self.key.forward(x)?,
-            &self.value.forward(x)?,
-            bias,
-            self.heads,
-            self.attn_dropout,
-            mode,
-        )?;
-        let a = ops::dropout(&self.attn_out.forward(&ctx)?, self.dropout, mode)?;
-        let a = self.attn_norm.forward(&(a + x)?)?;
+        let block = self
+            .attention_params()
+            .map(|p| ops::attention_block(x, bias, &p, self.attn_dropout, self.dropout, mode));
+        let a = match block.transpose()?.flatten() {
+            Some(a) => a,
+            None => {
+                let ctx = attend(
+                    &self.query.forward(x)?,
+                    &self.key.forward(x)?,
+                    &self.value.forward(x)?,
+                    bias,
+                    self.heads,
+                    self.attn_dropout,
+                    mode,
+                )?;
+                let a = ops::dropout(&self.attn_out.forward(&ctx)?, self.dropout, mode)?;
+                self.attn_norm.forward(&(a + x)?)?
+            }
+        };
+        let block = self
+            .ffn_params()
+            .map(|p| ops::ffn_block(&a, &p, self.dropout, mode));
+        if let Some(y) = block.transpose()?.flatten() {
+            return Ok(y);
+        }
         let i = self.act.apply(&self.intermediate.forward(&a)?)?;
         let o = ops::dropout(&self.output.forward(&i)?, self.dropout, mode)?;
         self.out_norm.forward(&(o + a)?)
+    }
+
+    /// The attention block's parameters, for `ops::attention_block`.
+    fn attention_params(&self) -> Option<AttentionParams<'_>> {
+        Some(AttentionParams {
+            q: self.query.dense()?,
+            k: self.key.dense()?,
+            v: self.value.dense()?,
+            out: self.attn_out.dense()?,
+            norm: self.attn_norm.norm(),
+            heads: self.heads,
+        })
+    }
+
+    /// The feed-forward block's parameters, for `ops::ffn_block` (exact GELU only).
+    fn ffn_params(&self) -> Option<FfnParams<'_>> {
+        (self.act == Activation::Gelu).then_some(())?;
+        Some(FfnParams {
+            up: self.intermediate.dense()?,
+            down: self.output.dense()?,
+            norm: self.out_norm.norm(),
+        })
     }
 }
 

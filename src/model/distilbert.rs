@@ -1,6 +1,7 @@
 //! DistilBERT: its own parameter names (`transformer.layer.N`, `q_lin`, `sa_layer_norm`, …), no
 //! token types, and `DistilBertForSequenceClassification`'s pre-classifier head.
 
+use super::kernels::block_node::{AttentionParams, FfnParams};
 use super::layers::{attend, Embedding, LayerNorm, Linear};
 use super::ops::{self, Activation};
 use super::{Batch, Mode, SequenceClassifier};
@@ -87,21 +88,58 @@ impl Layer {
     }
 
     fn forward(&self, x: &Tensor, bias: &Tensor, mode: Mode) -> Result<Tensor> {
-        let ctx = attend(
-            &self.q.forward(x)?,
-            &self.k.forward(x)?,
-            &self.v.forward(x)?,
-            bias,
-            self.heads,
-            self.attn_dropout,
-            mode,
-        )?;
-        let sa = self.sa_norm.forward(&(self.out.forward(&ctx)? + x)?)?;
+        // DistilBERT has no dropout between the attention's output layer and its residual add.
+        let block = self
+            .attention_params()
+            .map(|p| ops::attention_block(x, bias, &p, self.attn_dropout, 0.0, mode));
+        let sa = match block.transpose()?.flatten() {
+            Some(sa) => sa,
+            None => {
+                let ctx = attend(
+                    &self.q.forward(x)?,
+                    &self.k.forward(x)?,
+                    &self.v.forward(x)?,
+                    bias,
+                    self.heads,
+                    self.attn_dropout,
+                    mode,
+                )?;
+                self.sa_norm.forward(&(self.out.forward(&ctx)? + x)?)?
+            }
+        };
+        let block = self
+            .ffn_params()
+            .map(|p| ops::ffn_block(&sa, &p, self.dropout, mode));
+        if let Some(y) = block.transpose()?.flatten() {
+            return Ok(y);
+        }
         let f = self
             .lin2
             .forward(&self.act.apply(&self.lin1.forward(&sa)?)?)?;
         let f = ops::dropout(&f, self.dropout, mode)?;
         self.out_norm.forward(&(f + sa)?)
+    }
+
+    /// The attention block's parameters, for `ops::attention_block`.
+    fn attention_params(&self) -> Option<AttentionParams<'_>> {
+        Some(AttentionParams {
+            q: self.q.dense()?,
+            k: self.k.dense()?,
+            v: self.v.dense()?,
+            out: self.out.dense()?,
+            norm: self.sa_norm.norm(),
+            heads: self.heads,
+        })
+    }
+
+    /// The feed-forward block's parameters, for `ops::ffn_block` (exact GELU only).
+    fn ffn_params(&self) -> Option<FfnParams<'_>> {
+        (self.act == Activation::Gelu).then_some(())?;
+        Some(FfnParams {
+            up: self.lin1.dense()?,
+            down: self.lin2.dense()?,
+            norm: self.out_norm.norm(),
+        })
     }
 }
 

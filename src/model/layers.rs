@@ -1,6 +1,7 @@
 //! Trainable layers over a `VarBuilder`, with transformers' initialisation as the hint for any
 //! weight the checkpoint lacks (normal(0, initializer_range) weights, zero biases, unit LayerNorm).
 
+use super::kernels::block_node::{Dense, Norm};
 use super::ops;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -48,6 +49,16 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// The weight and bias, for the block nodes (`None` without a bias).
+    pub fn dense(&self) -> Option<Dense<'_>> {
+        Some(Dense {
+            w: &self.weight,
+            b: self.bias.as_ref()?,
+        })
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::linear(x, &self.weight, self.bias.as_ref())
@@ -68,6 +79,17 @@ impl LayerNorm {
         let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
         let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
         Ok(Self { weight, bias, eps })
+    }
+}
+
+impl LayerNorm {
+    /// The weight, bias and epsilon, for the block nodes.
+    pub fn norm(&self) -> Norm<'_> {
+        Norm {
+            w: &self.weight,
+            b: &self.bias,
+            eps: self.eps,
+        }
     }
 }
 

@@ -39,6 +39,35 @@ pub fn set_fused_attention(on: bool) {
     FUSED_ATTENTION.store(on, Ordering::Relaxed);
 }
 
+/// Whether the residual blocks of the post-LN encoders may run as single graph nodes (on by
+/// default; `kernels::block_node`): `gpu-check` turns it off to measure training without them in
+/// the same run.
+static FUSED_BLOCKS: AtomicBool = AtomicBool::new(true);
+
+/// Turns the block nodes on or off for the whole process.
+pub fn set_fused_blocks(on: bool) {
+    FUSED_BLOCKS.store(on, Ordering::Relaxed);
+}
+
+thread_local! {
+    /// See `set_blocks_on_cpu`.
+    static BLOCKS_ON_CPU: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Block nodes made on this thread, for tests that must know the nodes ran.
+    static BLOCK_NODES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// For tests, on the calling thread only: the block nodes, which train on CUDA, also run on the
+/// CPU (with `attention_node::CpuPrims`; the CPU otherwise trains with its fused kernels), so that
+/// the encoders' use of them is checked against transformers without a GPU.
+pub fn set_blocks_on_cpu(on: bool) {
+    BLOCKS_ON_CPU.with(|c| c.set(on));
+}
+
+/// How many block nodes this thread has made.
+pub fn block_nodes_made() -> usize {
+    BLOCK_NODES.with(|c| c.get())
+}
+
 /// Which implementation runs one op.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
@@ -157,8 +186,8 @@ pub fn swap12(x: &Tensor) -> Result<Tensor> {
     x.transpose(1, 2)?.contiguous()
 }
 
-/// A seed for one CUDA dropout mask, from the host RNG `seed` sets.
-#[cfg(feature = "cuda")]
+/// A seed for one dropout mask that is a function of a seed (CUDA's), from the host RNG `seed`
+/// sets.
 fn host_seed() -> Result<u64> {
     let mut guard = HOST_RNG
         .lock()
@@ -420,7 +449,7 @@ pub fn fused_attention(
     #[cfg(feature = "cuda")]
     if route == Path::Cuda {
         let drop = if mode == Mode::Train && p > 0.0 {
-            Some(kernels::attention_node::ProbDropout {
+            Some(kernels::attention_node::SeededDropout {
                 p,
                 seed: host_seed()?,
             })
@@ -444,6 +473,141 @@ pub fn fused_attention(
         None
     };
     kernels::attention(q, k, v, bias, heads, scale as f32, keep).map(Some)
+}
+
+/// The prims a block node runs with, where one may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlockRoute {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda,
+}
+
+/// Where the block nodes run: only where something records a gradient (without one, the ordinary
+/// ops make no nodes either), over operands of one dtype, on CUDA with recycle's kernels (or on the
+/// CPU's fused path for a test thread that asked, `set_blocks_on_cpu`).
+fn block_route(tensors: &[&Tensor]) -> Option<BlockRoute> {
+    let dtype = tensors.first()?.dtype();
+    if !FUSED_BLOCKS.load(Ordering::Relaxed)
+        || !tensors.iter().any(|t| t.track_op())
+        || tensors.iter().any(|t| t.dtype() != dtype)
+    {
+        return None;
+    }
+    match path(tensors) {
+        #[cfg(feature = "cuda")]
+        Path::Cuda => Some(BlockRoute::Cuda),
+        Path::Fused if BLOCKS_ON_CPU.with(|c| c.get()) => Some(BlockRoute::Cpu),
+        _ => None,
+    }
+}
+
+/// Dropout `p` of one block's call with a fresh seed, where it drops anything.
+fn seeded_dropout(p: f32, mode: Mode) -> Result<Option<kernels::attention_node::SeededDropout>> {
+    if mode == Mode::Train && p > 0.0 {
+        Ok(Some(kernels::attention_node::SeededDropout {
+            p,
+            seed: host_seed()?,
+        }))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Whether a dense layer is `[out, inp]` with a bias.
+fn dense_fits(d: &kernels::block_node::Dense, out: usize, inp: usize) -> bool {
+    d.w.dims() == [out, inp] && d.b.dims() == [out]
+}
+
+/// Whether a layer norm is over `n` features within the kernels' limit.
+fn norm_fits(n: &kernels::block_node::Norm, dim: usize) -> bool {
+    #[cfg(feature = "cuda")]
+    let limit = kernels::cuda::MAX_LAYER_NORM_DIM;
+    #[cfg(not(feature = "cuda"))]
+    let limit = usize::MAX;
+    n.w.dims() == [dim] && n.b.dims() == [dim] && dim <= limit
+}
+
+/// A post-LN attention block `LN(drop(attention(x)·Woᵀ + bo) + x)` as one graph node
+/// (`kernels::block_node`) where one may run (see `block_route`): `x` `[b, s, hidden]`, `bias`
+/// from `attention_bias`, dropout `probs_p` on the attention probabilities and `out_p` on the
+/// output layer's result in `Mode::Train`. `None` where the caller must compose the block.
+pub fn attention_block(
+    x: &Tensor,
+    bias: &Tensor,
+    params: &kernels::block_node::AttentionParams,
+    probs_p: f32,
+    out_p: f32,
+    mode: Mode,
+) -> Result<Option<Tensor>> {
+    let p = params;
+    let ([b, s, hidden], [bb, 1, 1, bs]) = (x.dims(), bias.dims()) else {
+        return Ok(None);
+    };
+    let (b, s, hidden) = (*b, *s, *hidden);
+    let fits = b == *bb
+        && s == *bs
+        && p.heads > 0
+        && hidden % p.heads == 0
+        && [p.q, p.k, p.v, p.out]
+            .iter()
+            .all(|d| dense_fits(d, hidden, hidden))
+        && norm_fits(&p.norm, hidden)
+        && probs_p < 1.0
+        && out_p < 1.0;
+    let tensors = [
+        x, bias, p.q.w, p.q.b, p.k.w, p.k.b, p.v.w, p.v.b, p.out.w, p.out.b, p.norm.w, p.norm.b,
+    ];
+    let Some(route) = block_route(&tensors).filter(|_| fits) else {
+        return Ok(None);
+    };
+    let (probs_drop, out_drop) = (seeded_dropout(probs_p, mode)?, seeded_dropout(out_p, mode)?);
+    BLOCK_NODES.with(|c| c.set(c.get() + 1));
+    use kernels::block_node::attention_block as block;
+    match route {
+        BlockRoute::Cpu => {
+            let prims = kernels::attention_node::CpuPrims;
+            block(prims, x, bias, p, probs_drop, out_drop).map(Some)
+        }
+        #[cfg(feature = "cuda")]
+        BlockRoute::Cuda => {
+            let prims = kernels::cuda::CudaPrims;
+            block(prims, x, bias, p, probs_drop, out_drop).map(Some)
+        }
+    }
+}
+
+/// A post-LN feed-forward block `LN(drop(gelu(x·W1ᵀ + b1)·W2ᵀ + b2) + x)` (exact GELU) as one
+/// graph node where one may run (see `block_route`); `None` where the caller must compose it.
+pub fn ffn_block(
+    x: &Tensor,
+    params: &kernels::block_node::FfnParams,
+    p: f32,
+    mode: Mode,
+) -> Result<Option<Tensor>> {
+    let prm = params;
+    let (Some(&hidden), Some(&inner)) = (x.dims().last(), prm.up.b.dims().first()) else {
+        return Ok(None);
+    };
+    let fits = x.rank() >= 2
+        && dense_fits(&prm.up, inner, hidden)
+        && dense_fits(&prm.down, hidden, inner)
+        && norm_fits(&prm.norm, hidden)
+        && p < 1.0;
+    let tensors = [
+        x, prm.up.w, prm.up.b, prm.down.w, prm.down.b, prm.norm.w, prm.norm.b,
+    ];
+    let Some(route) = block_route(&tensors).filter(|_| fits) else {
+        return Ok(None);
+    };
+    let drop = seeded_dropout(p, mode)?;
+    BLOCK_NODES.with(|c| c.set(c.get() + 1));
+    use kernels::block_node::ffn_block as block;
+    match route {
+        BlockRoute::Cpu => block(kernels::attention_node::CpuPrims, x, prm, drop).map(Some),
+        #[cfg(feature = "cuda")]
+        BlockRoute::Cuda => block(kernels::cuda::CudaPrims, x, prm, drop).map(Some),
+    }
 }
 
 /// Exact (erf) GELU, transformers' "gelu"; candle's `gelu_erf` has a backward.

@@ -34,9 +34,14 @@ fn gpu_check_runs_every_stage_on_the_cpu_and_every_check_passes() {
     let of = |kind: &'static str| rows.iter().filter(move |r| r["kind"] == kind);
 
     // Six fixtures × two precisions × (gradients, three logits), then dropout's five checks in
-    // both precisions, the attention node's four in both, and the optimizer's two.
+    // both precisions, the attention node's four in both, the block nodes' three for each of two
+    // blocks in both, and the optimizer's two.
     let parity: Vec<&Value> = of("parity").collect();
-    assert_eq!(parity.len(), 6 * 2 * 4 + 5 * 2 + 4 * 2 + 2, "{parity:#?}");
+    assert_eq!(
+        parity.len(),
+        6 * 2 * 4 + 5 * 2 + 4 * 2 + 3 * 2 * 2 + 2,
+        "{parity:#?}"
+    );
     for r in &parity {
         assert_eq!(r["pass"], true, "{r}");
     }
@@ -46,6 +51,8 @@ fn gpu_check_runs_every_stage_on_the_cpu_and_every_check_passes() {
         "distilbert",
         "deberta-v3",
         "dropout",
+        "attention",
+        "block",
         "optimizer",
     ] {
         assert!(parity.iter().any(|r| r["case"] == case), "no {case} rows");
@@ -62,9 +69,10 @@ fn gpu_check_runs_every_stage_on_the_cpu_and_every_check_passes() {
     }
     assert_eq!(of("phases").count(), 2);
     assert_eq!(of("kernels").count(), 2);
-    // Training with the fused attention and with it composed, per precision, both timed.
+    // Training with each switch on and off (the block nodes; the fused attention without them),
+    // per precision, both timed.
     let ab: Vec<&Value> = of("ab").collect();
-    assert_eq!(ab.len(), 2, "{ab:#?}");
+    assert_eq!(ab.len(), 2 * 2, "{ab:#?}");
     for r in &ab {
         for k in ["on_s", "off_s"] {
             let t = r[k].as_f64().unwrap();

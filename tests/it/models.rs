@@ -130,41 +130,74 @@ fn logits_match_transformers() {
     }
 }
 
+/// The fixture's loss and every gradient it names against transformers' (within 1e-4).
+fn check_loss_and_gradients(case: &str) {
+    let exp = expected(case);
+    let loaded = load(case);
+    let logits = loaded
+        .model
+        .forward(&batch(case, &exp), Mode::Eval)
+        .unwrap();
+    let l = loss(case, &logits, &exp);
+    let want: f32 = exp["loss"].squeeze(0).unwrap().to_scalar().unwrap();
+    let got: f32 = l.to_scalar().unwrap();
+    assert!(
+        (got - want).abs() <= 1e-4 * want.abs(),
+        "{case}: loss {got} vs {want}"
+    );
+    let grads = l.backward().unwrap();
+    let mut checked = 0;
+    for (key, want) in exp.iter().filter(|(k, _)| k.starts_with("grad.")) {
+        let name = &key["grad.".len()..];
+        let g = grads
+            .get(var(&loaded, name).as_tensor())
+            .unwrap_or_else(|| panic!("{case}: no grad for {name}"));
+        let rel = max_abs_diff(g, want) / max_abs(want);
+        assert!(
+            rel < 1e-4,
+            "{case}: gradient of {name} differs by {rel} (relative)"
+        );
+        checked += 1;
+    }
+    assert!(
+        checked >= 4,
+        "{case}: the fixture names at least four gradients"
+    );
+}
+
 #[test]
 fn loss_and_gradients_match_transformers() {
     for case in CASES {
-        let exp = expected(case);
-        let loaded = load(case);
-        let logits = loaded
-            .model
-            .forward(&batch(case, &exp), Mode::Eval)
-            .unwrap();
-        let l = loss(case, &logits, &exp);
-        let want: f32 = exp["loss"].squeeze(0).unwrap().to_scalar().unwrap();
-        let got: f32 = l.to_scalar().unwrap();
-        assert!(
-            (got - want).abs() <= 1e-4 * want.abs(),
-            "{case}: loss {got} vs {want}"
-        );
-        let grads = l.backward().unwrap();
-        let mut checked = 0;
-        for (key, want) in exp.iter().filter(|(k, _)| k.starts_with("grad.")) {
-            let name = &key["grad.".len()..];
-            let g = grads
-                .get(var(&loaded, name).as_tensor())
-                .unwrap_or_else(|| panic!("{case}: no grad for {name}"));
-            let rel = max_abs_diff(g, want) / max_abs(want);
-            assert!(
-                rel < 1e-4,
-                "{case}: gradient of {name} differs by {rel} (relative)"
-            );
-            checked += 1;
-        }
-        assert!(
-            checked >= 4,
-            "{case}: the fixture names at least four gradients"
+        check_loss_and_gradients(case);
+    }
+}
+
+/// The residual blocks as single nodes (what trains on CUDA), run here on the CPU: the encoders
+/// that use them give transformers' loss and gradients, and they did use them (two per layer).
+#[test]
+fn block_nodes_give_transformers_gradients() {
+    ops::set_blocks_on_cpu(true);
+    for case in [
+        "bert",
+        "bert_regression",
+        "roberta",
+        "xlm-roberta",
+        "distilbert",
+    ] {
+        let before = ops::block_nodes_made();
+        check_loss_and_gradients(case);
+        let config = load(case).config;
+        let layers = config["num_hidden_layers"]
+            .as_u64()
+            .or_else(|| config["n_layers"].as_u64())
+            .unwrap() as usize;
+        assert_eq!(
+            ops::block_nodes_made() - before,
+            2 * layers,
+            "{case}: the forward made two block nodes per layer"
         );
     }
+    ops::set_blocks_on_cpu(false);
 }
 
 #[test]

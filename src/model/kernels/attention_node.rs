@@ -30,13 +30,44 @@ pub trait Prims: Send + Sync + 'static {
     /// The gradient of the scores `s` given that of `p = softmax(scale · s + bias)`:
     /// `scale · p · (dp − Σ dp·p)` over the last dimension.
     fn softmax_backward(&self, p: &Tensor, dp: &Tensor, scale: f64) -> Result<Tensor>;
+
+    /// The gradients of `x`, `w` and `b` (`w` and `b` in `x`'s dtype) of
+    /// `layer_norm(x, w, b, eps)` over the last dimension, given that of its output `dy`.
+    fn layer_norm_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        eps: f64,
+    ) -> Result<[Tensor; 3]>;
+
+    /// The gradient of `x` of exact GELU given that of its output: `dy · (Φ(x) + x·φ(x))`.
+    fn gelu_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor>;
+
+    /// The sum over the rows of `g` `[rows, n]`: a bias's gradient, `[n]`.
+    fn column_sum(&self, g: &Tensor) -> Result<Tensor>;
 }
 
-/// Dropout of one attention call: its probability and the seed of its mask.
+/// Dropout whose mask is a function of a seed: its probability and the seed.
 #[derive(Debug, Clone, Copy)]
-pub struct ProbDropout {
+pub struct SeededDropout {
     pub p: f32,
     pub seed: u64,
+}
+
+impl SeededDropout {
+    /// `x` through this dropout (the same mask every time).
+    pub fn apply<P: Prims>(&self, prims: &P, x: &Tensor) -> Result<Tensor> {
+        prims.dropout(x, self.p, self.seed)
+    }
+}
+
+/// `x` through `drop` where there is one, `x` itself otherwise.
+pub fn maybe_drop<P: Prims>(prims: &P, drop: Option<SeededDropout>, x: &Tensor) -> Result<Tensor> {
+    match drop {
+        Some(d) => d.apply(prims, x),
+        None => Ok(x.clone()),
+    }
 }
 
 /// `softmax(scale · QKᵀ + bias)·V` per head, with `drop` on the probabilities: `q`, `k`, `v`
@@ -51,58 +82,26 @@ pub fn attention<P: Prims>(
     bias: &Tensor,
     heads: usize,
     scale: f64,
-    drop: Option<ProbDropout>,
+    drop: Option<SeededDropout>,
 ) -> Result<Tensor> {
-    let (b, s, hidden) = q.dims3()?;
-    if heads == 0 || hidden % heads != 0 || k.dims() != q.dims() || v.dims() != q.dims() {
-        bail!(
-            "attention: q {:?}, k {:?}, v {:?} with {heads} heads",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        );
-    }
-    let d = hidden / heads;
-    let split = |t: &Tensor| ops::swap12(&t.detach().reshape((b, s, heads, d))?);
-    let (qh, kh, vh) = (split(q)?, split(k)?, split(v)?);
-    let probs = ops::scaled_masked_softmax(&qh.matmul(&kh.t()?)?, &bias.detach(), scale)?;
-    let dropped = match drop {
-        Some(dr) => prims.dropout(&probs, dr.p, dr.seed)?,
-        None => probs.clone(),
-    };
-    let ctx_heads = dropped.matmul(&vh)?;
+    let core = Core::forward(&prims, q, k, v, bias, heads, scale, drop)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
-        return ops::swap12(&ctx_heads)?.reshape((b, s, hidden));
+        return core.context();
     }
-    q.apply_op3(
-        k,
-        v,
-        Node {
-            prims,
-            dims: [b, s, heads, d],
-            scale,
-            drop,
-            ctx_heads,
-            qh,
-            kh,
-            vh,
-            probs,
-        },
-    )
+    q.apply_op3(k, v, Node { prims, core })
 }
 
-/// The graph node: its forward output is the merge of `ctx_heads` (computed before the node was
-/// made), its backward the gradients of `q`, `k` and `v`. The dropped-out probabilities are not
-/// kept: the backward recomputes them from `probs` and the seed (one pass) rather than hold a
-/// second `[b, h, s, s]` tensor per layer until the backward.
-struct Node<P> {
-    prims: P,
+/// The attention core's forward on detached inputs, with what its backward needs: the heads of
+/// `q`, `k`, `v`, the probabilities before dropout and the context per head. The dropped-out
+/// probabilities are not kept: the backward recomputes them from `probs` and the seed (one pass)
+/// rather than hold a second `[b, h, s, s]` tensor per layer until the backward.
+pub struct Core {
     /// `[b, s, heads, head_dim]`.
     dims: [usize; 4],
     scale: f64,
-    drop: Option<ProbDropout>,
-    /// `[b, h, s, d]`: the context per head, before the merge.
-    ctx_heads: Tensor,
+    drop: Option<SeededDropout>,
+    /// `[b, h, s, d]`: the context per head, before the merge (until `take_context`).
+    ctx_heads: Option<Tensor>,
     qh: Tensor,
     kh: Tensor,
     vh: Tensor,
@@ -110,11 +109,91 @@ struct Node<P> {
     probs: Tensor,
 }
 
-impl<P> Node<P> {
+impl Core {
+    /// Runs the forward (see `attention`) and keeps what the backward needs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward<P: Prims>(
+        prims: &P,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: &Tensor,
+        heads: usize,
+        scale: f64,
+        drop: Option<SeededDropout>,
+    ) -> Result<Self> {
+        let (b, s, hidden) = q.dims3()?;
+        if heads == 0 || hidden % heads != 0 || k.dims() != q.dims() || v.dims() != q.dims() {
+            bail!(
+                "attention: q {:?}, k {:?}, v {:?} with {heads} heads",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            );
+        }
+        let d = hidden / heads;
+        let split = |t: &Tensor| ops::swap12(&t.detach().reshape((b, s, heads, d))?);
+        let (qh, kh, vh) = (split(q)?, split(k)?, split(v)?);
+        let probs = ops::scaled_masked_softmax(&qh.matmul(&kh.t()?)?, &bias.detach(), scale)?;
+        let ctx_heads = maybe_drop(prims, drop, &probs)?.matmul(&vh)?;
+        Ok(Self {
+            dims: [b, s, heads, d],
+            scale,
+            drop,
+            ctx_heads: Some(ctx_heads),
+            qh,
+            kh,
+            vh,
+            probs,
+        })
+    }
+
+    /// The context per head, `[b, h, s, d]`.
+    fn ctx_heads(&self) -> Result<&Tensor> {
+        self.ctx_heads
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("attention: the context was taken".into()))
+    }
+
+    /// The context `[b, s, hidden]` (the heads merged).
+    pub fn context(&self) -> Result<Tensor> {
+        ops::swap12(self.ctx_heads()?)?.reshape(self.out_shape())
+    }
+
+    /// The context `[b, s, hidden]`, no longer kept here (the backward does not need it): for a
+    /// caller that keeps the merged context itself.
+    pub fn take_context(&mut self) -> Result<Tensor> {
+        let ctx = self.context()?;
+        self.ctx_heads = None;
+        Ok(ctx)
+    }
+
     fn out_shape(&self) -> Shape {
         let [b, s, h, d] = self.dims;
         Shape::from((b, s, h * d))
     }
+
+    /// The gradients of `q`, `k`, `v` (each `[b, s, hidden]`) given that of the context.
+    pub fn backward<P: Prims>(&self, prims: &P, grad: &Tensor) -> Result<[Tensor; 3]> {
+        let [b, s, h, d] = self.dims;
+        let gh = ops::swap12(&grad.reshape((b, s, h, d))?)?;
+        let dropped = maybe_drop(prims, self.drop, &self.probs)?;
+        let dvh = dropped.t()?.matmul(&gh)?;
+        // The same mask and scale again: dropout is linear in its input.
+        let dprobs = maybe_drop(prims, self.drop, &gh.matmul(&self.vh.t()?)?)?;
+        let dscores = prims.softmax_backward(&self.probs, &dprobs, self.scale)?;
+        let dqh = dscores.matmul(&self.kh)?;
+        let dkh = dscores.t()?.matmul(&self.qh)?;
+        let merge = |t: &Tensor| ops::swap12(t)?.reshape((b, s, h * d));
+        Ok([merge(&dqh)?, merge(&dkh)?, merge(&dvh)?])
+    }
+}
+
+/// The graph node: its forward output is the merge of the context per head (computed before the
+/// node was made), its backward the gradients of `q`, `k` and `v`.
+struct Node<P> {
+    prims: P,
+    core: Core,
 }
 
 impl<P: Prims> CustomOp3 for Node<P> {
@@ -131,16 +210,7 @@ impl<P: Prims> CustomOp3 for Node<P> {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        // A fresh contiguous tensor (or, with one head, `ctx_heads` itself, which is contiguous
-        // from offset 0): its storage holds exactly the output's elements.
-        let merged = self.ctx_heads.transpose(1, 2)?.contiguous()?;
-        let (storage, layout) = merged.storage_and_layout();
-        match (&*storage, layout.contiguous_offsets()) {
-            (Storage::Cpu(c), Some((0, end))) if end == merged.elem_count() => {
-                Ok((c.clone(), self.out_shape()))
-            }
-            _ => bail!("attention node: the merged context is not a whole CPU buffer"),
-        }
+        cpu_storage_of(&self.core.context()?, "attention node")
     }
 
     #[cfg(feature = "cuda")]
@@ -153,12 +223,12 @@ impl<P: Prims> CustomOp3 for Node<P> {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (storage, layout) = self.ctx_heads.storage_and_layout();
+        let (storage, layout) = self.core.ctx_heads()?.storage_and_layout();
         let Storage::Cuda(c) = &*storage else {
             bail!("attention node: the context is not on a CUDA device")
         };
         let merged = super::cuda::swap12_storage(c, layout)?;
-        Ok((merged, self.out_shape()))
+        Ok((merged, self.core.out_shape()))
     }
 
     fn bwd(
@@ -169,26 +239,24 @@ impl<P: Prims> CustomOp3 for Node<P> {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [b, s, h, d] = self.dims;
-        let gh = ops::swap12(&grad.reshape((b, s, h, d))?)?;
-        let dropped = match self.drop {
-            Some(dr) => self.prims.dropout(&self.probs, dr.p, dr.seed)?,
-            None => self.probs.clone(),
-        };
-        let dvh = dropped.t()?.matmul(&gh)?;
-        let ddropped = gh.matmul(&self.vh.t()?)?;
-        let dprobs = match self.drop {
-            // The same mask and scale again: dropout is linear in its input.
-            Some(dr) => self.prims.dropout(&ddropped, dr.p, dr.seed)?,
-            None => ddropped,
-        };
-        let dscores = self
-            .prims
-            .softmax_backward(&self.probs, &dprobs, self.scale)?;
-        let dqh = dscores.matmul(&self.kh)?;
-        let dkh = dscores.t()?.matmul(&self.qh)?;
-        let merge = |t: &Tensor| ops::swap12(t)?.reshape((b, s, h * d));
-        Ok((Some(merge(&dqh)?), Some(merge(&dkh)?), Some(merge(&dvh)?)))
+        let [dq, dk, dv] = self.core.backward(&self.prims, grad)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// A copy of a CPU tensor's elements as one storage holding exactly them, with its shape: how a
+/// node whose output was computed before the node was made hands it over on the CPU.
+pub fn cpu_storage_of(t: &Tensor, what: &str) -> Result<(CpuStorage, Shape)> {
+    let whole = |t: &Tensor| {
+        let (_, layout) = t.storage_and_layout();
+        layout.contiguous_offsets() == Some((0, t.elem_count()))
+    };
+    // A view into a larger buffer (or a strided one) is copied out first.
+    let t = if whole(t) { t.clone() } else { t.copy()? };
+    let (storage, _) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(c) => Ok((c.clone(), t.shape().clone())),
+        _ => bail!("{what}: the output is not a CPU tensor"),
     }
 }
 
@@ -211,6 +279,51 @@ impl Prims for CpuPrims {
         let dot = (dp * p)?.sum_keepdim(D::Minus1)?;
         (dp.broadcast_sub(&dot)? * p)? * scale
     }
+
+    fn layer_norm_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        eps: f64,
+    ) -> Result<[Tensor; 3]> {
+        let n = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / n;
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        let (x2, dy2) = (f(x)?.reshape((rows, n))?, f(dy)?.reshape((rows, n))?);
+        let mean = x2.mean_keepdim(1)?;
+        let centred = x2.broadcast_sub(&mean)?;
+        let rstd = ((centred.sqr()?.mean_keepdim(1)? + eps)?.sqrt()?.recip())?;
+        let xhat = centred.broadcast_mul(&rstd)?;
+        let g = dy2.broadcast_mul(&f(w)?)?;
+        let g_mean = g.mean_keepdim(1)?;
+        let gx_mean = (&g * &xhat)?.mean_keepdim(1)?;
+        let dx = g
+            .broadcast_sub(&g_mean)?
+            .sub(&xhat.broadcast_mul(&gx_mean)?)?
+            .broadcast_mul(&rstd)?;
+        let dw = (&dy2 * &xhat)?.sum(0)?;
+        let db = dy2.sum(0)?;
+        let dt = x.dtype();
+        Ok([
+            dx.reshape(x.shape())?.to_dtype(dt)?,
+            dw.to_dtype(dt)?,
+            db.to_dtype(dt)?,
+        ])
+    }
+
+    fn gelu_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        let xf = x.to_dtype(DType::F32)?;
+        let cdf = (((&xf * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5)?;
+        let pdf = ((xf.sqr()? * -0.5)?.exp()?
+            * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2))?;
+        let d = (cdf + (xf * pdf)?)?;
+        (dy.to_dtype(DType::F32)? * d)?.to_dtype(x.dtype())
+    }
+
+    fn column_sum(&self, g: &Tensor) -> Result<Tensor> {
+        g.sum(0)
+    }
 }
 
 /// How far the node is from autograd over composed ops (`composed`, with the same `prims` for
@@ -228,7 +341,7 @@ pub fn parity<P: Prims + Clone>(
     prims: P,
     device: &Device,
     dtype: DType,
-    drop: Option<ProbDropout>,
+    drop: Option<SeededDropout>,
 ) -> Result<Parity> {
     let (b, s, hidden, heads) = (2, 16, 64, 4);
     let scale = 1.0 / 4.0;
@@ -270,7 +383,7 @@ pub fn parity<P: Prims + Clone>(
 
 /// Attention as composed candle ops (differentiated by candle), the mask from `prims`.
 #[allow(clippy::too_many_arguments)]
-fn composed<P: Prims>(
+pub(crate) fn composed<P: Prims>(
     prims: &P,
     q: &Tensor,
     k: &Tensor,
@@ -278,7 +391,7 @@ fn composed<P: Prims>(
     bias: &Tensor,
     heads: usize,
     scale: f64,
-    drop: Option<ProbDropout>,
+    drop: Option<SeededDropout>,
 ) -> Result<Tensor> {
     let (b, s, hidden) = q.dims3()?;
     let d = hidden / heads;
@@ -299,7 +412,7 @@ fn composed<P: Prims>(
 }
 
 /// The largest |a − b| over the largest |b| (at least 1e-12), in f32.
-fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+pub(crate) fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
     let largest = |t: &Tensor| -> Result<f32> { t.abs()?.flatten_all()?.max(0)?.to_scalar() };
     Ok(largest(&(&a - &b)?)? / largest(&b)?.max(1e-12))
@@ -310,7 +423,7 @@ mod tests {
     use super::*;
 
     /// The node's output and the gradients of q, k, v against the composed reference.
-    fn check(drop: Option<ProbDropout>) {
+    fn check(drop: Option<SeededDropout>) {
         let p = parity(CpuPrims, &Device::Cpu, DType::F32, drop).unwrap();
         assert!(p.context < 1e-5, "{p:?}");
         for (name, g) in ["q", "k", "v"].iter().zip(p.grads) {
@@ -325,7 +438,7 @@ mod tests {
 
     #[test]
     fn node_matches_autograd_with_dropout_on_the_probabilities() {
-        check(Some(ProbDropout { p: 0.3, seed: 17 }));
+        check(Some(SeededDropout { p: 0.3, seed: 17 }));
     }
 
     #[test]

@@ -893,6 +893,61 @@ impl super::attention_node::Prims for CudaPrims {
             },
         )
     }
+
+    fn layer_norm_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        eps: f64,
+    ) -> Result<[Tensor; 3]> {
+        let eps = eps as f32;
+        let (x, dy) = (x.contiguous()?, dy.contiguous()?);
+        let dx = x.apply_op3_no_bwd(&w.contiguous()?, &dy, &LayerNormDx { eps })?;
+        let dwdb = x.apply_op2_no_bwd(&dy, &LayerNormDwDb { eps })?;
+        let dw = dwdb.get(0)?.to_dtype(x.dtype())?;
+        let db = dwdb.get(1)?.to_dtype(x.dtype())?;
+        Ok([dx, dw, db])
+    }
+
+    fn gelu_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        x.contiguous()?
+            .apply_op2_no_bwd(&dy.contiguous()?, &GeluBwd)
+    }
+
+    fn column_sum(&self, g: &Tensor) -> Result<Tensor> {
+        // A product with a row of ones: cuBLAS, where candle's sum over the rows is a strided
+        // column reduction.
+        let (rows, n) = g.dims2()?;
+        let ones = Tensor::ones((1, rows), g.dtype(), g.device())?;
+        ones.matmul(&g.contiguous()?)?.reshape(n)
+    }
+}
+
+/// Layer norm's forward kernel on storages (`x` `[rows, n]` contiguous; `w`, `b` `[n]`): for
+/// nodes that produce their output from tensors they computed beforehand (`block_node`).
+pub fn layer_norm_storage(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+    eps: f64,
+) -> Result<CudaStorage> {
+    let n = x.1.dims().last().copied().unwrap_or(0);
+    if n == 0 || n > MAX_LAYER_NORM_DIM || w.1.dims() != [n] || b.1.dims() != [n] {
+        bail!(
+            "layer norm: input {:?}, weight {:?}, bias {:?} do not fit the CUDA kernel",
+            x.1.dims(),
+            w.1.dims(),
+            b.1.dims()
+        );
+    }
+    if !(x.1.is_contiguous() && w.1.is_contiguous() && b.1.is_contiguous()) {
+        bail!("layer norm: the CUDA kernel needs contiguous operands");
+    }
+    by_dtype!(
+        x.0.dtype(),
+        per_row("layer_norm_fwd", eps as f32, [x, w, b])
+    )
 }
 
 // ---- embedding ----------------------------------------------------------------------------------

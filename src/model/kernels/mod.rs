@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 mod attention;
 pub mod attention_node;
+pub mod block_node;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod geometry;

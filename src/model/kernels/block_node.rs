@@ -1,0 +1,677 @@
+//! The two residual blocks of a post-LN encoder layer (BERT, RoBERTa, XLM-R, DistilBERT), each as
+//! one node of candle's graph with a hand-written backward:
+//!
+//! - attention: `LN(drop(attention(x·Wqᵀ + bq, x·Wkᵀ + bk, x·Wvᵀ + bv)·Woᵀ + bo) + x)`;
+//! - feed-forward: `LN(drop(gelu(x·W1ᵀ + b1)·W2ᵀ + b2) + x)`.
+//!
+//! Why: candle's backward gives every node's input a zero-filled gradient and then adds the
+//! incoming one to it (`GradStore::or_insert`). Composed, an attention block is about twenty nodes
+//! over `[b, s, hidden]` tensors (three dense layers for q, k, v whose input gradients are summed
+//! into `x`'s, the attention node, the output layer, dropout, the residual add, layer norm) and the
+//! feed-forward block seven; as one node each, the backward computes each gradient once, and the
+//! gradient of `x` through q, k and v is one product with the stacked `[3·hidden, hidden]` weight.
+//!
+//! A node can take at most three inputs, so a block's parameters reach it as one flat vector
+//! (`pack`: a concatenation, whose backward hands each parameter its slice of the flat gradient),
+//! laid out so that `Wq`, `Wk`, `Wv` and `bq`, `bk`, `bv` are each one contiguous stack.
+//!
+//! The forward runs on detached tensors before the node is made; the node's own forward is the
+//! final layer norm, computed from the saved residual sum on the device (`cuda_fwd`) so that the
+//! output needs no extra copy. Device-specific parts are `attention_node::Prims`, so the node is
+//! tested on the CPU against autograd over the composed ops (`parity`, the unit tests below).
+
+use super::attention_node::{self as attn, maybe_drop, Core, Prims, SeededDropout};
+use crate::model::ops;
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, Var};
+
+/// A dense layer's parameters: `w` `[out, in]`, `b` `[out]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Dense<'a> {
+    pub w: &'a Tensor,
+    pub b: &'a Tensor,
+}
+
+/// A layer norm's parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct Norm<'a> {
+    pub w: &'a Tensor,
+    pub b: &'a Tensor,
+    pub eps: f64,
+}
+
+/// An attention block's parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionParams<'a> {
+    pub q: Dense<'a>,
+    pub k: Dense<'a>,
+    pub v: Dense<'a>,
+    pub out: Dense<'a>,
+    pub norm: Norm<'a>,
+    pub heads: usize,
+}
+
+/// A feed-forward block's parameters (exact GELU between the two dense layers).
+#[derive(Debug, Clone, Copy)]
+pub struct FfnParams<'a> {
+    pub up: Dense<'a>,
+    pub down: Dense<'a>,
+    pub norm: Norm<'a>,
+}
+
+/// Where each parameter lies in the flat vector.
+#[derive(Debug, Clone)]
+struct Slots(Vec<(usize, Vec<usize>)>);
+
+impl Slots {
+    /// Parameter `i` as a view of `flat`, in its own shape.
+    fn view(&self, flat: &Tensor, i: usize) -> Result<Tensor> {
+        let (offset, dims) = &self.0[i];
+        flat.narrow(0, *offset, dims.iter().product())?
+            .reshape(dims.as_slice())
+    }
+
+    /// Parameters `first..=last` (adjacent in `flat`) as one view `[rows, cols]`.
+    fn stacked(&self, flat: &Tensor, first: usize, last: usize, cols: usize) -> Result<Tensor> {
+        let start = self.0[first].0;
+        let (end_offset, end_dims) = &self.0[last];
+        let len = end_offset + end_dims.iter().product::<usize>() - start;
+        flat.narrow(0, start, len)?.reshape((len / cols, cols))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn offset(&self, i: usize) -> usize {
+        self.0[i].0
+    }
+}
+
+/// The parameters as one flat vector (a node whose backward slices the gradient) and where each
+/// lies in it.
+fn pack(parts: &[&Tensor]) -> Result<(Tensor, Slots)> {
+    let mut slots = Vec::with_capacity(parts.len());
+    let mut offset = 0;
+    let mut flat = Vec::with_capacity(parts.len());
+    for p in parts {
+        slots.push((offset, p.dims().to_vec()));
+        offset += p.elem_count();
+        flat.push(p.flatten_all()?);
+    }
+    Ok((Tensor::cat(&flat, 0)?, Slots(slots)))
+}
+
+/// The gradients in slot order, flattened into one vector of `dtype`.
+fn unpack_grads(grads: &[Tensor], dtype: DType) -> Result<Tensor> {
+    let flat = grads
+        .iter()
+        .map(|g| g.to_dtype(dtype)?.flatten_all())
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&flat, 0)
+}
+
+/// `x·Wᵀ + b` on detached operands (no node).
+fn dense(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    ops::linear(x, w, Some(b))
+}
+
+/// What both blocks end with: `y = LN(s)`, `s = drop(h) + x`. Keeps `s` for the backward.
+struct Tail {
+    /// The residual sum, the layer norm's input.
+    s: Tensor,
+    drop: Option<SeededDropout>,
+    eps: f64,
+    /// The layer norm's weight and bias slots.
+    gamma: usize,
+    beta: usize,
+}
+
+impl Tail {
+    fn output(&self, flat: &Tensor, slots: &Slots) -> Result<Tensor> {
+        ops::layer_norm(
+            &self.s,
+            &slots.view(flat, self.gamma)?,
+            &slots.view(flat, self.beta)?,
+            self.eps,
+        )
+    }
+
+    /// The gradients of `s` (the residual input's), of `h` (the block's branch), and of the
+    /// layer norm's weight and bias.
+    fn backward<P: Prims>(
+        &self,
+        prims: &P,
+        flat: &Tensor,
+        slots: &Slots,
+        dy: &Tensor,
+    ) -> Result<[Tensor; 4]> {
+        let gamma = slots.view(flat, self.gamma)?;
+        let [ds, dgamma, dbeta] = prims.layer_norm_backward(&self.s, &gamma, dy, self.eps)?;
+        let dh = maybe_drop(prims, self.drop, &ds)?;
+        Ok([ds, dh, dgamma, dbeta])
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_output(
+        &self,
+        flat: &candle_core::CudaStorage,
+        fl: &Layout,
+        slots: &Slots,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::Storage;
+        let (storage, layout) = self.s.storage_and_layout();
+        let Storage::Cuda(s) = &*storage else {
+            bail!("block node: the residual sum is not on a CUDA device")
+        };
+        let n = layout.dims().last().copied().unwrap_or(0);
+        let at = |i: usize| Layout::contiguous_with_offset(n, fl.start_offset() + slots.offset(i));
+        let (gl, bl) = (at(self.gamma), at(self.beta));
+        let y = super::cuda::layer_norm_storage((s, layout), (flat, &gl), (flat, &bl), self.eps)?;
+        Ok((y, layout.shape().clone()))
+    }
+}
+
+/// Rows of a `[.., n]` tensor as `[rows, n]`.
+fn rows(t: &Tensor) -> Result<Tensor> {
+    let n = t.dims().last().copied().unwrap_or(1);
+    t.reshape((t.elem_count() / n.max(1), n))
+}
+
+// ---- attention block ---------------------------------------------------------------------------
+
+// Slots of the attention block's flat vector.
+const WQ: usize = 0;
+const WK: usize = 1;
+const WV: usize = 2;
+const BQ: usize = 3;
+const BK: usize = 4;
+const BV: usize = 5;
+const WO: usize = 6;
+const BO: usize = 7;
+const A_GAMMA: usize = 8;
+const A_BETA: usize = 9;
+
+/// The attention block (see the module's documentation) over `x` `[b, s, hidden]` with `bias`
+/// `[b, 1, 1, s]` from `ops::attention_bias`: `probs_drop` on the attention probabilities,
+/// `out_drop` on the output layer's result. When neither `x` nor a parameter records a gradient,
+/// no node is made.
+pub fn attention_block<P: Prims>(
+    prims: P,
+    x: &Tensor,
+    bias: &Tensor,
+    params: &AttentionParams,
+    probs_drop: Option<SeededDropout>,
+    out_drop: Option<SeededDropout>,
+) -> Result<Tensor> {
+    let p = params;
+    let (flat, slots) = pack(&[
+        p.q.w, p.k.w, p.v.w, p.q.b, p.k.b, p.v.b, p.out.w, p.out.b, p.norm.w, p.norm.b,
+    ])?;
+    let (xd, fd) = (x.detach(), flat.detach());
+    let view = |i: usize| slots.view(&fd, i);
+    let hidden = x.dim(candle_core::D::Minus1)?;
+    if p.heads == 0 || hidden % p.heads != 0 {
+        bail!(
+            "attention block: {hidden} features do not split into {} heads",
+            p.heads
+        );
+    }
+    let scale = 1.0 / ((hidden / p.heads) as f64).sqrt();
+    let (q, k, v) = (
+        dense(&xd, &view(WQ)?, &view(BQ)?)?,
+        dense(&xd, &view(WK)?, &view(BK)?)?,
+        dense(&xd, &view(WV)?, &view(BV)?)?,
+    );
+    let mut core = Core::forward(&prims, &q, &k, &v, bias, p.heads, scale, probs_drop)?;
+    let ctx = core.take_context()?;
+    let h = dense(&ctx, &view(WO)?, &view(BO)?)?;
+    let tail = Tail {
+        s: (maybe_drop(&prims, out_drop, &h)? + &xd)?,
+        drop: out_drop,
+        eps: p.norm.eps,
+        gamma: A_GAMMA,
+        beta: A_BETA,
+    };
+    if !(x.track_op() || flat.track_op()) {
+        return tail.output(&fd, &slots);
+    }
+    x.apply_op2(
+        &flat,
+        AttentionNode {
+            prims,
+            slots,
+            flat: fd,
+            core,
+            ctx,
+            tail,
+        },
+    )
+}
+
+struct AttentionNode<P> {
+    prims: P,
+    slots: Slots,
+    /// The flat parameters, detached (the CPU forward reads the layer norm's from it).
+    flat: Tensor,
+    core: Core,
+    /// The merged context, the output layer's input.
+    ctx: Tensor,
+    tail: Tail,
+}
+
+impl<P: Prims> CustomOp2 for AttentionNode<P> {
+    fn name(&self) -> &'static str {
+        "recycle-attention-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        attn::cpu_storage_of(&self.tail.output(&self.flat, &self.slots)?, self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        flat: &candle_core::CudaStorage,
+        fl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.tail.cuda_output(flat, fl, &self.slots)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        flat: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (prims, slots) = (&self.prims, &self.slots);
+        let (x, flat) = (x.detach(), flat.detach());
+        let hidden = x.dim(candle_core::D::Minus1)?;
+        let [ds, dh, dgamma, dbeta] = self.tail.backward(prims, &flat, slots, grad)?;
+        let dh = rows(&dh)?;
+        let dwo = dh.t()?.matmul(&rows(&self.ctx)?)?;
+        let dbo = prims.column_sum(&dh)?;
+        let dctx = dh.matmul(&slots.view(&flat, WO)?)?.reshape(x.shape())?;
+        let [dq, dk, dv] = self.core.backward(prims, &dctx)?;
+        // q, k and v side by side: one product each for the input's and the weights' gradients.
+        let dqkv = Tensor::cat(&[rows(&dq)?, rows(&dk)?, rows(&dv)?], 1)?;
+        let wqkv = slots.stacked(&flat, WQ, WV, hidden)?;
+        let dx = (dqkv.matmul(&wqkv)?.reshape(x.shape())? + ds)?;
+        let dwqkv = dqkv.t()?.matmul(&rows(&x)?)?;
+        let dbqkv = prims.column_sum(&dqkv)?;
+        let dflat = unpack_grads(&[dwqkv, dbqkv, dwo, dbo, dgamma, dbeta], flat.dtype())?;
+        Ok((Some(dx), Some(dflat)))
+    }
+}
+
+// ---- feed-forward block --------------------------------------------------------------------------
+
+const W1: usize = 0;
+const B1: usize = 1;
+const W2: usize = 2;
+const B2: usize = 3;
+const F_GAMMA: usize = 4;
+const F_BETA: usize = 5;
+
+/// The feed-forward block (see the module's documentation) over `x` `[.., hidden]`, `drop` on the
+/// second dense layer's result. When neither `x` nor a parameter records a gradient, no node is
+/// made.
+pub fn ffn_block<P: Prims>(
+    prims: P,
+    x: &Tensor,
+    params: &FfnParams,
+    drop: Option<SeededDropout>,
+) -> Result<Tensor> {
+    let p = params;
+    let (flat, slots) = pack(&[p.up.w, p.up.b, p.down.w, p.down.b, p.norm.w, p.norm.b])?;
+    let (xd, fd) = (x.detach(), flat.detach());
+    let u = dense(&xd, &slots.view(&fd, W1)?, &slots.view(&fd, B1)?)?;
+    let g = ops::gelu(&u)?;
+    let h = dense(&g, &slots.view(&fd, W2)?, &slots.view(&fd, B2)?)?;
+    let tail = Tail {
+        s: (maybe_drop(&prims, drop, &h)? + &xd)?,
+        drop,
+        eps: p.norm.eps,
+        gamma: F_GAMMA,
+        beta: F_BETA,
+    };
+    if !(x.track_op() || flat.track_op()) {
+        return tail.output(&fd, &slots);
+    }
+    x.apply_op2(
+        &flat,
+        FfnNode {
+            prims,
+            slots,
+            flat: fd,
+            u,
+            g,
+            tail,
+        },
+    )
+}
+
+struct FfnNode<P> {
+    prims: P,
+    slots: Slots,
+    /// The flat parameters, detached (the CPU forward reads the layer norm's from it).
+    flat: Tensor,
+    /// The first dense layer's output (GELU's input) and GELU's output.
+    u: Tensor,
+    g: Tensor,
+    tail: Tail,
+}
+
+impl<P: Prims> CustomOp2 for FfnNode<P> {
+    fn name(&self) -> &'static str {
+        "recycle-ffn-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        attn::cpu_storage_of(&self.tail.output(&self.flat, &self.slots)?, self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        flat: &candle_core::CudaStorage,
+        fl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.tail.cuda_output(flat, fl, &self.slots)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        flat: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (prims, slots) = (&self.prims, &self.slots);
+        let (x, flat) = (x.detach(), flat.detach());
+        let [ds, dh, dgamma, dbeta] = self.tail.backward(prims, &flat, slots, grad)?;
+        let dh = rows(&dh)?;
+        let dw2 = dh.t()?.matmul(&rows(&self.g)?)?;
+        let db2 = prims.column_sum(&dh)?;
+        let dg = dh.matmul(&slots.view(&flat, W2)?)?;
+        let du = prims.gelu_backward(&rows(&self.u)?, &dg)?;
+        let dw1 = du.t()?.matmul(&rows(&x)?)?;
+        let db1 = prims.column_sum(&du)?;
+        let dx = (du.matmul(&slots.view(&flat, W1)?)?.reshape(x.shape())? + ds)?;
+        let dflat = unpack_grads(&[dw1, db1, dw2, db2, dgamma, dbeta], flat.dtype())?;
+        Ok((Some(dx), Some(dflat)))
+    }
+}
+
+// ---- parity -------------------------------------------------------------------------------------
+
+/// How far the block nodes are from autograd over the composed ops (the same `prims` for the
+/// dropout masks), each the largest difference over the reference's largest magnitude.
+#[derive(Debug, Clone, Copy)]
+pub struct Parity {
+    pub output: f32,
+    /// The gradient of the block's input.
+    pub input_grad: f32,
+    /// The largest difference over the parameters' gradients, over the largest of them.
+    pub param_grads: f32,
+}
+
+/// Which block `parity` checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Block {
+    Attention,
+    FeedForward,
+}
+
+/// A block node against the composed reference on `device` in `dtype`: a batch of two, the second
+/// sequence padded, hidden 64 in four heads, feed-forward width 128; `drop` (if any) with seeds
+/// 11 and 12 on every dropout the block has.
+pub fn parity<P: Prims + Clone>(
+    prims: P,
+    device: &Device,
+    dtype: DType,
+    block: Block,
+    drop: Option<f32>,
+) -> Result<Parity> {
+    let (b, s, hidden, heads, inner) = (2, 16, 64, 4, 128);
+    let var = |dims: &[usize], std: f64, mean: f64| -> Result<Var> {
+        Var::from_tensor(
+            &Tensor::randn(0f32, 1.0, dims, device)?
+                .affine(std, mean)?
+                .to_dtype(dtype)?,
+        )
+    };
+    let x = var(&[b, s, hidden], 1.0, 0.0)?;
+    let weights = var(&[b, s, hidden], 1.0, 0.0)?.as_tensor().detach();
+    let mut mask = vec![1u32; b * s];
+    mask[b * s - 5..].fill(0);
+    let bias = ops::attention_bias(&Tensor::from_vec(mask, (b, s), device)?, dtype)?;
+    let seeded = |seed: u64| drop.map(|p| SeededDropout { p, seed });
+    let dense_vars = |out: usize, inp: usize| -> Result<[Var; 2]> {
+        let std = 1.0 / (inp as f64).sqrt();
+        Ok([var(&[out, inp], std, 0.0)?, var(&[out], 0.1, 0.0)?])
+    };
+    let mut vars: Vec<Var> = Vec::new();
+    let (ours, reference) = match block {
+        Block::Attention => {
+            for _ in 0..4 {
+                vars.extend(dense_vars(hidden, hidden)?);
+            }
+            vars.extend([var(&[hidden], 0.1, 1.0)?, var(&[hidden], 0.1, 0.0)?]);
+            let t: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+            let d = |i: usize| Dense {
+                w: t[i],
+                b: t[i + 1],
+            };
+            let params = AttentionParams {
+                q: d(0),
+                k: d(2),
+                v: d(4),
+                out: d(6),
+                norm: Norm {
+                    w: t[8],
+                    b: t[9],
+                    eps: 1e-5,
+                },
+                heads,
+            };
+            let ours = attention_block(prims.clone(), &x, &bias, &params, seeded(11), seeded(12))?;
+            let reference = composed_attention(&prims, &x, &bias, &params, seeded(11), seeded(12))?;
+            (ours, reference)
+        }
+        Block::FeedForward => {
+            vars.extend(dense_vars(inner, hidden)?);
+            vars.extend(dense_vars(hidden, inner)?);
+            vars.extend([var(&[hidden], 0.1, 1.0)?, var(&[hidden], 0.1, 0.0)?]);
+            let t: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+            let params = FfnParams {
+                up: Dense { w: t[0], b: t[1] },
+                down: Dense { w: t[2], b: t[3] },
+                norm: Norm {
+                    w: t[4],
+                    b: t[5],
+                    eps: 1e-5,
+                },
+            };
+            let ours = ffn_block(prims.clone(), &x, &params, seeded(11))?;
+            let reference = composed_ffn(&prims, &x, &params, seeded(11))?;
+            (ours, reference)
+        }
+    };
+    let grads = |out: &Tensor| -> Result<Vec<Tensor>> {
+        let g = (out * &weights)?
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .backward()?;
+        std::iter::once(&x)
+            .chain(vars.iter())
+            .map(|v| {
+                g.get(v.as_tensor())
+                    .cloned()
+                    .ok_or_else(|| candle_core::Error::Msg("block: a missing gradient".into()))
+            })
+            .collect()
+    };
+    let (ga, gr) = (grads(&ours)?, grads(&reference)?);
+    // Over the largest gradient of any parameter: some are zero in exact arithmetic (`bk`'s, as
+    // softmax ignores a shift shared by a row), where a ratio to their own size measures noise.
+    let largest = |t: &Tensor| -> Result<f32> {
+        t.to_dtype(DType::F32)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar()
+    };
+    let (mut diff, mut scale) = (0f32, 1e-12f32);
+    for (a, r) in ga.iter().zip(&gr).skip(1) {
+        diff = diff.max(largest(
+            &(a.to_dtype(DType::F32)? - r.to_dtype(DType::F32)?)?,
+        )?);
+        scale = scale.max(largest(r)?);
+    }
+    let param_grads = diff / scale;
+    Ok(Parity {
+        output: attn::rel_diff(&ours, &reference)?,
+        input_grad: attn::rel_diff(&ga[0], &gr[0])?,
+        param_grads,
+    })
+}
+
+/// The attention block as composed ops (each with its own backward), the masks from `prims`.
+fn composed_attention<P: Prims>(
+    prims: &P,
+    x: &Tensor,
+    bias: &Tensor,
+    p: &AttentionParams,
+    probs_drop: Option<SeededDropout>,
+    out_drop: Option<SeededDropout>,
+) -> Result<Tensor> {
+    let lin = |t: &Tensor, d: Dense| ops::linear(t, d.w, Some(d.b));
+    let hidden = x.dim(candle_core::D::Minus1)?;
+    let scale = 1.0 / ((hidden / p.heads) as f64).sqrt();
+    let ctx = attn::composed(
+        prims,
+        &lin(x, p.q)?,
+        &lin(x, p.k)?,
+        &lin(x, p.v)?,
+        bias,
+        p.heads,
+        scale,
+        probs_drop,
+    )?;
+    let h = maybe_drop(prims, out_drop, &lin(&ctx, p.out)?)?;
+    ops::layer_norm(&(h + x)?, p.norm.w, p.norm.b, p.norm.eps)
+}
+
+/// The feed-forward block as composed ops, the mask from `prims`.
+fn composed_ffn<P: Prims>(
+    prims: &P,
+    x: &Tensor,
+    p: &FfnParams,
+    drop: Option<SeededDropout>,
+) -> Result<Tensor> {
+    let u = ops::linear(x, p.up.w, Some(p.up.b))?;
+    let h = ops::linear(&ops::gelu(&u)?, p.down.w, Some(p.down.b))?;
+    let h = maybe_drop(prims, drop, &h)?;
+    ops::layer_norm(&(h + x)?, p.norm.w, p.norm.b, p.norm.eps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use attn::CpuPrims;
+
+    fn check(block: Block, drop: Option<f32>) {
+        let p = parity(CpuPrims, &Device::Cpu, DType::F32, block, drop).unwrap();
+        assert!(p.output < 1e-5, "{block:?}: {p:?}");
+        assert!(p.input_grad < 1e-4, "{block:?}: {p:?}");
+        assert!(p.param_grads < 1e-4, "{block:?}: {p:?}");
+    }
+
+    #[test]
+    fn attention_block_matches_autograd_over_composed_ops() {
+        check(Block::Attention, None);
+    }
+
+    #[test]
+    fn attention_block_matches_autograd_with_dropout() {
+        check(Block::Attention, Some(0.3));
+    }
+
+    #[test]
+    fn ffn_block_matches_autograd_over_composed_ops() {
+        check(Block::FeedForward, None);
+    }
+
+    #[test]
+    fn ffn_block_matches_autograd_with_dropout() {
+        check(Block::FeedForward, Some(0.3));
+    }
+
+    #[test]
+    fn cpu_prims_backward_helpers_match_autograd() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 12), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&(Tensor::randn(0f32, 0.2, 12, &dev).unwrap() + 1.0).unwrap())
+            .unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.2, 12, &dev).unwrap()).unwrap();
+        let dy = Tensor::randn(0f32, 1.0, (5, 12), &dev).unwrap();
+        // Layer norm: the composed ops' gradients.
+        ops::set_kernels(ops::Kernels::Fused);
+        let y = ops::layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+        let g = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        let [dx, dw, db] = CpuPrims
+            .layer_norm_backward(x.as_tensor(), w.as_tensor(), &dy, 1e-5)
+            .unwrap();
+        for (ours, var) in [(dx, &x), (dw, &w), (db, &b)] {
+            let reference = g.get(var.as_tensor()).unwrap();
+            assert!(attn::rel_diff(&ours, reference).unwrap() < 1e-5);
+        }
+        // GELU.
+        let y = ops::gelu(x.as_tensor()).unwrap();
+        let g = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        let ours = CpuPrims.gelu_backward(x.as_tensor(), &dy).unwrap();
+        assert!(attn::rel_diff(&ours, g.get(x.as_tensor()).unwrap()).unwrap() < 1e-5);
+    }
+
+    #[test]
+    fn no_node_without_gradients() {
+        let dev = Device::Cpu;
+        let t = |dims: &[usize]| Tensor::randn(0f32, 0.5, dims, &dev).unwrap();
+        let (x, w1, b1, w2, b2, gw, gb) = (
+            t(&[2, 3, 8]),
+            t(&[16, 8]),
+            t(&[16]),
+            t(&[8, 16]),
+            t(&[8]),
+            t(&[8]),
+            t(&[8]),
+        );
+        let params = FfnParams {
+            up: Dense { w: &w1, b: &b1 },
+            down: Dense { w: &w2, b: &b2 },
+            norm: Norm {
+                w: &gw,
+                b: &gb,
+                eps: 1e-5,
+            },
+        };
+        let y = ffn_block(CpuPrims, &x, &params, None).unwrap();
+        assert!(!y.track_op());
+        let reference = composed_ffn(&CpuPrims, &x, &params, None).unwrap();
+        assert!(attn::rel_diff(&y, &reference).unwrap() < 1e-5);
+    }
+}
