@@ -34,6 +34,9 @@ def main():
             where = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("kind", "error"))
             print(f"FAILED {where}: {r['error']}")
         print()
+    for r in rows:
+        if r["kind"] == "note":
+            print(f"NOTE: {r['note']}")
     parity = [r for r in rows if r["kind"] == "parity"]
     print("== parity (device vs CPU f32)")
     if not parity:

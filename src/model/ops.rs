@@ -39,6 +39,11 @@ pub fn set_fused_attention(on: bool) {
     FUSED_ATTENTION.store(on, Ordering::Relaxed);
 }
 
+/// Whether the fused attention is on (`set_fused_attention`).
+pub fn fused_attention_on() -> bool {
+    FUSED_ATTENTION.load(Ordering::Relaxed)
+}
+
 /// Whether the residual blocks of the post-LN encoders may run as single graph nodes (on by
 /// default; `kernels::block_node`): `gpu-check` turns it off to measure training without them in
 /// the same run.
@@ -47,6 +52,11 @@ static FUSED_BLOCKS: AtomicBool = AtomicBool::new(true);
 /// Turns the block nodes on or off for the whole process.
 pub fn set_fused_blocks(on: bool) {
     FUSED_BLOCKS.store(on, Ordering::Relaxed);
+}
+
+/// Whether the block nodes are on (`set_fused_blocks`).
+pub fn fused_blocks() -> bool {
+    FUSED_BLOCKS.load(Ordering::Relaxed)
 }
 
 thread_local! {
