@@ -83,3 +83,107 @@ fn every_cuda_kernel_matches_its_reference_on_the_cpu() {
         "kernels with no check in tests/cuda_emu/check.cpp: {untested:?}\n{out}"
     );
 }
+
+/// Each kernel's parameter count, by the name `kernel_names` gives it.
+fn kernel_arities(source: &str) -> Vec<(String, usize)> {
+    let mut out = Vec::new();
+    for (at, _) in source.match_indices("__global__ void ") {
+        let rest = &source[at + "__global__ void ".len()..];
+        let first_line = rest.lines().next().unwrap_or_default();
+        let name = kernel_names(&format!("__global__ void {first_line}"))
+            .into_iter()
+            .next()
+            .unwrap();
+        let open = rest.find('(').unwrap();
+        let close = open + rest[open..].find(')').unwrap();
+        let params = &rest[open + 1..close];
+        out.push((name, params.split(',').count()));
+    }
+    out
+}
+
+/// Every launch in `src/model/kernels/cuda.rs`: the kernel it loads (by literal name, or, for a
+/// helper that takes the name as a parameter, each literal its callers give) and how many `.arg(`
+/// it pushes before `.launch(`.
+fn launches(rust: &str) -> Vec<(String, usize)> {
+    let literal_after = |s: &str| -> Option<String> {
+        let start = s.find('"')? + 1;
+        let len = s[start..].find('"')?;
+        Some(s[start..start + len].to_string())
+    };
+    let mut out = Vec::new();
+    for pattern in ["func!(dev, ", "get_or_load_custom_func("] {
+        for (at, _) in rust.match_indices(pattern) {
+            let tail = &rust[at + pattern.len()..];
+            if tail.starts_with("&format!(\"{}_{}\"") {
+                continue; // the `func!` macro's own definition
+            }
+            let launch = tail
+                .find(".launch(")
+                .expect("a launch after each kernel load");
+            let args = tail[..launch].matches(".arg(").count();
+            let names = if tail.starts_with('"') || tail.starts_with("&format!(\"") {
+                // A literal, or `format!("swap12_u{}", ..)`: the stem before the dtype or unit.
+                let name = literal_after(tail).unwrap();
+                let stem = name.split('{').next().unwrap();
+                vec![stem
+                    .trim_end_matches("_u")
+                    .trim_end_matches('_')
+                    .to_string()]
+            } else {
+                // A name passed in: the helper is the function this load sits in; its callers
+                // name the kernels.
+                let before = &rust[..at];
+                let fn_at = before.rfind("fn ").unwrap();
+                let helper: String = before[fn_at + 3..]
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                let call = format!("{helper}(\"");
+                let names: Vec<String> = rust
+                    .match_indices(&call)
+                    .filter_map(|(c, _)| literal_after(&rust[c..]))
+                    .collect();
+                assert!(!names.is_empty(), "no caller of {helper} names a kernel");
+                names
+            };
+            out.extend(names.into_iter().map(|n| (n, args)));
+        }
+    }
+    out
+}
+
+/// CI builds without CUDA, so nothing compiles the Rust launch sites against the kernels; a
+/// launch that pushes the wrong number of arguments would fail only on a GPU (session 6 found one
+/// by reading). This counts them against each kernel's parameters, and checks every kernel is
+/// launched somewhere.
+#[test]
+fn every_launch_passes_as_many_arguments_as_its_kernel_takes() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cu = std::fs::read_to_string(root.join("src/model/kernels/cuda/kernels.cu")).unwrap();
+    let rust = std::fs::read_to_string(root.join("src/model/kernels/cuda.rs")).unwrap();
+    let arities = kernel_arities(&cu);
+    let launches = launches(&rust);
+    assert!(launches.len() >= 15, "launch sites found: {launches:?}");
+    for (name, args) in &launches {
+        let params: Vec<usize> = arities
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, n)| *n)
+            .collect();
+        assert!(
+            !params.is_empty(),
+            "cuda.rs launches {name}, which kernels.cu lacks"
+        );
+        assert!(
+            params.iter().all(|p| p == args),
+            "cuda.rs launches {name} with {args} arguments; kernels.cu declares {params:?}"
+        );
+    }
+    for (name, _) in &arities {
+        assert!(
+            launches.iter().any(|(l, _)| l == name),
+            "kernels.cu defines {name}, which cuda.rs never launches"
+        );
+    }
+}
