@@ -200,6 +200,107 @@ fn block_nodes_give_transformers_gradients() {
     ops::set_blocks_on_cpu(false);
 }
 
+/// In training mode the block nodes drop out (their output moves away from the eval mode's, and
+/// not with p = 0), and in a whole model they give every parameter a finite gradient.
+#[test]
+fn block_nodes_drop_out_in_training_mode() {
+    use recycle::model::kernels::block_node::{AttentionParams, Dense, FfnParams, Norm};
+    ops::set_blocks_on_cpu(true);
+    let dev = Device::Cpu;
+    let var = |dims: &[usize], std: f64| {
+        Var::from_tensor(&Tensor::randn(0f32, std as f32, dims, &dev).unwrap()).unwrap()
+    };
+    let (h, i) = (16, 32);
+    let x = var(&[2, 5, h], 1.0);
+    let p: Vec<Var> = [
+        &[h, h][..],
+        &[h],
+        &[h, h],
+        &[h],
+        &[h, h],
+        &[h],
+        &[h, h],
+        &[h],
+        &[i, h],
+        &[i],
+        &[h, i],
+    ]
+    .iter()
+    .map(|d| var(d, 0.3))
+    .collect();
+    let (ones, zeros) = (
+        Tensor::ones(h, DType::F32, &dev).unwrap(),
+        Tensor::zeros(h, DType::F32, &dev).unwrap(),
+    );
+    let t = |k: usize| p[k].as_tensor();
+    let d = |k: usize| Dense {
+        w: t(k),
+        b: t(k + 1),
+    };
+    let norm = Norm {
+        w: &ones,
+        b: &zeros,
+        eps: 1e-5,
+    };
+    let attention = AttentionParams {
+        q: d(0),
+        k: d(2),
+        v: d(4),
+        out: d(6),
+        norm,
+        heads: 2,
+    };
+    let ffn = FfnParams {
+        up: d(8),
+        down: Dense { w: t(10), b: t(7) },
+        norm,
+    };
+    let bias =
+        ops::attention_bias(&Tensor::ones((2, 5), DType::U32, &dev).unwrap(), DType::F32).unwrap();
+    let x = x.as_tensor();
+    let run_attention = |p_attn: f32, p_out: f32, mode: Mode| {
+        ops::attention_block(x, &bias, &attention, p_attn, p_out, mode)
+            .unwrap()
+            .expect("a block node")
+    };
+    let run_ffn = |p: f32, mode: Mode| {
+        ops::ffn_block(x, &ffn, p, mode)
+            .unwrap()
+            .expect("a block node")
+    };
+    let moved = |a: &Tensor, b: &Tensor| max_abs_diff(a, b) / max_abs(b);
+    let eval = run_attention(0.3, 0.3, Mode::Eval);
+    assert_eq!(moved(&run_attention(0.0, 0.0, Mode::Train), &eval), 0.0);
+    assert!(moved(&run_attention(0.3, 0.0, Mode::Train), &eval) > 1e-3);
+    assert!(moved(&run_attention(0.0, 0.3, Mode::Train), &eval) > 1e-3);
+    let eval = run_ffn(0.3, Mode::Eval);
+    assert_eq!(moved(&run_ffn(0.0, Mode::Train), &eval), 0.0);
+    assert!(moved(&run_ffn(0.3, Mode::Train), &eval) > 1e-3);
+
+    for case in ["bert", "distilbert"] {
+        let exp = expected(case);
+        let loaded = load(case);
+        let before = ops::block_nodes_made();
+        let train = loaded
+            .model
+            .forward(&batch(case, &exp), Mode::Train)
+            .unwrap();
+        assert!(
+            ops::block_nodes_made() - before >= 4,
+            "{case}: no block nodes"
+        );
+        let grads = loss(case, &train, &exp).backward().unwrap();
+        for (name, v) in loaded.varmap.data().lock().unwrap().iter() {
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{case}: no gradient for {name}"));
+            let sum: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+            assert!(sum.is_finite(), "{case}: gradient of {name} is not finite");
+        }
+    }
+    ops::set_blocks_on_cpu(false);
+}
+
 #[test]
 fn every_parameter_gets_a_gradient() {
     for case in CASES {
