@@ -226,7 +226,9 @@ impl Layer {
 
     /// The feed-forward block's parameters, for `ops::ffn_block` (exact GELU only).
     fn ffn_params(&self) -> Option<FfnParams<'_>> {
-        (self.act == Activation::Gelu).then_some(())?;
+        if self.act != Activation::Gelu {
+            return None;
+        }
         Some(FfnParams {
             up: self.intermediate.dense()?,
             down: self.output.dense()?,

@@ -134,7 +134,9 @@ impl Layer {
 
     /// The feed-forward block's parameters, for `ops::ffn_block` (exact GELU only).
     fn ffn_params(&self) -> Option<FfnParams<'_>> {
-        (self.act == Activation::Gelu).then_some(())?;
+        if self.act != Activation::Gelu {
+            return None;
+        }
         Some(FfnParams {
             up: self.lin1.dense()?,
             down: self.lin2.dense()?,
