@@ -168,6 +168,17 @@ static void layer_norm(size_t rows, size_t n, unsigned dwdb_blocks, std::mt19937
   check("layer_norm_bwd_dwdb db " + at + blocks, rel_err(db, gb), 4 * tol<T>());
 }
 
+// ---- dropout masks (the reference) -------------------------------------------------------------
+// Element i is kept when splitmix64's output for (seed ^ i * golden ratio), top 24 bits, reaches
+// the threshold: written out here, apart from the kernels' `kept`.
+static bool ref_kept(uint64_t seed, size_t i, uint32_t threshold) {
+  uint64_t z = (seed ^ (uint64_t(i) * 0x9E3779B97F4A7C15ull)) + 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return (z >> 40) >= threshold;
+}
+
 // ---- scaled masked softmax -------------------------------------------------------------------
 static Vec softmax_ref(const Vec &s, const Vec &bias, size_t rows, size_t k, size_t per_batch,
                        double scale) {
@@ -204,15 +215,29 @@ template <typename T> static void softmax(size_t batch, size_t per_batch, size_t
   check("softmax_fwd " + at, rel_err(to_host(p), pref), tol<T>());
   // The backward takes the forward's output; give it the reference's, rounded as the kernel's is.
   const auto pd = to_dev<T>(pref);
-  emu::launch(grid, block, [&] {
-    if constexpr (std::is_same_v<T, float>)
-      softmax_bwd_f32(pd.data(), dpd.data(), ds.data(), rows, int(k), scale);
-    else
-      softmax_bwd_bf16(pd.data(), dpd.data(), ds.data(), rows, int(k), scale);
-  });
-  const Vec gs = numeric_grad(
-      [&](const Vec &v) { return softmax_ref(v, bias, rows, k, per_batch, scale); }, s, dp);
-  check("softmax_bwd " + at, rel_err(to_host(ds), gs), 4 * tol<T>());
+  // Without dropout (threshold 0 keeps everything), then with the probabilities' dropout read
+  // through the mask: the gradient of the softmax where dp is that of the dropped-out output.
+  for (const float p_drop : {0.f, 0.25f}) {
+    const uint64_t seed = 5;
+    const uint32_t threshold = uint32_t(std::ceil(double(p_drop) * (1 << 24)));
+    const float drop_scale = 1 / (1 - p_drop);
+    emu::launch(grid, block, [&] {
+      if constexpr (std::is_same_v<T, float>)
+        softmax_bwd_f32(pd.data(), dpd.data(), ds.data(), rows, int(k), scale, seed, threshold,
+                        drop_scale);
+      else
+        softmax_bwd_bf16(pd.data(), dpd.data(), ds.data(), rows, int(k), scale, seed, threshold,
+                         drop_scale);
+    });
+    Vec dropped_dp(dp.size());
+    for (size_t i = 0; i < dp.size(); i++)
+      dropped_dp[i] = ref_kept(seed, i, threshold) ? dp[i] * double(drop_scale) : 0.0;
+    const Vec gs = numeric_grad(
+        [&](const Vec &v) { return softmax_ref(v, bias, rows, k, per_batch, scale); }, s,
+        dropped_dp);
+    const std::string what = p_drop > 0 ? ", through dropout p 0.25" : "";
+    check("softmax_bwd " + at + what, rel_err(to_host(ds), gs), 4 * tol<T>());
+  }
 }
 
 // ---- GELU, bias add ----------------------------------------------------------------------------
@@ -305,12 +330,7 @@ static void dropout_checks(std::mt19937 &rng) {
     kept += k;
     differs += (other[i] != 0.f) != k;
     scaled_err = std::max(scaled_err, std::fabs(y[i] - (k ? x[i] * double(scale) : 0.0)));
-    // The mask is splitmix64's output for (seed ^ i * golden ratio), top 24 bits.
-    uint64_t z = (7 ^ (uint64_t(i) * 0x9E3779B97F4A7C15ull)) + 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    mask_err = std::max(mask_err, std::fabs(double(k) - double((z >> 40) >= threshold)));
+    mask_err = std::max(mask_err, std::fabs(double(k) - double(ref_kept(7, i, threshold))));
   }
   check("dropout f32: kept fraction within 0.01 of 1 - p", std::fabs(double(kept) / n - (1 - p)), 0.01);
   check("dropout f32: kept elements scaled by 1/(1-p), the rest 0", scaled_err, 1e-6);

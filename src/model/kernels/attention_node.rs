@@ -27,9 +27,17 @@ pub trait Prims: Send + Sync + 'static {
     /// elements.
     fn dropout(&self, x: &Tensor, p: f32, seed: u64) -> Result<Tensor>;
 
-    /// The gradient of the scores `s` given that of `p = softmax(scale · s + bias)`:
-    /// `scale · p · (dp − Σ dp·p)` over the last dimension.
-    fn softmax_backward(&self, p: &Tensor, dp: &Tensor, scale: f64) -> Result<Tensor>;
+    /// The gradient of the scores `s` given `dp`, that of `drop(p)` with
+    /// `p = softmax(scale · s + bias)` (`drop` the identity when `None`): with `g = drop(dp)`
+    /// (dropout is linear, so its backward is itself), `scale · p · (g − Σ g·p)` over the last
+    /// dimension.
+    fn softmax_backward(
+        &self,
+        p: &Tensor,
+        dp: &Tensor,
+        scale: f64,
+        drop: Option<SeededDropout>,
+    ) -> Result<Tensor>;
 
     /// The gradients of `x`, `w` and `b` (`w` and `b` in `x`'s dtype) of
     /// `layer_norm(x, w, b, eps)` over the last dimension, given that of its output `dy`.
@@ -92,9 +100,11 @@ pub fn attention<P: Prims>(
 }
 
 /// The attention core's forward on detached inputs, with what its backward needs: the heads of
-/// `q`, `k`, `v`, the probabilities before dropout and the context per head. The dropped-out
-/// probabilities are not kept: the backward recomputes them from `probs` and the seed (one pass)
-/// rather than hold a second `[b, h, s, s]` tensor per layer until the backward.
+/// `q`, `k`, `v`, the probabilities before and after dropout, and the context per head. Keeping
+/// the dropped-out probabilities (a second `[b, h, s, s]` tensor per layer, 50 MB at batch 128 in
+/// bf16 for roberta-base, where PyTorch keeps a byte mask of the same count) saves the backward
+/// the pass that would recompute them from the seed; the softmax backward reads its incoming
+/// gradient through the mask itself (`Prims::softmax_backward`), saving another.
 pub struct Core {
     /// `[b, s, heads, head_dim]`.
     dims: [usize; 4],
@@ -107,6 +117,8 @@ pub struct Core {
     vh: Tensor,
     /// The probabilities before dropout, `[b, h, s, s]`.
     probs: Tensor,
+    /// The probabilities after dropout (`None` without dropout: they are `probs`).
+    dropped: Option<Tensor>,
 }
 
 impl Core {
@@ -135,7 +147,8 @@ impl Core {
         let split = |t: &Tensor| ops::swap12(&t.detach().reshape((b, s, heads, d))?);
         let (qh, kh, vh) = (split(q)?, split(k)?, split(v)?);
         let probs = ops::scaled_masked_softmax(&qh.matmul(&kh.t()?)?, &bias.detach(), scale)?;
-        let ctx_heads = maybe_drop(prims, drop, &probs)?.matmul(&vh)?;
+        let dropped = drop.map(|d| d.apply(prims, &probs)).transpose()?;
+        let ctx_heads = dropped.as_ref().unwrap_or(&probs).matmul(&vh)?;
         Ok(Self {
             dims: [b, s, heads, d],
             scale,
@@ -145,6 +158,7 @@ impl Core {
             kh,
             vh,
             probs,
+            dropped,
         })
     }
 
@@ -177,11 +191,12 @@ impl Core {
     pub fn backward<P: Prims>(&self, prims: &P, grad: &Tensor) -> Result<[Tensor; 3]> {
         let [b, s, h, d] = self.dims;
         let gh = ops::swap12(&grad.reshape((b, s, h, d))?)?;
-        let dropped = maybe_drop(prims, self.drop, &self.probs)?;
+        let dropped = self.dropped.as_ref().unwrap_or(&self.probs);
         let dvh = dropped.t()?.matmul(&gh)?;
-        // The same mask and scale again: dropout is linear in its input.
-        let dprobs = maybe_drop(prims, self.drop, &gh.matmul(&self.vh.t()?)?)?;
-        let dscores = prims.softmax_backward(&self.probs, &dprobs, self.scale)?;
+        // The gradient of the dropped-out probabilities; the softmax backward reads it through
+        // the forward's mask.
+        let ddropped = gh.matmul(&self.vh.t()?)?;
+        let dscores = prims.softmax_backward(&self.probs, &ddropped, self.scale, self.drop)?;
         let dqh = dscores.matmul(&self.kh)?;
         let dkh = dscores.t()?.matmul(&self.qh)?;
         let merge = |t: &Tensor| ops::swap12(t)?.reshape((b, s, h * d));
@@ -275,9 +290,16 @@ impl Prims for CpuPrims {
         x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)
     }
 
-    fn softmax_backward(&self, p: &Tensor, dp: &Tensor, scale: f64) -> Result<Tensor> {
-        let dot = (dp * p)?.sum_keepdim(D::Minus1)?;
-        (dp.broadcast_sub(&dot)? * p)? * scale
+    fn softmax_backward(
+        &self,
+        p: &Tensor,
+        dp: &Tensor,
+        scale: f64,
+        drop: Option<SeededDropout>,
+    ) -> Result<Tensor> {
+        let g = maybe_drop(self, drop, dp)?;
+        let dot = (&g * p)?.sum_keepdim(D::Minus1)?;
+        (g.broadcast_sub(&dot)? * p)? * scale
     }
 
     fn layer_norm_backward(

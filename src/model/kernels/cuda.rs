@@ -375,7 +375,13 @@ impl CustomOp2 for Softmax {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let ds = res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd { scale: self.scale })?;
+        let ds = res.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &SoftmaxBwd {
+                scale: self.scale,
+                drop: None,
+            },
+        )?;
         Ok((Some(ds), None))
     }
 }
@@ -389,8 +395,11 @@ fn warp_rows(rows: usize) -> LaunchConfig {
     }
 }
 
+/// The softmax backward; `drop` is the dropout that followed the softmax in the forward (the
+/// incoming gradient is read through its mask), or `None`.
 struct SoftmaxBwd {
     scale: f32,
+    drop: Option<Dropout>,
 }
 
 impl CustomOp2 for SoftmaxBwd {
@@ -416,7 +425,7 @@ impl CustomOp2 for SoftmaxBwd {
         gl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         fn run<T: CudaDType + DeviceRepr>(
-            scale: f32,
+            op: &SoftmaxBwd,
             p: &CudaStorage,
             pl: &Layout,
             g: &CudaStorage,
@@ -424,6 +433,11 @@ impl CustomOp2 for SoftmaxBwd {
         ) -> Result<CudaStorage> {
             let dev = p.device();
             let (rows, k) = last_dim(pl, "masked softmax backward")?;
+            // Threshold 0 keeps every element; a scale of 1 leaves it as it is.
+            let (seed, threshold, drop_scale) = op
+                .drop
+                .as_ref()
+                .map_or((0u64, 0u32, 1f32), |d| (d.seed, d.threshold, d.scale));
             let (pv, gv) = (
                 view::<T>(p, pl, "masked softmax backward")?,
                 view::<T>(g, gl, "masked softmax backward")?,
@@ -437,11 +451,14 @@ impl CustomOp2 for SoftmaxBwd {
                 .arg(&ds)
                 .arg(&rows)
                 .arg(&k_i)
-                .arg(&scale);
+                .arg(&op.scale)
+                .arg(&seed)
+                .arg(&threshold)
+                .arg(&drop_scale);
             unsafe { a.launch(warp_rows(rows)) }.w()?;
             Ok(wrap(ds, dev))
         }
-        let out = by_dtype!(p.dtype(), run(self.scale, p, pl, g, gl))?;
+        let out = by_dtype!(p.dtype(), run(self, p, pl, g, gl))?;
         Ok((out, pl.shape().clone()))
     }
 }
@@ -694,12 +711,18 @@ impl CustomOp1 for Dropout {
 /// Inverted dropout with probability `p` (0 < p < 1): element `i` is kept by a hash of
 /// `(seed, i)`, so the backward needs no stored mask.
 pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
-    let threshold = (f64::from(p) * f64::from(1u32 << 24)).ceil() as u32;
-    x.contiguous()?.apply_op1(Dropout {
-        seed,
-        threshold,
-        scale: 1.0 / (1.0 - p),
-    })
+    x.contiguous()?.apply_op1(Dropout::new(p, seed))
+}
+
+impl Dropout {
+    /// The kernels' form of dropout `p` with `seed`: the keep threshold on 24 bits and the scale.
+    fn new(p: f32, seed: u64) -> Self {
+        Self {
+            seed,
+            threshold: (f64::from(p) * f64::from(1u32 << 24)).ceil() as u32,
+            scale: 1.0 / (1.0 - p),
+        }
+    }
 }
 
 // ---- dense layer ------------------------------------------------------------------------------------
@@ -880,16 +903,25 @@ pub fn swap12_storage(x: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
 #[derive(Debug, Clone, Copy)]
 pub struct CudaPrims;
 
+use super::attention_node::SeededDropout;
+
 impl super::attention_node::Prims for CudaPrims {
     fn dropout(&self, x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
         dropout(x, p, seed)
     }
 
-    fn softmax_backward(&self, p: &Tensor, dp: &Tensor, scale: f64) -> Result<Tensor> {
+    fn softmax_backward(
+        &self,
+        p: &Tensor,
+        dp: &Tensor,
+        scale: f64,
+        drop: Option<SeededDropout>,
+    ) -> Result<Tensor> {
         p.contiguous()?.apply_op2_no_bwd(
             &dp.contiguous()?,
             &SoftmaxBwd {
                 scale: scale as f32,
+                drop: drop.map(|d| Dropout::new(d.p, d.seed)),
             },
         )
     }

@@ -216,6 +216,22 @@ __device__ void layer_norm_bwd_dwdb(const T *x, const T *dy, const float *stats,
   }
 }
 
+// ---- dropout masks ---------------------------------------------------------------------------
+// Element i is kept when the top 24 bits of splitmix64(seed ^ (i * golden)) reach threshold
+// (= ceil(p * 2^24)); kept elements are scaled by 1 / (1 - p). The mask is a pure function of
+// (seed, i), so a backward applies it again from the seed instead of storing it.
+__device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// Whether dropout with this seed and threshold keeps element i.
+__device__ __forceinline__ bool kept(uint64_t seed, size_t i, uint32_t threshold) {
+  return (uint32_t)(splitmix64(seed ^ (i * 0x9E3779B97F4A7C15ull)) >> 40) >= threshold;
+}
+
 // ---- scaled masked softmax ------------------------------------------------------------------
 // One warp per row of scores [rows, k]; row r belongs to batch element r / rows_per_batch, whose
 // additive mask is bias[batch, :]. p = softmax(scale * s + bias) in f32.
@@ -237,19 +253,26 @@ __device__ void softmax_fwd(const T *s, const T *bias, T *p, size_t rows, int k,
   for (int i = lane; i < k; i += 32) pr[i] = from_f<T>(expf(to_f(sr[i]) * scale + to_f(br[i]) - m) * inv);
 }
 
-// ds = scale * p * (dp - sum(dp * p)), one warp per row.
+// ds = scale * p * (g - sum(g * p)), one warp per row, where g is dp through the dropout that
+// followed the softmax in the forward: element i (of the whole tensor) kept as `kept` says and
+// scaled by `drop_scale` (threshold 0 and drop_scale 1: no dropout). Reading dp through the mask
+// here saves the backward a pass that would apply it first.
 template <typename T>
-__device__ void softmax_bwd(const T *p, const T *dp, T *ds, size_t rows, int k, float scale) {
+__device__ void softmax_bwd(const T *p, const T *dp, T *ds, size_t rows, int k, float scale,
+                            uint64_t seed, uint32_t threshold, float drop_scale) {
   const size_t row = (size_t)blockIdx.x * blockDim.y + threadIdx.y;
   if (row >= rows) return;
   const int lane = threadIdx.x;
   const T *pr = p + row * k;
   const T *gr = dp + row * k;
   T *dr = ds + row * k;
+  auto g = [&](int i) {
+    return kept(seed, row * k + i, threshold) ? to_f(gr[i]) * drop_scale : 0.f;
+  };
   float dot = 0.f;
-  for (int i = lane; i < k; i += 32) dot += to_f(pr[i]) * to_f(gr[i]);
+  for (int i = lane; i < k; i += 32) dot += to_f(pr[i]) * g(i);
   dot = warp_sum(dot);
-  for (int i = lane; i < k; i += 32) dr[i] = from_f<T>(scale * to_f(pr[i]) * (to_f(gr[i]) - dot));
+  for (int i = lane; i < k; i += 32) dr[i] = from_f<T>(scale * to_f(pr[i]) * (g(i) - dot));
 }
 
 // ---- exact GELU ------------------------------------------------------------------------------
@@ -299,23 +322,11 @@ __device__ void bias_add(const T *x, const T *b, T *y, size_t rows, int n, bool 
 }
 
 // ---- dropout ---------------------------------------------------------------------------------
-// Element i is kept when the top 24 bits of splitmix64(seed ^ (i * golden)) reach threshold
-// (= ceil(p * 2^24)); kept elements are scaled by `scale`. The mask is a pure function of
-// (seed, i), so the backward applies the same op with the same seed to the gradient.
-__device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
+// y = x through the mask (see "dropout masks"); its backward is the same op on the gradient.
 template <typename T>
 __device__ void dropout(const T *x, T *y, size_t n, uint64_t seed, uint32_t threshold,
                         float scale) {
-  map1(x, y, n, [=](size_t i, float v) {
-    const uint32_t u = (uint32_t)(splitmix64(seed ^ (i * 0x9E3779B97F4A7C15ull)) >> 40);
-    return u >= threshold ? v * scale : 0.f;
-  });
+  map1(x, y, n, [=](size_t i, float v) { return kept(seed, i, threshold) ? v * scale : 0.f; });
 }
 
 // ---- swapping the middle dimensions -----------------------------------------------------------
@@ -433,8 +444,9 @@ extern "C" __global__ void sum_squares_into(float *sums, const float *g, size_t 
     softmax_fwd<T>(s, bias, p, rows, k, rows_per_batch, scale);                                  \
   }                                                                                              \
   extern "C" __global__ void softmax_bwd_##S(const T *p, const T *dp, T *ds, size_t rows, int k, \
-                                             float scale) {                                      \
-    softmax_bwd<T>(p, dp, ds, rows, k, scale);                                                   \
+                                             float scale, uint64_t seed, uint32_t threshold,     \
+                                             float drop_scale) {                                 \
+    softmax_bwd<T>(p, dp, ds, rows, k, scale, seed, threshold, drop_scale);                      \
   }                                                                                              \
   extern "C" __global__ void gelu_fwd_##S(const T *x, T *y, size_t n) { gelu_fwd<T>(x, y, n); }  \
   extern "C" __global__ void gelu_bwd_##S(const T *x, const T *dy, T *dx, size_t n) {            \
