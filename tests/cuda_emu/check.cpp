@@ -213,6 +213,29 @@ template <typename T> static void softmax(size_t batch, size_t per_batch, size_t
                          std::to_string(k);
   const Vec pref = softmax_ref(s, bias, rows, k, per_batch, scale);
   check("softmax_fwd " + at, rel_err(to_host(p), pref), tol<T>());
+  {
+    // With the dropout written alongside: the same probabilities, and the dropped-out copy is
+    // them through the reference mask.
+    const uint64_t seed = 9;
+    const float p_drop = 0.25f, drop_scale = 1 / (1 - p_drop);
+    const uint32_t threshold = uint32_t(std::ceil(double(p_drop) * (1 << 24)));
+    std::vector<T> p2(rows * k), dropped(rows * k);
+    emu::launch(grid, block, [&] {
+      if constexpr (std::is_same_v<T, float>)
+        softmax_drop_fwd_f32(sd.data(), bd.data(), p2.data(), dropped.data(), rows, int(k),
+                             per_batch, scale, seed, threshold, drop_scale);
+      else
+        softmax_drop_fwd_bf16(sd.data(), bd.data(), p2.data(), dropped.data(), rows, int(k),
+                              per_batch, scale, seed, threshold, drop_scale);
+    });
+    Vec want(rows * k);
+    const auto got = to_host(p2);
+    for (size_t i = 0; i < want.size(); i++)
+      want[i] = ref_kept(seed, i, threshold) ? double(got[i]) * drop_scale : 0.0;
+    check("softmax_drop_fwd " + at + ": probabilities", rel_err(got, pref), tol<T>());
+    check("softmax_drop_fwd " + at + ": dropped out, p 0.25", rel_err(to_host(dropped), want),
+          tol<T>());
+  }
   // The backward takes the forward's output; give it the reference's, rounded as the kernel's is.
   const auto pd = to_dev<T>(pref);
   // Without dropout (threshold 0 keeps everything), then with the probabilities' dropout read

@@ -39,6 +39,20 @@ pub trait Prims: Send + Sync + 'static {
         drop: Option<SeededDropout>,
     ) -> Result<Tensor>;
 
+    /// `softmax(scale · scores + bias)` over the last dimension (as `ops::scaled_masked_softmax`),
+    /// and that through `drop`; devices with a kernel that writes both in one pass override this.
+    fn softmax_dropout(
+        &self,
+        scores: &Tensor,
+        bias: &Tensor,
+        scale: f64,
+        drop: SeededDropout,
+    ) -> Result<(Tensor, Tensor)> {
+        let probs = ops::scaled_masked_softmax(scores, bias, scale)?;
+        let dropped = self.dropout(&probs, drop.p, drop.seed)?;
+        Ok((probs, dropped))
+    }
+
     /// The gradients of `x`, `w` and `b` (`w` and `b` in `x`'s dtype) of
     /// `layer_norm(x, w, b, eps)` over the last dimension, given that of its output `dy`.
     fn layer_norm_backward(
@@ -146,8 +160,17 @@ impl Core {
         let d = hidden / heads;
         let split = |t: &Tensor| ops::swap12(&t.detach().reshape((b, s, heads, d))?);
         let (qh, kh, vh) = (split(q)?, split(k)?, split(v)?);
-        let probs = ops::scaled_masked_softmax(&qh.matmul(&kh.t()?)?, &bias.detach(), scale)?;
-        let dropped = drop.map(|d| d.apply(prims, &probs)).transpose()?;
+        let scores = qh.matmul(&kh.t()?)?;
+        let (probs, dropped) = match drop {
+            Some(d) => {
+                let (probs, dropped) = prims.softmax_dropout(&scores, &bias.detach(), scale, d)?;
+                (probs, Some(dropped))
+            }
+            None => (
+                ops::scaled_masked_softmax(&scores, &bias.detach(), scale)?,
+                None,
+            ),
+        };
         let ctx_heads = dropped.as_ref().unwrap_or(&probs).matmul(&vh)?;
         Ok(Self {
             dims: [b, s, heads, d],

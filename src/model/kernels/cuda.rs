@@ -310,6 +310,98 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 
 // ---- scaled masked softmax -----------------------------------------------------------------
 
+/// The softmax forward kernel over scores `s` `[b, .., k]` with `bias` `[b, 1, 1, k]`; with `drop`,
+/// the kernel that also writes the dropped-out probabilities, and the result is `[2, rows · k]`:
+/// the probabilities, then them through the mask.
+fn softmax_fwd<T: CudaDType + DeviceRepr>(
+    scale: f32,
+    drop: Option<&Dropout>,
+    s: &CudaStorage,
+    sl: &Layout,
+    bias: &CudaStorage,
+    bl: &Layout,
+) -> Result<CudaStorage> {
+    let dev = s.device();
+    let (rows, k) = last_dim(sl, "masked softmax")?;
+    let batch = sl.dims()[0];
+    let (sv, bv) = (
+        view::<T>(s, sl, "masked softmax")?,
+        view::<T>(bias, bl, "attention bias")?,
+    );
+    let (k_i, rows_per_batch) = (k as i32, rows / batch);
+    let n = rows * k;
+    let out = unsafe { dev.alloc::<T>(if drop.is_some() { 2 * n } else { n })? };
+    match drop {
+        None => {
+            let f = func!(dev, "softmax_fwd", s.dtype())?;
+            let mut a = f.builder();
+            a.arg(&sv)
+                .arg(&bv)
+                .arg(&out)
+                .arg(&rows)
+                .arg(&k_i)
+                .arg(&rows_per_batch)
+                .arg(&scale);
+            unsafe { a.launch(warp_rows(rows)) }.w()?;
+        }
+        Some(d) => {
+            let (p, dropped) = (out.slice(0..n), out.slice(n..2 * n));
+            let f = func!(dev, "softmax_drop_fwd", s.dtype())?;
+            let mut a = f.builder();
+            a.arg(&sv)
+                .arg(&bv)
+                .arg(&p)
+                .arg(&dropped)
+                .arg(&rows)
+                .arg(&k_i)
+                .arg(&rows_per_batch)
+                .arg(&scale)
+                .arg(&d.seed)
+                .arg(&d.threshold)
+                .arg(&d.scale);
+            unsafe { a.launch(warp_rows(rows)) }.w()?;
+        }
+    }
+    Ok(wrap(out, dev))
+}
+
+/// The softmax and the dropout after it in one pass, no backward (for nodes that write their own):
+/// the result `[2, ..]` holds the probabilities, then them dropped out.
+struct SoftmaxDropFwd {
+    scale: f32,
+    drop: Dropout,
+}
+
+impl CustomOp2 for SoftmaxDropFwd {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-masked-softmax-dropout"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &CudaStorage,
+        sl: &Layout,
+        bias: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let drop = Some(&self.drop);
+        let out = by_dtype!(s.dtype(), softmax_fwd(self.scale, drop, s, sl, bias, bl))?;
+        let mut dims = vec![2];
+        dims.extend_from_slice(sl.dims());
+        Ok((out, Shape::from(dims)))
+    }
+}
+
 struct Softmax {
     scale: f32,
 }
@@ -336,35 +428,7 @@ impl CustomOp2 for Softmax {
         bias: &CudaStorage,
         bl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        fn run<T: CudaDType + DeviceRepr>(
-            scale: f32,
-            s: &CudaStorage,
-            sl: &Layout,
-            bias: &CudaStorage,
-            bl: &Layout,
-        ) -> Result<CudaStorage> {
-            let dev = s.device();
-            let (rows, k) = last_dim(sl, "masked softmax")?;
-            let batch = sl.dims()[0];
-            let (sv, bv) = (
-                view::<T>(s, sl, "masked softmax")?,
-                view::<T>(bias, bl, "attention bias")?,
-            );
-            let p = unsafe { dev.alloc::<T>(rows * k)? };
-            let f = func!(dev, "softmax_fwd", s.dtype())?;
-            let mut a = f.builder();
-            let (k_i, rows_per_batch) = (k as i32, rows / batch);
-            a.arg(&sv)
-                .arg(&bv)
-                .arg(&p)
-                .arg(&rows)
-                .arg(&k_i)
-                .arg(&rows_per_batch)
-                .arg(&scale);
-            unsafe { a.launch(warp_rows(rows)) }.w()?;
-            Ok(wrap(p, dev))
-        }
-        let out = by_dtype!(s.dtype(), run(self.scale, s, sl, bias, bl))?;
+        let out = by_dtype!(s.dtype(), softmax_fwd(self.scale, None, s, sl, bias, bl))?;
         Ok((out, sl.shape().clone()))
     }
 
@@ -924,6 +988,23 @@ impl super::attention_node::Prims for CudaPrims {
                 drop: drop.map(|d| Dropout::new(d.p, d.seed)),
             },
         )
+    }
+
+    fn softmax_dropout(
+        &self,
+        scores: &Tensor,
+        bias: &Tensor,
+        scale: f64,
+        drop: SeededDropout,
+    ) -> Result<(Tensor, Tensor)> {
+        let both = scores.contiguous()?.apply_op2_no_bwd(
+            &bias.contiguous()?,
+            &SoftmaxDropFwd {
+                scale: scale as f32,
+                drop: Dropout::new(drop.p, drop.seed),
+            },
+        )?;
+        Ok((both.get(0)?, both.get(1)?))
     }
 
     fn layer_norm_backward(

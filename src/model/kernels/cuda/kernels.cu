@@ -235,9 +235,12 @@ __device__ __forceinline__ bool kept(uint64_t seed, size_t i, uint32_t threshold
 // ---- scaled masked softmax ------------------------------------------------------------------
 // One warp per row of scores [rows, k]; row r belongs to batch element r / rows_per_batch, whose
 // additive mask is bias[batch, :]. p = softmax(scale * s + bias) in f32.
-template <typename T>
-__device__ void softmax_fwd(const T *s, const T *bias, T *p, size_t rows, int k,
-                            size_t rows_per_batch, float scale) {
+// With DROP, also dropped = p through the dropout mask (see "dropout masks"; element i of the
+// whole tensor), written in the same pass instead of a second one over p.
+template <typename T, bool DROP>
+__device__ void softmax_fwd(const T *s, const T *bias, T *p, T *dropped, size_t rows, int k,
+                            size_t rows_per_batch, float scale, uint64_t seed, uint32_t threshold,
+                            float drop_scale) {
   const size_t row = (size_t)blockIdx.x * blockDim.y + threadIdx.y;
   if (row >= rows) return;
   const int lane = threadIdx.x;
@@ -250,7 +253,12 @@ __device__ void softmax_fwd(const T *s, const T *bias, T *p, size_t rows, int k,
   float z = 0.f;
   for (int i = lane; i < k; i += 32) z += expf(to_f(sr[i]) * scale + to_f(br[i]) - m);
   const float inv = 1.f / warp_sum(z);
-  for (int i = lane; i < k; i += 32) pr[i] = from_f<T>(expf(to_f(sr[i]) * scale + to_f(br[i]) - m) * inv);
+  for (int i = lane; i < k; i += 32) {
+    const T v = from_f<T>(expf(to_f(sr[i]) * scale + to_f(br[i]) - m) * inv);
+    pr[i] = v;
+    // From the rounded value, as dropout applied to p afterwards would compute it.
+    if constexpr (DROP) dropped[row * k + i] = from_f<T>(kept(seed, row * k + i, threshold) ? to_f(v) * drop_scale : 0.f);
+  }
 }
 
 // ds = scale * p * (g - sum(g * p)), one warp per row, where g is dp through the dropout that
@@ -441,7 +449,14 @@ extern "C" __global__ void sum_squares_into(float *sums, const float *g, size_t 
   }                                                                                              \
   extern "C" __global__ void softmax_fwd_##S(const T *s, const T *bias, T *p, size_t rows, int k, \
                                              size_t rows_per_batch, float scale) {               \
-    softmax_fwd<T>(s, bias, p, rows, k, rows_per_batch, scale);                                  \
+    softmax_fwd<T, false>(s, bias, p, nullptr, rows, k, rows_per_batch, scale, 0, 0, 1.f);       \
+  }                                                                                              \
+  extern "C" __global__ void softmax_drop_fwd_##S(const T *s, const T *bias, T *p, T *dropped,   \
+                                                  size_t rows, int k, size_t rows_per_batch,     \
+                                                  float scale, uint64_t seed,                    \
+                                                  uint32_t threshold, float drop_scale) {        \
+    softmax_fwd<T, true>(s, bias, p, dropped, rows, k, rows_per_batch, scale, seed, threshold,  \
+                         drop_scale);                                                            \
   }                                                                                              \
   extern "C" __global__ void softmax_bwd_##S(const T *p, const T *dp, T *ds, size_t rows, int k, \
                                              float scale, uint64_t seed, uint32_t threshold,     \
