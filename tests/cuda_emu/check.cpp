@@ -95,6 +95,17 @@ template <typename T> double tol();
 template <> double tol<float>() { return 2e-5; }
 template <> double tol<bf16>() { return 1.0 / 64; }
 
+// ---- dropout masks (the reference) -------------------------------------------------------------
+// Element i is kept when splitmix64's output for (seed ^ i * golden ratio), top 24 bits, reaches
+// the threshold: written out here, apart from the kernels' `kept`.
+static bool ref_kept(uint64_t seed, size_t i, uint32_t threshold) {
+  uint64_t z = (seed ^ (uint64_t(i) * 0x9E3779B97F4A7C15ull)) + 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return (z >> 40) >= threshold;
+}
+
 // ---- layer norm ----------------------------------------------------------------------------
 static Vec ln_ref(const Vec &x, const Vec &w, const Vec &b, size_t rows, size_t n, double eps) {
   Vec y(x.size());
@@ -135,6 +146,27 @@ static void layer_norm(size_t rows, size_t n, unsigned dwdb_blocks, std::mt19937
   });
   const Vec gx = numeric_grad([&](const Vec &v) { return ln_ref(v, w, b, rows, n, eps); }, x, dy);
   check("layer_norm_bwd_dx " + at, rel_err(to_host(dx), gx), 4 * tol<T>());
+  {
+    // With the branch's dropout in the same pass: the same dx, and dh = dx through the
+    // reference mask.
+    const uint64_t seed = 21;
+    const float p_drop = 0.3f, drop_scale = 1 / (1 - p_drop);
+    const uint32_t threshold = uint32_t(std::ceil(double(p_drop) * (1 << 24)));
+    std::vector<T> dx2(rows * n), dh(rows * n);
+    emu::launch(dim3(rows), dim3(row_threads(n)), [&] {
+      if constexpr (std::is_same_v<T, float>)
+        layer_norm_bwd_dx_drop_f32(xd.data(), wd.data(), dyd.data(), dx2.data(), dh.data(), int(n),
+                                   eps, seed, threshold, drop_scale);
+      else
+        layer_norm_bwd_dx_drop_bf16(xd.data(), wd.data(), dyd.data(), dx2.data(), dh.data(),
+                                    int(n), eps, seed, threshold, drop_scale);
+    });
+    Vec want(rows * n);
+    for (size_t i = 0; i < want.size(); i++)
+      want[i] = ref_kept(seed, i, threshold) ? gx[i] * drop_scale : 0.0;
+    check("layer_norm_bwd_dx_drop dx " + at, rel_err(to_host(dx2), gx), 4 * tol<T>());
+    check("layer_norm_bwd_dx_drop dh, p 0.3 " + at, rel_err(to_host(dh), want), 4 * tol<T>());
+  }
 
   std::vector<float> stats(2 * rows);
   emu::launch(dim3(unsigned((rows + 7) / 8)), dim3(32, 8), [&] {
@@ -166,17 +198,6 @@ static void layer_norm(size_t rows, size_t n, unsigned dwdb_blocks, std::mt19937
   const std::string blocks = " over " + std::to_string(dwdb_blocks) + " blocks";
   check("layer_norm_bwd_dwdb dw " + at + blocks, rel_err(dw, gw), 4 * tol<T>());
   check("layer_norm_bwd_dwdb db " + at + blocks, rel_err(db, gb), 4 * tol<T>());
-}
-
-// ---- dropout masks (the reference) -------------------------------------------------------------
-// Element i is kept when splitmix64's output for (seed ^ i * golden ratio), top 24 bits, reaches
-// the threshold: written out here, apart from the kernels' `kept`.
-static bool ref_kept(uint64_t seed, size_t i, uint32_t threshold) {
-  uint64_t z = (seed ^ (uint64_t(i) * 0x9E3779B97F4A7C15ull)) + 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  return (z >> 40) >= threshold;
 }
 
 // ---- scaled masked softmax -------------------------------------------------------------------
@@ -362,6 +383,33 @@ static void dropout_checks(std::mt19937 &rng) {
         std::fabs(double(differs) / n - 2 * p * (1 - p)), 0.02);
 }
 
+// A residual branch's dropout and the residual add in one pass, packed (shift 0) and by element
+// (shift 1, the buffers off 16-byte alignment), in n elements (no multiple of a pack: a tail).
+template <typename T> static void dropout_add_check(size_t n, size_t shift, std::mt19937 &rng) {
+  const uint64_t seed = 13;
+  const float p = 0.2f, scale = 1 / (1 - p);
+  const uint32_t threshold = uint32_t(std::ceil(double(p) * (1 << 24)));
+  const Vec x = rounded<T>(randn(n, rng)), r = rounded<T>(randn(n, rng));
+  auto xd = to_dev<T>(x), rd = to_dev<T>(r);
+  xd.insert(xd.begin(), shift, from_f<T>(0.f));
+  rd.insert(rd.begin(), shift, from_f<T>(0.f));
+  std::vector<T> sd(n + shift);
+  emu::launch(elementwise_blocks(n / 3), dim3(256), [&] {
+    if constexpr (std::is_same_v<T, float>)
+      dropout_add_f32(xd.data() + shift, rd.data() + shift, sd.data() + shift, n, seed, threshold,
+                      scale);
+    else
+      dropout_add_bf16(xd.data() + shift, rd.data() + shift, sd.data() + shift, n, seed,
+                       threshold, scale);
+  });
+  sd.erase(sd.begin(), sd.begin() + shift);
+  Vec want(n);
+  for (size_t i = 0; i < n; i++) want[i] = (ref_kept(seed, i, threshold) ? x[i] * scale : 0.0) + r[i];
+  check("dropout_add " + std::string(tname<T>()) + " " + std::to_string(n) +
+            (shift ? ", by element" : ", packed"),
+        rel_err(to_host(sd), want), tol<T>());
+}
+
 // ---- swap12, embedding ----------------------------------------------------------------------------
 // Elements of type T moved in units U (the kernel swap12_u{8 * sizeof(U)}), d in elements, over
 // `grid_y` rows of blocks (the host's choice is min(a, 65535); fewer makes blocks stride over a).
@@ -490,6 +538,10 @@ int main() {
   bias_add<bf16>(9, 304, 2, 0, rng);   // packed
   bias_add<bf16>(9, 300, 2, 0, rng);   // 300 is no multiple of 8: by element
   dropout_checks(rng);
+  for (const size_t shift : {0, 1}) {
+    dropout_add_check<float>(1003, shift, rng);
+    dropout_add_check<bf16>(1003, shift, rng);
+  }
   swap<bf16, uint16_t>(2, 5, 3, 3, 2, rng);  // odd bf16 runs: element by element
   swap<float, uint32_t>(3, 7, 4, 5, 3, rng);
   swap<bf16, uint2>(2, 6, 3, 4, 2, rng);

@@ -63,6 +63,34 @@ pub trait Prims: Send + Sync + 'static {
         eps: f64,
     ) -> Result<[Tensor; 3]>;
 
+    /// `drop(h) + r`: a residual branch's dropout and the residual add (devices with a kernel
+    /// that does both in one pass override this).
+    fn dropout_add(&self, h: &Tensor, r: &Tensor, drop: Option<SeededDropout>) -> Result<Tensor> {
+        match drop {
+            Some(d) => self.dropout(h, d.p, d.seed)? + r,
+            None => h + r,
+        }
+    }
+
+    /// `layer_norm_backward` followed by the gradient through the dropout before the residual
+    /// add: the gradients of `x` and of the dropped-out branch `drop(dx)`, then those of `w` and
+    /// `b` (devices with a kernel that writes both in one pass override this).
+    fn layer_norm_backward_dropout(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        eps: f64,
+        drop: Option<SeededDropout>,
+    ) -> Result<[Tensor; 4]> {
+        let [dx, dw, db] = self.layer_norm_backward(x, w, dy, eps)?;
+        let dh = match drop {
+            Some(d) => self.dropout(&dx, d.p, d.seed)?,
+            None => dx.clone(),
+        };
+        Ok([dx, dh, dw, db])
+    }
+
     /// The gradient of `x` of exact GELU given that of its output: `dy · (Φ(x) + x·φ(x))`.
     fn gelu_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor>;
 

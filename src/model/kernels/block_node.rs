@@ -143,9 +143,7 @@ impl Tail {
         dy: &Tensor,
     ) -> Result<[Tensor; 4]> {
         let gamma = slots.view(flat, self.gamma)?;
-        let [ds, dgamma, dbeta] = prims.layer_norm_backward(&self.s, &gamma, dy, self.eps)?;
-        let dh = maybe_drop(prims, self.drop, &ds)?;
-        Ok([ds, dh, dgamma, dbeta])
+        prims.layer_norm_backward_dropout(&self.s, &gamma, dy, self.eps, self.drop)
     }
 
     #[cfg(feature = "cuda")]
@@ -223,7 +221,7 @@ pub fn attention_block<P: Prims>(
     let ctx = core.take_context()?;
     let h = dense(&ctx, &view(WO)?, &view(BO)?)?;
     let tail = Tail {
-        s: (maybe_drop(&prims, out_drop, &h)? + &xd)?,
+        s: prims.dropout_add(&h, &xd, out_drop)?,
         drop: out_drop,
         eps: p.norm.eps,
         gamma: A_GAMMA,
@@ -334,7 +332,7 @@ pub fn ffn_block<P: Prims>(
     let g = ops::gelu(&u)?;
     let h = dense(&g, &slots.view(&fd, W2)?, &slots.view(&fd, B2)?)?;
     let tail = Tail {
-        s: (maybe_drop(&prims, drop, &h)? + &xd)?,
+        s: prims.dropout_add(&h, &xd, drop)?,
         drop,
         eps: p.norm.eps,
         gamma: F_GAMMA,

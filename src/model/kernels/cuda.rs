@@ -224,6 +224,82 @@ impl CustomOp3 for LayerNormDx {
     }
 }
 
+/// Layer norm's `dx` and, in the same pass, `dx` through the dropout that preceded the residual
+/// add (`drop`): the result `[2, rows, n]` holds `dx`, then the dropped-out branch's gradient.
+struct LayerNormDxDrop {
+    eps: f32,
+    drop: Dropout,
+}
+
+impl CustomOp3 for LayerNormDxDrop {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-layer-norm-dx-dropout"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        fn run<T: CudaDType + DeviceRepr>(
+            op: &LayerNormDxDrop,
+            [(x, xl), (w, wl), (g, gl)]: [(&CudaStorage, &Layout); 3],
+        ) -> Result<CudaStorage> {
+            let dev = x.device();
+            let what = "layer norm backward";
+            let (rows, n) = last_dim(xl, what)?;
+            let (xv, wv, gv) = (
+                view::<T>(x, xl, what)?,
+                view::<T>(w, wl, what)?,
+                view::<T>(g, gl, what)?,
+            );
+            let out = unsafe { dev.alloc::<T>(2 * rows * n)? };
+            let (dx, dh) = (out.slice(0..rows * n), out.slice(rows * n..2 * rows * n));
+            let f = func!(dev, "layer_norm_bwd_dx_drop", x.dtype())?;
+            let mut a = f.builder();
+            let n_i = n as i32;
+            a.arg(&xv)
+                .arg(&wv)
+                .arg(&gv)
+                .arg(&dx)
+                .arg(&dh)
+                .arg(&n_i)
+                .arg(&op.eps)
+                .arg(&op.drop.seed)
+                .arg(&op.drop.threshold)
+                .arg(&op.drop.scale);
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (row_threads(n), 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { a.launch(cfg) }.w()?;
+            Ok(wrap(out, dev))
+        }
+        let args = [(x, xl), (w, wl), (g, gl)];
+        let out = by_dtype!(x.dtype(), run(self, args))?;
+        let mut dims = vec![2];
+        dims.extend_from_slice(xl.dims());
+        Ok((out, Shape::from(dims)))
+    }
+}
+
 struct LayerNormDwDb {
     eps: f32,
 }
@@ -772,6 +848,66 @@ impl CustomOp1 for Dropout {
     }
 }
 
+/// A residual branch's dropout and the residual add in one pass, no backward (for nodes that
+/// write their own): `s = drop(x) + r`.
+struct DropoutAdd(Dropout);
+
+impl CustomOp2 for DropoutAdd {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-dropout-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        r: &CudaStorage,
+        rl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        fn run<T: CudaDType + DeviceRepr>(
+            op: &Dropout,
+            x: &CudaStorage,
+            xl: &Layout,
+            r: &CudaStorage,
+            rl: &Layout,
+        ) -> Result<CudaStorage> {
+            let dev = x.device();
+            let n = xl.shape().elem_count();
+            if rl.shape().elem_count() != n {
+                bail!("dropout add: {:?} and {:?} differ", xl.dims(), rl.dims());
+            }
+            let (xv, rv) = (
+                view::<T>(x, xl, "dropout add")?,
+                view::<T>(r, rl, "dropout add")?,
+            );
+            let s = unsafe { dev.alloc::<T>(n)? };
+            let f = func!(dev, "dropout_add", x.dtype())?;
+            let mut a = f.builder();
+            a.arg(&xv)
+                .arg(&rv)
+                .arg(&s)
+                .arg(&n)
+                .arg(&op.seed)
+                .arg(&op.threshold)
+                .arg(&op.scale);
+            unsafe { a.launch(elementwise(geometry::packs(n, std::mem::size_of::<T>()))) }.w()?;
+            Ok(wrap(s, dev))
+        }
+        let out = by_dtype!(x.dtype(), run(&self.0, x, xl, r, rl))?;
+        Ok((out, xl.shape().clone()))
+    }
+}
+
 /// Inverted dropout with probability `p` (0 < p < 1): element `i` is kept by a hash of
 /// `(seed, i)`, so the backward needs no stored mask.
 pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
@@ -1021,6 +1157,43 @@ impl super::attention_node::Prims for CudaPrims {
         let dw = dwdb.get(0)?.to_dtype(x.dtype())?;
         let db = dwdb.get(1)?.to_dtype(x.dtype())?;
         Ok([dx, dw, db])
+    }
+
+    fn dropout_add(&self, h: &Tensor, r: &Tensor, drop: Option<SeededDropout>) -> Result<Tensor> {
+        match drop {
+            Some(d) => h
+                .contiguous()?
+                .apply_op2_no_bwd(&r.contiguous()?, &DropoutAdd(Dropout::new(d.p, d.seed))),
+            None => h + r,
+        }
+    }
+
+    fn layer_norm_backward_dropout(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        eps: f64,
+        drop: Option<SeededDropout>,
+    ) -> Result<[Tensor; 4]> {
+        let Some(d) = drop else {
+            let [dx, dw, db] = self.layer_norm_backward(x, w, dy, eps)?;
+            return Ok([dx.clone(), dx, dw, db]);
+        };
+        let eps = eps as f32;
+        let (x, dy) = (x.contiguous()?, dy.contiguous()?);
+        let both = x.apply_op3_no_bwd(
+            &w.contiguous()?,
+            &dy,
+            &LayerNormDxDrop {
+                eps,
+                drop: Dropout::new(d.p, d.seed),
+            },
+        )?;
+        let dwdb = x.apply_op2_no_bwd(&dy, &LayerNormDwDb { eps })?;
+        let dw = dwdb.get(0)?.to_dtype(x.dtype())?;
+        let db = dwdb.get(1)?.to_dtype(x.dtype())?;
+        Ok([both.get(0)?, both.get(1)?, dw, db])
     }
 
     fn gelu_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {

@@ -63,7 +63,7 @@ __device__ void map1(const T *x, T *y, size_t n, F f) {
   for (size_t i = done + first; i < n; i += stride) y[i] = from_f<T>(f(i, to_f(x[i])));
 }
 
-// z[i] = f(x[i], y[i]) for i < n.
+// z[i] = f(i, x[i], y[i]) for i < n.
 template <typename T, typename F>
 __device__ void map2(const T *x, const T *y, T *z, size_t n, F f) {
   constexpr int P = 16 / sizeof(T);
@@ -79,11 +79,11 @@ __device__ void map2(const T *x, const T *y, T *z, size_t n, F f) {
       const Pack<T> a = xp[q], b = yp[q];
       Pack<T> r;
 #pragma unroll
-      for (int k = 0; k < P; k++) r.v[k] = from_f<T>(f(to_f(a.v[k]), to_f(b.v[k])));
+      for (int k = 0; k < P; k++) r.v[k] = from_f<T>(f(q * P + k, to_f(a.v[k]), to_f(b.v[k])));
       zp[q] = r;
     }
   }
-  for (size_t i = done + first; i < n; i += stride) z[i] = from_f<T>(f(to_f(x[i]), to_f(y[i])));
+  for (size_t i = done + first; i < n; i += stride) z[i] = from_f<T>(f(i, to_f(x[i]), to_f(y[i])));
 }
 
 // The sum of `v` over a one-dimensional block (blockDim.x a multiple of 32, at most 1024), returned
@@ -98,6 +98,22 @@ __device__ float block_sum(float v, float *sh) {
   float t = lane < warps ? sh[lane] : 0.f;
   t = warp_sum(t);
   return t;
+}
+
+// ---- dropout masks ---------------------------------------------------------------------------
+// Element i is kept when the top 24 bits of splitmix64(seed ^ (i * golden)) reach threshold
+// (= ceil(p * 2^24)); kept elements are scaled by 1 / (1 - p). The mask is a pure function of
+// (seed, i), so a backward applies it again from the seed instead of storing it.
+__device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// Whether dropout with this seed and threshold keeps element i.
+__device__ __forceinline__ bool kept(uint64_t seed, size_t i, uint32_t threshold) {
+  return (uint32_t)(splitmix64(seed ^ (i * 0x9E3779B97F4A7C15ull)) >> 40) >= threshold;
 }
 
 // ---- layer norm -----------------------------------------------------------------------------
@@ -133,8 +149,9 @@ __device__ void layer_norm_fwd(const T *x, const T *w, const T *b, T *y, int n, 
 }
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w; one block per row.
-template <typename T>
-__device__ void layer_norm_bwd_dx(const T *x, const T *w, const T *dy, T *dx, int n, float eps) {
+template <typename T, bool DROP>
+__device__ void layer_norm_bwd_dx(const T *x, const T *w, const T *dy, T *dx, int n, float eps,
+                                  T *dh, uint64_t seed, uint32_t threshold, float drop_scale) {
   __shared__ float sh[32];
   const size_t row = blockIdx.x;
   const T *xr = x + row * n;
@@ -152,10 +169,14 @@ __device__ void layer_norm_bwd_dx(const T *x, const T *w, const T *dy, T *dx, in
   c = block_sum(c, sh) / n;
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const float xh = (to_f(xr[i]) - mean) * rstd;
-    dxr[i] = from_f<T>(rstd * (to_f(gr[i]) * to_f(w[i]) - a - xh * c));
+    const T d = from_f<T>(rstd * (to_f(gr[i]) * to_f(w[i]) - a - xh * c));
+    dxr[i] = d;
+    // With DROP, also dx through the dropout before the residual add (element row * n + i of
+    // the whole tensor): the gradient of the dropped-out branch, in the same pass.
+    if constexpr (DROP)
+      dh[row * n + i] = from_f<T>(kept(seed, row * n + i, threshold) ? to_f(d) * drop_scale : 0.f);
   }
 }
-
 // The mean and 1/sqrt(var + eps) of each row of x [rows, n], one warp per row (blockDim (32, k)),
 // into stats [rows, 2] (f32): what the weight and bias gradients need of each row, computed once
 // instead of by a whole block per row inside their kernel.
@@ -214,22 +235,6 @@ __device__ void layer_norm_bwd_dwdb(const T *x, const T *dy, const float *stats,
       atomicAdd(dwdb + n + i, db[k]);
     }
   }
-}
-
-// ---- dropout masks ---------------------------------------------------------------------------
-// Element i is kept when the top 24 bits of splitmix64(seed ^ (i * golden)) reach threshold
-// (= ceil(p * 2^24)); kept elements are scaled by 1 / (1 - p). The mask is a pure function of
-// (seed, i), so a backward applies it again from the seed instead of storing it.
-__device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-// Whether dropout with this seed and threshold keeps element i.
-__device__ __forceinline__ bool kept(uint64_t seed, size_t i, uint32_t threshold) {
-  return (uint32_t)(splitmix64(seed ^ (i * 0x9E3779B97F4A7C15ull)) >> 40) >= threshold;
 }
 
 // ---- scaled masked softmax ------------------------------------------------------------------
@@ -292,7 +297,7 @@ __device__ void gelu_fwd(const T *x, T *y, size_t n) {
 // dx = dy * (Phi(x) + x * phi(x)).
 template <typename T>
 __device__ void gelu_bwd(const T *x, const T *dy, T *dx, size_t n) {
-  map2(x, dy, dx, n, [](float v, float g) {
+  map2(x, dy, dx, n, [](size_t, float v, float g) {
     const float cdf = 0.5f * (1.f + erff(v * 0.70710678118654752f));
     const float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
     return g * (cdf + v * pdf);
@@ -335,6 +340,15 @@ template <typename T>
 __device__ void dropout(const T *x, T *y, size_t n, uint64_t seed, uint32_t threshold,
                         float scale) {
   map1(x, y, n, [=](size_t i, float v) { return kept(seed, i, threshold) ? v * scale : 0.f; });
+}
+
+// s = x through the mask, plus r: a residual branch's dropout and the residual add in one pass.
+template <typename T>
+__device__ void dropout_add(const T *x, const T *r, T *s, size_t n, uint64_t seed,
+                            uint32_t threshold, float scale) {
+  map2(x, r, s, n, [=](size_t i, float v, float res) {
+    return (kept(seed, i, threshold) ? v * scale : 0.f) + res;
+  });
 }
 
 // ---- swapping the middle dimensions -----------------------------------------------------------
@@ -437,7 +451,13 @@ extern "C" __global__ void sum_squares_into(float *sums, const float *g, size_t 
   }                                                                                              \
   extern "C" __global__ void layer_norm_bwd_dx_##S(const T *x, const T *w, const T *dy, T *dx,   \
                                                    int n, float eps) {                           \
-    layer_norm_bwd_dx<T>(x, w, dy, dx, n, eps);                                                  \
+    layer_norm_bwd_dx<T, false>(x, w, dy, dx, n, eps, nullptr, 0, 0, 1.f);                      \
+  }                                                                                              \
+  extern "C" __global__ void layer_norm_bwd_dx_drop_##S(const T *x, const T *w, const T *dy,     \
+                                                        T *dx, T *dh, int n, float eps,          \
+                                                        uint64_t seed, uint32_t threshold,       \
+                                                        float drop_scale) {                      \
+    layer_norm_bwd_dx<T, true>(x, w, dy, dx, n, eps, dh, seed, threshold, drop_scale);           \
   }                                                                                              \
   extern "C" __global__ void layer_norm_stats_##S(const T *x, float *stats, size_t rows, int n,   \
                                                   float eps) {                                   \
@@ -470,6 +490,10 @@ extern "C" __global__ void sum_squares_into(float *sums, const float *g, size_t 
   extern "C" __global__ void bias_add_##S(const T *x, const T *b, T *y, size_t rows, int n,     \
                                           bool packed) {                                         \
     bias_add<T>(x, b, y, rows, n, packed);                                                       \
+  }                                                                                              \
+  extern "C" __global__ void dropout_add_##S(const T *x, const T *r, T *s, size_t n,             \
+                                             uint64_t seed, uint32_t threshold, float scale) {   \
+    dropout_add<T>(x, r, s, n, seed, threshold, scale);                                          \
   }                                                                                              \
   extern "C" __global__ void dropout_##S(const T *x, T *y, size_t n, uint64_t seed,             \
                                          uint32_t threshold, float scale) {                      \
