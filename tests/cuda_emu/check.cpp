@@ -413,31 +413,43 @@ template <typename T> static void dropout_add_check(size_t n, size_t shift, std:
 // ---- swap12, embedding ----------------------------------------------------------------------------
 // Elements of type T moved in units U (the kernel swap12_u{8 * sizeof(U)}), d in elements, over
 // `grid_y` rows of blocks (the host's choice is min(a, 65535); fewer makes blocks stride over a).
+// `x_parts` > 1: x's rows hold that many [c, d] parts side by side and part `x_part` is read (the
+// split of q, k, v from one product); `y_parts` likewise for y's slabs (their gradients' merge).
 template <typename T, typename U>
-static void swap(uint32_t a, uint32_t b, uint32_t c, uint32_t d, unsigned grid_y, std::mt19937 &rng) {
+static void swap(uint32_t a, uint32_t b, uint32_t c, uint32_t d, unsigned grid_y, std::mt19937 &rng,
+                 uint32_t x_parts = 1, uint32_t x_part = 0, uint32_t y_parts = 1,
+                 uint32_t y_part = 0) {
   const size_t n = size_t(a) * b * c * d;
-  const Vec x = rounded<T>(randn(n, rng));
+  const size_t x_row = size_t(c) * d * x_parts, y_row = size_t(b) * d * y_parts;
+  const Vec x = rounded<T>(randn(n * x_parts, rng));
   const auto xd = to_dev<T>(x);
-  std::vector<T> y(n);
+  const T fill = from_f<T>(7.f);  // what the other parts of y hold, and must keep
+  std::vector<T> y(n * y_parts, fill);
   const uint32_t du = uint32_t(d * sizeof(T) / sizeof(U));
+  const uint32_t units = sizeof(U) / sizeof(T);
   const unsigned threads = std::clamp<unsigned>((b * du + 31) / 32 * 32, 32, 256);
   emu::launch(dim3(c, grid_y), dim3(threads), [&] {
-    const U *xs = reinterpret_cast<const U *>(xd.data());
-    U *ys = reinterpret_cast<U *>(y.data());
-    if constexpr (sizeof(U) == 2) swap12_u16(xs, ys, a, b, c, du);
-    else if constexpr (sizeof(U) == 4) swap12_u32(xs, ys, a, b, c, du);
-    else if constexpr (sizeof(U) == 8) swap12_u64(xs, ys, a, b, c, du);
-    else swap12_u128(xs, ys, a, b, c, du);
+    const U *xs = reinterpret_cast<const U *>(xd.data() + size_t(x_part) * c * d);
+    U *ys = reinterpret_cast<U *>(y.data() + size_t(y_part) * b * d);
+    const uint32_t xr = uint32_t(x_row / units), yr = uint32_t(y_row / units);
+    if constexpr (sizeof(U) == 2) swap12_u16(xs, ys, a, b, c, du, xr, yr);
+    else if constexpr (sizeof(U) == 4) swap12_u32(xs, ys, a, b, c, du, xr, yr);
+    else if constexpr (sizeof(U) == 8) swap12_u64(xs, ys, a, b, c, du, xr, yr);
+    else swap12_u128(xs, ys, a, b, c, du, xr, yr);
   });
-  Vec want(n);
+  Vec want(n * y_parts, 7.0);
   for (size_t ia = 0; ia < a; ia++)
     for (size_t ib = 0; ib < b; ib++)
       for (size_t ic = 0; ic < c; ic++)
         for (size_t id = 0; id < d; id++)
-          want[((ia * c + ic) * b + ib) * d + id] = x[((ia * b + ib) * c + ic) * d + id];
+          want[(ia * c + ic) * y_row + y_part * b * d + ib * d + id] =
+              x[(ia * b + ib) * x_row + x_part * c * d + ic * d + id];
+  std::string parts;
+  if (x_parts > 1) parts += ", part " + std::to_string(x_part) + " of " + std::to_string(x_parts) + " in";
+  if (y_parts > 1) parts += ", part " + std::to_string(y_part) + " of " + std::to_string(y_parts) + " out";
   check("swap12_u" + std::to_string(8 * sizeof(U)) + " " + tname<T>() + " [" + std::to_string(a) +
             "," + std::to_string(b) + "," + std::to_string(c) + "," + std::to_string(d) + "] over " +
-            std::to_string(c) + "x" + std::to_string(grid_y) + " blocks",
+            std::to_string(c) + "x" + std::to_string(grid_y) + " blocks" + parts,
         rel_err(to_host(y), want), 0);
 }
 
@@ -548,6 +560,12 @@ int main() {
   swap<bf16, uint4>(3, 40, 2, 16, 3, rng);  // slabs of 80 units: threads stride
   swap<float, uint4>(5, 3, 4, 8, 2, rng);   // a = 5 over 2 rows of blocks
   swap<float, uint4>(2, 12, 9, 64, 2, rng);  // a merge of 12 heads of 64
+  // q, k, v split from one [batch, seq, 3 * heads * head_dim] product, and merged back into one.
+  swap<bf16, uint4>(2, 5, 4, 16, 2, rng, 3, 1, 1, 0);
+  swap<bf16, uint4>(2, 5, 4, 16, 1, rng, 3, 2, 1, 0);
+  swap<float, uint2>(3, 4, 5, 6, 2, rng, 1, 0, 3, 0);
+  swap<bf16, uint4>(2, 4, 5, 8, 2, rng, 1, 0, 3, 2);
+  swap<bf16, uint16_t>(2, 3, 4, 3, 2, rng, 3, 1, 3, 1);  // odd runs, element by element
   embedding<float>(rng);
   embedding<bf16>(rng);
   adamw(rng);

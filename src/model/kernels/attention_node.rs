@@ -91,6 +91,27 @@ pub trait Prims: Send + Sync + 'static {
         Ok([dx, dh, dw, db])
     }
 
+    /// Part `part` of `parts` side by side in the last dimension of `t` `[b, s, parts · heads · d]`,
+    /// split into heads: `[b, heads, s, d]` (q, k or v from one product).
+    fn split_part(&self, t: &Tensor, part: usize, parts: usize, heads: usize) -> Result<Tensor> {
+        let (b, s, width) = t.dims3()?;
+        let d = width / (parts * heads);
+        ops::swap12(
+            &t.narrow(2, part * heads * d, heads * d)?
+                .reshape((b, s, heads, d))?,
+        )
+    }
+
+    /// Three `[b, heads, s, d]` tensors merged side by side into `[b, s, 3 · heads · d]`.
+    fn merge_parts(&self, parts: [&Tensor; 3]) -> Result<Tensor> {
+        let (b, h, s, d) = parts[0].dims4()?;
+        let merged = parts
+            .iter()
+            .map(|t| ops::swap12(t)?.reshape((b, s, h * d)))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&merged, 2)
+    }
+
     /// The gradient of `x` of exact GELU given that of its output: `dy · (Φ(x) + x·φ(x))`.
     fn gelu_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor>;
 
@@ -188,10 +209,33 @@ impl Core {
         let d = hidden / heads;
         let split = |t: &Tensor| ops::swap12(&t.detach().reshape((b, s, heads, d))?);
         let (qh, kh, vh) = (split(q)?, split(k)?, split(v)?);
+        Self::from_heads(prims, qh, kh, vh, bias, scale, drop)
+    }
+
+    /// The forward (see `attention`) from `q`, `k`, `v` already split into heads, `[b, h, s, d]`
+    /// each, detached.
+    pub fn from_heads<P: Prims>(
+        prims: &P,
+        qh: Tensor,
+        kh: Tensor,
+        vh: Tensor,
+        bias: &Tensor,
+        scale: f64,
+        drop: Option<SeededDropout>,
+    ) -> Result<Self> {
+        let (b, heads, s, d) = qh.dims4()?;
+        if kh.dims() != qh.dims() || vh.dims() != qh.dims() {
+            bail!(
+                "attention: heads of q {:?}, k {:?}, v {:?} differ",
+                qh.dims(),
+                kh.dims(),
+                vh.dims()
+            );
+        }
         let scores = qh.matmul(&kh.t()?)?;
         let (probs, dropped) = match drop {
-            Some(d) => {
-                let (probs, dropped) = prims.softmax_dropout(&scores, &bias.detach(), scale, d)?;
+            Some(dr) => {
+                let (probs, dropped) = prims.softmax_dropout(&scores, &bias.detach(), scale, dr)?;
                 (probs, Some(dropped))
             }
             None => (
@@ -241,6 +285,15 @@ impl Core {
     /// The gradients of `q`, `k`, `v` (each `[b, s, hidden]`) given that of the context.
     pub fn backward<P: Prims>(&self, prims: &P, grad: &Tensor) -> Result<[Tensor; 3]> {
         let [b, s, h, d] = self.dims;
+        let merge = |t: &Tensor| ops::swap12(t)?.reshape((b, s, h * d));
+        let [dqh, dkh, dvh] = self.backward_heads(prims, grad)?;
+        Ok([merge(&dqh)?, merge(&dkh)?, merge(&dvh)?])
+    }
+
+    /// The gradients of `q`, `k`, `v` split into heads (each `[b, h, s, d]`) given that of the
+    /// context `[b, s, hidden]`.
+    pub fn backward_heads<P: Prims>(&self, prims: &P, grad: &Tensor) -> Result<[Tensor; 3]> {
+        let [b, s, h, d] = self.dims;
         let gh = ops::swap12(&grad.reshape((b, s, h, d))?)?;
         let dropped = self.dropped.as_ref().unwrap_or(&self.probs);
         let dvh = dropped.t()?.matmul(&gh)?;
@@ -250,8 +303,7 @@ impl Core {
         let dscores = prims.softmax_backward(&self.probs, &ddropped, self.scale, self.drop)?;
         let dqh = dscores.matmul(&self.kh)?;
         let dkh = dscores.t()?.matmul(&self.qh)?;
-        let merge = |t: &Tensor| ops::swap12(t)?.reshape((b, s, h * d));
-        Ok([merge(&dqh)?, merge(&dkh)?, merge(&dvh)?])
+        Ok([dqh, dkh, dvh])
     }
 }
 

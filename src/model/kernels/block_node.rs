@@ -72,10 +72,20 @@ impl Slots {
 
     /// Parameters `first..=last` (adjacent in `flat`) as one view `[rows, cols]`.
     fn stacked(&self, flat: &Tensor, first: usize, last: usize, cols: usize) -> Result<Tensor> {
+        let span = self.span(flat, first, last)?;
+        let len = span.elem_count();
+        span.reshape((len / cols, cols))
+    }
+
+    /// Parameters `first..=last` (adjacent in `flat`) as one flat view.
+    fn span(&self, flat: &Tensor, first: usize, last: usize) -> Result<Tensor> {
         let start = self.0[first].0;
         let (end_offset, end_dims) = &self.0[last];
-        let len = end_offset + end_dims.iter().product::<usize>() - start;
-        flat.narrow(0, start, len)?.reshape((len / cols, cols))
+        flat.narrow(
+            0,
+            start,
+            end_offset + end_dims.iter().product::<usize>() - start,
+        )
     }
 
     #[cfg(feature = "cuda")]
@@ -174,12 +184,11 @@ fn rows(t: &Tensor) -> Result<Tensor> {
 
 // ---- attention block ---------------------------------------------------------------------------
 
-// Slots of the attention block's flat vector.
+// Slots of the attention block's flat vector: Wq, Wk, Wv, bq, bk, bv, Wo, bo, γ, β (k's are
+// reached only as the middle of the q, k, v stacks).
 const WQ: usize = 0;
-const WK: usize = 1;
 const WV: usize = 2;
 const BQ: usize = 3;
-const BK: usize = 4;
 const BV: usize = 5;
 const WO: usize = 6;
 const BO: usize = 7;
@@ -212,12 +221,16 @@ pub fn attention_block<P: Prims>(
         );
     }
     let scale = 1.0 / ((hidden / p.heads) as f64).sqrt();
-    let (q, k, v) = (
-        dense(&xd, &view(WQ)?, &view(BQ)?)?,
-        dense(&xd, &view(WK)?, &view(BK)?)?,
-        dense(&xd, &view(WV)?, &view(BV)?)?,
-    );
-    let mut core = Core::forward(&prims, &q, &k, &v, bias, p.heads, scale, probs_drop)?;
+    // q, k and v as one product with the stacked weight, `[b, s, 3 · hidden]`, split into heads.
+    let qkv = dense(
+        &xd,
+        &slots.stacked(&fd, WQ, WV, hidden)?,
+        &slots.span(&fd, BQ, BV)?,
+    )?;
+    let split = |part: usize| prims.split_part(&qkv, part, 3, p.heads);
+    let (qh, kh, vh) = (split(0)?, split(1)?, split(2)?);
+    drop(qkv);
+    let mut core = Core::from_heads(&prims, qh, kh, vh, bias, scale, probs_drop)?;
     let ctx = core.take_context()?;
     let h = dense(&ctx, &view(WO)?, &view(BO)?)?;
     let tail = Tail {
@@ -295,9 +308,9 @@ impl<P: Prims> CustomOp2 for AttentionNode<P> {
         let dwo = dh.t()?.matmul(&rows(&self.ctx)?)?;
         let dbo = prims.column_sum(&dh)?;
         let dctx = dh.matmul(&slots.view(&flat, WO)?)?.reshape(x.shape())?;
-        let [dq, dk, dv] = self.core.backward(prims, &dctx)?;
+        let [dqh, dkh, dvh] = self.core.backward_heads(prims, &dctx)?;
         // q, k and v side by side: one product each for the input's and the weights' gradients.
-        let dqkv = Tensor::cat(&[rows(&dq)?, rows(&dk)?, rows(&dv)?], 1)?;
+        let dqkv = rows(&prims.merge_parts([&dqh, &dkh, &dvh])?)?;
         let wqkv = slots.stacked(&flat, WQ, WV, hidden)?;
         let dx = (dqkv.matmul(&wqkv)?.reshape(x.shape())? + ds)?;
         let dwqkv = dqkv.t()?.matmul(&rows(&x)?)?;

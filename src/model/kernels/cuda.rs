@@ -1028,6 +1028,50 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 // ---- swapping the middle dimensions --------------------------------------------------------------
 
+/// One launch of the swap kernel: `y [a, c, b, d]` from `x [a, b, c, d]` (sizes in elements) with
+/// rows of `x_row` and `y_row` elements, starting `x_offset` and `y_offset` elements into the
+/// buffers (`geometry::swap_plan`).
+fn launch_swap<T: CudaDType + DeviceRepr>(
+    like: &CudaStorage,
+    x: &CudaSlice<T>,
+    y: &CudaSlice<T>,
+    dims: [usize; 4],
+    rows: (usize, usize),
+    offsets: (usize, usize),
+) -> Result<()> {
+    let dev = like.device();
+    let elem = std::mem::size_of::<T>();
+    let Some(plan) = geometry::swap_plan(elem, dims, rows, offsets) else {
+        bail!("swap12: {dims:?} with rows {rows:?} is past the kernel's 32-bit indexing");
+    };
+    let [a, b, c, _] = dims;
+    let per = plan.unit / elem;
+    // The kernel sees both buffers from the offsets on (as units).
+    let (xv, yv) = (
+        x.slice(plan.x_offset * per..),
+        y.slice(plan.y_offset * per..),
+    );
+    let f = dev.get_or_load_custom_func(&format!("swap12_u{}", plan.unit * 8), MODULE, PTX)?;
+    let mut l = f.builder();
+    let (a32, b32, c32) = (a as u32, b as u32, c as u32);
+    l.arg(&xv)
+        .arg(&yv)
+        .arg(&a32)
+        .arg(&b32)
+        .arg(&c32)
+        .arg(&plan.d)
+        .arg(&plan.x_row)
+        .arg(&plan.y_row);
+    let (grid_dim, threads) = geometry::swap_launch(a, b, c, plan.d as usize);
+    let cfg = LaunchConfig {
+        grid_dim,
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { l.launch(cfg) }.w()?;
+    Ok(())
+}
+
 struct Swap12;
 
 impl CustomOp1 for Swap12 {
@@ -1045,29 +1089,13 @@ impl CustomOp1 for Swap12 {
             let &[a, b, c, d] = xl.dims() else {
                 bail!("swap12: needs four dimensions, got {:?}", xl.dims())
             };
-            let xv = view::<T>(x, xl, "swap12")?;
-            let y = unsafe { dev.alloc::<T>(a * b * c * d)? };
-            let (unit, d_units) =
-                geometry::swap_unit(std::mem::size_of::<T>(), d, xl.start_offset());
-            if b * d_units > u32::MAX as usize || a > u32::MAX as usize || c > i32::MAX as usize {
-                bail!("swap12: [{a}, {b}, {c}, {d}] is past the kernel's 32-bit indexing");
+            if !xl.is_contiguous() {
+                bail!("swap12: the CUDA kernel needs a contiguous input");
             }
-            let f = dev.get_or_load_custom_func(&format!("swap12_u{}", unit * 8), MODULE, PTX)?;
-            let mut l = f.builder();
-            let dims = [a as u32, b as u32, c as u32, d_units as u32];
-            l.arg(&xv)
-                .arg(&y)
-                .arg(&dims[0])
-                .arg(&dims[1])
-                .arg(&dims[2])
-                .arg(&dims[3]);
-            let (grid_dim, threads) = geometry::swap_launch(a, b, c, d_units);
-            let cfg = LaunchConfig {
-                grid_dim,
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            unsafe { l.launch(cfg) }.w()?;
+            let xs: &CudaSlice<T> = x.as_cuda_slice()?;
+            let y = unsafe { dev.alloc::<T>(a * b * c * d)? };
+            let rows = (c * d, b * d);
+            launch_swap(x, xs, &y, [a, b, c, d], rows, (xl.start_offset(), 0))?;
             Ok(wrap(y, dev))
         }
         let &[a, b, c, d] = xl.dims() else {
@@ -1080,6 +1108,121 @@ impl CustomOp1 for Swap12 {
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         // Its own inverse.
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Swap12)?))
+    }
+}
+
+/// Part `part` of `parts` side by side in the last dimension of `t` `[b, s, parts · heads · d]`,
+/// split into heads: `[b, heads, s, d]` (q, k or v from one product), no backward.
+struct SplitPart {
+    part: usize,
+    parts: usize,
+    heads: usize,
+}
+
+impl CustomOp1 for SplitPart {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-split-part"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let &[b, s, width] = xl.dims() else {
+            bail!("split part: needs [b, s, width], got {:?}", xl.dims())
+        };
+        let h = self.heads;
+        if !xl.is_contiguous() || h == 0 || width % (self.parts * h) != 0 || self.part >= self.parts
+        {
+            bail!(
+                "split part: part {} of {} in {h} heads from {:?}",
+                self.part,
+                self.parts,
+                xl.dims()
+            );
+        }
+        let d = width / (self.parts * h);
+        fn run<T: CudaDType + DeviceRepr>(
+            op: &SplitPart,
+            x: &CudaStorage,
+            xl: &Layout,
+            [b, s, h, d]: [usize; 4],
+        ) -> Result<CudaStorage> {
+            let dev = x.device();
+            let xs: &CudaSlice<T> = x.as_cuda_slice()?;
+            let y = unsafe { dev.alloc::<T>(b * s * h * d)? };
+            let x_offset = xl.start_offset() + op.part * h * d;
+            let rows = (op.parts * h * d, s * d);
+            launch_swap(x, xs, &y, [b, s, h, d], rows, (x_offset, 0))?;
+            Ok(wrap(y, dev))
+        }
+        let out = by_dtype!(x.dtype(), run(self, x, xl, [b, s, h, d]))?;
+        Ok((out, Shape::from((b, h, s, d))))
+    }
+}
+
+/// Three `[b, heads, s, d]` tensors merged side by side into `[b, s, 3 · heads · d]` (the
+/// gradients of q, k and v as one, for one product with the stacked weight), no backward.
+struct MergeParts;
+
+impl CustomOp3 for MergeParts {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-merge-parts"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        ql: &Layout,
+        k: &CudaStorage,
+        kl: &Layout,
+        v: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let &[b, h, s, d] = ql.dims() else {
+            bail!("merge parts: needs [b, heads, s, d], got {:?}", ql.dims())
+        };
+        if kl.dims() != ql.dims() || vl.dims() != ql.dims() {
+            bail!(
+                "merge parts: {:?}, {:?}, {:?} differ",
+                ql.dims(),
+                kl.dims(),
+                vl.dims()
+            );
+        }
+        fn run<T: CudaDType + DeviceRepr>(
+            parts: [(&CudaStorage, &Layout); 3],
+            [b, h, s, d]: [usize; 4],
+        ) -> Result<CudaStorage> {
+            let dev = parts[0].0.device();
+            let y = unsafe { dev.alloc::<T>(3 * b * s * h * d)? };
+            for (j, (x, xl)) in parts.into_iter().enumerate() {
+                if !xl.is_contiguous() {
+                    bail!("merge parts: the CUDA kernel needs contiguous inputs");
+                }
+                let xs: &CudaSlice<T> = x.as_cuda_slice()?;
+                let rows = (s * d, 3 * h * d);
+                let offsets = (xl.start_offset(), j * h * d);
+                launch_swap(x, xs, &y, [b, h, s, d], rows, offsets)?;
+            }
+            Ok(wrap(y, dev))
+        }
+        let parts = [(q, ql), (k, kl), (v, vl)];
+        let out = by_dtype!(q.dtype(), run(parts, [b, h, s, d]))?;
+        Ok((out, Shape::from((b, s, 3 * h * d))))
     }
 }
 
@@ -1194,6 +1337,16 @@ impl super::attention_node::Prims for CudaPrims {
         let dw = dwdb.get(0)?.to_dtype(x.dtype())?;
         let db = dwdb.get(1)?.to_dtype(x.dtype())?;
         Ok([both.get(0)?, both.get(1)?, dw, db])
+    }
+
+    fn split_part(&self, t: &Tensor, part: usize, parts: usize, heads: usize) -> Result<Tensor> {
+        t.contiguous()?
+            .apply_op1_no_bwd(&SplitPart { part, parts, heads })
+    }
+
+    fn merge_parts(&self, [q, k, v]: [&Tensor; 3]) -> Result<Tensor> {
+        q.contiguous()?
+            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &MergeParts)
     }
 
     fn gelu_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {

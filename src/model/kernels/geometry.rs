@@ -2,17 +2,61 @@
 //! `kernels::cuda`, which only the `cuda` build compiles).
 
 /// The copy unit of the head split/merge kernel (`swap12_u16` … `swap12_u128`): the widest of 16,
-/// 8, 4 and 2 bytes that divides a run of `d` elements of `elem` bytes and the input's byte offset
-/// into its buffer (`offset` elements; the output is a fresh allocation, aligned for any unit).
-/// Returns the unit in bytes and `d` in units.
-pub fn swap_unit(elem: usize, d: usize, offset: usize) -> (usize, usize) {
+/// 8, 4 and 2 bytes that divides a run of `d` elements of `elem` bytes and each of `aligned`
+/// (element counts the kernel adds to a pointer: offsets into buffers, row strides), never less
+/// than an element. Returns the unit in bytes and `d` in units.
+pub fn swap_unit(elem: usize, d: usize, aligned: &[usize]) -> (usize, usize) {
     let run = d * elem;
-    let at = offset * elem;
     let unit = [16, 8, 4, 2]
         .into_iter()
-        .find(|&u| run.is_multiple_of(u) && at.is_multiple_of(u))
-        .unwrap_or(elem);
+        .find(|&u| run.is_multiple_of(u) && aligned.iter().all(|a| (a * elem).is_multiple_of(u)))
+        .unwrap_or(elem)
+        .max(elem);
     (unit, run / unit)
+}
+
+/// One launch of the swap kernel, `y [a, c, b, d]` from `x [a, b, c, d]`, everything in the
+/// kernel's units: `x`'s `(a, b)` rows lie `x_row` apart and `y`'s `(a, c)` slabs `y_row` apart
+/// (wider than `c · d` and `b · d` when a tensor holds several parts side by side), and the kernel
+/// starts `x_offset` and `y_offset` units into the buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SwapPlan {
+    /// Bytes per unit.
+    pub unit: usize,
+    pub d: u32,
+    pub x_row: u32,
+    pub y_row: u32,
+    pub x_offset: usize,
+    pub y_offset: usize,
+}
+
+/// The plan for `[a, b, c, d]` elements of `elem` bytes, with rows of `x_row` and `y_row`
+/// elements and offsets of `x_offset` and `y_offset` elements; `None` where an index would pass
+/// the kernel's 32 bits.
+pub fn swap_plan(
+    elem: usize,
+    [a, b, c, d]: [usize; 4],
+    (x_row, y_row): (usize, usize),
+    (x_offset, y_offset): (usize, usize),
+) -> Option<SwapPlan> {
+    let (unit, d_units) = swap_unit(elem, d, &[x_row, y_row, x_offset, y_offset]);
+    let per = unit / elem;
+    let fits = |v: usize| u32::try_from(v).ok();
+    // The kernel takes the sizes and strides as 32-bit values and forms the slab `b · d` and the
+    // index within it in 32 bits (the rest in 64); `c` is the grid's x dimension.
+    fits(b * d_units)?;
+    fits(a)?;
+    if c > i32::MAX as usize {
+        return None;
+    }
+    Some(SwapPlan {
+        unit,
+        d: fits(d_units)?,
+        x_row: fits(x_row / per)?,
+        y_row: fits(y_row / per)?,
+        x_offset: x_offset / per,
+        y_offset: y_offset / per,
+    })
 }
 
 /// Grid and block of the swap kernel for `[a, b, c, d]` with `d` in units: one block per
@@ -59,19 +103,53 @@ mod tests {
     #[test]
     fn swap_unit_is_the_widest_that_divides_the_run_and_the_offset() {
         // bf16 head of 64: 128-byte runs, 8 units of 16 bytes
-        assert_eq!(swap_unit(2, 64, 0), (16, 8));
+        assert_eq!(swap_unit(2, 64, &[0]), (16, 8));
         // f32 head of 64: 16 units of 16 bytes
-        assert_eq!(swap_unit(4, 64, 0), (16, 16));
+        assert_eq!(swap_unit(4, 64, &[0]), (16, 16));
         // an offset of one bf16 element allows only 2-byte units
-        assert_eq!(swap_unit(2, 64, 1), (2, 64));
+        assert_eq!(swap_unit(2, 64, &[1]), (2, 64));
         // f32 offset by 2 elements (8 bytes): 8-byte units
-        assert_eq!(swap_unit(4, 64, 2), (8, 32));
+        assert_eq!(swap_unit(4, 64, &[2]), (8, 32));
         // bf16 runs of 6 elements (12 bytes): 4-byte units
-        assert_eq!(swap_unit(2, 6, 0), (4, 3));
+        assert_eq!(swap_unit(2, 6, &[0]), (4, 3));
         // an odd bf16 run is copied element by element
-        assert_eq!(swap_unit(2, 3, 0), (2, 3));
+        assert_eq!(swap_unit(2, 3, &[0]), (2, 3));
         // f32 never goes below 4 bytes
-        assert_eq!(swap_unit(4, 3, 0), (4, 3));
+        assert_eq!(swap_unit(4, 3, &[0]), (4, 3));
+        // a row stride counts like an offset: 12 bf16 elements (24 bytes) allow 8-byte units
+        assert_eq!(swap_unit(2, 64, &[0, 12]), (8, 16));
+    }
+
+    #[test]
+    fn swap_plan_for_q_k_v_parts_of_one_product() {
+        // roberta-base at batch 128, bf16: k is part 1 of [128, 128, 3 * 768]; x = [b, s, h, d]
+        // with rows of 3 * 768, starting 768 elements in; y dense.
+        let p = swap_plan(2, [128, 128, 12, 64], (3 * 768, 128 * 64), (768, 0)).unwrap();
+        assert_eq!(
+            p,
+            SwapPlan {
+                unit: 16,
+                d: 8,
+                x_row: 3 * 96,
+                y_row: 1024,
+                x_offset: 96,
+                y_offset: 0
+            }
+        );
+        // the merge of dv into part 2 of [b, s, 3 * 768]: x = [b, h, s, d] dense, y slabs of
+        // 3 * 768 from 2 * 768 in
+        let p = swap_plan(2, [128, 12, 128, 64], (128 * 64, 3 * 768), (0, 2 * 768)).unwrap();
+        assert_eq!((p.x_row, p.y_row, p.y_offset), (1024, 288, 192));
+        // a part offset of one f32 element: 4-byte units, everything in elements
+        let p = swap_plan(4, [2, 3, 4, 8], (96, 24), (1, 0)).unwrap();
+        assert_eq!((p.unit, p.d, p.x_row, p.x_offset), (4, 8, 96, 1));
+        // a slab past 32 bits
+        assert_eq!(
+            swap_plan(2, [2, 1 << 30, 2, 64], (128, 1 << 30), (0, 0)),
+            None
+        );
+        // a row stride past 32 bits
+        assert_eq!(swap_plan(4, [2, 2, 2, 1], (1 << 34, 2), (0, 0)), None);
     }
 
     #[test]

@@ -355,26 +355,31 @@ __device__ void dropout_add(const T *x, const T *r, T *s, size_t n, uint64_t see
 // y [a, c, b, d] from x [a, b, c, d]: attention's split of [batch, seq, heads, head_dim] into
 // [batch, heads, seq, head_dim] and the merge back (the same op with b and c exchanged). A pure
 // copy, so it moves units U of 2, 4, 8 or 16 bytes: the host picks the widest that divides a run of
-// d elements and the buffers' offsets, and gives d in those units (a bf16 head of 64 is 8 units of
-// 16 bytes). One block per (ic, ia) writes the contiguous slab y[ia, ic, :, :] (b * d units) from b
-// runs of d units in x, which sit c * d units apart; index maths in 32 bits within a slab.
+// d elements, the row strides and the buffers' offsets, and gives d in those units (a bf16 head of
+// 64 is 8 units of 16 bytes). One block per (ic, ia) writes the contiguous slab y[ia, ic, :, :]
+// (b * d units) from b runs of d units in x; index maths in 32 bits within a slab.
+// Rows may be wider than they are long: x's (ia, ib) rows of c * d units lie x_row units apart
+// and y's (ia, ic) slabs y_row apart, so that q, k and v are split from one [batch, seq, 3, heads,
+// head_dim] product (x_row = 3 * c * d, x offset to the part) and their gradients merged into one
+// (y_row = 3 * b * d). Dense: x_row = c * d, y_row = b * d.
 template <typename U>
-__device__ void swap12(const U *x, U *y, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+__device__ void swap12(const U *x, U *y, uint32_t a, uint32_t b, uint32_t c, uint32_t d,
+                       uint32_t x_row, uint32_t y_row) {
   const uint32_t ic = blockIdx.x, slab = b * d;
   for (uint32_t ia = blockIdx.y; ia < a; ia += gridDim.y) {
-    const U *xs = x + ((size_t)ia * b * c + ic) * d;  // x[ia, 0, ic, 0]
-    U *ys = y + ((size_t)ia * c + ic) * slab;          // y[ia, ic, 0, 0]
+    const U *xs = x + (size_t)ia * b * x_row + (size_t)ic * d;  // x[ia, 0, ic, 0]
+    U *ys = y + ((size_t)ia * c + ic) * y_row;                   // y[ia, ic, 0, 0]
     for (uint32_t j = threadIdx.x; j < slab; j += blockDim.x) {
       const uint32_t ib = j / d;
-      ys[j] = xs[(size_t)ib * c * d + (j - ib * d)];
+      ys[j] = xs[(size_t)ib * x_row + (j - ib * d)];
     }
   }
 }
 
 #define SWAP12(U, S)                                                                            \
   extern "C" __global__ void swap12_##S(const U *x, U *y, uint32_t a, uint32_t b, uint32_t c,   \
-                                        uint32_t d) {                                           \
-    swap12<U>(x, y, a, b, c, d);                                                                \
+                                        uint32_t d, uint32_t x_row, uint32_t y_row) {           \
+    swap12<U>(x, y, a, b, c, d, x_row, y_row);                                                  \
   }
 SWAP12(uint16_t, u16)
 SWAP12(uint32_t, u32)
