@@ -340,10 +340,24 @@ static void bias_add(size_t rows, size_t n, unsigned row_blocks, size_t offset, 
       bias_add_bf16(xs, bs, y.data() + offset, rows, int(n), packed);
   });
   y.erase(y.begin(), y.begin() + offset);
-  check(std::string("bias_add ") + tname<T>() + " " + std::to_string(rows) + "x" +
-            std::to_string(n) + " over " + std::to_string(row_blocks) + " row blocks" +
-            (packed ? ", packed" : ", by element"),
-        rel_err(to_host(y), want), tol<T>());
+  const std::string at = std::string(tname<T>()) + " " + std::to_string(rows) + "x" +
+                         std::to_string(n) + " over " + std::to_string(row_blocks) +
+                         " row blocks" + (packed ? ", packed" : ", by element");
+  check("bias_add " + at, rel_err(to_host(y), want), tol<T>());
+
+  // With GELU in the same pass: the same sum, and GELU of it as stored.
+  std::vector<T> u(rows * n + offset), g(rows * n + offset);
+  emu::launch(dim3(unsigned((columns + 255) / 256), row_blocks), dim3(256), [&] {
+    const T *xs = xd.data() + offset, *bs = bd.data() + offset;
+    if constexpr (std::is_same_v<T, float>)
+      bias_gelu_f32(xs, bs, u.data() + offset, g.data() + offset, rows, int(n), packed);
+    else
+      bias_gelu_bf16(xs, bs, u.data() + offset, g.data() + offset, rows, int(n), packed);
+  });
+  u.erase(u.begin(), u.begin() + offset);
+  g.erase(g.begin(), g.begin() + offset);
+  check("bias_gelu sum " + at, rel_err(to_host(u), want), tol<T>());
+  check("bias_gelu gelu " + at, rel_err(to_host(g), gelu_ref(rounded<T>(want))), tol<T>());
 }
 
 // ---- dropout -------------------------------------------------------------------------------------

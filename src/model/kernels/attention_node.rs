@@ -91,6 +91,15 @@ pub trait Prims: Send + Sync + 'static {
         Ok([dx, dh, dw, db])
     }
 
+    /// `u = y + b` (`b` over the last dimension) and `gelu(u)` (exact): a dense layer's bias and
+    /// its activation, both kept for the backward (devices with a kernel that writes both in one
+    /// pass override this).
+    fn bias_gelu(&self, y: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+        let u = y.broadcast_add(b)?;
+        let g = ops::gelu(&u)?;
+        Ok((u, g))
+    }
+
     /// Part `part` of `parts` side by side in the last dimension of `t` `[b, s, parts · heads · d]`,
     /// split into heads: `[b, heads, s, d]` (q, k or v from one product).
     fn split_part(&self, t: &Tensor, part: usize, parts: usize, heads: usize) -> Result<Tensor> {

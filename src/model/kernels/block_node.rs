@@ -341,8 +341,10 @@ pub fn ffn_block<P: Prims>(
     let p = params;
     let (flat, slots) = pack(&[p.up.w, p.up.b, p.down.w, p.down.b, p.norm.w, p.norm.b])?;
     let (xd, fd) = (x.detach(), flat.detach());
-    let u = dense(&xd, &slots.view(&fd, W1)?, &slots.view(&fd, B1)?)?;
-    let g = ops::gelu(&u)?;
+    // The bare product, then its bias and GELU in one pass (both kept for the backward).
+    let product = ops::linear(&xd, &slots.view(&fd, W1)?, None)?;
+    let (u, g) = prims.bias_gelu(&product, &slots.view(&fd, B1)?)?;
+    std::mem::drop(product);
     let h = dense(&g, &slots.view(&fd, W2)?, &slots.view(&fd, B2)?)?;
     let tail = Tail {
         s: prims.dropout_add(&h, &xd, drop)?,

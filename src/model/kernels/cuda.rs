@@ -720,7 +720,13 @@ fn launch_bias_add<T: CudaDType + DeviceRepr>(
     let (n_i, packed) = (n as i32, per_thread > 1);
     let mut a = f.builder();
     a.arg(x).arg(b).arg(y).arg(&rows).arg(&n_i).arg(&packed);
-    let cfg = LaunchConfig {
+    unsafe { a.launch(bias_launch(rows, n, per_thread)) }.w()?;
+    Ok(())
+}
+
+/// The bias kernels' grid: a thread per column or pack of columns, blocks striding the rows.
+fn bias_launch(rows: usize, n: usize, per_thread: usize) -> LaunchConfig {
+    LaunchConfig {
         grid_dim: (
             (n / per_thread).div_ceil(256) as u32,
             rows.clamp(1, 65_535) as u32,
@@ -728,9 +734,72 @@ fn launch_bias_add<T: CudaDType + DeviceRepr>(
         ),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
-    };
-    unsafe { a.launch(cfg) }.w()?;
-    Ok(())
+    }
+}
+
+/// `u = x + b` and `g = gelu(u)` in one pass over rows of `n` (the feed-forward block's first
+/// layer and its activation), into one fresh `[2, rows, n]` result: `u`, then `g`. No backward
+/// (the block node writes its own).
+struct BiasGelu;
+
+impl CustomOp2 for BiasGelu {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-bias-gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, n) = last_dim(xl, "bias gelu")?;
+        if bl.dims() != [n] {
+            bail!("bias gelu: input {:?}, bias {:?}", xl.dims(), bl.dims());
+        }
+        fn run<T: CudaDType + DeviceRepr>(
+            x: &CudaStorage,
+            xl: &Layout,
+            b: &CudaStorage,
+            bl: &Layout,
+            (rows, n): (usize, usize),
+        ) -> Result<CudaStorage> {
+            let dev = x.device();
+            let (xv, bv) = (view::<T>(x, xl, "bias gelu")?, view::<T>(b, bl, "bias")?);
+            let out = unsafe { dev.alloc::<T>(2 * rows * n)? };
+            let (u, g) = (out.slice(0..rows * n), out.slice(rows * n..));
+            let offsets = [xl.start_offset(), bl.start_offset(), rows * n];
+            let per_thread =
+                geometry::bias_columns_per_thread(std::mem::size_of::<T>(), n, &offsets);
+            let (n_i, packed) = (n as i32, per_thread > 1);
+            let f = func!(dev, "bias_gelu", x.dtype())?;
+            let mut a = f.builder();
+            a.arg(&xv)
+                .arg(&bv)
+                .arg(&u)
+                .arg(&g)
+                .arg(&rows)
+                .arg(&n_i)
+                .arg(&packed);
+            unsafe { a.launch(bias_launch(rows, n, per_thread)) }.w()?;
+            Ok(wrap(out, dev))
+        }
+        let out = by_dtype!(x.dtype(), run(x, xl, b, bl, (rows, n)))?;
+        let mut dims = vec![2];
+        dims.extend_from_slice(xl.dims());
+        Ok((out, Shape::from(dims)))
+    }
 }
 
 struct BiasAdd;
@@ -1337,6 +1406,13 @@ impl super::attention_node::Prims for CudaPrims {
         let dw = dwdb.get(0)?.to_dtype(x.dtype())?;
         let db = dwdb.get(1)?.to_dtype(x.dtype())?;
         Ok([both.get(0)?, both.get(1)?, dw, db])
+    }
+
+    fn bias_gelu(&self, y: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+        let both = y
+            .contiguous()?
+            .apply_op2_no_bwd(&b.contiguous()?, &BiasGelu)?;
+        Ok((both.get(0)?, both.get(1)?))
     }
 
     fn split_part(&self, t: &Tensor, part: usize, parts: usize, heads: usize) -> Result<Tensor> {

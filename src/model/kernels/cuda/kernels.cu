@@ -289,9 +289,13 @@ __device__ void softmax_bwd(const T *p, const T *dp, T *ds, size_t rows, int k, 
 }
 
 // ---- exact GELU ------------------------------------------------------------------------------
+__device__ __forceinline__ float gelu_f(float v) {
+  return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+}
+
 template <typename T>
 __device__ void gelu_fwd(const T *x, T *y, size_t n) {
-  map1(x, y, n, [](size_t, float v) { return 0.5f * v * (1.f + erff(v * 0.70710678118654752f)); });
+  map1(x, y, n, [](size_t, float v) { return gelu_f(v); });
 }
 
 // dx = dy * (Phi(x) + x * phi(x)).
@@ -308,9 +312,10 @@ __device__ void gelu_bwd(const T *x, const T *dy, T *dx, size_t n) {
 // y[r, c] = x[r, c] + b[c] for x [rows, n]: blockIdx.x and threadIdx.x pick the column (no
 // division per element), blockIdx.y strides the rows. With `packed` (the host's choice: n a whole
 // number of 16-byte packs, every pointer 16-byte aligned) a thread takes one pack of columns
-// instead of one column.
-template <typename T>
-__device__ void bias_add(const T *x, const T *b, T *y, size_t rows, int n, bool packed) {
+// instead of one column. With GELU, also g = gelu(y) (from y as stored) in the same pass: the
+// feed-forward block's first layer and its activation, both kept for the backward.
+template <typename T, bool GELU>
+__device__ void bias_add(const T *x, const T *b, T *y, T *g, size_t rows, int n, bool packed) {
   if (packed) {
     constexpr int P = 16 / sizeof(T);
     const int packs = n / P;
@@ -321,17 +326,25 @@ __device__ void bias_add(const T *x, const T *b, T *y, size_t rows, int n, bool 
     Pack<T> *yp = reinterpret_cast<Pack<T> *>(y);
     for (size_t r = blockIdx.y; r < rows; r += gridDim.y) {
       const Pack<T> v = xp[r * packs + c];
-      Pack<T> out;
+      Pack<T> out, act;
 #pragma unroll
-      for (int k = 0; k < P; k++) out.v[k] = from_f<T>(to_f(v.v[k]) + to_f(bc.v[k]));
+      for (int k = 0; k < P; k++) {
+        out.v[k] = from_f<T>(to_f(v.v[k]) + to_f(bc.v[k]));
+        if constexpr (GELU) act.v[k] = from_f<T>(gelu_f(to_f(out.v[k])));
+      }
       yp[r * packs + c] = out;
+      if constexpr (GELU) reinterpret_cast<Pack<T> *>(g)[r * packs + c] = act;
     }
     return;
   }
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= n) return;
   const float bc = to_f(b[c]);
-  for (size_t r = blockIdx.y; r < rows; r += gridDim.y) y[r * n + c] = from_f<T>(to_f(x[r * n + c]) + bc);
+  for (size_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    const T v = from_f<T>(to_f(x[r * n + c]) + bc);
+    y[r * n + c] = v;
+    if constexpr (GELU) g[r * n + c] = from_f<T>(gelu_f(to_f(v)));
+  }
 }
 
 // ---- dropout ---------------------------------------------------------------------------------
@@ -494,7 +507,11 @@ extern "C" __global__ void sum_squares_into(float *sums, const float *g, size_t 
   }                                                                                              \
   extern "C" __global__ void bias_add_##S(const T *x, const T *b, T *y, size_t rows, int n,     \
                                           bool packed) {                                         \
-    bias_add<T>(x, b, y, rows, n, packed);                                                       \
+    bias_add<T, false>(x, b, y, nullptr, rows, n, packed);                                       \
+  }                                                                                              \
+  extern "C" __global__ void bias_gelu_##S(const T *x, const T *b, T *y, T *g, size_t rows,      \
+                                           int n, bool packed) {                                 \
+    bias_add<T, true>(x, b, y, g, rows, n, packed);                                              \
   }                                                                                              \
   extern "C" __global__ void dropout_add_##S(const T *x, const T *r, T *s, size_t n,             \
                                              uint64_t seed, uint32_t threshold, float scale) {   \
