@@ -49,7 +49,7 @@ pub trait Prims: Send + Sync + 'static {
         drop: SeededDropout,
     ) -> Result<(Tensor, Tensor)> {
         let probs = ops::scaled_masked_softmax(scores, bias, scale)?;
-        let dropped = self.dropout(&probs, drop.p, drop.seed)?;
+        let dropped = drop.apply(self, &probs)?;
         Ok((probs, dropped))
     }
 
@@ -66,10 +66,7 @@ pub trait Prims: Send + Sync + 'static {
     /// `drop(h) + r`: a residual branch's dropout and the residual add (devices with a kernel
     /// that does both in one pass override this).
     fn dropout_add(&self, h: &Tensor, r: &Tensor, drop: Option<SeededDropout>) -> Result<Tensor> {
-        match drop {
-            Some(d) => self.dropout(h, d.p, d.seed)? + r,
-            None => h + r,
-        }
+        maybe_drop(self, drop, h)? + r
     }
 
     /// `layer_norm_backward` followed by the gradient through the dropout before the residual
@@ -84,10 +81,7 @@ pub trait Prims: Send + Sync + 'static {
         drop: Option<SeededDropout>,
     ) -> Result<[Tensor; 4]> {
         let [dx, dw, db] = self.layer_norm_backward(x, w, dy, eps)?;
-        let dh = match drop {
-            Some(d) => self.dropout(&dx, d.p, d.seed)?,
-            None => dx.clone(),
-        };
+        let dh = maybe_drop(self, drop, &dx)?;
         Ok([dx, dh, dw, db])
     }
 
@@ -137,13 +131,17 @@ pub struct SeededDropout {
 
 impl SeededDropout {
     /// `x` through this dropout (the same mask every time).
-    pub fn apply<P: Prims>(&self, prims: &P, x: &Tensor) -> Result<Tensor> {
+    pub fn apply<P: Prims + ?Sized>(&self, prims: &P, x: &Tensor) -> Result<Tensor> {
         prims.dropout(x, self.p, self.seed)
     }
 }
 
 /// `x` through `drop` where there is one, `x` itself otherwise.
-pub fn maybe_drop<P: Prims>(prims: &P, drop: Option<SeededDropout>, x: &Tensor) -> Result<Tensor> {
+pub fn maybe_drop<P: Prims + ?Sized>(
+    prims: &P,
+    drop: Option<SeededDropout>,
+    x: &Tensor,
+) -> Result<Tensor> {
     match drop {
         Some(d) => d.apply(prims, x),
         None => Ok(x.clone()),

@@ -182,94 +182,48 @@ fn rows(t: &Tensor) -> Result<Tensor> {
     t.reshape((t.elem_count() / n.max(1), n))
 }
 
-// ---- attention block ---------------------------------------------------------------------------
+// ---- the node ------------------------------------------------------------------------------------
 
-// Slots of the attention block's flat vector: Wq, Wk, Wv, bq, bk, bv, Wo, bo, γ, β (k's are
-// reached only as the middle of the q, k, v stacks).
-const WQ: usize = 0;
-const WV: usize = 2;
-const BQ: usize = 3;
-const BV: usize = 5;
-const WO: usize = 6;
-const BO: usize = 7;
-const A_GAMMA: usize = 8;
-const A_BETA: usize = 9;
+/// A block's branch (what lies between `x` and the tail's dropout): what it keeps for the
+/// backward, and the backward.
+trait Branch: Send + Sync + 'static {
+    const NAME: &'static str;
 
-/// The attention block (see the module's documentation) over `x` `[b, s, hidden]` with `bias`
-/// `[b, 1, 1, s]` from `ops::attention_bias`: `probs_drop` on the attention probabilities,
-/// `out_drop` on the output layer's result. When neither `x` nor a parameter records a gradient,
-/// no node is made.
-pub fn attention_block<P: Prims>(
-    prims: P,
-    x: &Tensor,
-    bias: &Tensor,
-    params: &AttentionParams,
-    probs_drop: Option<SeededDropout>,
-    out_drop: Option<SeededDropout>,
-) -> Result<Tensor> {
-    let p = params;
-    let (flat, slots) = pack(&[
-        p.q.w, p.k.w, p.v.w, p.q.b, p.k.b, p.v.b, p.out.w, p.out.b, p.norm.w, p.norm.b,
-    ])?;
-    let (xd, fd) = (x.detach(), flat.detach());
-    let view = |i: usize| slots.view(&fd, i);
-    let hidden = x.dim(candle_core::D::Minus1)?;
-    if p.heads == 0 || hidden % p.heads != 0 {
-        bail!(
-            "attention block: {hidden} features do not split into {} heads",
-            p.heads
-        );
-    }
-    let scale = 1.0 / ((hidden / p.heads) as f64).sqrt();
-    // q, k and v as one product with the stacked weight, `[b, s, 3 · hidden]`, split into heads.
-    let qkv = dense(
-        &xd,
-        &slots.stacked(&fd, WQ, WV, hidden)?,
-        &slots.span(&fd, BQ, BV)?,
-    )?;
-    let split = |part: usize| prims.split_part(&qkv, part, 3, p.heads);
-    let (qh, kh, vh) = (split(0)?, split(1)?, split(2)?);
-    drop(qkv);
-    let mut core = Core::from_heads(&prims, qh, kh, vh, bias, scale, probs_drop)?;
-    let ctx = core.take_context()?;
-    let h = dense(&ctx, &view(WO)?, &view(BO)?)?;
-    let tail = Tail {
-        s: prims.dropout_add(&h, &xd, out_drop)?,
-        drop: out_drop,
-        eps: p.norm.eps,
-        gamma: A_GAMMA,
-        beta: A_BETA,
-    };
-    if !(x.track_op() || flat.track_op()) {
-        return tail.output(&fd, &slots);
-    }
-    x.apply_op2(
-        &flat,
-        AttentionNode {
-            prims,
-            slots,
-            flat: fd,
-            core,
-            ctx,
-            tail,
-        },
-    )
+    /// Given the gradient of the branch's output `dh` `[rows, hidden]`, the gradient of `x`
+    /// through the branch (`[rows, hidden]`) and those of the branch's parameters in slot order
+    /// (the layer norm's come after them).
+    fn backward<P: Prims>(
+        &self,
+        prims: &P,
+        x: &Tensor,
+        flat: &Tensor,
+        slots: &Slots,
+        dh: &Tensor,
+    ) -> Result<(Tensor, Vec<Tensor>)>;
 }
 
-struct AttentionNode<P> {
+/// One block as a graph node over `x` and the flat parameters: the forward's output is the tail's
+/// layer norm, the backward the tail's then the branch's.
+struct Node<P, B> {
     prims: P,
     slots: Slots,
     /// The flat parameters, detached (the CPU forward reads the layer norm's from it).
     flat: Tensor,
-    core: Core,
-    /// The merged context, the output layer's input.
-    ctx: Tensor,
     tail: Tail,
+    branch: B,
 }
 
-impl<P: Prims> CustomOp2 for AttentionNode<P> {
+/// The block's output, as a node when `x` or a parameter records a gradient.
+fn finish<P: Prims, B: Branch>(x: &Tensor, flat: &Tensor, node: Node<P, B>) -> Result<Tensor> {
+    if !(x.track_op() || flat.track_op()) {
+        return node.tail.output(&node.flat, &node.slots);
+    }
+    x.apply_op2(flat, node)
+}
+
+impl<P: Prims, B: Branch> CustomOp2 for Node<P, B> {
     fn name(&self) -> &'static str {
-        "recycle-attention-block"
+        B::NAME
     }
 
     fn cpu_fwd(
@@ -302,21 +256,113 @@ impl<P: Prims> CustomOp2 for AttentionNode<P> {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (prims, slots) = (&self.prims, &self.slots);
         let (x, flat) = (x.detach(), flat.detach());
-        let hidden = x.dim(candle_core::D::Minus1)?;
         let [ds, dh, dgamma, dbeta] = self.tail.backward(prims, &flat, slots, grad)?;
-        let dh = rows(&dh)?;
+        let (dx, mut grads) = self.branch.backward(prims, &x, &flat, slots, &rows(&dh)?)?;
+        grads.extend([dgamma, dbeta]);
+        let dx = (dx.reshape(x.shape())? + ds)?;
+        Ok((Some(dx), Some(unpack_grads(&grads, flat.dtype())?)))
+    }
+}
+
+// ---- attention block ---------------------------------------------------------------------------
+
+// Slots of the attention block's flat vector: Wq, Wk, Wv, bq, bk, bv, Wo, bo, γ, β (k's are
+// reached only as the middle of the q, k, v stacks).
+const WQ: usize = 0;
+const WV: usize = 2;
+const BQ: usize = 3;
+const BV: usize = 5;
+const WO: usize = 6;
+const BO: usize = 7;
+const A_GAMMA: usize = 8;
+const A_BETA: usize = 9;
+
+/// The attention block (see the module's documentation) over `x` `[b, s, hidden]` with `bias`
+/// `[b, 1, 1, s]` from `ops::attention_bias`: `probs_drop` on the attention probabilities,
+/// `out_drop` on the output layer's result. When neither `x` nor a parameter records a gradient,
+/// no node is made.
+pub fn attention_block<P: Prims>(
+    prims: P,
+    x: &Tensor,
+    bias: &Tensor,
+    params: &AttentionParams,
+    probs_drop: Option<SeededDropout>,
+    out_drop: Option<SeededDropout>,
+) -> Result<Tensor> {
+    let p = params;
+    let (flat, slots) = pack(&[
+        p.q.w, p.k.w, p.v.w, p.q.b, p.k.b, p.v.b, p.out.w, p.out.b, p.norm.w, p.norm.b,
+    ])?;
+    let (xd, fd) = (x.detach(), flat.detach());
+    let hidden = x.dim(candle_core::D::Minus1)?;
+    if p.heads == 0 || hidden % p.heads != 0 {
+        bail!(
+            "attention block: {hidden} features do not split into {} heads",
+            p.heads
+        );
+    }
+    let scale = 1.0 / ((hidden / p.heads) as f64).sqrt();
+    // q, k and v as one product with the stacked weight, `[b, s, 3 · hidden]`, split into heads.
+    let qkv = dense(
+        &xd,
+        &slots.stacked(&fd, WQ, WV, hidden)?,
+        &slots.span(&fd, BQ, BV)?,
+    )?;
+    let split = |part: usize| prims.split_part(&qkv, part, 3, p.heads);
+    let (qh, kh, vh) = (split(0)?, split(1)?, split(2)?);
+    drop(qkv);
+    let mut core = Core::from_heads(&prims, qh, kh, vh, bias, scale, probs_drop)?;
+    let ctx = core.take_context()?;
+    let h = dense(&ctx, &slots.view(&fd, WO)?, &slots.view(&fd, BO)?)?;
+    let tail = Tail {
+        s: prims.dropout_add(&h, &xd, out_drop)?,
+        drop: out_drop,
+        eps: p.norm.eps,
+        gamma: A_GAMMA,
+        beta: A_BETA,
+    };
+    let branch = AttentionBranch { core, ctx };
+    finish(
+        x,
+        &flat,
+        Node {
+            prims,
+            slots,
+            flat: fd,
+            tail,
+            branch,
+        },
+    )
+}
+
+struct AttentionBranch {
+    core: Core,
+    /// The merged context, the output layer's input.
+    ctx: Tensor,
+}
+
+impl Branch for AttentionBranch {
+    const NAME: &'static str = "recycle-attention-block";
+
+    fn backward<P: Prims>(
+        &self,
+        prims: &P,
+        x: &Tensor,
+        flat: &Tensor,
+        slots: &Slots,
+        dh: &Tensor,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let hidden = x.dim(candle_core::D::Minus1)?;
         let dwo = dh.t()?.matmul(&rows(&self.ctx)?)?;
-        let dbo = prims.column_sum(&dh)?;
-        let dctx = dh.matmul(&slots.view(&flat, WO)?)?.reshape(x.shape())?;
+        let dbo = prims.column_sum(dh)?;
+        let dctx = dh.matmul(&slots.view(flat, WO)?)?.reshape(x.shape())?;
         let [dqh, dkh, dvh] = self.core.backward_heads(prims, &dctx)?;
         // q, k and v side by side: one product each for the input's and the weights' gradients.
         let dqkv = rows(&prims.merge_parts([&dqh, &dkh, &dvh])?)?;
-        let wqkv = slots.stacked(&flat, WQ, WV, hidden)?;
-        let dx = (dqkv.matmul(&wqkv)?.reshape(x.shape())? + ds)?;
-        let dwqkv = dqkv.t()?.matmul(&rows(&x)?)?;
+        let dx = dqkv.matmul(&slots.stacked(flat, WQ, WV, hidden)?)?;
+        let dwqkv = dqkv.t()?.matmul(&rows(x)?)?;
         let dbqkv = prims.column_sum(&dqkv)?;
-        let dflat = unpack_grads(&[dwqkv, dbqkv, dwo, dbo, dgamma, dbeta], flat.dtype())?;
-        Ok((Some(dx), Some(dflat)))
+        Ok((dx, vec![dwqkv, dbqkv, dwo, dbo]))
     }
 }
 
@@ -353,79 +399,45 @@ pub fn ffn_block<P: Prims>(
         gamma: F_GAMMA,
         beta: F_BETA,
     };
-    if !(x.track_op() || flat.track_op()) {
-        return tail.output(&fd, &slots);
-    }
-    x.apply_op2(
+    let branch = FfnBranch { u, g };
+    finish(
+        x,
         &flat,
-        FfnNode {
+        Node {
             prims,
             slots,
             flat: fd,
-            u,
-            g,
             tail,
+            branch,
         },
     )
 }
 
-struct FfnNode<P> {
-    prims: P,
-    slots: Slots,
-    /// The flat parameters, detached (the CPU forward reads the layer norm's from it).
-    flat: Tensor,
+struct FfnBranch {
     /// The first dense layer's output (GELU's input) and GELU's output.
     u: Tensor,
     g: Tensor,
-    tail: Tail,
 }
 
-impl<P: Prims> CustomOp2 for FfnNode<P> {
-    fn name(&self) -> &'static str {
-        "recycle-ffn-block"
-    }
+impl Branch for FfnBranch {
+    const NAME: &'static str = "recycle-ffn-block";
 
-    fn cpu_fwd(
+    fn backward<P: Prims>(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        attn::cpu_storage_of(&self.tail.output(&self.flat, &self.slots)?, self.name())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        flat: &candle_core::CudaStorage,
-        fl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.tail.cuda_output(flat, fl, &self.slots)
-    }
-
-    fn bwd(
-        &self,
+        prims: &P,
         x: &Tensor,
         flat: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (prims, slots) = (&self.prims, &self.slots);
-        let (x, flat) = (x.detach(), flat.detach());
-        let [ds, dh, dgamma, dbeta] = self.tail.backward(prims, &flat, slots, grad)?;
-        let dh = rows(&dh)?;
+        slots: &Slots,
+        dh: &Tensor,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let dw2 = dh.t()?.matmul(&rows(&self.g)?)?;
-        let db2 = prims.column_sum(&dh)?;
-        let dg = dh.matmul(&slots.view(&flat, W2)?)?;
+        let db2 = prims.column_sum(dh)?;
+        let dg = dh.matmul(&slots.view(flat, W2)?)?;
         let du = prims.gelu_backward(&rows(&self.u)?, &dg)?;
-        let dw1 = du.t()?.matmul(&rows(&x)?)?;
+        let dw1 = du.t()?.matmul(&rows(x)?)?;
         let db1 = prims.column_sum(&du)?;
-        let dx = (du.matmul(&slots.view(&flat, W1)?)?.reshape(x.shape())? + ds)?;
-        let dflat = unpack_grads(&[dw1, db1, dw2, db2, dgamma, dbeta], flat.dtype())?;
-        Ok((Some(dx), Some(dflat)))
+        let dx = du.matmul(&slots.view(flat, W1)?)?;
+        Ok((dx, vec![dw1, db1, dw2, db2]))
     }
 }
 
