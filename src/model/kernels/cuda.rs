@@ -102,6 +102,14 @@ fn wrap<T: CudaDType>(s: CudaSlice<T>, dev: &CudaDevice) -> CudaStorage {
     CudaStorage::wrap_cuda_slice(s, dev.clone())
 }
 
+/// `[2, ..]` of a layout's shape: the shape of an op that writes two results of that shape into
+/// one allocation (read back with `get(0)` and `get(1)`).
+fn pair_shape(l: &Layout) -> Shape {
+    let mut dims = vec![2];
+    dims.extend_from_slice(l.dims());
+    Shape::from(dims)
+}
+
 fn cpu_unreachable<T>(op: &str) -> Result<T> {
     bail!("{op}: a CUDA kernel, reached with CPU tensors")
 }
@@ -181,11 +189,18 @@ impl CustomOp3 for LayerNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let dx = x.apply_op3_no_bwd(w, &grad, &LayerNormDx { eps: self.eps })?;
-        let dwdb = x.apply_op2_no_bwd(&grad, &LayerNormDwDb { eps: self.eps })?;
-        let dw = dwdb.get(0)?.to_dtype(w.dtype())?;
-        let db = dwdb.get(1)?.to_dtype(w.dtype())?;
+        let [dw, db] = layer_norm_dwdb(x, &grad, self.eps)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
+}
+
+/// The weight and bias gradients of layer norm over `x` given `dy` (contiguous), in `x`'s dtype.
+fn layer_norm_dwdb(x: &Tensor, dy: &Tensor, eps: f32) -> Result<[Tensor; 2]> {
+    let dwdb = x.apply_op2_no_bwd(dy, &LayerNormDwDb { eps })?;
+    Ok([
+        dwdb.get(0)?.to_dtype(x.dtype())?,
+        dwdb.get(1)?.to_dtype(x.dtype())?,
+    ])
 }
 
 struct LayerNormDx {
@@ -294,9 +309,7 @@ impl CustomOp3 for LayerNormDxDrop {
         }
         let args = [(x, xl), (w, wl), (g, gl)];
         let out = by_dtype!(x.dtype(), run(self, args))?;
-        let mut dims = vec![2];
-        dims.extend_from_slice(xl.dims());
-        Ok((out, Shape::from(dims)))
+        Ok((out, pair_shape(xl)))
     }
 }
 
@@ -472,9 +485,7 @@ impl CustomOp2 for SoftmaxDropFwd {
     ) -> Result<(CudaStorage, Shape)> {
         let drop = Some(&self.drop);
         let out = by_dtype!(s.dtype(), softmax_fwd(self.scale, drop, s, sl, bias, bl))?;
-        let mut dims = vec![2];
-        dims.extend_from_slice(sl.dims());
-        Ok((out, Shape::from(dims)))
+        Ok((out, pair_shape(sl)))
     }
 }
 
@@ -796,9 +807,7 @@ impl CustomOp2 for BiasGelu {
             Ok(wrap(out, dev))
         }
         let out = by_dtype!(x.dtype(), run(x, xl, b, bl, (rows, n)))?;
-        let mut dims = vec![2];
-        dims.extend_from_slice(xl.dims());
-        Ok((out, Shape::from(dims)))
+        Ok((out, pair_shape(xl)))
     }
 }
 
@@ -1365,9 +1374,7 @@ impl super::attention_node::Prims for CudaPrims {
         let eps = eps as f32;
         let (x, dy) = (x.contiguous()?, dy.contiguous()?);
         let dx = x.apply_op3_no_bwd(&w.contiguous()?, &dy, &LayerNormDx { eps })?;
-        let dwdb = x.apply_op2_no_bwd(&dy, &LayerNormDwDb { eps })?;
-        let dw = dwdb.get(0)?.to_dtype(x.dtype())?;
-        let db = dwdb.get(1)?.to_dtype(x.dtype())?;
+        let [dw, db] = layer_norm_dwdb(&x, &dy, eps)?;
         Ok([dx, dw, db])
     }
 
@@ -1402,9 +1409,7 @@ impl super::attention_node::Prims for CudaPrims {
                 drop: Dropout::new(d.p, d.seed),
             },
         )?;
-        let dwdb = x.apply_op2_no_bwd(&dy, &LayerNormDwDb { eps })?;
-        let dw = dwdb.get(0)?.to_dtype(x.dtype())?;
-        let db = dwdb.get(1)?.to_dtype(x.dtype())?;
+        let [dw, db] = layer_norm_dwdb(&x, &dy, eps)?;
         Ok([both.get(0)?, both.get(1)?, dw, db])
     }
 
