@@ -9,10 +9,13 @@
 //! transpose, two products, softmax, dropout, the merge); here it is one, and the backward computes
 //! each gradient once.
 //!
-//! What depends on the device is behind `Prims`: dropout whose mask is a function of a seed (so the
-//! backward applies the forward's mask again instead of storing it), and the softmax backward.
-//! `CpuPrims` exists so that the node's forward and backward are tested on the CPU against autograd
-//! over composed ops; the CPU trains with its own fused attention kernel (`kernels::attention`).
+//! What depends on the device is behind `Prims` (shared with `block_node`): dropout whose mask is a
+//! function of a seed (so a backward applies the forward's mask again instead of storing it), the
+//! backward passes of softmax, layer norm and GELU, and the fused kernels a device may have for
+//! pieces the default methods compose (softmax with its dropout, dropout with the residual add,
+//! the split and merge of q, k, v parts). `CpuPrims` exists so that the nodes' forward and backward
+//! are tested on the CPU against autograd over composed ops; the CPU trains with its own fused
+//! kernels (`kernels::attention` and the rest).
 
 use crate::model::ops;
 use candle_core::{
@@ -20,7 +23,7 @@ use candle_core::{
 };
 use rand::{Rng, SeedableRng};
 
-/// The device-specific parts of the attention node.
+/// The device-specific parts of the attention and block nodes.
 pub trait Prims: Send + Sync + 'static {
     /// `x` with each element dropped with probability `p` and the rest scaled by `1 / (1 - p)`,
     /// the mask a function of `seed` and the element's index: the same seed drops the same
