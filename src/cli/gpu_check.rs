@@ -1030,6 +1030,22 @@ fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()>
     let blocks = attention_block()?.is_some() && ffn_block()?.is_some();
     let in_blocks = |count: usize| if blocks { 0 } else { count };
     let pieces = if fused || blocks { 0 } else { l };
+    // For the rows of the fused pieces inside the block nodes (see below).
+    use crate::model::kernels::attention_node::{CpuPrims, Prims, SeededDropout};
+    let prims: Box<dyn Prims> = match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => Box::new(crate::model::kernels::cuda::CudaPrims),
+        _ => Box::new(CpuPrims),
+    };
+    let prims = prims.as_ref();
+    let drop = SeededDropout { p: 0.1, seed: 5 };
+    let qkv = act(&[b, s, 3 * h])?;
+    let (scores_t, x_t, y_t, wide_t) = (
+        scores.as_tensor().detach(),
+        x.as_tensor().detach(),
+        y.as_tensor().detach(),
+        wide.as_tensor().detach(),
+    );
     type Op<'a> = (
         &'static str,
         usize,
@@ -1135,6 +1151,44 @@ fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()>
             Box::new(|| ffn_block()?.ok_or_else(block_missing)),
         ));
     }
+    // The fused pieces inside the block nodes, alone: no graph node of their own (so forward +
+    // backward is the forward again) and no runs counted, since the block rows hold them.
+    let pieces: Vec<Op> = vec![
+        (
+            "in blocks: softmax + prob dropout, one pass",
+            0,
+            Box::new(|| Ok(prims.softmax_dropout(&scores_t, &bias, 0.125, drop)?.1)),
+        ),
+        (
+            "in blocks: dropout + residual add, one pass",
+            0,
+            Box::new(|| prims.dropout_add(&x_t, &y_t, Some(drop))),
+        ),
+        (
+            "in blocks: bias + gelu h->4h, one pass",
+            0,
+            Box::new(|| Ok(prims.bias_gelu(&wide_t, &b_i_t)?.1)),
+        ),
+        (
+            "in blocks: q,k,v split x3 + merge",
+            0,
+            Box::new(|| {
+                let split = |part| prims.split_part(&qkv, part, 3, heads);
+                let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+                prims.merge_parts([&q, &k, &v])
+            }),
+        ),
+        (
+            "in blocks: layer norm dx + branch dropout",
+            0,
+            Box::new(|| {
+                let [_, dh, _, _] =
+                    prims.layer_norm_backward_dropout(&x_t, &ln_w_t, &y_t, 1e-5, Some(drop))?;
+                Ok(dh)
+            }),
+        ),
+    ];
+    list.extend(pieces);
     let mut total = 0.0;
     for (name, count, f) in &list {
         let fwd = time_it(device, args.warmup, args.steps, || {
