@@ -458,14 +458,7 @@ pub fn fused_attention(
     }
     #[cfg(feature = "cuda")]
     if route == Path::Cuda {
-        let drop = if mode == Mode::Train && p > 0.0 {
-            Some(kernels::attention_node::SeededDropout {
-                p,
-                seed: host_seed()?,
-            })
-        } else {
-            None
-        };
+        let drop = seeded_dropout(p, mode)?;
         let cuda = kernels::cuda::CudaPrims;
         return kernels::attention_node::attention(cuda, q, k, v, bias, heads, scale, drop)
             .map(Some);
@@ -512,7 +505,7 @@ fn block_route(tensors: &[&Tensor]) -> Option<BlockRoute> {
     }
 }
 
-/// Dropout `p` of one block's call with a fresh seed, where it drops anything.
+/// Dropout `p` of one node's call (attention, a block) with a fresh seed, where it drops anything.
 fn seeded_dropout(p: f32, mode: Mode) -> Result<Option<kernels::attention_node::SeededDropout>> {
     if mode == Mode::Train && p > 0.0 {
         Ok(Some(kernels::attention_node::SeededDropout {
