@@ -6,9 +6,12 @@
 
 use crate::device::{describe, DeviceRequest};
 use crate::model::bert::{BertClassifier, BertConfig, Flavour};
+use crate::model::grad_sink::GradSink;
 use crate::model::ops::{self, Kernels};
 use crate::model::{self, Batch, LoadOptions, Mode, Precision, Problem};
-use crate::train::optim::{clip_grad_norm, decays, global_grad_norm, AdamW, AdamWParams, Kernel};
+use crate::train::optim::{
+    clip_coefficient, clip_grad_norm, decays, global_grad_norm, AdamW, AdamWParams, Kernel,
+};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -273,10 +276,12 @@ fn one_step(
     };
     let labels = ids("labels")?;
     let mut opt = AdamW::new(&m.varmap, adamw_defaults(), decays, Kernel::Auto)?;
-    let before = m.model.forward(&batch, Mode::Eval)?;
+    // Gradients as `finetune` takes them: block nodes hand their weights' to a sink.
+    let sink = GradSink::new(&m.varmap)?;
+    let before = sink.scope(|| m.model.forward(&batch, Mode::Eval))?;
     let inference = m.inference_model()?.forward(&batch, Mode::Eval)?;
     let loss = candle_nn::loss::cross_entropy(&before.to_dtype(DType::F32)?, &labels)?;
-    let grads = loss.backward()?;
+    let grads = sink.backward(&loss)?;
     let mut named = Vec::new();
     for (name, var) in m
         .varmap
@@ -754,11 +759,15 @@ fn bench_one(
     };
     let m = model::load(checkpoint, &opts, device)?;
     let mut opt = AdamW::new(&m.varmap, adamw_defaults(), decays, Kernel::Auto)?;
+    // As `finetune` trains: block nodes hand their weights' gradients to a sink.
+    let sink = GradSink::new(&m.varmap)?;
     let step = |opt: &mut AdamW| -> Result<()> {
-        let logits = m.model.forward(batch, Mode::Train)?;
+        let logits = sink.scope(|| m.model.forward(batch, Mode::Train))?;
         let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, labels)?;
-        let grads = loss.backward()?;
-        opt.step(&opt.gradients(&grads), 1e-5, 1.0)
+        let grads = opt.gradients(&sink.backward(&loss)?);
+        // Clipped by the global norm (max 1), as `finetune` and the PyTorch script step.
+        let scale = clip_coefficient(global_grad_norm(&grads)?, 1.0);
+        opt.step(&grads, 1e-5, scale)
     };
     let train = time_it(device, args.warmup, args.steps, || step(&mut opt))?;
     bench_line("train", train, 3.0 * fwd);
@@ -868,6 +877,7 @@ fn emit_phases(
         .map(|&(_, kernel, _)| AdamW::new(&m.varmap, adamw_defaults(), decays, kernel))
         .collect::<Result<Vec<_>>>()?;
     let (mut forward, mut backward, mut norm) = (0.0, 0.0, 0.0);
+    let sink = GradSink::new(&m.varmap)?;
     for step in 0..args.warmup + args.steps {
         let timed = step >= args.warmup;
         let lap = |acc: &mut f64, t: Instant| -> Result<Instant> {
@@ -878,10 +888,10 @@ fn emit_phases(
             Ok(Instant::now())
         };
         let t = Instant::now();
-        let logits = m.model.forward(batch, Mode::Train)?;
+        let logits = sink.scope(|| m.model.forward(batch, Mode::Train))?;
         let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, labels)?;
         let t = lap(&mut forward, t)?;
-        let store = loss.backward()?;
+        let store = sink.backward(&loss)?;
         let gs = opts[0].gradients(&store);
         let t = lap(&mut backward, t)?;
         global_grad_norm(&gs)?;

@@ -37,6 +37,7 @@ pub mod bert;
 pub mod checkpoint;
 pub mod deberta_v2;
 pub mod distilbert;
+pub mod grad_sink;
 pub mod kernels;
 pub mod layers;
 pub mod ops;
@@ -299,13 +300,20 @@ impl CastingModel {
             .lock()
             .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
         let mut tensors = HashMap::with_capacity(data.len());
+        // A gradient sink in scope learns each cast's master, so that block nodes can hand their
+        // weights' gradients to the f32 `Var`s directly.
+        let sink = (!detach).then(grad_sink::GradSink::active).flatten();
         for (name, var) in data.iter() {
             let t = if detach {
                 var.as_tensor().detach()
             } else {
                 var.as_tensor().clone()
             };
-            tensors.insert(name.clone(), t.to_dtype(self.compute)?);
+            let cast = t.to_dtype(self.compute)?;
+            if let Some(sink) = &sink {
+                sink.alias(&cast, var.as_tensor())?;
+            }
+            tensors.insert(name.clone(), cast);
         }
         drop(data);
         let vb = VarBuilder::from_tensors(tensors, self.compute, &self.device);

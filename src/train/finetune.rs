@@ -7,6 +7,7 @@ use super::evaluate::evaluate;
 use super::optim::{clip_coefficient, global_grad_norm, AdamW, AdamWParams, Kernel};
 use super::schedule::{lr_at, warmup_steps};
 use crate::data::{Label, Task};
+use crate::model::grad_sink::GradSink;
 use crate::model::{Mode, SequenceClassifier};
 use crate::tokenize::{epoch_batches, make_batch, Encoded};
 use anyhow::{bail, ensure, Context, Result};
@@ -186,6 +187,8 @@ pub fn finetune(
         "the model has no trainable parameters"
     );
     let vars: Vec<_> = opt.vars().cloned().collect();
+    // Block nodes hand their weights' gradients to the sink (model::grad_sink), past the graph.
+    let sink = GradSink::for_masters(vars.iter().map(|v| v.as_tensor()))?;
 
     let steps_per_epoch = train.len().div_ceil(cfg.batch_size);
     let total = match cfg.max_steps {
@@ -223,14 +226,13 @@ pub fn finetune(
             for micro in batch.chunks(cfg.micro_batch_size) {
                 let inputs = make_batch(&train.encoded, micro, pad_id, device)?;
                 let labels: Vec<Label> = micro.iter().map(|&i| train.labels[i]).collect();
-                let logits = trainee
-                    .model
-                    .forward(&inputs, Mode::Train)
+                let logits = sink
+                    .scope(|| trainee.model.forward(&inputs, Mode::Train))
                     .context("forward pass in train mode")?;
                 let weight = micro.len() as f64 / batch.len() as f64;
                 let loss = micro_loss(task, &logits, &labels, weight, device)?;
                 step_loss += loss.to_scalar::<f32>()? as f64;
-                let store = loss.backward().context("backward pass")?;
+                let store = sink.backward(&loss).context("backward pass")?;
                 for (acc, var) in grads.iter_mut().zip(&vars) {
                     if let Some(g) = store.get(var.as_tensor()) {
                         *acc = Some(match acc.take() {

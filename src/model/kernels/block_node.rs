@@ -13,7 +13,10 @@
 //!
 //! A node can take at most three inputs, so a block's parameters reach it as one flat vector
 //! (`pack`: a concatenation, whose backward hands each parameter its slice of the flat gradient),
-//! laid out so that `Wq`, `Wk`, `Wv` and `bq`, `bk`, `bv` are each one contiguous stack.
+//! laid out so that `Wq`, `Wk`, `Wv` and `bq`, `bk`, `bv` are each one contiguous stack. While a
+//! `GradSink` is in scope and knows every parameter's master weight, the vector is packed from
+//! detached parameters instead and the backward deposits each parameter's gradient in the sink
+//! (`model::grad_sink` says why): the node then has `x` as its only input that records a gradient.
 //!
 //! The forward runs on detached tensors before the node is made; the node's own forward is the
 //! final layer norm, computed from the saved residual sum on the device (`cuda_fwd`) so that the
@@ -21,6 +24,7 @@
 //! tested on the CPU against autograd over the composed ops (`parity`, the unit tests below).
 
 use super::attention_node::{self as attn, maybe_drop, Core, Prims, SeededDropout};
+use crate::model::grad_sink::GradSink;
 use crate::model::ops;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, Var};
 
@@ -94,18 +98,72 @@ impl Slots {
     }
 }
 
-/// The parameters as one flat vector (a node whose backward slices the gradient) and where each
-/// lies in it.
-fn pack(parts: &[&Tensor]) -> Result<(Tensor, Slots)> {
+/// The parameters as one flat vector and where each lies in it. Without a sink (`sink` `None`) a
+/// node whose backward slices the gradient; with one, a detached copy.
+fn pack(parts: &[&Tensor], sink: &Option<Sink>) -> Result<(Tensor, Slots)> {
     let mut slots = Vec::with_capacity(parts.len());
     let mut offset = 0;
     let mut flat = Vec::with_capacity(parts.len());
     for p in parts {
         slots.push((offset, p.dims().to_vec()));
         offset += p.elem_count();
+        let p = if sink.is_some() {
+            p.detach()
+        } else {
+            (*p).clone()
+        };
         flat.push(p.flatten_all()?);
     }
     Ok((Tensor::cat(&flat, 0)?, Slots(slots)))
+}
+
+/// The gradient sink a block's parameters go to, and their masters in slot order.
+struct Sink {
+    sink: GradSink,
+    masters: Vec<Tensor>,
+}
+
+/// The sink in scope, when `x` records a gradient (so that the backward runs) and the sink knows
+/// every parameter.
+fn sink_for(x: &Tensor, parts: &[&Tensor]) -> Result<Option<Sink>> {
+    if !x.track_op() {
+        return Ok(None);
+    }
+    let Some(sink) = GradSink::active() else {
+        return Ok(None);
+    };
+    Ok(sink
+        .masters_of(parts)?
+        .map(|masters| Sink { sink, masters }))
+}
+
+impl Sink {
+    /// Deposits `grads` (each covering one or more consecutive slots, in slot order): each is cast
+    /// to the masters' dtype once and handed out slot by slot as views.
+    fn deposit(&self, slots: &Slots, grads: &[Tensor]) -> Result<()> {
+        let dtype = self.masters.first().map_or(DType::F32, |m| m.dtype());
+        let mut slot = 0;
+        for g in grads {
+            let g = g.to_dtype(dtype)?.flatten_all()?;
+            let mut at = 0;
+            while at < g.elem_count() {
+                let (Some(master), Some((_, dims))) = (self.masters.get(slot), slots.0.get(slot))
+                else {
+                    bail!("block node: more gradient elements than parameters");
+                };
+                let len: usize = dims.iter().product();
+                self.sink.deposit(master, &g.narrow(0, at, len)?)?;
+                (at, slot) = (at + len, slot + 1);
+            }
+        }
+        if slot != self.masters.len() {
+            bail!(
+                "block node: gradients for {slot} of {} parameters",
+                self.masters.len()
+            );
+        }
+        Ok(())
+    }
 }
 
 /// The gradients in slot order, flattened into one vector of `dtype`.
@@ -211,6 +269,8 @@ struct Node<P, B> {
     flat: Tensor,
     tail: Tail,
     branch: B,
+    /// Where the parameters' gradients go instead of the flat vector's, if anywhere.
+    sink: Option<Sink>,
 }
 
 /// The block's output, as a node when `x` or a parameter records a gradient.
@@ -260,7 +320,14 @@ impl<P: Prims, B: Branch> CustomOp2 for Node<P, B> {
         let (dx, mut grads) = self.branch.backward(prims, &x, &flat, slots, &rows(&dh)?)?;
         grads.extend([dgamma, dbeta]);
         let dx = (dx.reshape(x.shape())? + ds)?;
-        Ok((Some(dx), Some(unpack_grads(&grads, flat.dtype())?)))
+        let dflat = match &self.sink {
+            Some(sink) => {
+                sink.deposit(slots, &grads)?;
+                None
+            }
+            None => Some(unpack_grads(&grads, flat.dtype())?),
+        };
+        Ok((Some(dx), dflat))
     }
 }
 
@@ -290,9 +357,11 @@ pub fn attention_block<P: Prims>(
     out_drop: Option<SeededDropout>,
 ) -> Result<Tensor> {
     let p = params;
-    let (flat, slots) = pack(&[
+    let parts = [
         p.q.w, p.k.w, p.v.w, p.q.b, p.k.b, p.v.b, p.out.w, p.out.b, p.norm.w, p.norm.b,
-    ])?;
+    ];
+    let sink = sink_for(x, &parts)?;
+    let (flat, slots) = pack(&parts, &sink)?;
     let (xd, fd) = (x.detach(), flat.detach());
     let hidden = x.dim(candle_core::D::Minus1)?;
     if p.heads == 0 || hidden % p.heads != 0 {
@@ -331,6 +400,7 @@ pub fn attention_block<P: Prims>(
             flat: fd,
             tail,
             branch,
+            sink,
         },
     )
 }
@@ -385,7 +455,9 @@ pub fn ffn_block<P: Prims>(
     drop: Option<SeededDropout>,
 ) -> Result<Tensor> {
     let p = params;
-    let (flat, slots) = pack(&[p.up.w, p.up.b, p.down.w, p.down.b, p.norm.w, p.norm.b])?;
+    let parts = [p.up.w, p.up.b, p.down.w, p.down.b, p.norm.w, p.norm.b];
+    let sink = sink_for(x, &parts)?;
+    let (flat, slots) = pack(&parts, &sink)?;
     let (xd, fd) = (x.detach(), flat.detach());
     // The bare product, then its bias and GELU in one pass (both kept for the backward).
     let product = ops::linear(&xd, &slots.view(&fd, W1)?, None)?;
@@ -409,6 +481,7 @@ pub fn ffn_block<P: Prims>(
             flat: fd,
             tail,
             branch,
+            sink,
         },
     )
 }
