@@ -6,7 +6,7 @@
 
 use crate::device::{describe, DeviceRequest};
 use crate::model::bert::{BertClassifier, BertConfig, Flavour};
-use crate::model::grad_sink::GradSink;
+use crate::model::grad_sink::{self, GradSink};
 use crate::model::ops::{self, Kernels};
 use crate::model::{self, Batch, LoadOptions, Mode, Precision, Problem};
 use crate::train::optim::{
@@ -577,10 +577,11 @@ fn block_node_check(device: &Device) -> Result<bool> {
     Ok(ok)
 }
 
-/// The optimizer on the device: three AdamW steps by `Kernel::Auto` (the fused in-place kernels
-/// where the build has them) against the per-parameter tensor ops (the reference), from the same
-/// weights and gradients, gradients scaled as clipping would; and the global gradient norm
-/// against the CPU's.
+/// The optimizer on the device: three AdamW steps by `Kernel::Auto` (on CUDA every parameter in one
+/// launch) and by `Kernel::Fused` (the fused in-place kernels, one parameter at a time) against the
+/// per-parameter tensor ops (the reference), from the same weights and gradients, gradients scaled
+/// as clipping would, one parameter without a gradient in the first step; and the global gradient
+/// norm against the CPU's.
 fn optimizer_check(device: &Device) -> Result<bool> {
     use candle_core::Var;
     let shapes: [(&str, &[usize]); 4] = [
@@ -605,15 +606,20 @@ fn optimizer_check(device: &Device) -> Result<bool> {
         }
         Ok(vm)
     };
-    let (vm_a, vm_b) = (make()?, make()?);
+    let (vm_a, vm_b, vm_c) = (make()?, make()?, make()?);
     let mut fused = AdamW::new(&vm_a, adamw_defaults(), decays, Kernel::Auto)?;
     let mut reference = AdamW::new(&vm_b, adamw_defaults(), decays, Kernel::TensorOps)?;
+    let mut per_param = AdamW::new(&vm_c, adamw_defaults(), decays, Kernel::Fused)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let mut norm_diff = 0f64;
-    for _ in 0..3 {
+    for step in 0..3 {
         let grads = fused
             .vars()
-            .map(|v| {
+            .enumerate()
+            .map(|(k, v)| {
+                if step == 0 && k == 1 {
+                    return Ok(None);
+                }
                 let n = v.elem_count();
                 let g: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
                 Ok(Some(Tensor::from_vec(g, v.shape(), device)?))
@@ -628,16 +634,23 @@ fn optimizer_check(device: &Device) -> Result<bool> {
         norm_diff = norm_diff.max((on_device - on_cpu).abs() / on_cpu);
         fused.step(&grads, 1e-3, 0.5)?;
         reference.step(&grads, 1e-3, 0.5)?;
+        per_param.step(&grads, 1e-3, 0.5)?;
     }
-    let mut weight_diff = 0f32;
-    for (a, b) in fused.vars().zip(reference.vars()) {
+    let (mut weight_diff, mut per_param_diff) = (0f32, 0f32);
+    for ((a, b), c) in fused.vars().zip(reference.vars()).zip(per_param.vars()) {
         weight_diff = weight_diff.max(max_abs_diff(a.as_tensor(), b.as_tensor())?);
+        per_param_diff = per_param_diff.max(max_abs_diff(c.as_tensor(), b.as_tensor())?);
     }
     let mut ok = true;
     for (what, value, tol) in [
         (
-            "adamw: fused vs tensor ops, 3 steps",
+            "adamw: auto (one launch) vs tensor ops, 3 steps",
             weight_diff as f64,
+            1e-6,
+        ),
+        (
+            "adamw: fused per parameter vs tensor ops",
+            per_param_diff as f64,
             1e-6,
         ),
         ("gradient norm vs the CPU (relative)", norm_diff, 1e-5),
@@ -777,13 +790,26 @@ fn bench_one(
     // Each switch that is on (a node that failed its check is off for the whole run), off in
     // turn, the earlier ones staying off.
     let (blocks_on, attention_on) = (ops::fused_blocks(), ops::fused_attention_on());
+    let sink_on = grad_sink::enabled();
     let mut baseline = train;
     let mut ab = Vec::new();
+    if sink_on && blocks_on {
+        grad_sink::set_enabled(false);
+        let off = time_it(device, args.warmup, args.steps, || step(&mut opt));
+        let next = *off.as_ref().unwrap_or(&baseline);
+        ab.push(("gradient sink", baseline, off));
+        baseline = next;
+    }
     if blocks_on {
         ops::set_fused_blocks(false);
         let off = time_it(device, args.warmup, args.steps, || step(&mut opt));
         let next = *off.as_ref().unwrap_or(&baseline);
-        ab.push(("block nodes", baseline, off));
+        let what = if sink_on {
+            "block nodes (without gradient sink)"
+        } else {
+            "block nodes"
+        };
+        ab.push((what, baseline, off));
         baseline = next;
     }
     if attention_on {
@@ -798,6 +824,7 @@ fn bench_one(
     }
     ops::set_fused_attention(attention_on);
     ops::set_fused_blocks(blocks_on);
+    grad_sink::set_enabled(sink_on);
     for (what, on_s, off_s) in ab {
         let off_s = off_s?;
         emit(json!({
@@ -855,7 +882,8 @@ fn bench_one(
 
 /// Where a training step's time goes: the forward pass with the loss, the backward pass, the global
 /// gradient norm, and the AdamW update by each implementation (`Kernel::Auto`, what training uses:
-/// the fused kernel on the CPU, `Flat` elsewhere; `Kernel::Flat`: one update per weight-decay
+/// the fused kernel on the CPU, one launch for every parameter on CUDA; `Kernel::Fused`: the fused
+/// kernels one parameter at a time; `Kernel::Flat`: one update per weight-decay
 /// group; `Kernel::TensorOps`: tensor ops per parameter). Seconds per step, the device drained
 /// after each phase, so the phases add up to more than a step that overlaps host and device work.
 fn emit_phases(
@@ -869,6 +897,7 @@ fn emit_phases(
 ) -> Result<()> {
     let mut optimizers = [
         ("auto", Kernel::Auto, 0.0),
+        ("fused per parameter", Kernel::Fused, 0.0),
         ("flat", Kernel::Flat, 0.0),
         ("per-parameter", Kernel::TensorOps, 0.0),
     ];

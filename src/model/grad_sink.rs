@@ -20,6 +20,7 @@ use candle_core::{Result, Tensor, TensorId};
 use candle_nn::VarMap;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 #[derive(Default)]
@@ -39,6 +40,21 @@ pub struct GradSink(Arc<Mutex<Inner>>);
 
 thread_local! {
     static ACTIVE: RefCell<Option<GradSink>> = const { RefCell::new(None) };
+}
+
+/// Whether sinks in scope are offered to the block nodes (on by default): `gpu-check` turns it
+/// off to measure training without them in the same run.
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turns the gradient sinks on or off for the whole process (off: `active` answers `None`, and
+/// every gradient flows back through the graph).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether the gradient sinks are on (`set_enabled`).
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
 }
 
 impl GradSink {
@@ -71,6 +87,9 @@ impl GradSink {
 
     /// The sink in scope on this thread, if any (what a block node being built asks).
     pub fn active() -> Option<GradSink> {
+        if !enabled() {
+            return None;
+        }
         ACTIVE.with(|a| a.borrow().clone())
     }
 

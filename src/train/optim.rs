@@ -24,9 +24,13 @@ pub struct AdamWParams {
 /// Which implementation updates the weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
-    /// The fused in-place kernel for f32 weights on the CPU (and on CUDA in a build with the `cuda`
-    /// feature), `Flat` for f32 weights elsewhere, `TensorOps` for other dtypes.
+    /// For f32 weights: the fused in-place step on the CPU (`Fused`), and on CUDA (in a build with
+    /// the `cuda` feature) the same arithmetic over every parameter in one launch; `Flat` for f32
+    /// weights elsewhere, `TensorOps` for other dtypes.
     Auto,
+    /// The fused in-place kernels, one pair of launches per parameter (f32 weights on the CPU or,
+    /// in a build with the `cuda` feature, on CUDA; `Flat` for f32 weights elsewhere).
+    Fused,
     /// Tensor ops, one parameter at a time (the reference the others are tested against).
     TensorOps,
     /// Tensor ops over each weight-decay group's parameters concatenated into one vector (f32
@@ -43,8 +47,9 @@ impl Kernel {
         // The fused step's two in-place ops have CUDA kernels in a build with them.
         let all_cuda = crate::model::ops::CUDA_KERNELS && vars.iter().all(|t| t.device().is_cuda());
         match self {
-            Kernel::Auto if all_f32 && (all_cpu || all_cuda) => Kernel::Auto,
-            Kernel::Auto | Kernel::Flat if all_f32 => Kernel::Flat,
+            Kernel::Auto if all_f32 && all_cuda => Kernel::Auto,
+            Kernel::Auto | Kernel::Fused if all_f32 && (all_cpu || all_cuda) => Kernel::Fused,
+            Kernel::Auto | Kernel::Fused | Kernel::Flat if all_f32 => Kernel::Flat,
             _ => Kernel::TensorOps,
         }
     }
@@ -71,6 +76,9 @@ struct FlatGroup {
 enum State {
     /// One entry per parameter, index-aligned with `AdamW::params`.
     PerParam(Vec<Moments>),
+    /// `Moments::Fused` per parameter, index-aligned with `AdamW::params`, all updated by one
+    /// launch (`Kernel::Auto` on CUDA).
+    AllAtOnce(Vec<Tensor>),
     /// One entry per bucket of each weight-decay group (`flat_groups`).
     Flat(Vec<FlatGroup>),
 }
@@ -135,6 +143,12 @@ impl AdamW {
         let tensors: Vec<&Tensor> = params.iter().map(|p| p.var.as_tensor()).collect();
         let state = match kernel.resolve(&tensors) {
             Kernel::Flat => State::Flat(flat_groups(&params, bucket_elems)?),
+            Kernel::Auto => State::AllAtOnce(
+                tensors
+                    .iter()
+                    .map(|t| Tensor::zeros(2 * t.elem_count(), DType::F32, t.device()))
+                    .collect::<candle_core::Result<_>>()?,
+            ),
             kernel => State::PerParam(
                 tensors
                     .iter()
@@ -223,6 +237,8 @@ impl AdamW {
                         .with_context(|| format!("optimizer: updating parameter {}", p.name))?;
                 }
             }
+            State::AllAtOnce(states) => all_at_once(&self.params, states, grads, coefficients)
+                .context("optimizer: updating every parameter in one launch")?,
             State::Flat(groups) => {
                 for group in groups {
                     let c = coefficients(group.decay);
@@ -237,8 +253,58 @@ impl AdamW {
     }
 }
 
+/// One update of every parameter that has a gradient, in one launch (`Kernel::Auto` on CUDA).
+#[cfg(feature = "cuda")]
+fn all_at_once(
+    params: &[Param],
+    states: &[Tensor],
+    grads: &[Option<Tensor>],
+    coefficients: impl Fn(bool) -> StepCoefficients,
+) -> Result<()> {
+    use crate::model::kernels::cuda::{adamw_multi, AdamwItem, AdamwScalars};
+    let present: Vec<(usize, Tensor)> = grads
+        .iter()
+        .enumerate()
+        .filter_map(|(i, g)| Some((i, g.as_ref()?)))
+        .map(|(i, g)| Ok((i, g.to_dtype(DType::F32)?.contiguous()?)))
+        .collect::<candle_core::Result<_>>()?;
+    let items: Vec<AdamwItem> = present
+        .iter()
+        .map(|(i, g)| AdamwItem {
+            w: params[*i].var.as_tensor(),
+            state: &states[*i],
+            g,
+            decay: coefficients(params[*i].decay).decay_factor as f32,
+        })
+        .collect();
+    // Everything but the decay factor is the same for both groups.
+    let c = coefficients(false);
+    adamw_multi(
+        &items,
+        AdamwScalars {
+            beta1: c.beta1 as f32,
+            beta2: c.beta2 as f32,
+            grad_scale: c.grad_scale as f32,
+            step: c.step_size as f32,
+            inv_bc2: (1.0 / c.bc2_sqrt) as f32,
+            eps: c.eps as f32,
+        },
+    )?;
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn all_at_once(
+    _: &[Param],
+    _: &[Tensor],
+    _: &[Option<Tensor>],
+    _: impl Fn(bool) -> StepCoefficients,
+) -> Result<()> {
+    bail!("one launch for every parameter needs a build with the cuda feature")
+}
+
 fn per_param_moments(t: &Tensor, kernel: Kernel) -> Result<Moments> {
-    Ok(if kernel == Kernel::Auto {
+    Ok(if kernel == Kernel::Fused {
         Moments::Fused(Tensor::zeros(2 * t.elem_count(), DType::F32, t.device())?)
     } else {
         let m = Tensor::zeros(t.shape(), DType::F32, t.device())?;
@@ -810,7 +876,9 @@ mod tests {
     fn auto_picks_fused_on_cpu_f32_and_tensor_ops_for_other_dtypes() {
         let f32 = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
         let bf16 = f32.to_dtype(DType::BF16).unwrap();
-        assert_eq!(Kernel::Auto.resolve(&[&f32]), Kernel::Auto);
+        assert_eq!(Kernel::Auto.resolve(&[&f32]), Kernel::Fused);
+        assert_eq!(Kernel::Fused.resolve(&[&f32]), Kernel::Fused);
+        assert_eq!(Kernel::Fused.resolve(&[&bf16]), Kernel::TensorOps);
         assert_eq!(Kernel::Flat.resolve(&[&f32]), Kernel::Flat);
         assert_eq!(Kernel::TensorOps.resolve(&[&f32]), Kernel::TensorOps);
         assert_eq!(Kernel::Auto.resolve(&[&f32, &bf16]), Kernel::TensorOps);

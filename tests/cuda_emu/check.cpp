@@ -531,16 +531,85 @@ static void adamw(std::mt19937 &rng) {
   check("adamw_moments: second moments after 3 steps", rel_err(vf, v), 1e-6);
 }
 
+// A multi-parameter table (see kernels.cu, "many parameters in one launch") over `entries`, each
+// `words - 1` words plus the first block, filled in here; returns the number of blocks.
+static unsigned multi_table(std::vector<uint64_t> &table, const std::vector<std::vector<uint64_t>> &entries,
+                            const std::vector<size_t> &sizes) {
+  uint64_t first = 0;
+  for (size_t p = 0; p < entries.size(); p++) {
+    table.insert(table.end(), entries[p].begin(), entries[p].end());
+    table.push_back(first);
+    first += (sizes[p] + MULTI_CHUNK - 1) / MULTI_CHUNK;
+  }
+  return unsigned(first);
+}
+
+static uint64_t addr(const void *p) { return uint64_t(reinterpret_cast<uintptr_t>(p)); }
+
 static void sum_squares(std::mt19937 &rng) {
-  const Vec a = randn(3000, rng), b = randn(70, rng);
-  const std::vector<float> af(a.begin(), a.end()), bf(b.begin(), b.end());
-  std::vector<float> sums(3, 0.f);
-  emu::launch(dim3(4), dim3(256), [&] { sum_squares_into(sums.data(), af.data(), a.size(), 2); });
-  emu::launch(dim3(1), dim3(256), [&] { sum_squares_into(sums.data(), bf.data(), b.size(), 0); });
-  Vec want(3, 0.0);
-  for (double x : a) want[2] += x * x;
-  for (double x : b) want[0] += x * x;
-  check("sum_squares_into: two gradients into slots 2 and 0 (slot 1 untouched)", rel_err(sums, want), 1e-5);
+  // Sizes across chunk boundaries, one without elements (no blocks) between two with.
+  const std::vector<size_t> sizes = {3000, 0, 70, 2 * MULTI_CHUNK + 5, MULTI_CHUNK};
+  std::vector<std::vector<float>> gs;
+  std::vector<std::vector<uint64_t>> entries;
+  Vec want;
+  for (size_t n : sizes) {
+    const Vec g = randn(n, rng);
+    gs.emplace_back(g.begin(), g.end());
+    double sq = 0;
+    for (double x : g) sq += x * x;
+    want.push_back(sq);
+  }
+  for (size_t p = 0; p < sizes.size(); p++) entries.push_back({addr(gs[p].data()), sizes[p]});
+  std::vector<uint64_t> table;
+  const unsigned blocks = multi_table(table, entries, sizes);
+  std::vector<float> sums(sizes.size(), 0.f);
+  emu::launch(dim3(blocks), dim3(256), [&] { sum_squares_multi(table.data(), uint32_t(sizes.size()), sums.data()); });
+  check("sum_squares_multi: five gradients (one empty) in one launch", rel_err(sums, want), 1e-5);
+}
+
+// adamw_multi against adamw_moments + adamw_weights run per parameter: the same floats.
+static void adamw_multi_check(std::mt19937 &rng) {
+  const std::vector<size_t> sizes = {1000, 0, MULTI_CHUNK + 1, 3, 2 * MULTI_CHUNK};
+  const std::vector<float> decays = {0.99f, 1.f, 1.f, 0.97f, 0.995f};
+  const double b1 = 0.9, b2 = 0.999, eps = 1e-8, s = 0.7;
+  std::vector<std::vector<float>> w, st, w2, st2;
+  for (size_t n : sizes) {
+    const Vec x = randn(n, rng);
+    w.emplace_back(x.begin(), x.end());
+    st.emplace_back(2 * n, 0.f);
+  }
+  w2 = w, st2 = st;
+  double worst = 0;
+  for (int t = 1; t <= 3; t++) {
+    const float step = float(1e-3 / (1 - std::pow(b1, t))), inv_bc2 = float(1 / std::sqrt(1 - std::pow(b2, t)));
+    std::vector<std::vector<float>> gs;
+    std::vector<std::vector<uint64_t>> entries;
+    for (size_t p = 0; p < sizes.size(); p++) {
+      const Vec g = randn(sizes[p], rng);
+      gs.emplace_back(g.begin(), g.end());
+      uint32_t bits;
+      std::memcpy(&bits, &decays[p], 4);
+      entries.push_back({addr(w[p].data()), addr(st[p].data()), addr(gs[p].data()), sizes[p], bits});
+    }
+    std::vector<uint64_t> table;
+    const unsigned blocks = multi_table(table, entries, sizes);
+    emu::launch(dim3(blocks), dim3(256), [&] {
+      adamw_multi(table.data(), uint32_t(sizes.size()), float(b1), float(b2), float(1 - b1), float(1 - b2), float(s),
+                  step, inv_bc2, float(eps));
+    });
+    for (size_t p = 0; p < sizes.size(); p++) {
+      const size_t n = sizes[p];
+      emu::launch(dim3(2), dim3(256), [&] {
+        adamw_moments(st2[p].data(), gs[p].data(), n, float(b1), float(b2), float(1 - b1), float(1 - b2), float(s));
+      });
+      emu::launch(dim3(3), dim3(256), [&] {
+        adamw_weights(w2[p].data(), st2[p].data(), n, decays[p], step, inv_bc2, float(eps));
+      });
+      for (size_t i = 0; i < n; i++) worst = std::max(worst, double(std::fabs(w[p][i] - w2[p][i])));
+      for (size_t i = 0; i < 2 * n; i++) worst = std::max(worst, double(std::fabs(st[p][i] - st2[p][i])));
+    }
+  }
+  check("adamw_multi: five parameters (one empty), 3 steps, against the per-parameter kernels", worst, 1e-7);
 }
 
 int main() {
@@ -584,6 +653,7 @@ int main() {
   embedding<bf16>(rng);
   adamw(rng);
   sum_squares(rng);
+  adamw_multi_check(rng);
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }

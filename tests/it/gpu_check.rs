@@ -35,11 +35,11 @@ fn gpu_check_runs_every_stage_on_the_cpu_and_every_check_passes() {
 
     // Six fixtures × two precisions × (gradients, three logits), then dropout's five checks in
     // both precisions, the attention node's four in both, the block nodes' three for each of two
-    // blocks in both, and the optimizer's two.
+    // blocks in both, and the optimizer's three.
     let parity: Vec<&Value> = of("parity").collect();
     assert_eq!(
         parity.len(),
-        6 * 2 * 4 + 5 * 2 + 4 * 2 + 3 * 2 * 2 + 2,
+        6 * 2 * 4 + 5 * 2 + 4 * 2 + 3 * 2 * 2 + 3,
         "{parity:#?}"
     );
     for r in &parity {
@@ -69,10 +69,17 @@ fn gpu_check_runs_every_stage_on_the_cpu_and_every_check_passes() {
     }
     assert_eq!(of("phases").count(), 2);
     assert_eq!(of("kernels").count(), 2);
-    // Training with each switch on and off (the block nodes; the fused attention without them),
-    // per precision, both timed.
+    // Training with each switch on and off (the gradient sink; the block nodes without it; the
+    // fused attention without them), per precision, both timed.
     let ab: Vec<&Value> = of("ab").collect();
-    assert_eq!(ab.len(), 2 * 2, "{ab:#?}");
+    assert_eq!(ab.len(), 3 * 2, "{ab:#?}");
+    for what in ["gradient sink", "block nodes", "fused attention"] {
+        assert!(
+            ab.iter()
+                .any(|r| r["what"].as_str().is_some_and(|w| w.starts_with(what))),
+            "no {what} rows"
+        );
+    }
     for r in &ab {
         for k in ["on_s", "off_s"] {
             let t = r[k].as_f64().unwrap();

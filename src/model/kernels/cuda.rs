@@ -1706,60 +1706,170 @@ pub fn adamw_weights(
     Ok(())
 }
 
-/// Adds the sum of squares of `g` (f32) into element `slot` of `sums` (f32), on the device.
-struct SumSquaresInto {
-    slot: u32,
+// ---- many parameters in one launch (kernels.cu: "many parameters in one launch") ---------------
+
+/// Elements per block of the multi-parameter kernels (`MULTI_CHUNK` in kernels.cu).
+const MULTI_CHUNK: usize = 4096;
+
+/// The device address of the first element `t`'s layout sees (contiguous f32 on CUDA); with
+/// `whole`, the layout must also cover its buffer from offset 0 (what a kernel writes in place:
+/// the optimizer's moments and the weights of `Var`s are such).
+fn f32_address(t: &Tensor, whole: bool, what: &str) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(s) = &*storage else {
+        bail!("{what}: not on a CUDA device")
+    };
+    if s.dtype() != DType::F32 {
+        bail!("{what}: f32 only, got {:?}", s.dtype());
+    }
+    let slice: &CudaSlice<f32> = s.as_cuda_slice()?;
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("{what}: the CUDA kernel needs a contiguous input")
+    };
+    if whole && (start != 0 || end != slice.len()) {
+        bail!("{what}: a view into a larger buffer");
+    }
+    let stream = s.device().cuda_stream();
+    let (ptr, _sync) = slice.device_ptr(&stream);
+    Ok(ptr + (start * std::mem::size_of::<f32>()) as u64)
 }
 
-impl candle_core::InplaceOp2 for SumSquaresInto {
-    fn name(&self) -> &'static str {
-        "recycle-cuda-sum-squares-into"
+/// The table of a multi-parameter launch: `entries` (each `words - 1` words, for a parameter of
+/// `n` elements) with each one's first block appended; entries of no elements are left out.
+/// Returns the table, its entries and the blocks to launch.
+fn multi_table(entries: Vec<(Vec<u64>, usize)>) -> (Vec<u64>, u32, u64) {
+    let (mut table, mut count, mut blocks) = (Vec::new(), 0u32, 0u64);
+    for (words, n) in entries.into_iter().filter(|(_, n)| *n > 0) {
+        table.extend(words);
+        table.push(blocks);
+        blocks += n.div_ceil(MULTI_CHUNK) as u64;
+        count += 1;
     }
+    (table, count, blocks)
+}
 
-    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
-        cpu_unreachable(self.name())
+fn multi_launch(blocks: u64) -> Result<LaunchConfig> {
+    let Ok(blocks) = u32::try_from(blocks) else {
+        bail!("{blocks} blocks of {MULTI_CHUNK} elements exceed one launch");
+    };
+    Ok(LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        candle_core::Device::Cuda(d) => Ok(d.clone()),
+        _ => bail!("not a CUDA tensor"),
     }
+}
 
-    fn cuda_fwd(
-        &self,
-        sums: &mut CudaStorage,
-        sl: &Layout,
-        g: &CudaStorage,
-        gl: &Layout,
-    ) -> Result<()> {
-        let dev = sums.device().clone();
-        let gv = f32_view(g, gl, "gradient")?;
-        let n = gl.shape().elem_count();
-        if self.slot as usize >= sl.shape().elem_count() {
+/// One parameter of `adamw_multi`: its weight (written in place), its moments `[m; v]` (2n f32,
+/// written in place), its gradient, and its decay factor `1 - lr · weight_decay`.
+pub struct AdamwItem<'a> {
+    pub w: &'a Tensor,
+    pub state: &'a Tensor,
+    pub g: &'a Tensor,
+    pub decay: f32,
+}
+
+/// What one AdamW step shares over its parameters (`adamw_moments`'s and `adamw_weights`'s scalars).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamwScalars {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub grad_scale: f32,
+    pub step: f32,
+    pub inv_bc2: f32,
+    pub eps: f32,
+}
+
+/// One AdamW step over every item in one launch (f32, one CUDA device): the arithmetic of
+/// `adamw_moments` and then `adamw_weights`, element by element. The kernel writes the weights and
+/// moments through their device addresses; the caller owns both and nothing reads them meanwhile
+/// (the launch is ordered on the device's one stream).
+pub fn adamw_multi(items: &[AdamwItem], c: AdamwScalars) -> Result<()> {
+    let Some(first) = items.first() else {
+        return Ok(());
+    };
+    let dev = cuda_device(first.w)?;
+    let mut entries = Vec::with_capacity(items.len());
+    for it in items {
+        let n = it.w.elem_count();
+        if it.g.elem_count() != n || it.state.elem_count() != 2 * n {
             bail!(
-                "sum of squares: slot {} of {}",
-                self.slot,
-                sl.shape().elem_count()
+                "adamw: a weight of {n}, a gradient of {} and {} moments",
+                it.g.elem_count(),
+                it.state.elem_count()
             );
         }
-        let out = f32_whole_mut(sums, sl, "sums of squares")?;
-        let f = dev.get_or_load_custom_func("sum_squares_into", MODULE, PTX)?;
-        let mut a = f.builder();
-        a.arg(out).arg(&gv).arg(&n).arg(&self.slot);
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(1024).clamp(1, 1024) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        unsafe { a.launch(cfg) }.w()?;
-        Ok(())
+        let words = vec![
+            f32_address(it.w, true, "adamw weight")?,
+            f32_address(it.state, true, "adamw moments")?,
+            f32_address(it.g, false, "adamw gradient")?,
+            n as u64,
+            u64::from(it.decay.to_bits()),
+        ];
+        entries.push((words, n));
     }
+    let (table, count, blocks) = multi_table(entries);
+    if count == 0 {
+        return Ok(());
+    }
+    let table = dev.clone_htod(&table)?;
+    let (one_b1, one_b2) = (1.0 - c.beta1, 1.0 - c.beta2);
+    let f = dev.get_or_load_custom_func("adamw_multi", MODULE, PTX)?;
+    let mut a = f.builder();
+    a.arg(&table)
+        .arg(&count)
+        .arg(&c.beta1)
+        .arg(&c.beta2)
+        .arg(&one_b1)
+        .arg(&one_b2)
+        .arg(&c.grad_scale)
+        .arg(&c.step)
+        .arg(&c.inv_bc2)
+        .arg(&c.eps);
+    unsafe { a.launch(multi_launch(blocks)?) }.w()?;
+    Ok(())
 }
 
-/// The sum of squares of each of `grads` (f32, on one CUDA device), one launch each and one
+/// The sum of squares of each of `grads` (f32, contiguous, on one CUDA device): one launch and one
 /// transfer back for all.
 pub fn sums_of_squares(grads: &[&Tensor]) -> Result<Vec<f32>> {
     let Some(first) = grads.first() else {
         return Ok(Vec::new());
     };
-    let sums = Tensor::zeros(grads.len(), DType::F32, first.device())?;
-    for (slot, g) in grads.iter().enumerate() {
-        sums.inplace_op2(&g.contiguous()?, &SumSquaresInto { slot: slot as u32 })?;
+    let dev = cuda_device(first)?;
+    let grads: Vec<Tensor> = grads
+        .iter()
+        .map(|g| g.contiguous())
+        .collect::<Result<_>>()?;
+    let mut entries = Vec::with_capacity(grads.len());
+    for g in &grads {
+        let n = g.elem_count();
+        entries.push((vec![f32_address(g, false, "gradient")?, n as u64], n));
     }
-    sums.to_vec1()
+    // Sums are per entry of the table, which leaves out empty gradients (their sum is 0).
+    let nonempty: Vec<bool> = grads.iter().map(|g| g.elem_count() > 0).collect();
+    let (table, count, blocks) = multi_table(entries);
+    let mut out = vec![0f32; grads.len()];
+    if count == 0 {
+        return Ok(out);
+    }
+    let table = dev.clone_htod(&table)?;
+    let sums = dev.alloc_zeros::<f32>(count as usize)?;
+    let f = dev.get_or_load_custom_func("sum_squares_multi", MODULE, PTX)?;
+    let mut a = f.builder();
+    a.arg(&table).arg(&count).arg(&sums);
+    unsafe { a.launch(multi_launch(blocks)?) }.w()?;
+    let sums = dev.clone_dtoh(&sums)?;
+    let mut it = sums.into_iter();
+    for (o, _) in out.iter_mut().zip(&nonempty).filter(|(_, ne)| **ne) {
+        *o = it.next().unwrap_or(0.0);
+    }
+    Ok(out)
 }

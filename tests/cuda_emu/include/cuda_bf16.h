@@ -78,6 +78,11 @@ inline float atomicAdd(float *a, float v) {
 }
 
 [[noreturn]] inline void __trap() { throw emu::Trap{}; }
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
 
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 

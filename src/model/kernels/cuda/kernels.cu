@@ -449,15 +449,67 @@ extern "C" __global__ void adamw_weights(float *w, const float *state, size_t n,
   }
 }
 
-// sums[slot] += the sum of g's squares: one block-wide sum per block, one atomic per block.
-extern "C" __global__ void sum_squares_into(float *sums, const float *g, size_t n, uint32_t slot) {
+// ---- many parameters in one launch ---------------------------------------------------------------
+// A table of `count` entries of WORDS 64-bit words each describes the parameters; an entry's last
+// word is the first block that works on it: entry p owns blocks [first(p), first(p + 1)), one block
+// per MULTI_CHUNK elements. A launch of one block per chunk over every parameter therefore costs
+// one launch whatever the number of parameters, where one launch per parameter cost a few
+// microseconds of the host each (hundreds per step).
+constexpr size_t MULTI_CHUNK = 4096;
+
+// The entry block b works on: the last one whose first block is at most b (entries without
+// elements own no blocks and are passed over).
+__device__ __forceinline__ uint32_t multi_entry(const uint64_t *table, uint32_t words,
+                                                uint32_t count, uint64_t b) {
+  uint32_t lo = 0, hi = count;  // first(lo) <= b < first(hi), first(count) = infinity
+  while (hi - lo > 1) {
+    const uint32_t mid = lo + (hi - lo) / 2;
+    if (table[(size_t)mid * words + words - 1] <= b) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
+
+// One AdamW step on every parameter of the table, entries of six words: the weight's address
+// (n f32), the moments' ([m; v], 2n f32), the gradient's (n f32), n, the bits of the decay factor
+// 1 - lr * wd (an f32), the first block. The arithmetic of adamw_moments and then adamw_weights,
+// element by element.
+extern "C" __global__ void adamw_multi(const uint64_t *table, uint32_t count, float b1, float b2,
+                                       float one_b1, float one_b2, float s, float step,
+                                       float inv_bc2, float eps) {
+  const uint64_t *e = table + 6 * (size_t)multi_entry(table, 6, count, blockIdx.x);
+  float *w = reinterpret_cast<float *>(e[0]);
+  float *state = reinterpret_cast<float *>(e[1]);
+  const float *g = reinterpret_cast<const float *>(e[2]);
+  const size_t n = e[3];
+  const float decay = __uint_as_float((uint32_t)e[4]);
+  const size_t start = (blockIdx.x - e[5]) * MULTI_CHUNK;
+  const size_t end = start + MULTI_CHUNK < n ? start + MULTI_CHUNK : n;
+  for (size_t i = start + threadIdx.x; i < end; i += blockDim.x) {
+    const float gi = g[i] * s;
+    const float m = b1 * state[i] + one_b1 * gi;
+    const float v = b2 * state[n + i] + one_b2 * (gi * gi);
+    state[i] = m;
+    state[n + i] = v;
+    const float denom = sqrtf(v) * inv_bc2 + eps;
+    w[i] = w[i] * decay - step * (m / denom);
+  }
+}
+
+// sums[p] += the sum of squares of gradient p, for every entry of the table (three words: the
+// gradient's address (f32), n, the first block): a block-wide sum per chunk, one atomic per block.
+extern "C" __global__ void sum_squares_multi(const uint64_t *table, uint32_t count, float *sums) {
   __shared__ float sh[32];
+  const uint32_t p = multi_entry(table, 3, count, blockIdx.x);
+  const uint64_t *e = table + 3 * (size_t)p;
+  const float *g = reinterpret_cast<const float *>(e[0]);
+  const size_t n = e[1];
+  const size_t start = (blockIdx.x - e[2]) * MULTI_CHUNK;
+  const size_t end = start + MULTI_CHUNK < n ? start + MULTI_CHUNK : n;
   float acc = 0.f;
-  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-       i += (size_t)blockDim.x * gridDim.x)
-    acc += g[i] * g[i];
+  for (size_t i = start + threadIdx.x; i < end; i += blockDim.x) acc += g[i] * g[i];
   acc = block_sum(acc, sh);
-  if (threadIdx.x == 0) atomicAdd(sums + slot, acc);
+  if (threadIdx.x == 0) atomicAdd(sums + p, acc);
 }
 
 #define FOR_TYPES(M) M(float, f32) M(__nv_bfloat16, bf16)
