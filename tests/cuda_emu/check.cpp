@@ -168,6 +168,43 @@ static void layer_norm(size_t rows, size_t n, unsigned dwdb_blocks, std::mt19937
     check("layer_norm_bwd_dx_drop dh, p 0.3 " + at, rel_err(to_host(dh), want), 4 * tol<T>());
   }
 
+  if (n <= size_t(LN_WARP_MAX_N)) {
+    // The warp-per-row kernels (rows of up to LN_WARP_MAX_N): the same references; fewer rows
+    // than the block's eight warps leave some idle.
+    const dim3 grid(unsigned((rows + 7) / 8)), warps(32, 8);
+    std::vector<T> yw(rows * n), dxw(rows * n), dx2w(rows * n), dhw(rows * n);
+    emu::launch(grid, warps, [&] {
+      if constexpr (std::is_same_v<T, float>)
+        layer_norm_fwd_warp_f32(xd.data(), wd.data(), bd.data(), yw.data(), rows, int(n), eps);
+      else
+        layer_norm_fwd_warp_bf16(xd.data(), wd.data(), bd.data(), yw.data(), rows, int(n), eps);
+    });
+    check("layer_norm_fwd_warp " + at, rel_err(to_host(yw), ln_ref(x, w, b, rows, n, eps)), tol<T>());
+    emu::launch(grid, warps, [&] {
+      if constexpr (std::is_same_v<T, float>)
+        layer_norm_bwd_dx_warp_f32(xd.data(), wd.data(), dyd.data(), dxw.data(), rows, int(n), eps);
+      else
+        layer_norm_bwd_dx_warp_bf16(xd.data(), wd.data(), dyd.data(), dxw.data(), rows, int(n), eps);
+    });
+    check("layer_norm_bwd_dx_warp " + at, rel_err(to_host(dxw), gx), 4 * tol<T>());
+    const uint64_t seed = 23;
+    const float p_drop = 0.2f, drop_scale = 1 / (1 - p_drop);
+    const uint32_t threshold = uint32_t(std::ceil(double(p_drop) * (1 << 24)));
+    emu::launch(grid, warps, [&] {
+      if constexpr (std::is_same_v<T, float>)
+        layer_norm_bwd_dx_drop_warp_f32(xd.data(), wd.data(), dyd.data(), dx2w.data(), dhw.data(), rows,
+                                        int(n), eps, seed, threshold, drop_scale);
+      else
+        layer_norm_bwd_dx_drop_warp_bf16(xd.data(), wd.data(), dyd.data(), dx2w.data(), dhw.data(), rows,
+                                         int(n), eps, seed, threshold, drop_scale);
+    });
+    Vec want(rows * n);
+    for (size_t i = 0; i < want.size(); i++)
+      want[i] = ref_kept(seed, i, threshold) ? gx[i] * drop_scale : 0.0;
+    check("layer_norm_bwd_dx_drop_warp dx " + at, rel_err(to_host(dx2w), gx), 4 * tol<T>());
+    check("layer_norm_bwd_dx_drop_warp dh, p 0.2 " + at, rel_err(to_host(dhw), want), 4 * tol<T>());
+  }
+
   std::vector<float> stats(2 * rows);
   emu::launch(dim3(unsigned((rows + 7) / 8)), dim3(32, 8), [&] {
     if constexpr (std::is_same_v<T, float>)
@@ -612,15 +649,55 @@ static void adamw_multi_check(std::mt19937 &rng) {
   check("adamw_multi: five parameters (one empty), 3 steps, against the per-parameter kernels", worst, 1e-7);
 }
 
+// gather: parts of several sizes (one empty, one across chunks) packed at their offsets, same dtype
+// and bf16 to f32.
+static void gather_check(std::mt19937 &rng) {
+  const std::vector<size_t> sizes = {5, 0, MULTI_CHUNK + 3, 700};
+  std::vector<Vec> parts;
+  size_t total = 0;
+  for (size_t n : sizes) parts.push_back(randn(n, rng)), total += n;
+  std::vector<std::vector<float>> pf;
+  std::vector<std::vector<bf16>> pb;
+  for (const Vec &v : parts) pf.emplace_back(v.begin(), v.end()), pb.push_back(to_dev<bf16>(v));
+  auto run = [&](auto &srcs, auto *dst, auto kernel) {
+    std::vector<std::vector<uint64_t>> entries;
+    size_t offset = 0;
+    for (size_t p = 0; p < sizes.size(); p++) {
+      entries.push_back({addr(srcs[p].data()), sizes[p], offset});
+      offset += sizes[p];
+    }
+    std::vector<uint64_t> table;
+    const unsigned blocks = multi_table(table, entries, sizes);
+    emu::launch(dim3(blocks), dim3(256), [&] { kernel(table.data(), uint32_t(sizes.size()), dst); });
+  };
+  Vec want, want_b;
+  for (const Vec &v : parts) {
+    const Vec f = rounded<float>(v);
+    want.insert(want.end(), f.begin(), f.end());
+    const Vec r = rounded<bf16>(v);
+    want_b.insert(want_b.end(), r.begin(), r.end());
+  }
+  std::vector<float> out(total, -1.f), out_b32(total, -1.f);
+  std::vector<bf16> out_b(total);
+  run(pf, out.data(), gather_f32);
+  run(pb, out_b.data(), gather_bf16);
+  run(pb, out_b32.data(), gather_bf16_to_f32);
+  check("gather_f32: four parts (one empty) at their offsets", rel_err(out, want), 0);
+  check("gather_bf16: the same in bf16", rel_err(to_host(out_b), want_b), 0);
+  check("gather_bf16_to_f32: bf16 parts into f32", rel_err(out_b32, want_b), 0);
+}
+
 int main() {
   std::mt19937 rng(20261126);
-  for (auto [rows, n, blocks] : {std::tuple{5, 48, 5u}, {7, 200, 3u}, {3, 1100, 1u}}) {
+  for (auto [rows, n, blocks] : {std::tuple{5, 48, 5u}, {7, 200, 3u}, {3, 1100, 1u}, {11, 1024, 2u}}) {
     layer_norm<float>(rows, n, blocks, rng);
     layer_norm<bf16>(rows, n, blocks, rng);
   }
   softmax<float>(3, 5, 40, rng);  // 15 rows: the last block of 8 warps has idle warps
   softmax<bf16>(3, 5, 40, rng);
   softmax<float>(2, 3, 7, rng);  // a row shorter than a warp
+  softmax<float>(2, 2, 512, rng);  // the longest row held in registers
+  softmax<bf16>(2, 2, 600, rng);   // longer rows: read three times
   gelu<float>(3000, elementwise_blocks(3000 / 4), 0, rng);
   gelu<float>(3001, dim3(2), 0, rng);
   gelu<float>(3001, dim3(2), 1, rng);
@@ -654,6 +731,7 @@ int main() {
   adamw(rng);
   sum_squares(rng);
   adamw_multi_check(rng);
+  gather_check(rng);
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }

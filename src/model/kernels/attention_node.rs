@@ -123,6 +123,16 @@ pub trait Prims: Send + Sync + 'static {
 
     /// The sum over the rows of `g` `[rows, n]`: a bias's gradient, `[n]`.
     fn column_sum(&self, g: &Tensor) -> Result<Tensor>;
+
+    /// `parts` flattened and laid end to end in one vector of `dtype` (a block node's packed
+    /// weights, or its gradients cast for the master weights); no gradient flows through it.
+    fn concat_flat(&self, parts: &[&Tensor], dtype: DType) -> Result<Tensor> {
+        let flat = parts
+            .iter()
+            .map(|p| p.detach().to_dtype(dtype)?.flatten_all())
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&flat, 0)
+    }
 }
 
 /// Dropout whose mask is a function of a seed: its probability and the seed.

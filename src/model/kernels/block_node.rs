@@ -99,22 +99,29 @@ impl Slots {
 }
 
 /// The parameters as one flat vector and where each lies in it. Without a sink (`sink` `None`) a
-/// node whose backward slices the gradient; with one, a detached copy.
-fn pack(parts: &[&Tensor], sink: &Option<Sink>) -> Result<(Tensor, Slots)> {
+/// node whose backward slices the gradient; with one, a copy outside the graph (on CUDA, one launch
+/// for all of them: `Prims::concat_flat`).
+fn pack<P: Prims>(prims: &P, parts: &[&Tensor], sink: &Option<Sink>) -> Result<(Tensor, Slots)> {
     let mut slots = Vec::with_capacity(parts.len());
     let mut offset = 0;
-    let mut flat = Vec::with_capacity(parts.len());
     for p in parts {
         slots.push((offset, p.dims().to_vec()));
         offset += p.elem_count();
-        let p = if sink.is_some() {
-            p.detach()
-        } else {
-            (*p).clone()
-        };
-        flat.push(p.flatten_all()?);
     }
-    Ok((Tensor::cat(&flat, 0)?, Slots(slots)))
+    let flat = match sink {
+        Some(_) => {
+            let dtype = parts.first().map_or(DType::F32, |p| p.dtype());
+            prims.concat_flat(parts, dtype)?
+        }
+        None => {
+            let flat = parts
+                .iter()
+                .map(|p| p.flatten_all())
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&flat, 0)?
+        }
+    };
+    Ok((flat, Slots(slots)))
 }
 
 /// The gradient sink a block's parameters go to, and their masters in slot order.
@@ -138,13 +145,21 @@ fn sink_for(x: &Tensor, parts: &[&Tensor]) -> Result<Option<Sink>> {
 }
 
 impl Sink {
-    /// Deposits `grads` (each covering one or more consecutive slots, in slot order): each is cast
-    /// to the masters' dtype once and handed out slot by slot as views.
-    fn deposit(&self, slots: &Slots, grads: &[Tensor]) -> Result<()> {
+    /// Deposits `grads` (each covering one or more consecutive slots, in slot order), handed out
+    /// slot by slot as views: of the gradients themselves when they have the masters' dtype, else
+    /// of one vector of all of them cast at once (`Prims::concat_flat`).
+    fn deposit<P: Prims>(&self, prims: &P, slots: &Slots, grads: &[Tensor]) -> Result<()> {
         let dtype = self.masters.first().map_or(DType::F32, |m| m.dtype());
+        let flat: Vec<Tensor> = if grads.iter().all(|g| g.dtype() == dtype) {
+            grads
+                .iter()
+                .map(|g| g.flatten_all())
+                .collect::<Result<_>>()?
+        } else {
+            vec![prims.concat_flat(&grads.iter().collect::<Vec<_>>(), dtype)?]
+        };
         let mut slot = 0;
-        for g in grads {
-            let g = g.to_dtype(dtype)?.flatten_all()?;
+        for g in &flat {
             let mut at = 0;
             while at < g.elem_count() {
                 let (Some(master), Some((_, dims))) = (self.masters.get(slot), slots.0.get(slot))
@@ -322,7 +337,7 @@ impl<P: Prims, B: Branch> CustomOp2 for Node<P, B> {
         let dx = (dx.reshape(x.shape())? + ds)?;
         let dflat = match &self.sink {
             Some(sink) => {
-                sink.deposit(slots, &grads)?;
+                sink.deposit(prims, slots, &grads)?;
                 None
             }
             None => Some(unpack_grads(&grads, flat.dtype())?),
@@ -361,7 +376,7 @@ pub fn attention_block<P: Prims>(
         p.q.w, p.k.w, p.v.w, p.q.b, p.k.b, p.v.b, p.out.w, p.out.b, p.norm.w, p.norm.b,
     ];
     let sink = sink_for(x, &parts)?;
-    let (flat, slots) = pack(&parts, &sink)?;
+    let (flat, slots) = pack(&prims, &parts, &sink)?;
     let (xd, fd) = (x.detach(), flat.detach());
     let hidden = x.dim(candle_core::D::Minus1)?;
     if p.heads == 0 || hidden % p.heads != 0 {
@@ -457,7 +472,7 @@ pub fn ffn_block<P: Prims>(
     let p = params;
     let parts = [p.up.w, p.up.b, p.down.w, p.down.b, p.norm.w, p.norm.b];
     let sink = sink_for(x, &parts)?;
-    let (flat, slots) = pack(&parts, &sink)?;
+    let (flat, slots) = pack(&prims, &parts, &sink)?;
     let (xd, fd) = (x.detach(), flat.detach());
     // The bare product, then its bias and GELU in one pass (both kept for the backward).
     let product = ops::linear(&xd, &slots.view(&fd, W1)?, None)?;

@@ -148,6 +148,52 @@ fn per_row<T: CudaDType + DeviceRepr>(
     Ok(wrap(out, dev))
 }
 
+/// The longest row the warp-per-row layer norm kernels take (`LN_WARP_MAX_N` in kernels.cu).
+const LN_WARP_MAX_N: usize = 1024;
+
+/// `per_row` for the warp-per-row kernels (`name(a, b, c, out, rows, n, eps)`, rows of at most
+/// `LN_WARP_MAX_N`): eight rows per block, each row read once into registers.
+fn per_row_warp<T: CudaDType + DeviceRepr>(
+    name: &str,
+    eps: f32,
+    [(a, al), (b, bl), (c, cl)]: [(&CudaStorage, &Layout); 3],
+) -> Result<CudaStorage> {
+    let dev = a.device();
+    let (rows, n) = last_dim(al, name)?;
+    if n > LN_WARP_MAX_N {
+        bail!("{name}: rows of {n} exceed the warp kernel's {LN_WARP_MAX_N}");
+    }
+    let (av, bv, cv) = (
+        view::<T>(a, al, name)?,
+        view::<T>(b, bl, name)?,
+        view::<T>(c, cl, name)?,
+    );
+    let out = unsafe { dev.alloc::<T>(rows * n)? };
+    let f = func!(dev, name, a.dtype())?;
+    let mut l = f.builder();
+    let n_i = n as i32;
+    l.arg(&av)
+        .arg(&bv)
+        .arg(&cv)
+        .arg(&out)
+        .arg(&rows)
+        .arg(&n_i)
+        .arg(&eps);
+    unsafe { l.launch(warp_rows(rows)) }.w()?;
+    Ok(wrap(out, dev))
+}
+
+/// Layer norm's forward on storages: the warp kernel for rows it takes, else a block per row.
+fn layer_norm_rows(args: [(&CudaStorage, &Layout); 3], eps: f32) -> Result<CudaStorage> {
+    let (x, xl) = args[0];
+    let n = xl.dims().last().copied().unwrap_or(0);
+    if n <= LN_WARP_MAX_N {
+        by_dtype!(x.dtype(), per_row_warp("layer_norm_fwd_warp", eps, args))
+    } else {
+        by_dtype!(x.dtype(), per_row("layer_norm_fwd", eps, args))
+    }
+}
+
 impl CustomOp3 for LayerNorm {
     fn name(&self) -> &'static str {
         "recycle-cuda-layer-norm"
@@ -174,8 +220,7 @@ impl CustomOp3 for LayerNorm {
         b: &CudaStorage,
         bl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let args = [(x, xl), (w, wl), (b, bl)];
-        let out = by_dtype!(x.dtype(), per_row("layer_norm_fwd", self.eps, args))?;
+        let out = layer_norm_rows([(x, xl), (w, wl), (b, bl)], self.eps)?;
         Ok((out, xl.shape().clone()))
     }
 
@@ -234,7 +279,15 @@ impl CustomOp3 for LayerNormDx {
         gl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let args = [(x, xl), (w, wl), (g, gl)];
-        let out = by_dtype!(x.dtype(), per_row("layer_norm_bwd_dx", self.eps, args))?;
+        let n = xl.dims().last().copied().unwrap_or(0);
+        let out = if n <= LN_WARP_MAX_N {
+            by_dtype!(
+                x.dtype(),
+                per_row_warp("layer_norm_bwd_dx_warp", self.eps, args)
+            )?
+        } else {
+            by_dtype!(x.dtype(), per_row("layer_norm_bwd_dx", self.eps, args))?
+        };
         Ok((out, xl.shape().clone()))
     }
 }
@@ -286,9 +339,26 @@ impl CustomOp3 for LayerNormDxDrop {
             );
             let out = unsafe { dev.alloc::<T>(2 * rows * n)? };
             let (dx, dh) = (out.slice(0..rows * n), out.slice(rows * n..2 * rows * n));
+            let n_i = n as i32;
+            if n <= LN_WARP_MAX_N {
+                let f = func!(dev, "layer_norm_bwd_dx_drop_warp", x.dtype())?;
+                let mut a = f.builder();
+                a.arg(&xv)
+                    .arg(&wv)
+                    .arg(&gv)
+                    .arg(&dx)
+                    .arg(&dh)
+                    .arg(&rows)
+                    .arg(&n_i)
+                    .arg(&op.eps)
+                    .arg(&op.drop.seed)
+                    .arg(&op.drop.threshold)
+                    .arg(&op.drop.scale);
+                unsafe { a.launch(warp_rows(rows)) }.w()?;
+                return Ok(wrap(out, dev));
+            }
             let f = func!(dev, "layer_norm_bwd_dx_drop", x.dtype())?;
             let mut a = f.builder();
-            let n_i = n as i32;
             a.arg(&xv)
                 .arg(&wv)
                 .arg(&gv)
@@ -1331,6 +1401,14 @@ impl super::attention_node::Prims for CudaPrims {
         dropout(x, p, seed)
     }
 
+    fn concat_flat(&self, parts: &[&Tensor], dtype: DType) -> Result<Tensor> {
+        let parts = parts
+            .iter()
+            .map(|p| p.contiguous())
+            .collect::<Result<Vec<_>>>()?;
+        gather(&parts.iter().collect::<Vec<_>>(), dtype)
+    }
+
     fn softmax_backward(
         &self,
         p: &Tensor,
@@ -1464,10 +1542,7 @@ pub fn layer_norm_storage(
     if !(x.1.is_contiguous() && w.1.is_contiguous() && b.1.is_contiguous()) {
         bail!("layer norm: the CUDA kernel needs contiguous operands");
     }
-    by_dtype!(
-        x.0.dtype(),
-        per_row("layer_norm_fwd", eps as f32, [x, w, b])
-    )
+    layer_norm_rows([x, w, b], eps as f32)
 }
 
 // ---- embedding ----------------------------------------------------------------------------------
@@ -1711,19 +1786,16 @@ pub fn adamw_weights(
 /// Elements per block of the multi-parameter kernels (`MULTI_CHUNK` in kernels.cu).
 const MULTI_CHUNK: usize = 4096;
 
-/// The device address of the first element `t`'s layout sees (contiguous f32 on CUDA); with
+/// The device address of the first element `t`'s layout sees (contiguous, of `T`, on CUDA); with
 /// `whole`, the layout must also cover its buffer from offset 0 (what a kernel writes in place:
 /// the optimizer's moments and the weights of `Var`s are such).
-fn f32_address(t: &Tensor, whole: bool, what: &str) -> Result<u64> {
+fn device_address<T: CudaDType>(t: &Tensor, whole: bool, what: &str) -> Result<u64> {
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cuda(s) = &*storage else {
         bail!("{what}: not on a CUDA device")
     };
-    if s.dtype() != DType::F32 {
-        bail!("{what}: f32 only, got {:?}", s.dtype());
-    }
-    let slice: &CudaSlice<f32> = s.as_cuda_slice()?;
+    let slice: &CudaSlice<T> = s.as_cuda_slice()?;
     let Some((start, end)) = layout.contiguous_offsets() else {
         bail!("{what}: the CUDA kernel needs a contiguous input")
     };
@@ -1732,7 +1804,14 @@ fn f32_address(t: &Tensor, whole: bool, what: &str) -> Result<u64> {
     }
     let stream = s.device().cuda_stream();
     let (ptr, _sync) = slice.device_ptr(&stream);
-    Ok(ptr + (start * std::mem::size_of::<f32>()) as u64)
+    Ok(ptr + (start * std::mem::size_of::<T>()) as u64)
+}
+
+fn f32_address(t: &Tensor, whole: bool, what: &str) -> Result<u64> {
+    if t.dtype() != DType::F32 {
+        bail!("{what}: f32 only, got {:?}", t.dtype());
+    }
+    device_address::<f32>(t, whole, what)
 }
 
 /// The table of a multi-parameter launch: `entries` (each `words - 1` words, for a parameter of
@@ -1872,4 +1951,113 @@ pub fn sums_of_squares(grads: &[&Tensor]) -> Result<Vec<f32>> {
         *o = it.next().unwrap_or(0.0);
     }
     Ok(out)
+}
+
+/// Which `gather` kernel: the parts' dtype and the output's.
+#[derive(Debug, Clone, Copy)]
+enum GatherKind {
+    F32,
+    Bf16,
+    Bf16ToF32,
+}
+
+/// The parts' elements end to end in one new vector (`gather`): the table is built on the host
+/// before the op runs; the op's input is only the first part, which places it on its device.
+struct Gather {
+    kind: GatherKind,
+    table: Vec<u64>,
+    count: u32,
+    blocks: u64,
+    total: usize,
+}
+
+impl CustomOp1 for Gather {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-gather"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(&self, like: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = like.device().clone();
+        let (table, count, blocks) = (&self.table[..], self.count, self.blocks);
+        // Every element is written: the parts cover the output end to end.
+        let out = match self.kind {
+            GatherKind::F32 => {
+                let out = unsafe { dev.alloc::<f32>(self.total) }?;
+                launch_gather("gather_f32", &dev, table, count, blocks, &out)?;
+                wrap(out, &dev)
+            }
+            GatherKind::Bf16 => {
+                let out = unsafe { dev.alloc::<bf16>(self.total) }?;
+                launch_gather("gather_bf16", &dev, table, count, blocks, &out)?;
+                wrap(out, &dev)
+            }
+            GatherKind::Bf16ToF32 => {
+                let out = unsafe { dev.alloc::<f32>(self.total) }?;
+                launch_gather("gather_bf16_to_f32", &dev, table, count, blocks, &out)?;
+                wrap(out, &dev)
+            }
+        };
+        Ok((out, Shape::from(self.total)))
+    }
+}
+
+fn launch_gather<T: DeviceRepr>(
+    kernel: &str,
+    dev: &CudaDevice,
+    table: &[u64],
+    count: u32,
+    blocks: u64,
+    out: &CudaSlice<T>,
+) -> Result<()> {
+    if count == 0 {
+        return Ok(());
+    }
+    let table = dev.clone_htod(table)?;
+    let f = dev.get_or_load_custom_func(kernel, MODULE, PTX)?;
+    let mut a = f.builder();
+    a.arg(&table).arg(&count).arg(out);
+    unsafe { a.launch(multi_launch(blocks)?) }.w()?;
+    Ok(())
+}
+
+/// `parts` (contiguous tensors of one dtype, f32 or bf16, on one CUDA device) flattened and laid
+/// end to end in one new vector of `dtype` (theirs, or f32 from bf16), in one launch. Nothing
+/// records a gradient through it.
+pub fn gather(parts: &[&Tensor], dtype: DType) -> Result<Tensor> {
+    let Some(first) = parts.first() else {
+        bail!("gather: no parts")
+    };
+    let src = first.dtype();
+    let kind = match (src, dtype) {
+        (DType::F32, DType::F32) => GatherKind::F32,
+        (DType::BF16, DType::BF16) => GatherKind::Bf16,
+        (DType::BF16, DType::F32) => GatherKind::Bf16ToF32,
+        other => bail!("gather: no kernel takes {:?} to {:?}", other.0, other.1),
+    };
+    let mut entries = Vec::with_capacity(parts.len());
+    let mut total = 0usize;
+    for p in parts {
+        if p.dtype() != src || !p.device().same_device(first.device()) {
+            bail!("gather: parts of different dtypes or devices");
+        }
+        let n = p.elem_count();
+        let address = match src {
+            DType::F32 => device_address::<f32>(p, false, "gather part")?,
+            _ => device_address::<bf16>(p, false, "gather part")?,
+        };
+        entries.push((vec![address, n as u64, total as u64], n));
+        total += n;
+    }
+    let (table, count, blocks) = multi_table(entries);
+    first.apply_op1_no_bwd(&Gather {
+        kind,
+        table,
+        count,
+        blocks,
+        total,
+    })
 }

@@ -177,6 +177,88 @@ __device__ void layer_norm_bwd_dx(const T *x, const T *w, const T *dy, T *dx, in
       dh[row * n + i] = from_f<T>(kept(seed, row * n + i, threshold) ? to_f(d) * drop_scale : 0.f);
   }
 }
+// ---- layer norm, one warp per row (rows of at most LN_WARP_MAX_N) -------------------------------
+// The same arithmetic as the block-per-row kernels above, for the rows of encoders (384 to 1024):
+// a warp holds its row in registers (element k * 32 + lane in slot k), reads it from memory once
+// and reduces with shuffles, without a block-wide barrier. blockDim (32, k), a row per warp.
+constexpr int LN_WARP_SLOTS = 32;
+constexpr int LN_WARP_MAX_N = 32 * LN_WARP_SLOTS;
+
+// Loads row xr into v (zeros past n) and returns its mean and rstd.
+template <typename T>
+__device__ __forceinline__ void warp_row_stats(const T *xr, int n, float eps,
+                                               float (&v)[LN_WARP_SLOTS], float *mean,
+                                               float *rstd) {
+  const int lane = threadIdx.x;
+  float s = 0.f;
+#pragma unroll
+  for (int k = 0; k < LN_WARP_SLOTS; k++) {
+    const int i = k * 32 + lane;
+    v[k] = i < n ? to_f(xr[i]) : 0.f;
+    s += v[k];
+  }
+  const float m = warp_sum(s) / n;
+  float q = 0.f;
+#pragma unroll
+  for (int k = 0; k < LN_WARP_SLOTS; k++) {
+    const float d = k * 32 + lane < n ? v[k] - m : 0.f;
+    q += d * d;
+  }
+  *mean = m;
+  *rstd = rsqrtf(warp_sum(q) / n + eps);
+}
+
+template <typename T>
+__device__ void layer_norm_fwd_warp(const T *x, const T *w, const T *b, T *y, size_t rows, int n,
+                                    float eps) {
+  const size_t row = (size_t)blockIdx.x * blockDim.y + threadIdx.y;
+  if (row >= rows) return;
+  float v[LN_WARP_SLOTS], mean, rstd;
+  warp_row_stats(x + row * n, n, eps, v, &mean, &rstd);
+  T *yr = y + row * n;
+#pragma unroll
+  for (int k = 0; k < LN_WARP_SLOTS; k++) {
+    const int i = k * 32 + threadIdx.x;
+    if (i < n) yr[i] = from_f<T>((v[k] - mean) * rstd * to_f(w[i]) + to_f(b[i]));
+  }
+}
+
+// layer_norm_bwd_dx (with DROP, also dh) for one row per warp.
+template <typename T, bool DROP>
+__device__ void layer_norm_bwd_dx_warp(const T *x, const T *w, const T *dy, T *dx, size_t rows,
+                                       int n, float eps, T *dh, uint64_t seed, uint32_t threshold,
+                                       float drop_scale) {
+  const size_t row = (size_t)blockIdx.x * blockDim.y + threadIdx.y;
+  if (row >= rows) return;
+  const int lane = threadIdx.x;
+  float v[LN_WARP_SLOTS], g[LN_WARP_SLOTS], mean, rstd;
+  warp_row_stats(x + row * n, n, eps, v, &mean, &rstd);
+  const T *gr = dy + row * n;
+  float a = 0.f, c = 0.f;
+#pragma unroll
+  for (int k = 0; k < LN_WARP_SLOTS; k++) {
+    const int i = k * 32 + lane;
+    g[k] = i < n ? to_f(gr[i]) * to_f(w[i]) : 0.f;
+    v[k] = (v[k] - mean) * rstd;  // now xhat
+    a += g[k];
+    c += g[k] * v[k];
+  }
+  a = warp_sum(a) / n;
+  c = warp_sum(c) / n;
+  T *dxr = dx + row * n;
+#pragma unroll
+  for (int k = 0; k < LN_WARP_SLOTS; k++) {
+    const int i = k * 32 + lane;
+    if (i < n) {
+      const T d = from_f<T>(rstd * (g[k] - a - v[k] * c));
+      dxr[i] = d;
+      if constexpr (DROP)
+        dh[row * n + i] =
+            from_f<T>(kept(seed, row * n + i, threshold) ? to_f(d) * drop_scale : 0.f);
+    }
+  }
+}
+
 // The mean and 1/sqrt(var + eps) of each row of x [rows, n], one warp per row (blockDim (32, k)),
 // into stats [rows, 2] (f32): what the weight and bias gradients need of each row, computed once
 // instead of by a whole block per row inside their kernel.
@@ -242,6 +324,10 @@ __device__ void layer_norm_bwd_dwdb(const T *x, const T *dy, const float *stats,
 // additive mask is bias[batch, :]. p = softmax(scale * s + bias) in f32.
 // With DROP, also dropped = p through the dropout mask (see "dropout masks"; element i of the
 // whole tensor), written in the same pass instead of a second one over p.
+// Rows of up to SOFTMAX_REG_MAX_K scores are held in registers; longer ones are read three times.
+constexpr int SOFTMAX_SLOTS = 16;
+constexpr int SOFTMAX_REG_MAX_K = 32 * SOFTMAX_SLOTS;
+
 template <typename T, bool DROP>
 __device__ void softmax_fwd(const T *s, const T *bias, T *p, T *dropped, size_t rows, int k,
                             size_t rows_per_batch, float scale, uint64_t seed, uint32_t threshold,
@@ -252,6 +338,37 @@ __device__ void softmax_fwd(const T *s, const T *bias, T *p, T *dropped, size_t 
   const T *sr = s + row * k;
   const T *br = bias + (row / rows_per_batch) * k;
   T *pr = p + row * k;
+  if (k <= SOFTMAX_REG_MAX_K) {
+    // The row in registers (element j * 32 + lane in slot j): read once, exp once.
+    float v[SOFTMAX_SLOTS];
+    float m = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < SOFTMAX_SLOTS; j++) {
+      const int i = j * 32 + lane;
+      v[j] = i < k ? to_f(sr[i]) * scale + to_f(br[i]) : -INFINITY;
+      m = fmaxf(m, v[j]);
+    }
+    m = warp_max(m);
+    float z = 0.f;
+#pragma unroll
+    for (int j = 0; j < SOFTMAX_SLOTS; j++) {
+      v[j] = j * 32 + lane < k ? expf(v[j] - m) : 0.f;
+      z += v[j];
+    }
+    const float inv = 1.f / warp_sum(z);
+#pragma unroll
+    for (int j = 0; j < SOFTMAX_SLOTS; j++) {
+      const int i = j * 32 + lane;
+      if (i < k) {
+        const T out = from_f<T>(v[j] * inv);
+        pr[i] = out;
+        if constexpr (DROP)
+          dropped[row * k + i] =
+              from_f<T>(kept(seed, row * k + i, threshold) ? to_f(out) * drop_scale : 0.f);
+      }
+    }
+    return;
+  }
   float m = -INFINITY;
   for (int i = lane; i < k; i += 32) m = fmaxf(m, to_f(sr[i]) * scale + to_f(br[i]));
   m = warp_max(m);
@@ -512,6 +629,30 @@ extern "C" __global__ void sum_squares_multi(const uint64_t *table, uint32_t cou
   if (threadIdx.x == 0) atomicAdd(sums + p, acc);
 }
 
+// dst[offset(p) + i] = parts[p][i] (cast from S to D) for every entry of the table, four words: the
+// part's address, its n, its offset into dst (elements), the first block. Packs a block node's
+// weights into its flat vector, or casts its gradients to f32, in one launch.
+template <typename S, typename D>
+__device__ void gather(const uint64_t *table, uint32_t count, D *dst) {
+  const uint64_t *e = table + 4 * (size_t)multi_entry(table, 4, count, blockIdx.x);
+  const S *src = reinterpret_cast<const S *>(e[0]);
+  const size_t n = e[1];
+  D *out = dst + e[2];
+  const size_t start = (blockIdx.x - e[3]) * MULTI_CHUNK;
+  const size_t end = start + MULTI_CHUNK < n ? start + MULTI_CHUNK : n;
+  for (size_t i = start + threadIdx.x; i < end; i += blockDim.x) out[i] = from_f<D>(to_f(src[i]));
+}
+
+extern "C" __global__ void gather_f32(const uint64_t *table, uint32_t count, float *dst) {
+  gather<float, float>(table, count, dst);
+}
+extern "C" __global__ void gather_bf16(const uint64_t *table, uint32_t count, __nv_bfloat16 *dst) {
+  gather<__nv_bfloat16, __nv_bfloat16>(table, count, dst);
+}
+extern "C" __global__ void gather_bf16_to_f32(const uint64_t *table, uint32_t count, float *dst) {
+  gather<__nv_bfloat16, float>(table, count, dst);
+}
+
 #define FOR_TYPES(M) M(float, f32) M(__nv_bfloat16, bf16)
 
 #define KERNELS(T, S)                                                                           \
@@ -522,6 +663,19 @@ extern "C" __global__ void sum_squares_multi(const uint64_t *table, uint32_t cou
   extern "C" __global__ void layer_norm_bwd_dx_##S(const T *x, const T *w, const T *dy, T *dx,   \
                                                    int n, float eps) {                           \
     layer_norm_bwd_dx<T, false>(x, w, dy, dx, n, eps, nullptr, 0, 0, 1.f);                      \
+  }                                                                                              \
+  extern "C" __global__ void layer_norm_fwd_warp_##S(const T *x, const T *w, const T *b, T *y,   \
+                                                     size_t rows, int n, float eps) {            \
+    layer_norm_fwd_warp<T>(x, w, b, y, rows, n, eps);                                            \
+  }                                                                                              \
+  extern "C" __global__ void layer_norm_bwd_dx_warp_##S(const T *x, const T *w, const T *dy,     \
+                                                        T *dx, size_t rows, int n, float eps) {  \
+    layer_norm_bwd_dx_warp<T, false>(x, w, dy, dx, rows, n, eps, nullptr, 0, 0, 1.f);            \
+  }                                                                                              \
+  extern "C" __global__ void layer_norm_bwd_dx_drop_warp_##S(                                    \
+      const T *x, const T *w, const T *dy, T *dx, T *dh, size_t rows, int n, float eps,          \
+      uint64_t seed, uint32_t threshold, float drop_scale) {                                     \
+    layer_norm_bwd_dx_warp<T, true>(x, w, dy, dx, rows, n, eps, dh, seed, threshold, drop_scale); \
   }                                                                                              \
   extern "C" __global__ void layer_norm_bwd_dx_drop_##S(const T *x, const T *w, const T *dy,     \
                                                         T *dx, T *dh, int n, float eps,          \
