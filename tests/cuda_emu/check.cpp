@@ -689,13 +689,16 @@ static void gather_check(std::mt19937 &rng) {
 
 int main() {
   std::mt19937 rng(20261126);
-  for (auto [rows, n, blocks] : {std::tuple{5, 48, 5u}, {7, 200, 3u}, {3, 1100, 1u}, {11, 1024, 2u}}) {
+  for (auto [rows, n, blocks] : {std::tuple{5, 48, 5u}, {7, 200, 3u}, {3, 1100, 1u}, {11, 1024, 2u}, {4, 400, 1u}, {5, 520, 1u}, {6, 700, 2u}}) {
     layer_norm<float>(rows, n, blocks, rng);
     layer_norm<bf16>(rows, n, blocks, rng);
   }
   softmax<float>(3, 5, 40, rng);  // 15 rows: the last block of 8 warps has idle warps
   softmax<bf16>(3, 5, 40, rng);
   softmax<float>(2, 3, 7, rng);  // a row shorter than a warp
+  softmax<bf16>(2, 3, 128, rng);   // 4 and 8 registers per lane
+  softmax<float>(2, 2, 200, rng);
+  softmax<float>(1, 3, 280, rng);
   softmax<float>(2, 2, 512, rng);  // the longest row held in registers
   softmax<bf16>(2, 2, 600, rng);   // longer rows: read three times
   gelu<float>(3000, elementwise_blocks(3000 / 4), 0, rng);

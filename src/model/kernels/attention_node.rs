@@ -56,8 +56,9 @@ pub trait Prims: Send + Sync + 'static {
         Ok((probs, dropped))
     }
 
-    /// The gradients of `x`, `w` and `b` (`w` and `b` in `x`'s dtype) of
-    /// `layer_norm(x, w, b, eps)` over the last dimension, given that of its output `dy`.
+    /// The gradients of `x`, `w` and `b` of `layer_norm(x, w, b, eps)` over the last dimension,
+    /// given that of its output `dy`; `x`'s in `x`'s dtype, `w`'s and `b`'s in `x`'s dtype or in
+    /// f32 (CUDA keeps the f32 its kernel sums in, for the f32 master weights).
     fn layer_norm_backward(
         &self,
         x: &Tensor,

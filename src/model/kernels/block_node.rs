@@ -146,18 +146,26 @@ fn sink_for(x: &Tensor, parts: &[&Tensor]) -> Result<Option<Sink>> {
 
 impl Sink {
     /// Deposits `grads` (each covering one or more consecutive slots, in slot order), handed out
-    /// slot by slot as views: of the gradients themselves when they have the masters' dtype, else
-    /// of one vector of all of them cast at once (`Prims::concat_flat`).
+    /// slot by slot as views: of the gradients themselves where they have the masters' dtype, of
+    /// one vector of all the others cast at once (`Prims::concat_flat`) elsewhere.
     fn deposit<P: Prims>(&self, prims: &P, slots: &Slots, grads: &[Tensor]) -> Result<()> {
         let dtype = self.masters.first().map_or(DType::F32, |m| m.dtype());
-        let flat: Vec<Tensor> = if grads.iter().all(|g| g.dtype() == dtype) {
-            grads
-                .iter()
-                .map(|g| g.flatten_all())
-                .collect::<Result<_>>()?
+        let others: Vec<&Tensor> = grads.iter().filter(|g| g.dtype() != dtype).collect();
+        let cast = if others.is_empty() {
+            None
         } else {
-            vec![prims.concat_flat(&grads.iter().collect::<Vec<_>>(), dtype)?]
+            Some(prims.concat_flat(&others, dtype)?)
         };
+        let mut cast_at = 0;
+        let mut flat = Vec::with_capacity(grads.len());
+        for g in grads {
+            if g.dtype() == dtype {
+                flat.push(g.flatten_all()?);
+            } else if let Some(cast) = &cast {
+                flat.push(cast.narrow(0, cast_at, g.elem_count())?);
+                cast_at += g.elem_count();
+            }
+        }
         let mut slot = 0;
         for g in &flat {
             let mut at = 0;
@@ -758,6 +766,52 @@ mod tests {
         let g = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
         let ours = CpuPrims.gelu_backward(x.as_tensor(), &dy).unwrap();
         assert!(attn::rel_diff(&ours, g.get(x.as_tensor()).unwrap()).unwrap() < 1e-5);
+    }
+
+    /// A block's gradients of another dtype than the masters' are cast (all at once), those of
+    /// the masters' dtype are handed on as they are, each slot to its master, added to what the
+    /// graph gives.
+    #[test]
+    fn deposit_casts_other_dtypes_and_hands_each_slot_to_its_master() {
+        let dev = Device::Cpu;
+        let masters: Vec<Var> = [3usize, 2, 4, 1]
+            .iter()
+            .map(|&n| Var::zeros(n, DType::F32, &dev).unwrap())
+            .collect();
+        let sink = GradSink::for_masters(masters.iter().map(|m| m.as_tensor())).unwrap();
+        let block = Sink {
+            sink: sink.clone(),
+            masters: masters.iter().map(|m| m.as_tensor().clone()).collect(),
+        };
+        let slots = Slots(vec![(0, vec![3]), (3, vec![2]), (5, vec![4]), (9, vec![1])]);
+        let t = |v: &[f32]| Tensor::new(v, &dev).unwrap();
+        let bf16 = |v: &[f32]| t(v).to_dtype(DType::BF16).unwrap();
+        // The first gradient covers the first two slots, as a stacked gradient does.
+        let grads = [
+            bf16(&[1., 2., 3., 4., 5.]),
+            t(&[6., 7., 8., 9.]),
+            bf16(&[10.]),
+        ];
+        block.deposit(&CpuPrims, &slots, &grads).unwrap();
+        let loss = masters
+            .iter()
+            .map(|m| m.as_tensor().sum_all().unwrap())
+            .reduce(|a, b| (a + b).unwrap())
+            .unwrap();
+        let store = sink.backward(&loss).unwrap();
+        let got: Vec<Vec<f32>> = masters
+            .iter()
+            .map(|m| store.get(m.as_tensor()).unwrap().to_vec1().unwrap())
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                vec![2., 3., 4.],
+                vec![5., 6.],
+                vec![7., 8., 9., 10.],
+                vec![11.]
+            ]
+        );
     }
 
     #[test]

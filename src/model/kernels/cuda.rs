@@ -234,18 +234,16 @@ impl CustomOp3 for LayerNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let dx = x.apply_op3_no_bwd(w, &grad, &LayerNormDx { eps: self.eps })?;
-        let [dw, db] = layer_norm_dwdb(x, &grad, self.eps)?;
+        let [dw, db] = layer_norm_dwdb(x, &grad, self.eps, x.dtype())?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
-/// The weight and bias gradients of layer norm over `x` given `dy` (contiguous), in `x`'s dtype.
-fn layer_norm_dwdb(x: &Tensor, dy: &Tensor, eps: f32) -> Result<[Tensor; 2]> {
+/// The weight and bias gradients of layer norm over `x` given `dy` (contiguous), in `dtype` (the
+/// kernel sums in f32).
+fn layer_norm_dwdb(x: &Tensor, dy: &Tensor, eps: f32, dtype: DType) -> Result<[Tensor; 2]> {
     let dwdb = x.apply_op2_no_bwd(dy, &LayerNormDwDb { eps })?;
-    Ok([
-        dwdb.get(0)?.to_dtype(x.dtype())?,
-        dwdb.get(1)?.to_dtype(x.dtype())?,
-    ])
+    Ok([dwdb.get(0)?.to_dtype(dtype)?, dwdb.get(1)?.to_dtype(dtype)?])
 }
 
 struct LayerNormDx {
@@ -1452,7 +1450,7 @@ impl super::attention_node::Prims for CudaPrims {
         let eps = eps as f32;
         let (x, dy) = (x.contiguous()?, dy.contiguous()?);
         let dx = x.apply_op3_no_bwd(&w.contiguous()?, &dy, &LayerNormDx { eps })?;
-        let [dw, db] = layer_norm_dwdb(&x, &dy, eps)?;
+        let [dw, db] = layer_norm_dwdb(&x, &dy, eps, DType::F32)?;
         Ok([dx, dw, db])
     }
 
@@ -1487,7 +1485,7 @@ impl super::attention_node::Prims for CudaPrims {
                 drop: Dropout::new(d.p, d.seed),
             },
         )?;
-        let [dw, db] = layer_norm_dwdb(&x, &dy, eps)?;
+        let [dw, db] = layer_norm_dwdb(&x, &dy, eps, DType::F32)?;
         Ok([both.get(0)?, both.get(1)?, dw, db])
     }
 

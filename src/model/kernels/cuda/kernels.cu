@@ -181,11 +181,12 @@ __device__ void layer_norm_bwd_dx(const T *x, const T *w, const T *dy, T *dx, in
 // The same arithmetic as the block-per-row kernels above, for the rows of encoders (384 to 1024):
 // a warp holds its row in registers (element k * 32 + lane in slot k), reads it from memory once
 // and reduces with shuffles, without a block-wide barrier. blockDim (32, k), a row per warp.
-constexpr int LN_WARP_SLOTS = 32;
-constexpr int LN_WARP_MAX_N = 32 * LN_WARP_SLOTS;
+// Each kernel body is instantiated for 8, 16, 24 and 32 slots per lane, and a launch runs the
+// fewest that hold its rows.
+constexpr int LN_WARP_MAX_N = 1024;
 
 // Loads row xr into v (zeros past n) and returns its mean and rstd.
-template <typename T>
+template <int LN_WARP_SLOTS, typename T>
 __device__ __forceinline__ void warp_row_stats(const T *xr, int n, float eps,
                                                float (&v)[LN_WARP_SLOTS], float *mean,
                                                float *rstd) {
@@ -208,9 +209,9 @@ __device__ __forceinline__ void warp_row_stats(const T *xr, int n, float eps,
   *rstd = rsqrtf(warp_sum(q) / n + eps);
 }
 
-template <typename T>
-__device__ void layer_norm_fwd_warp(const T *x, const T *w, const T *b, T *y, size_t rows, int n,
-                                    float eps) {
+template <int LN_WARP_SLOTS, typename T>
+__device__ void layer_norm_fwd_warp_n(const T *x, const T *w, const T *b, T *y, size_t rows, int n,
+                                      float eps) {
   const size_t row = (size_t)blockIdx.x * blockDim.y + threadIdx.y;
   if (row >= rows) return;
   float v[LN_WARP_SLOTS], mean, rstd;
@@ -223,11 +224,20 @@ __device__ void layer_norm_fwd_warp(const T *x, const T *w, const T *b, T *y, si
   }
 }
 
+template <typename T>
+__device__ void layer_norm_fwd_warp(const T *x, const T *w, const T *b, T *y, size_t rows, int n,
+                                    float eps) {
+  if (n <= 256) layer_norm_fwd_warp_n<8>(x, w, b, y, rows, n, eps);
+  else if (n <= 512) layer_norm_fwd_warp_n<16>(x, w, b, y, rows, n, eps);
+  else if (n <= 768) layer_norm_fwd_warp_n<24>(x, w, b, y, rows, n, eps);
+  else layer_norm_fwd_warp_n<32>(x, w, b, y, rows, n, eps);
+}
+
 // layer_norm_bwd_dx (with DROP, also dh) for one row per warp.
-template <typename T, bool DROP>
-__device__ void layer_norm_bwd_dx_warp(const T *x, const T *w, const T *dy, T *dx, size_t rows,
-                                       int n, float eps, T *dh, uint64_t seed, uint32_t threshold,
-                                       float drop_scale) {
+template <int LN_WARP_SLOTS, bool DROP, typename T>
+__device__ void layer_norm_bwd_dx_warp_n(const T *x, const T *w, const T *dy, T *dx, size_t rows,
+                                         int n, float eps, T *dh, uint64_t seed,
+                                         uint32_t threshold, float drop_scale) {
   const size_t row = (size_t)blockIdx.x * blockDim.y + threadIdx.y;
   if (row >= rows) return;
   const int lane = threadIdx.x;
@@ -319,14 +329,65 @@ __device__ void layer_norm_bwd_dwdb(const T *x, const T *dy, const float *stats,
   }
 }
 
+template <typename T, bool DROP>
+__device__ void layer_norm_bwd_dx_warp(const T *x, const T *w, const T *dy, T *dx, size_t rows,
+                                       int n, float eps, T *dh, uint64_t seed, uint32_t threshold,
+                                       float drop_scale) {
+  if (n <= 256)
+    layer_norm_bwd_dx_warp_n<8, DROP>(x, w, dy, dx, rows, n, eps, dh, seed, threshold, drop_scale);
+  else if (n <= 512)
+    layer_norm_bwd_dx_warp_n<16, DROP>(x, w, dy, dx, rows, n, eps, dh, seed, threshold, drop_scale);
+  else if (n <= 768)
+    layer_norm_bwd_dx_warp_n<24, DROP>(x, w, dy, dx, rows, n, eps, dh, seed, threshold, drop_scale);
+  else
+    layer_norm_bwd_dx_warp_n<32, DROP>(x, w, dy, dx, rows, n, eps, dh, seed, threshold, drop_scale);
+}
+
 // ---- scaled masked softmax ------------------------------------------------------------------
 // One warp per row of scores [rows, k]; row r belongs to batch element r / rows_per_batch, whose
 // additive mask is bias[batch, :]. p = softmax(scale * s + bias) in f32.
 // With DROP, also dropped = p through the dropout mask (see "dropout masks"; element i of the
 // whole tensor), written in the same pass instead of a second one over p.
-// Rows of up to SOFTMAX_REG_MAX_K scores are held in registers; longer ones are read three times.
-constexpr int SOFTMAX_SLOTS = 16;
-constexpr int SOFTMAX_REG_MAX_K = 32 * SOFTMAX_SLOTS;
+// Rows of up to SOFTMAX_REG_MAX_K scores are held in registers (SLOTS per lane, the fewest that
+// hold the row: element j * 32 + lane in slot j), read once and exponentiated once; longer rows are
+// read three times.
+constexpr int SOFTMAX_REG_MAX_K = 512;
+
+template <typename T, bool DROP, int SLOTS>
+__device__ __forceinline__ void softmax_row_regs(const T *sr, const T *br, T *pr, T *dropped,
+                                                 size_t row, int k, float scale, uint64_t seed,
+                                                 uint32_t threshold, float drop_scale) {
+  const int lane = threadIdx.x;
+  float v[SLOTS];
+  float m = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < SLOTS; j++) {
+    const int i = j * 32 + lane;
+    v[j] = i < k ? to_f(sr[i]) * scale + to_f(br[i]) : -INFINITY;
+    m = fmaxf(m, v[j]);
+  }
+  m = warp_max(m);
+  float z = 0.f;
+#pragma unroll
+  for (int j = 0; j < SLOTS; j++) {
+    if (j * 32 + lane < k) {
+      v[j] = expf(v[j] - m);
+      z += v[j];
+    }
+  }
+  const float inv = 1.f / warp_sum(z);
+#pragma unroll
+  for (int j = 0; j < SLOTS; j++) {
+    const int i = j * 32 + lane;
+    if (i < k) {
+      const T out = from_f<T>(v[j] * inv);
+      pr[i] = out;
+      if constexpr (DROP)
+        dropped[row * k + i] =
+            from_f<T>(kept(seed, row * k + i, threshold) ? to_f(out) * drop_scale : 0.f);
+    }
+  }
+}
 
 template <typename T, bool DROP>
 __device__ void softmax_fwd(const T *s, const T *bias, T *p, T *dropped, size_t rows, int k,
@@ -338,37 +399,13 @@ __device__ void softmax_fwd(const T *s, const T *bias, T *p, T *dropped, size_t 
   const T *sr = s + row * k;
   const T *br = bias + (row / rows_per_batch) * k;
   T *pr = p + row * k;
-  if (k <= SOFTMAX_REG_MAX_K) {
-    // The row in registers (element j * 32 + lane in slot j): read once, exp once.
-    float v[SOFTMAX_SLOTS];
-    float m = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < SOFTMAX_SLOTS; j++) {
-      const int i = j * 32 + lane;
-      v[j] = i < k ? to_f(sr[i]) * scale + to_f(br[i]) : -INFINITY;
-      m = fmaxf(m, v[j]);
-    }
-    m = warp_max(m);
-    float z = 0.f;
-#pragma unroll
-    for (int j = 0; j < SOFTMAX_SLOTS; j++) {
-      v[j] = j * 32 + lane < k ? expf(v[j] - m) : 0.f;
-      z += v[j];
-    }
-    const float inv = 1.f / warp_sum(z);
-#pragma unroll
-    for (int j = 0; j < SOFTMAX_SLOTS; j++) {
-      const int i = j * 32 + lane;
-      if (i < k) {
-        const T out = from_f<T>(v[j] * inv);
-        pr[i] = out;
-        if constexpr (DROP)
-          dropped[row * k + i] =
-              from_f<T>(kept(seed, row * k + i, threshold) ? to_f(out) * drop_scale : 0.f);
-      }
-    }
-    return;
-  }
+  // Rows of up to SOFTMAX_REG_MAX_K in registers, as many slots as the row needs.
+  if (k <= 32) return softmax_row_regs<T, DROP, 1>(sr, br, pr, dropped, row, k, scale, seed, threshold, drop_scale);
+  if (k <= 64) return softmax_row_regs<T, DROP, 2>(sr, br, pr, dropped, row, k, scale, seed, threshold, drop_scale);
+  if (k <= 128) return softmax_row_regs<T, DROP, 4>(sr, br, pr, dropped, row, k, scale, seed, threshold, drop_scale);
+  if (k <= 256) return softmax_row_regs<T, DROP, 8>(sr, br, pr, dropped, row, k, scale, seed, threshold, drop_scale);
+  if (k <= SOFTMAX_REG_MAX_K)
+    return softmax_row_regs<T, DROP, 16>(sr, br, pr, dropped, row, k, scale, seed, threshold, drop_scale);
   float m = -INFINITY;
   for (int i = lane; i < k; i += 32) m = fmaxf(m, to_f(sr[i]) * scale + to_f(br[i]));
   m = warp_max(m);
