@@ -1813,15 +1813,16 @@ fn f32_address(t: &Tensor, whole: bool, what: &str) -> Result<u64> {
 }
 
 /// The table of a multi-parameter launch: `entries` (each `words - 1` words, for a parameter of
-/// `n` elements) with each one's first block appended; entries of no elements are left out.
-/// Returns the table, its entries and the blocks to launch.
+/// `n` elements) with each one's first block appended (an entry of no elements owns no blocks,
+/// and the kernels pass it over). Returns the table, its entries and the blocks to launch (none:
+/// launch nothing).
 fn multi_table(entries: Vec<(Vec<u64>, usize)>) -> (Vec<u64>, u32, u64) {
-    let (mut table, mut count, mut blocks) = (Vec::new(), 0u32, 0u64);
-    for (words, n) in entries.into_iter().filter(|(_, n)| *n > 0) {
+    let (mut table, mut blocks) = (Vec::new(), 0u64);
+    let count = entries.len() as u32;
+    for (words, n) in entries {
         table.extend(words);
         table.push(blocks);
         blocks += n.div_ceil(MULTI_CHUNK) as u64;
-        count += 1;
     }
     (table, count, blocks)
 }
@@ -1893,7 +1894,7 @@ pub fn adamw_multi(items: &[AdamwItem], c: AdamwScalars) -> Result<()> {
         entries.push((words, n));
     }
     let (table, count, blocks) = multi_table(entries);
-    if count == 0 {
+    if blocks == 0 {
         return Ok(());
     }
     let table = dev.clone_htod(&table)?;
@@ -1930,12 +1931,9 @@ pub fn sums_of_squares(grads: &[&Tensor]) -> Result<Vec<f32>> {
         let n = g.elem_count();
         entries.push((vec![f32_address(g, false, "gradient")?, n as u64], n));
     }
-    // Sums are per entry of the table, which leaves out empty gradients (their sum is 0).
-    let nonempty: Vec<bool> = grads.iter().map(|g| g.elem_count() > 0).collect();
     let (table, count, blocks) = multi_table(entries);
-    let mut out = vec![0f32; grads.len()];
-    if count == 0 {
-        return Ok(out);
+    if blocks == 0 {
+        return Ok(vec![0f32; grads.len()]);
     }
     let table = dev.clone_htod(&table)?;
     let sums = dev.alloc_zeros::<f32>(count as usize)?;
@@ -1943,12 +1941,7 @@ pub fn sums_of_squares(grads: &[&Tensor]) -> Result<Vec<f32>> {
     let mut a = f.builder();
     a.arg(&table).arg(&count).arg(&sums);
     unsafe { a.launch(multi_launch(blocks)?) }.w()?;
-    let sums = dev.clone_dtoh(&sums)?;
-    let mut it = sums.into_iter();
-    for (o, _) in out.iter_mut().zip(&nonempty).filter(|(_, ne)| **ne) {
-        *o = it.next().unwrap_or(0.0);
-    }
-    Ok(out)
+    dev.clone_dtoh(&sums)
 }
 
 /// Which `gather` kernel: the parts' dtype and the output's.
@@ -2011,7 +2004,7 @@ fn launch_gather<T: DeviceRepr>(
     blocks: u64,
     out: &CudaSlice<T>,
 ) -> Result<()> {
-    if count == 0 {
+    if blocks == 0 {
         return Ok(());
     }
     let table = dev.clone_htod(table)?;
