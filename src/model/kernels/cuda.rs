@@ -1838,13 +1838,6 @@ fn multi_launch(blocks: u64) -> Result<LaunchConfig> {
     })
 }
 
-fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
-    match t.device() {
-        candle_core::Device::Cuda(d) => Ok(d.clone()),
-        _ => bail!("not a CUDA tensor"),
-    }
-}
-
 /// One parameter of `adamw_multi`: its weight (written in place), its moments `[m; v]` (2n f32,
 /// written in place), its gradient, and its decay factor `1 - lr · weight_decay`.
 pub struct AdamwItem<'a> {
@@ -1873,7 +1866,7 @@ pub fn adamw_multi(items: &[AdamwItem], c: AdamwScalars) -> Result<()> {
     let Some(first) = items.first() else {
         return Ok(());
     };
-    let dev = cuda_device(first.w)?;
+    let dev = first.w.device().as_cuda_device()?.clone();
     let mut entries = Vec::with_capacity(items.len());
     for it in items {
         let n = it.w.elem_count();
@@ -1921,7 +1914,7 @@ pub fn sums_of_squares(grads: &[&Tensor]) -> Result<Vec<f32>> {
     let Some(first) = grads.first() else {
         return Ok(Vec::new());
     };
-    let dev = cuda_device(first)?;
+    let dev = first.device().as_cuda_device()?.clone();
     let grads: Vec<Tensor> = grads
         .iter()
         .map(|g| g.contiguous())
