@@ -142,6 +142,19 @@ if [ "$(left)" -gt 120 ]; then
   stage torch-b128 60 "$OUT/torch-b128.jsonl" env PYTHONUNBUFFERED=1 "$PY" scripts/gpu/torch_gpu_bench.py \
     --device "$DEVICE" --matmul 0 --shapes roberta-base --precisions bf16 --attn eager "${BIG[@]}"
 fi
+# Then batch 256, the study's own batch size (its protocol: batch 256), training only (no op
+# profile): the MFU target names no batch.
+if [ "$DEVICE" = cpu ]; then
+  HUGE=(--tiny --batch 32 --seq 16 --warmup 1 --steps 2)
+else
+  HUGE=(--batch 256 --seq 128 --warmup 2 --steps 4)
+fi
+if [ "$(left)" -gt 100 ]; then
+  stage recycle-b256 50 "$OUT/recycle-b256.jsonl" "${RECYCLE[@]}" gpu-check --device "$DEVICE" \
+    --skip-parity --skip-ops --matmul 0 --shapes roberta-base --precisions bf16 "${HUGE[@]}"
+  stage torch-b256 50 "$OUT/torch-b256.jsonl" env PYTHONUNBUFFERED=1 "$PY" scripts/gpu/torch_gpu_bench.py \
+    --device "$DEVICE" --matmul 0 --shapes roberta-base --precisions bf16 --attn eager "${HUGE[@]}"
+fi
 if [ $erc -eq 0 ] && [ $e2e_ready -eq 1 ] && [ "$(left)" -gt 60 ]; then
   stage e2e-bf16 100 "$OUT/e2e-bf16.txt" "${E2E[@]}" --results "$E/res-bf16" --precision bf16 &&
     cat "$OUT/e2e-bf16.txt" >>"$REPORT"

@@ -111,6 +111,32 @@ def main():
                 part = r["count"] * r["forward_backward_s"]
                 print(f"{r['name']:<46}{1e3 * r['forward_s']:8.3f}{1e3 * r['forward_backward_s']:8.3f}"
                       f"  x{r['count']:<3}{1e3 * part:8.2f}{100 * part / total if total else 0:6.1f}%")
+    gemm = [r for r in rows if r["kind"] == "gemm"]
+    if gemm:
+        print("\n== dense layers' products alone (TFLOP/s): forward, input gradient, weight gradient"
+              " unsplit and split over the rows in 2, 4, 8")
+        splits = sorted({r["parts"] for r in gemm if r["product"] == "dy^T.x"})
+        head = "".join(f"{'dW/' + str(p):>8}" for p in splits)
+        for prec, batch in sorted({(r["precision"], r["batch"]) for r in gemm}):
+            print(f"-- {prec}, batch {batch} ({batch * gemm[0]['seq']} rows)")
+            print(f"{'layer':<26}{'x.W^T':>8}{'dy.W':>8}{head}")
+            rs = [r for r in gemm if (r["precision"], r["batch"]) == (prec, batch)]
+            for layer in dict.fromkeys(r["layer"] for r in rs):
+                got = {(r["product"], r["parts"]): r["tflops"] for r in rs if r["layer"] == layer}
+                cell = lambda k: f"{got[k]:8.1f}" if k in got else f"{'-':>8}"
+                print(f"{layer:<26}{cell(('x.W^T', 0))}{cell(('dy.W', 0))}"
+                      + "".join(cell(("dy^T.x", p)) for p in splits))
+    # The MFU target at every batch measured (the issue names no batch; the study trains at 256).
+    for other in batches[1:]:
+        t = ours.get(("roberta-base", "bf16", "train", other))
+        if t and peak:
+            mfu = 100 * t["tflops"] / peak
+            print(f"\nbatch {other}: roberta-base bf16 train MFU {mfu:.1f}% (goal >= 40%): "
+                  + ("met" if mfu >= 40 else "NOT met"))
+        e = theirs.get(("roberta-base", "bf16", "train", other), {}).get("torch-eager")
+        if t and e:
+            r = t["examples_per_s"] / e["examples_per_s"]
+            print(f"batch {other}: roberta-base bf16 train vs torch eager {r:.2f}x")
     target = ours.get(("roberta-base", "bf16", "train", b))
     if target and peak:
         mfu = 100 * target["tflops"] / peak

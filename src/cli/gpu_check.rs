@@ -60,6 +60,10 @@ pub struct Args {
     /// Skip the op-by-op profile.
     #[arg(long)]
     pub skip_ops: bool,
+    /// Parts to split the weight gradients' products in over the rows, for the split's parity
+    /// rows and its A/B row (training runs unsplit otherwise); 1 skips both.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub weight_grad_split: u32,
 }
 
 /// An encoder shape: transformers' config fields that set the FLOPs.
@@ -577,6 +581,88 @@ fn block_node_check(device: &Device) -> Result<bool> {
     Ok(ok)
 }
 
+/// The weight gradients split over the rows (`weight_grad`): one product split in `parts` on the
+/// device against the CPU's whole product in f32 (from the same rounded operands), then both block
+/// nodes with every weight gradient split, against their composed reference; f32 and bf16.
+fn split_check(device: &Device, parts: usize) -> Result<bool> {
+    use crate::model::kernels::{attention_node::CpuPrims, block_node as node, weight_grad};
+    let mut ok = true;
+    let mut row = |precision: Precision, what: String, value: f32, tol: f64| {
+        let pass = within(value, tol);
+        ok &= pass;
+        emit(check_line(
+            "split",
+            precision.as_str(),
+            &what,
+            device,
+            value,
+            tol,
+            pass,
+        ));
+    };
+    for precision in [Precision::F32, Precision::Bf16] {
+        let dt = precision.compute_dtype();
+        // 64 rows a part, the result's sides no multiples of a tile.
+        let rows = 64 * parts;
+        let dy = Tensor::randn(0f32, 1.0, (rows, 96), device)?.to_dtype(dt)?;
+        let x = Tensor::randn(0f32, 1.0, (rows, 80), device)?.to_dtype(dt)?;
+        let ours = weight_grad::weight_grad_split(&dy, &x, parts)?;
+        let cpu = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
+        let whole = cpu(&dy)?.t()?.matmul(&cpu(&x)?)?;
+        let value = max_abs_diff(&ours, &whole)? / max_abs(&whole)?.max(1e-12);
+        // bf16: each part's product rounds to 8 bits before the parts are added.
+        let tol = match precision {
+            Precision::F32 => 1e-5,
+            Precision::Bf16 => 1.0 / 32.0,
+        };
+        row(
+            precision,
+            format!("weight gradient in {parts} parts vs CPU product"),
+            value,
+            tol,
+        );
+        weight_grad::set_split(parts);
+        for (block, name) in [
+            (node::Block::Attention, "attention block"),
+            (node::Block::FeedForward, "ffn block"),
+        ] {
+            let before = weight_grad::splits_made();
+            let parity = match device {
+                #[cfg(feature = "cuda")]
+                Device::Cuda(_) => node::parity(
+                    crate::model::kernels::cuda::CudaPrims,
+                    device,
+                    dt,
+                    block,
+                    Some(0.1),
+                ),
+                _ => node::parity(CpuPrims, device, dt, block, Some(0.1)),
+            };
+            let tol = match precision {
+                Precision::F32 => 1e-4,
+                Precision::Bf16 => 1.0 / 16.0,
+            };
+            // A split that does not divide the block's rows runs unsplit: that fails the row.
+            let split = weight_grad::splits_made() > before;
+            match parity {
+                Ok(p) => row(
+                    precision,
+                    format!("{name}: parameter gradients, split in {parts}"),
+                    if split { p.param_grads } else { f32::INFINITY },
+                    tol,
+                ),
+                Err(e) => {
+                    weight_grad::set_split(1);
+                    return Err(e.into());
+                }
+            }
+        }
+        weight_grad::set_split(1);
+    }
+    eprintln!("gpu-check: split weight gradient checks done");
+    Ok(ok)
+}
+
 /// The optimizer on the device: three AdamW steps by `Kernel::Auto` (on CUDA every parameter in one
 /// launch) and by `Kernel::Fused` (the fused in-place kernels, one parameter at a time) against the
 /// per-parameter tensor ops (the reference), from the same weights and gradients, gradients scaled
@@ -792,12 +878,25 @@ fn bench_one(
     let (blocks_on, attention_on) = (ops::fused_blocks(), ops::fused_attention_on());
     let sink_on = grad_sink::enabled();
     let mut baseline = train;
-    let mut ab = Vec::new();
+    let mut ab: Vec<(String, f64, Result<f64>)> = Vec::new();
+    // The weight gradients split over the rows (off in training unless chosen): "on" is the split.
+    let parts = args.weight_grad_split as usize;
+    if parts > 1 {
+        use crate::model::kernels::weight_grad;
+        weight_grad::set_split(parts);
+        let split = time_it(device, args.warmup, args.steps, || step(&mut opt));
+        weight_grad::set_split(1);
+        let what = format!("weight gradients split in {parts}");
+        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
+        if let Some(on) = reported(split, at) {
+            ab.push((what, on, Ok(train)));
+        }
+    }
     if sink_on && blocks_on {
         grad_sink::set_enabled(false);
         let off = time_it(device, args.warmup, args.steps, || step(&mut opt));
         let next = *off.as_ref().unwrap_or(&baseline);
-        ab.push(("gradient sink", baseline, off));
+        ab.push(("gradient sink".into(), baseline, off));
         baseline = next;
     }
     if blocks_on {
@@ -809,7 +908,7 @@ fn bench_one(
         } else {
             "block nodes"
         };
-        ab.push((what, baseline, off));
+        ab.push((what.into(), baseline, off));
         baseline = next;
     }
     if attention_on {
@@ -820,7 +919,7 @@ fn bench_one(
         } else {
             "fused attention"
         };
-        ab.push((what, baseline, off));
+        ab.push((what.into(), baseline, off));
     }
     ops::set_fused_attention(attention_on);
     ops::set_fused_blocks(blocks_on);
@@ -1259,6 +1358,74 @@ fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()>
     Ok(())
 }
 
+/// The dense layers' three products at roberta-base's shapes over `batch × seq` rows, alone: the
+/// forward `x·Wᵀ`, the input gradient `dy·W` and the weight gradient `dyᵀ·x`, the last unsplit and
+/// split over the rows in 2, 4 and 8 (`weight_grad`). TFLOP/s each, as `{"kind": "gemm"}` lines:
+/// which products run below the card's ceiling, and whether a split lifts the weight gradient's.
+fn profile_products(args: &Args, precision: Precision, device: &Device) -> Result<()> {
+    use crate::model::kernels::weight_grad;
+    let shape = Shape::named("roberta-base", args.tiny)?;
+    let (h, i) = (shape.hidden, shape.intermediate);
+    let rows = args.batch * args.seq;
+    let dt = precision.compute_dtype();
+    let randn = |r: usize, c: usize| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1.0, (r, c), device)?.to_dtype(dt)?)
+    };
+    // (what, out, in): q, k and v run as one product of 3h outputs in the attention block.
+    let layers = [
+        ("h->h (attention output)", h, h),
+        ("h->3h (q, k, v)", 3 * h, h),
+        ("h->4h", i, h),
+        ("4h->h", h, i),
+    ];
+    for (what, out, inp) in layers {
+        let (x, w, dy) = (randn(rows, inp)?, randn(out, inp)?, randn(rows, out)?);
+        let flops = 2.0 * (rows * out * inp) as f64;
+        // (product, parts of the split or 0, the product).
+        type Product<'a> = (
+            &'static str,
+            usize,
+            Box<dyn Fn() -> candle_core::Result<Tensor> + 'a>,
+        );
+        let mut products: Vec<Product> = vec![
+            ("x.W^T", 0, Box::new(|| x.matmul(&w.t()?))),
+            ("dy.W", 0, Box::new(|| dy.matmul(&w))),
+        ];
+        for parts in [1usize, 2, 4, 8] {
+            let (x, dy) = (&x, &dy);
+            products.push((
+                "dy^T.x",
+                parts,
+                Box::new(move || weight_grad::weight_grad_split(dy, x, parts)),
+            ));
+        }
+        for (product, parts, f) in &products {
+            let secs = time_it(device, args.warmup, args.steps, || {
+                f()?;
+                Ok(())
+            })?;
+            let tflops = flops / secs / 1e12;
+            emit(json!({
+                "kind": "gemm", "impl": "recycle", "layer": what, "product": product,
+                "parts": parts, "rows": rows, "out": out, "in": inp,
+                "precision": precision.as_str(), "batch": args.batch, "seq": args.seq,
+                "seconds": secs, "tflops": tflops, "device": describe(device),
+            }));
+            let split = if *parts > 0 {
+                format!(" in {parts}")
+            } else {
+                String::new()
+            };
+            eprintln!(
+                "gpu-check: product {what} {product}{split} {}: {:.3} ms, {tflops:.1} TFLOP/s",
+                precision.as_str(),
+                1e3 * secs
+            );
+        }
+    }
+    Ok(())
+}
+
 /// A line the report prints as it is.
 fn note(text: &str) {
     eprintln!("gpu-check: NOTE {text}");
@@ -1303,6 +1470,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
             note("the block nodes failed their check: the rest of this run composes the blocks");
         }
         ok &= attention && blocks;
+        if args.weight_grad_split > 1 {
+            let split = split_check(&device, args.weight_grad_split as usize);
+            ok &= reported(split, json!({"stage": "split"})).unwrap_or(false);
+        }
         ok &= parity(&args, &device)?;
         let optimizer = optimizer_check(&device);
         ok &= reported(optimizer, json!({"stage": "optimizer"})).unwrap_or(false);
@@ -1328,6 +1499,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
             ok &= reported(
                 run,
                 json!({"stage": "ops", "precision": precision.as_str()}),
+            )
+            .is_some();
+            let run = profile_products(&args, precision, &device);
+            ok &= reported(
+                run,
+                json!({"stage": "products", "precision": precision.as_str()}),
             )
             .is_some();
         }

@@ -687,6 +687,27 @@ static void gather_check(std::mt19937 &rng) {
   check("gather_bf16_to_f32: bf16 parts into f32", rel_err(out_b32, want_b), 0);
 }
 
+// split_sum: the partial products of a split weight gradient added in f32, then rounded once; with
+// the launch cuda.rs gives it and with fewer blocks than elements need (the grid strides).
+template <typename T> static void split_sum_check(size_t n, uint32_t parts, dim3 blocks, std::mt19937 &rng) {
+  const Vec x = rounded<T>(randn(parts * n, rng));
+  Vec want(n, 0.0);
+  for (uint32_t k = 0; k < parts; k++)
+    for (size_t i = 0; i < n; i++) want[i] += x[k * n + i];
+  const Vec want_t = rounded<T>(want);
+  std::vector<T> xd = to_dev<T>(x), out(n, from_f<T>(-7.f));
+  emu::launch(blocks, dim3(256), [&] {
+    if constexpr (std::is_same_v<T, float>) split_sum_f32(xd.data(), out.data(), n, parts);
+    else split_sum_bf16(xd.data(), out.data(), n, parts);
+  });
+  // f32: the order of the additions differs from the reference's double sum; bf16: one rounding.
+  const double tol = std::is_same_v<T, float> ? 1e-6 : 0.0;
+  check("split_sum_" + std::string(std::is_same_v<T, float> ? "f32" : "bf16") + ": " +
+            std::to_string(parts) + " parts of " + std::to_string(n) + ", " +
+            std::to_string(blocks.x) + " blocks",
+        rel_err(to_host(out), std::is_same_v<T, float> ? want : want_t), tol);
+}
+
 int main() {
   std::mt19937 rng(20261126);
   for (auto [rows, n, blocks] : {std::tuple{5, 48, 5u}, {7, 200, 3u}, {3, 1100, 1u}, {11, 1024, 2u}, {4, 400, 1u}, {5, 520, 1u}, {6, 700, 2u}}) {
@@ -735,6 +756,10 @@ int main() {
   sum_squares(rng);
   adamw_multi_check(rng);
   gather_check(rng);
+  split_sum_check<float>(3001, 4, elementwise_blocks(3001), rng);
+  split_sum_check<float>(3001, 3, dim3(2), rng);
+  split_sum_check<bf16>(2050, 8, elementwise_blocks(2050), rng);
+  split_sum_check<bf16>(2050, 2, dim3(3), rng);
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }

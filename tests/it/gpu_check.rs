@@ -35,11 +35,12 @@ fn gpu_check_runs_every_stage_on_the_cpu_and_every_check_passes() {
 
     // Six fixtures × two precisions × (gradients, three logits), then dropout's five checks in
     // both precisions, the attention node's four in both, the block nodes' three for each of two
-    // blocks in both, and the optimizer's three.
+    // blocks in both, the split weight gradients' three (one product, two blocks) in both, and the
+    // optimizer's three.
     let parity: Vec<&Value> = of("parity").collect();
     assert_eq!(
         parity.len(),
-        6 * 2 * 4 + 5 * 2 + 4 * 2 + 3 * 2 * 2 + 3,
+        6 * 2 * 4 + 5 * 2 + 4 * 2 + 3 * 2 * 2 + 3 * 2 + 3,
         "{parity:#?}"
     );
     for r in &parity {
@@ -53,6 +54,7 @@ fn gpu_check_runs_every_stage_on_the_cpu_and_every_check_passes() {
         "dropout",
         "attention",
         "block",
+        "split",
         "optimizer",
     ] {
         assert!(parity.iter().any(|r| r["case"] == case), "no {case} rows");
@@ -69,11 +71,17 @@ fn gpu_check_runs_every_stage_on_the_cpu_and_every_check_passes() {
     }
     assert_eq!(of("phases").count(), 2);
     assert_eq!(of("kernels").count(), 2);
-    // Training with each switch on and off (the gradient sink; the block nodes without it; the
-    // fused attention without them), per precision, both timed.
+    // Training with each switch on and off (the weight gradients split in four, against unsplit;
+    // the gradient sink; the block nodes without it; the fused attention without them), per
+    // precision, both timed.
     let ab: Vec<&Value> = of("ab").collect();
-    assert_eq!(ab.len(), 3 * 2, "{ab:#?}");
-    for what in ["gradient sink", "block nodes", "fused attention"] {
+    assert_eq!(ab.len(), 4 * 2, "{ab:#?}");
+    for what in [
+        "weight gradients split in 4",
+        "gradient sink",
+        "block nodes",
+        "fused attention",
+    ] {
         assert!(
             ab.iter()
                 .any(|r| r["what"].as_str().is_some_and(|w| w.starts_with(what))),
@@ -85,6 +93,15 @@ fn gpu_check_runs_every_stage_on_the_cpu_and_every_check_passes() {
             let t = r[k].as_f64().unwrap();
             assert!(t.is_finite() && t > 0.0, "{r}");
         }
+    }
+
+    // The dense layers' products alone: four layers × (forward, input gradient, weight gradient
+    // unsplit and in 2, 4, 8) in both precisions, each with a positive, finite rate.
+    let gemm: Vec<&Value> = of("gemm").collect();
+    assert_eq!(gemm.len(), 2 * 4 * 6, "{gemm:#?}");
+    for r in &gemm {
+        let t = r["tflops"].as_f64().unwrap();
+        assert!(t.is_finite() && t > 0.0, "{r}");
     }
 
     // The op profile: the same ops in both precisions, each timed.

@@ -24,6 +24,7 @@
 //! tested on the CPU against autograd over the composed ops (`parity`, the unit tests below).
 
 use super::attention_node::{self as attn, maybe_drop, Core, Prims, SeededDropout};
+use super::weight_grad::weight_grad;
 use crate::model::grad_sink::GradSink;
 use crate::model::ops;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, Var};
@@ -446,14 +447,14 @@ impl Branch for AttentionBranch {
         dh: &Tensor,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let hidden = x.dim(candle_core::D::Minus1)?;
-        let dwo = dh.t()?.matmul(&rows(&self.ctx)?)?;
+        let dwo = weight_grad(dh, &rows(&self.ctx)?)?;
         let dbo = prims.column_sum(dh)?;
         let dctx = dh.matmul(&slots.view(flat, WO)?)?.reshape(x.shape())?;
         let [dqh, dkh, dvh] = self.core.backward_heads(prims, &dctx)?;
         // q, k and v side by side: one product each for the input's and the weights' gradients.
         let dqkv = rows(&prims.merge_parts([&dqh, &dkh, &dvh])?)?;
         let dx = dqkv.matmul(&slots.stacked(flat, WQ, WV, hidden)?)?;
-        let dwqkv = dqkv.t()?.matmul(&rows(x)?)?;
+        let dwqkv = weight_grad(&dqkv, &rows(x)?)?;
         let dbqkv = prims.column_sum(&dqkv)?;
         Ok((dx, vec![dwqkv, dbqkv, dwo, dbo]))
     }
@@ -526,11 +527,11 @@ impl Branch for FfnBranch {
         slots: &Slots,
         dh: &Tensor,
     ) -> Result<(Tensor, Vec<Tensor>)> {
-        let dw2 = dh.t()?.matmul(&rows(&self.g)?)?;
+        let dw2 = weight_grad(dh, &rows(&self.g)?)?;
         let db2 = prims.column_sum(dh)?;
         let dg = dh.matmul(&slots.view(flat, W2)?)?;
         let du = prims.gelu_backward(&rows(&self.u)?, &dg)?;
-        let dw1 = du.t()?.matmul(&rows(x)?)?;
+        let dw1 = weight_grad(&du, &rows(x)?)?;
         let db1 = prims.column_sum(&du)?;
         let dx = du.matmul(&slots.view(flat, W1)?)?;
         Ok((dx, vec![dw1, db1, dw2, db2]))
@@ -740,6 +741,21 @@ mod tests {
     #[test]
     fn ffn_block_matches_autograd_with_dropout() {
         check(Block::FeedForward, Some(0.3));
+    }
+
+    /// The blocks' weight gradients split over the rows (`weight_grad::set_split`), as a GPU run
+    /// may choose: the same gradients. The only test that turns the split on; others running
+    /// meanwhile may split too, which changes nothing they check.
+    #[test]
+    fn blocks_with_split_weight_gradients_match_autograd() {
+        let before = super::super::weight_grad::splits_made();
+        super::super::weight_grad::set_split(4);
+        for block in [Block::Attention, Block::FeedForward] {
+            check(block, Some(0.3));
+        }
+        super::super::weight_grad::set_split(1);
+        // Two weight gradients per block were split (b × s = 32 rows, in four).
+        assert_eq!(super::super::weight_grad::splits_made() - before, 4);
     }
 
     #[test]

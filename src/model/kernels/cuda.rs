@@ -1158,7 +1158,7 @@ impl CustomOp3 for Linear {
         let g = grad.contiguous()?.reshape((rows, out))?;
         let (x2, w) = (x.detach().reshape((rows, k))?, w.detach());
         let dx = g.matmul(&w)?.reshape(x.shape())?;
-        let dw = g.t()?.matmul(&x2)?;
+        let dw = super::weight_grad::weight_grad(&g, &x2)?;
         let ones = Tensor::ones((1, rows), g.dtype(), g.device())?;
         let db = ones.matmul(&g)?.reshape(out)?.to_dtype(b.dtype())?;
         Ok((Some(dx), Some(dw), Some(db)))
@@ -2044,4 +2044,50 @@ pub fn gather(parts: &[&Tensor], dtype: DType) -> Result<Tensor> {
         blocks,
         total,
     })
+}
+
+// ---- split-K: adding the partial products of a weight gradient ------------------------------------
+
+/// `[parts, ..]` summed over the first dimension (`weight_grad`), accumulated in f32.
+struct SplitSum;
+
+impl CustomOp1 for SplitSum {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-split-sum"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn run<T: CudaDType + DeviceRepr>(
+            x: &CudaStorage,
+            xl: &Layout,
+            parts: usize,
+        ) -> Result<CudaStorage> {
+            let dev = x.device();
+            let n = xl.shape().elem_count() / parts;
+            let xv = view::<T>(x, xl, "split sum")?;
+            let out = unsafe { dev.alloc::<T>(n)? };
+            let f = func!(dev, "split_sum", x.dtype())?;
+            let mut a = f.builder();
+            let parts = parts as u32;
+            a.arg(&xv).arg(&out).arg(&n).arg(&parts);
+            unsafe { a.launch(elementwise(n)) }.w()?;
+            Ok(wrap(out, dev))
+        }
+        let (parts, rest) = match xl.dims() {
+            [parts, rest @ ..] if *parts > 0 && u32::try_from(*parts).is_ok() => (*parts, rest),
+            dims => bail!("split sum: needs a first dimension of parts, got {dims:?}"),
+        };
+        let out = by_dtype!(x.dtype(), run(x, xl, parts))?;
+        Ok((out, Shape::from(rest.to_vec())))
+    }
+}
+
+/// `partial` (`[parts, ..]`, f32 or bf16) summed over its first dimension in one launch, added in
+/// f32 and rounded once to its dtype. Nothing records a gradient through it.
+pub fn split_sum(partial: &Tensor) -> Result<Tensor> {
+    partial.contiguous()?.apply_op1_no_bwd(&SplitSum)
 }

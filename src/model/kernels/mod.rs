@@ -19,6 +19,7 @@ pub mod cuda;
 pub mod geometry;
 mod linear;
 mod vecmath;
+pub mod weight_grad;
 pub use attention::{attention, Keep};
 pub use linear::linear;
 

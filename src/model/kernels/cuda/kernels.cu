@@ -690,6 +690,18 @@ extern "C" __global__ void gather_bf16_to_f32(const uint64_t *table, uint32_t co
   gather<__nv_bfloat16, float>(table, count, dst);
 }
 
+// out[i] = the sum over k < parts of x[k * n + i], accumulated in f32: the partial products of a
+// weight gradient split over its rows (split-K, `kernels::weight_grad`) added into one.
+template <typename T>
+__device__ void split_sum(const T *x, T *out, size_t n, uint32_t parts) {
+  const size_t stride = (size_t)gridDim.x * blockDim.x;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    float acc = 0.f;
+    for (uint32_t k = 0; k < parts; k++) acc += to_f(x[k * n + i]);
+    out[i] = from_f<T>(acc);
+  }
+}
+
 #define FOR_TYPES(M) M(float, f32) M(__nv_bfloat16, bf16)
 
 #define KERNELS(T, S)                                                                           \
@@ -771,6 +783,9 @@ extern "C" __global__ void gather_bf16_to_f32(const uint64_t *table, uint32_t co
   extern "C" __global__ void embedding_bwd_##S(const T *g, const uint32_t *ids, float *grad,     \
                                                size_t rows, int n) {                             \
     embedding_bwd<T>(g, ids, grad, rows, n);                                                     \
+  }                                                                                              \
+  extern "C" __global__ void split_sum_##S(const T *x, T *out, size_t n, uint32_t parts) {       \
+    split_sum<T>(x, out, n, parts);                                                              \
   }
 
 FOR_TYPES(KERNELS)
