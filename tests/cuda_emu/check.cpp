@@ -708,6 +708,144 @@ template <typename T> static void split_sum_check(size_t n, uint32_t parts, dim3
         rel_err(to_host(out), std::is_same_v<T, float> ? want : want_t), tol);
 }
 
+// A buffer whose data starts on a 32-byte boundary (wmma's tiles need it; a vector's may not).
+template <typename T> struct Aligned {
+  std::vector<T> store;
+  T *p;
+  explicit Aligned(size_t n) : store(n + 32 / sizeof(T)) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(store.data());
+    p = store.data() + ((32 - a % 32) % 32) / sizeof(T);
+  }
+};
+
+// flash_fwd_bf16 / flash_bwd_bf16 against attention written out in double here: softmax(scale *
+// Q K^T + bias), the dropout mask of kernels.cu's `kept` over the [b, h, s, s] element index, the
+// context, the log-sum-exp, and the gradients of q, k and v; the reference's gradient is itself
+// checked by central differences of the reference's forward at a few elements.
+struct FlashCase {
+  int b, heads, s;
+  double p;  // dropout probability (0: none)
+};
+
+static void flash_check(FlashCase fc, std::mt19937 &rng) {
+  const int B = fc.b, H = fc.heads, S = fc.s, D = 64, hidden = H * D, ld = 3 * hidden;
+  const double scale = 0.125;
+  const uint64_t seed = 0x5EEDull + S;
+  const uint32_t threshold = uint32_t(std::ceil(fc.p * double(1u << 24)));
+  const float drop_scale = float(1.0 / (1.0 - fc.p));
+  const Vec qkv = rounded<bf16>(randn(size_t(B) * S * ld, rng, 0.8));
+  Vec bias(size_t(B) * S, 0.0);
+  for (int j = S - 5; j < S; j++) bias[size_t(B - 1) * S + j] = to_f(from_f<bf16>(-1e9f));  // padding
+  const Vec dout = rounded<bf16>(randn(size_t(B) * S * hidden, rng));
+  auto at = [&](const Vec &t, int b, int i, int part, int h, int c) {
+    return t[(size_t(b) * S + i) * ld + part * hidden + h * D + c];
+  };
+  auto keep = [&](int b, int h, int i, int j) {
+    return kept(seed, ((size_t(b) * H + h) * S + i) * S + j, threshold) ? double(drop_scale) : 0.0;
+  };
+  // The forward in double from any qkv: context, log-sum-exp, probabilities.
+  auto forward = [&](const Vec &x, Vec &ctx, Vec &lse, Vec &probs) {
+    ctx.assign(size_t(B) * S * hidden, 0.0);
+    lse.assign(size_t(B) * H * S, 0.0);
+    probs.assign(size_t(B) * H * S * S, 0.0);
+    for (int b = 0; b < B; b++)
+      for (int h = 0; h < H; h++)
+        for (int i = 0; i < S; i++) {
+          Vec sc(S);
+          double m = -INFINITY;
+          for (int j = 0; j < S; j++) {
+            double dot = 0;
+            for (int c = 0; c < D; c++) dot += at(x, b, i, 0, h, c) * at(x, b, j, 1, h, c);
+            sc[j] = scale * dot + bias[size_t(b) * S + j];
+            m = std::max(m, sc[j]);
+          }
+          double l = 0;
+          for (int j = 0; j < S; j++) l += std::exp(sc[j] - m);
+          lse[(size_t(b) * H + h) * S + i] = m + std::log(l);
+          for (int j = 0; j < S; j++) {
+            const double pr = std::exp(sc[j] - m) / l;
+            probs[((size_t(b) * H + h) * S + i) * S + j] = pr;
+            for (int c = 0; c < D; c++)
+              ctx[(size_t(b) * S + i) * hidden + h * D + c] += pr * keep(b, h, i, j) * at(x, b, j, 2, h, c);
+          }
+        }
+  };
+  Vec ctx, lse, probs;
+  forward(qkv, ctx, lse, probs);
+  // The gradient of sum(dout * ctx) with respect to qkv.
+  Vec grad(qkv.size(), 0.0);
+  for (int b = 0; b < B; b++)
+    for (int h = 0; h < H; h++)
+      for (int i = 0; i < S; i++) {
+        Vec g(S);
+        double dot = 0;
+        for (int j = 0; j < S; j++) {
+          double dp = 0;
+          for (int c = 0; c < D; c++) dp += dout[(size_t(b) * S + i) * hidden + h * D + c] * at(qkv, b, j, 2, h, c);
+          g[j] = dp * keep(b, h, i, j);
+          dot += g[j] * probs[((size_t(b) * H + h) * S + i) * S + j];
+        }
+        for (int j = 0; j < S; j++) {
+          const double pr = probs[((size_t(b) * H + h) * S + i) * S + j];
+          const double ds = scale * pr * (g[j] - dot);
+          for (int c = 0; c < D; c++) {
+            grad[(size_t(b) * S + i) * ld + h * D + c] += ds * at(qkv, b, j, 1, h, c);
+            grad[(size_t(b) * S + j) * ld + hidden + h * D + c] += ds * at(qkv, b, i, 0, h, c);
+            grad[(size_t(b) * S + j) * ld + 2 * hidden + h * D + c] +=
+                pr * keep(b, h, i, j) * dout[(size_t(b) * S + i) * hidden + h * D + c];
+          }
+        }
+      }
+  // The reference's gradient by central differences at a q, a k and a v element.
+  double numeric_err = 0;
+  for (size_t e : {size_t(3), size_t(hidden + 70), size_t(ld) * (S - 2) + 2 * hidden + 5}) {
+    Vec x = qkv, c1, c2, l1, p1;
+    const double h = 1e-5;
+    x[e] += h;
+    forward(x, c1, l1, p1);
+    x[e] -= 2 * h;
+    forward(x, c2, l1, p1);
+    double num = 0;
+    for (size_t i = 0; i < c1.size(); i++) num += dout[i] * (c1[i] - c2[i]) / (2 * h);
+    numeric_err = std::max(numeric_err, std::fabs(num - grad[e]) / std::max(1.0, std::fabs(num)));
+  }
+  const std::string name = "flash (b " + std::to_string(B) + ", " + std::to_string(H) + " heads, s " +
+                           std::to_string(S) + ", dropout " + std::to_string(fc.p).substr(0, 3) + ")";
+  check("flash reference: its gradient by central differences, " + name, numeric_err, 1e-6);
+
+  Aligned<bf16> x(qkv.size()), bs(bias.size()), out(ctx.size()), dout_d(dout.size()), dx(qkv.size());
+  Aligned<float> lse_d(lse.size());
+  for (size_t i = 0; i < qkv.size(); i++) x.p[i] = from_f<bf16>(float(qkv[i]));
+  for (size_t i = 0; i < bias.size(); i++) bs.p[i] = from_f<bf16>(float(bias[i]));
+  for (size_t i = 0; i < dout.size(); i++) dout_d.p[i] = from_f<bf16>(float(dout[i]));
+  for (size_t i = 0; i < qkv.size(); i++) dx.p[i] = from_f<bf16>(-7.f);  // every element written
+  const bool fwd_ok = emu::launch(dim3((S + 63) / 64, H, B), dim3(32 * FA_FWD_WARPS), [&] {
+    flash_fwd_bf16(x.p, bs.p, out.p, lse_d.p, S, H, float(scale), seed, threshold, drop_scale);
+  });
+  std::vector<float> got_ctx(ctx.size()), got_lse(lse.begin(), lse.end());
+  for (size_t i = 0; i < ctx.size(); i++) got_ctx[i] = to_f(out.p[i]);
+  for (size_t i = 0; i < lse.size(); i++) got_lse[i] = lse_d.p[i];
+  check("flash_fwd_bf16: context, " + name, fwd_ok ? rel_err(got_ctx, ctx) : INFINITY, 1e-2);
+  check("flash_fwd_bf16: log-sum-exp, " + name, fwd_ok ? rel_err(got_lse, lse) : INFINITY, 1e-5);
+  const bool bwd_ok = emu::launch(dim3(H, B), dim3(32 * (S / 16)), [&] {
+    flash_bwd_bf16(x.p, bs.p, out.p, dout_d.p, lse_d.p, dx.p, S, H, float(scale), seed, threshold, drop_scale);
+  });
+  const char *parts[] = {"q", "k", "v"};
+  for (int part = 0; part < 3; part++) {
+    std::vector<float> got;
+    Vec want;
+    for (int b = 0; b < B; b++)
+      for (int i = 0; i < S; i++)
+        for (int c = 0; c < hidden; c++) {
+          const size_t e = (size_t(b) * S + i) * ld + part * hidden + c;
+          got.push_back(to_f(dx.p[e]));
+          want.push_back(grad[e]);
+        }
+    check(std::string("flash_bwd_bf16: gradient of ") + parts[part] + ", " + name,
+          bwd_ok ? rel_err(got, want) : INFINITY, 2e-2);
+  }
+}
+
 int main() {
   std::mt19937 rng(20261126);
   for (auto [rows, n, blocks] : {std::tuple{5, 48, 5u}, {7, 200, 3u}, {3, 1100, 1u}, {11, 1024, 2u}, {4, 400, 1u}, {5, 520, 1u}, {6, 700, 2u}}) {
@@ -760,6 +898,9 @@ int main() {
   split_sum_check<float>(3001, 3, dim3(2), rng);
   split_sum_check<bf16>(2050, 8, elementwise_blocks(2050), rng);
   split_sum_check<bf16>(2050, 2, dim3(3), rng);
+  flash_check({2, 2, 48, 0.1}, rng);   // partial tiles: keys 48 of 64, queries 48 of 64 and 16 of 32
+  flash_check({1, 2, 128, 0.0}, rng);  // two key tiles, four backward steps, no dropout
+  flash_check({1, 1, 16, 0.3}, rng);   // one tile of each
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }

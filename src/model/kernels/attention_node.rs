@@ -22,6 +22,7 @@ use candle_core::{
     bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, Var, D,
 };
 use rand::{Rng, SeedableRng};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The device-specific parts of the attention and block nodes.
 pub trait Prims: Send + Sync + 'static {
@@ -125,6 +126,39 @@ pub trait Prims: Send + Sync + 'static {
     /// The sum over the rows of `g` `[rows, n]`: a bias's gradient, `[n]`.
     fn column_sum(&self, g: &Tensor) -> Result<Tensor>;
 
+    /// Attention over the q, k and v parts of one product `qkv` `[b, s, 3 · hidden]` (as
+    /// `split_part` reads them) in one pass, where the device has such a kernel, it is on
+    /// (`set_flash`; `set_flash_on_cpu` for `CpuPrims`) and `qkv` fits the kernel: the context `[b, s, hidden]` and the log-sum-exp of
+    /// each row of scaled, masked scores, `[b, heads, s]` in f32, from which `flash_backward`
+    /// recomputes the probabilities. `None`: attention runs on the heads (`Core`).
+    fn flash_forward(
+        &self,
+        _qkv: &Tensor,
+        _bias: &Tensor,
+        _heads: usize,
+        _scale: f64,
+        _drop: Option<SeededDropout>,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
+
+    /// The gradient of `qkv` (`[b, s, 3 · hidden]`) given `dctx`, that of the context, from what
+    /// `flash_forward` returned for it.
+    #[allow(clippy::too_many_arguments)]
+    fn flash_backward(
+        &self,
+        _qkv: &Tensor,
+        _bias: &Tensor,
+        _ctx: &Tensor,
+        _lse: &Tensor,
+        _dctx: &Tensor,
+        _heads: usize,
+        _scale: f64,
+        _drop: Option<SeededDropout>,
+    ) -> Result<Tensor> {
+        bail!("attention: no one-pass attention on this device")
+    }
+
     /// `parts` flattened and laid end to end in one vector of `dtype` (a block node's packed
     /// weights, or its gradients cast for the master weights); no gradient flows through it.
     fn concat_flat(&self, parts: &[&Tensor], dtype: DType) -> Result<Tensor> {
@@ -134,6 +168,44 @@ pub trait Prims: Send + Sync + 'static {
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&flat, 0)
     }
+}
+
+static FLASH: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    /// Attention blocks this thread ran in one pass (`Prims::flash_forward`), for checks that must
+    /// know it ran.
+    static FLASH_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// See `set_flash_on_cpu`.
+    static FLASH_ON_CPU: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// For tests, on the calling thread only: `CpuPrims` runs attention blocks in one pass (its
+/// tensor-op form of the contract), whatever `set_flash` says.
+pub fn set_flash_on_cpu(on: bool) {
+    FLASH_ON_CPU.with(|c| c.set(on));
+}
+
+/// Turns one-pass attention (`Prims::flash_forward`) in the attention block nodes on or off for
+/// the whole process. Off by default: on CUDA it runs on the GPU only under `recycle gpu-check`
+/// (its parity rows and an A/B row) until a GPU run has measured it.
+pub fn set_flash(on: bool) {
+    FLASH.store(on, Ordering::Relaxed);
+}
+
+/// Whether one-pass attention is on (`set_flash`).
+pub fn flash_on() -> bool {
+    FLASH.load(Ordering::Relaxed)
+}
+
+/// How many attention blocks this thread has run in one pass.
+pub fn flash_runs() -> usize {
+    FLASH_RUNS.with(|c| c.get())
+}
+
+/// Counts one attention block run in one pass on this thread.
+pub fn count_flash_run() {
+    FLASH_RUNS.with(|c| c.set(c.get() + 1));
 }
 
 /// Dropout whose mask is a function of a seed: its probability and the seed.
@@ -424,6 +496,57 @@ impl Prims for CpuPrims {
         let g = maybe_drop(self, drop, dp)?;
         let dot = (&g * p)?.sum_keepdim(D::Minus1)?;
         (g.broadcast_sub(&dot)? * p)? * scale
+    }
+
+    /// The one-pass contract as tensor ops, so that the block node's use of it is tested on the
+    /// CPU: the log-sum-exp kept, the probabilities recomputed from it in the backward.
+    fn flash_forward(
+        &self,
+        qkv: &Tensor,
+        bias: &Tensor,
+        heads: usize,
+        scale: f64,
+        drop: Option<SeededDropout>,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        if !FLASH_ON_CPU.with(|c| c.get()) {
+            return Ok(None);
+        }
+        let (b, s, width) = qkv.dims3()?;
+        let split = |part| self.split_part(qkv, part, 3, heads);
+        let (qh, kh, vh) = (split(0)?, split(1)?, split(2)?);
+        let z = (qh.matmul(&kh.t()?)? * scale)?.broadcast_add(bias)?;
+        let m = z.max_keepdim(D::Minus1)?;
+        let lse = (z.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()? + m)?;
+        let probs = z.broadcast_sub(&lse)?.exp()?;
+        let ctx = maybe_drop(self, drop, &probs)?.matmul(&vh)?;
+        let ctx = ops::swap12(&ctx)?.reshape((b, s, width / 3))?;
+        Ok(Some((ctx, lse.squeeze(D::Minus1)?)))
+    }
+
+    fn flash_backward(
+        &self,
+        qkv: &Tensor,
+        bias: &Tensor,
+        _ctx: &Tensor,
+        lse: &Tensor,
+        dctx: &Tensor,
+        heads: usize,
+        scale: f64,
+        drop: Option<SeededDropout>,
+    ) -> Result<Tensor> {
+        let (b, s, width) = qkv.dims3()?;
+        let d = width / (3 * heads);
+        let split = |part| self.split_part(qkv, part, 3, heads);
+        let (qh, kh, vh) = (split(0)?, split(1)?, split(2)?);
+        let z = (qh.matmul(&kh.t()?)? * scale)?.broadcast_add(bias)?;
+        let probs = z.broadcast_sub(&lse.unsqueeze(D::Minus1)?)?.exp()?;
+        let gh = ops::swap12(&dctx.reshape((b, s, heads, d))?)?;
+        let dvh = maybe_drop(self, drop, &probs)?.t()?.matmul(&gh)?;
+        let ddropped = gh.matmul(&vh.t()?)?;
+        let dscores = self.softmax_backward(&probs, &ddropped, scale, drop)?;
+        let dqh = dscores.matmul(&kh)?;
+        let dkh = dscores.t()?.matmul(&qh)?;
+        self.merge_parts([&dqh, &dkh, &dvh])
     }
 
     fn layer_norm_backward(

@@ -395,17 +395,36 @@ pub fn attention_block<P: Prims>(
         );
     }
     let scale = 1.0 / ((hidden / p.heads) as f64).sqrt();
-    // q, k and v as one product with the stacked weight, `[b, s, 3 · hidden]`, split into heads.
+    // q, k and v as one product with the stacked weight, `[b, s, 3 · hidden]`; attention over it
+    // in one pass where the device can, else split into heads.
     let qkv = dense(
         &xd,
         &slots.stacked(&fd, WQ, WV, hidden)?,
         &slots.span(&fd, BQ, BV)?,
     )?;
-    let split = |part: usize| prims.split_part(&qkv, part, 3, p.heads);
-    let (qh, kh, vh) = (split(0)?, split(1)?, split(2)?);
-    drop(qkv);
-    let mut core = Core::from_heads(&prims, qh, kh, vh, bias, scale, probs_drop)?;
-    let ctx = core.take_context()?;
+    let bias = bias.detach();
+    let (attn, ctx) = match prims.flash_forward(&qkv, &bias, p.heads, scale, probs_drop)? {
+        Some((ctx, lse)) => {
+            attn::count_flash_run();
+            let flash = Flash {
+                qkv,
+                bias,
+                lse,
+                heads: p.heads,
+                scale,
+                drop: probs_drop,
+            };
+            (Attn::Flash(flash), ctx)
+        }
+        None => {
+            let split = |part: usize| prims.split_part(&qkv, part, 3, p.heads);
+            let (qh, kh, vh) = (split(0)?, split(1)?, split(2)?);
+            drop(qkv);
+            let mut core = Core::from_heads(&prims, qh, kh, vh, &bias, scale, probs_drop)?;
+            let ctx = core.take_context()?;
+            (Attn::Heads(core), ctx)
+        }
+    };
     let h = dense(&ctx, &slots.view(&fd, WO)?, &slots.view(&fd, BO)?)?;
     let tail = Tail {
         s: prims.dropout_add(&h, &xd, out_drop)?,
@@ -414,7 +433,7 @@ pub fn attention_block<P: Prims>(
         gamma: A_GAMMA,
         beta: A_BETA,
     };
-    let branch = AttentionBranch { core, ctx };
+    let branch = AttentionBranch { attn, ctx };
     finish(
         x,
         &flat,
@@ -430,9 +449,26 @@ pub fn attention_block<P: Prims>(
 }
 
 struct AttentionBranch {
-    core: Core,
+    attn: Attn,
     /// The merged context, the output layer's input.
     ctx: Tensor,
+}
+
+/// What the attention core keeps for its backward.
+enum Attn {
+    /// Split into heads, the probabilities kept.
+    Heads(Core),
+    /// In one pass (`Prims::flash_forward`): the product it read and the log-sum-exp of each row.
+    Flash(Flash),
+}
+
+struct Flash {
+    qkv: Tensor,
+    bias: Tensor,
+    lse: Tensor,
+    heads: usize,
+    scale: f64,
+    drop: Option<SeededDropout>,
 }
 
 impl Branch for AttentionBranch {
@@ -450,9 +486,17 @@ impl Branch for AttentionBranch {
         let dwo = weight_grad(dh, &rows(&self.ctx)?)?;
         let dbo = prims.column_sum(dh)?;
         let dctx = dh.matmul(&slots.view(flat, WO)?)?.reshape(x.shape())?;
-        let [dqh, dkh, dvh] = self.core.backward_heads(prims, &dctx)?;
         // q, k and v side by side: one product each for the input's and the weights' gradients.
-        let dqkv = rows(&prims.merge_parts([&dqh, &dkh, &dvh])?)?;
+        let dqkv = match &self.attn {
+            Attn::Heads(core) => {
+                let [dqh, dkh, dvh] = core.backward_heads(prims, &dctx)?;
+                prims.merge_parts([&dqh, &dkh, &dvh])?
+            }
+            Attn::Flash(f) => prims.flash_backward(
+                &f.qkv, &f.bias, &self.ctx, &f.lse, &dctx, f.heads, f.scale, f.drop,
+            )?,
+        };
+        let dqkv = rows(&dqkv)?;
         let dx = dqkv.matmul(&slots.stacked(flat, WQ, WV, hidden)?)?;
         let dwqkv = weight_grad(&dqkv, &rows(x)?)?;
         let dbqkv = prims.column_sum(&dqkv)?;
@@ -568,7 +612,47 @@ pub fn parity<P: Prims + Clone>(
     block: Block,
     drop: Option<f32>,
 ) -> Result<Parity> {
-    let (b, s, hidden, heads, inner) = (2, 16, 64, 4, 128);
+    parity_with(prims, device, dtype, block, drop, ParityDims::default())
+}
+
+/// The sizes of a `parity_with` check.
+#[derive(Debug, Clone, Copy)]
+pub struct ParityDims {
+    pub batch: usize,
+    pub seq: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub inner: usize,
+}
+
+impl Default for ParityDims {
+    fn default() -> Self {
+        Self {
+            batch: 2,
+            seq: 16,
+            hidden: 64,
+            heads: 4,
+            inner: 128,
+        }
+    }
+}
+
+/// `parity` at other sizes (one-pass attention needs heads of 64).
+pub fn parity_with<P: Prims + Clone>(
+    prims: P,
+    device: &Device,
+    dtype: DType,
+    block: Block,
+    drop: Option<f32>,
+    dims: ParityDims,
+) -> Result<Parity> {
+    let ParityDims {
+        batch: b,
+        seq: s,
+        hidden,
+        heads,
+        inner,
+    } = dims;
     let var = |dims: &[usize], std: f64, mean: f64| -> Result<Var> {
         Var::from_tensor(
             &Tensor::randn(0f32, 1.0, dims, device)?
@@ -756,6 +840,35 @@ mod tests {
         super::super::weight_grad::set_split(1);
         // Two weight gradients per block were split (b × s = 32 rows, in four).
         assert_eq!(super::super::weight_grad::splits_made() - before, 4);
+    }
+
+    /// One-pass attention (`Prims::flash_forward`, here `CpuPrims`' tensor-op form of it) inside
+    /// the attention block: the same output and gradients as the composed reference, and it ran.
+    #[test]
+    fn attention_block_in_one_pass_matches_autograd() {
+        let dims = ParityDims {
+            batch: 2,
+            seq: 32,
+            hidden: 128,
+            heads: 2,
+            inner: 256,
+        };
+        let before = attn::flash_runs();
+        attn::set_flash_on_cpu(true);
+        let p = parity_with(
+            CpuPrims,
+            &Device::Cpu,
+            DType::F32,
+            Block::Attention,
+            Some(0.3),
+            dims,
+        );
+        attn::set_flash_on_cpu(false);
+        let p = p.unwrap();
+        assert_eq!(attn::flash_runs() - before, 1);
+        assert!(p.output < 1e-5, "{p:?}");
+        assert!(p.input_grad < 1e-4, "{p:?}");
+        assert!(p.param_grads < 1e-4, "{p:?}");
     }
 
     #[test]

@@ -1399,6 +1399,34 @@ impl super::attention_node::Prims for CudaPrims {
         dropout(x, p, seed)
     }
 
+    fn flash_forward(
+        &self,
+        qkv: &Tensor,
+        bias: &Tensor,
+        heads: usize,
+        scale: f64,
+        drop: Option<super::attention_node::SeededDropout>,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        if !super::attention_node::flash_on() || !flash_fits(qkv, bias, heads) {
+            return Ok(None);
+        }
+        flash_forward(qkv, bias, heads, scale, drop).map(Some)
+    }
+
+    fn flash_backward(
+        &self,
+        qkv: &Tensor,
+        bias: &Tensor,
+        ctx: &Tensor,
+        lse: &Tensor,
+        dctx: &Tensor,
+        heads: usize,
+        scale: f64,
+        drop: Option<super::attention_node::SeededDropout>,
+    ) -> Result<Tensor> {
+        flash_backward(qkv, bias, ctx, lse, dctx, heads, scale, drop)
+    }
+
     fn concat_flat(&self, parts: &[&Tensor], dtype: DType) -> Result<Tensor> {
         let parts = parts
             .iter()
@@ -2090,4 +2118,181 @@ impl CustomOp1 for SplitSum {
 /// f32 and rounded once to its dtype. Nothing records a gradient through it.
 pub fn split_sum(partial: &Tensor) -> Result<Tensor> {
     partial.contiguous()?.apply_op1_no_bwd(&SplitSum)
+}
+
+// ---- attention in one pass ("flash") ------------------------------------------------------------
+
+/// The head size the one-pass kernels take.
+pub const FLASH_HEAD_DIM: usize = 64;
+/// The longest sequence their backward takes (one block holds every key of a head).
+pub const FLASH_MAX_SEQ: usize = 128;
+
+/// Whether the one-pass kernels take attention over `qkv` `[b, s, 3 · heads · 64]` with `bias`
+/// `[b, 1, 1, s]`: both bf16 on one CUDA device, heads of 64, `s` a multiple of 16 up to
+/// `FLASH_MAX_SEQ`, `qkv` contiguous from a 32-byte boundary (the tensor cores' tiles read it in
+/// place).
+pub fn flash_fits(qkv: &Tensor, bias: &Tensor, heads: usize) -> bool {
+    let Ok((b, s, width)) = qkv.dims3() else {
+        return false;
+    };
+    let aligned = device_address::<bf16>(qkv, false, "flash").is_ok_and(|a| a % 32 == 0);
+    qkv.device().is_cuda()
+        && qkv.dtype() == DType::BF16
+        && bias.dtype() == DType::BF16
+        && bias.elem_count() == b * s
+        && heads > 0
+        && width == 3 * heads * FLASH_HEAD_DIM
+        && s > 0
+        && s % 16 == 0
+        && s <= FLASH_MAX_SEQ
+        && aligned
+}
+
+/// A new tensor of `dims` and `dtype` on `like`'s CUDA device whose elements a kernel is about to
+/// write, every one of them (no fill).
+struct Uninit {
+    dims: Vec<usize>,
+    dtype: DType,
+}
+
+impl CustomOp1 for Uninit {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-uninit"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(&self, like: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = like.device();
+        let n = self.dims.iter().product::<usize>();
+        let out = match self.dtype {
+            DType::F32 => wrap(unsafe { dev.alloc::<f32>(n)? }, dev),
+            DType::BF16 => wrap(unsafe { dev.alloc::<bf16>(n)? }, dev),
+            other => bail!("uninit: f32 or bf16, not {other:?}"),
+        };
+        Ok((out, Shape::from(self.dims.clone())))
+    }
+}
+
+fn uninit(like: &Tensor, dims: &[usize], dtype: DType) -> Result<Tensor> {
+    like.apply_op1_no_bwd(&Uninit {
+        dims: dims.to_vec(),
+        dtype,
+    })
+}
+
+/// The kernels' (seed, threshold, scale) of `drop`; no dropout keeps every element at scale 1.
+fn flash_dropout(drop: Option<super::attention_node::SeededDropout>) -> (u64, u32, f32) {
+    drop.map_or((0, 0, 1.0), |d| {
+        let k = Dropout::new(d.p, d.seed);
+        (k.seed, k.threshold, k.scale)
+    })
+}
+
+/// Attention over `qkv` in one launch (`flash_fwd_bf16`; `flash_fits` must hold): the context
+/// `[b, s, heads · 64]` and the log-sum-exp of each row of scores `[b, heads, s]` (f32).
+pub fn flash_forward(
+    qkv: &Tensor,
+    bias: &Tensor,
+    heads: usize,
+    scale: f64,
+    drop: Option<super::attention_node::SeededDropout>,
+) -> Result<(Tensor, Tensor)> {
+    let (b, s, width) = qkv.dims3()?;
+    let bias = bias.contiguous()?;
+    let ctx = uninit(qkv, &[b, s, width / 3], DType::BF16)?;
+    let lse = uninit(qkv, &[b, heads, s], DType::F32)?;
+    let (q_at, bias_at) = (
+        device_address::<bf16>(qkv, false, "flash qkv")?,
+        device_address::<bf16>(&bias, false, "flash bias")?,
+    );
+    let (ctx_at, lse_at) = (
+        device_address::<bf16>(&ctx, true, "flash context")?,
+        device_address::<f32>(&lse, true, "flash log-sum-exp")?,
+    );
+    let (seed, threshold, drop_scale) = flash_dropout(drop);
+    let (s32, heads32, scale) = (s as i32, heads as i32, scale as f32);
+    let dev = qkv.device().as_cuda_device()?;
+    let f = dev.get_or_load_custom_func("flash_fwd_bf16", MODULE, PTX)?;
+    let mut a = f.builder();
+    a.arg(&q_at)
+        .arg(&bias_at)
+        .arg(&ctx_at)
+        .arg(&lse_at)
+        .arg(&s32)
+        .arg(&heads32)
+        .arg(&scale)
+        .arg(&seed)
+        .arg(&threshold)
+        .arg(&drop_scale);
+    let cfg = LaunchConfig {
+        grid_dim: (s.div_ceil(64) as u32, heads as u32, b as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { a.launch(cfg) }.w()?;
+    Ok((ctx, lse))
+}
+
+/// The gradient of `qkv` (`[b, s, 3 · heads · 64]`) given `dctx`, that of the context `ctx` which
+/// `flash_forward` returned with `lse`, in one launch (`flash_bwd_bf16`).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_backward(
+    qkv: &Tensor,
+    bias: &Tensor,
+    ctx: &Tensor,
+    lse: &Tensor,
+    dctx: &Tensor,
+    heads: usize,
+    scale: f64,
+    drop: Option<super::attention_node::SeededDropout>,
+) -> Result<Tensor> {
+    let (b, s, width) = qkv.dims3()?;
+    if !flash_fits(qkv, bias, heads) || ctx.dims() != [b, s, width / 3] || dctx.dims() != ctx.dims()
+    {
+        bail!(
+            "flash backward: qkv {:?}, context {:?}, its gradient {:?} with {heads} heads",
+            qkv.dims(),
+            ctx.dims(),
+            dctx.dims()
+        );
+    }
+    let (bias, dctx) = (bias.contiguous()?, dctx.contiguous()?.to_dtype(DType::BF16)?);
+    let dqkv = uninit(qkv, &[b, s, width], DType::BF16)?;
+    let (q_at, bias_at, ctx_at) = (
+        device_address::<bf16>(qkv, false, "flash qkv")?,
+        device_address::<bf16>(&bias, false, "flash bias")?,
+        device_address::<bf16>(ctx, false, "flash context")?,
+    );
+    let (dctx_at, lse_at, dqkv_at) = (
+        device_address::<bf16>(&dctx, false, "flash context gradient")?,
+        device_address::<f32>(lse, false, "flash log-sum-exp")?,
+        device_address::<bf16>(&dqkv, true, "flash qkv gradient")?,
+    );
+    let (seed, threshold, drop_scale) = flash_dropout(drop);
+    let (s32, heads32, scale) = (s as i32, heads as i32, scale as f32);
+    let dev = qkv.device().as_cuda_device()?;
+    let f = dev.get_or_load_custom_func("flash_bwd_bf16", MODULE, PTX)?;
+    let mut a = f.builder();
+    a.arg(&q_at)
+        .arg(&bias_at)
+        .arg(&ctx_at)
+        .arg(&dctx_at)
+        .arg(&lse_at)
+        .arg(&dqkv_at)
+        .arg(&s32)
+        .arg(&heads32)
+        .arg(&scale)
+        .arg(&seed)
+        .arg(&threshold)
+        .arg(&drop_scale);
+    let cfg = LaunchConfig {
+        grid_dim: (heads as u32, b as u32, 1),
+        block_dim: (32 * (s / 16) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { a.launch(cfg) }.w()?;
+    Ok(dqkv)
 }

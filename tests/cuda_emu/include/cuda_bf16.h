@@ -10,7 +10,8 @@
 // __nv_bfloat16 is 16 bits with round-to-nearest-even conversion, as the device's.
 //
 // What this cannot show: speed, memory coalescing, races between blocks of one launch (they run
-// one at a time), and anything the GPU's compiler does differently from the host's.
+// one at a time), and anything the GPU's compiler does differently from the host's. wmma (the
+// tensor cores' tiles) is in include/mma.h.
 #pragma once
 
 #include <barrier>
@@ -28,6 +29,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -60,6 +62,9 @@ inline thread_local uint3 threadIdx, blockIdx;
 inline thread_local dim3 blockDim, gridDim;
 
 inline void __syncthreads() { emu::block->all->arrive_and_wait(); }
+
+// The warp's barrier: every lane of the warp arrives before any goes on.
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::block->warps[emu::tid >> 5]->arrive_and_wait(); }
 
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   const unsigned w = emu::tid >> 5, lane = emu::tid & 31;

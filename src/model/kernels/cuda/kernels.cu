@@ -11,6 +11,7 @@
 // and compute in f32; their names end in _f32 or _bf16. The optimizer's are f32 only.
 
 #include <cuda_bf16.h>
+#include <mma.h>
 #include <stdint.h>
 
 __device__ __forceinline__ float to_f(float x) { return x; }
@@ -699,6 +700,251 @@ __device__ void split_sum(const T *x, T *out, size_t n, uint32_t parts) {
     float acc = 0.f;
     for (uint32_t k = 0; k < parts; k++) acc += to_f(x[k * n + i]);
     out[i] = from_f<T>(acc);
+  }
+}
+
+// ---- attention in one pass ("flash") -----------------------------------------------------------
+// softmax(scale * Q K^T + bias) V per (batch, head) with dropout on the probabilities, bf16 only,
+// on the tensor cores (wmma 16x16x16 tiles, f32 accumulators), reading q, k and v straight out of
+// the attention block's one product qkv [b, s, 3 * heads * 64] (row stride 3 * hidden) and writing
+// the context straight into [b, s, hidden]: no head split, no merge, no [b, h, s, s] tensor. The
+// forward keeps the log-sum-exp of each row, from which the backward recomputes the
+// probabilities; the dropout mask is the same function of (seed, element index of [b, h, s, s])
+// as everywhere else ("dropout masks"), so both agree with the unfused path's masks. Head size 64;
+// s a multiple of 16 (at most FA_BWD_MAX_S for the backward); bias [b, s] additive (finite).
+namespace wm = nvcuda::wmma;
+constexpr int FA_D = 64;
+constexpr int FA_FWD_WARPS = 4;    // 16 query rows each: 64 a block
+constexpr int FA_BWD_MAX_S = 128;  // one warp for each 16 keys, all keys of a head in one block
+constexpr int FA_BWD_QT = 32;      // queries a backward step takes
+using FaA = wm::fragment<wm::matrix_a, 16, 16, 16, __nv_bfloat16, wm::row_major>;
+using FaAc = wm::fragment<wm::matrix_a, 16, 16, 16, __nv_bfloat16, wm::col_major>;
+using FaB = wm::fragment<wm::matrix_b, 16, 16, 16, __nv_bfloat16, wm::row_major>;
+using FaBc = wm::fragment<wm::matrix_b, 16, 16, 16, __nv_bfloat16, wm::col_major>;
+using FaC = wm::fragment<wm::accumulator, 16, 16, 16, float>;
+
+// Grid (ceil(s / 64), heads, batch), FA_FWD_WARPS warps; warp w takes query rows
+// 64 * blockIdx.x + 16 * w and up, over key tiles of 64 with the running max and sum of each row
+// (two lanes a row, 32 columns each); the context accumulates in shared memory in f32.
+extern "C" __global__ void flash_fwd_bf16(const __nv_bfloat16 *qkv, const __nv_bfloat16 *bias,
+                                          __nv_bfloat16 *out, float *lse, int s, int heads,
+                                          float scale, uint64_t seed, uint32_t threshold,
+                                          float drop_scale) {
+  __shared__ __align__(32) float s_scores[FA_FWD_WARPS][16 * 64];
+  __shared__ __align__(32) __nv_bfloat16 s_probs[FA_FWD_WARPS][16 * 64];
+  __shared__ __align__(32) float s_ctx[FA_FWD_WARPS][16 * FA_D];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int q0 = blockIdx.x * (16 * FA_FWD_WARPS) + warp * 16;
+  if (q0 >= s) return;
+  const int hidden = heads * FA_D, ld = 3 * hidden;
+  const __nv_bfloat16 *kb = qkv + (size_t)b * s * ld + hidden + h * FA_D;
+  const __nv_bfloat16 *vb = kb + hidden;
+  const __nv_bfloat16 *bb = bias + (size_t)b * s;
+  float *S = s_scores[warp], *O = s_ctx[warp];
+  __nv_bfloat16 *P = s_probs[warp];
+  FaA q[FA_D / 16];
+  for (int kk = 0; kk < FA_D / 16; kk++)
+    wm::load_matrix_sync(q[kk], qkv + ((size_t)b * s + q0) * ld + h * FA_D + kk * 16, ld);
+  const int r = lane >> 1, c0 = (lane & 1) * 32;  // this lane's row, and its half of the columns
+  for (int c = c0; c < c0 + 32; c++) O[r * FA_D + c] = 0.f;
+  float m = -INFINITY, l = 0.f;
+  // Element (b, h, q0 + r, 0) of the [b, h, s, s] probabilities: the dropout mask's index.
+  const size_t row_at = (((size_t)b * heads + h) * s + q0 + r) * s;
+  for (int k0 = 0; k0 < s; k0 += 64) {
+    const int n = s - k0 < 64 ? s - k0 : 64;
+    for (int j = 0; j < n / 16; j++) {
+      FaC acc;
+      wm::fill_fragment(acc, 0.f);
+      for (int kk = 0; kk < FA_D / 16; kk++) {
+        FaBc kt;  // K^T: rows of K read as columns
+        wm::load_matrix_sync(kt, kb + (size_t)(k0 + j * 16) * ld + kk * 16, ld);
+        wm::mma_sync(acc, q[kk], kt, acc);
+      }
+      wm::store_matrix_sync(S + j * 16, acc, 64, wm::mem_row_major);
+    }
+    __syncwarp();
+    const int c1 = c0 + 32 < n ? c0 + 32 : n;
+    float mx = -INFINITY;
+    for (int c = c0; c < c1; c++) mx = fmaxf(mx, S[r * 64 + c] * scale + to_f(bb[k0 + c]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    const float m_new = fmaxf(m, mx);
+    const float alpha = expf(m - m_new);
+    float sum = 0.f;
+    for (int c = c0; c < c1; c++) {
+      const float p = expf(S[r * 64 + c] * scale + to_f(bb[k0 + c]) - m_new);
+      sum += p;
+      P[r * 64 + c] = from_f<__nv_bfloat16>(kept(seed, row_at + k0 + c, threshold) ? p * drop_scale : 0.f);
+    }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    l = l * alpha + sum;
+    m = m_new;
+    for (int c = c0; c < c0 + 32; c++) O[r * FA_D + c] *= alpha;
+    __syncwarp();
+    for (int dd = 0; dd < FA_D / 16; dd++) {
+      FaC acc;
+      wm::load_matrix_sync(acc, O + dd * 16, FA_D, wm::mem_row_major);
+      for (int j = 0; j < n / 16; j++) {
+        FaA p;
+        FaB v;
+        wm::load_matrix_sync(p, P + j * 16, 64);
+        wm::load_matrix_sync(v, vb + (size_t)(k0 + j * 16) * ld + dd * 16, ld);
+        wm::mma_sync(acc, p, v, acc);
+      }
+      wm::store_matrix_sync(O + dd * 16, acc, FA_D, wm::mem_row_major);
+    }
+    __syncwarp();
+  }
+  const float inv = 1.f / l;
+  __nv_bfloat16 *orow = out + ((size_t)b * s + q0 + r) * hidden + h * FA_D;
+  for (int c = c0; c < c0 + 32; c++) orow[c] = from_f<__nv_bfloat16>(O[r * FA_D + c] * inv);
+  if (c0 == 0) lse[((size_t)b * heads + h) * s + q0 + r] = m + logf(l);
+}
+
+// The gradients of q, k and v into dqkv (the layout of qkv) given dout, the gradient of the
+// context. Grid (heads, batch), s / 16 warps: warp w owns keys 16 w and up and accumulates their
+// dK and dV in registers over steps of FA_BWD_QT queries; each step recomputes P^T for its keys
+// from the saved log-sum-exp, then dP^T = V dO^T, dS^T = scale * P^T (drop(dP^T) - D) with
+// D = rowsum(dO * O), and adds dS K into the step's dQ in shared memory (atomics between warps),
+// written out once all warps have added theirs.
+extern "C" __global__ void flash_bwd_bf16(const __nv_bfloat16 *qkv, const __nv_bfloat16 *bias,
+                                          const __nv_bfloat16 *out, const __nv_bfloat16 *dout,
+                                          const float *lse, __nv_bfloat16 *dqkv, int s, int heads,
+                                          float scale, uint64_t seed, uint32_t threshold,
+                                          float drop_scale) {
+  constexpr int QT = FA_BWD_QT;
+  __shared__ float s_dot[FA_BWD_MAX_S], s_lse[FA_BWD_MAX_S];
+  __shared__ __align__(32) float s_tile[FA_BWD_MAX_S / 16][16 * QT];
+  __shared__ __align__(32) __nv_bfloat16 s_probs[FA_BWD_MAX_S / 16][16 * QT];
+  __shared__ __align__(32) float s_dq[QT * FA_D];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int h = blockIdx.x, b = blockIdx.y;
+  const int hidden = heads * FA_D, ld = 3 * hidden;
+  const int k0 = warp * 16;
+  const __nv_bfloat16 *qb = qkv + (size_t)b * s * ld + h * FA_D;  // row i at qb + i * ld
+  const __nv_bfloat16 *kb = qb + hidden, *vb = qb + 2 * hidden;
+  const __nv_bfloat16 *ob = out + (size_t)b * s * hidden + h * FA_D;  // row i at ob + i * hidden
+  const __nv_bfloat16 *gb = dout + (size_t)b * s * hidden + h * FA_D;
+  __nv_bfloat16 *dqb = dqkv + (size_t)b * s * ld + h * FA_D;
+  __nv_bfloat16 *dkb = dqb + hidden, *dvb = dqb + 2 * hidden;
+  for (int i = threadIdx.x; i < s; i += blockDim.x) {
+    float acc = 0.f;
+    for (int c = 0; c < FA_D; c++) acc += to_f(ob[(size_t)i * hidden + c]) * to_f(gb[(size_t)i * hidden + c]);
+    s_dot[i] = acc;
+    s_lse[i] = lse[((size_t)b * heads + h) * s + i];
+  }
+  for (int e = threadIdx.x; e < QT * FA_D; e += blockDim.x) s_dq[e] = 0.f;
+  __syncthreads();
+  float *T = s_tile[warp];
+  __nv_bfloat16 *P = s_probs[warp];
+  FaC dk[FA_D / 16], dv[FA_D / 16];
+  for (int dd = 0; dd < FA_D / 16; dd++) {
+    wm::fill_fragment(dk[dd], 0.f);
+    wm::fill_fragment(dv[dd], 0.f);
+  }
+  const int r = lane >> 1, c0 = (lane & 1) * 16;  // this lane's key row, and its half of a step
+  const float bias_k = to_f(bias[(size_t)b * s + k0 + r]);
+  // Element (b, h, 0, k0 + r) of the [b, h, s, s] probabilities; query i adds i * s.
+  const size_t col_at = ((size_t)b * heads + h) * s * s + k0 + r;
+  for (int q0 = 0; q0 < s; q0 += QT) {
+    const int n = s - q0 < QT ? s - q0 : QT;
+    // S^T = K Q^T for this warp's keys.
+    for (int j = 0; j < n / 16; j++) {
+      FaC acc;
+      wm::fill_fragment(acc, 0.f);
+      for (int kk = 0; kk < FA_D / 16; kk++) {
+        FaA kf;
+        FaBc qt;
+        wm::load_matrix_sync(kf, kb + (size_t)k0 * ld + kk * 16, ld);
+        wm::load_matrix_sync(qt, qb + (size_t)(q0 + j * 16) * ld + kk * 16, ld);
+        wm::mma_sync(acc, kf, qt, acc);
+      }
+      wm::store_matrix_sync(T + j * 16, acc, QT, wm::mem_row_major);
+    }
+    __syncwarp();
+    float p[16];
+    for (int c = 0; c < 16; c++) {
+      const int i = q0 + c0 + c;
+      p[c] = 0.f;
+      if (c0 + c < n) {
+        p[c] = expf(T[r * QT + c0 + c] * scale + bias_k - s_lse[i]);
+        P[r * QT + c0 + c] =
+            from_f<__nv_bfloat16>(kept(seed, col_at + (size_t)i * s, threshold) ? p[c] * drop_scale : 0.f);
+      }
+    }
+    __syncwarp();
+    // dV += drop(P)^T dO.
+    for (int dd = 0; dd < FA_D / 16; dd++)
+      for (int j = 0; j < n / 16; j++) {
+        FaA a;
+        FaB g;
+        wm::load_matrix_sync(a, P + j * 16, QT);
+        wm::load_matrix_sync(g, gb + (size_t)(q0 + j * 16) * hidden + dd * 16, hidden);
+        wm::mma_sync(dv[dd], a, g, dv[dd]);
+      }
+    // dP^T = V dO^T.
+    for (int j = 0; j < n / 16; j++) {
+      FaC acc;
+      wm::fill_fragment(acc, 0.f);
+      for (int kk = 0; kk < FA_D / 16; kk++) {
+        FaA vf;
+        FaBc gt;
+        wm::load_matrix_sync(vf, vb + (size_t)k0 * ld + kk * 16, ld);
+        wm::load_matrix_sync(gt, gb + (size_t)(q0 + j * 16) * hidden + kk * 16, hidden);
+        wm::mma_sync(acc, vf, gt, acc);
+      }
+      wm::store_matrix_sync(T + j * 16, acc, QT, wm::mem_row_major);
+    }
+    __syncwarp();
+    // dS^T over the dropped probabilities' places (their product with dV is done).
+    for (int c = 0; c < 16; c++) {
+      const int i = q0 + c0 + c;
+      if (c0 + c < n) {
+        const float g = kept(seed, col_at + (size_t)i * s, threshold) ? T[r * QT + c0 + c] * drop_scale : 0.f;
+        P[r * QT + c0 + c] = from_f<__nv_bfloat16>(scale * p[c] * (g - s_dot[i]));
+      }
+    }
+    __syncwarp();
+    // dK += dS^T Q.
+    for (int dd = 0; dd < FA_D / 16; dd++)
+      for (int j = 0; j < n / 16; j++) {
+        FaA a;
+        FaB qf;
+        wm::load_matrix_sync(a, P + j * 16, QT);
+        wm::load_matrix_sync(qf, qb + (size_t)(q0 + j * 16) * ld + dd * 16, ld);
+        wm::mma_sync(dk[dd], a, qf, dk[dd]);
+      }
+    // dQ += dS K over this warp's keys: dS is dS^T read column-major.
+    for (int j = 0; j < n / 16; j++)
+      for (int dd = 0; dd < FA_D / 16; dd++) {
+        FaAc a;
+        FaB kf;
+        FaC acc;
+        wm::fill_fragment(acc, 0.f);
+        wm::load_matrix_sync(a, P + j * 16, QT);
+        wm::load_matrix_sync(kf, kb + (size_t)k0 * ld + dd * 16, ld);
+        wm::mma_sync(acc, a, kf, acc);
+        wm::store_matrix_sync(T, acc, 16, wm::mem_row_major);
+        __syncwarp();
+        for (int e = lane; e < 256; e += 32) atomicAdd(&s_dq[(j * 16 + e / 16) * FA_D + dd * 16 + e % 16], T[e]);
+        __syncwarp();
+      }
+    __syncthreads();
+    for (int e = threadIdx.x; e < n * FA_D; e += blockDim.x) {
+      dqb[(size_t)(q0 + e / FA_D) * ld + e % FA_D] = from_f<__nv_bfloat16>(s_dq[e]);
+      s_dq[e] = 0.f;
+    }
+    __syncthreads();
+  }
+  for (int dd = 0; dd < FA_D / 16; dd++) {
+    wm::store_matrix_sync(T, dk[dd], 16, wm::mem_row_major);
+    __syncwarp();
+    for (int e = lane; e < 256; e += 32) dkb[(size_t)(k0 + e / 16) * ld + dd * 16 + e % 16] = from_f<__nv_bfloat16>(T[e]);
+    __syncwarp();
+    wm::store_matrix_sync(T, dv[dd], 16, wm::mem_row_major);
+    __syncwarp();
+    for (int e = lane; e < 256; e += 32) dvb[(size_t)(k0 + e / 16) * ld + dd * 16 + e % 16] = from_f<__nv_bfloat16>(T[e]);
+    __syncwarp();
   }
 }
 
