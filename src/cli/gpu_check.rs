@@ -7,6 +7,7 @@
 use crate::device::{describe, DeviceRequest};
 use crate::model::bert::{BertClassifier, BertConfig, Flavour};
 use crate::model::grad_sink::{self, GradSink};
+use crate::model::kernels::attention_node as attn;
 use crate::model::ops::{self, Kernels};
 use crate::model::{self, Batch, LoadOptions, Mode, Precision, Problem};
 use crate::train::optim::{
@@ -663,6 +664,69 @@ fn split_check(device: &Device, parts: usize) -> Result<bool> {
     Ok(ok)
 }
 
+/// The attention block with attention in one pass (`Prims::flash_forward`: the tensor-core
+/// kernels on CUDA, which take bf16 and heads of 64; `CpuPrims`' tensor-op form on the CPU) against
+/// its composed reference in bf16, with dropout: output, input gradient, parameter gradients. A
+/// block that did not run in one pass fails its rows.
+fn flash_check(device: &Device) -> Result<bool> {
+    use crate::model::kernels::{
+        attention_node::{self as attn, CpuPrims},
+        block_node as node,
+    };
+    let dims = node::ParityDims {
+        batch: 2,
+        seq: 32,
+        hidden: 128,
+        heads: 2,
+        inner: 256,
+    };
+    let before = attn::flash_runs();
+    let was = attn::flash_on();
+    attn::set_flash(true);
+    attn::set_flash_on_cpu(true);
+    let (dt, block) = (DType::BF16, node::Block::Attention);
+    let parity = match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => node::parity_with(
+            crate::model::kernels::cuda::CudaPrims,
+            device,
+            dt,
+            block,
+            Some(0.1),
+            dims,
+        ),
+        _ => node::parity_with(CpuPrims, device, dt, block, Some(0.1), dims),
+    };
+    attn::set_flash(was);
+    attn::set_flash_on_cpu(false);
+    let parity = parity?;
+    let ran = attn::flash_runs() > before;
+    let mut ok = true;
+    let rows = [
+        ("output, with dropout", parity.output),
+        ("gradient of the input", parity.input_grad),
+        ("gradients of the parameters", parity.param_grads),
+    ];
+    for (what, value) in rows {
+        let value = if ran { value } else { f32::INFINITY };
+        // bf16, as the block node rows.
+        let tol = 1.0 / 16.0;
+        let pass = within(value, tol);
+        ok &= pass;
+        emit(check_line(
+            "flash",
+            "bf16",
+            &format!("attention block in one pass: {what}"),
+            device,
+            value,
+            tol,
+            pass,
+        ));
+    }
+    eprintln!("gpu-check: one-pass attention checks done");
+    Ok(ok)
+}
+
 /// The optimizer on the device: three AdamW steps by `Kernel::Auto` (on CUDA every parameter in one
 /// launch) and by `Kernel::Fused` (the fused in-place kernels, one parameter at a time) against the
 /// per-parameter tensor ops (the reference), from the same weights and gradients, gradients scaled
@@ -890,6 +954,35 @@ fn bench_one(
         let at = json!({"stage": "ab", "what": what, "shape": shape.name});
         if let Some(on) = reported(split, at) {
             ab.push((what, on, Ok(train)));
+        }
+    }
+    // Attention in one pass (off in training unless chosen): "on" is one pass; a row only where
+    // it ran (bf16, heads of 64, at most 128 tokens).
+    if blocks_on && !attn::flash_on() {
+        let before = attn::flash_runs();
+        attn::set_flash(true);
+        let flash = time_it(device, args.warmup, args.steps, || step(&mut opt));
+        attn::set_flash(false);
+        let what = "attention in one pass (flash)".to_string();
+        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
+        if let Some(on) = reported(flash, at) {
+            if attn::flash_runs() > before {
+                ab.push((what, on, Ok(train)));
+                // Both levers together, where both are measured.
+                if parts > 1 {
+                    use crate::model::kernels::weight_grad;
+                    attn::set_flash(true);
+                    weight_grad::set_split(parts);
+                    let both = time_it(device, args.warmup, args.steps, || step(&mut opt));
+                    weight_grad::set_split(1);
+                    attn::set_flash(false);
+                    let what = format!("flash + weight gradients split in {parts}");
+                    let at = json!({"stage": "ab", "what": what, "shape": shape.name});
+                    if let Some(on) = reported(both, at) {
+                        ab.push((what, on, Ok(train)));
+                    }
+                }
+            }
         }
     }
     if sink_on && blocks_on {
@@ -1166,6 +1259,14 @@ fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()>
         || ops::attention_block(&x, &bias, &attention_params, 0.1, 0.1, Mode::Train);
     let ffn_block = || ops::ffn_block(&x, &ffn_params, 0.1, Mode::Train);
     let blocks = attention_block()?.is_some() && ffn_block()?.is_some();
+    // The attention block with attention in one pass (see its row below).
+    let flash_block = || -> candle_core::Result<Option<Tensor>> {
+        let was = attn::flash_on();
+        attn::set_flash(true);
+        let out = attention_block();
+        attn::set_flash(was);
+        out
+    };
     let in_blocks = |count: usize| if blocks { 0 } else { count };
     let pieces = if fused || blocks { 0 } else { l };
     // For the rows of the fused pieces inside the block nodes (see below).
@@ -1275,6 +1376,18 @@ fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()>
             Box::new(|| {
                 attention()?.ok_or_else(|| candle_core::Error::Msg("attention not fused".into()))
             }),
+        ));
+    }
+    // The attention block with attention in one pass, where it runs (no runs counted: training
+    // uses it only when chosen).
+    let before = attn::flash_runs();
+    let flash =
+        blocks && !attn::flash_on() && flash_block()?.is_some() && attn::flash_runs() > before;
+    if flash {
+        list.push((
+            "attention block node, attention in one pass",
+            0,
+            Box::new(|| flash_block()?.ok_or_else(block_missing)),
         ));
     }
     if blocks {
@@ -1474,6 +1587,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
             let split = split_check(&device, args.weight_grad_split as usize);
             ok &= reported(split, json!({"stage": "split"})).unwrap_or(false);
         }
+        let flash = flash_check(&device);
+        ok &= reported(flash, json!({"stage": "flash"})).unwrap_or(false);
         ok &= parity(&args, &device)?;
         let optimizer = optimizer_check(&device);
         ok &= reported(optimizer, json!({"stage": "optimizer"})).unwrap_or(false);

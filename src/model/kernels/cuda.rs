@@ -2259,7 +2259,10 @@ pub fn flash_backward(
             dctx.dims()
         );
     }
-    let (bias, dctx) = (bias.contiguous()?, dctx.contiguous()?.to_dtype(DType::BF16)?);
+    let (bias, dctx) = (
+        bias.contiguous()?,
+        dctx.contiguous()?.to_dtype(DType::BF16)?,
+    );
     let dqkv = uninit(qkv, &[b, s, width], DType::BF16)?;
     let (q_at, bias_at, ctx_at) = (
         device_address::<bf16>(qkv, false, "flash qkv")?,
