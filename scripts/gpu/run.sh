@@ -90,7 +90,9 @@ if [ "${ONLY:-}" = ops ]; then
   exit 0
 fi
 
-stage recycle 300 "$OUT/recycle.jsonl" "${RECYCLE[@]}" gpu-check --device "$DEVICE" "${SIZE[@]}"
+# One-pass attention (session 9, not yet run on a GPU) stays out of the main stage: a kernel fault
+# ends the process that hit it. It runs, checked first, in the stages after the end-to-end job.
+stage recycle 300 "$OUT/recycle.jsonl" "${RECYCLE[@]}" gpu-check --device "$DEVICE" "${SIZE[@]}" --flash false
 rc=$?
 stage torch 180 "$OUT/torch.jsonl" env PYTHONUNBUFFERED=1 "$PY" scripts/gpu/torch_gpu_bench.py --device "$DEVICE" "${SIZE[@]}"
 trc=$?
@@ -128,6 +130,16 @@ if [ -f dist/e2e/default-random.json ]; then
 else
   log "e2e: no dist/e2e (run scripts/gpu/stage-e2e.sh and carry dist/e2e)"
 fi
+
+# One-pass attention at the main batch: its parity rows, then (where they pass) training with it
+# on and off, and with split weight gradients too.
+if [ "$DEVICE" = cpu ]; then
+  FLASH=(--tiny --batch "$B" --seq 16 --warmup 1 --steps 2)
+else
+  FLASH=(--batch "$B" --seq 128 --warmup 3 --steps 10)
+fi
+stage recycle-flash 60 "$OUT/recycle-flash.jsonl" "${RECYCLE[@]}" gpu-check --device "$DEVICE" \
+  --skip-parity --skip-ops --matmul 0 --shapes roberta-base --precisions bf16 "${FLASH[@]}"
 
 # Extra, if time is left: roberta-base bf16 training at 4x the batch, where the matmuls are larger
 # (does the MFU gap close with size, or is it per-op overhead?); then the main job in bf16.
