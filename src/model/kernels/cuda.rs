@@ -2137,6 +2137,7 @@ pub fn flash_fits(qkv: &Tensor, bias: &Tensor, heads: usize) -> bool {
     };
     let aligned = device_address::<bf16>(qkv, false, "flash").is_ok_and(|a| a % 32 == 0);
     qkv.device().is_cuda()
+        && bias.device().same_device(qkv.device())
         && qkv.dtype() == DType::BF16
         && bias.dtype() == DType::BF16
         && bias.elem_count() == b * s
