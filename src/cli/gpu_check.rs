@@ -971,7 +971,7 @@ fn bench_one(
         }
     }
     // Attention in one pass (off in training unless chosen): "on" is one pass; a row only where
-    // it ran (bf16, heads of 64, at most 128 tokens).
+    // it ran (bf16, heads of 64, at most 512 tokens, a multiple of 16).
     if blocks_on && !attn::flash_on() && flash_measured() {
         let before = attn::flash_runs();
         attn::set_flash(true);

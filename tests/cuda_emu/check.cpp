@@ -827,9 +827,18 @@ static void flash_check(FlashCase fc, std::mt19937 &rng) {
   for (size_t i = 0; i < lse.size(); i++) got_lse[i] = lse_d.p[i];
   check("flash_fwd_bf16: context, " + name, fwd_ok ? rel_err(got_ctx, ctx) : INFINITY, 1e-2);
   check("flash_fwd_bf16: log-sum-exp, " + name, fwd_ok ? rel_err(got_lse, lse) : INFINITY, 1e-5);
-  const bool bwd_ok = emu::launch(dim3(H, B), dim3(32 * (S / 16)), [&] {
-    flash_bwd_bf16(x.p, bs.p, out.p, dout_d.p, lse_d.p, dx.p, S, H, float(scale), seed, threshold, drop_scale);
+  // As cuda.rs launches it: blocks of up to FA_BWD_KEYS keys; with more than one, dQ is summed in
+  // f32 and written by flash_dq_bf16.
+  const int chunks = (S + FA_BWD_KEYS - 1) / FA_BWD_KEYS;
+  const int warps = (S < FA_BWD_KEYS ? S : FA_BWD_KEYS) / 16;
+  std::vector<float> dq_acc(size_t(B) * S * hidden, 0.f);
+  float *acc = chunks > 1 ? dq_acc.data() : nullptr;
+  bool bwd_ok = emu::launch(dim3(H, B, chunks), dim3(32 * warps), [&] {
+    flash_bwd_bf16(x.p, bs.p, out.p, dout_d.p, lse_d.p, dx.p, acc, S, H, float(scale), seed, threshold,
+                   drop_scale);
   });
+  if (chunks > 1)
+    bwd_ok &= emu::launch(dim3(7), dim3(64), [&] { flash_dq_bf16(dq_acc.data(), dx.p, size_t(B) * S, hidden); });
   const char *parts[] = {"q", "k", "v"};
   for (int part = 0; part < 3; part++) {
     std::vector<float> got;
@@ -841,7 +850,8 @@ static void flash_check(FlashCase fc, std::mt19937 &rng) {
           got.push_back(to_f(dx.p[e]));
           want.push_back(grad[e]);
         }
-    check(std::string("flash_bwd_bf16: gradient of ") + parts[part] + ", " + name,
+    check(std::string(chunks > 1 && part == 0 ? "flash_bwd_bf16 + flash_dq_bf16" : "flash_bwd_bf16") +
+              ": gradient of " + parts[part] + ", " + name,
           bwd_ok ? rel_err(got, want) : INFINITY, 2e-2);
   }
 }
@@ -901,6 +911,8 @@ int main() {
   flash_check({2, 2, 48, 0.1}, rng);   // partial tiles: keys 48 of 64, queries 48 of 64 and 16 of 32
   flash_check({1, 2, 128, 0.0}, rng);  // two key tiles, four backward steps, no dropout
   flash_check({1, 1, 16, 0.3}, rng);   // one tile of each
+  flash_check({1, 2, 160, 0.1}, rng);  // two blocks of keys (128 + 32: warps past the end idle),
+                                       // dQ summed in f32 and written by flash_dq_bf16
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }

@@ -2124,8 +2124,11 @@ pub fn split_sum(partial: &Tensor) -> Result<Tensor> {
 
 /// The head size the one-pass kernels take.
 pub const FLASH_HEAD_DIM: usize = 64;
-/// The longest sequence their backward takes (one block holds every key of a head).
-pub const FLASH_MAX_SEQ: usize = 128;
+/// The longest sequence their backward takes (`FA_BWD_MAX_S` in kernels.cu).
+pub const FLASH_MAX_SEQ: usize = 512;
+/// Keys one backward block takes (`FA_BWD_KEYS`); a longer sequence spreads a head's keys over
+/// several blocks, which add their dQ in f32.
+const FLASH_BWD_KEYS: usize = 128;
 
 /// Whether the one-pass kernels take attention over `qkv` `[b, s, 3 · heads · 64]` with `bias`
 /// `[b, 1, 1, s]`: both bf16 on one CUDA device, heads of 64, `s` a multiple of 16 up to
@@ -2265,6 +2268,18 @@ pub fn flash_backward(
         dctx.contiguous()?.to_dtype(DType::BF16)?,
     );
     let dqkv = uninit(qkv, &[b, s, width], DType::BF16)?;
+    // Several blocks of keys add their dQ into an f32 buffer (zeroed), written out after.
+    let chunks = s.div_ceil(FLASH_BWD_KEYS);
+    let hidden = width / 3;
+    let dq_acc = if chunks > 1 {
+        Some(Tensor::zeros((b * s, hidden), DType::F32, qkv.device())?)
+    } else {
+        None
+    };
+    let dq_acc_at = match &dq_acc {
+        Some(t) => device_address::<f32>(t, true, "flash dq sum")?,
+        None => 0u64,
+    };
     let (q_at, bias_at, ctx_at) = (
         device_address::<bf16>(qkv, false, "flash qkv")?,
         device_address::<bf16>(&bias, false, "flash bias")?,
@@ -2286,6 +2301,7 @@ pub fn flash_backward(
         .arg(&dctx_at)
         .arg(&lse_at)
         .arg(&dqkv_at)
+        .arg(&dq_acc_at)
         .arg(&s32)
         .arg(&heads32)
         .arg(&scale)
@@ -2293,10 +2309,18 @@ pub fn flash_backward(
         .arg(&threshold)
         .arg(&drop_scale);
     let cfg = LaunchConfig {
-        grid_dim: (heads as u32, b as u32, 1),
-        block_dim: (32 * (s / 16) as u32, 1, 1),
+        grid_dim: (heads as u32, b as u32, chunks as u32),
+        block_dim: (32 * (s.min(FLASH_BWD_KEYS) / 16) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
     unsafe { a.launch(cfg) }.w()?;
+    if dq_acc.is_some() {
+        let rows = b * s;
+        let hidden32 = hidden as i32;
+        let f = dev.get_or_load_custom_func("flash_dq_bf16", MODULE, PTX)?;
+        let mut a = f.builder();
+        a.arg(&dq_acc_at).arg(&dqkv_at).arg(&rows).arg(&hidden32);
+        unsafe { a.launch(elementwise(rows * hidden)) }.w()?;
+    }
     Ok(dqkv)
 }

@@ -715,7 +715,8 @@ __device__ void split_sum(const T *x, T *out, size_t n, uint32_t parts) {
 namespace wm = nvcuda::wmma;
 constexpr int FA_D = 64;
 constexpr int FA_FWD_WARPS = 4;    // 16 query rows each: 64 a block
-constexpr int FA_BWD_MAX_S = 128;  // one warp for each 16 keys, all keys of a head in one block
+constexpr int FA_BWD_KEYS = 128;   // keys a backward block takes, one warp for each 16
+constexpr int FA_BWD_MAX_S = 512;  // the longest sequence the backward takes
 constexpr int FA_BWD_QT = 32;      // queries a backward step takes
 using FaA = wm::fragment<wm::matrix_a, 16, 16, 16, __nv_bfloat16, wm::row_major>;
 using FaAc = wm::fragment<wm::matrix_a, 16, 16, 16, __nv_bfloat16, wm::col_major>;
@@ -802,25 +803,28 @@ extern "C" __global__ void flash_fwd_bf16(const __nv_bfloat16 *qkv, const __nv_b
 }
 
 // The gradients of q, k and v into dqkv (the layout of qkv) given dout, the gradient of the
-// context. Grid (heads, batch), s / 16 warps: warp w owns keys 16 w and up and accumulates their
-// dK and dV in registers over steps of FA_BWD_QT queries; each step recomputes P^T for its keys
-// from the saved log-sum-exp, then dP^T = V dO^T, dS^T = scale * P^T (drop(dP^T) - D) with
-// D = rowsum(dO * O), and adds dS K into the step's dQ in shared memory (atomics between warps),
-// written out once all warps have added theirs.
+// context. Grid (heads, batch, ceil(s / FA_BWD_KEYS)), min(s, FA_BWD_KEYS) / 16 warps: warp w of
+// block z owns keys FA_BWD_KEYS z + 16 w and up (a warp past s only keeps the barriers) and
+// accumulates their dK and dV in registers over steps of FA_BWD_QT queries; each step recomputes
+// P^T for its keys from the saved log-sum-exp, then dP^T = V dO^T, dS^T = scale * P^T (drop(dP^T)
+// - D) with D = rowsum(dO * O), and adds dS K into the step's dQ in shared memory (atomics between
+// warps). With one block of keys (dq_acc null) the step's dQ is written out in bf16; with more,
+// it is added into dq_acc (f32 [b, s, hidden], zeroed) with atomics, and flash_dq_bf16 writes it.
 extern "C" __global__ void flash_bwd_bf16(const __nv_bfloat16 *qkv, const __nv_bfloat16 *bias,
                                           const __nv_bfloat16 *out, const __nv_bfloat16 *dout,
-                                          const float *lse, __nv_bfloat16 *dqkv, int s, int heads,
-                                          float scale, uint64_t seed, uint32_t threshold,
-                                          float drop_scale) {
+                                          const float *lse, __nv_bfloat16 *dqkv, float *dq_acc,
+                                          int s, int heads, float scale, uint64_t seed,
+                                          uint32_t threshold, float drop_scale) {
   constexpr int QT = FA_BWD_QT;
   __shared__ float s_dot[FA_BWD_MAX_S], s_lse[FA_BWD_MAX_S];
-  __shared__ __align__(32) float s_tile[FA_BWD_MAX_S / 16][16 * QT];
-  __shared__ __align__(32) __nv_bfloat16 s_probs[FA_BWD_MAX_S / 16][16 * QT];
+  __shared__ __align__(32) float s_tile[FA_BWD_KEYS / 16][16 * QT];
+  __shared__ __align__(32) __nv_bfloat16 s_probs[FA_BWD_KEYS / 16][16 * QT];
   __shared__ __align__(32) float s_dq[QT * FA_D];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int h = blockIdx.x, b = blockIdx.y;
   const int hidden = heads * FA_D, ld = 3 * hidden;
-  const int k0 = warp * 16;
+  const int k0 = blockIdx.z * FA_BWD_KEYS + warp * 16;
+  const bool active = k0 < s;  // a warp past the last key keeps the block's barriers only
   const __nv_bfloat16 *qb = qkv + (size_t)b * s * ld + h * FA_D;  // row i at qb + i * ld
   const __nv_bfloat16 *kb = qb + hidden, *vb = qb + 2 * hidden;
   const __nv_bfloat16 *ob = out + (size_t)b * s * hidden + h * FA_D;  // row i at ob + i * hidden
@@ -843,13 +847,15 @@ extern "C" __global__ void flash_bwd_bf16(const __nv_bfloat16 *qkv, const __nv_b
     wm::fill_fragment(dv[dd], 0.f);
   }
   const int r = lane >> 1, c0 = (lane & 1) * 16;  // this lane's key row, and its half of a step
-  const float bias_k = to_f(bias[(size_t)b * s + k0 + r]);
+  const float bias_k = active ? to_f(bias[(size_t)b * s + k0 + r]) : 0.f;
   // Element (b, h, 0, k0 + r) of the [b, h, s, s] probabilities; query i adds i * s.
   const size_t col_at = ((size_t)b * heads + h) * s * s + k0 + r;
   for (int q0 = 0; q0 < s; q0 += QT) {
     const int n = s - q0 < QT ? s - q0 : QT;
+    // This warp's share of the step (none past the last key).
+    const int tiles = active ? n / 16 : 0;
     // S^T = K Q^T for this warp's keys.
-    for (int j = 0; j < n / 16; j++) {
+    for (int j = 0; j < tiles; j++) {
       FaC acc;
       wm::fill_fragment(acc, 0.f);
       for (int kk = 0; kk < FA_D / 16; kk++) {
@@ -866,7 +872,7 @@ extern "C" __global__ void flash_bwd_bf16(const __nv_bfloat16 *qkv, const __nv_b
     for (int c = 0; c < 16; c++) {
       const int i = q0 + c0 + c;
       p[c] = 0.f;
-      if (c0 + c < n) {
+      if (active && c0 + c < n) {
         p[c] = expf(T[r * QT + c0 + c] * scale + bias_k - s_lse[i]);
         P[r * QT + c0 + c] =
             from_f<__nv_bfloat16>(kept(seed, col_at + (size_t)i * s, threshold) ? p[c] * drop_scale : 0.f);
@@ -875,7 +881,7 @@ extern "C" __global__ void flash_bwd_bf16(const __nv_bfloat16 *qkv, const __nv_b
     __syncwarp();
     // dV += drop(P)^T dO.
     for (int dd = 0; dd < FA_D / 16; dd++)
-      for (int j = 0; j < n / 16; j++) {
+      for (int j = 0; j < tiles; j++) {
         FaA a;
         FaB g;
         wm::load_matrix_sync(a, P + j * 16, QT);
@@ -883,7 +889,7 @@ extern "C" __global__ void flash_bwd_bf16(const __nv_bfloat16 *qkv, const __nv_b
         wm::mma_sync(dv[dd], a, g, dv[dd]);
       }
     // dP^T = V dO^T.
-    for (int j = 0; j < n / 16; j++) {
+    for (int j = 0; j < tiles; j++) {
       FaC acc;
       wm::fill_fragment(acc, 0.f);
       for (int kk = 0; kk < FA_D / 16; kk++) {
@@ -899,7 +905,7 @@ extern "C" __global__ void flash_bwd_bf16(const __nv_bfloat16 *qkv, const __nv_b
     // dS^T over the dropped probabilities' places (their product with dV is done).
     for (int c = 0; c < 16; c++) {
       const int i = q0 + c0 + c;
-      if (c0 + c < n) {
+      if (active && c0 + c < n) {
         const float g = kept(seed, col_at + (size_t)i * s, threshold) ? T[r * QT + c0 + c] * drop_scale : 0.f;
         P[r * QT + c0 + c] = from_f<__nv_bfloat16>(scale * p[c] * (g - s_dot[i]));
       }
@@ -907,7 +913,7 @@ extern "C" __global__ void flash_bwd_bf16(const __nv_bfloat16 *qkv, const __nv_b
     __syncwarp();
     // dK += dS^T Q.
     for (int dd = 0; dd < FA_D / 16; dd++)
-      for (int j = 0; j < n / 16; j++) {
+      for (int j = 0; j < tiles; j++) {
         FaA a;
         FaB qf;
         wm::load_matrix_sync(a, P + j * 16, QT);
@@ -915,7 +921,7 @@ extern "C" __global__ void flash_bwd_bf16(const __nv_bfloat16 *qkv, const __nv_b
         wm::mma_sync(dk[dd], a, qf, dk[dd]);
       }
     // dQ += dS K over this warp's keys: dS is dS^T read column-major.
-    for (int j = 0; j < n / 16; j++)
+    for (int j = 0; j < tiles; j++)
       for (int dd = 0; dd < FA_D / 16; dd++) {
         FaAc a;
         FaB kf;
@@ -931,11 +937,16 @@ extern "C" __global__ void flash_bwd_bf16(const __nv_bfloat16 *qkv, const __nv_b
       }
     __syncthreads();
     for (int e = threadIdx.x; e < n * FA_D; e += blockDim.x) {
-      dqb[(size_t)(q0 + e / FA_D) * ld + e % FA_D] = from_f<__nv_bfloat16>(s_dq[e]);
+      const size_t row = (size_t)b * s + q0 + e / FA_D;
+      if (dq_acc)
+        atomicAdd(&dq_acc[row * hidden + h * FA_D + e % FA_D], s_dq[e]);
+      else
+        dqb[(size_t)(q0 + e / FA_D) * ld + e % FA_D] = from_f<__nv_bfloat16>(s_dq[e]);
       s_dq[e] = 0.f;
     }
     __syncthreads();
   }
+  if (!active) return;
   for (int dd = 0; dd < FA_D / 16; dd++) {
     wm::store_matrix_sync(T, dk[dd], 16, wm::mem_row_major);
     __syncwarp();
@@ -946,6 +957,15 @@ extern "C" __global__ void flash_bwd_bf16(const __nv_bfloat16 *qkv, const __nv_b
     for (int e = lane; e < 256; e += 32) dvb[(size_t)(k0 + e / 16) * ld + dd * 16 + e % 16] = from_f<__nv_bfloat16>(T[e]);
     __syncwarp();
   }
+}
+
+// dqkv[row, 0:hidden] = dq (f32 [rows, hidden]): the q part of flash_bwd_bf16's output where
+// several blocks of keys added into dq.
+extern "C" __global__ void flash_dq_bf16(const float *dq, __nv_bfloat16 *dqkv, size_t rows,
+                                         int hidden) {
+  const size_t n = rows * hidden, stride = (size_t)gridDim.x * blockDim.x;
+  for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += stride)
+    dqkv[(e / hidden) * 3 * hidden + e % hidden] = from_f<__nv_bfloat16>(dq[e]);
 }
 
 #define FOR_TYPES(M) M(float, f32) M(__nv_bfloat16, bf16)
