@@ -119,11 +119,14 @@ impl TextTokenizer {
     }
 }
 
-/// A batch of the examples at `indices`, padded with `pad_id` to the longest of them, on `device`.
+/// A batch of the examples at `indices`, padded with `pad_id` to the longest of them (rounded up
+/// to a multiple of `multiple`: 1 for none; one-pass attention on CUDA takes multiples of 16), on
+/// `device`.
 pub fn make_batch(
     encoded: &Encoded,
     indices: &[usize],
     pad_id: u32,
+    multiple: usize,
     device: &Device,
 ) -> Result<Batch> {
     ensure!(!indices.is_empty(), "cannot build an empty batch");
@@ -140,7 +143,8 @@ pub fn make_batch(
         .into_iter()
         .max()
         .unwrap_or(0)
-        .max(1);
+        .max(1)
+        .next_multiple_of(multiple.max(1));
     let n = indices.len() * width;
     let (mut ids, mut mask, mut types) = (vec![pad_id; n], vec![0u32; n], vec![0u32; n]);
     for (row, &i) in indices.iter().enumerate() {
@@ -289,7 +293,7 @@ pub(crate) mod tests {
             input_ids: vec![vec![2, 4, 3], vec![2, 4, 5, 6, 3], vec![2, 3]],
             type_ids: vec![vec![0; 3], vec![0, 0, 0, 1, 1], vec![0; 2]],
         };
-        let b = make_batch(&enc, &[0, 2], 9, &Device::Cpu).unwrap();
+        let b = make_batch(&enc, &[0, 2], 9, 1, &Device::Cpu).unwrap();
         assert_eq!(
             b.input_ids.to_vec2::<u32>().unwrap(),
             vec![vec![2, 4, 3], vec![2, 3, 9]]
@@ -298,10 +302,20 @@ pub(crate) mod tests {
             b.attention_mask.to_vec2::<u32>().unwrap(),
             vec![vec![1, 1, 1], vec![1, 1, 0]]
         );
-        let b = make_batch(&enc, &[1], 9, &Device::Cpu).unwrap();
+        let b = make_batch(&enc, &[1], 9, 1, &Device::Cpu).unwrap();
         assert_eq!(
             b.token_type_ids.unwrap().to_vec2::<u32>().unwrap(),
             vec![vec![0, 0, 0, 1, 1]]
+        );
+        // Rounded up to a multiple: the padding is masked out like any other.
+        let b = make_batch(&enc, &[0, 2], 9, 4, &Device::Cpu).unwrap();
+        assert_eq!(
+            b.input_ids.to_vec2::<u32>().unwrap(),
+            vec![vec![2, 4, 3, 9], vec![2, 3, 9, 9]]
+        );
+        assert_eq!(
+            b.attention_mask.to_vec2::<u32>().unwrap(),
+            vec![vec![1, 1, 1, 0], vec![1, 1, 0, 0]]
         );
     }
 

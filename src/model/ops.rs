@@ -59,6 +59,18 @@ pub fn fused_blocks() -> bool {
     FUSED_BLOCKS.load(Ordering::Relaxed)
 }
 
+/// The multiple of tokens training batches on `device` are padded to: 16 where one-pass attention
+/// is on (`attention_node::set_flash`) and the device is CUDA, since its kernels take whole tiles
+/// of 16; else 1 (to the longest example). Padding is masked out; only the dropout masks, drawn
+/// over the padded width, differ.
+pub fn train_pad_multiple(device: &Device) -> usize {
+    if device.is_cuda() && super::kernels::attention_node::flash_on() {
+        16
+    } else {
+        1
+    }
+}
+
 thread_local! {
     /// See `set_blocks_on_cpu`.
     static BLOCKS_ON_CPU: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -688,6 +700,17 @@ impl Activation {
 mod tests {
     use super::*;
     use candle_core::Var;
+
+    /// Only CUDA pads for one-pass attention: the CPU has no such kernel, whatever the switch says.
+    #[test]
+    fn the_cpu_never_pads_training_batches_for_one_pass_attention() {
+        let flash = crate::model::kernels::attention_node::flash_on();
+        crate::model::kernels::attention_node::set_flash(true);
+        let on = train_pad_multiple(&Device::Cpu);
+        crate::model::kernels::attention_node::set_flash(flash);
+        assert_eq!(on, 1);
+        assert_eq!(train_pad_multiple(&Device::Cpu), 1);
+    }
 
     /// `|a - b| <= tol * max(1, |b|)` elementwise.
     fn assert_close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {

@@ -44,7 +44,7 @@ pub fn extract(
     order.sort_by_key(|&i| encoded.input_ids[i].len());
     let mut blocks = Vec::new();
     for chunk in order.chunks(spec.batch_size.max(1)) {
-        let batch = make_batch(encoded, chunk, pad_id, device)?;
+        let batch = make_batch(encoded, chunk, pad_id, 1, device)?;
         let states = model
             .hidden_states(&batch)
             .context("hidden states in eval mode")?;

@@ -189,6 +189,8 @@ pub fn finetune(
     let vars: Vec<_> = opt.vars().cloned().collect();
     // Block nodes hand their weights' gradients to the sink (model::grad_sink), past the graph.
     let sink = GradSink::for_masters(vars.iter().map(|v| v.as_tensor()))?;
+    // One-pass attention on CUDA (when on) takes sequences padded to a multiple of 16 tokens.
+    let pad_multiple = crate::model::ops::train_pad_multiple(device);
 
     let steps_per_epoch = train.len().div_ceil(cfg.batch_size);
     let total = match cfg.max_steps {
@@ -224,7 +226,7 @@ pub fn finetune(
             let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
             let mut step_loss = 0f64;
             for micro in batch.chunks(cfg.micro_batch_size) {
-                let inputs = make_batch(&train.encoded, micro, pad_id, device)?;
+                let inputs = make_batch(&train.encoded, micro, pad_id, pad_multiple, device)?;
                 let labels: Vec<Label> = micro.iter().map(|&i| train.labels[i]).collect();
                 let logits = sink
                     .scope(|| trainee.model.forward(&inputs, Mode::Train))
