@@ -128,9 +128,10 @@ pub trait Prims: Send + Sync + 'static {
 
     /// Attention over the q, k and v parts of one product `qkv` `[b, s, 3 · hidden]` (as
     /// `split_part` reads them) in one pass, where the device has such a kernel, it is on
-    /// (`set_flash`; `set_flash_on_cpu` for `CpuPrims`) and `qkv` fits the kernel: the context `[b, s, hidden]` and the log-sum-exp of
-    /// each row of scaled, masked scores, `[b, heads, s]` in f32, from which `flash_backward`
-    /// recomputes the probabilities. `None`: attention runs on the heads (`Core`).
+    /// (`set_flash`; `set_flash_on_cpu` for `CpuPrims`) and `qkv` fits the kernel: the context
+    /// `[b, s, hidden]` and the log-sum-exp of each row of scaled, masked scores, `[b, heads, s]`
+    /// in f32, from which `flash_backward` recomputes the probabilities. `None`: attention runs
+    /// on the heads (`Core`).
     fn flash_forward(
         &self,
         _qkv: &Tensor,

@@ -2074,7 +2074,7 @@ pub fn gather(parts: &[&Tensor], dtype: DType) -> Result<Tensor> {
     })
 }
 
-// ---- split-K: adding the partial products of a weight gradient ------------------------------------
+// ---- split-K: adding the partial products of a weight gradient ----------------------------------
 
 /// `[parts, ..]` summed over the first dimension (`weight_grad`), accumulated in f32.
 struct SplitSum;
