@@ -547,8 +547,31 @@ fn attention_node_check(device: &Device) -> Result<bool> {
 /// the output and the gradients of the input and of the parameters, for the attention and the
 /// feed-forward block. On the CPU the nodes run with their CPU stand-ins, so that the check's
 /// control flow is tested.
+/// A block node against its composed reference on `device` (`block_node::parity_with`, dropout
+/// 0.1), with the device's `Prims`.
+fn block_parity(
+    device: &Device,
+    dtype: DType,
+    block: crate::model::kernels::block_node::Block,
+    dims: crate::model::kernels::block_node::ParityDims,
+) -> candle_core::Result<crate::model::kernels::block_node::Parity> {
+    use crate::model::kernels::{attention_node::CpuPrims, block_node::parity_with};
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => parity_with(
+            crate::model::kernels::cuda::CudaPrims,
+            device,
+            dtype,
+            block,
+            Some(0.1),
+            dims,
+        ),
+        _ => parity_with(CpuPrims, device, dtype, block, Some(0.1), dims),
+    }
+}
+
 fn block_node_check(device: &Device) -> Result<bool> {
-    use crate::model::kernels::{attention_node::CpuPrims, block_node as node};
+    use crate::model::kernels::block_node as node;
     let mut ok = true;
     for precision in [Precision::F32, Precision::Bf16] {
         let dt = precision.compute_dtype();
@@ -556,17 +579,7 @@ fn block_node_check(device: &Device) -> Result<bool> {
             (node::Block::Attention, "attention block"),
             (node::Block::FeedForward, "ffn block"),
         ] {
-            let parity = match device {
-                #[cfg(feature = "cuda")]
-                Device::Cuda(_) => node::parity(
-                    crate::model::kernels::cuda::CudaPrims,
-                    device,
-                    dt,
-                    block,
-                    Some(0.1),
-                )?,
-                _ => node::parity(CpuPrims, device, dt, block, Some(0.1))?,
-            };
+            let parity = block_parity(device, dt, block, node::ParityDims::default())?;
             // bf16: both sides round every product to 8 bits, in different orders.
             let tol = match precision {
                 Precision::F32 => 1e-4,
@@ -600,7 +613,7 @@ fn block_node_check(device: &Device) -> Result<bool> {
 /// device against the CPU's whole product in f32 (from the same rounded operands), then both block
 /// nodes with every weight gradient split, against their composed reference; f32 and bf16.
 fn split_check(device: &Device, parts: usize) -> Result<bool> {
-    use crate::model::kernels::{attention_node::CpuPrims, block_node as node, weight_grad};
+    use crate::model::kernels::{block_node as node, weight_grad};
     let mut ok = true;
     let mut row = |precision: Precision, what: String, value: f32, tol: f64| {
         let pass = within(value, tol);
@@ -642,17 +655,7 @@ fn split_check(device: &Device, parts: usize) -> Result<bool> {
             (node::Block::FeedForward, "ffn block"),
         ] {
             let before = weight_grad::splits_made();
-            let parity = match device {
-                #[cfg(feature = "cuda")]
-                Device::Cuda(_) => node::parity(
-                    crate::model::kernels::cuda::CudaPrims,
-                    device,
-                    dt,
-                    block,
-                    Some(0.1),
-                ),
-                _ => node::parity(CpuPrims, device, dt, block, Some(0.1)),
-            };
+            let parity = block_parity(device, dt, block, node::ParityDims::default());
             let tol = match precision {
                 Precision::F32 => 1e-4,
                 Precision::Bf16 => 1.0 / 16.0,
@@ -683,10 +686,7 @@ fn split_check(device: &Device, parts: usize) -> Result<bool> {
 /// its composed reference in bf16, with dropout: output, input gradient, parameter gradients. A
 /// block that did not run in one pass fails its rows.
 fn flash_check(device: &Device) -> Result<bool> {
-    use crate::model::kernels::{
-        attention_node::{self as attn, CpuPrims},
-        block_node as node,
-    };
+    use crate::model::kernels::block_node as node;
     let dims = node::ParityDims {
         batch: 2,
         seq: 32,
@@ -699,18 +699,7 @@ fn flash_check(device: &Device) -> Result<bool> {
     attn::set_flash(true);
     attn::set_flash_on_cpu(true);
     let (dt, block) = (DType::BF16, node::Block::Attention);
-    let parity = match device {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => node::parity_with(
-            crate::model::kernels::cuda::CudaPrims,
-            device,
-            dt,
-            block,
-            Some(0.1),
-            dims,
-        ),
-        _ => node::parity_with(CpuPrims, device, dt, block, Some(0.1), dims),
-    };
+    let parity = block_parity(device, dt, block, dims);
     attn::set_flash(was);
     attn::set_flash_on_cpu(false);
     let parity = parity?;

@@ -477,6 +477,23 @@ pub fn cpu_storage_of(t: &Tensor, what: &str) -> Result<(CpuStorage, Shape)> {
 #[derive(Debug, Clone, Copy)]
 pub struct CpuPrims;
 
+impl CpuPrims {
+    /// q, k and v of `qkv` split into heads, and the scaled, masked scores `scale · QKᵀ + bias`
+    /// (the one-pass contract's forward and backward both start here).
+    fn flash_scores(
+        &self,
+        qkv: &Tensor,
+        bias: &Tensor,
+        heads: usize,
+        scale: f64,
+    ) -> Result<([Tensor; 3], Tensor)> {
+        let split = |part| self.split_part(qkv, part, 3, heads);
+        let (qh, kh, vh) = (split(0)?, split(1)?, split(2)?);
+        let z = (qh.matmul(&kh.t()?)? * scale)?.broadcast_add(bias)?;
+        Ok(([qh, kh, vh], z))
+    }
+}
+
 impl Prims for CpuPrims {
     fn dropout(&self, x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -513,9 +530,7 @@ impl Prims for CpuPrims {
             return Ok(None);
         }
         let (b, s, width) = qkv.dims3()?;
-        let split = |part| self.split_part(qkv, part, 3, heads);
-        let (qh, kh, vh) = (split(0)?, split(1)?, split(2)?);
-        let z = (qh.matmul(&kh.t()?)? * scale)?.broadcast_add(bias)?;
+        let ([_, _, vh], z) = self.flash_scores(qkv, bias, heads, scale)?;
         let m = z.max_keepdim(D::Minus1)?;
         let lse = (z.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()? + m)?;
         let probs = z.broadcast_sub(&lse)?.exp()?;
@@ -537,9 +552,7 @@ impl Prims for CpuPrims {
     ) -> Result<Tensor> {
         let (b, s, width) = qkv.dims3()?;
         let d = width / (3 * heads);
-        let split = |part| self.split_part(qkv, part, 3, heads);
-        let (qh, kh, vh) = (split(0)?, split(1)?, split(2)?);
-        let z = (qh.matmul(&kh.t()?)? * scale)?.broadcast_add(bias)?;
+        let ([qh, kh, vh], z) = self.flash_scores(qkv, bias, heads, scale)?;
         let probs = z.broadcast_sub(&lse.unsqueeze(D::Minus1)?)?.exp()?;
         let gh = ops::swap12(&dctx.reshape((b, s, heads, d))?)?;
         let dvh = maybe_drop(self, drop, &probs)?.t()?.matmul(&gh)?;
