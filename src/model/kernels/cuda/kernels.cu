@@ -802,6 +802,25 @@ extern "C" __global__ void flash_fwd_bf16(const __nv_bfloat16 *qkv, const __nv_b
   if (c0 == 0) lse[((size_t)b * heads + h) * s + q0 + r] = m + logf(l);
 }
 
+// out[:, 16 j ..] = A B^T for j < tiles, one warp: A 16 rows of FA_D (row stride lda), B 16 * tiles
+// rows of FA_D (row stride ldb), out f32 row-major with row stride ldo (16 x 16 * tiles).
+__device__ __forceinline__ void fa_rows_by_rows(const __nv_bfloat16 *a, int lda,
+                                                const __nv_bfloat16 *b, int ldb, int tiles,
+                                                float *out, int ldo) {
+  for (int j = 0; j < tiles; j++) {
+    FaC acc;
+    wm::fill_fragment(acc, 0.f);
+    for (int kk = 0; kk < FA_D / 16; kk++) {
+      FaA af;
+      FaBc bt;  // rows of B read as columns
+      wm::load_matrix_sync(af, a + kk * 16, lda);
+      wm::load_matrix_sync(bt, b + (size_t)j * 16 * ldb + kk * 16, ldb);
+      wm::mma_sync(acc, af, bt, acc);
+    }
+    wm::store_matrix_sync(out + j * 16, acc, ldo, wm::mem_row_major);
+  }
+}
+
 // The gradients of q, k and v into dqkv (the layout of qkv) given dout, the gradient of the
 // context. Grid (heads, batch, ceil(s / FA_BWD_KEYS)), min(s, FA_BWD_KEYS) / 16 warps: warp w of
 // block z owns keys FA_BWD_KEYS z + 16 w and up (a warp past s only keeps the barriers) and
@@ -855,18 +874,7 @@ extern "C" __global__ void flash_bwd_bf16(const __nv_bfloat16 *qkv, const __nv_b
     // This warp's share of the step (none past the last key).
     const int tiles = active ? n / 16 : 0;
     // S^T = K Q^T for this warp's keys.
-    for (int j = 0; j < tiles; j++) {
-      FaC acc;
-      wm::fill_fragment(acc, 0.f);
-      for (int kk = 0; kk < FA_D / 16; kk++) {
-        FaA kf;
-        FaBc qt;
-        wm::load_matrix_sync(kf, kb + (size_t)k0 * ld + kk * 16, ld);
-        wm::load_matrix_sync(qt, qb + (size_t)(q0 + j * 16) * ld + kk * 16, ld);
-        wm::mma_sync(acc, kf, qt, acc);
-      }
-      wm::store_matrix_sync(T + j * 16, acc, QT, wm::mem_row_major);
-    }
+    fa_rows_by_rows(kb + (size_t)k0 * ld, ld, qb + (size_t)q0 * ld, ld, tiles, T, QT);
     __syncwarp();
     float p[16];
     for (int c = 0; c < 16; c++) {
@@ -889,18 +897,7 @@ extern "C" __global__ void flash_bwd_bf16(const __nv_bfloat16 *qkv, const __nv_b
         wm::mma_sync(dv[dd], a, g, dv[dd]);
       }
     // dP^T = V dO^T.
-    for (int j = 0; j < tiles; j++) {
-      FaC acc;
-      wm::fill_fragment(acc, 0.f);
-      for (int kk = 0; kk < FA_D / 16; kk++) {
-        FaA vf;
-        FaBc gt;
-        wm::load_matrix_sync(vf, vb + (size_t)k0 * ld + kk * 16, ld);
-        wm::load_matrix_sync(gt, gb + (size_t)(q0 + j * 16) * hidden + kk * 16, hidden);
-        wm::mma_sync(acc, vf, gt, acc);
-      }
-      wm::store_matrix_sync(T + j * 16, acc, QT, wm::mem_row_major);
-    }
+    fa_rows_by_rows(vb + (size_t)k0 * ld, ld, gb + (size_t)q0 * hidden, hidden, tiles, T, QT);
     __syncwarp();
     // dS^T over the dropped probabilities' places (their product with dV is done).
     for (int c = 0; c < 16; c++) {
