@@ -10,7 +10,9 @@
 #include <algorithm>
 #include <cstdio>
 #include <functional>
+#include <map>
 #include <random>
+#include <set>
 #include <string>
 
 using bf16 = __nv_bfloat16;
@@ -856,6 +858,41 @@ static void flash_check(FlashCase fc, std::mt19937 &rng) {
   }
 }
 
+// The one-pass kernels' lanes walk their rows of shared tiles in orders rotated by the lane
+// (kernels.cu, "Shared-memory banks"); the emulator cannot time a conflict, so this counts them:
+// at each step of a walk, the most distinct 4-byte words one bank is asked for by the warp's 32
+// lanes (1: none; lanes reading one word share it). word(lane, step) is the word a lane touches.
+template <typename F> static int bank_ways(int steps, F word) {
+  int worst = 0;
+  for (int step = 0; step < steps; step++) {
+    std::map<long, std::set<long>> banks;
+    for (int lane = 0; lane < 32; lane++) {
+      const long w = word(lane, step);
+      banks[w % 32].insert(w);
+    }
+    for (const auto &bank : banks) worst = std::max(worst, int(bank.second.size()));
+  }
+  return worst;
+}
+
+static void flash_bank_checks() {
+  // The forward's row passes: f32 scores and context with rows of 64 words, bf16 probabilities
+  // with rows of 32 words (two to a word).
+  check("flash_fwd_bf16: bank conflicts (ways) over f32 rows of 64",
+        bank_ways(32, [](int lane, int j) { return long((lane >> 1) * 64 + fa_fwd_col(lane, j)); }), 1);
+  check("flash_fwd_bf16: bank conflicts (ways) over bf16 rows of 64",
+        bank_ways(32, [](int lane, int j) { return long((lane >> 1) * 64 + fa_fwd_col(lane, j)) / 2; }), 1);
+  // The backward's: f32 S^T and dP^T with rows of FA_BWD_QT, bf16 dS^T, and the per-query D and
+  // log-sum-exp (f32, indexed by the column).
+  constexpr int QT = FA_BWD_QT;
+  check("flash_bwd_bf16: bank conflicts (ways) over f32 rows of 32",
+        bank_ways(16, [](int lane, int c) { return long((lane >> 1) * QT + fa_bwd_col(lane, c)); }), 1);
+  check("flash_bwd_bf16: bank conflicts (ways) over bf16 rows of 32",
+        bank_ways(16, [](int lane, int c) { return long((lane >> 1) * QT + fa_bwd_col(lane, c)) / 2; }), 1);
+  check("flash_bwd_bf16: bank conflicts (ways) over the per-query rows",
+        bank_ways(16, [](int lane, int c) { return long(fa_bwd_col(lane, c)); }), 1);
+}
+
 int main() {
   std::mt19937 rng(20261126);
   for (auto [rows, n, blocks] : {std::tuple{5, 48, 5u}, {7, 200, 3u}, {3, 1100, 1u}, {11, 1024, 2u}, {4, 400, 1u}, {5, 520, 1u}, {6, 700, 2u}}) {
@@ -913,6 +950,7 @@ int main() {
   flash_check({1, 1, 16, 0.3}, rng);   // one tile of each
   flash_check({1, 2, 160, 0.1}, rng);  // two blocks of keys (128 + 32: warps past the end idle),
                                        // dQ summed in f32 and written by flash_dq_bf16
+  flash_bank_checks();
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }

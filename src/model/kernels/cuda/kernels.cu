@@ -724,9 +724,25 @@ using FaB = wm::fragment<wm::matrix_b, 16, 16, 16, __nv_bfloat16, wm::row_major>
 using FaBc = wm::fragment<wm::matrix_b, 16, 16, 16, __nv_bfloat16, wm::col_major>;
 using FaC = wm::fragment<wm::accumulator, 16, 16, 16, float>;
 
+// Shared-memory banks: a warp's 32 accesses at one step run at once only where they fall into
+// different banks (4-byte words mod 32). Where a lane owns a row of a tile whose rows are a whole
+// number of 32 words apart, every lane visiting "its next column" in the same order would hit
+// one bank (a 32-way conflict), so the lanes visit their columns in orders rotated by the lane.
+// The forward: lane 2r + h owns row r of a 64-wide tile and the half h of its columns; at step
+// j (0..31) it takes this column.
+__device__ __forceinline__ int fa_fwd_col(int lane, int j) {
+  return (lane & 1) * 32 + ((j + lane) & 31);
+}
+// The backward: lane 2r + h owns key row r of a step's 32 queries and the half h of them; at
+// step c (0..15) it takes this column.
+__device__ __forceinline__ int fa_bwd_col(int lane, int c) {
+  return (lane & 1) * 16 + ((c + (lane >> 1)) & 15);
+}
+
 // Grid (ceil(s / 64), heads, batch), FA_FWD_WARPS warps; warp w takes query rows
 // 64 * blockIdx.x + 16 * w and up, over key tiles of 64 with the running max and sum of each row
-// (two lanes a row, 32 columns each); the context accumulates in shared memory in f32.
+// (two lanes a row, 32 columns each); the context accumulates in shared memory in
+// f32 and is written out a row at a time by the whole warp.
 extern "C" __global__ void flash_fwd_bf16(const __nv_bfloat16 *qkv, const __nv_bfloat16 *bias,
                                           __nv_bfloat16 *out, float *lse, int s, int heads,
                                           float scale, uint64_t seed, uint32_t threshold,
@@ -734,6 +750,7 @@ extern "C" __global__ void flash_fwd_bf16(const __nv_bfloat16 *qkv, const __nv_b
   __shared__ __align__(32) float s_scores[FA_FWD_WARPS][16 * 64];
   __shared__ __align__(32) __nv_bfloat16 s_probs[FA_FWD_WARPS][16 * 64];
   __shared__ __align__(32) float s_ctx[FA_FWD_WARPS][16 * FA_D];
+  __shared__ float s_inv[FA_FWD_WARPS][16];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int h = blockIdx.y, b = blockIdx.z;
   const int q0 = blockIdx.x * (16 * FA_FWD_WARPS) + warp * 16;
@@ -747,8 +764,8 @@ extern "C" __global__ void flash_fwd_bf16(const __nv_bfloat16 *qkv, const __nv_b
   FaA q[FA_D / 16];
   for (int kk = 0; kk < FA_D / 16; kk++)
     wm::load_matrix_sync(q[kk], qkv + ((size_t)b * s + q0) * ld + h * FA_D + kk * 16, ld);
-  const int r = lane >> 1, c0 = (lane & 1) * 32;  // this lane's row, and its half of the columns
-  for (int c = c0; c < c0 + 32; c++) O[r * FA_D + c] = 0.f;
+  const int r = lane >> 1;  // this lane's row
+  for (int j = 0; j < 32; j++) O[r * FA_D + fa_fwd_col(lane, j)] = 0.f;
   float m = -INFINITY, l = 0.f;
   // Element (b, h, q0 + r, 0) of the [b, h, s, s] probabilities: the dropout mask's index.
   const size_t row_at = (((size_t)b * heads + h) * s + q0 + r) * s;
@@ -765,22 +782,30 @@ extern "C" __global__ void flash_fwd_bf16(const __nv_bfloat16 *qkv, const __nv_b
       wm::store_matrix_sync(S + j * 16, acc, 64, wm::mem_row_major);
     }
     __syncwarp();
-    const int c1 = c0 + 32 < n ? c0 + 32 : n;
+    // This lane's scaled, biased score at its step j (-inf past the last key), read twice from
+    // shared memory rather than held (32 more registers a lane cost more blocks an SM).
+    auto score = [&](int j) {
+      const int c = fa_fwd_col(lane, j);
+      return c < n ? S[r * 64 + c] * scale + to_f(bb[k0 + c]) : -INFINITY;
+    };
     float mx = -INFINITY;
-    for (int c = c0; c < c1; c++) mx = fmaxf(mx, S[r * 64 + c] * scale + to_f(bb[k0 + c]));
+    for (int j = 0; j < 32; j++) mx = fmaxf(mx, score(j));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     const float m_new = fmaxf(m, mx);
     const float alpha = expf(m - m_new);
     float sum = 0.f;
-    for (int c = c0; c < c1; c++) {
-      const float p = expf(S[r * 64 + c] * scale + to_f(bb[k0 + c]) - m_new);
-      sum += p;
-      P[r * 64 + c] = from_f<__nv_bfloat16>(kept(seed, row_at + k0 + c, threshold) ? p * drop_scale : 0.f);
+    for (int j = 0; j < 32; j++) {
+      const int c = fa_fwd_col(lane, j);
+      if (c < n) {
+        const float p = expf(score(j) - m_new);
+        sum += p;
+        P[r * 64 + c] = from_f<__nv_bfloat16>(kept(seed, row_at + k0 + c, threshold) ? p * drop_scale : 0.f);
+      }
     }
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     l = l * alpha + sum;
     m = m_new;
-    for (int c = c0; c < c0 + 32; c++) O[r * FA_D + c] *= alpha;
+    for (int j = 0; j < 32; j++) O[r * FA_D + fa_fwd_col(lane, j)] *= alpha;
     __syncwarp();
     for (int dd = 0; dd < FA_D / 16; dd++) {
       FaC acc;
@@ -796,10 +821,15 @@ extern "C" __global__ void flash_fwd_bf16(const __nv_bfloat16 *qkv, const __nv_b
     }
     __syncwarp();
   }
-  const float inv = 1.f / l;
-  __nv_bfloat16 *orow = out + ((size_t)b * s + q0 + r) * hidden + h * FA_D;
-  for (int c = c0; c < c0 + 32; c++) orow[c] = from_f<__nv_bfloat16>(O[r * FA_D + c] * inv);
-  if (c0 == 0) lse[((size_t)b * heads + h) * s + q0 + r] = m + logf(l);
+  if ((lane & 1) == 0) {
+    s_inv[warp][r] = 1.f / l;
+    lse[((size_t)b * heads + h) * s + q0 + r] = m + logf(l);
+  }
+  __syncwarp();
+  // The context, lanes along a row: 64 contiguous bytes a step.
+  __nv_bfloat16 *orow = out + ((size_t)b * s + q0) * hidden + h * FA_D;
+  for (int e = lane; e < 16 * FA_D; e += 32)
+    orow[(size_t)(e / FA_D) * hidden + e % FA_D] = from_f<__nv_bfloat16>(O[e] * s_inv[warp][e / FA_D]);
 }
 
 // out[:, 16 j ..] = A B^T for j < tiles, one warp: A 16 rows of FA_D (row stride lda), B 16 * tiles
@@ -823,12 +853,14 @@ __device__ __forceinline__ void fa_rows_by_rows(const __nv_bfloat16 *a, int lda,
 
 // The gradients of q, k and v into dqkv (the layout of qkv) given dout, the gradient of the
 // context. Grid (heads, batch, ceil(s / FA_BWD_KEYS)), min(s, FA_BWD_KEYS) / 16 warps: warp w of
-// block z owns keys FA_BWD_KEYS z + 16 w and up (a warp past s only keeps the barriers) and
-// accumulates their dK and dV in registers over steps of FA_BWD_QT queries; each step recomputes
-// P^T for its keys from the saved log-sum-exp, then dP^T = V dO^T, dS^T = scale * P^T (drop(dP^T)
-// - D) with D = rowsum(dO * O), and adds dS K into the step's dQ in shared memory (atomics between
-// warps). With one block of keys (dq_acc null) the step's dQ is written out in bf16; with more,
-// it is added into dq_acc (f32 [b, s, hidden], zeroed) with atomics, and flash_dq_bf16 writes it.
+// block z owns keys FA_BWD_KEYS z + 16 w and up (a warp past s takes no keys, only a share of dQ)
+// and accumulates their dK and dV in registers over steps of FA_BWD_QT queries; each step
+// recomputes P^T for its keys from the saved log-sum-exp, then dP^T = V dO^T,
+// dS^T = scale * P^T (drop(dP^T) - D) with D = rowsum(dO * O), and leaves dS^T in shared memory;
+// then the step's dQ = dS K over the block's keys is cut into 16 x 16 tiles, a warp each (no
+// atomics between warps). With one block of keys (dq_acc null) dQ is written out in bf16; with
+// more, it is added into dq_acc (f32 [b, s, hidden], zeroed) with atomics, and flash_dq_bf16
+// writes it.
 extern "C" __global__ void flash_bwd_bf16(const __nv_bfloat16 *qkv, const __nv_bfloat16 *bias,
                                           const __nv_bfloat16 *out, const __nv_bfloat16 *dout,
                                           const float *lse, __nv_bfloat16 *dqkv, float *dq_acc,
@@ -837,35 +869,37 @@ extern "C" __global__ void flash_bwd_bf16(const __nv_bfloat16 *qkv, const __nv_b
   constexpr int QT = FA_BWD_QT;
   __shared__ float s_dot[FA_BWD_MAX_S], s_lse[FA_BWD_MAX_S];
   __shared__ __align__(32) float s_tile[FA_BWD_KEYS / 16][16 * QT];
+  __shared__ __align__(32) float s_grad[FA_BWD_KEYS / 16][16 * QT];
   __shared__ __align__(32) __nv_bfloat16 s_probs[FA_BWD_KEYS / 16][16 * QT];
-  __shared__ __align__(32) float s_dq[QT * FA_D];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   const int h = blockIdx.x, b = blockIdx.y;
   const int hidden = heads * FA_D, ld = 3 * hidden;
-  const int k0 = blockIdx.z * FA_BWD_KEYS + warp * 16;
-  const bool active = k0 < s;  // a warp past the last key keeps the block's barriers only
+  const int kbase = blockIdx.z * FA_BWD_KEYS;  // the block's first key
+  const int key_tiles = (s - kbase < FA_BWD_KEYS ? s - kbase : FA_BWD_KEYS) / 16;
+  const int k0 = kbase + warp * 16;
+  const bool active = warp < key_tiles;
   const __nv_bfloat16 *qb = qkv + (size_t)b * s * ld + h * FA_D;  // row i at qb + i * ld
   const __nv_bfloat16 *kb = qb + hidden, *vb = qb + 2 * hidden;
   const __nv_bfloat16 *ob = out + (size_t)b * s * hidden + h * FA_D;  // row i at ob + i * hidden
   const __nv_bfloat16 *gb = dout + (size_t)b * s * hidden + h * FA_D;
   __nv_bfloat16 *dqb = dqkv + (size_t)b * s * ld + h * FA_D;
   __nv_bfloat16 *dkb = dqb + hidden, *dvb = dqb + 2 * hidden;
-  for (int i = threadIdx.x; i < s; i += blockDim.x) {
-    float acc = 0.f;
-    for (int c = 0; c < FA_D; c++) acc += to_f(ob[(size_t)i * hidden + c]) * to_f(gb[(size_t)i * hidden + c]);
-    s_dot[i] = acc;
-    s_lse[i] = lse[((size_t)b * heads + h) * s + i];
+  // D, a warp a row (lanes along it).
+  for (int i = warp; i < s; i += warps) {
+    const size_t at = (size_t)i * hidden + lane;
+    const float v = warp_sum(to_f(ob[at]) * to_f(gb[at]) + to_f(ob[at + 32]) * to_f(gb[at + 32]));
+    if (lane == 0) s_dot[i] = v;
   }
-  for (int e = threadIdx.x; e < QT * FA_D; e += blockDim.x) s_dq[e] = 0.f;
+  for (int i = threadIdx.x; i < s; i += blockDim.x) s_lse[i] = lse[((size_t)b * heads + h) * s + i];
   __syncthreads();
-  float *T = s_tile[warp];
+  float *T = s_tile[warp], *G = s_grad[warp];
   __nv_bfloat16 *P = s_probs[warp];
   FaC dk[FA_D / 16], dv[FA_D / 16];
   for (int dd = 0; dd < FA_D / 16; dd++) {
     wm::fill_fragment(dk[dd], 0.f);
     wm::fill_fragment(dv[dd], 0.f);
   }
-  const int r = lane >> 1, c0 = (lane & 1) * 16;  // this lane's key row, and its half of a step
+  const int r = lane >> 1;  // this lane's key row
   const float bias_k = active ? to_f(bias[(size_t)b * s + k0 + r]) : 0.f;
   // Element (b, h, 0, k0 + r) of the [b, h, s, s] probabilities; query i adds i * s.
   const size_t col_at = ((size_t)b * heads + h) * s * s + k0 + r;
@@ -876,15 +910,13 @@ extern "C" __global__ void flash_bwd_bf16(const __nv_bfloat16 *qkv, const __nv_b
     // S^T = K Q^T for this warp's keys.
     fa_rows_by_rows(kb + (size_t)k0 * ld, ld, qb + (size_t)q0 * ld, ld, tiles, T, QT);
     __syncwarp();
-    float p[16];
+    // P^T from S^T in T, the lanes along their key row.
+    auto prob = [&](int col) { return expf(T[r * QT + col] * scale + bias_k - s_lse[q0 + col]); };
     for (int c = 0; c < 16; c++) {
-      const int i = q0 + c0 + c;
-      p[c] = 0.f;
-      if (active && c0 + c < n) {
-        p[c] = expf(T[r * QT + c0 + c] * scale + bias_k - s_lse[i]);
-        P[r * QT + c0 + c] =
-            from_f<__nv_bfloat16>(kept(seed, col_at + (size_t)i * s, threshold) ? p[c] * drop_scale : 0.f);
-      }
+      const int col = fa_bwd_col(lane, c), i = q0 + col;
+      if (active && col < n)
+        P[r * QT + col] =
+            from_f<__nv_bfloat16>(kept(seed, col_at + (size_t)i * s, threshold) ? prob(col) * drop_scale : 0.f);
     }
     __syncwarp();
     // dV += drop(P)^T dO.
@@ -896,15 +928,15 @@ extern "C" __global__ void flash_bwd_bf16(const __nv_bfloat16 *qkv, const __nv_b
         wm::load_matrix_sync(g, gb + (size_t)(q0 + j * 16) * hidden + dd * 16, hidden);
         wm::mma_sync(dv[dd], a, g, dv[dd]);
       }
-    // dP^T = V dO^T.
-    fa_rows_by_rows(vb + (size_t)k0 * ld, ld, gb + (size_t)q0 * hidden, hidden, tiles, T, QT);
+    // dP^T = V dO^T, beside S^T.
+    fa_rows_by_rows(vb + (size_t)k0 * ld, ld, gb + (size_t)q0 * hidden, hidden, tiles, G, QT);
     __syncwarp();
     // dS^T over the dropped probabilities' places (their product with dV is done).
     for (int c = 0; c < 16; c++) {
-      const int i = q0 + c0 + c;
-      if (active && c0 + c < n) {
-        const float g = kept(seed, col_at + (size_t)i * s, threshold) ? T[r * QT + c0 + c] * drop_scale : 0.f;
-        P[r * QT + c0 + c] = from_f<__nv_bfloat16>(scale * p[c] * (g - s_dot[i]));
+      const int col = fa_bwd_col(lane, c), i = q0 + col;
+      if (active && col < n) {
+        const float g = kept(seed, col_at + (size_t)i * s, threshold) ? G[r * QT + col] * drop_scale : 0.f;
+        P[r * QT + col] = from_f<__nv_bfloat16>(scale * prob(col) * (g - s_dot[i]));
       }
     }
     __syncwarp();
@@ -917,31 +949,32 @@ extern "C" __global__ void flash_bwd_bf16(const __nv_bfloat16 *qkv, const __nv_b
         wm::load_matrix_sync(qf, qb + (size_t)(q0 + j * 16) * ld + dd * 16, ld);
         wm::mma_sync(dk[dd], a, qf, dk[dd]);
       }
-    // dQ += dS K over this warp's keys: dS is dS^T read column-major.
-    for (int j = 0; j < tiles; j++)
-      for (int dd = 0; dd < FA_D / 16; dd++) {
+    __syncthreads();  // every warp's dS^T is in s_probs
+    // dQ tile (query tile j, column tile dd) = sum over the block's key tiles w of dS_w K_w, dS_w
+    // being warp w's dS^T read column-major.
+    for (int t = warp; t < (n / 16) * (FA_D / 16); t += warps) {
+      const int j = t / (FA_D / 16), dd = t % (FA_D / 16);
+      FaC acc;
+      wm::fill_fragment(acc, 0.f);
+      for (int w = 0; w < key_tiles; w++) {
         FaAc a;
         FaB kf;
-        FaC acc;
-        wm::fill_fragment(acc, 0.f);
-        wm::load_matrix_sync(a, P + j * 16, QT);
-        wm::load_matrix_sync(kf, kb + (size_t)k0 * ld + dd * 16, ld);
+        wm::load_matrix_sync(a, s_probs[w] + j * 16, QT);
+        wm::load_matrix_sync(kf, kb + (size_t)(kbase + w * 16) * ld + dd * 16, ld);
         wm::mma_sync(acc, a, kf, acc);
-        wm::store_matrix_sync(T, acc, 16, wm::mem_row_major);
-        __syncwarp();
-        for (int e = lane; e < 256; e += 32) atomicAdd(&s_dq[(j * 16 + e / 16) * FA_D + dd * 16 + e % 16], T[e]);
-        __syncwarp();
       }
-    __syncthreads();
-    for (int e = threadIdx.x; e < n * FA_D; e += blockDim.x) {
-      const size_t row = (size_t)b * s + q0 + e / FA_D;
-      if (dq_acc)
-        atomicAdd(&dq_acc[row * hidden + h * FA_D + e % FA_D], s_dq[e]);
-      else
-        dqb[(size_t)(q0 + e / FA_D) * ld + e % FA_D] = from_f<__nv_bfloat16>(s_dq[e]);
-      s_dq[e] = 0.f;
+      wm::store_matrix_sync(T, acc, 16, wm::mem_row_major);
+      __syncwarp();
+      for (int e = lane; e < 256; e += 32) {
+        const int i = q0 + j * 16 + e / 16, c = dd * 16 + e % 16;
+        if (dq_acc)
+          atomicAdd(&dq_acc[((size_t)b * s + i) * hidden + h * FA_D + c], T[e]);
+        else
+          dqb[(size_t)i * ld + c] = from_f<__nv_bfloat16>(T[e]);
+      }
+      __syncwarp();
     }
-    __syncthreads();
+    __syncthreads();  // the next step writes s_probs
   }
   if (!active) return;
   for (int dd = 0; dd < FA_D / 16; dd++) {
