@@ -40,12 +40,15 @@ impl DeviceRequest {
                 if !candle_core::utils::cuda_is_available() {
                     bail!("--device cuda:{n}: this build of recycle has no CUDA support (rebuild with `--features cuda`)");
                 }
-                Device::new_cuda(n)
-                    .with_context(|| format!("--device cuda:{n}: cannot open the GPU"))
+                let device = Device::new_cuda(n)
+                    .with_context(|| format!("--device cuda:{n}: cannot open the GPU"))?;
+                set_buffer_events(&device, false);
+                Ok(device)
             }
             Self::Auto => {
                 if candle_core::utils::cuda_is_available() {
                     if let Ok(d) = Device::new_cuda(0) {
+                        set_buffer_events(&d, false);
                         return Ok(d);
                     }
                 }
@@ -53,6 +56,31 @@ impl DeviceRequest {
             }
         }
     }
+}
+
+/// Whether CUDA buffers allocated from now on carry cudarc's read and write events; returns
+/// whether they do after the call. cudarc creates two events with every buffer and destroys them
+/// with it (four driver calls, and as many context checks, per tensor: a training step allocates
+/// hundreds), and uses them only to order work between streams of one context. recycle drives
+/// one stream a device (candle's per-thread stream) from one thread, so an opened device turns
+/// them off; where the context already has more streams they stay on. `gpu-check` turns them back
+/// on to time what they cost. Not CUDA: nothing to do (false).
+pub fn set_buffer_events(device: &Device, on: bool) -> bool {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        let context = cuda.cuda_stream().context().clone();
+        if on {
+            // SAFETY: buffers with events order themselves against every stream; those without
+            // (allocated while off) are used on this device's one stream only.
+            unsafe { context.enable_event_tracking() };
+        } else if !context.is_in_multi_stream_mode() {
+            // SAFETY: one stream in this context, so no buffer is used on another stream.
+            unsafe { context.disable_event_tracking() };
+        }
+        return context.is_event_tracking();
+    }
+    let _ = (device, on);
+    false
 }
 
 /// A short human-readable name of a device, recorded in results ("cpu", "cuda:0").

@@ -946,6 +946,18 @@ fn bench_one(
     let sink_on = grad_sink::enabled();
     let mut baseline = train;
     let mut ab: Vec<(String, f64, Result<f64>)> = Vec::new();
+    // cudarc's events on every buffer (off on an opened CUDA device): "on" is the default,
+    // without them.
+    if device.is_cuda() && !crate::device::set_buffer_events(device, false) {
+        crate::device::set_buffer_events(device, true);
+        let with = time_it(device, args.warmup, args.steps, || step(&mut opt));
+        crate::device::set_buffer_events(device, false);
+        let what = "no CUDA events per buffer".to_string();
+        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
+        if let Some(off) = reported(with, at) {
+            ab.push((what, train, Ok(off)));
+        }
+    }
     // The weight gradients split over the rows (off in training unless chosen): "on" is the split.
     let parts = args.weight_grad_split as usize;
     if parts > 1 {
