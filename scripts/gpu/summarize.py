@@ -72,16 +72,19 @@ def main():
         print(f"{k[0]:<18}{k[1]:<6}{k[2]:<7}{k[3]:>6}{f(o)}{f(e)}{f(s)} {ratio(e)}{ratio(s)}{mfu}")
     phases = [r for r in rows if r["kind"] == "phases"]
     if phases:
-        print("\n== training step phases (ms per step, device drained after each phase)")
+        print("\n== training step phases (ms per step, device drained after each phase; host: "
+              "until the call returned, before draining)")
         print(f"{'shape':<18}{'prec':<6}{'batch':>6} {'impl':<15}{'forward':>9}{'backward':>9}{'norm':>7}"
-              "  optimizer")
+              f"{'fwd host':>9}{'bwd host':>9}  optimizer")
         for r in sorted(phases, key=lambda r: (r["shape"], r["precision"], r["batch"], r["impl"])):
             opt = r["optimizer_s"]
             opt = (", ".join(f"{k} {1e3 * v:.1f}" for k, v in opt.items())
                    if isinstance(opt, dict) else f"{1e3 * opt:.1f}")
             norm = f"{1e3 * r['grad_norm_s']:7.1f}" if "grad_norm_s" in r else f"{'-':>7}"
+            hosts = "".join(f"{1e3 * r[k]:9.1f}" if k in r else f"{'-':>9}"
+                            for k in ("forward_host_s", "backward_host_s"))
             print(f"{r['shape']:<18}{r['precision']:<6}{r['batch']:>6} {r['impl']:<15}"
-                  f"{1e3 * r['forward_s']:9.1f}{1e3 * r['backward_s']:9.1f}{norm}  {opt}")
+                  f"{1e3 * r['forward_s']:9.1f}{1e3 * r['backward_s']:9.1f}{norm}{hosts}  {opt}")
     kernels = [r for r in rows if r["kind"] == "kernels"]
     if kernels:
         print("\n== inference forward: fused kernels vs composed ops (ms per batch)")
