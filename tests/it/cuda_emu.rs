@@ -112,12 +112,9 @@ fn launches(rust: &str) -> Vec<(String, usize)> {
         Some(s[start..start + len].to_string())
     };
     let mut out = Vec::new();
-    for pattern in ["func!(dev, ", "get_or_load_custom_func("] {
+    for pattern in ["func!(dev, ", "load_kernel(dev, ", "load_kernel(&dev, "] {
         for (at, _) in rust.match_indices(pattern) {
             let tail = &rust[at + pattern.len()..];
-            if tail.starts_with("&format!(\"{}_{}\"") {
-                continue; // the `func!` macro's own definition
-            }
             let launch = tail
                 .find(".launch(")
                 .expect("a launch after each kernel load");

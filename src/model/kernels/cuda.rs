@@ -12,14 +12,19 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchArgs, LaunchConfig,
+    PushKernelArg,
 };
+use candle_core::cuda_backend::DeviceId;
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
     bail, CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout,
     Result, Shape, Tensor,
 };
 use half::bf16;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::geometry;
 
@@ -51,8 +56,49 @@ fn suffix(dtype: DType) -> Result<&'static str> {
 /// The kernel `name` for `dtype` (loading the module on first use).
 macro_rules! func {
     ($dev:expr, $name:expr, $dtype:expr) => {
-        $dev.get_or_load_custom_func(&format!("{}_{}", $name, suffix($dtype)?), MODULE, PTX)
+        load_kernel($dev, &format!("{}_{}", $name, suffix($dtype)?))
     };
+}
+
+/// One of recycle's kernels with the stream it launches on.
+#[derive(Clone)]
+struct Kernel {
+    stream: Arc<CudaStream>,
+    func: CudaFunction,
+}
+
+impl Kernel {
+    fn builder(&self) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.func)
+    }
+}
+
+thread_local! {
+    /// Kernels already looked up, by device and name. candle's `get_or_load_custom_func` takes a
+    /// lock, builds a C string and asks the driver for the function on every call; a training
+    /// step launches about a thousand kernels, from one thread.
+    static KERNELS: RefCell<HashMap<DeviceId, HashMap<String, Kernel>>> =
+        RefCell::new(HashMap::new());
+}
+
+/// The kernel `name` of recycle's module on `dev` (loading the module on first use).
+fn load_kernel(dev: &CudaDevice, name: &str) -> Result<Kernel> {
+    KERNELS.with(|cache| {
+        if let Some(k) = cache.borrow().get(&dev.id()).and_then(|m| m.get(name)) {
+            return Ok(k.clone());
+        }
+        let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        let k = Kernel {
+            stream: dev.cuda_stream(),
+            func: (*f).clone(),
+        };
+        cache
+            .borrow_mut()
+            .entry(dev.id())
+            .or_default()
+            .insert(name.to_string(), k.clone());
+        Ok(k)
+    })
 }
 
 /// The contiguous elements of a storage as `layout` sees them.
@@ -1197,7 +1243,7 @@ fn launch_swap<T: CudaDType + DeviceRepr>(
         x.slice(plan.x_offset * per..),
         y.slice(plan.y_offset * per..),
     );
-    let f = dev.get_or_load_custom_func(&format!("swap12_u{}", plan.unit * 8), MODULE, PTX)?;
+    let f = load_kernel(dev, &format!("swap12_u{}", plan.unit * 8))?;
     let mut l = f.builder();
     let (a32, b32, c32) = (a as u32, b as u32, c as u32);
     l.arg(&xv)
@@ -1760,7 +1806,7 @@ pub fn adamw_moments(
         );
     }
     let st = f32_whole_mut(state, sl, "adamw moments")?;
-    let f = dev.get_or_load_custom_func("adamw_moments", MODULE, PTX)?;
+    let f = load_kernel(&dev, "adamw_moments")?;
     let mut a = f.builder();
     let (one_b1, one_b2) = (1.0 - beta1, 1.0 - beta2);
     a.arg(st)
@@ -1794,7 +1840,7 @@ pub fn adamw_weights(
         bail!("adamw: {} moments for {n} weights", sl.shape().elem_count());
     }
     let wv = f32_whole_mut(w, wl, "adamw weights")?;
-    let f = dev.get_or_load_custom_func("adamw_weights", MODULE, PTX)?;
+    let f = load_kernel(&dev, "adamw_weights")?;
     let mut a = f.builder();
     a.arg(wv)
         .arg(&sv)
@@ -1920,7 +1966,7 @@ pub fn adamw_multi(items: &[AdamwItem], c: AdamwScalars) -> Result<()> {
     }
     let table = dev.clone_htod(&table)?;
     let (one_b1, one_b2) = (1.0 - c.beta1, 1.0 - c.beta2);
-    let f = dev.get_or_load_custom_func("adamw_multi", MODULE, PTX)?;
+    let f = load_kernel(&dev, "adamw_multi")?;
     let mut a = f.builder();
     a.arg(&table)
         .arg(&count)
@@ -1958,7 +2004,7 @@ pub fn sums_of_squares(grads: &[&Tensor]) -> Result<Vec<f32>> {
     }
     let table = dev.clone_htod(&table)?;
     let sums = dev.alloc_zeros::<f32>(count as usize)?;
-    let f = dev.get_or_load_custom_func("sum_squares_multi", MODULE, PTX)?;
+    let f = load_kernel(&dev, "sum_squares_multi")?;
     let mut a = f.builder();
     a.arg(&table).arg(&count).arg(&sums);
     unsafe { a.launch(multi_launch(blocks)?) }.w()?;
@@ -2029,7 +2075,7 @@ fn launch_gather<T: DeviceRepr>(
         return Ok(());
     }
     let table = dev.clone_htod(table)?;
-    let f = dev.get_or_load_custom_func(kernel, MODULE, PTX)?;
+    let f = load_kernel(dev, kernel)?;
     let mut a = f.builder();
     a.arg(&table).arg(&count).arg(out);
     unsafe { a.launch(multi_launch(blocks)?) }.w()?;
@@ -2219,7 +2265,7 @@ pub fn flash_forward(
     let (seed, threshold, drop_scale) = flash_dropout(drop);
     let (s32, heads32, scale) = (s as i32, heads as i32, scale as f32);
     let dev = qkv.device().as_cuda_device()?;
-    let f = dev.get_or_load_custom_func("flash_fwd_bf16", MODULE, PTX)?;
+    let f = load_kernel(dev, "flash_fwd_bf16")?;
     let mut a = f.builder();
     a.arg(&q_at)
         .arg(&bias_at)
@@ -2293,7 +2339,7 @@ pub fn flash_backward(
     let (seed, threshold, drop_scale) = flash_dropout(drop);
     let (s32, heads32, scale) = (s as i32, heads as i32, scale as f32);
     let dev = qkv.device().as_cuda_device()?;
-    let f = dev.get_or_load_custom_func("flash_bwd_bf16", MODULE, PTX)?;
+    let f = load_kernel(dev, "flash_bwd_bf16")?;
     let mut a = f.builder();
     a.arg(&q_at)
         .arg(&bias_at)
@@ -2317,7 +2363,7 @@ pub fn flash_backward(
     if dq_acc.is_some() {
         let rows = b * s;
         let hidden32 = hidden as i32;
-        let f = dev.get_or_load_custom_func("flash_dq_bf16", MODULE, PTX)?;
+        let f = load_kernel(dev, "flash_dq_bf16")?;
         let mut a = f.builder();
         a.arg(&dq_acc_at).arg(&dqkv_at).arg(&rows).arg(&hidden32);
         unsafe { a.launch(elementwise(rows * hidden)) }.w()?;
