@@ -958,6 +958,19 @@ fn bench_one(
             ab.push((what, train, Ok(off)));
         }
     }
+    // Layer norm's backward in one pass (on by default): "off" is the three kernels.
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() && crate::model::kernels::cuda::layer_norm_one_pass() {
+        use crate::model::kernels::cuda::set_layer_norm_one_pass;
+        set_layer_norm_one_pass(false);
+        let three = time_it(device, args.warmup, args.steps, || step(&mut opt));
+        set_layer_norm_one_pass(true);
+        let what = "layer norm backward in one pass".to_string();
+        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
+        if let Some(off) = reported(three, at) {
+            ab.push((what, train, Ok(off)));
+        }
+    }
     // The weight gradients split over the rows (off in training unless chosen): "on" is the split.
     let parts = args.weight_grad_split as usize;
     if parts > 1 {
@@ -1472,6 +1485,23 @@ fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()>
         ),
     ];
     list.extend(pieces);
+    // The same layer norm backward as three kernels (row statistics, dx, dw and db), the path
+    // before the one-pass kernel (session 10).
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() && crate::model::kernels::cuda::layer_norm_one_pass() {
+        use crate::model::kernels::cuda::set_layer_norm_one_pass;
+        list.push((
+            "in blocks: layer norm dx + branch dropout, three kernels",
+            0,
+            Box::new(|| {
+                set_layer_norm_one_pass(false);
+                let out = prims.layer_norm_backward_dropout(&x_t, &ln_w_t, &y_t, 1e-5, Some(drop));
+                set_layer_norm_one_pass(true);
+                let [_, dh, _, _] = out?;
+                Ok(dh)
+            }),
+        ));
+    }
     let mut total = 0.0;
     for (name, count, f) in &list {
         let fwd = time_it(device, args.warmup, args.steps, || {

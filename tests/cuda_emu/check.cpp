@@ -170,11 +170,12 @@ static void layer_norm(size_t rows, size_t n, unsigned dwdb_blocks, std::mt19937
     check("layer_norm_bwd_dx_drop dh, p 0.3 " + at, rel_err(to_host(dh), want), 4 * tol<T>());
   }
 
+  std::vector<T> dxw(rows * n);  // the warp kernel's dx, which the one-pass kernel's must equal
   if (n <= size_t(LN_WARP_MAX_N)) {
     // The warp-per-row kernels (rows of up to LN_WARP_MAX_N): the same references; fewer rows
     // than the block's eight warps leave some idle.
     const dim3 grid(unsigned((rows + 7) / 8)), warps(32, 8);
-    std::vector<T> yw(rows * n), dxw(rows * n), dx2w(rows * n), dhw(rows * n);
+    std::vector<T> yw(rows * n), dx2w(rows * n), dhw(rows * n);
     emu::launch(grid, warps, [&] {
       if constexpr (std::is_same_v<T, float>)
         layer_norm_fwd_warp_f32(xd.data(), wd.data(), bd.data(), yw.data(), rows, int(n), eps);
@@ -237,6 +238,68 @@ static void layer_norm(size_t rows, size_t n, unsigned dwdb_blocks, std::mt19937
   const std::string blocks = " over " + std::to_string(dwdb_blocks) + " blocks";
   check("layer_norm_bwd_dwdb dw " + at + blocks, rel_err(dw, gw), 4 * tol<T>());
   check("layer_norm_bwd_dwdb db " + at + blocks, rel_err(db, gb), 4 * tol<T>());
+
+  if (n <= size_t(LN_FUSED_MAX_N)) {
+    // The whole backward in one pass, then the blocks' sums added: one block (every warp taking
+    // several rows where there are more than eight) and the grid cuda.rs gives (a block per 16
+    // rows); with and without the dropout output.
+    std::vector<unsigned> grids{1u};
+    if (rows > 16) grids.push_back(unsigned((rows + 15) / 16));
+    for (const unsigned grid : grids) {
+      for (const bool drop : {true, false}) {
+        const uint64_t seed = 29;
+        const float p_drop = drop ? 0.25f : 0.f, drop_scale = 1 / (1 - p_drop);
+        const uint32_t threshold = uint32_t(std::ceil(double(p_drop) * (1 << 24)));
+        std::vector<T> dxf(rows * n), dhf(rows * n);
+        std::vector<float> partial(size_t(grid) * 2 * n, NAN), sums(2 * n, NAN);
+        T *dh_arg = drop ? dhf.data() : nullptr;
+        bool ok = emu::launch(dim3(grid), dim3(32, LN_FUSED_WARPS), [&] {
+          if constexpr (std::is_same_v<T, float>)
+            layer_norm_bwd_fused_f32(xd.data(), wd.data(), dyd.data(), dxf.data(), dh_arg,
+                                     partial.data(), rows, int(n), eps, seed, threshold, drop_scale);
+          else
+            layer_norm_bwd_fused_bf16(xd.data(), wd.data(), dyd.data(), dxf.data(), dh_arg,
+                                      partial.data(), rows, int(n), eps, seed, threshold, drop_scale);
+        });
+        ok &= emu::launch(dim3(unsigned((2 * n + 31) / 32)), dim3(32, 8), [&] {
+          layer_norm_dwdb_sum(partial.data(), sums.data(), int(grid), int(2 * n));
+        });
+        const std::string what = "layer_norm_bwd_fused + layer_norm_dwdb_sum " + at + " over " +
+                                 std::to_string(grid) + (grid == 1 ? " block" : " blocks") +
+                                 (drop ? ", dropout 0.25" : "");
+        check(what + ": dx", ok ? rel_err(to_host(dxf), gx) : INFINITY, 4 * tol<T>());
+        // The warp kernel's dx, bit for bit (the same arithmetic in the same order).
+        double same = 0;
+        for (size_t i = 0; i < dxf.size(); i++)
+          same = std::max(same, double(std::fabs(to_f(dxf[i]) - to_f(dxw[i]))));
+        check(what + ": dx as layer_norm_bwd_dx_warp's", ok ? same : INFINITY, 0.0);
+        if (drop) {
+          Vec want(rows * n);
+          for (size_t i = 0; i < want.size(); i++)
+            want[i] = ref_kept(seed, i, threshold) ? gx[i] * drop_scale : 0.0;
+          check(what + ": dh", ok ? rel_err(to_host(dhf), want) : INFINITY, 4 * tol<T>());
+        }
+        const std::vector<float> fdw(sums.begin(), sums.begin() + n), fdb(sums.begin() + n, sums.end());
+        check(what + ": dw", ok ? rel_err(fdw, gw) : INFINITY, 4 * tol<T>());
+        check(what + ": db", ok ? rel_err(fdb, gb) : INFINITY, 4 * tol<T>());
+      }
+    }
+  }
+}
+
+// layer_norm_dwdb_sum alone, with more blocks' partial sums than its eight warps (each adds
+// several) and columns past a whole number of its 32.
+static void dwdb_sum_check(int blocks, int n2, std::mt19937 &rng) {
+  const Vec partial = randn(size_t(blocks) * n2, rng);
+  std::vector<float> pd(partial.begin(), partial.end()), out(n2, NAN);
+  Vec want(n2, 0.0);
+  for (int b = 0; b < blocks; b++)
+    for (int c = 0; c < n2; c++) want[c] += double(pd[size_t(b) * n2 + c]);
+  const bool ok = emu::launch(dim3(unsigned((n2 + 31) / 32)), dim3(32, 8), [&] {
+    layer_norm_dwdb_sum(pd.data(), out.data(), blocks, n2);
+  });
+  check("layer_norm_dwdb_sum: " + std::to_string(blocks) + " blocks of " + std::to_string(n2),
+        ok ? rel_err(out, want) : INFINITY, 1e-6);
 }
 
 // ---- scaled masked softmax -------------------------------------------------------------------
@@ -895,10 +958,12 @@ static void flash_bank_checks() {
 
 int main() {
   std::mt19937 rng(20261126);
-  for (auto [rows, n, blocks] : {std::tuple{5, 48, 5u}, {7, 200, 3u}, {3, 1100, 1u}, {11, 1024, 2u}, {4, 400, 1u}, {5, 520, 1u}, {6, 700, 2u}}) {
+  for (auto [rows, n, blocks] : {std::tuple{5, 48, 5u}, {37, 96, 2u}, {7, 200, 3u}, {3, 1100, 1u}, {11, 1024, 2u}, {4, 400, 1u}, {5, 520, 1u}, {6, 700, 2u}}) {
     layer_norm<float>(rows, n, blocks, rng);
     layer_norm<bf16>(rows, n, blocks, rng);
   }
+  dwdb_sum_check(21, 70, rng);
+  dwdb_sum_check(3, 1536, rng);
   softmax<float>(3, 5, 40, rng);  // 15 rows: the last block of 8 warps has idle warps
   softmax<bf16>(3, 5, 40, rng);
   softmax<float>(2, 3, 7, rng);  // a row shorter than a warp

@@ -9,12 +9,21 @@ use std::path::Path;
 use std::process::Command;
 
 /// The kernels `kernels.cu` defines, without their `_f32`/`_bf16` suffix.
+/// What follows a kernel's `__launch_bounds__(..)`, if it has one, else `rest` itself.
+fn past_launch_bounds(rest: &str) -> &str {
+    match rest.strip_prefix("__launch_bounds__(") {
+        Some(args) => args[args.find(')').map_or(0, |i| i + 1)..].trim_start(),
+        None => rest,
+    }
+}
+
 fn kernel_names(source: &str) -> Vec<String> {
     let mut names = Vec::new();
     for line in source.lines() {
         let Some(rest) = line.split("__global__ void ").nth(1) else {
             continue;
         };
+        let rest = past_launch_bounds(rest);
         let name: String = rest
             .chars()
             .take_while(|c| c.is_alphanumeric() || *c == '_')
@@ -88,7 +97,7 @@ fn every_cuda_kernel_matches_its_reference_on_the_cpu() {
 fn kernel_arities(source: &str) -> Vec<(String, usize)> {
     let mut out = Vec::new();
     for (at, _) in source.match_indices("__global__ void ") {
-        let rest = &source[at + "__global__ void ".len()..];
+        let rest = past_launch_bounds(&source[at + "__global__ void ".len()..]);
         let first_line = rest.lines().next().unwrap_or_default();
         let name = kernel_names(&format!("__global__ void {first_line}"))
             .into_iter()

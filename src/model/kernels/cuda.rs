@@ -24,6 +24,7 @@ use candle_core::{
 use half::bf16;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::geometry;
@@ -278,11 +279,157 @@ impl CustomOp3 for LayerNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let dx = x.apply_op3_no_bwd(w, &grad, &LayerNormDx { eps: self.eps })?;
-        let [dw, db] = layer_norm_dwdb(x, &grad, self.eps, x.dtype())?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        let [dx, _, dw, db] = layer_norm_backward(x, w, grad, self.eps, None)?;
+        Ok((
+            Some(dx),
+            Some(dw.to_dtype(x.dtype())?),
+            Some(db.to_dtype(x.dtype())?),
+        ))
     }
+}
+
+/// Whether layer norm's backward runs in one pass where its rows fit (on unless turned off).
+static LN_ONE_PASS: AtomicBool = AtomicBool::new(true);
+
+/// Turns the one-pass layer norm backward (`layer_norm_bwd_fused`) on or off; off, every row
+/// takes the three kernels (row statistics, dx, dw and db with an atomic per column and block).
+/// `gpu-check` times both.
+pub fn set_layer_norm_one_pass(on: bool) {
+    LN_ONE_PASS.store(on, Ordering::Relaxed);
+}
+
+/// Whether the one-pass layer norm backward is on.
+pub fn layer_norm_one_pass() -> bool {
+    LN_ONE_PASS.load(Ordering::Relaxed)
+}
+
+/// The longest row the one-pass backward takes (`LN_FUSED_MAX_N` in kernels.cu).
+const LN_FUSED_MAX_N: usize = 768;
+
+/// Layer norm's backward over `x` `[.., n]` given `dy`: `[dx, dh, dw, db]`, where `dh` is `dx`
+/// through the branch's dropout `drop` (`dx` itself without one) and `dw`, `db` are f32. In one
+/// pass over `x` and `dy` where the switch is on and `n` is at most `LN_FUSED_MAX_N`, else the
+/// three kernels.
+fn layer_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f32,
+    drop: Option<Dropout>,
+) -> Result<[Tensor; 4]> {
+    let (x, w, dy) = (x.contiguous()?, w.contiguous()?, dy.contiguous()?);
+    let n = x.dims().last().copied().unwrap_or(0);
+    if layer_norm_one_pass() && n > 0 && n <= LN_FUSED_MAX_N {
+        return layer_norm_backward_one_pass(&x, &w, &dy, eps, drop);
+    }
+    let [dw, db] = layer_norm_dwdb(&x, &dy, eps, DType::F32)?;
+    match drop {
+        None => {
+            let dx = x.apply_op3_no_bwd(&w, &dy, &LayerNormDx { eps })?;
+            Ok([dx.clone(), dx, dw, db])
+        }
+        Some(drop) => {
+            let both = x.apply_op3_no_bwd(&w, &dy, &LayerNormDxDrop { eps, drop })?;
+            Ok([both.get(0)?, both.get(1)?, dw, db])
+        }
+    }
+}
+
+/// The device address of `t`'s first element, f32 or bf16.
+fn address(t: &Tensor, whole: bool, what: &str) -> Result<u64> {
+    match t.dtype() {
+        DType::F32 => device_address::<f32>(t, whole, what),
+        DType::BF16 => device_address::<bf16>(t, whole, what),
+        other => bail!("{what}: f32 or bf16, not {other:?}"),
+    }
+}
+
+/// `layer_norm_backward` in one pass (contiguous operands, `n` at most `LN_FUSED_MAX_N`):
+/// `layer_norm_bwd_fused` writes dx (and dh) and each block's sums of dw and db, and
+/// `layer_norm_dwdb_sum` adds the blocks in a fixed order.
+fn layer_norm_backward_one_pass(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f32,
+    drop: Option<Dropout>,
+) -> Result<[Tensor; 4]> {
+    let what = "layer norm backward";
+    let dtype = x.dtype();
+    let n = x.dims().last().copied().unwrap_or(0);
+    let rows = x.elem_count() / n.max(1);
+    if dy.dims() != x.dims() || w.dims() != [n] || dy.dtype() != dtype || w.dtype() != dtype {
+        bail!(
+            "{what}: x {:?} {dtype:?}, w {:?} {:?}, dy {:?} {:?}",
+            x.dims(),
+            w.dims(),
+            w.dtype(),
+            dy.dims(),
+            dy.dtype()
+        );
+    }
+    let outputs = if drop.is_some() { 2 } else { 1 };
+    let out = uninit(x, &[outputs, rows, n], dtype)?;
+    let blocks = geometry::ln_fused_blocks(rows);
+    let partial = uninit(x, &[blocks as usize, 2 * n], DType::F32)?;
+    let dwdb = uninit(x, &[2, n], DType::F32)?;
+    let (x_at, w_at, dy_at) = (
+        address(x, false, what)?,
+        address(w, false, what)?,
+        address(dy, false, what)?,
+    );
+    let dx_at = address(&out, true, what)?;
+    let dh_at = if drop.is_some() {
+        dx_at + (rows * n * dtype.size_in_bytes()) as u64
+    } else {
+        0
+    };
+    let (partial_at, dwdb_at) = (
+        f32_address(&partial, true, what)?,
+        f32_address(&dwdb, true, what)?,
+    );
+    let (seed, threshold, scale) = drop
+        .as_ref()
+        .map_or((0, 0, 1.0), |d| (d.seed, d.threshold, d.scale));
+    let n_i = n as i32;
+    let dev = x.device().as_cuda_device()?;
+    let f = func!(dev, "layer_norm_bwd_fused", dtype)?;
+    let mut a = f.builder();
+    a.arg(&x_at)
+        .arg(&w_at)
+        .arg(&dy_at)
+        .arg(&dx_at)
+        .arg(&dh_at)
+        .arg(&partial_at)
+        .arg(&rows)
+        .arg(&n_i)
+        .arg(&eps)
+        .arg(&seed)
+        .arg(&threshold)
+        .arg(&scale);
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (32, geometry::LN_FUSED_WARPS as u32, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { a.launch(cfg) }.w()?;
+    let (blocks_i, n2) = (blocks as i32, 2 * n_i);
+    let f = load_kernel(dev, "layer_norm_dwdb_sum")?;
+    let mut a = f.builder();
+    a.arg(&partial_at).arg(&dwdb_at).arg(&blocks_i).arg(&n2);
+    let cfg = LaunchConfig {
+        grid_dim: ((2 * n).div_ceil(32) as u32, 1, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { a.launch(cfg) }.w()?;
+    let dx = out.get(0)?.reshape(x.shape())?;
+    let dh = if drop.is_some() {
+        out.get(1)?.reshape(x.shape())?
+    } else {
+        dx.clone()
+    };
+    Ok([dx, dh, dwdb.get(0)?, dwdb.get(1)?])
 }
 
 /// The weight and bias gradients of layer norm over `x` given `dy` (contiguous), in `dtype` (the
@@ -1521,10 +1668,7 @@ impl super::attention_node::Prims for CudaPrims {
         dy: &Tensor,
         eps: f64,
     ) -> Result<[Tensor; 3]> {
-        let eps = eps as f32;
-        let (x, dy) = (x.contiguous()?, dy.contiguous()?);
-        let dx = x.apply_op3_no_bwd(&w.contiguous()?, &dy, &LayerNormDx { eps })?;
-        let [dw, db] = layer_norm_dwdb(&x, &dy, eps, DType::F32)?;
+        let [dx, _, dw, db] = layer_norm_backward(x, w, dy, eps as f32, None)?;
         Ok([dx, dw, db])
     }
 
@@ -1545,22 +1689,8 @@ impl super::attention_node::Prims for CudaPrims {
         eps: f64,
         drop: Option<SeededDropout>,
     ) -> Result<[Tensor; 4]> {
-        let Some(d) = drop else {
-            let [dx, dw, db] = self.layer_norm_backward(x, w, dy, eps)?;
-            return Ok([dx.clone(), dx, dw, db]);
-        };
-        let eps = eps as f32;
-        let (x, dy) = (x.contiguous()?, dy.contiguous()?);
-        let both = x.apply_op3_no_bwd(
-            &w.contiguous()?,
-            &dy,
-            &LayerNormDxDrop {
-                eps,
-                drop: Dropout::new(d.p, d.seed),
-            },
-        )?;
-        let [dw, db] = layer_norm_dwdb(&x, &dy, eps, DType::F32)?;
-        Ok([both.get(0)?, both.get(1)?, dw, db])
+        let drop = drop.map(|d| Dropout::new(d.p, d.seed));
+        layer_norm_backward(x, w, dy, eps as f32, drop)
     }
 
     fn bias_gelu(&self, y: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {

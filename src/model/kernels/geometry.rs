@@ -96,9 +96,31 @@ pub fn bias_columns_per_thread(elem: usize, n: usize, offsets: &[usize]) -> usiz
     }
 }
 
+/// Warps a block of the one-pass layer norm backward (`LN_FUSED_WARPS` in kernels.cu) has.
+pub const LN_FUSED_WARPS: usize = 8;
+
+/// Blocks of the one-pass layer norm backward (`layer_norm_bwd_fused`) for `rows` rows: one per 16
+/// rows (each warp takes two), at most 512 (past 8,192 rows each warp takes more, and the blocks'
+/// partial sums stay at most 512 rows of `2n`).
+pub fn ln_fused_blocks(rows: usize) -> u32 {
+    rows.div_ceil(2 * LN_FUSED_WARPS).clamp(1, 512) as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ln_fused_blocks_give_every_warp_rows_and_cap_the_partial_sums() {
+        assert_eq!(ln_fused_blocks(0), 1);
+        assert_eq!(ln_fused_blocks(5), 1);
+        assert_eq!(ln_fused_blocks(17), 2);
+        // roberta-base at batch 32 and seq 128: 4,096 rows, two a warp
+        assert_eq!(ln_fused_blocks(32 * 128), 256);
+        // batch 128: capped, four rows a warp
+        assert_eq!(ln_fused_blocks(128 * 128), 512);
+        assert_eq!(ln_fused_blocks(1 << 30), 512);
+    }
 
     #[test]
     fn swap_unit_is_the_widest_that_divides_the_run_and_the_offset() {

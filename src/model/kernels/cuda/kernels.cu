@@ -344,6 +344,116 @@ __device__ void layer_norm_bwd_dx_warp(const T *x, const T *w, const T *dy, T *d
     layer_norm_bwd_dx_warp_n<32, DROP>(x, w, dy, dx, rows, n, eps, dh, seed, threshold, drop_scale);
 }
 
+// ---- layer norm's backward in one pass ---------------------------------------------------------
+// dx (and, given dh, the branch's gradient through dropout, as layer_norm_bwd_dx_warp writes
+// them, bit for bit) and the weight and bias gradients from one read of x and dy, for rows of up
+// to LN_FUSED_MAX_N. Warp w of the grid (blockDim (32, LN_FUSED_WARPS)) takes rows w, w + warps,
+// ... and sums dy * xhat and dy over them in registers (a lane's slots are the same columns in
+// every row); the block's warps are added in a fixed order into partial[blockIdx.x] ([2, n] f32:
+// dw, then db), and layer_norm_dwdb_sum adds the blocks in a fixed order. Against the three-kernel
+// path (row statistics, dx, dw/db with an atomic per column and block) this reads x once instead
+// of three times and dy once instead of twice, and the same inputs give the same sums every run.
+constexpr int LN_FUSED_WARPS = 8;
+// The longest row it takes: 24 slots a lane for x and 48 for the sums fit the 128 registers of
+// two blocks an SM (ptxas, sm_90); 32 slots would spill. Longer rows take the three kernels.
+constexpr int LN_FUSED_MAX_N = 768;
+
+template <int SLOTS, bool DROP, typename T>
+__device__ void layer_norm_bwd_fused_n(const T *x, const T *w, const T *dy, T *dx, T *dh,
+                                       float *partial, size_t rows, int n, float eps,
+                                       uint64_t seed, uint32_t threshold, float drop_scale,
+                                       float (*s_part)[LN_FUSED_MAX_N]) {
+  const int lane = threadIdx.x, wy = threadIdx.y;
+  float dw[SLOTS], db[SLOTS];
+#pragma unroll
+  for (int k = 0; k < SLOTS; k++) dw[k] = db[k] = 0.f;
+  const size_t warps = (size_t)gridDim.x * blockDim.y;
+  for (size_t row = (size_t)blockIdx.x * blockDim.y + wy; row < rows; row += warps) {
+    float v[SLOTS], mean, rstd;
+    warp_row_stats(x + row * n, n, eps, v, &mean, &rstd);
+    const T *gr = dy + row * n;
+    // dy * w, read again (from cache) where dx needs it rather than held: registers go to the
+    // sums.
+    auto g = [&](int i) { return i < n ? to_f(gr[i]) * to_f(w[i]) : 0.f; };
+    float a = 0.f, c = 0.f;
+#pragma unroll
+    for (int k = 0; k < SLOTS; k++) {
+      const int i = k * 32 + lane;
+      const float gy = i < n ? to_f(gr[i]) : 0.f;
+      v[k] = (v[k] - mean) * rstd;  // now xhat
+      dw[k] += gy * v[k];
+      db[k] += gy;
+      a += g(i);
+      c += g(i) * v[k];
+    }
+    a = warp_sum(a) / n;
+    c = warp_sum(c) / n;
+    T *dxr = dx + row * n;
+#pragma unroll
+    for (int k = 0; k < SLOTS; k++) {
+      const int i = k * 32 + lane;
+      if (i < n) {
+        const T d = from_f<T>(rstd * (g(i) - a - v[k] * c));
+        dxr[i] = d;
+        if constexpr (DROP)
+          dh[row * n + i] =
+              from_f<T>(kept(seed, row * n + i, threshold) ? to_f(d) * drop_scale : 0.f);
+      }
+    }
+  }
+  for (int half = 0; half < 2; half++) {
+#pragma unroll
+    for (int k = 0; k < SLOTS; k++) {
+      const int i = k * 32 + lane;
+      if (i < n) s_part[wy][i] = half == 0 ? dw[k] : db[k];
+    }
+    __syncthreads();
+    for (int i = wy * 32 + lane; i < n; i += 32 * LN_FUSED_WARPS) {
+      float t = 0.f;
+      for (int j = 0; j < LN_FUSED_WARPS; j++) t += s_part[j][i];
+      partial[((size_t)blockIdx.x * 2 + half) * n + i] = t;
+    }
+    __syncthreads();
+  }
+}
+
+// With dh null, no dropout output.
+template <typename T>
+__device__ void layer_norm_bwd_fused(const T *x, const T *w, const T *dy, T *dx, T *dh,
+                                     float *partial, size_t rows, int n, float eps, uint64_t seed,
+                                     uint32_t threshold, float drop_scale) {
+  __shared__ float s_part[LN_FUSED_WARPS][LN_FUSED_MAX_N];
+#define LN_FUSED(SLOTS)                                                                          \
+  (dh ? layer_norm_bwd_fused_n<SLOTS, true>(x, w, dy, dx, dh, partial, rows, n, eps, seed,       \
+                                            threshold, drop_scale, s_part)                       \
+      : layer_norm_bwd_fused_n<SLOTS, false>(x, w, dy, dx, dh, partial, rows, n, eps, seed,      \
+                                             threshold, drop_scale, s_part))
+  if (n <= 256) LN_FUSED(8);
+  else if (n <= 512) LN_FUSED(16);
+  else if (n <= LN_FUSED_MAX_N) LN_FUSED(24);
+  else __trap();
+#undef LN_FUSED
+}
+
+// dwdb[c] = the sum over b < blocks, in order, of partial[b, c] for c < n2 (= 2n): the blocks'
+// sums of layer_norm_bwd_fused. Block (32, 8) takes 32 columns; warp y adds blocks y, y + 8, ...,
+// then the eight are added in order.
+extern "C" __global__ void layer_norm_dwdb_sum(const float *partial, float *dwdb, int blocks,
+                                               int n2) {
+  __shared__ float s[8][32];
+  const int c = blockIdx.x * 32 + threadIdx.x;
+  float t = 0.f;
+  if (c < n2)
+    for (int b = threadIdx.y; b < blocks; b += 8) t += partial[(size_t)b * n2 + c];
+  s[threadIdx.y][threadIdx.x] = t;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < n2) {
+    float u = 0.f;
+    for (int j = 0; j < 8; j++) u += s[j][threadIdx.x];
+    dwdb[c] = u;
+  }
+}
+
 // ---- scaled masked softmax ------------------------------------------------------------------
 // One warp per row of scores [rows, k]; row r belongs to batch element r / rows_per_batch, whose
 // additive mask is bias[batch, :]. p = softmax(scale * s + bias) in f32.
@@ -1027,6 +1137,12 @@ extern "C" __global__ void flash_dq_bf16(const float *dq, __nv_bfloat16 *dqkv, s
                                                         uint64_t seed, uint32_t threshold,       \
                                                         float drop_scale) {                      \
     layer_norm_bwd_dx<T, true>(x, w, dy, dx, n, eps, dh, seed, threshold, drop_scale);           \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(32 * LN_FUSED_WARPS, 2) layer_norm_bwd_fused_##S( \
+      const T *x, const T *w, const T *dy, T *dx, T *dh, float *partial, size_t rows, int n,      \
+      float eps, uint64_t seed, uint32_t threshold, float drop_scale) {                          \
+    layer_norm_bwd_fused<T>(x, w, dy, dx, dh, partial, rows, n, eps, seed, threshold,            \
+                            drop_scale);                                                         \
   }                                                                                              \
   extern "C" __global__ void layer_norm_stats_##S(const T *x, float *stats, size_t rows, int n,   \
                                                   float eps) {                                   \
