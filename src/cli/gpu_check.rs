@@ -947,8 +947,11 @@ fn bench_one(
     let mut baseline = train;
     let mut ab: Vec<(String, f64, Result<f64>)> = Vec::new();
     // cudarc's events on every buffer (off on an opened CUDA device): "on" is the default,
-    // without them.
-    if device.is_cuda() && !crate::device::set_buffer_events(device, false) {
+    // without them. In bf16 only: that is where a step is short enough for the host to bound it.
+    if device.is_cuda()
+        && precision == Precision::Bf16
+        && !crate::device::set_buffer_events(device, false)
+    {
         crate::device::set_buffer_events(device, true);
         let with = time_it(device, args.warmup, args.steps, || step(&mut opt));
         crate::device::set_buffer_events(device, false);
