@@ -1875,6 +1875,24 @@ impl CustomOp2 for EmbeddingBwd {
     }
 }
 
+/// The gather kernel on storages: rows `ids` (u32, flat, contiguous) of `table` `[vocab, n]`
+/// (f32 or bf16, contiguous), as `[ids, n]` (for `embedding_node`).
+pub fn embedding_storage(
+    table: &CudaStorage,
+    tl: &Layout,
+    ids: &CudaStorage,
+    il: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    Embedding.cuda_fwd(table, tl, ids, il)
+}
+
+/// The gradient `[vocab, n]` (f32) of an embedding table whose rows `ids` (u32, flat) received
+/// `grad` `[ids, n]`: the scatter kernel, atomic adds in f32.
+pub fn embedding_table_grad(grad: &Tensor, ids: &Tensor, vocab: usize) -> Result<Tensor> {
+    grad.contiguous()?
+        .apply_op2_no_bwd(&ids.contiguous()?, &EmbeddingBwd { vocab })
+}
+
 /// Rows `ids` (u32, any shape) of `table` `[vocab, n]`, shaped `[ids.., n]`; the table's gradient
 /// is scattered back with atomic adds in f32. An id past the table fails the kernel, reported as a
 /// CUDA error at the next synchronisation.

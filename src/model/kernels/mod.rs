@@ -16,6 +16,7 @@ pub mod attention_node;
 pub mod block_node;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod embedding_node;
 pub mod geometry;
 mod linear;
 mod vecmath;
