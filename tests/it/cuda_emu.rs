@@ -1,14 +1,14 @@
 //! recycle's CUDA kernels on the CPU: `tests/cuda_emu/check.cpp` compiles
 //! `src/model/kernels/cuda/kernels.cu` as C++ against a stand-in for the CUDA toolkit (threads for
 //! a block's threads, barriers for `__syncthreads` and warp shuffles) and checks every kernel
-//! against double-precision references. CI has no GPU and builds without the `cuda` feature, so
+//! against double-precision references, built with the address and undefined-behaviour
+//! sanitizers. CI has no GPU and builds without the `cuda` feature, so
 //! this is what checks the kernels' arithmetic and indexing on every push; `recycle gpu-check`
 //! checks them on a GPU, through the custom ops.
 
 use std::path::Path;
 use std::process::Command;
 
-/// The kernels `kernels.cu` defines, without their `_f32`/`_bf16` suffix.
 /// What follows a kernel's `__launch_bounds__(..)`, if it has one, else `rest` itself.
 fn past_launch_bounds(rest: &str) -> &str {
     match rest.strip_prefix("__launch_bounds__(") {
@@ -17,6 +17,7 @@ fn past_launch_bounds(rest: &str) -> &str {
     }
 }
 
+/// The kernels `kernels.cu` defines, without their `_f32`/`_bf16` suffix.
 fn kernel_names(source: &str) -> Vec<String> {
     let mut names = Vec::new();
     for line in source.lines() {
@@ -53,6 +54,12 @@ fn every_cuda_kernel_matches_its_reference_on_the_cpu() {
             "-pthread",
             "-Wall",
             "-Wno-unknown-pragmas",
+            // An index past a buffer, a shared array or a vector, or undefined arithmetic, in
+            // any kernel ends the run with the sanitizer's report (on a GPU it would corrupt
+            // memory or fault the launch).
+            "-fsanitize=address,undefined",
+            "-fno-sanitize-recover=undefined",
+            "-fno-omit-frame-pointer",
         ])
         .args([
             "-Iinclude",
@@ -70,7 +77,11 @@ fn every_cuda_kernel_matches_its_reference_on_the_cpu() {
     );
     let run = Command::new(&exe).output().unwrap();
     let out = String::from_utf8_lossy(&run.stdout);
-    assert!(run.status.success(), "a kernel check failed:\n{out}");
+    assert!(
+        run.status.success(),
+        "a kernel check failed:\n{out}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
 
     let passes: Vec<&str> = out.lines().filter(|l| l.starts_with("PASS ")).collect();
     let summary = out.lines().last().unwrap_or_default();
