@@ -234,6 +234,28 @@ __device__ void layer_norm_fwd_warp(const T *x, const T *w, const T *b, T *y, si
   else layer_norm_fwd_warp_n<32>(x, w, b, y, rows, n, eps);
 }
 
+// Writes row `row` of dx = rstd (g - a - xhat c) from this lane's slots (xhat in v, g(k) the
+// slot's dy * w; a and c the row's means of g and g * xhat), and with DROP dh = dx through the
+// dropout mask, for the warp-per-row kernels.
+template <int SLOTS, bool DROP, typename T, typename G>
+__device__ __forceinline__ void ln_dx_row_out(const float (&v)[SLOTS], G g, float a, float c,
+                                              float rstd, T *dx, T *dh, size_t row, int n,
+                                              uint64_t seed, uint32_t threshold,
+                                              float drop_scale) {
+  T *dxr = dx + row * n;
+#pragma unroll
+  for (int k = 0; k < SLOTS; k++) {
+    const int i = k * 32 + threadIdx.x;
+    if (i < n) {
+      const T d = from_f<T>(rstd * (g(k) - a - v[k] * c));
+      dxr[i] = d;
+      if constexpr (DROP)
+        dh[row * n + i] =
+            from_f<T>(kept(seed, row * n + i, threshold) ? to_f(d) * drop_scale : 0.f);
+    }
+  }
+}
+
 // layer_norm_bwd_dx (with DROP, also dh) for one row per warp.
 template <int LN_WARP_SLOTS, bool DROP, typename T>
 __device__ void layer_norm_bwd_dx_warp_n(const T *x, const T *w, const T *dy, T *dx, size_t rows,
@@ -256,18 +278,8 @@ __device__ void layer_norm_bwd_dx_warp_n(const T *x, const T *w, const T *dy, T 
   }
   a = warp_sum(a) / n;
   c = warp_sum(c) / n;
-  T *dxr = dx + row * n;
-#pragma unroll
-  for (int k = 0; k < LN_WARP_SLOTS; k++) {
-    const int i = k * 32 + lane;
-    if (i < n) {
-      const T d = from_f<T>(rstd * (g[k] - a - v[k] * c));
-      dxr[i] = d;
-      if constexpr (DROP)
-        dh[row * n + i] =
-            from_f<T>(kept(seed, row * n + i, threshold) ? to_f(d) * drop_scale : 0.f);
-    }
-  }
+  ln_dx_row_out<LN_WARP_SLOTS, DROP>(v, [&](int k) { return g[k]; }, a, c, rstd, dx, dh, row, n,
+                                     seed, threshold, drop_scale);
 }
 
 // The mean and 1/sqrt(var + eps) of each row of x [rows, n], one warp per row (blockDim (32, k)),
@@ -388,18 +400,8 @@ __device__ void layer_norm_bwd_fused_n(const T *x, const T *w, const T *dy, T *d
     }
     a = warp_sum(a) / n;
     c = warp_sum(c) / n;
-    T *dxr = dx + row * n;
-#pragma unroll
-    for (int k = 0; k < SLOTS; k++) {
-      const int i = k * 32 + lane;
-      if (i < n) {
-        const T d = from_f<T>(rstd * (g(i) - a - v[k] * c));
-        dxr[i] = d;
-        if constexpr (DROP)
-          dh[row * n + i] =
-              from_f<T>(kept(seed, row * n + i, threshold) ? to_f(d) * drop_scale : 0.f);
-      }
-    }
+    ln_dx_row_out<SLOTS, DROP>(v, [&](int k) { return g(k * 32 + lane); }, a, c, rstd, dx, dh, row,
+                               n, seed, threshold, drop_scale);
   }
   for (int half = 0; half < 2; half++) {
 #pragma unroll
