@@ -1488,6 +1488,21 @@ fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()>
         ),
     ];
     list.extend(pieces);
+    // The word table as training looks it up on CUDA with a gradient sink in scope: rows from
+    // the f32 master, its gradient deposited with the sink (a fresh sink a call, so that deposits
+    // do not pile up), against the row "embedding: word table" through candle's graph.
+    if device.is_cuda() {
+        list.push((
+            "embedding: word table, gradient to the sink",
+            0,
+            Box::new(|| {
+                let sink = GradSink::for_masters([w_word.as_tensor()])?;
+                let table = cast(&w_word)?;
+                sink.alias(&table, w_word.as_tensor())?;
+                sink.scope(|| ops::embedding(&table, &word_ids))
+            }),
+        ));
+    }
     // The same layer norm backward as three kernels (row statistics, dx, dw and db), the path
     // before the one-pass kernel (session 10).
     #[cfg(feature = "cuda")]
