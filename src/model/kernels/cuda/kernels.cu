@@ -972,8 +972,10 @@ __device__ __forceinline__ void fa_rows_by_rows(const __nv_bfloat16 *a, int lda,
 // then the step's dQ = dS K over the block's keys is cut into 16 x 16 tiles, a warp each (no
 // atomics between warps). With one block of keys (dq_acc null) dQ is written out in bf16; with
 // more, it is added into dq_acc (f32 [b, s, hidden], zeroed) with atomics, and flash_dq_bf16
-// writes it.
-extern "C" __global__ void flash_bwd_bf16(const __nv_bfloat16 *qkv, const __nv_bfloat16 *bias,
+// writes it. The launch bounds hold it to 128 registers, two blocks of 256 threads an SM (ptxas
+// gives it 128 with no spills; the dV and dK loops folded into one device function took it to 130,
+// which would leave one block an SM, so they stay written out).
+extern "C" __global__ void __launch_bounds__(FA_BWD_KEYS / 16 * 32, 2) flash_bwd_bf16(const __nv_bfloat16 *qkv, const __nv_bfloat16 *bias,
                                           const __nv_bfloat16 *out, const __nv_bfloat16 *dout,
                                           const float *lse, __nv_bfloat16 *dqkv, float *dq_acc,
                                           int s, int heads, float scale, uint64_t seed,
