@@ -687,13 +687,7 @@ fn split_check(device: &Device, parts: usize) -> Result<bool> {
 /// block that did not run in one pass fails its rows.
 fn flash_check(device: &Device) -> Result<bool> {
     use crate::model::kernels::block_node as node;
-    let dims = node::ParityDims {
-        batch: 2,
-        seq: 32,
-        hidden: 128,
-        heads: 2,
-        inner: 256,
-    };
+    let dims = node::ParityDims::ONE_PASS;
     let before = attn::flash_runs();
     let was = attn::flash_on();
     attn::set_flash(true);

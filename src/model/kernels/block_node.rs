@@ -625,6 +625,18 @@ pub struct ParityDims {
     pub inner: usize,
 }
 
+impl ParityDims {
+    /// The sizes the one-pass attention checks use (its kernels take heads of 64 and sequences a
+    /// multiple of 16): the CPU test and `gpu-check`'s rows on the device.
+    pub const ONE_PASS: ParityDims = ParityDims {
+        batch: 2,
+        seq: 32,
+        hidden: 128,
+        heads: 2,
+        inner: 256,
+    };
+}
+
 impl Default for ParityDims {
     fn default() -> Self {
         Self {
@@ -846,13 +858,7 @@ mod tests {
     /// the attention block: the same output and gradients as the composed reference, and it ran.
     #[test]
     fn attention_block_in_one_pass_matches_autograd() {
-        let dims = ParityDims {
-            batch: 2,
-            seq: 32,
-            hidden: 128,
-            heads: 2,
-            inner: 256,
-        };
+        let dims = ParityDims::ONE_PASS;
         let before = attn::flash_runs();
         attn::set_flash_on_cpu(true);
         let p = parity_with(
