@@ -6,6 +6,7 @@
 
 use crate::device::{describe, DeviceRequest};
 use crate::model::bert::{BertClassifier, BertConfig, Flavour};
+use crate::model::casting;
 use crate::model::grad_sink::{self, GradSink};
 use crate::model::kernels::attention_node as attn;
 use crate::model::ops::{self, Kernels};
@@ -295,11 +296,18 @@ fn one_step(
     };
     let labels = ids("labels")?;
     let mut opt = AdamW::new(&m.varmap, adamw_defaults(), decays, Kernel::Auto)?;
-    // Gradients as `finetune` takes them: block nodes hand their weights' to a sink.
+    // Gradients as `finetune` takes them: block nodes hand their weights' to a sink. A first
+    // step's gradients are thrown away, so that the compared one runs as training does from its
+    // second step on: in bf16, the masters the nodes took handed over uncast (`model::casting`).
     let sink = GradSink::new(&m.varmap)?;
-    let before = sink.scope(|| m.model.forward(&batch, Mode::Eval))?;
+    let forward = || -> Result<(Tensor, Tensor)> {
+        let logits = sink.scope(|| m.model.forward(&batch, Mode::Eval))?;
+        let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, &labels)?;
+        Ok((logits, loss))
+    };
+    drop(sink.backward(&forward()?.1)?);
+    let (before, loss) = forward()?;
     let inference = m.inference_model()?.forward(&batch, Mode::Eval)?;
-    let loss = candle_nn::loss::cross_entropy(&before.to_dtype(DType::F32)?, &labels)?;
     let grads = sink.backward(&loss)?;
     let mut named = Vec::new();
     for (name, var) in m
@@ -955,6 +963,23 @@ fn bench_one(
             ab.push((what, train, Ok(off)));
         }
     }
+    // Masters that the nodes take handed over uncast (on by default; `model::casting`): "off"
+    // casts every weight at every forward. In bf16 only (f32 casts nothing).
+    if device.is_cuda() && precision == Precision::Bf16 && casting::uncast_claimed() {
+        let (cast, uncast) = casting::last_build();
+        eprintln!(
+            "gpu-check: {} bf16: a training forward casts {cast} weights, hands {uncast} over uncast",
+            shape.name
+        );
+        casting::set_uncast_claimed(false);
+        let all_cast = time_it(device, args.warmup, args.steps, || step(&mut opt));
+        casting::set_uncast_claimed(true);
+        let what = "masters the nodes take, uncast".to_string();
+        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
+        if let Some(off) = reported(all_cast, at) {
+            ab.push((what, train, Ok(off)));
+        }
+    }
     // Layer norm's backward in one pass (on by default): "off" is the three kernels.
     #[cfg(feature = "cuda")]
     if device.is_cuda() && crate::model::kernels::cuda::layer_norm_one_pass() {
@@ -1333,12 +1358,12 @@ fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()>
         (
             "embedding: word table",
             1,
-            Box::new(|| ops::embedding(&cast(&w_word)?, &word_ids)),
+            Box::new(|| ops::embedding(&cast(&w_word)?, &word_ids, dt)),
         ),
         (
             "embedding: position table",
             1,
-            Box::new(|| ops::embedding(&cast(&w_pos)?, &pos_ids)),
+            Box::new(|| ops::embedding(&cast(&w_pos)?, &pos_ids, dt)),
         ),
         (
             "linear h->h (q, k, v, out)",
@@ -1482,18 +1507,17 @@ fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()>
         ),
     ];
     list.extend(pieces);
-    // The word table as training looks it up on CUDA with a gradient sink in scope: rows from
-    // the f32 master, its gradient deposited with the sink (a fresh sink a call, so that deposits
-    // do not pile up), against the row "embedding: word table" through candle's graph.
+    // The word table as training looks it up on CUDA with a gradient sink in scope from its second
+    // step on: the f32 master handed over uncast (`model::casting`), rows gathered from it and
+    // cast, its gradient deposited with the sink (a fresh sink a call, so that deposits do not
+    // pile up), against the row "embedding: word table" (a cast table, candle's graph).
     if device.is_cuda() {
         list.push((
             "embedding: word table, gradient to the sink",
             0,
             Box::new(|| {
                 let sink = GradSink::for_masters([w_word.as_tensor()])?;
-                let table = cast(&w_word)?;
-                sink.alias(&table, w_word.as_tensor())?;
-                sink.scope(|| ops::embedding(&table, &word_ids))
+                sink.scope(|| ops::embedding(w_word.as_tensor(), &word_ids, dt))
             }),
         ));
     }

@@ -19,7 +19,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, TensorId};
 use candle_nn::VarMap;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -31,6 +31,9 @@ struct Inner {
     aliases: HashMap<TensorId, Tensor>,
     /// Deposited gradients by master id, in the master's dtype and shape.
     grads: HashMap<TensorId, Tensor>,
+    /// Masters that a drained step had deposits for: the nodes take them from the sink, so the
+    /// next forward may hand them over uncast (`claimed`).
+    claimed: HashSet<TensorId>,
 }
 
 /// Where block nodes deposit their weights' gradients during one forward and backward (cheap to
@@ -154,6 +157,7 @@ impl GradSink {
         let mut inner = self.lock()?;
         inner.aliases.clear();
         let grads = std::mem::take(&mut inner.grads);
+        inner.claimed.extend(grads.keys().copied());
         for (id, grad) in grads {
             let master =
                 inner.masters.get(&id).cloned().ok_or_else(|| {
@@ -166,6 +170,20 @@ impl GradSink {
             store.insert(&master, sum);
         }
         Ok(())
+    }
+
+    /// Whether a step drained from this sink had a deposit for `master`: a node took the master's
+    /// gradient from the sink instead of the graph, and gathers its weights from the master
+    /// itself, so a mixed-precision forward need not cast it (`model::CastingModel`).
+    pub fn claimed(&self, master: &Tensor) -> bool {
+        self.0
+            .lock()
+            .is_ok_and(|i| i.claimed.contains(&master.id()))
+    }
+
+    /// How many masters are `claimed`.
+    pub fn claimed_count(&self) -> usize {
+        self.0.lock().map_or(0, |i| i.claimed.len())
     }
 
     /// How many gradients are deposited and not yet drained.
@@ -211,6 +229,29 @@ mod tests {
         let g: Vec<f32> = store.get(w.as_tensor()).unwrap().to_vec1().unwrap();
         assert_eq!(g, vec![2.75; 3]);
         assert_eq!((sink.pending(), sink.aliases()), (0, 0));
+    }
+
+    #[test]
+    fn a_master_is_claimed_once_a_drained_step_had_its_deposit() {
+        let dev = Device::Cpu;
+        let (w, u) = (
+            Var::new(&[1f32, 2.0], &dev).unwrap(),
+            Var::new(&[3f32], &dev).unwrap(),
+        );
+        let sink = GradSink::for_masters([w.as_tensor(), u.as_tensor()]).unwrap();
+        sink.deposit(w.as_tensor(), &Tensor::new(&[1f32, 1.0], &dev).unwrap())
+            .unwrap();
+        // Deposited but not yet drained: not claimed.
+        assert!(!sink.claimed(w.as_tensor()));
+        let loss = (u.as_tensor() * 2.0).unwrap().sum_all().unwrap();
+        sink.backward(&loss).unwrap();
+        assert!(sink.claimed(w.as_tensor()));
+        // `u`'s gradient came through the graph.
+        assert!(!sink.claimed(u.as_tensor()));
+        assert_eq!(sink.claimed_count(), 1);
+        // A later step without a deposit for `w` keeps it claimed.
+        sink.backward(&loss).unwrap();
+        assert_eq!(sink.claimed_count(), 1);
     }
 
     #[test]

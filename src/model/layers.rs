@@ -1,9 +1,13 @@
 //! Trainable layers over a `VarBuilder`, with transformers' initialisation as the hint for any
 //! weight the checkpoint lacks (normal(0, initializer_range) weights, zero biases, unit LayerNorm).
+//!
+//! Each layer computes in its builder's dtype. A weight handed over in another one (an uncast f32
+//! master in a mixed-precision forward, `model::casting`) is cast where the layer uses it, a
+//! recorded cast, so its gradient reaches the master; weights in the builder's dtype cost nothing.
 
 use super::kernels::block_node::{Dense, Norm};
 use super::ops;
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 /// A dense layer `x W^T + b` under transformers' names `weight` `[out, in]` and `bias` `[out]`.
@@ -11,6 +15,7 @@ use candle_nn::{Init, VarBuilder};
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    dtype: DType,
 }
 
 impl Linear {
@@ -27,6 +32,7 @@ impl Linear {
         Ok(Self {
             weight,
             bias: Some(bias),
+            dtype: vb.dtype(),
         })
     }
 
@@ -45,7 +51,11 @@ impl Linear {
                 stdev: init_std,
             },
         )?;
-        Ok(Self { weight, bias: None })
+        Ok(Self {
+            weight,
+            bias: None,
+            dtype: vb.dtype(),
+        })
     }
 }
 
@@ -61,7 +71,12 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::linear(x, &self.weight, self.bias.as_ref())
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|b| b.to_dtype(self.dtype))
+            .transpose()?;
+        ops::linear(x, &self.weight.to_dtype(self.dtype)?, bias.as_ref())
     }
 }
 
@@ -72,13 +87,19 @@ pub struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f64,
+    dtype: DType,
 }
 
 impl LayerNorm {
     pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
         let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
         let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
-        Ok(Self { weight, bias, eps })
+        Ok(Self {
+            weight,
+            bias,
+            eps,
+            dtype: vb.dtype(),
+        })
     }
 }
 
@@ -95,7 +116,11 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+        let (w, b) = (
+            self.weight.to_dtype(self.dtype)?,
+            self.bias.to_dtype(self.dtype)?,
+        );
+        ops::layer_norm(x, &w, &b, self.eps)
     }
 }
 
@@ -103,6 +128,7 @@ impl Module for LayerNorm {
 #[derive(Debug, Clone)]
 pub struct Embedding {
     weight: Tensor,
+    dtype: DType,
 }
 
 impl Embedding {
@@ -115,13 +141,16 @@ impl Embedding {
                 stdev: init_std,
             },
         )?;
-        Ok(Self { weight })
+        Ok(Self {
+            weight,
+            dtype: vb.dtype(),
+        })
     }
 }
 
 impl Module for Embedding {
     fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        ops::embedding(&self.weight, ids)
+        ops::embedding(&self.weight, ids, self.dtype)
     }
 }
 

@@ -34,6 +34,7 @@ pub trait SequenceClassifier: Send + Sync {
 }
 
 pub mod bert;
+pub mod casting;
 pub mod checkpoint;
 pub mod deberta_v2;
 pub mod distilbert;
@@ -280,56 +281,6 @@ pub struct LoadedModel {
 /// The dtype of the trainable weights (the master copy the optimizer updates), in every precision.
 pub const MASTER_DTYPE: DType = DType::F32;
 
-/// A model that computes in a narrower dtype than its f32 master weights: each forward casts the
-/// current weights (cast op recorded, so gradients flow back to the f32 `Var`s) and builds the
-/// architecture over the casts. Building is a few hundred map look-ups; the cast is one pass over
-/// the weights, as torch's autocast does per matmul.
-struct CastingModel {
-    varmap: VarMap,
-    arch_config: ArchConfig,
-    num_labels: usize,
-    compute: DType,
-    device: Device,
-}
-
-impl CastingModel {
-    fn build(&self, detach: bool) -> CResult<Box<dyn SequenceClassifier>> {
-        let data = self
-            .varmap
-            .data()
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
-        let mut tensors = HashMap::with_capacity(data.len());
-        // A gradient sink in scope learns each cast's master, so that block nodes can hand their
-        // weights' gradients to the f32 `Var`s directly.
-        let sink = (!detach).then(grad_sink::GradSink::active).flatten();
-        for (name, var) in data.iter() {
-            let t = if detach {
-                var.as_tensor().detach()
-            } else {
-                var.as_tensor().clone()
-            };
-            let cast = t.to_dtype(self.compute)?;
-            if let Some(sink) = &sink {
-                sink.alias(&cast, var.as_tensor())?;
-            }
-            tensors.insert(name.clone(), cast);
-        }
-        drop(data);
-        let vb = VarBuilder::from_tensors(tensors, self.compute, &self.device);
-        self.arch_config.build(vb, self.num_labels)
-    }
-}
-
-impl SequenceClassifier for CastingModel {
-    fn forward(&self, batch: &Batch, mode: Mode) -> CResult<Tensor> {
-        self.build(false)?.forward(batch, mode)
-    }
-    fn hidden_states(&self, batch: &Batch) -> CResult<Vec<Tensor>> {
-        self.build(true)?.hidden_states(batch)
-    }
-}
-
 /// Loads the checkpoint in `dir` (`config.json` + safetensors) into a trainable `VarMap` and builds
 /// its sequence classifier.
 pub fn load(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<LoadedModel> {
@@ -365,7 +316,7 @@ pub fn load(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<LoadedMod
         .with_context(|| format!("{name}: cannot build the {model_type} model"))?;
     let compute = opts.precision.compute_dtype();
     if compute != MASTER_DTYPE {
-        model = Box::new(CastingModel {
+        model = Box::new(casting::CastingModel {
             varmap: varmap.clone(),
             arch_config: arch_config.clone(),
             num_labels: opts.num_labels,

@@ -5,6 +5,7 @@
 //! as composed candle ops, except off the CPU where no operand records a gradient (inference
 //! models): there layer norm and softmax run as candle's fused forward kernels.
 
+use super::grad_sink::GradSink;
 use super::kernels;
 use super::Mode;
 use candle_core::{DType, Device, DeviceLocation, Result, Tensor, D};
@@ -219,26 +220,35 @@ fn host_seed() -> Result<u64> {
         .random())
 }
 
-/// Rows `ids` of the embedding table `table` `[vocab, n]`, shaped `[ids.., n]`.
-pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if path(&[table]) == Path::Cuda
+/// Rows `ids` of the embedding table `table` `[vocab, n]`, shaped `[ids.., n]`, in `dtype` (the
+/// table's own, or the compute dtype of a mixed-precision forward handed the f32 master).
+pub fn embedding(table: &Tensor, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+    let node_route = match path(&[table]) {
+        #[cfg(feature = "cuda")]
+        Path::Cuda => true,
+        _ => BLOCKS_ON_CPU.with(|c| c.get()) && table.device().is_cpu(),
+    };
+    if node_route
         && ids.dtype() == DType::U32
         && ids.device().same_device(table.device())
         && table.rank() == 2
     {
         // While training with a gradient sink: gathered from the f32 master, its gradient
         // deposited with the sink (`kernels::embedding_node`).
-        if let Some(rows) = kernels::embedding_node::lookup(table, ids)? {
+        if let Some(rows) = kernels::embedding_node::lookup(table, ids, dtype)? {
             return Ok(rows);
         }
-        return kernels::cuda::embedding(table, ids);
+        #[cfg(feature = "cuda")]
+        if table.device().is_cuda() {
+            return kernels::cuda::embedding(table, ids)?.to_dtype(dtype);
+        }
     }
     let mut out_dims = ids.dims().to_vec();
     out_dims.push(table.dim(D::Minus1)?);
     table
         .index_select(&ids.flatten_all()?, 0)?
-        .reshape(out_dims)
+        .reshape(out_dims)?
+        .to_dtype(dtype)
 }
 
 /// The keep flags of `n` draws `u ~ U[0, 1)` kept where `u >= p`, exactly as `rng.random::<f32>()`
@@ -504,22 +514,52 @@ enum BlockRoute {
 }
 
 /// Where the block nodes run: only where something records a gradient (without one, the ordinary
-/// ops make no nodes either), over operands of one dtype, on CUDA with recycle's kernels (or on the
-/// CPU's fused path for a test thread that asked, `set_blocks_on_cpu`).
-fn block_route(tensors: &[&Tensor]) -> Option<BlockRoute> {
-    let dtype = tensors.first()?.dtype();
+/// ops make no nodes either), over activations of one dtype and parameters of that dtype or uncast
+/// masters that the gradient sink in scope knows (a mixed-precision forward hands those over,
+/// `model::casting`; the node gathers them cast), on CUDA with recycle's kernels (or on the CPU's
+/// fused path for a test thread that asked, `set_blocks_on_cpu`).
+fn block_route(acts: &[&Tensor], params: &[&Tensor]) -> Result<Option<BlockRoute>> {
+    let Some(x) = acts.first() else {
+        return Ok(None);
+    };
+    let dtype = x.dtype();
+    let all = || acts.iter().chain(params.iter());
     if !FUSED_BLOCKS.load(Ordering::Relaxed)
-        || !tensors.iter().any(|t| t.track_op())
-        || tensors.iter().any(|t| t.dtype() != dtype)
+        || !all().any(|t| t.track_op())
+        || acts.iter().any(|t| t.dtype() != dtype)
     {
-        return None;
+        return Ok(None);
     }
-    match path(tensors) {
+    let uncast: Vec<&Tensor> = params
+        .iter()
+        .copied()
+        .filter(|t| t.dtype() != dtype)
+        .collect();
+    if !uncast.is_empty() {
+        // The node packs from the sink's masters only when its input records a gradient.
+        let known = match GradSink::active() {
+            Some(sink) if x.track_op() => sink.masters_of(&uncast)?.is_some(),
+            _ => false,
+        };
+        if !known {
+            return Ok(None);
+        }
+    }
+    let tensors: Vec<&Tensor> = all().copied().collect();
+    Ok(match path(&tensors) {
         #[cfg(feature = "cuda")]
         Path::Cuda => Some(BlockRoute::Cuda),
         Path::Fused if BLOCKS_ON_CPU.with(|c| c.get()) => Some(BlockRoute::Cpu),
+        // A test thread's blocks in bf16 on the CPU, where the fused kernels take only f32.
+        Path::Composed
+            if BLOCKS_ON_CPU.with(|c| c.get())
+                && selected() == Kernels::Fused
+                && tensors.iter().all(|t| t.device().is_cpu()) =>
+        {
+            Some(BlockRoute::Cpu)
+        }
         _ => None,
-    }
+    })
 }
 
 /// Dropout `p` of one node's call (attention, a block) with a fresh seed, where it drops anything.
@@ -575,10 +615,10 @@ pub fn attention_block(
         && norm_fits(&p.norm, hidden)
         && probs_p < 1.0
         && out_p < 1.0;
-    let tensors = [
-        x, bias, p.q.w, p.q.b, p.k.w, p.k.b, p.v.w, p.v.b, p.out.w, p.out.b, p.norm.w, p.norm.b,
+    let params = [
+        p.q.w, p.q.b, p.k.w, p.k.b, p.v.w, p.v.b, p.out.w, p.out.b, p.norm.w, p.norm.b,
     ];
-    let Some(route) = block_route(&tensors).filter(|_| fits) else {
+    let Some(route) = block_route(&[x, bias], &params)?.filter(|_| fits) else {
         return Ok(None);
     };
     let (probs_drop, out_drop) = (seeded_dropout(probs_p, mode)?, seeded_dropout(out_p, mode)?);
@@ -614,10 +654,10 @@ pub fn ffn_block(
         && dense_fits(&prm.down, hidden, inner)
         && norm_fits(&prm.norm, hidden)
         && p < 1.0;
-    let tensors = [
-        x, prm.up.w, prm.up.b, prm.down.w, prm.down.b, prm.norm.w, prm.norm.b,
+    let params = [
+        prm.up.w, prm.up.b, prm.down.w, prm.down.b, prm.norm.w, prm.norm.b,
     ];
-    let Some(route) = block_route(&tensors).filter(|_| fits) else {
+    let Some(route) = block_route(&[x], &params)?.filter(|_| fits) else {
         return Ok(None);
     };
     let drop = seeded_dropout(p, mode)?;

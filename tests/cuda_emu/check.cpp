@@ -714,8 +714,8 @@ static void adamw_multi_check(std::mt19937 &rng) {
   check("adamw_multi: five parameters (one empty), 3 steps, against the per-parameter kernels", worst, 1e-7);
 }
 
-// gather: parts of several sizes (one empty, one across chunks) packed at their offsets, same dtype
-// and bf16 to f32.
+// gather: parts of several sizes (one empty, one across chunks) packed at their offsets, same dtype,
+// bf16 to f32 and f32 to bf16.
 static void gather_check(std::mt19937 &rng) {
   const std::vector<size_t> sizes = {5, 0, MULTI_CHUNK + 3, 700};
   std::vector<Vec> parts;
@@ -735,21 +735,26 @@ static void gather_check(std::mt19937 &rng) {
     const unsigned blocks = multi_table(table, entries, sizes);
     emu::launch(dim3(blocks), dim3(256), [&] { kernel(table.data(), uint32_t(sizes.size()), dst); });
   };
-  Vec want, want_b;
+  Vec want, want_b, want_fb;
   for (const Vec &v : parts) {
     const Vec f = rounded<float>(v);
     want.insert(want.end(), f.begin(), f.end());
     const Vec r = rounded<bf16>(v);
     want_b.insert(want_b.end(), r.begin(), r.end());
+    // The f32 values rounded to bf16 (not the doubles: rounding twice may differ).
+    const Vec fb = rounded<bf16>(f);
+    want_fb.insert(want_fb.end(), fb.begin(), fb.end());
   }
   std::vector<float> out(total, -1.f), out_b32(total, -1.f);
-  std::vector<bf16> out_b(total);
+  std::vector<bf16> out_b(total), out_fb(total);
   run(pf, out.data(), gather_f32);
   run(pb, out_b.data(), gather_bf16);
   run(pb, out_b32.data(), gather_bf16_to_f32);
+  run(pf, out_fb.data(), gather_f32_to_bf16);
   check("gather_f32: four parts (one empty) at their offsets", rel_err(out, want), 0);
   check("gather_bf16: the same in bf16", rel_err(to_host(out_b), want_b), 0);
   check("gather_bf16_to_f32: bf16 parts into f32", rel_err(out_b32, want_b), 0);
+  check("gather_f32_to_bf16: f32 masters into bf16, rounded once", rel_err(to_host(out_fb), want_fb), 0);
 }
 
 // split_sum: the partial products of a split weight gradient added in f32, then rounded once; with

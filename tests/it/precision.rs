@@ -147,3 +147,81 @@ fn bf16_training_steps_update_f32_master_weights_like_transformers() {
         }
     }
 }
+
+/// Mixed precision as training runs it on a GPU, here on the CPU: block nodes and the embedding
+/// node with a gradient sink in scope. The first step casts every master; from the second on, the
+/// masters the nodes took from the sink (every encoder layer's weight and the embedding tables,
+/// nothing else) are handed over uncast (`model::casting`), and the step (same weights, same
+/// batch) gives the same loss and every master the same gradient, bit for bit. With the hand-over
+/// turned off, every master is cast again, and still the same.
+#[test]
+fn bf16_nodes_take_their_masters_uncast_after_the_first_step_with_the_same_gradients() {
+    use recycle::model::grad_sink::GradSink;
+    use recycle::model::{casting, ops};
+    ops::set_blocks_on_cpu(true);
+    for case in ["bert", "roberta", "distilbert"] {
+        let exp = expected(case);
+        let m = load(case, Precision::Bf16);
+        let b = batch(case, &exp);
+        let sink = GradSink::new(&m.varmap).unwrap();
+        let vars: Vec<(String, candle_core::Var)> = {
+            let data = m.varmap.data().lock().unwrap();
+            let mut v: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        let n = vars.len();
+        let step = || {
+            let logits = sink.scope(|| m.model.forward(&b, Mode::Eval)).unwrap();
+            let built = casting::last_build();
+            let l = loss(case, &logits, &exp);
+            let grads = sink.backward(&l).unwrap();
+            let named: Vec<(String, Vec<u32>)> = vars
+                .iter()
+                .map(|(name, var)| {
+                    let g = grads
+                        .get(var.as_tensor())
+                        .unwrap_or_else(|| panic!("{case}: no gradient for {name}"));
+                    assert_eq!(g.dtype(), DType::F32, "{case}: {name}'s gradient");
+                    let bits = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    (name.clone(), bits.iter().map(|x| x.to_bits()).collect())
+                })
+                .collect();
+            (l.to_scalar::<f32>().unwrap().to_bits(), named, built)
+        };
+        let (loss1, grads1, built1) = step();
+        assert_eq!(
+            built1,
+            (n, 0),
+            "{case}: the first forward casts every master"
+        );
+        let claimed: Vec<&str> = vars
+            .iter()
+            .filter(|(_, v)| sink.claimed(v.as_tensor()))
+            .map(|(name, _)| name.as_str())
+            .collect();
+        let expected_claimed: Vec<&str> = vars
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .filter(|name| name.contains(".layer.") || name.ends_with("_embeddings.weight"))
+            .collect();
+        assert_eq!(claimed, expected_claimed, "{case}: masters the nodes took");
+        let k = claimed.len();
+        let (loss2, grads2, built2) = step();
+        assert_eq!(built2, (n - k, k), "{case}: the second forward");
+        assert_eq!(loss2, loss1, "{case}: the loss moved");
+        for ((name, a), (_, b)) in grads1.iter().zip(&grads2) {
+            assert!(
+                a == b,
+                "{case}: {name}'s gradient changed with its master uncast"
+            );
+        }
+        casting::set_uncast_claimed(false);
+        let (loss3, grads3, built3) = step();
+        casting::set_uncast_claimed(true);
+        assert_eq!(built3, (n, 0), "{case}: with the hand-over off");
+        assert_eq!(loss3, loss1);
+        assert!(grads3 == grads1, "{case}: gradients with every master cast");
+    }
+    ops::set_blocks_on_cpu(false);
+}

@@ -99,10 +99,17 @@ impl Slots {
     }
 }
 
-/// The parameters as one flat vector and where each lies in it. Without a sink (`sink` `None`) a
-/// node whose backward slices the gradient; with one, a copy outside the graph (on CUDA, one launch
-/// for all of them: `Prims::concat_flat`).
-fn pack<P: Prims>(prims: &P, parts: &[&Tensor], sink: &Option<Sink>) -> Result<(Tensor, Slots)> {
+/// The parameters as one flat vector of `dtype` (the activations') and where each lies in it.
+/// Without a sink (`sink` `None`; the parameters then have `dtype`) a node whose backward slices
+/// the gradient; with one, a copy outside the graph gathered from the f32 masters and cast on the
+/// way (on CUDA, one launch for all of them: `Prims::concat_flat`), whether the parameters handed in
+/// are casts of the masters or the masters themselves (`model::casting`).
+fn pack<P: Prims>(
+    prims: &P,
+    parts: &[&Tensor],
+    sink: &Option<Sink>,
+    dtype: DType,
+) -> Result<(Tensor, Slots)> {
     let mut slots = Vec::with_capacity(parts.len());
     let mut offset = 0;
     for p in parts {
@@ -110,11 +117,17 @@ fn pack<P: Prims>(prims: &P, parts: &[&Tensor], sink: &Option<Sink>) -> Result<(
         offset += p.elem_count();
     }
     let flat = match sink {
-        Some(_) => {
-            let dtype = parts.first().map_or(DType::F32, |p| p.dtype());
-            prims.concat_flat(parts, dtype)?
+        Some(sink) => {
+            let masters: Vec<&Tensor> = sink.masters.iter().collect();
+            prims.concat_flat(&masters, dtype)?
         }
         None => {
+            if let Some(p) = parts.iter().find(|p| p.dtype() != dtype) {
+                bail!(
+                    "block node: a {:?} parameter with {dtype:?} activations and no gradient sink",
+                    p.dtype()
+                );
+            }
             let flat = parts
                 .iter()
                 .map(|p| p.flatten_all())
@@ -385,7 +398,7 @@ pub fn attention_block<P: Prims>(
         p.q.w, p.k.w, p.v.w, p.q.b, p.k.b, p.v.b, p.out.w, p.out.b, p.norm.w, p.norm.b,
     ];
     let sink = sink_for(x, &parts)?;
-    let (flat, slots) = pack(&prims, &parts, &sink)?;
+    let (flat, slots) = pack(&prims, &parts, &sink, x.dtype())?;
     let (xd, fd) = (x.detach(), flat.detach());
     let hidden = x.dim(candle_core::D::Minus1)?;
     if p.heads == 0 || hidden % p.heads != 0 {
@@ -525,7 +538,7 @@ pub fn ffn_block<P: Prims>(
     let p = params;
     let parts = [p.up.w, p.up.b, p.down.w, p.down.b, p.norm.w, p.norm.b];
     let sink = sink_for(x, &parts)?;
-    let (flat, slots) = pack(&prims, &parts, &sink)?;
+    let (flat, slots) = pack(&prims, &parts, &sink, x.dtype())?;
     let (xd, fd) = (x.detach(), flat.detach());
     // The bare product, then its bias and GELU in one pass (both kept for the backward).
     let product = ops::linear(&xd, &slots.view(&fd, W1)?, None)?;

@@ -2165,6 +2165,7 @@ enum GatherKind {
     F32,
     Bf16,
     Bf16ToF32,
+    F32ToBf16,
 }
 
 /// The parts' elements end to end in one new vector (`gather`): the table is built on the host
@@ -2206,6 +2207,11 @@ impl CustomOp1 for Gather {
                 launch_gather("gather_bf16_to_f32", &dev, table, count, blocks, &out)?;
                 wrap(out, &dev)
             }
+            GatherKind::F32ToBf16 => {
+                let out = unsafe { dev.alloc::<bf16>(self.total) }?;
+                launch_gather("gather_f32_to_bf16", &dev, table, count, blocks, &out)?;
+                wrap(out, &dev)
+            }
         };
         Ok((out, Shape::from(self.total)))
     }
@@ -2231,8 +2237,8 @@ fn launch_gather<T: DeviceRepr>(
 }
 
 /// `parts` (contiguous tensors of one dtype, f32 or bf16, on one CUDA device) flattened and laid
-/// end to end in one new vector of `dtype` (theirs, or f32 from bf16), in one launch. Nothing
-/// records a gradient through it.
+/// end to end in one new vector of `dtype` (theirs, f32 from bf16, or bf16 from f32), in one
+/// launch. Nothing records a gradient through it.
 pub fn gather(parts: &[&Tensor], dtype: DType) -> Result<Tensor> {
     let Some(first) = parts.first() else {
         bail!("gather: no parts")
@@ -2242,6 +2248,7 @@ pub fn gather(parts: &[&Tensor], dtype: DType) -> Result<Tensor> {
         (DType::F32, DType::F32) => GatherKind::F32,
         (DType::BF16, DType::BF16) => GatherKind::Bf16,
         (DType::BF16, DType::F32) => GatherKind::Bf16ToF32,
+        (DType::F32, DType::BF16) => GatherKind::F32ToBf16,
         other => bail!("gather: no kernel takes {:?} to {:?}", other.0, other.1),
     };
     let mut entries = Vec::with_capacity(parts.len());

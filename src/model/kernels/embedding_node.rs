@@ -7,8 +7,9 @@
 //! add (about 1.4 GB of memory traffic a roberta-base step, whatever the batch). While a gradient
 //! sink is in scope and knows the table's master (`grad_sink`), `lookup` gathers the rows from the
 //! f32 master instead, and its backward deposits the scattered f32 gradient with the sink, which
-//! hands it to the optimizer's store as it is. The rows are cast to the table's dtype after the
-//! gather (`[tokens, n]`, small), so the model sees what it saw before.
+//! hands it to the optimizer's store as it is. The rows are cast to the compute dtype after the
+//! gather (`[tokens, n]`, small), so the model sees what it saw before; the table handed in may be
+//! the cast or, once the sink has seen the node take it, the master itself (`model::casting`).
 //!
 //! The node has a CPU form (a gather and a scatter-add in f32) so that tests check it against the
 //! plain lookup on the CPU; `ops::embedding` sends only CUDA tables through it.
@@ -16,10 +17,11 @@
 use super::super::grad_sink::GradSink;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
-/// Rows `ids` of `table` `[vocab, n]`, shaped `[ids.., n]` in `table`'s dtype, gathered from
-/// `table`'s f32 master with the gradient deposited in the sink in scope; `None` where no sink is
-/// in scope or it does not know the table (the caller takes the plain lookup).
-pub fn lookup(table: &Tensor, ids: &Tensor) -> Result<Option<Tensor>> {
+/// Rows `ids` of `table` `[vocab, n]` (a cast of an f32 master, or the master itself), shaped
+/// `[ids.., n]` in `dtype`, gathered from the f32 master with the gradient deposited in the sink in
+/// scope; `None` where no sink is in scope or it does not know the table (the caller takes the
+/// plain lookup).
+pub fn lookup(table: &Tensor, ids: &Tensor, dtype: DType) -> Result<Option<Tensor>> {
     let Some(sink) = GradSink::active() else {
         return Ok(None);
     };
@@ -42,7 +44,7 @@ pub fn lookup(table: &Tensor, ids: &Tensor) -> Result<Option<Tensor>> {
             master: master.clone(),
         },
     )?;
-    Ok(Some(rows.to_dtype(table.dtype())?.reshape(dims)?))
+    Ok(Some(rows.to_dtype(dtype)?.reshape(dims)?))
 }
 
 /// The gather from an f32 master `[vocab, n]` (first operand) by u32 ids (second, flat); its
@@ -145,17 +147,27 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap()
         };
-        for dtype in [DType::F32, DType::BF16] {
-            let table = master.as_tensor().to_dtype(dtype).unwrap();
-            let plain = table
+        // The table as a cast of the master, or the master itself handed over uncast.
+        for (dtype, uncast) in [
+            (DType::F32, false),
+            (DType::BF16, false),
+            (DType::BF16, true),
+        ] {
+            let cast = master.as_tensor().to_dtype(dtype).unwrap();
+            let table = if uncast {
+                master.as_tensor().clone()
+            } else {
+                cast.clone()
+            };
+            let plain = cast
                 .index_select(&flat, 0)
                 .unwrap()
                 .reshape((2, 4, 6))
                 .unwrap();
             let sink = GradSink::for_masters([master.as_tensor()]).unwrap();
-            sink.alias(&table, master.as_tensor()).unwrap();
+            sink.alias(&cast, master.as_tensor()).unwrap();
             let rows = sink
-                .scope(|| lookup(&table, &ids))
+                .scope(|| lookup(&table, &ids, dtype))
                 .unwrap()
                 .expect("the sink knows the table");
             assert_eq!((rows.dims(), rows.dtype()), (&[2, 4, 6][..], dtype));
@@ -198,13 +210,18 @@ mod tests {
         let dev = Device::Cpu;
         let master = Var::randn(0f32, 1.0, (5, 3), &dev).unwrap();
         let ids = Tensor::new(&[1u32, 4], &dev).unwrap();
-        assert!(lookup(master.as_tensor(), &ids).unwrap().is_none());
+        assert!(lookup(master.as_tensor(), &ids, DType::F32)
+            .unwrap()
+            .is_none());
         let stranger = Tensor::zeros((5, 3), DType::F32, &dev).unwrap();
         let sink = GradSink::for_masters([master.as_tensor()]).unwrap();
-        assert!(sink.scope(|| lookup(&stranger, &ids)).unwrap().is_none());
+        assert!(sink
+            .scope(|| lookup(&stranger, &ids, DType::F32))
+            .unwrap()
+            .is_none());
         let past = Tensor::new(&[5u32], &dev).unwrap();
         let err = sink
-            .scope(|| lookup(master.as_tensor(), &past))
+            .scope(|| lookup(master.as_tensor(), &past, DType::F32))
             .unwrap_err()
             .to_string();
         assert!(err.contains("token id 5"), "{err}");

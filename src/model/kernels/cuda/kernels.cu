@@ -781,7 +781,8 @@ extern "C" __global__ void sum_squares_multi(const uint64_t *table, uint32_t cou
 
 // dst[offset(p) + i] = parts[p][i] (cast from S to D) for every entry of the table, four words: the
 // part's address, its n, its offset into dst (elements), the first block. Packs a block node's
-// weights into its flat vector, or casts its gradients to f32, in one launch.
+// weights into its flat vector (from their f32 masters in mixed precision), or casts its gradients
+// to f32, in one launch.
 template <typename S, typename D>
 __device__ void gather(const uint64_t *table, uint32_t count, D *dst) {
   const uint64_t *e = table + 4 * (size_t)multi_entry(table, 4, count, blockIdx.x);
@@ -801,6 +802,10 @@ extern "C" __global__ void gather_bf16(const uint64_t *table, uint32_t count, __
 }
 extern "C" __global__ void gather_bf16_to_f32(const uint64_t *table, uint32_t count, float *dst) {
   gather<__nv_bfloat16, float>(table, count, dst);
+}
+// A block node's f32 master weights packed into its bf16 flat vector, cast on the way.
+extern "C" __global__ void gather_f32_to_bf16(const uint64_t *table, uint32_t count, __nv_bfloat16 *dst) {
+  gather<float, __nv_bfloat16>(table, count, dst);
 }
 
 // out[i] = the sum over k < parts of x[k * n + i], accumulated in f32: the partial products of a
