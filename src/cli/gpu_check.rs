@@ -12,7 +12,7 @@ use crate::model::kernels::attention_node as attn;
 use crate::model::ops::{self, Kernels};
 use crate::model::{self, Batch, LoadOptions, Mode, Precision, Problem};
 use crate::train::optim::{
-    clip_coefficient, clip_grad_norm, decays, global_grad_norm, AdamW, AdamWParams, Kernel,
+    clip_grad_norm, decays, global_grad_norm, AdamW, AdamWParams, Clip, Kernel,
 };
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -761,12 +761,14 @@ fn optimizer_check(device: &Device) -> Result<bool> {
         }
         Ok(vm)
     };
-    let (vm_a, vm_b, vm_c) = (make()?, make()?, make()?);
+    let (vm_a, vm_b, vm_c, vm_d) = (make()?, make()?, make()?, make()?);
     let mut fused = AdamW::new(&vm_a, adamw_defaults(), decays, Kernel::Auto)?;
     let mut reference = AdamW::new(&vm_b, adamw_defaults(), decays, Kernel::TensorOps)?;
     let mut per_param = AdamW::new(&vm_c, adamw_defaults(), decays, Kernel::Fused)?;
+    // Clipped as training clips: the norm and coefficient left on the device (`Clip::of`).
+    let mut clipped = AdamW::new(&vm_d, adamw_defaults(), decays, Kernel::Auto)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    let mut norm_diff = 0f64;
+    let (mut norm_diff, mut clip_diff) = (0f64, 0f64);
     for step in 0..3 {
         let grads = fused
             .vars()
@@ -787,14 +789,29 @@ fn optimizer_check(device: &Device) -> Result<bool> {
             .collect::<candle_core::Result<Vec<_>>>()?;
         let on_cpu = global_grad_norm(&cpu)?;
         norm_diff = norm_diff.max((on_device - on_cpu).abs() / on_cpu);
-        fused.step(&grads, 1e-3, 0.5)?;
-        reference.step(&grads, 1e-3, 0.5)?;
-        per_param.step(&grads, 1e-3, 0.5)?;
+        // A maximum norm the random gradients exceed, so that the coefficient clips.
+        let max_norm = 0.25 * on_cpu;
+        let host = Clip::on_host(&grads, Some(max_norm))?;
+        let scale = host.coefficient()?;
+        fused.step(&grads, 1e-3, scale)?;
+        reference.step(&grads, 1e-3, scale)?;
+        per_param.step(&grads, 1e-3, scale)?;
+        let kept = Clip::of(&grads, Some(max_norm))?;
+        clipped.step_clipped(&grads, 1e-3, &kept)?;
+        clip_diff = clip_diff
+            .max((kept.norm()? - host.norm()?).abs() / host.norm()?)
+            .max((kept.coefficient()? - scale).abs() / scale);
     }
-    let (mut weight_diff, mut per_param_diff) = (0f32, 0f32);
-    for ((a, b), c) in fused.vars().zip(reference.vars()).zip(per_param.vars()) {
+    let (mut weight_diff, mut per_param_diff, mut clipped_diff) = (0f32, 0f32, 0f32);
+    for (((a, b), c), d) in fused
+        .vars()
+        .zip(reference.vars())
+        .zip(per_param.vars())
+        .zip(clipped.vars())
+    {
         weight_diff = weight_diff.max(max_abs_diff(a.as_tensor(), b.as_tensor())?);
         per_param_diff = per_param_diff.max(max_abs_diff(c.as_tensor(), b.as_tensor())?);
+        clipped_diff = clipped_diff.max(max_abs_diff(d.as_tensor(), a.as_tensor())?);
     }
     let mut ok = true;
     for (what, value, tol) in [
@@ -809,6 +826,16 @@ fn optimizer_check(device: &Device) -> Result<bool> {
             1e-6,
         ),
         ("gradient norm vs the CPU (relative)", norm_diff, 1e-5),
+        (
+            "clip left on the device: norm and coefficient vs the host's (relative)",
+            clip_diff,
+            1e-6,
+        ),
+        (
+            "adamw: coefficient read on the device vs given, 3 steps",
+            clipped_diff as f64,
+            1e-6,
+        ),
     ] {
         let pass = within(value, tol);
         ok &= pass;
@@ -929,14 +956,25 @@ fn bench_one(
     let mut opt = AdamW::new(&m.varmap, adamw_defaults(), decays, Kernel::Auto)?;
     // As `finetune` trains: block nodes hand their weights' gradients to a sink.
     let sink = GradSink::new(&m.varmap)?;
-    let step = |opt: &mut AdamW| -> Result<()> {
+    // A training step as `finetune` takes it: clipped by the global norm (max 1, as the PyTorch
+    // script clips too), the norm and coefficient left on the device, nothing read back. With
+    // `sync` (the A/B row "no host sync in a step"), as `finetune` took it before session 11: the
+    // loss read back after the forward and the norm after the backward.
+    let step_with = |opt: &mut AdamW, sync: bool| -> Result<()> {
         let logits = sink.scope(|| m.model.forward(batch, Mode::Train))?;
         let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, labels)?;
+        if sync {
+            std::hint::black_box(loss.to_scalar::<f32>()?);
+        }
         let grads = opt.gradients(&sink.backward(&loss)?);
-        // Clipped by the global norm (max 1), as `finetune` and the PyTorch script step.
-        let scale = clip_coefficient(global_grad_norm(&grads)?, 1.0);
-        opt.step(&grads, 1e-5, scale)
+        let clip = if sync {
+            Clip::on_host(&grads, Some(1.0))?
+        } else {
+            Clip::of(&grads, Some(1.0))?
+        };
+        opt.step_clipped(&grads, 1e-5, &clip)
     };
+    let step = |opt: &mut AdamW| step_with(opt, false);
     let train = time_it(device, args.warmup, args.steps, || step(&mut opt))?;
     bench_line("train", train, 3.0 * fwd);
     // The same steps without the block nodes (the attention node still on), then with neither:
@@ -960,6 +998,18 @@ fn bench_one(
         let what = "no CUDA events per buffer".to_string();
         let at = json!({"stage": "ab", "what": what, "shape": shape.name});
         if let Some(off) = reported(with, at) {
+            ab.push((what, train, Ok(off)));
+        }
+    }
+    // No host synchronisation inside a training step (session 11): "off" reads the loss and the
+    // gradient norm back as the training loop did before.
+    if device.is_cuda() {
+        let synced = time_it(device, args.warmup, args.steps, || {
+            step_with(&mut opt, true)
+        });
+        let what = "no host sync in a step".to_string();
+        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
+        if let Some(off) = reported(synced, at) {
             ab.push((what, train, Ok(off)));
         }
     }

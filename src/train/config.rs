@@ -156,6 +156,12 @@ impl TrainConfig {
             "train config: beta2 must be in [0, 1)"
         );
         ensure!(self.eps > 0.0, "train config: eps must be > 0");
+        if let Some(m) = self.max_grad_norm {
+            ensure!(
+                m > 0.0 && m.is_finite(),
+                "train config: max_grad_norm must be > 0 (or null for no clipping), got {m}"
+            );
+        }
         Ok(())
     }
 }
@@ -202,5 +208,22 @@ mod tests {
             ..TrainConfig::default()
         };
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn max_grad_norm_must_be_positive_when_given() {
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let c = TrainConfig {
+                max_grad_norm: Some(bad),
+                ..TrainConfig::default()
+            };
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("max_grad_norm"), "{bad}: {err}");
+        }
+        let none = TrainConfig {
+            max_grad_norm: None,
+            ..TrainConfig::default()
+        };
+        none.validate().unwrap();
     }
 }

@@ -4,7 +4,7 @@
 
 use super::config::{EvalEvery, TrainConfig};
 use super::evaluate::evaluate;
-use super::optim::{clip_coefficient, global_grad_norm, AdamW, AdamWParams, Kernel};
+use super::optim::{AdamW, AdamWParams, Clip, Kernel};
 use super::schedule::{lr_at, warmup_steps};
 use crate::data::{Label, Task};
 use crate::model::grad_sink::GradSink;
@@ -64,6 +64,57 @@ pub struct StepReport {
     pub examples_per_sec: f64,
     /// The dev score when this step ended with an evaluation.
     pub dev_score: Option<f64>,
+}
+
+/// A step taken whose loss and gradient norm may still be on the device (`finetune` reads them
+/// one step later: waiting for them at once would leave a GPU idle while the host prepares the
+/// next step).
+struct Pending {
+    step: usize,
+    epoch: usize,
+    lr: f64,
+    examples: usize,
+    /// The micro-batches' weighted losses (f32 scalars, detached).
+    losses: Vec<Tensor>,
+    clip: Clip,
+    started: Instant,
+}
+
+impl Pending {
+    /// The step's loss (the micro-batches' added in f64) and gradient norm, read back (on a
+    /// device, waiting for the step); a loss that is not finite ends the run.
+    fn resolve(&self) -> Result<(f64, f64)> {
+        let mut loss = 0f64;
+        for l in &self.losses {
+            loss += l.to_scalar::<f32>()? as f64;
+        }
+        ensure!(
+            loss.is_finite(),
+            "step {}: the training loss is {loss}",
+            self.step
+        );
+        Ok((loss, self.clip.norm()?))
+    }
+
+    fn report(
+        &self,
+        total_steps: usize,
+        loss: f64,
+        grad_norm: f64,
+        secs: f64,
+        dev_score: Option<f64>,
+    ) -> StepReport {
+        StepReport {
+            step: self.step,
+            total_steps,
+            epoch: self.epoch,
+            loss,
+            lr: self.lr,
+            grad_norm,
+            examples_per_sec: self.examples as f64 / secs.max(1e-9),
+            dev_score,
+        }
+    }
 }
 
 /// How a fine-tuning run ended.
@@ -138,7 +189,9 @@ fn micro_loss(
 }
 
 /// Fine-tunes `trainee` on `train`, evaluating on `dev` when given (early stopping and best-weights
-/// restore need it). `pad_id` pads the batches; `report` sees every step.
+/// restore need it). `pad_id` pads the batches; `report` sees every step once, in order: a step
+/// ending with an evaluation at once, any other when the next one has been queued (or the loop
+/// ends), so that a GPU never waits for the host to read a loss back.
 #[allow(clippy::too_many_arguments)]
 pub fn finetune(
     trainee: &Trainee,
@@ -214,6 +267,10 @@ pub fn finetune(
     let mut best_weights: Option<Vec<Tensor>> = None;
     let mut bad_evals = 0usize;
 
+    // A step's loss and gradient norm are read back one step later (or at once where the step
+    // ends with an evaluation, which waits for the device anyway), so that on a GPU the host
+    // queues the next step before it waits for this one (`Pending`).
+    let mut pending: Option<Pending> = None;
     'epochs: for epoch in 0..cfg.max_epochs {
         let batches = epoch_batches(&lengths, cfg.batch_size, cfg.batching, &mut rng);
         let last_batch = batches.len().saturating_sub(1);
@@ -224,7 +281,7 @@ pub fn finetune(
             let started = Instant::now();
             let lr = lr_at(out.steps, total, warmup, cfg.lr);
             let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-            let mut step_loss = 0f64;
+            let mut losses = Vec::with_capacity(cfg.accumulation_steps());
             for micro in batch.chunks(cfg.micro_batch_size) {
                 let inputs = make_batch(&train.encoded, micro, pad_id, pad_multiple, device)?;
                 let labels: Vec<Label> = micro.iter().map(|&i| train.labels[i]).collect();
@@ -233,8 +290,9 @@ pub fn finetune(
                     .context("forward pass in train mode")?;
                 let weight = micro.len() as f64 / batch.len() as f64;
                 let loss = micro_loss(task, &logits, &labels, weight, device)?;
-                step_loss += loss.to_scalar::<f32>()? as f64;
                 let store = sink.backward(&loss).context("backward pass")?;
+                // Kept without its graph, which the step frees as before.
+                losses.push(loss.detach());
                 for (acc, var) in grads.iter_mut().zip(&vars) {
                     if let Some(g) = store.get(var.as_tensor()) {
                         *acc = Some(match acc.take() {
@@ -244,69 +302,76 @@ pub fn finetune(
                     }
                 }
             }
-            ensure!(
-                step_loss.is_finite(),
-                "step {}: the training loss is {step_loss}",
-                out.steps + 1
-            );
-            let grad_norm = global_grad_norm(&grads)?;
-            let scale = cfg
-                .max_grad_norm
-                .map_or(1.0, |m| clip_coefficient(grad_norm, m));
-            opt.step(&grads, lr, scale)?;
+            let clip = Clip::of(&grads, cfg.max_grad_norm)?;
+            opt.step_clipped(&grads, lr, &clip)?;
             drop(grads);
             out.steps += 1;
             out.examples_seen += batch.len();
-            out.train_loss.push(step_loss);
-            let elapsed = started.elapsed().as_secs_f64();
+            // The previous step, now that this one is queued behind it; its time ends where this
+            // step's began.
+            if let Some(p) = pending.take() {
+                let secs = started.duration_since(p.started).as_secs_f64();
+                let (loss, grad_norm) = p.resolve()?;
+                out.train_loss.push(loss);
+                report(&p.report(total, loss, grad_norm, secs, None));
+            }
+            let this = Pending {
+                step: out.steps,
+                epoch,
+                lr,
+                examples: batch.len(),
+                losses,
+                clip,
+                started,
+            };
 
             let due = match cfg.eval_every {
                 EvalEvery::Epoch => b == last_batch,
-                EvalEvery::Steps { n } => out.steps % n == 0,
+                EvalEvery::Steps { n } => out.steps.is_multiple_of(n),
             } || out.steps == total;
-            let mut dev_score = None;
-            if let (Some(dev), true) = (dev, due) {
-                let eval_model = (trainee.inference)().context("building the evaluation model")?;
-                let s = evaluate(
-                    eval_model.as_ref(),
-                    task,
-                    &dev.encoded,
-                    &dev.labels,
-                    pad_id,
-                    cfg.micro_batch_size,
-                    device,
-                )
-                .with_context(|| format!("evaluating on dev after step {}", out.steps))?;
-                dev_score = Some(s);
-                out.evals.push((out.steps, s));
-                if out.best_dev_score.is_none_or(|best| s > best) {
-                    out.best_dev_score = Some(s);
-                    out.best_step = Some(out.steps);
-                    best_weights = Some(
-                        vars.iter()
-                            .map(|v| v.as_tensor().copy())
-                            .collect::<candle_core::Result<_>>()?,
-                    );
-                    bad_evals = 0;
-                } else {
-                    bad_evals += 1;
-                }
+            let Some(dev) = dev.filter(|_| due) else {
+                pending = Some(this);
+                continue;
+            };
+            let (loss, grad_norm) = this.resolve()?;
+            let secs = started.elapsed().as_secs_f64();
+            out.train_loss.push(loss);
+            let eval_model = (trainee.inference)().context("building the evaluation model")?;
+            let s = evaluate(
+                eval_model.as_ref(),
+                task,
+                &dev.encoded,
+                &dev.labels,
+                pad_id,
+                cfg.micro_batch_size,
+                device,
+            )
+            .with_context(|| format!("evaluating on dev after step {}", out.steps))?;
+            out.evals.push((out.steps, s));
+            if out.best_dev_score.is_none_or(|best| s > best) {
+                out.best_dev_score = Some(s);
+                out.best_step = Some(out.steps);
+                best_weights = Some(
+                    vars.iter()
+                        .map(|v| v.as_tensor().copy())
+                        .collect::<candle_core::Result<_>>()?,
+                );
+                bad_evals = 0;
+            } else {
+                bad_evals += 1;
             }
-            report(&StepReport {
-                step: out.steps,
-                total_steps: total,
-                epoch,
-                loss: step_loss,
-                lr,
-                grad_norm,
-                examples_per_sec: batch.len() as f64 / elapsed.max(1e-9),
-                dev_score,
-            });
+            report(&this.report(total, loss, grad_norm, secs, Some(s)));
             if cfg.patience.is_some_and(|p| bad_evals >= p) {
                 out.stopped_early = true;
                 break 'epochs;
             }
         }
+    }
+    if let Some(p) = pending.take() {
+        let (loss, grad_norm) = p.resolve()?;
+        let secs = p.started.elapsed().as_secs_f64();
+        out.train_loss.push(loss);
+        report(&p.report(total, loss, grad_norm, secs, None));
     }
     out.epochs = out.steps as f64 / steps_per_epoch as f64;
     if let Some(best) = best_weights {
@@ -566,6 +631,86 @@ mod tests {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
             assert!(diff < 1e-5, "accumulated update differs by {diff}");
+        }
+    }
+
+    /// A step's report comes one step late (its loss and norm are read once the next step is
+    /// queued) or at once where it ends with an evaluation, and the last step's after the loop:
+    /// every step is reported once, in order, with the loss the outcome keeps.
+    #[test]
+    fn every_step_is_reported_once_in_order_with_the_outcomes_loss() {
+        let (train, dev) = (toy_set(64, 1, false), toy_set(32, 2, false));
+        for (dev, eval_every) in [
+            (None, EvalEvery::Epoch),
+            (Some(&dev), EvalEvery::Steps { n: 3 }),
+        ] {
+            let vm = toy_varmap(VOCAB, 8, 2, 42);
+            let cfg = TrainConfig {
+                max_steps: Some(10),
+                eval_every,
+                ..cfg()
+            };
+            let mut reports = vec![];
+            let out = run(&vm, &train, dev, &cfg, &mut |r| reports.push(r.clone()));
+            assert_eq!(out.steps, 10);
+            let steps: Vec<usize> = reports.iter().map(|r| r.step).collect();
+            assert_eq!(steps, (1..=10).collect::<Vec<_>>());
+            let losses: Vec<f64> = reports.iter().map(|r| r.loss).collect();
+            assert_eq!(losses, out.train_loss);
+            assert!(reports
+                .iter()
+                .all(|r| r.grad_norm > 0.0 && r.examples_per_sec > 0.0));
+            let evaluated: Vec<usize> = reports
+                .iter()
+                .filter(|r| r.dev_score.is_some())
+                .map(|r| r.step)
+                .collect();
+            let want: Vec<usize> = if dev.is_some() {
+                vec![3, 6, 9, 10]
+            } else {
+                vec![]
+            };
+            assert_eq!(evaluated, want);
+        }
+    }
+
+    /// A loss that is not finite ends the run naming its step, even read a step late, and that
+    /// step is never reported.
+    #[test]
+    fn a_loss_that_is_not_finite_ends_the_run_naming_its_step() {
+        let mut train = toy_set(32, 1, false);
+        train.labels = vec![Label::Score(f32::NAN); train.labels.len()];
+        let vm = toy_varmap(VOCAB, 8, 1, 42);
+        let model = BagOfEmbeddings::new(&vm, false);
+        let inference = || -> Result<Box<dyn SequenceClassifier>> {
+            Ok(Box::new(BagOfEmbeddings::new(&vm, true)))
+        };
+        let trainee = Trainee {
+            model: &model,
+            varmap: &vm,
+            inference: &inference,
+            decay: &decays,
+        };
+        for steps in [1, 3] {
+            let cfg = TrainConfig {
+                max_steps: Some(steps),
+                ..cfg()
+            };
+            let mut reported = 0;
+            let err = finetune(
+                &trainee,
+                &Task::Regression,
+                &train,
+                None,
+                0,
+                &cfg,
+                &Device::Cpu,
+                &mut |_| reported += 1,
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("step 1: the training loss is NaN"), "{err}");
+            assert_eq!(reported, 0);
         }
     }
 }

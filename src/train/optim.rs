@@ -195,6 +195,28 @@ impl AdamW {
     /// the parameter did not take part in the loss; torch skips it, and so do we). Gradients are
     /// multiplied by `grad_scale` first (the clipping coefficient; 1.0 for none).
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64, grad_scale: f64) -> Result<()> {
+        self.step_scaled(grads, lr, grad_scale, None)
+    }
+
+    /// `step` with the gradients scaled by `clip`'s coefficient, read where it lies: one launch for
+    /// every parameter (`Kernel::Auto` on CUDA) reads a coefficient left on the device without the
+    /// host waiting for it; every other path reads it back first.
+    pub fn step_clipped(&mut self, grads: &[Option<Tensor>], lr: f64, clip: &Clip) -> Result<()> {
+        match (clip, &self.state) {
+            (Clip::Device(scale), State::AllAtOnce(_)) => {
+                self.step_scaled(grads, lr, 1.0, Some(scale))
+            }
+            _ => self.step(grads, lr, clip.coefficient()?),
+        }
+    }
+
+    fn step_scaled(
+        &mut self,
+        grads: &[Option<Tensor>],
+        lr: f64,
+        grad_scale: f64,
+        device_scale: Option<&Tensor>,
+    ) -> Result<()> {
         ensure!(
             grads.len() == self.params.len(),
             "optimizer: {} gradients for {} parameters",
@@ -237,8 +259,10 @@ impl AdamW {
                         .with_context(|| format!("optimizer: updating parameter {}", p.name))?;
                 }
             }
-            State::AllAtOnce(states) => all_at_once(&self.params, states, grads, coefficients)
-                .context("optimizer: updating every parameter in one launch")?,
+            State::AllAtOnce(states) => {
+                all_at_once(&self.params, states, grads, coefficients, device_scale)
+                    .context("optimizer: updating every parameter in one launch")?
+            }
             State::Flat(groups) => {
                 for group in groups {
                     let c = coefficients(group.decay);
@@ -260,6 +284,7 @@ fn all_at_once(
     states: &[Tensor],
     grads: &[Option<Tensor>],
     coefficients: impl Fn(bool) -> StepCoefficients,
+    device_scale: Option<&Tensor>,
 ) -> Result<()> {
     use crate::model::kernels::cuda::{adamw_multi, AdamwItem, AdamwScalars};
     let present: Vec<(usize, Tensor)> = grads
@@ -289,6 +314,7 @@ fn all_at_once(
             inv_bc2: (1.0 / c.bc2_sqrt) as f32,
             eps: c.eps as f32,
         },
+        device_scale,
     )?;
     Ok(())
 }
@@ -299,6 +325,7 @@ fn all_at_once(
     _: &[Tensor],
     _: &[Option<Tensor>],
     _: impl Fn(bool) -> StepCoefficients,
+    _: Option<&Tensor>,
 ) -> Result<()> {
     bail!("one launch for every parameter needs a build with the cuda feature")
 }
@@ -616,6 +643,72 @@ pub fn global_grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
     Ok(sums.iter().map(|&s| f64::from(s)).sum::<f64>().sqrt())
 }
 
+/// A step's global gradient norm and its clipping coefficient (1 without clipping), computed where
+/// the gradients are. With every gradient f32 on a CUDA device they stay there
+/// (`cuda::clip_on_device`, the same bits as the host's arithmetic): `AdamW::step_clipped` reads
+/// the coefficient on the device, so the host goes on to the next step without waiting for the
+/// backward to finish, and `norm` reads the norm back only when asked.
+#[derive(Debug)]
+pub enum Clip {
+    Host {
+        norm: f64,
+        coefficient: f64,
+    },
+    /// `[coefficient, norm]`, f64, on the device.
+    Device(Tensor),
+}
+
+impl Clip {
+    /// The clipping of `grads` to a global norm of at most `max_norm` (`None`: no clipping, the
+    /// norm only), on the gradients' device where it can be.
+    pub fn of(grads: &[Option<Tensor>], max_norm: Option<f64>) -> Result<Self> {
+        if let Some(m) = max_norm {
+            ensure!(
+                m > 0.0 && m.is_finite(),
+                "clipping: max_norm must be > 0, got {m}"
+            );
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let present: Vec<&Tensor> = grads.iter().flatten().collect();
+            if !present.is_empty()
+                && present
+                    .iter()
+                    .all(|g| g.device().is_cuda() && g.dtype() == DType::F32)
+            {
+                let at =
+                    crate::model::kernels::cuda::clip_on_device(&present, max_norm.unwrap_or(0.0))?;
+                return Ok(Clip::Device(at));
+            }
+        }
+        Self::on_host(grads, max_norm)
+    }
+
+    /// The same, the norm read back to the host at once (a synchronisation on a device).
+    pub fn on_host(grads: &[Option<Tensor>], max_norm: Option<f64>) -> Result<Self> {
+        let norm = global_grad_norm(grads)?;
+        let coefficient = max_norm.map_or(1.0, |m| clip_coefficient(norm, m));
+        Ok(Clip::Host { norm, coefficient })
+    }
+
+    /// The global norm of the gradients before clipping.
+    pub fn norm(&self) -> Result<f64> {
+        self.read(1)
+    }
+
+    /// The factor the gradients are scaled by.
+    pub fn coefficient(&self) -> Result<f64> {
+        self.read(0)
+    }
+
+    fn read(&self, at: usize) -> Result<f64> {
+        match self {
+            Clip::Host { norm, coefficient } => Ok(if at == 0 { *coefficient } else { *norm }),
+            Clip::Device(t) => Ok(t.get(at)?.to_scalar::<f64>()?),
+        }
+    }
+}
+
 /// The factor that brings gradients of global norm `norm` down to at most `max_norm`
 /// (torch: `clamp(max_norm / (norm + 1e-6), max=1)`).
 pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
@@ -743,6 +836,47 @@ mod tests {
             small[0].as_ref().unwrap().to_vec1::<f32>().unwrap(),
             vec![0.3, 0.4]
         );
+    }
+
+    /// `Clip` on the CPU: the norm and coefficient of `global_grad_norm` and `clip_coefficient`
+    /// (none without a maximum), a maximum that is not positive refused, and `step_clipped` the
+    /// same update as `step` with the coefficient.
+    #[test]
+    fn clip_gives_the_norm_and_coefficient_and_steps_as_scaled() {
+        let d = &Device::Cpu;
+        let grads = vec![
+            Some(Tensor::new(&[3f32, 0.0], d).unwrap()),
+            None,
+            Some(Tensor::new(&[[0f32, 4.0]], d).unwrap()),
+        ];
+        let clip = Clip::of(&grads, Some(1.0)).unwrap();
+        assert!(matches!(clip, Clip::Host { .. }));
+        assert_eq!(clip.norm().unwrap(), global_grad_norm(&grads).unwrap());
+        assert_eq!(clip.coefficient().unwrap(), clip_coefficient(5.0, 1.0));
+        let none = Clip::of(&grads, None).unwrap();
+        assert_eq!(none.coefficient().unwrap(), 1.0);
+        assert_eq!(none.norm().unwrap(), clip.norm().unwrap());
+        for bad in [0.0, -2.0, f64::NAN] {
+            let err = Clip::of(&grads, Some(bad)).unwrap_err().to_string();
+            assert!(err.contains("max_norm"), "{err}");
+        }
+        let g = vec![Some(Tensor::new(&[0.7f32, -0.2], d).unwrap())];
+        let clip = Clip::of(&g, Some(0.5)).unwrap();
+        assert!(clip.coefficient().unwrap() < 1.0);
+        let mut out = vec![];
+        for by_clip in [false, true] {
+            let vm = one_var_map("dense.weight", &[0.5, -1.5]);
+            let mut opt = AdamW::new(&vm, hp(0.1), decays, Kernel::Auto).unwrap();
+            for _ in 0..2 {
+                if by_clip {
+                    opt.step_clipped(&g, 0.01, &clip).unwrap();
+                } else {
+                    opt.step(&g, 0.01, clip.coefficient().unwrap()).unwrap();
+                }
+            }
+            out.push(weights(&opt));
+        }
+        assert_eq!(out[0], out[1]);
     }
 
     #[test]

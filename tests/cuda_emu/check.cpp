@@ -697,7 +697,7 @@ static void adamw_multi_check(std::mt19937 &rng) {
     const unsigned blocks = multi_table(table, entries, sizes);
     emu::launch(dim3(blocks), dim3(256), [&] {
       adamw_multi(table.data(), uint32_t(sizes.size()), float(b1), float(b2), float(1 - b1), float(1 - b2), float(s),
-                  step, inv_bc2, float(eps));
+                  step, inv_bc2, float(eps), nullptr);
     });
     for (size_t p = 0; p < sizes.size(); p++) {
       const size_t n = sizes[p];
@@ -712,6 +712,80 @@ static void adamw_multi_check(std::mt19937 &rng) {
     }
   }
   check("adamw_multi: five parameters (one empty), 3 steps, against the per-parameter kernels", worst, 1e-7);
+}
+
+// The host's clipping formula (optim.rs: global_grad_norm's sum and sqrt, clip_coefficient), in the
+// order it computes: what clip_scale must equal bit for bit.
+static void host_clip(const std::vector<float> &sums, double max_norm, double &coef, double &norm) {
+  double total = -0.0;
+  for (float x : sums) total += double(x);
+  norm = std::sqrt(total);
+  const double c = max_norm / (norm + 1e-6);
+  coef = max_norm > 0.0 ? (std::isnan(c) ? 1.0 : std::min(c, 1.0)) : 1.0;
+}
+
+// clip_scale against the host's formula (bit for bit, clipping and not, no clipping asked, a NaN
+// gradient), then adamw_multi with the scale read from the device against the same scale given as
+// an argument: the same bits.
+static void clip_scale_check(std::mt19937 &rng) {
+  std::uniform_real_distribution<float> u(0.f, 40.f);
+  std::vector<float> sums(213);
+  for (float &x : sums) x = u(rng);
+  sums[5] = 0.f;
+  double worst = 0, worst_coef = 0;
+  bool clipped = false, unclipped = false;
+  for (double max_norm : {1.0, 1e6, 0.0}) {
+    double out[2] = {-1, -1}, coef, norm;
+    emu::launch(dim3(1), dim3(32), [&] { clip_scale(sums.data(), uint32_t(sums.size()), max_norm, out); });
+    host_clip(sums, max_norm, coef, norm);
+    worst = std::max({worst, std::fabs(out[1] - norm), std::fabs(out[0] - coef)});
+    if (max_norm > 0) (coef < 1 ? clipped : unclipped) = true;
+    if (max_norm == 0.0) worst_coef = std::max(worst_coef, std::fabs(out[0] - 1.0));
+  }
+  check("clip_scale: norm and coefficient, the host's bits (max 1, 1e6, none)", worst, 0);
+  check("clip_scale: clipping happened at max 1 and not at 1e6", clipped && unclipped ? 0 : 1, 0);
+  check("clip_scale: no clipping asked gives 1", worst_coef, 0);
+  std::vector<float> bad = sums;
+  bad[7] = std::nanf("");
+  double out[2], coef, norm;
+  emu::launch(dim3(1), dim3(32), [&] { clip_scale(bad.data(), uint32_t(bad.size()), 1.0, out); });
+  host_clip(bad, 1.0, coef, norm);
+  check("clip_scale: a NaN gradient gives a NaN norm and coefficient 1, as on the host",
+        std::isnan(out[1]) && std::isnan(norm) && out[0] == coef ? 0 : 1, 0);
+
+  const std::vector<size_t> sizes = {700, MULTI_CHUNK + 9};
+  std::vector<std::vector<float>> w, st, g;
+  std::vector<std::vector<uint64_t>> entries;
+  for (size_t n : sizes) {
+    const Vec x = randn(n, rng), y = randn(n, rng);
+    w.emplace_back(x.begin(), x.end());
+    g.emplace_back(y.begin(), y.end());
+    st.emplace_back(2 * n, 0.25f);
+  }
+  auto w2 = w, st2 = st;
+  const double scale = 0.3183098861837907;  // not a float: the cast must round as the host's does
+  const float decay = 0.999f;
+  uint32_t bits;
+  std::memcpy(&bits, &decay, 4);
+  auto run = [&](std::vector<std::vector<float>> &ws, std::vector<std::vector<float>> &sts, float s, const double *s_at) {
+    std::vector<std::vector<uint64_t>> es;
+    for (size_t p = 0; p < sizes.size(); p++)
+      es.push_back({addr(ws[p].data()), addr(sts[p].data()), addr(g[p].data()), sizes[p], bits});
+    std::vector<uint64_t> table;
+    const unsigned blocks = multi_table(table, es, sizes);
+    emu::launch(dim3(blocks), dim3(256), [&] {
+      adamw_multi(table.data(), uint32_t(sizes.size()), 0.9f, 0.999f, 0.1f, 0.001f, s, 1e-3f, 1.2f, 1e-8f, s_at);
+    });
+  };
+  run(w, st, float(scale), nullptr);
+  const double on_device[2] = {scale, 123.0};
+  run(w2, st2, 5.f /* ignored: s_at wins */, on_device);
+  size_t differ = 0;
+  for (size_t p = 0; p < sizes.size(); p++) {
+    for (size_t i = 0; i < sizes[p]; i++) differ += w[p][i] != w2[p][i];
+    for (size_t i = 0; i < 2 * sizes[p]; i++) differ += st[p][i] != st2[p][i];
+  }
+  check("adamw_multi: the scale read from the device, the same bits as given", double(differ), 0);
 }
 
 // gather: parts of several sizes (one empty, one across chunks) packed at their offsets, same dtype,
@@ -1010,6 +1084,7 @@ int main() {
   adamw(rng);
   sum_squares(rng);
   adamw_multi_check(rng);
+  clip_scale_check(rng);
   gather_check(rng);
   split_sum_check<float>(3001, 4, elementwise_blocks(3001), rng);
   split_sum_check<float>(3001, 3, dim3(2), rng);

@@ -2084,7 +2084,10 @@ pub struct AdamwScalars {
 /// `adamw_moments` and then `adamw_weights`, element by element. The kernel writes the weights and
 /// moments through their device addresses; the caller owns both and nothing reads them meanwhile
 /// (the launch is ordered on the device's one stream).
-pub fn adamw_multi(items: &[AdamwItem], c: AdamwScalars) -> Result<()> {
+///
+/// `scale` (an f64 `[coefficient, ..]` from `clip_on_device`), where given, replaces
+/// `c.grad_scale`: the kernel reads it from the device.
+pub fn adamw_multi(items: &[AdamwItem], c: AdamwScalars, scale: Option<&Tensor>) -> Result<()> {
     let Some(first) = items.first() else {
         return Ok(());
     };
@@ -2112,6 +2115,17 @@ pub fn adamw_multi(items: &[AdamwItem], c: AdamwScalars) -> Result<()> {
     if blocks == 0 {
         return Ok(());
     }
+    let scale_at = match scale {
+        Some(t) if t.dtype() == DType::F64 && t.elem_count() >= 1 => {
+            device_address::<f64>(t, false, "adamw gradient scale")?
+        }
+        Some(t) => bail!(
+            "adamw: the gradient scale on the device must be f64, got {:?} {:?}",
+            t.dtype(),
+            t.dims()
+        ),
+        None => 0u64,
+    };
     let table = dev.clone_htod(&table)?;
     let (one_b1, one_b2) = (1.0 - c.beta1, 1.0 - c.beta2);
     let f = load_kernel(&dev, "adamw_multi")?;
@@ -2125,18 +2139,15 @@ pub fn adamw_multi(items: &[AdamwItem], c: AdamwScalars) -> Result<()> {
         .arg(&c.grad_scale)
         .arg(&c.step)
         .arg(&c.inv_bc2)
-        .arg(&c.eps);
+        .arg(&c.eps)
+        .arg(&scale_at);
     unsafe { a.launch(multi_launch(blocks)?) }.w()?;
     Ok(())
 }
 
-/// The sum of squares of each of `grads` (f32, contiguous, on one CUDA device): one launch and one
-/// transfer back for all.
-pub fn sums_of_squares(grads: &[&Tensor]) -> Result<Vec<f32>> {
-    let Some(first) = grads.first() else {
-        return Ok(Vec::new());
-    };
-    let dev = first.device().as_cuda_device()?.clone();
+/// The table of `sum_squares_multi` over `grads` (f32, contiguous, on one CUDA device), with the
+/// contiguous copies it points into (kept alive by the caller until the launch is queued).
+fn squares_table(grads: &[&Tensor]) -> Result<(Vec<Tensor>, Vec<u64>, u32, u64)> {
     let grads: Vec<Tensor> = grads
         .iter()
         .map(|g| g.contiguous())
@@ -2147,16 +2158,88 @@ pub fn sums_of_squares(grads: &[&Tensor]) -> Result<Vec<f32>> {
         entries.push((vec![f32_address(g, false, "gradient")?, n as u64], n));
     }
     let (table, count, blocks) = multi_table(entries);
-    if blocks == 0 {
-        return Ok(vec![0f32; grads.len()]);
-    }
-    let table = dev.clone_htod(&table)?;
+    Ok((grads, table, count, blocks))
+}
+
+/// Launches `sum_squares_multi` into a fresh, zeroed vector of one sum per gradient.
+fn launch_sums(dev: &CudaDevice, table: &[u64], count: u32, blocks: u64) -> Result<CudaSlice<f32>> {
     let sums = dev.alloc_zeros::<f32>(count as usize)?;
-    let f = load_kernel(&dev, "sum_squares_multi")?;
-    let mut a = f.builder();
-    a.arg(&table).arg(&count).arg(&sums);
-    unsafe { a.launch(multi_launch(blocks)?) }.w()?;
-    dev.clone_dtoh(&sums)
+    if blocks > 0 {
+        let table = dev.clone_htod(table)?;
+        let f = load_kernel(dev, "sum_squares_multi")?;
+        let mut a = f.builder();
+        a.arg(&table).arg(&count).arg(&sums);
+        unsafe { a.launch(multi_launch(blocks)?) }.w()?;
+    }
+    Ok(sums)
+}
+
+/// The sum of squares of each of `grads` (f32, contiguous, on one CUDA device): one launch and one
+/// transfer back for all.
+pub fn sums_of_squares(grads: &[&Tensor]) -> Result<Vec<f32>> {
+    let Some(first) = grads.first() else {
+        return Ok(Vec::new());
+    };
+    let dev = first.device().as_cuda_device()?.clone();
+    let (_keep, table, count, blocks) = squares_table(grads)?;
+    if blocks == 0 {
+        return Ok(vec![0f32; count as usize]);
+    }
+    dev.clone_dtoh(&launch_sums(&dev, &table, count, blocks)?)
+}
+
+/// The global norm of `grads` (f32, on one CUDA device) and the clipping coefficient for
+/// `max_norm` (none where it is not positive), left on the device as an f64 `[coefficient, norm]`
+/// for `adamw_multi` to read: two launches and no transfer back, so the host need not wait for the
+/// backward to finish. The same bits as `sums_of_squares` summed and clipped on the host
+/// (`clip_scale` in kernels.cu follows the host's arithmetic).
+pub fn clip_on_device(grads: &[&Tensor], max_norm: f64) -> Result<Tensor> {
+    let Some(first) = grads.first() else {
+        bail!("clip on the device: no gradients");
+    };
+    let (keep, table, count, blocks) = squares_table(grads)?;
+    let out = first.apply_op1_no_bwd(&ClipScale {
+        table,
+        count,
+        blocks,
+        max_norm,
+    })?;
+    drop(keep);
+    Ok(out)
+}
+
+/// `clip_on_device`'s op: its input only places it on the device.
+struct ClipScale {
+    table: Vec<u64>,
+    count: u32,
+    blocks: u64,
+    max_norm: f64,
+}
+
+impl CustomOp1 for ClipScale {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-clip-scale"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(&self, like: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = like.device().clone();
+        let sums = launch_sums(&dev, &self.table, self.count, self.blocks)?;
+        let out = unsafe { dev.alloc::<f64>(2) }?;
+        let f = load_kernel(&dev, "clip_scale")?;
+        let mut a = f.builder();
+        a.arg(&sums).arg(&self.count).arg(&self.max_norm).arg(&out);
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { a.launch(cfg) }.w()?;
+        Ok((wrap(out, &dev), Shape::from(2)))
+    }
 }
 
 /// Which `gather` kernel: the parts' dtype and the output's.

@@ -743,7 +743,9 @@ __device__ __forceinline__ uint32_t multi_entry(const uint64_t *table, uint32_t 
 // element by element.
 extern "C" __global__ void adamw_multi(const uint64_t *table, uint32_t count, float b1, float b2,
                                        float one_b1, float one_b2, float s, float step,
-                                       float inv_bc2, float eps) {
+                                       float inv_bc2, float eps, const double *s_at) {
+  // The gradients' scale from the device where clip_scale left it (s_at[0]), else s.
+  if (s_at != nullptr) s = (float)s_at[0];
   const uint64_t *e = table + 6 * (size_t)multi_entry(table, 6, count, blockIdx.x);
   float *w = reinterpret_cast<float *>(e[0]);
   float *state = reinterpret_cast<float *>(e[1]);
@@ -777,6 +779,21 @@ extern "C" __global__ void sum_squares_multi(const uint64_t *table, uint32_t cou
   for (size_t i = start + threadIdx.x; i < end; i += blockDim.x) acc += g[i] * g[i];
   acc = block_sum(acc, sh);
   if (threadIdx.x == 0) atomicAdd(sums + p, acc);
+}
+
+// The global gradient norm and the clipping coefficient from the per-gradient sums of squares
+// that sum_squares_multi left, on the device, so that a training step need not wait for them:
+// out[1] = norm = sqrt(sums[0] + sums[1] + ...), added in order in double, and
+// out[0] = min(max_norm / (norm + 1e-6), 1) (1 where max_norm <= 0: no clipping), the host's
+// formula (optim.rs: global_grad_norm, clip_coefficient) operation for operation, so the two give
+// the same bits. One thread: a few hundred additions.
+extern "C" __global__ void clip_scale(const float *sums, uint32_t count, double max_norm, double *out) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  double total = 0.0;
+  for (uint32_t i = 0; i < count; i++) total += (double)sums[i];
+  const double norm = sqrt(total);
+  out[1] = norm;
+  out[0] = max_norm > 0.0 ? fmin(max_norm / (norm + 1e-6), 1.0) : 1.0;
 }
 
 // dst[offset(p) + i] = parts[p][i] (cast from S to D) for every entry of the table, four words: the
