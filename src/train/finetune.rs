@@ -444,6 +444,18 @@ mod tests {
         cfg: &TrainConfig,
         report: &mut dyn FnMut(&StepReport),
     ) -> Outcome {
+        try_run(vm, &task(), train, dev, cfg, report).unwrap()
+    }
+
+    /// `finetune` on the bag-of-embeddings model over `vm`, on the CPU.
+    fn try_run(
+        vm: &VarMap,
+        task: &Task,
+        train: &LabeledSet,
+        dev: Option<&LabeledSet>,
+        cfg: &TrainConfig,
+        report: &mut dyn FnMut(&StepReport),
+    ) -> Result<Outcome> {
         let model = BagOfEmbeddings::new(vm, false);
         let inference = || -> Result<Box<dyn SequenceClassifier>> {
             Ok(Box::new(BagOfEmbeddings::new(vm, true)))
@@ -454,7 +466,7 @@ mod tests {
             inference: &inference,
             decay: &decays,
         };
-        finetune(&trainee, &task(), train, dev, 0, cfg, &Device::Cpu, report).unwrap()
+        finetune(&trainee, task, train, dev, 0, cfg, &Device::Cpu, report)
     }
 
     #[test]
@@ -567,24 +579,12 @@ mod tests {
             to_scores(toy_set(100, 2, false)),
         );
         let vm = toy_varmap(VOCAB, 8, 1, 42);
-        let model = BagOfEmbeddings::new(&vm, false);
-        let inference = || -> Result<Box<dyn SequenceClassifier>> {
-            Ok(Box::new(BagOfEmbeddings::new(&vm, true)))
-        };
-        let trainee = Trainee {
-            model: &model,
-            varmap: &vm,
-            inference: &inference,
-            decay: &decays,
-        };
-        let out = finetune(
-            &trainee,
+        let out = try_run(
+            &vm,
             &Task::Regression,
             &train,
             Some(&dev),
-            0,
             &cfg(),
-            &Device::Cpu,
             &mut |_| {},
         )
         .unwrap();
@@ -681,32 +681,15 @@ mod tests {
         let mut train = toy_set(32, 1, false);
         train.labels = vec![Label::Score(f32::NAN); train.labels.len()];
         let vm = toy_varmap(VOCAB, 8, 1, 42);
-        let model = BagOfEmbeddings::new(&vm, false);
-        let inference = || -> Result<Box<dyn SequenceClassifier>> {
-            Ok(Box::new(BagOfEmbeddings::new(&vm, true)))
-        };
-        let trainee = Trainee {
-            model: &model,
-            varmap: &vm,
-            inference: &inference,
-            decay: &decays,
-        };
         for steps in [1, 3] {
             let cfg = TrainConfig {
                 max_steps: Some(steps),
                 ..cfg()
             };
             let mut reported = 0;
-            let err = finetune(
-                &trainee,
-                &Task::Regression,
-                &train,
-                None,
-                0,
-                &cfg,
-                &Device::Cpu,
-                &mut |_| reported += 1,
-            )
+            let err = try_run(&vm, &Task::Regression, &train, None, &cfg, &mut |_| {
+                reported += 1
+            })
             .unwrap_err()
             .to_string();
             assert!(err.contains("step 1: the training loss is NaN"), "{err}");

@@ -606,21 +606,23 @@ impl candle_core::InplaceOp2 for WeightUpdate {
     }
 }
 
+/// The gradients present, where there are some and every one is f32 on a CUDA device: what the
+/// multi-tensor kernels (`sum_squares_multi`, `clip_scale`) take.
+#[cfg(feature = "cuda")]
+fn all_f32_on_cuda(grads: &[Option<Tensor>]) -> Option<Vec<&Tensor>> {
+    let present: Vec<&Tensor> = grads.iter().flatten().collect();
+    let fits = |g: &&Tensor| g.device().is_cuda() && g.dtype() == DType::F32;
+    (!present.is_empty() && present.iter().all(fits)).then_some(present)
+}
+
 /// The global L2 norm of all gradients together (as `torch.nn.utils.clip_grad_norm_` computes it).
 /// Each gradient's sum of squares is reduced on its device in f32 and the sums are read back in one
 /// transfer (one device synchronisation per step, not one per parameter), then added in f64.
 pub fn global_grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
     #[cfg(feature = "cuda")]
-    {
-        let present: Vec<&Tensor> = grads.iter().flatten().collect();
-        if !present.is_empty()
-            && present
-                .iter()
-                .all(|g| g.device().is_cuda() && g.dtype() == DType::F32)
-        {
-            let sums = crate::model::kernels::cuda::sums_of_squares(&present)?;
-            return Ok(sums.iter().map(|&s| f64::from(s)).sum::<f64>().sqrt());
-        }
+    if let Some(present) = all_f32_on_cuda(grads) {
+        let sums = crate::model::kernels::cuda::sums_of_squares(&present)?;
+        return Ok(sums.iter().map(|&s| f64::from(s)).sum::<f64>().sqrt());
     }
     let sums = grads
         .iter()
@@ -669,17 +671,10 @@ impl Clip {
             );
         }
         #[cfg(feature = "cuda")]
-        {
-            let present: Vec<&Tensor> = grads.iter().flatten().collect();
-            if !present.is_empty()
-                && present
-                    .iter()
-                    .all(|g| g.device().is_cuda() && g.dtype() == DType::F32)
-            {
-                let at =
-                    crate::model::kernels::cuda::clip_on_device(&present, max_norm.unwrap_or(0.0))?;
-                return Ok(Clip::Device(at));
-            }
+        if let Some(present) = all_f32_on_cuda(grads) {
+            let at =
+                crate::model::kernels::cuda::clip_on_device(&present, max_norm.unwrap_or(0.0))?;
+            return Ok(Clip::Device(at));
         }
         Self::on_host(grads, max_norm)
     }
