@@ -1267,7 +1267,7 @@ fn emit_phases(
 /// The ops of a roberta-base-shaped training step, one at a time at the bench's batch and
 /// sequence length: seconds of the forward alone and of forward + backward (the output's gradient
 /// seeded with ones), the device drained around each, and how many times a step runs the op. Weights
-/// are f32 `Var`s cast to the compute dtype inside the op, as `CastingModel` does; activations are
+/// are f32 `Var`s cast to the compute dtype inside the op, as `model::casting` does; activations are
 /// `Var`s of the compute dtype. Σ count × forward+backward against the measured step says how much
 /// of the step the list covers, and the largest products say where the time goes.
 fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()> {

@@ -12,7 +12,7 @@
 //!
 //! A weight is known to the sink by its master's tensor (a `Var` of the `VarMap` it was made from)
 //! or by a tensor registered as a plain copy of one (`alias`: the bf16 casts of
-//! `model::CastingModel`). A node whose weights are not all known, or whose input records no
+//! `model::casting`). A node whose weights are not all known, or whose input records no
 //! gradient, keeps them in the graph as before.
 
 use candle_core::backprop::GradStore;
@@ -174,7 +174,7 @@ impl GradSink {
 
     /// Whether a step drained from this sink had a deposit for `master`: a node took the master's
     /// gradient from the sink instead of the graph, and gathers its weights from the master
-    /// itself, so a mixed-precision forward need not cast it (`model::CastingModel`).
+    /// itself, so a mixed-precision forward need not cast it (`model::casting`).
     pub fn claimed(&self, master: &Tensor) -> bool {
         self.0
             .lock()

@@ -128,7 +128,7 @@ mod tests {
 
     /// The table's gradient through the sink is the scatter-add of the rows' incoming gradient
     /// in f32 (as the CUDA path always summed it), in f32 and through a bf16 cast registered as
-    /// the table's alias (as `CastingModel` does); in f32 it equals the plain lookup's gradient
+    /// the table's alias (as `model::casting` does); in f32 it equals the plain lookup's gradient
     /// through the graph. Rows come out as the plain lookup's, in the table's dtype.
     #[test]
     fn the_sinks_table_gradient_is_the_scatter_of_the_rows_gradient() {
