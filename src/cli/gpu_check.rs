@@ -1030,17 +1030,38 @@ fn bench_one(
             ab.push((what, train, Ok(off)));
         }
     }
-    // Layer norm's backward in one pass (on by default): "off" is the three kernels.
+    // Layer norm's backward with 16-byte packs (session 12, on by default where rows fit): "off"
+    // is the one-pass kernel before it.
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() && crate::model::kernels::cuda::layer_norm_packed() {
+        use crate::model::kernels::cuda::set_layer_norm_packed;
+        set_layer_norm_packed(false);
+        let one_pass = time_it(device, args.warmup, args.steps, || step(&mut opt));
+        set_layer_norm_packed(true);
+        let what = "layer norm backward, 16-byte packs".to_string();
+        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
+        if let Some(off) = reported(one_pass, at) {
+            ab.push((what, train, Ok(off)));
+        }
+    }
+    // Layer norm's backward in one pass against the three kernels, both without the packed
+    // kernels (which take roberta-base's rows first).
     #[cfg(feature = "cuda")]
     if device.is_cuda() && crate::model::kernels::cuda::layer_norm_one_pass() {
-        use crate::model::kernels::cuda::set_layer_norm_one_pass;
+        use crate::model::kernels::cuda::{
+            layer_norm_packed, set_layer_norm_one_pass, set_layer_norm_packed,
+        };
+        let packed = layer_norm_packed();
+        set_layer_norm_packed(false);
+        let one_pass = time_it(device, args.warmup, args.steps, || step(&mut opt));
         set_layer_norm_one_pass(false);
         let three = time_it(device, args.warmup, args.steps, || step(&mut opt));
         set_layer_norm_one_pass(true);
+        set_layer_norm_packed(packed);
         let what = "layer norm backward in one pass".to_string();
         let at = json!({"stage": "ab", "what": what, "shape": shape.name});
-        if let Some(off) = reported(three, at) {
-            ab.push((what, train, Ok(off)));
+        if let (Some(on), Some(off)) = (reported(one_pass, at.clone()), reported(three, at)) {
+            ab.push((what, on, Ok(off)));
         }
     }
     // The weight gradients split over the rows (off in training unless chosen): "on" is the split.
@@ -1571,22 +1592,31 @@ fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()>
             }),
         ));
     }
-    // The same layer norm backward as three kernels (row statistics, dx, dw and db), the path
-    // before the one-pass kernel (session 10).
+    // The same layer norm backward without the packed kernels (session 12): in one pass (the path
+    // before them), and as three kernels (row statistics, dx, dw and db; before session 10).
     #[cfg(feature = "cuda")]
-    if device.is_cuda() && crate::model::kernels::cuda::layer_norm_one_pass() {
-        use crate::model::kernels::cuda::set_layer_norm_one_pass;
-        list.push((
-            "in blocks: layer norm dx + branch dropout, three kernels",
-            0,
-            Box::new(|| {
-                set_layer_norm_one_pass(false);
-                let out = prims.layer_norm_backward_dropout(&x_t, &ln_w_t, &y_t, 1e-5, Some(drop));
-                set_layer_norm_one_pass(true);
-                let [_, dh, _, _] = out?;
-                Ok(dh)
-            }),
-        ));
+    if device.is_cuda() && crate::model::kernels::cuda::layer_norm_packed() {
+        use crate::model::kernels::cuda::{set_layer_norm_one_pass, set_layer_norm_packed};
+        let (x_t, y_t, ln_w_t) = (&x_t, &y_t, &ln_w_t);
+        for (name, one_pass) in [
+            ("in blocks: layer norm dx + branch dropout, one pass", true),
+            ("in blocks: layer norm dx + branch dropout, three kernels", false),
+        ] {
+            list.push((
+                name,
+                0,
+                Box::new(move || {
+                    set_layer_norm_packed(false);
+                    set_layer_norm_one_pass(one_pass);
+                    let out =
+                        prims.layer_norm_backward_dropout(x_t, ln_w_t, y_t, 1e-5, Some(drop));
+                    set_layer_norm_one_pass(true);
+                    set_layer_norm_packed(true);
+                    let [_, dh, _, _] = out?;
+                    Ok(dh)
+                }),
+            ));
+        }
     }
     let mut total = 0.0;
     for (name, count, f) in &list {

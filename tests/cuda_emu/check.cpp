@@ -98,14 +98,19 @@ template <> double tol<float>() { return 2e-5; }
 template <> double tol<bf16>() { return 1.0 / 64; }
 
 // ---- dropout masks (the reference) -------------------------------------------------------------
-// Element i is kept when splitmix64's output for (seed ^ i * golden ratio), top 24 bits, reaches
-// the threshold: written out here, apart from the kernels' `kept`.
+// Element i is kept when two rounds of a 32-bit multiply-xorshift finaliser over (the low words
+// of i and the seed, then their high words), top 24 bits, reach the threshold: written out here,
+// apart from the kernels' `kept`.
+static uint32_t ref_mix32(uint32_t x) {
+  x = (x ^ (x >> 16)) * 0x7feb352du;
+  x = (x ^ (x >> 15)) * 0x846ca68bu;
+  return x ^ (x >> 16);
+}
 static bool ref_kept(uint64_t seed, size_t i, uint32_t threshold) {
-  uint64_t z = (seed ^ (uint64_t(i) * 0x9E3779B97F4A7C15ull)) + 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  return (z >> 40) >= threshold;
+  const uint64_t i64 = i;
+  uint32_t h = ref_mix32(uint32_t(i64) ^ uint32_t(seed));
+  h = ref_mix32(h ^ uint32_t(seed >> 32) ^ (uint32_t(i64 >> 32) * 0x9E3779B9u));
+  return (h >> 8) >= threshold;
 }
 
 // ---- layer norm ----------------------------------------------------------------------------
@@ -283,6 +288,73 @@ static void layer_norm(size_t rows, size_t n, unsigned dwdb_blocks, std::mt19937
         check(what + ": dw", ok ? rel_err(fdw, gw) : INFINITY, 4 * tol<T>());
         check(what + ": db", ok ? rel_err(fdb, gb) : INFINITY, 4 * tol<T>());
       }
+    }
+  }
+}
+
+// The packed backward (rows that ln_vec_slots takes): layer_norm_bwd_vec writes dx, dh and each
+// row's statistics, layer_norm_dwdb_cols sums a chunk of rows a block, layer_norm_dwdb_sum adds
+// the chunks; with and without dropout, chunks that divide the rows and chunks that do not.
+template <typename T>
+static void layer_norm_vec_bwd(size_t rows, size_t n, std::mt19937 &rng) {
+  const float eps = 1e-5f;
+  const Vec x = rounded<T>(randn(rows * n, rng, 2.0)), w = rounded<T>(randn(n, rng)),
+            b = rounded<T>(randn(n, rng)), dy = rounded<T>(randn(rows * n, rng));
+  const auto xd = to_dev<T>(x), wd = to_dev<T>(w), dyd = to_dev<T>(dy);
+  const Vec gx = numeric_grad([&](const Vec &v) { return ln_ref(v, w, b, rows, n, eps); }, x, dy);
+  const Vec gw = numeric_grad([&](const Vec &v) { return ln_ref(x, v, b, rows, n, eps); }, w, dy);
+  const Vec gb = numeric_grad([&](const Vec &v) { return ln_ref(x, w, v, rows, n, eps); }, b, dy);
+  Vec want_stats(2 * rows);
+  for (size_t r = 0; r < rows; r++) {
+    double m = 0, v = 0;
+    for (size_t i = 0; i < n; i++) m += x[r * n + i];
+    m /= n;
+    for (size_t i = 0; i < n; i++) v += (x[r * n + i] - m) * (x[r * n + i] - m);
+    want_stats[2 * r] = m;
+    want_stats[2 * r + 1] = 1 / std::sqrt(v / n + eps);
+  }
+  constexpr size_t P = 16 / sizeof(T);
+  for (const bool drop : {true, false}) {
+    for (const int chunk : {8, 24}) {
+      const uint64_t seed = 31;
+      const float p_drop = drop ? 0.25f : 0.f, drop_scale = 1 / (1 - p_drop);
+      const uint32_t threshold = uint32_t(std::ceil(double(p_drop) * (1 << 24)));
+      std::vector<T> dxv(rows * n), dhv(rows * n);
+      std::vector<float> st(2 * rows, NAN);
+      T *dh_arg = drop ? dhv.data() : nullptr;
+      bool ok = emu::launch(dim3(unsigned((rows + 7) / 8)), dim3(32, 8), [&] {
+        if constexpr (std::is_same_v<T, float>)
+          layer_norm_bwd_vec_f32(xd.data(), wd.data(), dyd.data(), dxv.data(), dh_arg, st.data(),
+                                 rows, int(n), eps, seed, threshold, drop_scale);
+        else
+          layer_norm_bwd_vec_bf16(xd.data(), wd.data(), dyd.data(), dxv.data(), dh_arg, st.data(),
+                                  rows, int(n), eps, seed, threshold, drop_scale);
+      });
+      const size_t chunks = (rows + chunk - 1) / chunk;
+      std::vector<float> partial(chunks * 2 * n, NAN), sums(2 * n, NAN);
+      ok &= emu::launch(dim3(unsigned((n / P + 31) / 32), unsigned(chunks)), dim3(32, 8), [&] {
+        if constexpr (std::is_same_v<T, float>)
+          layer_norm_dwdb_cols_f32(xd.data(), dyd.data(), st.data(), partial.data(), rows, int(n), chunk);
+        else
+          layer_norm_dwdb_cols_bf16(xd.data(), dyd.data(), st.data(), partial.data(), rows, int(n), chunk);
+      });
+      ok &= emu::launch(dim3(unsigned((2 * n + 31) / 32)), dim3(32, 8), [&] {
+        layer_norm_dwdb_sum(partial.data(), sums.data(), int(chunks), int(2 * n));
+      });
+      const std::string what = "layer_norm_bwd_vec + layer_norm_dwdb_cols " + std::string(tname<T>()) +
+                               " " + std::to_string(rows) + "x" + std::to_string(n) + ", chunks of " +
+                               std::to_string(chunk) + (drop ? ", dropout 0.25" : "");
+      check(what + ": dx", ok ? rel_err(to_host(dxv), gx) : INFINITY, 4 * tol<T>());
+      check(what + ": row statistics", ok ? rel_err(st, want_stats) : INFINITY, 2e-5);
+      if (drop) {
+        Vec want(rows * n);
+        for (size_t i = 0; i < want.size(); i++)
+          want[i] = ref_kept(seed, i, threshold) ? gx[i] * drop_scale : 0.0;
+        check(what + ": dh", ok ? rel_err(to_host(dhv), want) : INFINITY, 4 * tol<T>());
+      }
+      const std::vector<float> vdw(sums.begin(), sums.begin() + n), vdb(sums.begin() + n, sums.end());
+      check(what + ": dw", ok ? rel_err(vdw, gw) : INFINITY, 4 * tol<T>());
+      check(what + ": db", ok ? rel_err(vdb, gb) : INFINITY, 4 * tol<T>());
     }
   }
 }
@@ -1041,12 +1113,26 @@ int main() {
     layer_norm<float>(rows, n, blocks, rng);
     layer_norm<bf16>(rows, n, blocks, rng);
   }
+  // Rows the packed kernels take (16-byte packs, a lane holding 1 to 4 of bf16, up to 8 of f32);
+  // layer_norm<T> above runs their forward too (layer_norm_fwd_warp picks them by itself).
+  for (auto [rows, n] : {std::pair{11, 768}, {9, 256}, {5, 1024}}) {
+    layer_norm<float>(rows, n, 2u, rng);
+    layer_norm<bf16>(rows, n, 2u, rng);
+    layer_norm_vec_bwd<float>(rows, n, rng);
+    layer_norm_vec_bwd<bf16>(rows, n, rng);
+  }
+  layer_norm_vec_bwd<float>(5, 384, rng);  // three packs a lane in f32
+  layer_norm_vec_bwd<float>(6, 512, rng);
   dwdb_sum_check(21, 70, rng);
   dwdb_sum_check(3, 1536, rng);
   softmax<float>(3, 5, 40, rng);  // 15 rows: the last block of 8 warps has idle warps
   softmax<bf16>(3, 5, 40, rng);
   softmax<float>(2, 3, 7, rng);  // a row shorter than a warp
-  softmax<bf16>(2, 3, 128, rng);   // 4 and 8 registers per lane
+  softmax<bf16>(2, 3, 128, rng);   // 4 and 8 registers per lane; bf16 128: 8-byte chunks
+  softmax<bf16>(3, 3, 64, rng);    // the chunked rows: 4, 8 and 16 bytes a lane
+  softmax<bf16>(2, 5, 256, rng);
+  softmax<float>(2, 3, 64, rng);
+  softmax<float>(3, 3, 128, rng);
   softmax<float>(2, 2, 200, rng);
   softmax<float>(1, 3, 280, rng);
   softmax<float>(2, 2, 512, rng);  // the longest row held in registers

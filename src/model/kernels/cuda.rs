@@ -303,6 +303,21 @@ pub fn layer_norm_one_pass() -> bool {
     LN_ONE_PASS.load(Ordering::Relaxed)
 }
 
+/// Whether layer norm's backward takes the packed kernels where its rows fit them (on unless
+/// turned off).
+static LN_PACKED: AtomicBool = AtomicBool::new(true);
+
+/// Turns the packed layer norm backward (`layer_norm_bwd_vec`, then `layer_norm_dwdb_cols`) on or
+/// off; off, rows take the one-pass kernel or the three kernels as before. `gpu-check` times both.
+pub fn set_layer_norm_packed(on: bool) {
+    LN_PACKED.store(on, Ordering::Relaxed);
+}
+
+/// Whether the packed layer norm backward is on.
+pub fn layer_norm_packed() -> bool {
+    LN_PACKED.load(Ordering::Relaxed)
+}
+
 /// The longest row the one-pass backward takes (`LN_FUSED_MAX_N` in kernels.cu).
 const LN_FUSED_MAX_N: usize = 768;
 
@@ -319,6 +334,11 @@ fn layer_norm_backward(
 ) -> Result<[Tensor; 4]> {
     let (x, w, dy) = (x.contiguous()?, w.contiguous()?, dy.contiguous()?);
     let n = x.dims().last().copied().unwrap_or(0);
+    if layer_norm_packed() && geometry::ln_vec_slots(x.dtype().size_in_bytes(), n) > 0 {
+        if let Some(out) = layer_norm_backward_packed(&x, &w, &dy, eps, drop.as_ref())? {
+            return Ok(out);
+        }
+    }
     if layer_norm_one_pass() && n > 0 && n <= LN_FUSED_MAX_N {
         return layer_norm_backward_one_pass(&x, &w, &dy, eps, drop);
     }
@@ -430,6 +450,112 @@ fn layer_norm_backward_one_pass(
         dx.clone()
     };
     Ok([dx, dh, dwdb.get(0)?, dwdb.get(1)?])
+}
+
+/// `layer_norm_backward` with the packed kernels (contiguous operands, rows that
+/// `geometry::ln_vec_slots` takes): `layer_norm_bwd_vec` writes dx (and dh) and each row's mean and
+/// rstd, `layer_norm_dwdb_cols` each chunk of rows' sums of dw and db, and `layer_norm_dwdb_sum`
+/// adds the chunks in a fixed order. `None` where an operand is not 16-byte aligned (a view at an
+/// odd offset): the caller takes another path.
+fn layer_norm_backward_packed(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f32,
+    drop: Option<&Dropout>,
+) -> Result<Option<[Tensor; 4]>> {
+    let what = "layer norm backward";
+    let dtype = x.dtype();
+    let n = x.dims().last().copied().unwrap_or(0);
+    let rows = x.elem_count() / n.max(1);
+    if dy.dims() != x.dims() || w.dims() != [n] || dy.dtype() != dtype || w.dtype() != dtype {
+        bail!(
+            "{what}: x {:?} {dtype:?}, w {:?} {:?}, dy {:?} {:?}",
+            x.dims(),
+            w.dims(),
+            w.dtype(),
+            dy.dims(),
+            dy.dtype()
+        );
+    }
+    let (x_at, w_at, dy_at) = (
+        address(x, false, what)?,
+        address(w, false, what)?,
+        address(dy, false, what)?,
+    );
+    if [x_at, w_at, dy_at].iter().any(|a| a % 16 != 0) {
+        return Ok(None);
+    }
+    let outputs = if drop.is_some() { 2 } else { 1 };
+    let out = uninit(x, &[outputs, rows, n], dtype)?;
+    let chunk = geometry::ln_col_chunk(rows);
+    let chunks = rows.div_ceil(chunk).max(1);
+    let stats = uninit(x, &[rows, 2], DType::F32)?;
+    let partial = uninit(x, &[chunks, 2 * n], DType::F32)?;
+    let dwdb = uninit(x, &[2, n], DType::F32)?;
+    let dx_at = address(&out, true, what)?;
+    let dh_at = if drop.is_some() {
+        dx_at + (rows * n * dtype.size_in_bytes()) as u64
+    } else {
+        0
+    };
+    let (stats_at, partial_at, dwdb_at) = (
+        f32_address(&stats, true, what)?,
+        f32_address(&partial, true, what)?,
+        f32_address(&dwdb, true, what)?,
+    );
+    let (seed, threshold, scale) = drop.map_or((0, 0, 1.0), |d| (d.seed, d.threshold, d.scale));
+    let n_i = n as i32;
+    let dev = x.device().as_cuda_device()?;
+    let f = func!(dev, "layer_norm_bwd_vec", dtype)?;
+    let mut a = f.builder();
+    a.arg(&x_at)
+        .arg(&w_at)
+        .arg(&dy_at)
+        .arg(&dx_at)
+        .arg(&dh_at)
+        .arg(&stats_at)
+        .arg(&rows)
+        .arg(&n_i)
+        .arg(&eps)
+        .arg(&seed)
+        .arg(&threshold)
+        .arg(&scale);
+    unsafe { a.launch(warp_rows(rows)) }.w()?;
+    let packs = n / (16 / dtype.size_in_bytes());
+    let chunk_i = chunk as i32;
+    let f = func!(dev, "layer_norm_dwdb_cols", dtype)?;
+    let mut a = f.builder();
+    a.arg(&x_at)
+        .arg(&dy_at)
+        .arg(&stats_at)
+        .arg(&partial_at)
+        .arg(&rows)
+        .arg(&n_i)
+        .arg(&chunk_i);
+    let cfg = LaunchConfig {
+        grid_dim: (packs.div_ceil(32) as u32, chunks as u32, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { a.launch(cfg) }.w()?;
+    let (chunks_i, n2) = (chunks as i32, 2 * n_i);
+    let f = load_kernel(dev, "layer_norm_dwdb_sum")?;
+    let mut a = f.builder();
+    a.arg(&partial_at).arg(&dwdb_at).arg(&chunks_i).arg(&n2);
+    let cfg = LaunchConfig {
+        grid_dim: ((2 * n).div_ceil(32) as u32, 1, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { a.launch(cfg) }.w()?;
+    let dx = out.get(0)?.reshape(x.shape())?;
+    let dh = if drop.is_some() {
+        out.get(1)?.reshape(x.shape())?
+    } else {
+        dx.clone()
+    };
+    Ok(Some([dx, dh, dwdb.get(0)?, dwdb.get(1)?]))
 }
 
 /// The weight and bias gradients of layer norm over `x` given `dy` (contiguous), in `dtype` (the

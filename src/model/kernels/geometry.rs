@@ -106,9 +106,62 @@ pub fn ln_fused_blocks(rows: usize) -> u32 {
     rows.div_ceil(2 * LN_FUSED_WARPS).clamp(1, 512) as u32
 }
 
+/// Packs of 16 bytes a lane holds in the packed layer norm kernels (`ln_vec_slots` in kernels.cu)
+/// for rows of `n` elements of `elem` bytes, one warp a row: `n` a whole number of 32 packs and at
+/// most 32 elements a lane, in the counts the kernels are built for (1 to 4, and 6 or 8 for f32).
+/// 0: the row does not fit them.
+pub fn ln_vec_slots(elem: usize, n: usize) -> usize {
+    let per = 16 / elem;
+    if n == 0 || !n.is_multiple_of(32 * per) || n / 32 > 32 {
+        return 0;
+    }
+    match n / (32 * per) {
+        s @ 1..=4 => s,
+        s @ (6 | 8) if elem == 4 => s,
+        _ => 0,
+    }
+}
+
+/// Rows a block of the packed layer norm's column sums (`layer_norm_dwdb_cols`) takes: `rows / 256`
+/// rounded up to a multiple of 8 (its eight row groups), at least 32, so that a batch has at most
+/// 256 chunks of partial sums to add (roberta-base at batch 128: 64 rows a chunk, 256 chunks).
+pub fn ln_col_chunk(rows: usize) -> usize {
+    rows.div_ceil(256).next_multiple_of(8).max(32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packed_layer_norm_rows_are_whole_packs_a_lane_within_the_registers() {
+        // bf16: 8 elements a pack, 256 a warp's pass
+        assert_eq!(ln_vec_slots(2, 768), 3);
+        assert_eq!(ln_vec_slots(2, 256), 1);
+        assert_eq!(ln_vec_slots(2, 1024), 4);
+        assert_eq!(ln_vec_slots(2, 384), 0);
+        assert_eq!(ln_vec_slots(2, 2048), 0);
+        // f32: 4 a pack, 128 a pass
+        assert_eq!(ln_vec_slots(4, 768), 6);
+        assert_eq!(ln_vec_slots(4, 384), 3);
+        assert_eq!(ln_vec_slots(4, 1024), 8);
+        assert_eq!(ln_vec_slots(4, 640), 0);
+        assert_eq!(ln_vec_slots(4, 896), 0);
+        assert_eq!(ln_vec_slots(4, 0), 0);
+    }
+
+    #[test]
+    fn layer_norm_column_chunks_cap_the_partial_sums() {
+        assert_eq!(ln_col_chunk(1), 32);
+        assert_eq!(ln_col_chunk(4096), 32);
+        assert_eq!(ln_col_chunk(16384), 64);
+        assert_eq!(ln_col_chunk(32768), 128);
+        assert_eq!(ln_col_chunk(16385), 72);
+        for rows in [1, 100, 8191, 16384, 65537, 1 << 22] {
+            let chunk = ln_col_chunk(rows);
+            assert!(chunk.is_multiple_of(8) && rows.div_ceil(chunk) <= 256, "{rows}");
+        }
+    }
 
     #[test]
     fn ln_fused_blocks_give_every_warp_rows_and_cap_the_partial_sums() {

@@ -42,6 +42,17 @@ template <typename T> struct alignas(16) Pack {
 
 __device__ __forceinline__ bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 
+// V consecutive elements moved as one access (V * sizeof(T) of 4, 8 or 16 bytes): the row kernels'
+// unit where a lane holds a run of its row rather than every 32nd element.
+template <typename T, int V> struct alignas(V * sizeof(T)) Chunk {
+  T v[V];
+};
+
+// Whether every pointer is aligned to `bytes` (null ones are).
+template <typename... P> __device__ __forceinline__ bool all_aligned(int bytes, const P *...p) {
+  return ((((uintptr_t)p) % bytes == 0) && ...);
+}
+
 // y[i] = f(i, x[i]) for i < n.
 template <typename T, typename F>
 __device__ void map1(const T *x, T *y, size_t n, F f) {
@@ -102,19 +113,27 @@ __device__ float block_sum(float v, float *sh) {
 }
 
 // ---- dropout masks ---------------------------------------------------------------------------
-// Element i is kept when the top 24 bits of splitmix64(seed ^ (i * golden)) reach threshold
-// (= ceil(p * 2^24)); kept elements are scaled by 1 / (1 - p). The mask is a pure function of
-// (seed, i), so a backward applies it again from the seed instead of storing it.
-__device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
+// Element i is kept when the top 24 bits of a hash of (seed, i) reach threshold (= ceil(p * 2^24));
+// kept elements are scaled by 1 / (1 - p). The mask is a pure function of (seed, i), so a backward
+// applies it again from the seed instead of storing it. The hash is two rounds of a 32-bit
+// multiply-xorshift finaliser (constants from Wellons' "lowbias32"): the low words of i and the
+// seed, then their high words. Session 12 measured it on an H200 against splitmix64 (three 64-bit
+// products): dropout over [rows, 4h] went from 0.68 to 0.73 of a plain copy's bandwidth, the
+// softmax backward that draws it from 0.81 to 0.90 (benches/cuda/kernel_bench.cu).
+__device__ __forceinline__ uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
 }
 
 // Whether dropout with this seed and threshold keeps element i.
 __device__ __forceinline__ bool kept(uint64_t seed, size_t i, uint32_t threshold) {
-  return (uint32_t)(splitmix64(seed ^ (i * 0x9E3779B97F4A7C15ull)) >> 40) >= threshold;
+  uint32_t h = mix32((uint32_t)i ^ (uint32_t)seed);
+  h = mix32(h ^ (uint32_t)(seed >> 32) ^ ((uint32_t)((uint64_t)i >> 32) * 0x9E3779B9u));
+  return (h >> 8) >= threshold;
 }
 
 // ---- layer norm -----------------------------------------------------------------------------
@@ -225,9 +244,88 @@ __device__ void layer_norm_fwd_warp_n(const T *x, const T *w, const T *b, T *y, 
   }
 }
 
+// Rows of n = 32 * P * SL (P = 16 / sizeof(T), the elements of a 16-byte pack), one warp a row:
+// lane l holds packs l, l + 32, ... and moves each with one access (the per-element kernels above
+// move 2 or 4 bytes an access, which session 12 measured at 0.32 of a copy's bandwidth on an H200
+// for [16384, 768] bf16, against 0.85 to 0.9 with packs: benches/cuda/kernel_bench.cu). The same
+// statistics in another order of summation.
+template <int SL, typename T>
+__device__ __forceinline__ void ln_vec_load(const T *xr, int n, float eps, float (&v)[SL][16 / sizeof(T)],
+                                            float *mean, float *rstd) {
+  constexpr int P = 16 / sizeof(T);
+  const Pack<T> *xp = reinterpret_cast<const Pack<T> *>(xr);
+  float s = 0.f;
+#pragma unroll
+  for (int k = 0; k < SL; k++) {
+    const Pack<T> a = xp[k * 32 + threadIdx.x];
+#pragma unroll
+    for (int j = 0; j < P; j++) {
+      v[k][j] = to_f(a.v[j]);
+      s += v[k][j];
+    }
+  }
+  const float m = warp_sum(s) / n;
+  float q = 0.f;
+#pragma unroll
+  for (int k = 0; k < SL; k++)
+#pragma unroll
+    for (int j = 0; j < P; j++) {
+      const float d = v[k][j] - m;
+      q += d * d;
+    }
+  *mean = m;
+  *rstd = rsqrtf(warp_sum(q) / n + eps);
+}
+
+template <int SL, typename T>
+__device__ void layer_norm_fwd_vec_n(const T *x, const T *w, const T *b, T *y, size_t rows, int n,
+                                     float eps) {
+  constexpr int P = 16 / sizeof(T);
+  const size_t row = (size_t)blockIdx.x * blockDim.y + threadIdx.y;
+  if (row >= rows) return;
+  float v[SL][P], mean, rstd;
+  ln_vec_load<SL>(x + row * n, n, eps, v, &mean, &rstd);
+  const Pack<T> *wp = reinterpret_cast<const Pack<T> *>(w);
+  const Pack<T> *bp = reinterpret_cast<const Pack<T> *>(b);
+  Pack<T> *yp = reinterpret_cast<Pack<T> *>(y + row * n);
+#pragma unroll
+  for (int k = 0; k < SL; k++) {
+    const int c = k * 32 + threadIdx.x;
+    const Pack<T> wv = wp[c], bv = bp[c];
+    Pack<T> o;
+#pragma unroll
+    for (int j = 0; j < P; j++)
+      o.v[j] = from_f<T>((v[k][j] - mean) * rstd * to_f(wv.v[j]) + to_f(bv.v[j]));
+    yp[c] = o;
+  }
+}
+
+// Packs a lane holds in the 16-byte row kernels for rows of n (0: the row does not fit them): n a
+// multiple of 32 packs, at most 32 elements a lane (the registers of the per-element kernels).
+template <typename T> __device__ __forceinline__ int ln_vec_slots(int n) {
+  constexpr int P = 16 / sizeof(T);
+  return n % (32 * P) == 0 && n / 32 <= 32 ? n / (32 * P) : 0;
+}
+
+#define LN_VEC_DISPATCH(T, n, CALL)                                                              \
+  switch (ln_vec_slots<T>(n)) {                                                                  \
+  case 1: CALL(1); return;                                                                       \
+  case 2: CALL(2); return;                                                                       \
+  case 3: CALL(3); return;                                                                       \
+  case 4: CALL(4); return;                                                                       \
+  case 6: if constexpr (sizeof(T) == 4) { CALL(6); return; } break;                              \
+  case 8: if constexpr (sizeof(T) == 4) { CALL(8); return; } break;                              \
+  default: break;                                                                                \
+  }
+
 template <typename T>
 __device__ void layer_norm_fwd_warp(const T *x, const T *w, const T *b, T *y, size_t rows, int n,
                                     float eps) {
+  if (all_aligned(16, x, w, b, y)) {
+#define LN_FWD_VEC(SL) layer_norm_fwd_vec_n<SL>(x, w, b, y, rows, n, eps)
+    LN_VEC_DISPATCH(T, n, LN_FWD_VEC)
+#undef LN_FWD_VEC
+  }
   if (n <= 256) layer_norm_fwd_warp_n<8>(x, w, b, y, rows, n, eps);
   else if (n <= 512) layer_norm_fwd_warp_n<16>(x, w, b, y, rows, n, eps);
   else if (n <= 768) layer_norm_fwd_warp_n<24>(x, w, b, y, rows, n, eps);
@@ -456,6 +554,126 @@ extern "C" __global__ void layer_norm_dwdb_sum(const float *partial, float *dwdb
   }
 }
 
+// ---- layer norm's backward with 16-byte packs --------------------------------------------------
+// Two kernels for rows that fit the packed row kernels (ln_vec_slots): layer_norm_bwd_vec, one warp
+// a row at full occupancy, writes dx (and dh, through the branch's dropout, as the kernels above)
+// and the row's mean and rstd; layer_norm_dwdb_cols then sums dy * xhat and dy down the columns in
+// chunks of rows, and layer_norm_dwdb_sum adds the chunks in order. Session 12 measured the one-pass
+// kernel (several rows a warp, two blocks an SM, element-wise accesses) at 0.30 of a copy's
+// bandwidth on an H200 at [16384, 768] bf16, and the packed dx kernel at 0.85.
+template <int SL, bool DROP, typename T>
+__device__ void layer_norm_bwd_vec_n(const T *x, const T *w, const T *dy, T *dx, T *dh,
+                                     float *stats, size_t rows, int n, float eps, uint64_t seed,
+                                     uint32_t threshold, float drop_scale) {
+  constexpr int P = 16 / sizeof(T);
+  const size_t row = (size_t)blockIdx.x * blockDim.y + threadIdx.y;
+  if (row >= rows) return;
+  const int lane = threadIdx.x;
+  float v[SL][P], g[SL][P], mean, rstd;
+  ln_vec_load<SL>(x + row * n, n, eps, v, &mean, &rstd);
+  const Pack<T> *gp = reinterpret_cast<const Pack<T> *>(dy + row * n);
+  const Pack<T> *wp = reinterpret_cast<const Pack<T> *>(w);
+  float a = 0.f, c = 0.f;
+#pragma unroll
+  for (int k = 0; k < SL; k++) {
+    const Pack<T> gy = gp[k * 32 + lane], wv = wp[k * 32 + lane];
+#pragma unroll
+    for (int j = 0; j < P; j++) {
+      g[k][j] = to_f(gy.v[j]) * to_f(wv.v[j]);
+      v[k][j] = (v[k][j] - mean) * rstd;  // now xhat
+      a += g[k][j];
+      c += g[k][j] * v[k][j];
+    }
+  }
+  a = warp_sum(a) / n;
+  c = warp_sum(c) / n;
+  Pack<T> *dxp = reinterpret_cast<Pack<T> *>(dx + row * n);
+#pragma unroll
+  for (int k = 0; k < SL; k++) {
+    const int col = k * 32 + lane;
+    Pack<T> o;
+#pragma unroll
+    for (int j = 0; j < P; j++) o.v[j] = from_f<T>(rstd * (g[k][j] - a - v[k][j] * c));
+    dxp[col] = o;
+    if constexpr (DROP) {
+      Pack<T> h;
+#pragma unroll
+      for (int j = 0; j < P; j++) {
+        const size_t i = row * n + (size_t)col * P + j;
+        h.v[j] = from_f<T>(kept(seed, i, threshold) ? to_f(o.v[j]) * drop_scale : 0.f);
+      }
+      reinterpret_cast<Pack<T> *>(dh + row * n)[col] = h;
+    }
+  }
+  if (lane == 0) {
+    stats[2 * row] = mean;
+    stats[2 * row + 1] = rstd;
+  }
+}
+
+// With dh null, no dropout output. Rows that do not fit the packs stop the kernel (the host checks
+// ln_vec_slots' rule first).
+template <typename T>
+__device__ void layer_norm_bwd_vec(const T *x, const T *w, const T *dy, T *dx, T *dh, float *stats,
+                                   size_t rows, int n, float eps, uint64_t seed,
+                                   uint32_t threshold, float drop_scale) {
+#define LN_BWD_VEC(SL)                                                                           \
+  (dh ? layer_norm_bwd_vec_n<SL, true>(x, w, dy, dx, dh, stats, rows, n, eps, seed, threshold,    \
+                                       drop_scale)                                               \
+      : layer_norm_bwd_vec_n<SL, false>(x, w, dy, dx, dh, stats, rows, n, eps, seed, threshold,   \
+                                        drop_scale))
+  LN_VEC_DISPATCH(T, n, LN_BWD_VEC)
+#undef LN_BWD_VEC
+  __trap();
+}
+
+// dw and db of one chunk of rows: thread (x, y) of a (32, 8) block sums the columns of pack
+// blockIdx.x * 32 + x over rows y, y + 8, ... of chunk blockIdx.y (with each row's mean and rstd
+// from stats); the block's eight row groups are added in order in shared memory, into
+// partial[blockIdx.y] ([2, n] f32: dw, then db), which layer_norm_dwdb_sum adds up.
+template <typename T>
+__device__ void layer_norm_dwdb_cols(const T *x, const T *dy, const float *stats, float *partial,
+                                     size_t rows, int n, int chunk) {
+  constexpr int P = 16 / sizeof(T);
+  __shared__ float sh[2][8][32 * P];
+  const int packs = n / P;
+  const int c = blockIdx.x * 32 + threadIdx.x;
+  float dw[P], db[P];
+#pragma unroll
+  for (int j = 0; j < P; j++) dw[j] = db[j] = 0.f;
+  const size_t r0 = (size_t)blockIdx.y * chunk;
+  const size_t r1 = r0 + chunk < rows ? r0 + chunk : rows;
+  if (c < packs) {
+    const Pack<T> *xp = reinterpret_cast<const Pack<T> *>(x);
+    const Pack<T> *gp = reinterpret_cast<const Pack<T> *>(dy);
+    for (size_t r = r0 + threadIdx.y; r < r1; r += 8) {
+      const float mean = stats[2 * r], rstd = stats[2 * r + 1];
+      const Pack<T> a = xp[r * packs + c], g = gp[r * packs + c];
+#pragma unroll
+      for (int j = 0; j < P; j++) {
+        const float gy = to_f(g.v[j]);
+        dw[j] += gy * ((to_f(a.v[j]) - mean) * rstd);
+        db[j] += gy;
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < P; j++) {
+    sh[0][threadIdx.y][threadIdx.x * P + j] = dw[j];
+    sh[1][threadIdx.y][threadIdx.x * P + j] = db[j];
+  }
+  __syncthreads();
+  for (int t = threadIdx.y * 32 + threadIdx.x; t < 2 * 32 * P; t += 256) {
+    const int half = t / (32 * P), col = t % (32 * P);
+    const int gc = blockIdx.x * 32 * P + col;
+    if (gc < n) {
+      float sum = 0.f;
+      for (int j = 0; j < 8; j++) sum += sh[half][j][col];
+      partial[((size_t)blockIdx.y * 2 + half) * n + gc] = sum;
+    }
+  }
+}
+
 // ---- scaled masked softmax ------------------------------------------------------------------
 // One warp per row of scores [rows, k]; row r belongs to batch element r / rows_per_batch, whose
 // additive mask is bias[batch, :]. p = softmax(scale * s + bias) in f32.
@@ -502,6 +720,56 @@ __device__ __forceinline__ void softmax_row_regs(const T *sr, const T *br, T *pr
   }
 }
 
+// Rows of k = 32 * V (V * sizeof(T) of 4, 8 or 16 bytes: k 64, 128, 256 in bf16, 64 and 128 in f32)
+// where every pointer is aligned to that: lane l holds elements [V l, V l + V) and moves them with
+// one access per tensor, and the mask is drawn once per element. Session 12 measured the
+// element-wise kernels at [128 * 12 * 128, 128] bf16 on an H200 at 0.39 (forward with dropout) and
+// 0.36 (backward) of a copy's bandwidth, and these at 0.61 and 0.90
+// (benches/cuda/kernel_bench.cu).
+template <typename T, bool DROP, int V>
+__device__ __forceinline__ void softmax_row_vec(const T *sr, const T *br, T *pr, T *dropped,
+                                                size_t row, float scale, uint64_t seed,
+                                                uint32_t threshold, float drop_scale) {
+  using C = Chunk<T, V>;
+  constexpr int k = 32 * V;
+  const int lane = threadIdx.x;
+  const C sv = reinterpret_cast<const C *>(sr)[lane], bv = reinterpret_cast<const C *>(br)[lane];
+  float v[V];
+  float m = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < V; j++) {
+    v[j] = to_f(sv.v[j]) * scale + to_f(bv.v[j]);
+    m = fmaxf(m, v[j]);
+  }
+  m = warp_max(m);
+  float z = 0.f;
+#pragma unroll
+  for (int j = 0; j < V; j++) {
+    v[j] = expf(v[j] - m);
+    z += v[j];
+  }
+  const float inv = 1.f / warp_sum(z);
+  C out;
+#pragma unroll
+  for (int j = 0; j < V; j++) out.v[j] = from_f<T>(v[j] * inv);
+  reinterpret_cast<C *>(pr)[lane] = out;
+  if constexpr (DROP) {
+    C d;
+#pragma unroll
+    for (int j = 0; j < V; j++) {
+      const size_t i = row * k + (size_t)V * lane + j;
+      d.v[j] = from_f<T>(kept(seed, i, threshold) ? to_f(out.v[j]) * drop_scale : 0.f);
+    }
+    reinterpret_cast<C *>(dropped + row * k)[lane] = d;
+  }
+}
+
+// The V (elements a lane) of the vectorised softmax rows for k, or 0 where k is none of them.
+template <typename T> __device__ __forceinline__ int softmax_vec_width(int k) {
+  const int v = k / 32;
+  return k % 32 == 0 && (v == 2 || v == 4 || v == 8) && v * (int)sizeof(T) <= 16 ? v : 0;
+}
+
 template <typename T, bool DROP>
 __device__ void softmax_fwd(const T *s, const T *bias, T *p, T *dropped, size_t rows, int k,
                             size_t rows_per_batch, float scale, uint64_t seed, uint32_t threshold,
@@ -512,6 +780,14 @@ __device__ void softmax_fwd(const T *s, const T *bias, T *p, T *dropped, size_t 
   const T *sr = s + row * k;
   const T *br = bias + (row / rows_per_batch) * k;
   T *pr = p + row * k;
+  const int vw = softmax_vec_width<T>(k);
+  if (vw && all_aligned(vw * (int)sizeof(T), s, bias, p, dropped)) {
+    if (vw == 2) return softmax_row_vec<T, DROP, 2>(sr, br, pr, dropped, row, scale, seed, threshold, drop_scale);
+    if constexpr (sizeof(T) <= 4)
+      if (vw == 4) return softmax_row_vec<T, DROP, 4>(sr, br, pr, dropped, row, scale, seed, threshold, drop_scale);
+    if constexpr (sizeof(T) <= 2)
+      if (vw == 8) return softmax_row_vec<T, DROP, 8>(sr, br, pr, dropped, row, scale, seed, threshold, drop_scale);
+  }
   // Rows of up to SOFTMAX_REG_MAX_K in registers, as many slots as the row needs.
   if (k <= 32) return softmax_row_regs<T, DROP, 1>(sr, br, pr, dropped, row, k, scale, seed, threshold, drop_scale);
   if (k <= 64) return softmax_row_regs<T, DROP, 2>(sr, br, pr, dropped, row, k, scale, seed, threshold, drop_scale);
@@ -537,6 +813,31 @@ __device__ void softmax_fwd(const T *s, const T *bias, T *p, T *dropped, size_t 
 // followed the softmax in the forward: element i (of the whole tensor) kept as `kept` says and
 // scaled by `drop_scale` (threshold 0 and drop_scale 1: no dropout). Reading dp through the mask
 // here saves the backward a pass that would apply it first.
+// softmax_bwd for the rows of softmax_row_vec.
+template <typename T, int V>
+__device__ __forceinline__ void softmax_bwd_row_vec(const T *pr, const T *gr, T *dr, size_t row,
+                                                    float scale, uint64_t seed, uint32_t threshold,
+                                                    float drop_scale) {
+  using C = Chunk<T, V>;
+  constexpr int k = 32 * V;
+  const int lane = threadIdx.x;
+  const C pv = reinterpret_cast<const C *>(pr)[lane], gv = reinterpret_cast<const C *>(gr)[lane];
+  float pf[V], g[V];
+  float dot = 0.f;
+#pragma unroll
+  for (int j = 0; j < V; j++) {
+    const size_t i = row * k + (size_t)V * lane + j;
+    pf[j] = to_f(pv.v[j]);
+    g[j] = kept(seed, i, threshold) ? to_f(gv.v[j]) * drop_scale : 0.f;
+    dot += pf[j] * g[j];
+  }
+  dot = warp_sum(dot);
+  C out;
+#pragma unroll
+  for (int j = 0; j < V; j++) out.v[j] = from_f<T>(scale * pf[j] * (g[j] - dot));
+  reinterpret_cast<C *>(dr)[lane] = out;
+}
+
 template <typename T>
 __device__ void softmax_bwd(const T *p, const T *dp, T *ds, size_t rows, int k, float scale,
                             uint64_t seed, uint32_t threshold, float drop_scale) {
@@ -546,6 +847,14 @@ __device__ void softmax_bwd(const T *p, const T *dp, T *ds, size_t rows, int k, 
   const T *pr = p + row * k;
   const T *gr = dp + row * k;
   T *dr = ds + row * k;
+  const int vw = softmax_vec_width<T>(k);
+  if (vw && all_aligned(vw * (int)sizeof(T), p, dp, ds)) {
+    if (vw == 2) return softmax_bwd_row_vec<T, 2>(pr, gr, dr, row, scale, seed, threshold, drop_scale);
+    if constexpr (sizeof(T) <= 4)
+      if (vw == 4) return softmax_bwd_row_vec<T, 4>(pr, gr, dr, row, scale, seed, threshold, drop_scale);
+    if constexpr (sizeof(T) <= 2)
+      if (vw == 8) return softmax_bwd_row_vec<T, 8>(pr, gr, dr, row, scale, seed, threshold, drop_scale);
+  }
   auto g = [&](int i) {
     return kept(seed, row * k + i, threshold) ? to_f(gr[i]) * drop_scale : 0.f;
   };
@@ -1169,6 +1478,16 @@ extern "C" __global__ void flash_dq_bf16(const float *dq, __nv_bfloat16 *dqkv, s
       float eps, uint64_t seed, uint32_t threshold, float drop_scale) {                          \
     layer_norm_bwd_fused<T>(x, w, dy, dx, dh, partial, rows, n, eps, seed, threshold,            \
                             drop_scale);                                                         \
+  }                                                                                              \
+  extern "C" __global__ void layer_norm_bwd_vec_##S(                                             \
+      const T *x, const T *w, const T *dy, T *dx, T *dh, float *stats, size_t rows, int n,       \
+      float eps, uint64_t seed, uint32_t threshold, float drop_scale) {                          \
+    layer_norm_bwd_vec<T>(x, w, dy, dx, dh, stats, rows, n, eps, seed, threshold, drop_scale);  \
+  }                                                                                              \
+  extern "C" __global__ void layer_norm_dwdb_cols_##S(const T *x, const T *dy, const float *stats, \
+                                                      float *partial, size_t rows, int n,        \
+                                                      int chunk) {                               \
+    layer_norm_dwdb_cols<T>(x, dy, stats, partial, rows, n, chunk);                              \
   }                                                                                              \
   extern "C" __global__ void layer_norm_stats_##S(const T *x, float *stats, size_t rows, int n,   \
                                                   float eps) {                                   \
