@@ -12,6 +12,7 @@
 
 #include "kernels.cu"
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -37,129 +38,8 @@ using bf16 = __nv_bfloat16;
 
 // ---- candidates -----------------------------------------------------------------------------------
 
-// A 32-bit hash for the dropout mask: two rounds of a 32-bit integer finaliser (multiply-xorshift)
-// instead of splitmix64's three 64-bit products.
-__device__ __forceinline__ uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
-}
-__device__ __forceinline__ bool kept32(uint64_t seed, size_t i, uint32_t threshold) {
-  uint32_t h = mix32((uint32_t)i ^ (uint32_t)seed);
-  h = mix32(h ^ (uint32_t)(seed >> 32) ^ ((uint32_t)(i >> 32) * 0x9E3779B9u));
-  return (h >> 8) >= threshold;
-}
-
 extern "C" __global__ void copy_bf16(const bf16 *x, bf16 *y, size_t n) {
   map1(x, y, n, [](size_t, float v) { return v; });
-}
-extern "C" __global__ void dropout32_bf16(const bf16 *x, bf16 *y, size_t n, uint64_t seed,
-                                          uint32_t threshold, float scale) {
-  map1(x, y, n, [=](size_t i, float v) { return kept32(seed, i, threshold) ? v * scale : 0.f; });
-}
-
-// Softmax with dropout, rows of k = 32 * V: lane l holds elements [V l, V l + V) and moves them
-// as one load and one store per tensor (V = 4: 8 bytes of bf16).
-template <int V, typename H>
-__device__ void softmax_drop_vec(const bf16 *s, const bf16 *bias, bf16 *p, bf16 *dropped,
-                                 size_t rows, size_t rows_per_batch, float scale, uint64_t seed,
-                                 uint32_t threshold, float drop_scale, H hash) {
-  static_assert(V == 4 || V == 8, "V");
-  using Vec = typename std::conditional<V == 4, uint2, uint4>::type;
-  const size_t row = (size_t)blockIdx.x * blockDim.y + threadIdx.y;
-  if (row >= rows) return;
-  constexpr int k = 32 * V;
-  const int lane = threadIdx.x;
-  const size_t base = row * k + V * lane;
-  Vec sv = *reinterpret_cast<const Vec *>(s + base);
-  Vec bv = *reinterpret_cast<const Vec *>(bias + (row / rows_per_batch) * k + V * lane);
-  const bf16 *se = reinterpret_cast<const bf16 *>(&sv);
-  const bf16 *be = reinterpret_cast<const bf16 *>(&bv);
-  float v[V];
-  float m = -INFINITY;
-#pragma unroll
-  for (int j = 0; j < V; j++) {
-    v[j] = to_f(se[j]) * scale + to_f(be[j]);
-    m = fmaxf(m, v[j]);
-  }
-  m = warp_max(m);
-  float z = 0.f;
-#pragma unroll
-  for (int j = 0; j < V; j++) {
-    v[j] = expf(v[j] - m);
-    z += v[j];
-  }
-  const float inv = 1.f / warp_sum(z);
-  Vec pv, dv;
-  bf16 *pe = reinterpret_cast<bf16 *>(&pv);
-  bf16 *de = reinterpret_cast<bf16 *>(&dv);
-#pragma unroll
-  for (int j = 0; j < V; j++) {
-    pe[j] = from_f<bf16>(v[j] * inv);
-    de[j] = from_f<bf16>(hash(seed, base + j, threshold) ? to_f(pe[j]) * drop_scale : 0.f);
-  }
-  *reinterpret_cast<Vec *>(p + base) = pv;
-  *reinterpret_cast<Vec *>(dropped + base) = dv;
-}
-
-struct Hash64 {
-  __device__ bool operator()(uint64_t s, size_t i, uint32_t t) const { return kept(s, i, t); }
-};
-struct Hash32 {
-  __device__ bool operator()(uint64_t s, size_t i, uint32_t t) const { return kept32(s, i, t); }
-};
-
-extern "C" __global__ void softmax_drop_vec64(const bf16 *s, const bf16 *bias, bf16 *p,
-                                              bf16 *dropped, size_t rows, size_t rpb, float scale,
-                                              uint64_t seed, uint32_t threshold, float ds) {
-  softmax_drop_vec<4>(s, bias, p, dropped, rows, rpb, scale, seed, threshold, ds, Hash64());
-}
-extern "C" __global__ void softmax_drop_vec32(const bf16 *s, const bf16 *bias, bf16 *p,
-                                              bf16 *dropped, size_t rows, size_t rpb, float scale,
-                                              uint64_t seed, uint32_t threshold, float ds) {
-  softmax_drop_vec<4>(s, bias, p, dropped, rows, rpb, scale, seed, threshold, ds, Hash32());
-}
-
-// The softmax backward for rows of 32 * V, vectorised as above, the mask drawn once per element.
-template <int V, typename H>
-__device__ void softmax_bwd_vec(const bf16 *p, const bf16 *dp, bf16 *ds, size_t rows, float scale,
-                                uint64_t seed, uint32_t threshold, float drop_scale, H hash) {
-  using Vec = typename std::conditional<V == 4, uint2, uint4>::type;
-  const size_t row = (size_t)blockIdx.x * blockDim.y + threadIdx.y;
-  if (row >= rows) return;
-  constexpr int k = 32 * V;
-  const size_t base = row * k + V * threadIdx.x;
-  Vec pv = *reinterpret_cast<const Vec *>(p + base);
-  Vec gv = *reinterpret_cast<const Vec *>(dp + base);
-  const bf16 *pe = reinterpret_cast<const bf16 *>(&pv);
-  const bf16 *ge = reinterpret_cast<const bf16 *>(&gv);
-  float g[V], pf[V];
-  float dot = 0.f;
-#pragma unroll
-  for (int j = 0; j < V; j++) {
-    pf[j] = to_f(pe[j]);
-    g[j] = hash(seed, base + j, threshold) ? to_f(ge[j]) * drop_scale : 0.f;
-    dot += pf[j] * g[j];
-  }
-  dot = warp_sum(dot);
-  Vec ov;
-  bf16 *oe = reinterpret_cast<bf16 *>(&ov);
-#pragma unroll
-  for (int j = 0; j < V; j++) oe[j] = from_f<bf16>(scale * pf[j] * (g[j] - dot));
-  *reinterpret_cast<Vec *>(ds + base) = ov;
-}
-extern "C" __global__ void softmax_bwd_vec64(const bf16 *p, const bf16 *dp, bf16 *ds, size_t rows,
-                                             float scale, uint64_t seed, uint32_t threshold,
-                                             float drop_scale) {
-  softmax_bwd_vec<4>(p, dp, ds, rows, scale, seed, threshold, drop_scale, Hash64());
-}
-extern "C" __global__ void softmax_bwd_vec32(const bf16 *p, const bf16 *dp, bf16 *ds, size_t rows,
-                                             float scale, uint64_t seed, uint32_t threshold,
-                                             float drop_scale) {
-  softmax_bwd_vec<4>(p, dp, ds, rows, scale, seed, threshold, drop_scale, Hash32());
 }
 
 // Column sums of g [rows, n] (n a multiple of 8): thread (x, y) of a block sums the 8 columns of
@@ -239,95 +119,6 @@ extern "C" __global__ void gelu_bwd_colsum_bf16(const bf16 *x, const bf16 *dy, b
     for (int j = 0; j < 8; j++) s += sh[j][t];
     partial[(size_t)blockIdx.y * n + col] = s;
   }
-}
-
-// Bias + GELU with the tanh-free erf of Abramowitz and Stegun 7.1.26 (|error| < 1.5e-7) and the
-// fast exponential, for comparison with erff.
-__device__ __forceinline__ float erf_as(float x) {
-  const float ax = fabsf(x);
-  const float t = 1.f / (1.f + 0.3275911f * ax);
-  const float y =
-      1.f - (((((1.061405429f * t - 1.453152027f) * t) + 1.421413741f) * t - 0.284496736f) * t +
-             0.254829592f) *
-                t * __expf(-ax * ax);
-  return copysignf(y, x);
-}
-extern "C" __global__ void gelu_fwd_as_bf16(const bf16 *x, bf16 *y, size_t n) {
-  map1(x, y, n, [](size_t, float v) { return 0.5f * v * (1.f + erf_as(v * 0.70710678118654752f)); });
-}
-
-// Layer norm's backward dx + branch dropout as layer_norm_bwd_dx_drop_warp, but with 16-byte
-// loads (a lane holds 8 consecutive columns per slot: n = 768 is 3 slots of 8), the 32-bit hash,
-// and no weight/bias sums (those as a separate column-sum pass).
-template <int SL, typename H>
-__device__ void ln_bwd_vec(const bf16 *x, const bf16 *w, const bf16 *dy, bf16 *dx, bf16 *dh,
-                           size_t rows, int n, float eps, uint64_t seed, uint32_t threshold,
-                           float drop_scale, H hash) {
-  const size_t row = (size_t)blockIdx.x * blockDim.y + threadIdx.y;
-  if (row >= rows) return;
-  const int lane = threadIdx.x;
-  const Pack<bf16> *xp = reinterpret_cast<const Pack<bf16> *>(x + row * n);
-  const Pack<bf16> *gp = reinterpret_cast<const Pack<bf16> *>(dy + row * n);
-  const Pack<bf16> *wp = reinterpret_cast<const Pack<bf16> *>(w);
-  float v[SL][8], g[SL][8];
-  float s = 0.f;
-#pragma unroll
-  for (int k = 0; k < SL; k++) {
-    const Pack<bf16> a = xp[k * 32 + lane];
-#pragma unroll
-    for (int j = 0; j < 8; j++) {
-      v[k][j] = to_f(a.v[j]);
-      s += v[k][j];
-    }
-  }
-  const float mean = warp_sum(s) / n;
-  float q = 0.f;
-#pragma unroll
-  for (int k = 0; k < SL; k++)
-#pragma unroll
-    for (int j = 0; j < 8; j++) {
-      const float d = v[k][j] - mean;
-      q += d * d;
-    }
-  const float rstd = rsqrtf(warp_sum(q) / n + eps);
-  float a = 0.f, c = 0.f;
-#pragma unroll
-  for (int k = 0; k < SL; k++) {
-    const Pack<bf16> gy = gp[k * 32 + lane], ww = wp[k * 32 + lane];
-#pragma unroll
-    for (int j = 0; j < 8; j++) {
-      g[k][j] = to_f(gy.v[j]) * to_f(ww.v[j]);
-      v[k][j] = (v[k][j] - mean) * rstd;
-      a += g[k][j];
-      c += g[k][j] * v[k][j];
-    }
-  }
-  a = warp_sum(a) / n;
-  c = warp_sum(c) / n;
-  Pack<bf16> *dxp = reinterpret_cast<Pack<bf16> *>(dx + row * n);
-  Pack<bf16> *dhp = reinterpret_cast<Pack<bf16> *>(dh + row * n);
-#pragma unroll
-  for (int k = 0; k < SL; k++) {
-    Pack<bf16> o, h;
-#pragma unroll
-    for (int j = 0; j < 8; j++) {
-      o.v[j] = from_f<bf16>(rstd * (g[k][j] - a - v[k][j] * c));
-      const size_t i = row * n + (k * 32 + lane) * 8 + j;
-      h.v[j] = from_f<bf16>(hash(seed, i, threshold) ? to_f(o.v[j]) * drop_scale : 0.f);
-    }
-    dxp[k * 32 + lane] = o;
-    dhp[k * 32 + lane] = h;
-  }
-}
-extern "C" __global__ void ln_bwd_vec32(const bf16 *x, const bf16 *w, const bf16 *dy, bf16 *dx,
-                                        bf16 *dh, size_t rows, int n, float eps, uint64_t seed,
-                                        uint32_t threshold, float drop_scale) {
-  ln_bwd_vec<3>(x, w, dy, dx, dh, rows, n, eps, seed, threshold, drop_scale, Hash32());
-}
-extern "C" __global__ void ln_bwd_vec64(const bf16 *x, const bf16 *w, const bf16 *dy, bf16 *dx,
-                                        bf16 *dh, size_t rows, int n, float eps, uint64_t seed,
-                                        uint32_t threshold, float drop_scale) {
-  ln_bwd_vec<3>(x, w, dy, dx, dh, rows, n, eps, seed, threshold, drop_scale, Hash64());
 }
 
 // The q, k, v split with the index of a unit within its run from shifts (d a power of two).
@@ -419,6 +210,70 @@ static std::string diff_note(double d) {
   return b;
 }
 
+// ---- dense products -------------------------------------------------------------------------------
+// C (m x n, column-major) = op(A) op(B) over bf16 with f32 accumulation, three ways: as candle 0.11
+// calls cuBLAS for a 2-D matmul (cublasGemmStridedBatchedEx, a batch of one, the default tensor-op
+// algorithm), as cublasGemmEx, and through cublasLt with its heuristic's first choice and the best
+// of its first eight (each timed).
+struct Gemm {
+  const char *name;
+  cublasOperation_t ta, tb;
+  int m, n, k, lda, ldb;
+};
+
+static cublasLtHandle_t lt;
+static void *lt_ws;
+static const size_t LT_WS = 32u << 20;
+
+static void gemm_rows(cublasHandle_t h, const Gemm &g, const bf16 *a, const bf16 *b, bf16 *c) {
+  const float one = 1.f, zero = 0.f;
+  const double flop = 2.0 * g.m * g.n * g.k;
+  auto tf = [&](double ms) { return flop / (ms * 1e-3) / 1e12; };
+  const double candle = time_ms([&] {
+    cublasGemmStridedBatchedEx(h, g.ta, g.tb, g.m, g.n, g.k, &one, a, CUDA_R_16BF, g.lda,
+                               (long long)g.m * g.k, b, CUDA_R_16BF, g.ldb, (long long)g.n * g.k,
+                               &zero, c, CUDA_R_16BF, g.m, (long long)g.m * g.n, 1,
+                               CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT_TENSOR_OP);
+  });
+  const double ex = time_ms([&] {
+    cublasGemmEx(h, g.ta, g.tb, g.m, g.n, g.k, &one, a, CUDA_R_16BF, g.lda, b, CUDA_R_16BF, g.ldb,
+                 &zero, c, CUDA_R_16BF, g.m, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT_TENSOR_OP);
+  });
+  cublasLtMatmulDesc_t desc;
+  cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+  cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &g.ta, sizeof(g.ta));
+  cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &g.tb, sizeof(g.tb));
+  cublasLtMatrixLayout_t la, lb, lc;
+  const bool at = g.ta == CUBLAS_OP_T, bt = g.tb == CUBLAS_OP_T;
+  cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, at ? g.k : g.m, at ? g.m : g.k, g.lda);
+  cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, bt ? g.n : g.k, bt ? g.k : g.n, g.ldb);
+  cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, g.m, g.n, g.m);
+  cublasLtMatmulPreference_t pref;
+  cublasLtMatmulPreferenceCreate(&pref);
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &LT_WS,
+                                       sizeof(LT_WS));
+  cublasLtMatmulHeuristicResult_t res[8];
+  int found = 0;
+  cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, lc, lc, pref, 8, res, &found);
+  double first = NAN, best = NAN;
+  int best_i = -1;
+  for (int i = 0; i < found; i++) {
+    const double ms = time_ms([&] {
+      cublasLtMatmul(lt, desc, &one, a, la, b, lb, &zero, c, lc, c, lc, &res[i].algo, lt_ws, LT_WS, 0);
+    });
+    if (i == 0) first = ms;
+    if (!(ms >= best)) best = ms, best_i = i;
+  }
+  printf("%-34s %5d %5d %5d %8.1f %8.1f %8.1f %8.1f  (#%d of %d)\n", g.name, g.m, g.n, g.k,
+         tf(candle), tf(ex), tf(first), tf(best), best_i, found);
+  fflush(stdout);
+  cublasLtMatmulPreferenceDestroy(pref);
+  cublasLtMatrixLayoutDestroy(la);
+  cublasLtMatrixLayoutDestroy(lb);
+  cublasLtMatrixLayoutDestroy(lc);
+  cublasLtMatmulDescDestroy(desc);
+}
+
 int main(int argc, char **argv) {
   int batch = 128;
   for (int i = 1; i + 1 < argc; i++) {
@@ -446,40 +301,36 @@ int main(int argc, char **argv) {
   double ms = time_ms([&] { copy_bf16<<<grid1(nw / 8), 256>>>(xw, yw, nw); });
   copy_gbs = wbytes2 / (ms * 1e-3) / 1e9;
   row("copy [rows, 4h] (the baseline)", ms, wbytes2);
-  ms = time_ms([&] { dropout_bf16<<<grid1(nw / 8), 256>>>(xw, yw, nw, seed, threshold, dscale); });
-  row("dropout, splitmix64 mask (now)", ms, wbytes2);
-  ms = time_ms([&] { dropout32_bf16<<<grid1(nw / 8), 256>>>(xw, zw, nw, seed, threshold, dscale); });
+  ms = time_ms([&] { dropout_bf16<<<grid1(nw / 8), 256>>>(xw, zw, nw, seed, threshold, dscale); });
   {
-    // The kept fraction of the 32-bit mask, from the output's zeros (inputs are never exactly 0
-    // in bulk: fill draws from a continuum rounded to bf16).
-    auto h = host(zw, std::min<size_t>(nw, 1 << 24));
+    // The kept fraction, from the output's zeros (fill draws from a continuum: no zeros in bulk).
+    auto hv = host(zw, std::min<size_t>(nw, 1 << 24));
     size_t zeros = 0;
-    for (float v : h) zeros += v == 0.f;
+    for (float v : hv) zeros += v == 0.f;
     char b[96];
-    snprintf(b, sizeof b, "kept fraction %.4f", 1.0 - (double)zeros / h.size());
-    row("dropout, 32-bit mask (candidate)", ms, wbytes2, b);
+    snprintf(b, sizeof b, "kept fraction %.4f", 1.0 - (double)zeros / hv.size());
+    row("dropout", ms, wbytes2, b);
   }
   ms = time_ms([&] { gelu_fwd_bf16<<<grid1(nw / 8), 256>>>(xw, yw, nw); });
-  row("gelu forward, erff (now)", ms, wbytes2);
-  ms = time_ms([&] { gelu_fwd_as_bf16<<<grid1(nw / 8), 256>>>(xw, zw, nw); });
-  row("gelu forward, A&S erf (candidate)", ms, wbytes2, diff_note(rel_diff(zw, yw, nw)));
+  row("gelu forward", ms, wbytes2);
   bf16 *bw = alloc_bf16(ffn, 5);
   {
     dim3 g((ffn / 8 + 255) / 256, (unsigned)std::min<size_t>(rows, 65535));
     ms = time_ms([&] { bias_add_bf16<<<g, 256>>>(xw, bw, yw, rows, ffn, true); });
-    row("bias add [rows, 4h] (now)", ms, wbytes2);
+    row("bias add [rows, 4h]", ms, wbytes2);
     ms = time_ms([&] { bias_gelu_bf16<<<g, 256>>>(xw, bw, yw, zw, rows, ffn, true); });
-    row("bias + gelu, u and g kept (now)", ms, wbytes3);
+    row("bias + gelu, u and g kept", ms, wbytes3);
   }
   ms = time_ms([&] { gelu_bwd_bf16<<<grid1(nw / 8), 256>>>(xw, yw, zw, nw); });
-  row("gelu backward (now)", ms, wbytes3);
+  row("gelu backward", ms, wbytes3);
 
   // Column sums (bias gradients) of [rows, 4h].
   cublasHandle_t h;
-  if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) {
-    fprintf(stderr, "cublasCreate failed\n");
+  if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS || cublasLtCreate(&lt) != CUBLAS_STATUS_SUCCESS) {
+    fprintf(stderr, "cuBLAS: no handle\n");
     return 1;
   }
+  CK(cudaMalloc(&lt_ws, LT_WS));
   bf16 *ones = alloc_bf16(rows, 6, 1.f, 1.f), *cs1 = alloc_bf16(ffn, 7), *cs2 = alloc_bf16(ffn, 8);
   const float one = 1.f, zero = 0.f;
   auto cublas_colsum = [&](const bf16 *g, bf16 *out, int n) {
@@ -524,27 +375,41 @@ int main(int argc, char **argv) {
   CK(cudaDeviceSynchronize());
   const double hb = 1.0 * nh * sizeof(bf16);
   ms = time_ms([&] { dropout_add_bf16<<<grid1(nh / 8), 256>>>(xh, yh, zh, nh, seed, threshold, dscale); });
-  row("dropout + residual add [rows, h] (now)", ms, 3 * hb);
+  row("dropout + residual add [rows, h]", ms, 3 * hb);
   ms = time_ms([&] { layer_norm_fwd_warp_bf16<<<(unsigned)((rows + 7) / 8), dim3(32, 8)>>>(xh, lw, lb, zh, rows, hid, 1e-5f); });
-  row("layer norm forward (now)", ms, 2 * hb);
+  row("layer norm forward (16-byte packs)", ms, 2 * hb);
   const unsigned lnb = (unsigned)std::min<size_t>((rows + 15) / 16, 512);
-  float *lpart, *dwdb;
-  CK(cudaMalloc(&lpart, (size_t)lnb * 2 * hid * sizeof(float)));
-  CK(cudaMalloc(&dwdb, 2 * hid * sizeof(float)));
+  float *lpart, *dwdb1, *dwdb2, *stats;
+  const size_t lchunk = std::max<size_t>(32, ((rows + 255) / 256 + 7) / 8 * 8);
+  const unsigned lchunks = (unsigned)((rows + lchunk - 1) / lchunk);
+  CK(cudaMalloc(&lpart, (size_t)std::max<size_t>(lnb, lchunks) * 2 * hid * sizeof(float)));
+  CK(cudaMalloc(&dwdb1, 2 * hid * sizeof(float)));
+  CK(cudaMalloc(&dwdb2, 2 * hid * sizeof(float)));
+  CK(cudaMalloc(&stats, 2 * rows * sizeof(float)));
   auto ln_fused = [&](bf16 *dh) {
     layer_norm_bwd_fused_bf16<<<lnb, dim3(32, 8)>>>(xh, lw, yh, zh, dh, lpart, rows, hid, 1e-5f, seed, threshold, dscale);
-    layer_norm_dwdb_sum<<<(2 * hid + 31) / 32, dim3(32, 8)>>>(lpart, dwdb, (int)lnb, 2 * hid);
+    layer_norm_dwdb_sum<<<(2 * hid + 31) / 32, dim3(32, 8)>>>(lpart, dwdb1, (int)lnb, 2 * hid);
+  };
+  auto ln_packed = [&](bf16 *dh) {
+    layer_norm_bwd_vec_bf16<<<(unsigned)((rows + 7) / 8), dim3(32, 8)>>>(xh, lw, yh, dx2, dh, stats, rows, hid, 1e-5f, seed, threshold, dscale);
+    layer_norm_dwdb_cols_bf16<<<dim3((hid / 8 + 31) / 32, lchunks), dim3(32, 8)>>>(xh, yh, stats, lpart, rows, hid, (int)lchunk);
+    layer_norm_dwdb_sum<<<(2 * hid + 31) / 32, dim3(32, 8)>>>(lpart, dwdb2, (int)lchunks, 2 * hid);
   };
   ms = time_ms([&] { ln_fused(dh1); });
-  row("layer norm backward + branch dropout (now)", ms, 5 * hb);
-  ms = time_ms([&] { ln_fused(nullptr); });
-  row("layer norm backward, no dropout (now)", ms, 4 * hb);
-  ms = time_ms([&] { ln_bwd_vec64<<<(unsigned)((rows + 7) / 8), dim3(32, 8)>>>(xh, lw, yh, dx2, dh2, rows, hid, 1e-5f, seed, threshold, dscale); });
+  row("layer norm backward + dropout, one pass (s. 10)", ms, 5 * hb);
+  ms = time_ms([&] { ln_packed(dh2); });
   CK(cudaDeviceSynchronize());
-  row("ln backward dx+dh, 16-byte, splitmix64 (cand.)", ms, 5 * hb,
-      diff_note(rel_diff(dx2, zh, nh)) + ", dh " + diff_note(rel_diff(dh2, dh1, nh)));
-  ms = time_ms([&] { ln_bwd_vec32<<<(unsigned)((rows + 7) / 8), dim3(32, 8)>>>(xh, lw, yh, dx2, dh2, rows, hid, 1e-5f, seed, threshold, dscale); });
-  row("ln backward dx+dh, 16-byte, 32-bit (cand.)", ms, 5 * hb);
+  {
+    std::vector<float> a(2 * hid), b(2 * hid);
+    CK(cudaMemcpy(a.data(), dwdb2, 2 * hid * sizeof(float), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(b.data(), dwdb1, 2 * hid * sizeof(float), cudaMemcpyDeviceToHost));
+    double d = 0, m = 0;
+    for (int i = 0; i < 2 * hid; i++) d = std::max(d, (double)std::fabs(a[i] - b[i])), m = std::max(m, (double)std::fabs(b[i]));
+    row("layer norm backward + dropout, packed (s. 12)", ms, 5 * hb,
+        diff_note(rel_diff(dx2, zh, nh)) + ", dh " + diff_note(rel_diff(dh2, dh1, nh)) + ", dw db " + diff_note(d / m));
+  }
+  ms = time_ms([&] { ln_packed(nullptr); });
+  row("layer norm backward, no dropout, packed", ms, 4 * hb);
   {
     bf16 *csh = alloc_bf16(hid, 19);
     float *p2;
@@ -561,28 +426,17 @@ int main(int argc, char **argv) {
   // Attention probabilities [batch, heads, seq, seq].
   const size_t sr = (size_t)batch * heads * seq, ns = sr * seq;
   bf16 *sc = alloc_bf16(ns, 21, -4.f, 4.f), *pa = alloc_bf16(ns, 22), *da = alloc_bf16(ns, 23),
-       *pb = alloc_bf16(ns, 24), *db = alloc_bf16(ns, 25), *mask = alloc_bf16((size_t)batch * seq, 26, 0.f, 0.f);
+       *pb = alloc_bf16(ns, 24), *mask = alloc_bf16((size_t)batch * seq, 26, 0.f, 0.f);
   CK(cudaDeviceSynchronize());
   const double sb = 1.0 * ns * sizeof(bf16);
   const unsigned wr = (unsigned)((sr + 7) / 8);
   const size_t rpb = (size_t)heads * seq;
   ms = time_ms([&] { softmax_fwd_bf16<<<wr, dim3(32, 8)>>>(sc, mask, pa, sr, seq, rpb, 0.125f); });
-  row("softmax, no dropout (now)", ms, 2 * sb);
+  row("softmax, no dropout", ms, 2 * sb);
   ms = time_ms([&] { softmax_drop_fwd_bf16<<<wr, dim3(32, 8)>>>(sc, mask, pa, da, sr, seq, rpb, 0.125f, seed, threshold, dscale); });
-  row("softmax + dropout (now)", ms, 3 * sb);
-  ms = time_ms([&] { softmax_drop_vec64<<<wr, dim3(32, 8)>>>(sc, mask, pb, db, sr, rpb, 0.125f, seed, threshold, dscale); });
-  CK(cudaDeviceSynchronize());
-  row("softmax + dropout, 8-byte, splitmix64 (cand.)", ms, 3 * sb,
-      diff_note(rel_diff(pb, pa, ns)) + ", dropped " + diff_note(rel_diff(db, da, ns)));
-  ms = time_ms([&] { softmax_drop_vec32<<<wr, dim3(32, 8)>>>(sc, mask, pb, db, sr, rpb, 0.125f, seed, threshold, dscale); });
-  row("softmax + dropout, 8-byte, 32-bit (cand.)", ms, 3 * sb);
+  row("softmax + dropout", ms, 3 * sb);
   ms = time_ms([&] { softmax_bwd_bf16<<<wr, dim3(32, 8)>>>(pa, da, pb, sr, seq, 0.125f, seed, threshold, dscale); });
-  row("softmax backward through dropout (now)", ms, 3 * sb);
-  ms = time_ms([&] { softmax_bwd_vec64<<<wr, dim3(32, 8)>>>(pa, da, db, sr, 0.125f, seed, threshold, dscale); });
-  CK(cudaDeviceSynchronize());
-  row("softmax backward, 8-byte, splitmix64 (cand.)", ms, 3 * sb, diff_note(rel_diff(db, pb, ns)));
-  ms = time_ms([&] { softmax_bwd_vec32<<<wr, dim3(32, 8)>>>(pa, da, db, sr, 0.125f, seed, threshold, dscale); });
-  row("softmax backward, 8-byte, 32-bit (cand.)", ms, 3 * sb);
+  row("softmax backward through dropout", ms, 3 * sb);
 
   // q, k, v split from [b, s, 3, heads, d] into three [b, heads, s, d], and the merge back.
   const size_t nq = rows * 3 * hid;
@@ -601,7 +455,7 @@ int main(int argc, char **argv) {
     }
   };
   ms = time_ms([&] { split(false); });
-  row("q,k,v split x3 (now)", ms, 2.0 * nq * sizeof(bf16));
+  row("q,k,v split x3", ms, 2.0 * nq * sizeof(bf16));
   ms = time_ms([&] { split(true); });
   row("q,k,v split x3, shifts (candidate)", ms, 2.0 * nq * sizeof(bf16));
   ms = time_ms([&] {
@@ -611,7 +465,32 @@ int main(int argc, char **argv) {
       swap12_u128<<<dim3(seq, batch), 256>>>(x, y, batch, heads, seq, du, seq * du, xrow);
     }
   });
-  row("q,k,v merge x3 (now)", ms, 2.0 * nq * sizeof(bf16));
+  row("q,k,v merge x3", ms, 2.0 * nq * sizeof(bf16));
+
+  // The dense layers' products at this batch: y = x W^T (forward), dx = dy W, dW = dy^T x, in
+  // TFLOP/s, as candle calls cuBLAS and through cublasLt.
+  printf("\n%-34s %5s %5s %5s %8s %8s %8s %8s\n", "product (column-major m n k)", "m", "n", "k",
+         "candle", "GemmEx", "Lt #0", "Lt best");
+  {
+    const int M = (int)rows;
+    const size_t big = std::max<size_t>((size_t)M * ffn, (size_t)8192 * 8192);
+    bf16 *A = alloc_bf16(big, 41, -1.f, 1.f), *B = alloc_bf16(big, 42, -1.f, 1.f), *C = alloc_bf16(big, 43);
+    const struct { const char *layer; int in, out; } layers[] = {
+        {"h->h", hid, hid}, {"h->3h", hid, 3 * hid}, {"h->4h", hid, ffn}, {"4h->h", ffn, hid}};
+    for (const auto &L : layers) {
+      char n1[64], n2[64], n3[64];
+      snprintf(n1, sizeof n1, "%s x.W^T", L.layer);
+      snprintf(n2, sizeof n2, "%s dy.W", L.layer);
+      snprintf(n3, sizeof n3, "%s dW = dy^T.x", L.layer);
+      // candle's gemm_config: x [M, in] . W^T (W [out, in]): TN, m' = out, n' = M, k = in.
+      gemm_rows(h, {n1, CUBLAS_OP_T, CUBLAS_OP_N, L.out, M, L.in, L.in, L.in}, A, B, C);
+      // dy [M, out] . W [out, in]: NN, m' = in, n' = M, k = out.
+      gemm_rows(h, {n2, CUBLAS_OP_N, CUBLAS_OP_N, L.in, M, L.out, L.in, L.out}, A, B, C);
+      // dy^T [out, M] . x [M, in]: NT, m' = in, n' = out, k = M.
+      gemm_rows(h, {n3, CUBLAS_OP_N, CUBLAS_OP_T, L.in, L.out, M, L.in, L.out}, A, B, C);
+    }
+    gemm_rows(h, {"ceiling 8192^3", CUBLAS_OP_T, CUBLAS_OP_N, 8192, 8192, 8192, 8192, 8192}, A, B, C);
+  }
   CK(cudaDeviceSynchronize());
   printf("kernel bench: done\n");
   return 0;

@@ -12,7 +12,7 @@ if [ "${1:-}" = build ]; then
   mkdir -p dist/kbench
   nvcc -std=c++17 -O3 -arch=sm_90 --extended-lambda -Isrc/model/kernels/cuda \
     benches/cuda/kernel_bench.cu -o dist/kbench/kernel_bench \
-    -L"$VENV"/lib/python3.11/site-packages/nvidia/cu13/lib -L"$VENV"/cuda/lib -lcublas
+    -L"$VENV"/lib/python3.11/site-packages/nvidia/cu13/lib -L"$VENV"/cuda/lib -lcublas -lcublasLt
   exit 0
 fi
 OUT=${OUT:-/tmp/kbench-out}

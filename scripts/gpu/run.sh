@@ -94,8 +94,12 @@ fi
 # ends the process that hit it. It runs, checked first, in the stages after the end-to-end job.
 stage recycle 300 "$OUT/recycle.jsonl" "${RECYCLE[@]}" gpu-check --device "$DEVICE" "${SIZE[@]}" --flash false
 rc=$?
-stage torch 180 "$OUT/torch.jsonl" env PYTHONUNBUFFERED=1 "$PY" scripts/gpu/torch_gpu_bench.py --device "$DEVICE" "${SIZE[@]}"
-trc=$?
+# NO_TORCH=1: recycle's stages only (a shorter call where an earlier run has the PyTorch figures).
+trc=0
+if [ -z "${NO_TORCH:-}" ]; then
+  stage torch 180 "$OUT/torch.jsonl" env PYTHONUNBUFFERED=1 "$PY" scripts/gpu/torch_gpu_bench.py --device "$DEVICE" "${SIZE[@]}"
+  trc=$?
+fi
 
 # The README's main job on the device: the embedded default suite (quick profile) over random
 # all-MiniLM-L6-v2-shaped weights (scripts/gpu/stage-e2e.sh), timed; then the same command again,
@@ -151,7 +155,7 @@ fi
 if [ "$(left)" -gt 120 ]; then
   stage recycle-b128 60 "$OUT/recycle-b128.jsonl" "${RECYCLE[@]}" gpu-check --device "$DEVICE" \
     --skip-parity --matmul 0 --shapes roberta-base --precisions bf16 "${BIG[@]}"
-  stage torch-b128 60 "$OUT/torch-b128.jsonl" env PYTHONUNBUFFERED=1 "$PY" scripts/gpu/torch_gpu_bench.py \
+  [ -z "${NO_TORCH:-}" ] && stage torch-b128 60 "$OUT/torch-b128.jsonl" env PYTHONUNBUFFERED=1 "$PY" scripts/gpu/torch_gpu_bench.py \
     --device "$DEVICE" --matmul 0 --shapes roberta-base --precisions bf16 --attn eager "${BIG[@]}"
 fi
 # Then batch 256, the study's own batch size (its protocol: batch 256), training only (no op
@@ -164,7 +168,7 @@ fi
 if [ "$(left)" -gt 100 ]; then
   stage recycle-b256 50 "$OUT/recycle-b256.jsonl" "${RECYCLE[@]}" gpu-check --device "$DEVICE" \
     --skip-parity --skip-ops --matmul 0 --shapes roberta-base --precisions bf16 "${HUGE[@]}"
-  stage torch-b256 50 "$OUT/torch-b256.jsonl" env PYTHONUNBUFFERED=1 "$PY" scripts/gpu/torch_gpu_bench.py \
+  [ -z "${NO_TORCH:-}" ] && stage torch-b256 50 "$OUT/torch-b256.jsonl" env PYTHONUNBUFFERED=1 "$PY" scripts/gpu/torch_gpu_bench.py \
     --device "$DEVICE" --matmul 0 --shapes roberta-base --precisions bf16 --attn eager "${HUGE[@]}"
 fi
 if [ $erc -eq 0 ] && [ $e2e_ready -eq 1 ] && [ "$(left)" -gt 60 ]; then
