@@ -24,6 +24,8 @@ WHEELS=(
   "nvidia-cuda-nvrtc==13.0.88"
   "nvidia-cublas==13.0.2.14"
   "nvidia-curand==10.4.0.35"
+  # CUPTI: only for the kernel tracer of benches/cuda (kernel timelines on the GPU machines).
+  "nvidia-cuda-cupti==13.0.85"
 )
 LIBCUDA_DEB_VERSION=535.261.03-1
 

@@ -72,6 +72,10 @@ pub struct Args {
     /// stages of its own.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub flash: bool,
+    /// Time training alone (no A/B rows, phases or inference): a short, uniform workload for a
+    /// kernel trace (benches/cuda/trace.cpp).
+    #[arg(long)]
+    pub train_only: bool,
 }
 
 /// Whether this run's one-pass attention check passed (`--flash`): its A/B and op-profile rows
@@ -977,6 +981,9 @@ fn bench_one(
     let step = |opt: &mut AdamW| step_with(opt, false);
     let train = time_it(device, args.warmup, args.steps, || step(&mut opt))?;
     bench_line("train", train, 3.0 * fwd);
+    if args.train_only {
+        return Ok(());
+    }
     // The same steps without the block nodes (the attention node still on), then with neither:
     // what each is worth end to end, in the same run (on the CPU, which trains with neither, the
     // rows measure noise).
