@@ -377,7 +377,9 @@ int main(int argc, char **argv) {
   ms = time_ms([&] { dropout_add_bf16<<<grid1(nh / 8), 256>>>(xh, yh, zh, nh, seed, threshold, dscale); });
   row("dropout + residual add [rows, h]", ms, 3 * hb);
   ms = time_ms([&] { layer_norm_fwd_warp_bf16<<<(unsigned)((rows + 7) / 8), dim3(32, 8)>>>(xh, lw, lb, zh, rows, hid, 1e-5f); });
-  row("layer norm forward (16-byte packs)", ms, 2 * hb);
+  row("layer norm forward, per element", ms, 2 * hb);
+  ms = time_ms([&] { layer_norm_fwd_vec_bf16<<<(unsigned)((rows + 7) / 8), dim3(32, 8)>>>(xh, lw, lb, zh, rows, hid, 1e-5f); });
+  row("layer norm forward, 16-byte packs", ms, 2 * hb);
   const unsigned lnb = (unsigned)std::min<size_t>((rows + 15) / 16, 512);
   float *lpart, *dwdb1, *dwdb2, *stats;
   const size_t lchunk = std::max<size_t>(32, ((rows + 255) / 256 + 7) / 8 * 8);
@@ -432,9 +434,13 @@ int main(int argc, char **argv) {
   const unsigned wr = (unsigned)((sr + 7) / 8);
   const size_t rpb = (size_t)heads * seq;
   ms = time_ms([&] { softmax_fwd_bf16<<<wr, dim3(32, 8)>>>(sc, mask, pa, sr, seq, rpb, 0.125f); });
-  row("softmax, no dropout", ms, 2 * sb);
+  row("softmax, no dropout, per element", ms, 2 * sb);
+  ms = time_ms([&] { softmax_fwd_vec_bf16<<<wr, dim3(32, 8)>>>(sc, mask, pa, sr, seq, rpb, 0.125f); });
+  row("softmax, no dropout, chunked", ms, 2 * sb);
   ms = time_ms([&] { softmax_drop_fwd_bf16<<<wr, dim3(32, 8)>>>(sc, mask, pa, da, sr, seq, rpb, 0.125f, seed, threshold, dscale); });
-  row("softmax + dropout", ms, 3 * sb);
+  row("softmax + dropout, per element", ms, 3 * sb);
+  ms = time_ms([&] { softmax_drop_fwd_vec_bf16<<<wr, dim3(32, 8)>>>(sc, mask, pa, da, sr, seq, rpb, 0.125f, seed, threshold, dscale); });
+  row("softmax + dropout, chunked", ms, 3 * sb);
   ms = time_ms([&] { softmax_bwd_bf16<<<wr, dim3(32, 8)>>>(pa, da, pb, sr, seq, 0.125f, seed, threshold, dscale); });
   row("softmax backward through dropout", ms, 3 * sb);
 

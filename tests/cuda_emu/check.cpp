@@ -292,11 +292,12 @@ static void layer_norm(size_t rows, size_t n, unsigned dwdb_blocks, std::mt19937
   }
 }
 
-// The packed backward (rows that ln_vec_slots takes): layer_norm_bwd_vec writes dx, dh and each
-// row's statistics, layer_norm_dwdb_cols sums a chunk of rows a block, layer_norm_dwdb_sum adds
-// the chunks; with and without dropout, in chunks that divide the rows or not.
+// The packed kernels (rows that ln_vec_slots takes): layer_norm_fwd_vec; layer_norm_bwd_vec
+// writes dx, dh and each row's statistics, layer_norm_dwdb_cols sums a chunk of rows a block,
+// layer_norm_dwdb_sum adds the chunks; with and without dropout, in chunks that divide the rows or
+// not.
 template <typename T>
-static void layer_norm_vec_bwd(size_t rows, size_t n, std::mt19937 &rng) {
+static void layer_norm_vec(size_t rows, size_t n, std::mt19937 &rng) {
   const float eps = 1e-5f;
   const Vec x = rounded<T>(randn(rows * n, rng, 2.0)), w = rounded<T>(randn(n, rng)),
             b = rounded<T>(randn(n, rng)), dy = rounded<T>(randn(rows * n, rng));
@@ -327,6 +328,20 @@ static void layer_norm_vec_bwd(size_t rows, size_t n, std::mt19937 &rng) {
     }
   }
   constexpr size_t P = 16 / sizeof(T);
+  {
+    // The packed forward (its own kernel), against the reference.
+    const auto bd = to_dev<T>(b);
+    std::vector<T> y(rows * n);
+    const bool ok = emu::launch(dim3(unsigned((rows + 7) / 8)), dim3(32, 8), [&] {
+      if constexpr (std::is_same_v<T, float>)
+        layer_norm_fwd_vec_f32(xd.data(), wd.data(), bd.data(), y.data(), rows, int(n), eps);
+      else
+        layer_norm_fwd_vec_bf16(xd.data(), wd.data(), bd.data(), y.data(), rows, int(n), eps);
+    });
+    check("layer_norm_fwd_vec " + std::string(tname<T>()) + " " + std::to_string(rows) + "x" +
+              std::to_string(n),
+          ok ? rel_err(to_host(y), ln_ref(x, w, b, rows, n, eps)) : INFINITY, tol<T>());
+  }
   // With dropout in chunks of 3 rows (a last chunk short), without in chunks of 8.
   for (const bool drop : {true, false}) {
     {
@@ -445,6 +460,35 @@ template <typename T> static void softmax(size_t batch, size_t per_batch, size_t
     check("softmax_drop_fwd " + at + ": probabilities", rel_err(got, pref), tol<T>());
     check("softmax_drop_fwd " + at + ": dropped out, p 0.25", rel_err(to_host(dropped), want),
           tol<T>());
+  }
+  if (k % 32 == 0 && (k / 32 == 2 || k / 32 == 4 || k / 32 == 8) && k / 32 * sizeof(T) <= 16) {
+    // The kernels of the chunked rows (the host launches them where k fits): the same references.
+    const uint64_t seed = 9;
+    const float p_drop = 0.25f, drop_scale = 1 / (1 - p_drop);
+    const uint32_t threshold = uint32_t(std::ceil(double(p_drop) * (1 << 24)));
+    std::vector<T> pv(rows * k), p2(rows * k), dropped(rows * k);
+    bool ok = emu::launch(grid, block, [&] {
+      if constexpr (std::is_same_v<T, float>)
+        softmax_fwd_vec_f32(sd.data(), bd.data(), pv.data(), rows, int(k), per_batch, scale);
+      else
+        softmax_fwd_vec_bf16(sd.data(), bd.data(), pv.data(), rows, int(k), per_batch, scale);
+    });
+    check("softmax_fwd_vec " + at, ok ? rel_err(to_host(pv), pref) : INFINITY, tol<T>());
+    ok = emu::launch(grid, block, [&] {
+      if constexpr (std::is_same_v<T, float>)
+        softmax_drop_fwd_vec_f32(sd.data(), bd.data(), p2.data(), dropped.data(), rows, int(k),
+                                 per_batch, scale, seed, threshold, drop_scale);
+      else
+        softmax_drop_fwd_vec_bf16(sd.data(), bd.data(), p2.data(), dropped.data(), rows, int(k),
+                                  per_batch, scale, seed, threshold, drop_scale);
+    });
+    const auto got = to_host(p2);
+    Vec want(rows * k);
+    for (size_t i = 0; i < want.size(); i++)
+      want[i] = ref_kept(seed, i, threshold) ? double(got[i]) * drop_scale : 0.0;
+    check("softmax_drop_fwd_vec " + at + ": probabilities", ok ? rel_err(got, pref) : INFINITY, tol<T>());
+    check("softmax_drop_fwd_vec " + at + ": dropped out, p 0.25",
+          ok ? rel_err(to_host(dropped), want) : INFINITY, tol<T>());
   }
   // The backward takes the forward's output; give it the reference's, rounded as the kernel's is.
   const auto pd = to_dev<T>(pref);
@@ -1128,15 +1172,15 @@ int main() {
     layer_norm<float>(rows, n, blocks, rng);
     layer_norm<bf16>(rows, n, blocks, rng);
   }
-  // Rows the packed kernels take (16-byte packs, a lane holding 1 to 4 of bf16, up to 8 of f32);
-  // layer_norm<T> above runs their forward too (layer_norm_fwd_warp picks them by itself).
+  // Rows the packed kernels take (16-byte packs, a lane holding 1 to 4 of bf16, up to 8 of f32),
+  // through the per-element kernels too.
   for (auto [rows, n] : {std::pair{3, 768}, {2, 256}}) {
     layer_norm<float>(rows, n, 2u, rng);
     layer_norm<bf16>(rows, n, 2u, rng);
   }
   for (auto [rows, n] : {std::pair{19, 768}, {10, 256}, {11, 1024}, {5, 384}, {6, 512}}) {
-    layer_norm_vec_bwd<float>(rows, n, rng);  // 384: three packs a lane in f32
-    if (n % 256 == 0) layer_norm_vec_bwd<bf16>(rows, n, rng);
+    layer_norm_vec<float>(rows, n, rng);  // 384: three packs a lane in f32
+    if (n % 256 == 0) layer_norm_vec<bf16>(rows, n, rng);
   }
   dwdb_sum_check(21, 70, rng);
   dwdb_sum_check(3, 1536, rng);

@@ -139,7 +139,12 @@ fn launches(rust: &str) -> Vec<(String, usize)> {
                 .find(".launch(")
                 .expect("a launch after each kernel load");
             let args = tail[..launch].matches(".arg(").count();
-            let names = if tail.starts_with('"') || tail.starts_with("&format!(\"") {
+            let names = if tail.starts_with("name(\"") {
+                // `name("softmax_fwd")` in the softmax launch: the kernel, or its chunked variant
+                // (`_vec`) where the rows fit; both take the same arguments.
+                let stem = literal_after(tail).unwrap();
+                vec![format!("{stem}_vec"), stem]
+            } else if tail.starts_with('"') || tail.starts_with("&format!(\"") {
                 // A literal, or `format!("swap12_u{}", ..)`: the stem before the dtype or unit.
                 let name = literal_after(tail).unwrap();
                 let stem = name.split('{').next().unwrap();

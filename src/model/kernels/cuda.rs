@@ -234,7 +234,16 @@ fn per_row_warp<T: CudaDType + DeviceRepr>(
 fn layer_norm_rows(args: [(&CudaStorage, &Layout); 3], eps: f32) -> Result<CudaStorage> {
     let (x, xl) = args[0];
     let n = xl.dims().last().copied().unwrap_or(0);
-    if n <= LN_WARP_MAX_N {
+    let elem = x.dtype().size_in_bytes();
+    // The packed kernel where the rows are whole packs and every operand starts on one (their
+    // buffers are allocations, aligned; the layouts' offsets decide).
+    let packed = geometry::ln_vec_slots(elem, n) > 0
+        && args
+            .iter()
+            .all(|(_, l)| (l.start_offset() * elem).is_multiple_of(16));
+    if packed {
+        by_dtype!(x.dtype(), per_row_warp("layer_norm_fwd_vec", eps, args))
+    } else if n <= LN_WARP_MAX_N {
         by_dtype!(x.dtype(), per_row_warp("layer_norm_fwd_warp", eps, args))
     } else {
         by_dtype!(x.dtype(), per_row("layer_norm_fwd", eps, args))
@@ -807,9 +816,24 @@ fn softmax_fwd<T: CudaDType + DeviceRepr>(
     let (k_i, rows_per_batch) = (k as i32, rows / batch);
     let n = rows * k;
     let out = unsafe { dev.alloc::<T>(if drop.is_some() { 2 * n } else { n })? };
+    // The chunked kernels where the rows fit them and the inputs start on a chunk (the output is a
+    // fresh allocation, and its dropped half starts n elements in, a whole number of rows).
+    let elem = std::mem::size_of::<T>();
+    let width = geometry::softmax_vec_width(elem, k);
+    let chunked = width > 0
+        && [sl.start_offset(), bl.start_offset()]
+            .iter()
+            .all(|o| (o * elem).is_multiple_of(width * elem));
+    let name = |base: &str| {
+        if chunked {
+            format!("{base}_vec")
+        } else {
+            base.to_string()
+        }
+    };
     match drop {
         None => {
-            let f = func!(dev, "softmax_fwd", s.dtype())?;
+            let f = func!(dev, name("softmax_fwd"), s.dtype())?;
             let mut a = f.builder();
             a.arg(&sv)
                 .arg(&bv)
@@ -822,7 +846,7 @@ fn softmax_fwd<T: CudaDType + DeviceRepr>(
         }
         Some(d) => {
             let (p, dropped) = (out.slice(0..n), out.slice(n..2 * n));
-            let f = func!(dev, "softmax_drop_fwd", s.dtype())?;
+            let f = func!(dev, name("softmax_drop_fwd"), s.dtype())?;
             let mut a = f.builder();
             a.arg(&sv)
                 .arg(&bv)

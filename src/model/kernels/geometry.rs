@@ -122,6 +122,19 @@ pub fn ln_vec_slots(elem: usize, n: usize) -> usize {
     }
 }
 
+/// Elements a lane holds in the chunked softmax kernels (`softmax_vec_width` in kernels.cu) for
+/// rows of `k` elements of `elem` bytes: `k / 32` where that is 2, 4 or 8 and its bytes (4, 8 or
+/// 16) one access; 0 where `k` takes the per-element kernels. Every pointer must also be aligned
+/// to `width · elem` bytes.
+pub fn softmax_vec_width(elem: usize, k: usize) -> usize {
+    let v = k / 32;
+    if k.is_multiple_of(32) && matches!(v, 2 | 4 | 8) && v * elem <= 16 {
+        v
+    } else {
+        0
+    }
+}
+
 /// Rows a block of the packed layer norm's column sums (`layer_norm_dwdb_cols`) takes: `rows / 256`
 /// rounded up to a multiple of 8 (its eight row groups), at least 32, so that a batch has at most
 /// 256 chunks of partial sums to add (roberta-base at batch 128: 64 rows a chunk, 256 chunks).
@@ -148,6 +161,22 @@ mod tests {
         assert_eq!(ln_vec_slots(4, 640), 0);
         assert_eq!(ln_vec_slots(4, 896), 0);
         assert_eq!(ln_vec_slots(4, 0), 0);
+    }
+
+    #[test]
+    fn chunked_softmax_rows_are_one_access_a_lane() {
+        // bf16: rows of 64, 128, 256 (4, 8, 16 bytes a lane)
+        assert_eq!(softmax_vec_width(2, 64), 2);
+        assert_eq!(softmax_vec_width(2, 128), 4);
+        assert_eq!(softmax_vec_width(2, 256), 8);
+        assert_eq!(softmax_vec_width(2, 512), 0);
+        assert_eq!(softmax_vec_width(2, 96), 0);
+        assert_eq!(softmax_vec_width(2, 130), 0);
+        // f32: 64 and 128 only (256 would be 32 bytes a lane)
+        assert_eq!(softmax_vec_width(4, 64), 2);
+        assert_eq!(softmax_vec_width(4, 128), 4);
+        assert_eq!(softmax_vec_width(4, 256), 0);
+        assert_eq!(softmax_vec_width(4, 32), 0);
     }
 
     #[test]

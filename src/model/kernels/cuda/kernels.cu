@@ -320,14 +320,21 @@ template <typename T> __device__ __forceinline__ int ln_vec_slots(int n) {
   default: break;                                                                                \
   }
 
+// The packed forward, a kernel of its own (inside layer_norm_fwd_warp it would get that kernel's
+// registers: 82 a thread, a quarter of an SM's threads); the host launches it for rows that
+// ln_vec_slots takes with every pointer 16-byte aligned.
+template <typename T>
+__device__ void layer_norm_fwd_vec(const T *x, const T *w, const T *b, T *y, size_t rows, int n,
+                                   float eps) {
+#define LN_FWD_VEC(SL) layer_norm_fwd_vec_n<SL>(x, w, b, y, rows, n, eps)
+  LN_VEC_DISPATCH(T, n, LN_FWD_VEC)
+#undef LN_FWD_VEC
+  __trap();
+}
+
 template <typename T>
 __device__ void layer_norm_fwd_warp(const T *x, const T *w, const T *b, T *y, size_t rows, int n,
                                     float eps) {
-  if (all_aligned(16, x, w, b, y)) {
-#define LN_FWD_VEC(SL) layer_norm_fwd_vec_n<SL>(x, w, b, y, rows, n, eps)
-    LN_VEC_DISPATCH(T, n, LN_FWD_VEC)
-#undef LN_FWD_VEC
-  }
   if (n <= 256) layer_norm_fwd_warp_n<8>(x, w, b, y, rows, n, eps);
   else if (n <= 512) layer_norm_fwd_warp_n<16>(x, w, b, y, rows, n, eps);
   else if (n <= 768) layer_norm_fwd_warp_n<24>(x, w, b, y, rows, n, eps);
@@ -571,20 +578,22 @@ __device__ void layer_norm_bwd_vec_n(const T *x, const T *w, const T *dy, T *dx,
   const size_t row = (size_t)blockIdx.x * blockDim.y + threadIdx.y;
   if (row >= rows) return;
   const int lane = threadIdx.x;
-  float v[SL][P], g[SL][P], mean, rstd;
+  float v[SL][P], mean, rstd;
   ln_vec_load<SL>(x + row * n, n, eps, v, &mean, &rstd);
   const Pack<T> *gp = reinterpret_cast<const Pack<T> *>(dy + row * n);
   const Pack<T> *wp = reinterpret_cast<const Pack<T> *>(w);
+  // g = dy * w is formed twice, from packs read again (from cache) where dx needs it, rather than
+  // held: 24 more registers a lane would cost a third of the SM's threads.
   float a = 0.f, c = 0.f;
 #pragma unroll
   for (int k = 0; k < SL; k++) {
     const Pack<T> gy = gp[k * 32 + lane], wv = wp[k * 32 + lane];
 #pragma unroll
     for (int j = 0; j < P; j++) {
-      g[k][j] = to_f(gy.v[j]) * to_f(wv.v[j]);
+      const float g = to_f(gy.v[j]) * to_f(wv.v[j]);
       v[k][j] = (v[k][j] - mean) * rstd;  // now xhat
-      a += g[k][j];
-      c += g[k][j] * v[k][j];
+      a += g;
+      c += g * v[k][j];
     }
   }
   a = warp_sum(a) / n;
@@ -593,9 +602,11 @@ __device__ void layer_norm_bwd_vec_n(const T *x, const T *w, const T *dy, T *dx,
 #pragma unroll
   for (int k = 0; k < SL; k++) {
     const int col = k * 32 + lane;
+    const Pack<T> gy = gp[col], wv = wp[col];
     Pack<T> o;
 #pragma unroll
-    for (int j = 0; j < P; j++) o.v[j] = from_f<T>(rstd * (g[k][j] - a - v[k][j] * c));
+    for (int j = 0; j < P; j++)
+      o.v[j] = from_f<T>(rstd * (to_f(gy.v[j]) * to_f(wv.v[j]) - a - v[k][j] * c));
     dxp[col] = o;
     if constexpr (DROP) {
       Pack<T> h;
@@ -785,14 +796,6 @@ __device__ void softmax_fwd(const T *s, const T *bias, T *p, T *dropped, size_t 
                                                         : row / rows_per_batch;
   const T *br = bias + be * k;
   T *pr = p + row * k;
-  const int vw = softmax_vec_width<T>(k);
-  if (vw && all_aligned(vw * (int)sizeof(T), s, bias, p, dropped)) {
-    if (vw == 2) return softmax_row_vec<T, DROP, 2>(sr, br, pr, dropped, row, scale, seed, threshold, drop_scale);
-    if constexpr (sizeof(T) <= 4)
-      if (vw == 4) return softmax_row_vec<T, DROP, 4>(sr, br, pr, dropped, row, scale, seed, threshold, drop_scale);
-    if constexpr (sizeof(T) <= 2)
-      if (vw == 8) return softmax_row_vec<T, DROP, 8>(sr, br, pr, dropped, row, scale, seed, threshold, drop_scale);
-  }
   // Rows of up to SOFTMAX_REG_MAX_K in registers, as many slots as the row needs.
   if (k <= 32) return softmax_row_regs<T, DROP, 1>(sr, br, pr, dropped, row, k, scale, seed, threshold, drop_scale);
   if (k <= 64) return softmax_row_regs<T, DROP, 2>(sr, br, pr, dropped, row, k, scale, seed, threshold, drop_scale);
@@ -818,6 +821,35 @@ __device__ void softmax_fwd(const T *s, const T *bias, T *p, T *dropped, size_t 
 // followed the softmax in the forward: element i (of the whole tensor) kept as `kept` says and
 // scaled by `drop_scale` (threshold 0 and drop_scale 1: no dropout). Reading dp through the mask
 // here saves the backward a pass that would apply it first.
+// softmax_fwd for the rows softmax_vec_width takes, in kernels of their own: in one kernel with the
+// per-element paths (whose longest rows hold 16 registers a lane) the compiler gave it 52
+// registers a thread, half an SM's threads; alone it needs about 26 (ptxas, sm_90). The host picks
+// it (geometry::softmax_vec_width) where k fits and the pointers are aligned to the chunk.
+template <typename T, bool DROP>
+__device__ void softmax_fwd_vec(const T *s, const T *bias, T *p, T *dropped, size_t rows, int k,
+                                size_t rows_per_batch, float scale, uint64_t seed,
+                                uint32_t threshold, float drop_scale) {
+  const size_t row = (size_t)blockIdx.x * blockDim.y + threadIdx.y;
+  if (row >= rows) return;
+  const size_t be = (row | rows_per_batch) >> 32 == 0 ? (uint32_t)row / (uint32_t)rows_per_batch
+                                                        : row / rows_per_batch;
+  const T *sr = s + row * k, *br = bias + be * k;
+  T *pr = p + row * k;
+  switch (softmax_vec_width<T>(k)) {
+  case 2: return softmax_row_vec<T, DROP, 2>(sr, br, pr, dropped, row, scale, seed, threshold, drop_scale);
+  case 4:
+    if constexpr (sizeof(T) <= 4)
+      return softmax_row_vec<T, DROP, 4>(sr, br, pr, dropped, row, scale, seed, threshold, drop_scale);
+    break;
+  case 8:
+    if constexpr (sizeof(T) <= 2)
+      return softmax_row_vec<T, DROP, 8>(sr, br, pr, dropped, row, scale, seed, threshold, drop_scale);
+    break;
+  default: break;
+  }
+  __trap();
+}
+
 // softmax_bwd for the rows of softmax_row_vec.
 template <typename T, int V>
 __device__ __forceinline__ void softmax_bwd_row_vec(const T *pr, const T *gr, T *dr, size_t row,
@@ -1463,6 +1495,10 @@ extern "C" __global__ void flash_dq_bf16(const float *dq, __nv_bfloat16 *dqkv, s
                                                      size_t rows, int n, float eps) {            \
     layer_norm_fwd_warp<T>(x, w, b, y, rows, n, eps);                                            \
   }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(256, 4) layer_norm_fwd_vec_##S(const T *x, const T *w, const T *b, T *y,    \
+                                                    size_t rows, int n, float eps) {             \
+    layer_norm_fwd_vec<T>(x, w, b, y, rows, n, eps);                                             \
+  }                                                                                              \
   extern "C" __global__ void layer_norm_bwd_dx_warp_##S(const T *x, const T *w, const T *dy,     \
                                                         T *dx, size_t rows, int n, float eps) {  \
     layer_norm_bwd_dx_warp<T, false>(x, w, dy, dx, rows, n, eps, nullptr, 0, 0, 1.f);            \
@@ -1484,7 +1520,7 @@ extern "C" __global__ void flash_dq_bf16(const float *dq, __nv_bfloat16 *dqkv, s
     layer_norm_bwd_fused<T>(x, w, dy, dx, dh, partial, rows, n, eps, seed, threshold,            \
                             drop_scale);                                                         \
   }                                                                                              \
-  extern "C" __global__ void layer_norm_bwd_vec_##S(                                             \
+  extern "C" __global__ void __launch_bounds__(256, 4) layer_norm_bwd_vec_##S(                   \
       const T *x, const T *w, const T *dy, T *dx, T *dh, float *stats, size_t rows, int n,       \
       float eps, uint64_t seed, uint32_t threshold, float drop_scale) {                          \
     layer_norm_bwd_vec<T>(x, w, dy, dx, dh, stats, rows, n, eps, seed, threshold, drop_scale);  \
@@ -1512,6 +1548,16 @@ extern "C" __global__ void flash_dq_bf16(const float *dq, __nv_bfloat16 *dqkv, s
                                                   uint32_t threshold, float drop_scale) {        \
     softmax_fwd<T, true>(s, bias, p, dropped, rows, k, rows_per_batch, scale, seed, threshold,  \
                          drop_scale);                                                            \
+  }                                                                                              \
+  extern "C" __global__ void softmax_fwd_vec_##S(const T *s, const T *bias, T *p, size_t rows,     \
+                                                 int k, size_t rows_per_batch, float scale) {     \
+    softmax_fwd_vec<T, false>(s, bias, p, nullptr, rows, k, rows_per_batch, scale, 0, 0, 1.f);   \
+  }                                                                                              \
+  extern "C" __global__ void softmax_drop_fwd_vec_##S(                                           \
+      const T *s, const T *bias, T *p, T *dropped, size_t rows, int k, size_t rows_per_batch,    \
+      float scale, uint64_t seed, uint32_t threshold, float drop_scale) {                        \
+    softmax_fwd_vec<T, true>(s, bias, p, dropped, rows, k, rows_per_batch, scale, seed,          \
+                             threshold, drop_scale);                                             \
   }                                                                                              \
   extern "C" __global__ void softmax_bwd_##S(const T *p, const T *dp, T *ds, size_t rows, int k, \
                                              float scale, uint64_t seed, uint32_t threshold,     \
