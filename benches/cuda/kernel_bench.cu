@@ -376,6 +376,8 @@ int main(int argc, char **argv) {
   const double hb = 1.0 * nh * sizeof(bf16);
   ms = time_ms([&] { dropout_add_bf16<<<grid1(nh / 8), 256>>>(xh, yh, zh, nh, seed, threshold, dscale); });
   row("dropout + residual add [rows, h]", ms, 3 * hb);
+  ms = time_ms([&] { add_bf16<<<grid1(nh / 8), 256>>>(xh, yh, zh, nh); });
+  row("add [rows, h] (a block backward's dx + ds)", ms, 3 * hb);
   ms = time_ms([&] { layer_norm_fwd_warp_bf16<<<(unsigned)((rows + 7) / 8), dim3(32, 8)>>>(xh, lw, lb, zh, rows, hid, 1e-5f); });
   row("layer norm forward, per element", ms, 2 * hb);
   ms = time_ms([&] { layer_norm_fwd_vec_bf16<<<(unsigned)((rows + 7) / 8), dim3(32, 8)>>>(xh, lw, lb, zh, rows, hid, 1e-5f); });

@@ -655,6 +655,20 @@ template <typename T> static void dropout_add_check(size_t n, size_t shift, std:
   check("dropout_add " + std::string(tname<T>()) + " " + std::to_string(n) +
             (shift ? ", by element" : ", packed"),
         rel_err(to_host(sd), want), tol<T>());
+  // The plain add, on the same operands: x + r rounded once, as candle's add gives it.
+  std::vector<T> zd(n + shift);
+  emu::launch(elementwise_blocks(n / 3), dim3(256), [&] {
+    if constexpr (std::is_same_v<T, float>)
+      add_f32(xd.data() + shift, rd.data() + shift, zd.data() + shift, n);
+    else
+      add_bf16(xd.data() + shift, rd.data() + shift, zd.data() + shift, n);
+  });
+  double same = 0;
+  for (size_t i = 0; i < n; i++)
+    same = std::max(same, double(std::fabs(to_f(zd[shift + i]) - to_f(from_f<T>(float(x[i] + r[i]))))));
+  check("add " + std::string(tname<T>()) + " " + std::to_string(n) +
+            (shift ? ", by element" : ", packed") + ": x + y rounded once",
+        same, 0.0);
 }
 
 // ---- swap12, embedding ----------------------------------------------------------------------------

@@ -126,6 +126,12 @@ pub trait Prims: Send + Sync + 'static {
     /// The sum over the rows of `g` `[rows, n]`: a bias's gradient, `[n]`.
     fn column_sum(&self, g: &Tensor) -> Result<Tensor>;
 
+    /// `a + b` (one shape, one dtype) outside the graph: the residual's gradient added to the
+    /// branch's in a block node's backward.
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        a + b
+    }
+
     /// Attention over the q, k and v parts of one product `qkv` `[b, s, 3 · hidden]` (as
     /// `split_part` reads them) in one pass, where the device has such a kernel, it is on
     /// (`set_flash`; `set_flash_on_cpu` for `CpuPrims`) and `qkv` fits the kernel: the context

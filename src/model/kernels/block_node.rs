@@ -356,7 +356,7 @@ impl<P: Prims, B: Branch> CustomOp2 for Node<P, B> {
         let [ds, dh, dgamma, dbeta] = self.tail.backward(prims, &flat, slots, grad)?;
         let (dx, mut grads) = self.branch.backward(prims, &x, &flat, slots, &rows(&dh)?)?;
         grads.extend([dgamma, dbeta]);
-        let dx = (dx.reshape(x.shape())? + ds)?;
+        let dx = prims.add(&dx.reshape(x.shape())?, &ds)?;
         let dflat = match &self.sink {
             Some(sink) => {
                 sink.deposit(prims, slots, &grads)?;

@@ -1070,6 +1070,62 @@ impl CustomOp1 for Gelu {
     }
 }
 
+/// `x + y` for two contiguous tensors of one shape and dtype, in 16-byte packs (`add` in
+/// kernels.cu), no backward (for nodes that write their own).
+struct Add;
+
+impl CustomOp2 for Add {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        y: &CudaStorage,
+        yl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        if xl.dims() != yl.dims() || x.dtype() != y.dtype() {
+            bail!(
+                "add: {:?} {:?} and {:?} {:?}",
+                xl.dims(),
+                x.dtype(),
+                yl.dims(),
+                y.dtype()
+            );
+        }
+        fn run<T: CudaDType + DeviceRepr>(
+            x: &CudaStorage,
+            xl: &Layout,
+            y: &CudaStorage,
+            yl: &Layout,
+        ) -> Result<CudaStorage> {
+            let dev = x.device();
+            let n = xl.shape().elem_count();
+            let (xv, yv) = (view::<T>(x, xl, "add")?, view::<T>(y, yl, "add")?);
+            let z = unsafe { dev.alloc::<T>(n)? };
+            let f = func!(dev, "add", x.dtype())?;
+            let mut a = f.builder();
+            a.arg(&xv).arg(&yv).arg(&z).arg(&n);
+            unsafe { a.launch(elementwise(geometry::packs(n, std::mem::size_of::<T>()))) }.w()?;
+            Ok(wrap(z, dev))
+        }
+        let out = by_dtype!(x.dtype(), run(x, xl, y, yl))?;
+        Ok((out, xl.shape().clone()))
+    }
+}
+
 struct GeluBwd;
 
 impl CustomOp2 for GeluBwd {
@@ -1827,8 +1883,15 @@ impl super::attention_node::Prims for CudaPrims {
             Some(d) => h
                 .contiguous()?
                 .apply_op2_no_bwd(&r.contiguous()?, &DropoutAdd(Dropout::new(d.p, d.seed))),
-            None => h + r,
+            None => self.add(h, r),
         }
+    }
+
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        if a.dims() != b.dims() || a.dtype() != b.dtype() {
+            return a + b;
+        }
+        a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &Add)
     }
 
     fn layer_norm_backward_dropout(
