@@ -1037,6 +1037,19 @@ fn bench_one(
             ab.push((what, train, Ok(off)));
         }
     }
+    // The encoder's block nodes as one stack node (session 12, on by default): "off" is a graph
+    // node per block, each input's gradient added into a zero-filled slot by candle.
+    if blocks_on && crate::model::kernels::stack::stack_on() {
+        use crate::model::kernels::stack::set_stack;
+        set_stack(false);
+        let per_block = time_it(device, args.warmup, args.steps, || step(&mut opt));
+        set_stack(true);
+        let what = "block nodes in one stack node".to_string();
+        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
+        if let Some(off) = reported(per_block, at) {
+            ab.push((what, train, Ok(off)));
+        }
+    }
     // Layer norm's backward with 16-byte packs (session 12, on by default where rows fit): "off"
     // is the one-pass kernel before it.
     #[cfg(feature = "cuda")]

@@ -272,12 +272,16 @@ impl Encoder {
     }
 
     pub fn forward(&self, batch: &Batch, mode: Mode) -> Result<Tensor> {
-        let mut x = self.embeddings.forward(batch, mode)?;
+        let x = self.embeddings.forward(batch, mode)?;
         let bias = ops::attention_bias(&batch.attention_mask, x.dtype())?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &bias, mode)?;
-        }
-        Ok(x)
+        // The layers as one graph node where they are block nodes (`kernels::stack`).
+        crate::model::kernels::stack::run(&x, ops::blocks_expected(&x), |x| {
+            let mut x = x.clone();
+            for layer in &self.layers {
+                x = layer.forward(&x, &bias, mode)?;
+            }
+            Ok(x)
+        })
     }
 }
 

@@ -192,6 +192,17 @@ impl DistilBertClassifier {
         let x = (self.word.forward(ids)? + self.position.forward(&positions)?)?;
         let x = ops::dropout(&self.emb_norm.forward(&x)?, self.dropout, mode)?;
         let bias = ops::attention_bias(&batch.attention_mask, x.dtype())?;
+        if !keep_all {
+            // The layers as one graph node where they are block nodes (`kernels::stack`).
+            let last = crate::model::kernels::stack::run(&x, ops::blocks_expected(&x), |x| {
+                let mut x = x.clone();
+                for layer in &self.layers {
+                    x = layer.forward(&x, &bias, mode)?;
+                }
+                Ok(x)
+            })?;
+            return Ok(vec![last]);
+        }
         let mut states = vec![x];
         for layer in &self.layers {
             let next = layer.forward(&states[states.len() - 1], &bias, mode)?;

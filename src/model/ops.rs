@@ -524,8 +524,10 @@ fn block_route(acts: &[&Tensor], params: &[&Tensor]) -> Result<Option<BlockRoute
     };
     let dtype = x.dtype();
     let all = || acts.iter().chain(params.iter());
+    // While a stack records, the input is detached and the stack takes its gradient.
+    let stacking = kernels::stack::recording();
     if !FUSED_BLOCKS.load(Ordering::Relaxed)
-        || !all().any(|t| t.track_op())
+        || !(stacking || all().any(|t| t.track_op()))
         || acts.iter().any(|t| t.dtype() != dtype)
     {
         return Ok(None);
@@ -538,7 +540,7 @@ fn block_route(acts: &[&Tensor], params: &[&Tensor]) -> Result<Option<BlockRoute
     if !uncast.is_empty() {
         // The node packs from the sink's masters only when its input records a gradient.
         let known = match GradSink::active() {
-            Some(sink) if x.track_op() => sink.masters_of(&uncast)?.is_some(),
+            Some(sink) if x.track_op() || stacking => sink.masters_of(&uncast)?.is_some(),
             _ => false,
         };
         if !known {
@@ -560,6 +562,21 @@ fn block_route(acts: &[&Tensor], params: &[&Tensor]) -> Result<Option<BlockRoute
         }
         _ => None,
     })
+}
+
+/// Whether the block nodes would take layers over `x` on its device (the device and dtype part of
+/// `block_route`): on CUDA with recycle's kernels, or on the CPU for a test thread that asked. The
+/// encoders ask before stacking their layers (`kernels::stack::run`).
+pub fn blocks_expected(x: &Tensor) -> bool {
+    if !FUSED_BLOCKS.load(Ordering::Relaxed) {
+        return false;
+    }
+    match path(&[x]) {
+        #[cfg(feature = "cuda")]
+        Path::Cuda => true,
+        Path::Fused | Path::Composed => BLOCKS_ON_CPU.with(|c| c.get()) && x.device().is_cpu(),
+        _ => false,
+    }
 }
 
 /// Dropout `p` of one node's call (attention, a block) with a fresh seed, where it drops anything.

@@ -232,3 +232,70 @@ fn bf16_nodes_take_their_masters_uncast_after_the_first_step_with_the_same_gradi
     }
     ops::set_blocks_on_cpu(false);
 }
+
+/// The encoder's block nodes as one stack node (`kernels::stack`), as training runs them on a GPU,
+/// here on the CPU: the same loss and every master's gradient, bit for bit, as with a graph node
+/// per block, in bf16 and f32, without and with dropout (the same seeds); the stack holds every
+/// block (two a layer) when on and none when off.
+#[test]
+fn stacked_block_nodes_give_the_same_gradients_as_a_node_per_block() {
+    use recycle::model::grad_sink::GradSink;
+    use recycle::model::kernels::stack;
+    use recycle::model::ops;
+    ops::set_blocks_on_cpu(true);
+    for case in ["bert", "roberta", "distilbert"] {
+        for precision in [Precision::Bf16, Precision::F32] {
+            let exp = expected(case);
+            let m = load(case, precision);
+            let b = batch(case, &exp);
+            let sink = GradSink::new(&m.varmap).unwrap();
+            let vars: Vec<(String, candle_core::Var)> = {
+                let data = m.varmap.data().lock().unwrap();
+                let mut v: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                v.sort_by(|a, b| a.0.cmp(&b.0));
+                v
+            };
+            for mode in [Mode::Eval, Mode::Train] {
+                let step = |on: bool| {
+                    stack::set_stack(on);
+                    ops::seed(&Device::Cpu, 11).unwrap();
+                    let logits = sink.scope(|| m.model.forward(&b, mode)).unwrap();
+                    let stacked = stack::last_stack_len();
+                    let l = loss(case, &logits, &exp);
+                    let grads = sink.backward(&l).unwrap();
+                    stack::set_stack(true);
+                    let bits: Vec<(String, Vec<u32>)> = vars
+                        .iter()
+                        .map(|(name, var)| {
+                            let g = grads
+                                .get(var.as_tensor())
+                                .unwrap_or_else(|| panic!("{case}: no gradient for {name}"));
+                            let v = g.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+                            let v = v.to_vec1::<f32>().unwrap();
+                            (name.clone(), v.iter().map(|x| x.to_bits()).collect())
+                        })
+                        .collect();
+                    (l.to_scalar::<f32>().unwrap().to_bits(), bits, stacked)
+                };
+                let at = format!("{case} {precision:?} {mode:?}");
+                let (loss_off, grads_off, stacked_off) = step(false);
+                let (loss_on, grads_on, stacked_on) = step(true);
+                assert_eq!(stacked_off, 0, "{at}: a stack with the stack off");
+                let layers = vars
+                    .iter()
+                    .filter(|(n, _)| {
+                        n.ends_with("attention.output.LayerNorm.weight")
+                            || n.ends_with("sa_layer_norm.weight")
+                    })
+                    .count();
+                assert!(layers > 0, "{at}: no layers found among the weights");
+                assert_eq!(stacked_on, 2 * layers, "{at}: blocks in the stack");
+                assert_eq!(loss_on, loss_off, "{at}: the loss moved");
+                for ((name, a), (_, b)) in grads_off.iter().zip(&grads_on) {
+                    assert!(a == b, "{at}: {name}'s gradient changed in the stack");
+                }
+            }
+        }
+    }
+    ops::set_blocks_on_cpu(false);
+}

@@ -147,7 +147,8 @@ struct Sink {
 /// The sink in scope, when `x` records a gradient (so that the backward runs) and the sink knows
 /// every parameter.
 fn sink_for(x: &Tensor, parts: &[&Tensor]) -> Result<Option<Sink>> {
-    if !x.track_op() {
+    // While a stack records (`kernels::stack`), `x` is detached and the stack takes its gradient.
+    if !x.track_op() && !super::stack::recording() {
         return Ok(None);
     }
     let Some(sink) = GradSink::active() else {
@@ -312,6 +313,13 @@ struct Node<P, B> {
 
 /// The block's output, as a node when `x` or a parameter records a gradient.
 fn finish<P: Prims, B: Branch>(x: &Tensor, flat: &Tensor, node: Node<P, B>) -> Result<Tensor> {
+    // Recording a stack: the output now, the node kept for the stack's backward (only with a sink,
+    // which takes the parameters' gradients; without one they need the graph).
+    if super::stack::recording() && node.sink.is_some() {
+        let out = node.tail.output(&node.flat, &node.slots)?;
+        super::stack::push(x, &out, Box::new(node));
+        return Ok(out);
+    }
     if !(x.track_op() || flat.track_op()) {
         return node.tail.output(&node.flat, &node.slots);
     }
@@ -365,6 +373,15 @@ impl<P: Prims, B: Branch> CustomOp2 for Node<P, B> {
             None => Some(unpack_grads(&grads, flat.dtype())?),
         };
         Ok((Some(dx), dflat))
+    }
+}
+
+impl<P: Prims, B: Branch> super::stack::ChainBackward for Node<P, B> {
+    fn backward(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        match CustomOp2::bwd(self, x, &self.flat, grad, grad)? {
+            (Some(dx), None) => Ok(dx),
+            _ => bail!("block node: a stacked block must give its input's gradient and deposit its parameters'"),
+        }
     }
 }
 

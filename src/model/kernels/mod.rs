@@ -19,6 +19,7 @@ pub mod cuda;
 pub mod embedding_node;
 pub mod geometry;
 mod linear;
+pub mod stack;
 mod vecmath;
 pub mod weight_grad;
 pub use attention::{attention, Keep};
