@@ -1038,8 +1038,9 @@ fn bench_one(
         }
     }
     // The encoder's block nodes as one stack node (session 12, on by default): "off" is a graph
-    // node per block, each input's gradient added into a zero-filled slot by candle.
-    if blocks_on && crate::model::kernels::stack::stack_on() {
+    // node per block, each input's gradient added into a zero-filled slot by candle. CUDA only:
+    // the CPU's training does not take the block nodes.
+    if device.is_cuda() && blocks_on && crate::model::kernels::stack::stack_on() {
         use crate::model::kernels::stack::set_stack;
         set_stack(false);
         let per_block = time_it(device, args.warmup, args.steps, || step(&mut opt));
