@@ -177,5 +177,17 @@ if [ $erc -eq 0 ] && [ $e2e_ready -eq 1 ] && [ "$(left)" -gt 60 ]; then
 fi
 
 "$PY" scripts/gpu/summarize.py "$OUT"/recycle*.jsonl "$OUT"/torch*.jsonl | tee -a "$REPORT"
+# WITH_BENCH=1 (on a GPU): then the kernel micro-benchmark and the kernel traces of
+# benches/cuda/run.sh (dist/kbench carried; about 60 s past the budget, each part with its own
+# timeout), into $OUT/kernel-bench.txt and $OUT/trace-summary.txt.
+if [ -n "${WITH_BENCH:-}" ] && [ "$DEVICE" != cpu ]; then
+  if [ -x dist/kbench/kernel_bench ]; then
+    log "kernel bench and traces ..."
+    OUT="$OUT" RECYCLE_BIN="$BIN" PYTHON="$PY" bash benches/cuda/run.sh >"$OUT/kbench.log" 2>&1
+    log "kernel bench and traces: exit $?"
+  else
+    log "no dist/kbench (build it with benches/cuda/run.sh build and carry it)"
+  fi
+fi
 bundle
 exit $(( rc != 0 || trc != 0 || erc != 0 ))
