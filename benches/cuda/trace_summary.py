@@ -89,6 +89,7 @@ def main():
     host_wait = 0
     per_name = collections.defaultdict(lambda: [0, 0])
     n_kernels = 0
+    other = collections.defaultdict(lambda: [0, 0])  # memsets and copies on the GPU
     buckets = [(5e3, "< 5 us"), (20e3, "5-20 us"), (100e3, "20-100 us"), (float("inf"), ">= 100 us")]
     for b in chosen:
         start, end = b[0][0], max(w[1] for w in b)
@@ -112,6 +113,10 @@ def main():
                 n_kernels += 1
                 per_name[w[3][1]][0] += 1
                 per_name[w[3][1]][1] += w[1] - w[0]
+            else:
+                label = "memset" if w[2] == "Z" else f"memcpy kind {w[3][1]}"
+                other[label][0] += 1
+                other[label][1] += w[1] - w[0]
     steps = a.steps * len(chosen) if a.steps else 0
     per = (lambda ns: f"{ns / 1e6 / steps:8.3f} ms/step") if steps else (lambda ns: "")
     print(f"\nbursts chosen: {len(chosen)}, {n_kernels} kernels"
@@ -132,6 +137,9 @@ def main():
     kinds = collections.Counter(c[3] for c in cps)
     print(f"copies inside: {len(cps)} ({dict(kinds)}; kind 1 HtoD, 2 DtoH, 8 DtoD), "
           f"{sum(c[1] - c[0] for c in cps) / 1e6:.2f} ms on the GPU")
+    for label, (count, total) in sorted(other.items()):
+        print(f"{label} on the GPU inside the bursts: {count} ({count / steps:.0f} a step), "
+              f"{total / 1e6:.2f} ms" if steps else f"{label}: {count}, {total / 1e6:.2f} ms")
     print(f"\n{'kernel':72s} {'count':>7s} {'total ms':>9s} {'mean us':>8s} {'busy %':>6s}")
     for name, (count, total) in sorted(per_name.items(), key=lambda kv: -kv[1][1])[:40]:
         print(f"{short(name):72s} {count:7d} {total / 1e6:9.2f} {total / count / 1e3:8.1f} "
