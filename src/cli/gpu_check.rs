@@ -1621,7 +1621,10 @@ fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()>
         let (x_t, y_t, ln_w_t) = (&x_t, &y_t, &ln_w_t);
         for (name, one_pass) in [
             ("in blocks: layer norm dx + branch dropout, one pass", true),
-            ("in blocks: layer norm dx + branch dropout, three kernels", false),
+            (
+                "in blocks: layer norm dx + branch dropout, three kernels",
+                false,
+            ),
         ] {
             list.push((
                 name,
@@ -1629,8 +1632,7 @@ fn profile_ops(args: &Args, precision: Precision, device: &Device) -> Result<()>
                 Box::new(move || {
                     set_layer_norm_packed(false);
                     set_layer_norm_one_pass(one_pass);
-                    let out =
-                        prims.layer_norm_backward_dropout(x_t, ln_w_t, y_t, 1e-5, Some(drop));
+                    let out = prims.layer_norm_backward_dropout(x_t, ln_w_t, y_t, 1e-5, Some(drop));
                     set_layer_norm_one_pass(true);
                     set_layer_norm_packed(true);
                     let [_, dh, _, _] = out?;

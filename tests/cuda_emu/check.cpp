@@ -127,6 +127,30 @@ static Vec ln_ref(const Vec &x, const Vec &w, const Vec &b, size_t rows, size_t 
   return y;
 }
 
+// A dropout mask's parameters, as the kernels take them.
+struct Mask {
+  uint64_t seed;
+  uint32_t threshold;
+  float scale;
+};
+
+// A layer norm backward's dh (where given: dx through `mask`) and its dw and db (`sums`: dw, then
+// db) against the references, as `what`; `ok`: the launches ran.
+template <typename T>
+static void ln_check_grads(const std::string &what, bool ok, const std::vector<T> *dh, const Vec &gx,
+                           Mask mask, const std::vector<float> &sums, const Vec &gw, const Vec &gb) {
+  if (dh) {
+    Vec want(gx.size());
+    for (size_t i = 0; i < want.size(); i++)
+      want[i] = ref_kept(mask.seed, i, mask.threshold) ? gx[i] * mask.scale : 0.0;
+    check(what + ": dh", ok ? rel_err(to_host(*dh), want) : INFINITY, 4 * tol<T>());
+  }
+  const size_t n = gw.size();
+  const std::vector<float> dw(sums.begin(), sums.begin() + n), db(sums.begin() + n, sums.end());
+  check(what + ": dw", ok ? rel_err(dw, gw) : INFINITY, 4 * tol<T>());
+  check(what + ": db", ok ? rel_err(db, gb) : INFINITY, 4 * tol<T>());
+}
+
 template <typename T>
 static void layer_norm(size_t rows, size_t n, unsigned dwdb_blocks, std::mt19937 &rng) {
   const float eps = 1e-5f;
@@ -278,15 +302,7 @@ static void layer_norm(size_t rows, size_t n, unsigned dwdb_blocks, std::mt19937
         for (size_t i = 0; i < dxf.size(); i++)
           same = std::max(same, double(std::fabs(to_f(dxf[i]) - to_f(dxw[i]))));
         check(what + ": dx as layer_norm_bwd_dx_warp's", ok ? same : INFINITY, 0.0);
-        if (drop) {
-          Vec want(rows * n);
-          for (size_t i = 0; i < want.size(); i++)
-            want[i] = ref_kept(seed, i, threshold) ? gx[i] * drop_scale : 0.0;
-          check(what + ": dh", ok ? rel_err(to_host(dhf), want) : INFINITY, 4 * tol<T>());
-        }
-        const std::vector<float> fdw(sums.begin(), sums.begin() + n), fdb(sums.begin() + n, sums.end());
-        check(what + ": dw", ok ? rel_err(fdw, gw) : INFINITY, 4 * tol<T>());
-        check(what + ": db", ok ? rel_err(fdb, gb) : INFINITY, 4 * tol<T>());
+        ln_check_grads<T>(what, ok, drop ? &dhf : nullptr, gx, {seed, threshold, drop_scale}, sums, gw, gb);
       }
     }
   }
@@ -376,15 +392,7 @@ static void layer_norm_vec(size_t rows, size_t n, std::mt19937 &rng) {
                                std::to_string(chunk) + (drop ? ", dropout 0.25" : "");
       check(what + ": dx", ok ? rel_err(to_host(dxv), gx) : INFINITY, 4 * tol<T>());
       check(what + ": row statistics", ok ? rel_err(st, want_stats) : INFINITY, 2e-5);
-      if (drop) {
-        Vec want(rows * n);
-        for (size_t i = 0; i < want.size(); i++)
-          want[i] = ref_kept(seed, i, threshold) ? gx[i] * drop_scale : 0.0;
-        check(what + ": dh", ok ? rel_err(to_host(dhv), want) : INFINITY, 4 * tol<T>());
-      }
-      const std::vector<float> vdw(sums.begin(), sums.begin() + n), vdb(sums.begin() + n, sums.end());
-      check(what + ": dw", ok ? rel_err(vdw, gw) : INFINITY, 4 * tol<T>());
-      check(what + ": db", ok ? rel_err(vdb, gb) : INFINITY, 4 * tol<T>());
+      ln_check_grads<T>(what, ok, drop ? &dhv : nullptr, gx, {seed, threshold, drop_scale}, sums, gw, gb);
     }
   }
 }

@@ -385,18 +385,7 @@ fn layer_norm_backward_one_pass(
 ) -> Result<[Tensor; 4]> {
     let what = "layer norm backward";
     let dtype = x.dtype();
-    let n = x.dims().last().copied().unwrap_or(0);
-    let rows = x.elem_count() / n.max(1);
-    if dy.dims() != x.dims() || w.dims() != [n] || dy.dtype() != dtype || w.dtype() != dtype {
-        bail!(
-            "{what}: x {:?} {dtype:?}, w {:?} {:?}, dy {:?} {:?}",
-            x.dims(),
-            w.dims(),
-            w.dtype(),
-            dy.dims(),
-            dy.dtype()
-        );
-    }
+    let (rows, n) = ln_backward_dims(x, w, dy)?;
     let outputs = if drop.is_some() { 2 } else { 1 };
     let out = uninit(x, &[outputs, rows, n], dtype)?;
     let blocks = geometry::ln_fused_blocks(rows);
@@ -413,10 +402,7 @@ fn layer_norm_backward_one_pass(
     } else {
         0
     };
-    let (partial_at, dwdb_at) = (
-        f32_address(&partial, true, what)?,
-        f32_address(&dwdb, true, what)?,
-    );
+    let partial_at = f32_address(&partial, true, what)?;
     let (seed, threshold, scale) = drop
         .as_ref()
         .map_or((0, 0, 1.0), |d| (d.seed, d.threshold, d.scale));
@@ -442,10 +428,52 @@ fn layer_norm_backward_one_pass(
         shared_mem_bytes: 0,
     };
     unsafe { a.launch(cfg) }.w()?;
-    let (blocks_i, n2) = (blocks as i32, 2 * n_i);
+    ln_backward_finish(
+        dev,
+        x,
+        &out,
+        drop.is_some(),
+        (partial_at, blocks as usize),
+        &dwdb,
+    )
+}
+
+/// Checks a layer norm backward's operands (`x` and `dy` of one shape, `w` of its last dimension,
+/// one dtype) and gives `(rows, n)`.
+fn ln_backward_dims(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(usize, usize)> {
+    let dtype = x.dtype();
+    let n = x.dims().last().copied().unwrap_or(0);
+    if dy.dims() != x.dims() || w.dims() != [n] || dy.dtype() != dtype || w.dtype() != dtype {
+        bail!(
+            "layer norm backward: x {:?} {dtype:?}, w {:?} {:?}, dy {:?} {:?}",
+            x.dims(),
+            w.dims(),
+            w.dtype(),
+            dy.dims(),
+            dy.dtype()
+        );
+    }
+    Ok((x.elem_count() / n.max(1), n))
+}
+
+/// The end of a layer norm backward in kernels: `layer_norm_dwdb_sum` adds the `parts` rows of
+/// partial sums at `partial_at` (`[parts, 2n]` f32) into `dwdb` (`[2, n]`) in order, and the four
+/// gradients come out of `out` (`[1 or 2, rows, n]`: dx, then dh where there is dropout) and
+/// `dwdb`.
+fn ln_backward_finish(
+    dev: &candle_core::CudaDevice,
+    x: &Tensor,
+    out: &Tensor,
+    dropout: bool,
+    (partial_at, parts): (u64, usize),
+    dwdb: &Tensor,
+) -> Result<[Tensor; 4]> {
+    let n = x.dims().last().copied().unwrap_or(0);
+    let dwdb_at = f32_address(dwdb, true, "layer norm backward")?;
+    let (parts_i, n2) = (parts as i32, 2 * n as i32);
     let f = load_kernel(dev, "layer_norm_dwdb_sum")?;
     let mut a = f.builder();
-    a.arg(&partial_at).arg(&dwdb_at).arg(&blocks_i).arg(&n2);
+    a.arg(&partial_at).arg(&dwdb_at).arg(&parts_i).arg(&n2);
     let cfg = LaunchConfig {
         grid_dim: ((2 * n).div_ceil(32) as u32, 1, 1),
         block_dim: (32, 8, 1),
@@ -453,7 +481,7 @@ fn layer_norm_backward_one_pass(
     };
     unsafe { a.launch(cfg) }.w()?;
     let dx = out.get(0)?.reshape(x.shape())?;
-    let dh = if drop.is_some() {
+    let dh = if dropout {
         out.get(1)?.reshape(x.shape())?
     } else {
         dx.clone()
@@ -475,18 +503,7 @@ fn layer_norm_backward_packed(
 ) -> Result<Option<[Tensor; 4]>> {
     let what = "layer norm backward";
     let dtype = x.dtype();
-    let n = x.dims().last().copied().unwrap_or(0);
-    let rows = x.elem_count() / n.max(1);
-    if dy.dims() != x.dims() || w.dims() != [n] || dy.dtype() != dtype || w.dtype() != dtype {
-        bail!(
-            "{what}: x {:?} {dtype:?}, w {:?} {:?}, dy {:?} {:?}",
-            x.dims(),
-            w.dims(),
-            w.dtype(),
-            dy.dims(),
-            dy.dtype()
-        );
-    }
+    let (rows, n) = ln_backward_dims(x, w, dy)?;
     let (x_at, w_at, dy_at) = (
         address(x, false, what)?,
         address(w, false, what)?,
@@ -508,10 +525,9 @@ fn layer_norm_backward_packed(
     } else {
         0
     };
-    let (stats_at, partial_at, dwdb_at) = (
+    let (stats_at, partial_at) = (
         f32_address(&stats, true, what)?,
         f32_address(&partial, true, what)?,
-        f32_address(&dwdb, true, what)?,
     );
     let (seed, threshold, scale) = drop.map_or((0, 0, 1.0), |d| (d.seed, d.threshold, d.scale));
     let n_i = n as i32;
@@ -548,23 +564,7 @@ fn layer_norm_backward_packed(
         shared_mem_bytes: 0,
     };
     unsafe { a.launch(cfg) }.w()?;
-    let (chunks_i, n2) = (chunks as i32, 2 * n_i);
-    let f = load_kernel(dev, "layer_norm_dwdb_sum")?;
-    let mut a = f.builder();
-    a.arg(&partial_at).arg(&dwdb_at).arg(&chunks_i).arg(&n2);
-    let cfg = LaunchConfig {
-        grid_dim: ((2 * n).div_ceil(32) as u32, 1, 1),
-        block_dim: (32, 8, 1),
-        shared_mem_bytes: 0,
-    };
-    unsafe { a.launch(cfg) }.w()?;
-    let dx = out.get(0)?.reshape(x.shape())?;
-    let dh = if drop.is_some() {
-        out.get(1)?.reshape(x.shape())?
-    } else {
-        dx.clone()
-    };
-    Ok(Some([dx, dh, dwdb.get(0)?, dwdb.get(1)?]))
+    ln_backward_finish(dev, x, &out, drop.is_some(), (partial_at, chunks), &dwdb).map(Some)
 }
 
 /// The weight and bias gradients of layer norm over `x` given `dy` (contiguous), in `dtype` (the

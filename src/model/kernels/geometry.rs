@@ -188,7 +188,10 @@ mod tests {
         assert_eq!(ln_col_chunk(16385), 72);
         for rows in [1, 100, 8191, 16384, 65537, 1 << 22] {
             let chunk = ln_col_chunk(rows);
-            assert!(chunk.is_multiple_of(8) && rows.div_ceil(chunk) <= 256, "{rows}");
+            assert!(
+                chunk.is_multiple_of(8) && rows.div_ceil(chunk) <= 256,
+                "{rows}"
+            );
         }
     }
 

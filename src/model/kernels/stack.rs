@@ -88,7 +88,9 @@ impl Recording {
     }
 
     fn take(&self) -> Vec<Entry> {
-        RECORDING.with(|r| r.borrow_mut().take()).unwrap_or_default()
+        RECORDING
+            .with(|r| r.borrow_mut().take())
+            .unwrap_or_default()
     }
 }
 
