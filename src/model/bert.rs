@@ -275,7 +275,7 @@ impl Encoder {
         let x = self.embeddings.forward(batch, mode)?;
         let bias = ops::attention_bias(&batch.attention_mask, x.dtype())?;
         // The layers as one graph node where they are block nodes (`kernels::stack`).
-        crate::model::kernels::stack::run(&x, ops::blocks_expected(&x), |x| {
+        crate::model::kernels::stack::run(&x, |x| {
             let mut x = x.clone();
             for layer in &self.layers {
                 x = layer.forward(&x, &bias, mode)?;

@@ -194,7 +194,7 @@ impl DistilBertClassifier {
         let bias = ops::attention_bias(&batch.attention_mask, x.dtype())?;
         if !keep_all {
             // The layers as one graph node where they are block nodes (`kernels::stack`).
-            let last = crate::model::kernels::stack::run(&x, ops::blocks_expected(&x), |x| {
+            let last = crate::model::kernels::stack::run(&x, |x| {
                 let mut x = x.clone();
                 for layer in &self.layers {
                     x = layer.forward(&x, &bias, mode)?;

@@ -565,8 +565,8 @@ fn block_route(acts: &[&Tensor], params: &[&Tensor]) -> Result<Option<BlockRoute
 }
 
 /// Whether the block nodes would take layers over `x` on its device (the device and dtype part of
-/// `block_route`): on CUDA with recycle's kernels, or on the CPU for a test thread that asked. The
-/// encoders ask before stacking their layers (`kernels::stack::run`).
+/// `block_route`): on CUDA with recycle's kernels, or on the CPU for a test thread that asked.
+/// `kernels::stack::run` asks before stacking an encoder's layers.
 pub fn blocks_expected(x: &Tensor) -> bool {
     if !FUSED_BLOCKS.load(Ordering::Relaxed) {
         return false;

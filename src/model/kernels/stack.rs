@@ -102,15 +102,16 @@ impl Drop for Recording {
 
 /// `layers` over `x` (the encoder's layers, `x` their input), as one stack node where `x` records
 /// a gradient, a gradient sink is in scope, the stack is on and the device takes the block nodes
-/// (`expected`); else `layers(x)` as it is. `layers` may run twice (see the module's
+/// (`ops::blocks_expected`); else `layers(x)` as it is. `layers` may run twice (see the module's
 /// documentation).
-pub fn run(
-    x: &Tensor,
-    expected: bool,
-    layers: impl Fn(&Tensor) -> Result<Tensor>,
-) -> Result<Tensor> {
+pub fn run(x: &Tensor, layers: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
     LAST.with(|c| c.set(0));
-    if !(stack_on() && expected && x.track_op() && GradSink::active().is_some()) || recording() {
+    let stack = stack_on()
+        && !recording()
+        && x.track_op()
+        && GradSink::active().is_some()
+        && crate::model::ops::blocks_expected(x);
+    if !stack {
         return layers(x);
     }
     let x0 = x.detach();
