@@ -42,12 +42,13 @@ extern "C" __global__ void copy_bf16(const bf16 *x, bf16 *y, size_t n) {
   map1(x, y, n, [](size_t, float v) { return v; });
 }
 
-// Column sums of g [rows, n] (n a multiple of 8): thread (x, y) of a block sums the 8 columns of
-// pack blockIdx.x * 32 + x over rows y, y + 8, ... of the block's chunk of rows; the block's 8 row
-// groups are added in shared memory into partial[blockIdx.y, :] (f32), and a second kernel adds the
-// chunks in order.
-extern "C" __global__ void colsum_partial_bf16(const bf16 *g, float *partial, size_t rows, int n,
-                                               int chunk) {
+// Column sums in chunks of rows, for [rows, n] bf16 (n a multiple of 8): thread (x, y) of a
+// (32, 8) block sums the 8 columns of pack blockIdx.x * 32 + x over rows y, y + 8, ... of chunk
+// blockIdx.y, the pack of each row given by `row(r, c)` (which may write something of its own);
+// the block's 8 row groups are added in shared memory into partial[blockIdx.y, :] (f32), and
+// colsum_finish adds the chunks in order.
+template <typename F>
+__device__ void colsum_chunk(float *partial, size_t rows, int n, int chunk, F row) {
   __shared__ float sh[8][32 * 8 + 1];
   const int packs = n / 8;
   const int c = blockIdx.x * 32 + threadIdx.x;
@@ -55,9 +56,8 @@ extern "C" __global__ void colsum_partial_bf16(const bf16 *g, float *partial, si
   const size_t r0 = (size_t)blockIdx.y * chunk;
   const size_t r1 = r0 + chunk < rows ? r0 + chunk : rows;
   if (c < packs) {
-    const Pack<bf16> *gp = reinterpret_cast<const Pack<bf16> *>(g);
     for (size_t r = r0 + threadIdx.y; r < r1; r += 8) {
-      const Pack<bf16> v = gp[r * packs + c];
+      const Pack<bf16> v = row(r * packs + c);
 #pragma unroll
       for (int k = 0; k < 8; k++) acc[k] += to_f(v.v[k]);
     }
@@ -73,6 +73,12 @@ extern "C" __global__ void colsum_partial_bf16(const bf16 *g, float *partial, si
     partial[(size_t)blockIdx.y * n + col] = s;
   }
 }
+
+extern "C" __global__ void colsum_partial_bf16(const bf16 *g, float *partial, size_t rows, int n,
+                                               int chunk) {
+  const Pack<bf16> *gp = reinterpret_cast<const Pack<bf16> *>(g);
+  colsum_chunk(partial, rows, n, chunk, [=](size_t i) { return gp[i]; });
+}
 extern "C" __global__ void colsum_finish_bf16(const float *partial, bf16 *out, int chunks, int n) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= n) return;
@@ -82,43 +88,20 @@ extern "C" __global__ void colsum_finish_bf16(const float *partial, bf16 *out, i
 }
 
 // GELU's backward and the bias gradient (the column sums of du) in one pass: du as gelu_bwd
-// writes it, and each block's column sums of the rounded du into partial (as colsum_partial).
+// writes it, and each chunk's column sums of the rounded du into partial (as colsum_partial).
 extern "C" __global__ void gelu_bwd_colsum_bf16(const bf16 *x, const bf16 *dy, bf16 *dx,
                                                 float *partial, size_t rows, int n, int chunk) {
-  __shared__ float sh[8][32 * 8 + 1];
-  const int packs = n / 8;
-  const int c = blockIdx.x * 32 + threadIdx.x;
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  const size_t r0 = (size_t)blockIdx.y * chunk;
-  const size_t r1 = r0 + chunk < rows ? r0 + chunk : rows;
-  if (c < packs) {
-    const Pack<bf16> *xp = reinterpret_cast<const Pack<bf16> *>(x);
-    const Pack<bf16> *gp = reinterpret_cast<const Pack<bf16> *>(dy);
-    Pack<bf16> *op = reinterpret_cast<Pack<bf16> *>(dx);
-    for (size_t r = r0 + threadIdx.y; r < r1; r += 8) {
-      const Pack<bf16> a = xp[r * packs + c], b = gp[r * packs + c];
-      Pack<bf16> o;
+  const Pack<bf16> *xp = reinterpret_cast<const Pack<bf16> *>(x);
+  const Pack<bf16> *gp = reinterpret_cast<const Pack<bf16> *>(dy);
+  Pack<bf16> *op = reinterpret_cast<Pack<bf16> *>(dx);
+  colsum_chunk(partial, rows, n, chunk, [=](size_t i) {
+    const Pack<bf16> a = xp[i], b = gp[i];
+    Pack<bf16> o;
 #pragma unroll
-      for (int k = 0; k < 8; k++) {
-        const float v = to_f(a.v[k]), g = to_f(b.v[k]);
-        const float cdf = 0.5f * (1.f + erff(v * 0.70710678118654752f));
-        const float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
-        o.v[k] = from_f<bf16>(g * (cdf + v * pdf));
-        acc[k] += to_f(o.v[k]);
-      }
-      op[r * packs + c] = o;
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < 8; k++) sh[threadIdx.y][threadIdx.x * 8 + k] = acc[k];
-  __syncthreads();
-  const int t = threadIdx.y * 32 + threadIdx.x;
-  const int col = blockIdx.x * 256 + t;
-  if (col < n) {
-    float s = 0.f;
-    for (int j = 0; j < 8; j++) s += sh[j][t];
-    partial[(size_t)blockIdx.y * n + col] = s;
-  }
+    for (int k = 0; k < 8; k++) o.v[k] = from_f<bf16>(gelu_grad_f(to_f(a.v[k]), to_f(b.v[k])));
+    op[i] = o;
+    return o;
+  });
 }
 
 // The q, k, v split with the index of a unit within its run from shifts (d a power of two).

@@ -114,16 +114,26 @@ static bool ref_kept(uint64_t seed, size_t i, uint32_t threshold) {
 }
 
 // ---- layer norm ----------------------------------------------------------------------------
-static Vec ln_ref(const Vec &x, const Vec &w, const Vec &b, size_t rows, size_t n, double eps) {
-  Vec y(x.size());
+// Each row's mean and 1/sqrt(var + eps) of x [rows, n], as [rows, 2].
+static Vec ln_ref_stats(const Vec &x, size_t rows, size_t n, double eps) {
+  Vec st(2 * rows);
   for (size_t r = 0; r < rows; r++) {
     double m = 0, v = 0;
     for (size_t i = 0; i < n; i++) m += x[r * n + i];
     m /= n;
     for (size_t i = 0; i < n; i++) v += (x[r * n + i] - m) * (x[r * n + i] - m);
-    const double rstd = 1 / std::sqrt(v / n + eps);
-    for (size_t i = 0; i < n; i++) y[r * n + i] = (x[r * n + i] - m) * rstd * w[i] + b[i];
+    st[2 * r] = m;
+    st[2 * r + 1] = 1 / std::sqrt(v / n + eps);
   }
+  return st;
+}
+
+static Vec ln_ref(const Vec &x, const Vec &w, const Vec &b, size_t rows, size_t n, double eps) {
+  const Vec st = ln_ref_stats(x, rows, n, eps);
+  Vec y(x.size());
+  for (size_t r = 0; r < rows; r++)
+    for (size_t i = 0; i < n; i++)
+      y[r * n + i] = (x[r * n + i] - st[2 * r]) * st[2 * r + 1] * w[i] + b[i];
   return y;
 }
 
@@ -244,16 +254,7 @@ static void layer_norm(size_t rows, size_t n, unsigned dwdb_blocks, std::mt19937
     else
       layer_norm_stats_bf16(xd.data(), stats.data(), rows, int(n), eps);
   });
-  Vec want_stats(2 * rows);
-  for (size_t r = 0; r < rows; r++) {
-    double m = 0, v = 0;
-    for (size_t i = 0; i < n; i++) m += x[r * n + i];
-    m /= n;
-    for (size_t i = 0; i < n; i++) v += (x[r * n + i] - m) * (x[r * n + i] - m);
-    want_stats[2 * r] = m;
-    want_stats[2 * r + 1] = 1 / std::sqrt(v / n + eps);
-  }
-  check("layer_norm_stats " + at, rel_err(stats, want_stats), 2e-5);
+  check("layer_norm_stats " + at, rel_err(stats, ln_ref_stats(x, rows, n, eps)), 2e-5);
   const unsigned threads = unsigned(std::clamp<size_t>((((n + 15) / 16) + 31) / 32 * 32, 128, 1024));
   emu::launch(dim3(dwdb_blocks), dim3(threads), [&] {
     if constexpr (std::is_same_v<T, float>)
@@ -321,15 +322,10 @@ static void layer_norm_vec(size_t rows, size_t n, std::mt19937 &rng) {
   // The gradients in closed form (layer_norm<T> checks the kernels above against central
   // differences of ln_ref; at these row lengths those would cost seconds under the sanitizers):
   // dx = rstd (g - mean(g) - xhat mean(g xhat)) with g = dy w, dw = sum dy xhat, db = sum dy.
-  Vec gx(rows * n), gw(n, 0.0), gb(n, 0.0), want_stats(2 * rows);
+  const Vec want_stats = ln_ref_stats(x, rows, n, eps);
+  Vec gx(rows * n), gw(n, 0.0), gb(n, 0.0);
   for (size_t r = 0; r < rows; r++) {
-    double m = 0, v = 0;
-    for (size_t i = 0; i < n; i++) m += x[r * n + i];
-    m /= n;
-    for (size_t i = 0; i < n; i++) v += (x[r * n + i] - m) * (x[r * n + i] - m);
-    const double rstd = 1 / std::sqrt(v / n + eps);
-    want_stats[2 * r] = m;
-    want_stats[2 * r + 1] = rstd;
+    const double m = want_stats[2 * r], rstd = want_stats[2 * r + 1];
     double a = 0, c = 0;
     for (size_t i = 0; i < n; i++) {
       const double xh = (x[r * n + i] - m) * rstd, g = dy[r * n + i] * w[i];

@@ -912,13 +912,15 @@ __device__ void gelu_fwd(const T *x, T *y, size_t n) {
 }
 
 // dx = dy * (Phi(x) + x * phi(x)).
+__device__ __forceinline__ float gelu_grad_f(float v, float g) {
+  const float cdf = 0.5f * (1.f + erff(v * 0.70710678118654752f));
+  const float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
+  return g * (cdf + v * pdf);
+}
+
 template <typename T>
 __device__ void gelu_bwd(const T *x, const T *dy, T *dx, size_t n) {
-  map2(x, dy, dx, n, [](size_t, float v, float g) {
-    const float cdf = 0.5f * (1.f + erff(v * 0.70710678118654752f));
-    const float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
-    return g * (cdf + v * pdf);
-  });
+  map2(x, dy, dx, n, [](size_t, float v, float g) { return gelu_grad_f(v, g); });
 }
 
 // ---- bias add -------------------------------------------------------------------------------
