@@ -326,11 +326,13 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         match path(&operands) {
             Path::Fused => return kernels::linear(x, w, b),
             #[cfg(feature = "cuda")]
-            Path::Cuda => {
-                if let Some(b) = b.filter(|b| b.dtype() == x.dtype() && w.dtype() == x.dtype()) {
-                    return kernels::cuda::linear(x, w, b);
+            Path::Cuda => match b {
+                Some(b) if b.dtype() == x.dtype() && w.dtype() == x.dtype() => {
+                    return kernels::cuda::linear(x, w, b)
                 }
-            }
+                None if w.dtype() == x.dtype() => return kernels::cuda::linear_no_bias(x, w),
+                _ => {}
+            },
             _ => {}
         }
     }

@@ -126,6 +126,21 @@ pub trait Prims: Send + Sync + 'static {
     /// The sum over the rows of `g` `[rows, n]`: a bias's gradient, `[n]`.
     fn column_sum(&self, g: &Tensor) -> Result<Tensor>;
 
+    /// A dense layer's input gradient outside the graph: `dy·W` (`dy` `[rows, out]`, `W`
+    /// `[out, in]`).
+    fn dense_input_grad(&self, dy: &Tensor, w: &Tensor) -> Result<Tensor> {
+        dy.matmul(w)
+    }
+
+    /// A dense layer's weight and bias gradients outside the graph: `dyᵀ·x` and the sum of `dy`
+    /// over its rows (`dy` `[rows, out]`, `x` `[rows, in]`).
+    fn dense_param_grads(&self, dy: &Tensor, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((
+            super::weight_grad::weight_grad(dy, x)?,
+            self.column_sum(dy)?,
+        ))
+    }
+
     /// `a + b` (one shape, one dtype) outside the graph: the residual's gradient added to the
     /// branch's in a block node's backward.
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {

@@ -24,7 +24,6 @@
 //! tested on the CPU against autograd over the composed ops (`parity`, the unit tests below).
 
 use super::attention_node::{self as attn, maybe_drop, Core, Prims, SeededDropout};
-use super::weight_grad::weight_grad;
 use crate::model::grad_sink::GradSink;
 use crate::model::ops;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, Var};
@@ -513,9 +512,10 @@ impl Branch for AttentionBranch {
         dh: &Tensor,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let hidden = x.dim(candle_core::D::Minus1)?;
-        let dwo = weight_grad(dh, &rows(&self.ctx)?)?;
-        let dbo = prims.column_sum(dh)?;
-        let dctx = dh.matmul(&slots.view(flat, WO)?)?.reshape(x.shape())?;
+        let (dwo, dbo) = prims.dense_param_grads(dh, &rows(&self.ctx)?)?;
+        let dctx = prims
+            .dense_input_grad(dh, &slots.view(flat, WO)?)?
+            .reshape(x.shape())?;
         // q, k and v side by side: one product each for the input's and the weights' gradients.
         let dqkv = match &self.attn {
             Attn::Heads(core) => {
@@ -527,9 +527,8 @@ impl Branch for AttentionBranch {
             )?,
         };
         let dqkv = rows(&dqkv)?;
-        let dx = dqkv.matmul(&slots.stacked(flat, WQ, WV, hidden)?)?;
-        let dwqkv = weight_grad(&dqkv, &rows(x)?)?;
-        let dbqkv = prims.column_sum(&dqkv)?;
+        let dx = prims.dense_input_grad(&dqkv, &slots.stacked(flat, WQ, WV, hidden)?)?;
+        let (dwqkv, dbqkv) = prims.dense_param_grads(&dqkv, &rows(x)?)?;
         Ok((dx, vec![dwqkv, dbqkv, dwo, dbo]))
     }
 }
@@ -601,13 +600,11 @@ impl Branch for FfnBranch {
         slots: &Slots,
         dh: &Tensor,
     ) -> Result<(Tensor, Vec<Tensor>)> {
-        let dw2 = weight_grad(dh, &rows(&self.g)?)?;
-        let db2 = prims.column_sum(dh)?;
-        let dg = dh.matmul(&slots.view(flat, W2)?)?;
+        let (dw2, db2) = prims.dense_param_grads(dh, &rows(&self.g)?)?;
+        let dg = prims.dense_input_grad(dh, &slots.view(flat, W2)?)?;
         let du = prims.gelu_backward(&rows(&self.u)?, &dg)?;
-        let dw1 = weight_grad(&du, &rows(x)?)?;
-        let db1 = prims.column_sum(&du)?;
-        let dx = du.matmul(&slots.view(flat, W1)?)?;
+        let (dw1, db1) = prims.dense_param_grads(&du, &rows(x)?)?;
+        let dx = prims.dense_input_grad(&du, &slots.view(flat, W1)?)?;
         Ok((dx, vec![dw1, db1, dw2, db2]))
     }
 }

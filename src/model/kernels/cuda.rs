@@ -1472,9 +1472,10 @@ impl Dropout {
 
 // ---- dense layer ------------------------------------------------------------------------------------
 
-/// `x·Wᵀ + b` as one node of the graph: the product through cuBLAS (candle's CUDA matmul on the
-/// storages), the bias added in place; the backward is three cuBLAS products (dx = g·W,
-/// dW = gᵀ·x, db = 1ᵀ·g) with no transposed gradient to copy and none of the reshape, transpose and
+/// `x·Wᵀ + b` as one node of the graph: in bf16 one cuBLASLt product with the bias in its epilogue
+/// (`cuda_lt`), else candle's CUDA matmul on the storages and the bias added in place; the backward
+/// is three products (dx = g·W, dW = gᵀ·x, db = 1ᵀ·g; in bf16 two, db from dW's epilogue) with no
+/// transposed gradient to copy and none of the reshape, transpose and
 /// broadcast nodes of the composed form, each of which costs candle's backward a zero-filled
 /// gradient and an add.
 struct Linear;
@@ -1505,43 +1506,7 @@ impl CustomOp3 for Linear {
         b: &CudaStorage,
         bl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let (rows, k) = last_dim(xl, "linear")?;
-        let &[out, w_in] = wl.dims() else {
-            bail!("linear: the weight must be [out, in], got {:?}", wl.dims())
-        };
-        if w_in != k || bl.dims() != [out] {
-            bail!(
-                "linear: input {:?}, weight {:?}, bias {:?} do not fit",
-                xl.dims(),
-                wl.dims(),
-                bl.dims()
-            );
-        }
-        if !xl.is_contiguous() || !wl.is_contiguous() || !bl.is_contiguous() {
-            bail!("linear: the CUDA path needs contiguous operands");
-        }
-        let x2 = Layout::contiguous_with_offset((rows, k), xl.start_offset());
-        let wt = Layout::contiguous_with_offset((out, k), wl.start_offset()).transpose(0, 1)?;
-        let y = x.matmul(w, (1, rows, out, k), &x2, &wt)?;
-        fn add_bias<T: CudaDType + DeviceRepr>(
-            y: &CudaStorage,
-            b: &CudaStorage,
-            bl: &Layout,
-            rows: usize,
-            n: usize,
-        ) -> Result<()> {
-            let ys: &CudaSlice<T> = y.as_cuda_slice()?;
-            let yv = ys.slice(0..rows * n);
-            let bv = view::<T>(b, bl, "bias")?;
-            // In place: each element is read and written by the same thread.
-            launch_bias_add(y, (&yv, 0), (&bv, bl.start_offset()), &yv, rows, n)
-        }
-        by_dtype!(y.dtype(), add_bias(&y, b, bl, rows, out))?;
-        let mut dims = xl.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = out;
-        }
-        Ok((y, Shape::from(dims)))
+        linear_fwd((x, xl), (w, wl), Some((b, bl)))
     }
 
     fn bwd(
@@ -1552,16 +1517,123 @@ impl CustomOp3 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (out, k) = w.dims2()?;
-        let rows = x.elem_count() / k;
-        let g = grad.contiguous()?.reshape((rows, out))?;
-        let (x2, w) = (x.detach().reshape((rows, k))?, w.detach());
-        let dx = g.matmul(&w)?.reshape(x.shape())?;
-        let dw = super::weight_grad::weight_grad(&g, &x2)?;
-        let ones = Tensor::ones((1, rows), g.dtype(), g.device())?;
-        let db = ones.matmul(&g)?.reshape(out)?.to_dtype(b.dtype())?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        let (dx, dw, db) = linear_bwd(x, w, grad)?;
+        Ok((Some(dx), Some(dw), Some(db.to_dtype(b.dtype())?)))
     }
+}
+
+/// `Linear` without a bias: `x·Wᵀ`.
+struct LinearNoBias;
+
+impl CustomOp2 for LinearNoBias {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-linear-no-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        linear_fwd((x, xl), (w, wl), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = linear_bwd(x, w, grad)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `x·Wᵀ (+ b)`: one cuBLASLt product with the bias in its epilogue (`cuda_lt`, bf16), else
+/// candle's product and the bias added in place.
+fn linear_fwd(
+    (x, xl): (&CudaStorage, &Layout),
+    (w, wl): (&CudaStorage, &Layout),
+    b: Option<(&CudaStorage, &Layout)>,
+) -> Result<(CudaStorage, Shape)> {
+    let (rows, k) = last_dim(xl, "linear")?;
+    let &[out, w_in] = wl.dims() else {
+        bail!("linear: the weight must be [out, in], got {:?}", wl.dims())
+    };
+    if w_in != k || b.is_some_and(|(_, bl)| bl.dims() != [out]) {
+        bail!(
+            "linear: input {:?}, weight {:?}, bias {:?} do not fit",
+            xl.dims(),
+            wl.dims(),
+            b.map(|(_, bl)| bl.dims())
+        );
+    }
+    if !xl.is_contiguous() || !wl.is_contiguous() || b.is_some_and(|(_, bl)| !bl.is_contiguous()) {
+        bail!("linear: the CUDA path needs contiguous operands");
+    }
+    let mut dims = xl.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = out;
+    }
+    let x2 = Layout::contiguous_with_offset((rows, k), xl.start_offset());
+    let w2 = Layout::contiguous_with_offset((out, k), wl.start_offset());
+    if let Some(y) = super::cuda_lt::linear((x, &x2), (w, &w2), b, (rows, k, out))? {
+        return Ok((y, Shape::from(dims)));
+    }
+    let y = x.matmul(w, (1, rows, out, k), &x2, &w2.transpose(0, 1)?)?;
+    fn add_bias<T: CudaDType + DeviceRepr>(
+        y: &CudaStorage,
+        b: &CudaStorage,
+        bl: &Layout,
+        rows: usize,
+        n: usize,
+    ) -> Result<()> {
+        let ys: &CudaSlice<T> = y.as_cuda_slice()?;
+        let yv = ys.slice(0..rows * n);
+        let bv = view::<T>(b, bl, "bias")?;
+        // In place: each element is read and written by the same thread.
+        launch_bias_add(y, (&yv, 0), (&bv, bl.start_offset()), &yv, rows, n)
+    }
+    if let Some((b, bl)) = b {
+        by_dtype!(y.dtype(), add_bias(&y, b, bl, rows, out))?;
+    }
+    Ok((y, Shape::from(dims)))
+}
+
+/// The gradients of `x`, `W` and `b` of `x·Wᵀ + b` given the output's: three products (cuBLASLt's
+/// where it takes them, the bias's gradient then in the weight gradient's epilogue).
+fn linear_bwd(x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let (out, k) = w.dims2()?;
+    let rows = x.elem_count() / k;
+    let g = grad.contiguous()?.reshape((rows, out))?;
+    let (x2, w) = (x.detach().reshape((rows, k))?, w.detach());
+    let dx = match super::cuda_lt::dense_input_grad(&g, &w)? {
+        Some(dx) => dx,
+        None => g.matmul(&w)?,
+    }
+    .reshape(x.shape())?;
+    let (dw, db) = match super::cuda_lt::dense_param_grads(&g, &x2)? {
+        Some(both) => both,
+        None => {
+            let dw = super::weight_grad::weight_grad(&g, &x2)?;
+            let ones = Tensor::ones((1, rows), g.dtype(), g.device())?;
+            (dw, ones.matmul(&g)?.reshape(out)?)
+        }
+    };
+    Ok((dx, dw, db))
 }
 
 /// `x·Wᵀ + b` over the last dimension of `x` (`w` `[out, in]`, `b` `[out]`, one dtype), one node
@@ -1569,6 +1641,11 @@ impl CustomOp3 for Linear {
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     x.contiguous()?
         .apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)
+}
+
+/// `x·Wᵀ` over the last dimension of `x`, one node (`linear` without the bias).
+pub fn linear_no_bias(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, LinearNoBias)
 }
 
 // ---- swapping the middle dimensions --------------------------------------------------------------
@@ -1926,6 +2003,23 @@ impl super::attention_node::Prims for CudaPrims {
     fn gelu_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
         x.contiguous()?
             .apply_op2_no_bwd(&dy.contiguous()?, &GeluBwd)
+    }
+
+    fn dense_input_grad(&self, dy: &Tensor, w: &Tensor) -> Result<Tensor> {
+        match super::cuda_lt::dense_input_grad(dy, w)? {
+            Some(dx) => Ok(dx),
+            None => dy.matmul(w),
+        }
+    }
+
+    fn dense_param_grads(&self, dy: &Tensor, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        match super::cuda_lt::dense_param_grads(dy, x)? {
+            Some(both) => Ok(both),
+            None => Ok((
+                super::weight_grad::weight_grad(dy, x)?,
+                self.column_sum(dy)?,
+            )),
+        }
     }
 
     fn column_sum(&self, g: &Tensor) -> Result<Tensor> {

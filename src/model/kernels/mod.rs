@@ -14,8 +14,11 @@ use rayon::prelude::*;
 mod attention;
 pub mod attention_node;
 pub mod block_node;
+pub mod colmajor;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod cuda_lt;
 pub mod embedding_node;
 pub mod geometry;
 mod linear;

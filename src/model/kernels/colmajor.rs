@@ -1,0 +1,330 @@
+//! A dense layer's three products as a column-major GEMM sees them: which row-major tensor is
+//! cuBLAS's `A` and which its `B`, the transposes, the sizes and the leading dimensions, and which
+//! epilogue vector fits which product.
+//!
+//! Why: cuBLASLt (`kernels::cuda_lt`) computes `D = op(A)·op(B)` over column-major matrices and can
+//! add a bias in the same kernel (`BIAS`, a vector of `m`) or sum its `B` operand over `k` into a
+//! bias gradient (`BGRADB`, a vector of `n`). A row-major `[r, c]` tensor is a column-major
+//! `[c, r]` one, so each product is a transposition puzzle that a wrong leading dimension turns
+//! into reads past a buffer on a GPU. The mapping lives here, free of CUDA, so that the CPU tests
+//! below run it through a reference of cuBLAS's column-major semantics (`reference`) and check it
+//! against the row-major formulas; the CUDA side only reads a `Gemm`.
+
+use candle_core::{bail, Result};
+
+/// A dense layer `y = x·Wᵀ + b` (`x` `[rows, inp]`, `W` `[out, inp]`, `y` `[rows, out]`) and its
+/// gradients, `dy` `[rows, out]` being `y`'s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Product {
+    /// `y = x·Wᵀ` (`BIAS` adds `b`).
+    Forward,
+    /// `dx = dy·W`, `[rows, inp]`.
+    InputGrad,
+    /// `dW = dyᵀ·x`, `[out, inp]` (`BGRADB` also gives `db = Σ_rows dy`).
+    WeightGrad,
+}
+
+/// Which tensor a GEMM operand is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operand {
+    /// `x`, the layer's input.
+    Input,
+    /// `W`.
+    Weight,
+    /// `dy`, the gradient of the layer's output.
+    OutGrad,
+}
+
+/// A column-major `C[m×n] = op(A)[m×k]·op(B)[k×n]`, `C` contiguous (`ldc = m`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Gemm {
+    pub transa: bool,
+    pub transb: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub lda: usize,
+    pub ldb: usize,
+    pub ldc: usize,
+}
+
+/// `product` of a layer with these sizes: the GEMM and which tensors are its `A` and `B`.
+pub fn gemm(product: Product, rows: usize, inp: usize, out: usize) -> (Gemm, [Operand; 2]) {
+    match product {
+        // y[rows, out] row-major is C[out, rows]: W[out, inp] row-major is [inp, out]
+        // column-major, transposed to [out, inp]; x is [inp, rows] as it stands.
+        Product::Forward => (
+            Gemm {
+                transa: true,
+                transb: false,
+                m: out,
+                n: rows,
+                k: inp,
+                lda: inp,
+                ldb: inp,
+                ldc: out,
+            },
+            [Operand::Weight, Operand::Input],
+        ),
+        // dx[rows, inp] is C[inp, rows] = W_cm[inp, out] · dy_cm[out, rows].
+        Product::InputGrad => (
+            Gemm {
+                transa: false,
+                transb: false,
+                m: inp,
+                n: rows,
+                k: out,
+                lda: inp,
+                ldb: out,
+                ldc: inp,
+            },
+            [Operand::Weight, Operand::OutGrad],
+        ),
+        // dW[out, inp] is C[inp, out] = x_cm[inp, rows] · (dy_cm[out, rows])ᵀ: the sum over the
+        // rows is over k, and dy is B, so BGRADB's vector of n = out is db.
+        Product::WeightGrad => (
+            Gemm {
+                transa: false,
+                transb: true,
+                m: inp,
+                n: out,
+                k: rows,
+                lda: inp,
+                ldb: out,
+                ldc: inp,
+            },
+            [Operand::Input, Operand::OutGrad],
+        ),
+    }
+}
+
+impl Gemm {
+    /// The stored (column-major) sizes of `A` and `B`: `[rows, cols]` each.
+    pub fn stored(&self) -> [[usize; 2]; 2] {
+        let a = if self.transa {
+            [self.k, self.m]
+        } else {
+            [self.m, self.k]
+        };
+        let b = if self.transb {
+            [self.n, self.k]
+        } else {
+            [self.k, self.n]
+        };
+        [a, b]
+    }
+
+    /// What cuBLAS asks of the sizes: none zero, each leading dimension at least its matrix's
+    /// stored rows.
+    pub fn validate(&self) -> Result<()> {
+        let [a, b] = self.stored();
+        if self.m == 0 || self.n == 0 || self.k == 0 {
+            bail!("gemm: an empty product {}×{}×{}", self.m, self.n, self.k);
+        }
+        for (what, ld, rows) in [
+            ("lda", self.lda, a[0]),
+            ("ldb", self.ldb, b[0]),
+            ("ldc", self.ldc, self.m),
+        ] {
+            if ld < rows {
+                bail!("gemm: {what} {ld} below the matrix's {rows} rows");
+            }
+        }
+        Ok(())
+    }
+
+    /// Elements each operand's buffer must hold from its first: `[A, B, C]`.
+    pub fn extents(&self) -> [usize; 3] {
+        let [a, b] = self.stored();
+        let extent = |[rows, cols]: [usize; 2], ld: usize| (cols - 1) * ld + rows;
+        [
+            extent(a, self.lda),
+            extent(b, self.ldb),
+            extent([self.m, self.n], self.ldc),
+        ]
+    }
+}
+
+/// The largest power of two up to 256 that divides `addr`: what cuBLASLt may assume of an
+/// operand's address (its preferences' minimum alignments).
+pub fn alignment(addr: u64) -> u32 {
+    if addr == 0 {
+        256
+    } else {
+        (1u64 << addr.trailing_zeros().min(8)) as u32
+    }
+}
+
+/// Where a weight gradient of `elems` bf16 elements puts its bias's gradient in the buffer it
+/// shares with it (`BGRADB`'s vector): the next 256-byte boundary.
+pub fn bias_grad_offset(elems: usize) -> usize {
+    elems.next_multiple_of(128)
+}
+
+/// The column-major product as cuBLAS defines it, in f64 (for tests): `C = op(A)·op(B)`, plus
+/// `bias[i]` on row `i` of `C` where given (`BIAS`); also the sums of `op(B)` over `k`, one per
+/// column of `C` (`BGRADB`).
+pub fn reference(g: &Gemm, a: &[f32], b: &[f32], bias: Option<&[f32]>) -> (Vec<f64>, Vec<f64>) {
+    let op_a = |i: usize, l: usize| {
+        f64::from(if g.transa {
+            a[l + i * g.lda]
+        } else {
+            a[i + l * g.lda]
+        })
+    };
+    let op_b = |l: usize, j: usize| {
+        f64::from(if g.transb {
+            b[j + l * g.ldb]
+        } else {
+            b[l + j * g.ldb]
+        })
+    };
+    let mut c = vec![0f64; g.ldc * g.n];
+    for j in 0..g.n {
+        for i in 0..g.m {
+            let dot: f64 = (0..g.k).map(|l| op_a(i, l) * op_b(l, j)).sum();
+            c[i + j * g.ldc] = dot + bias.map_or(0.0, |v| f64::from(v[i]));
+        }
+    }
+    let bgrad = (0..g.n)
+        .map(|j| (0..g.k).map(|l| op_b(l, j)).sum())
+        .collect();
+    (c, bgrad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    /// Row-major `[r, c]` element.
+    fn at(t: &[f32], c: usize, i: usize, j: usize) -> f64 {
+        f64::from(t[i * c + j])
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() <= 1e-9 * (1.0 + b.abs())
+    }
+
+    /// Each product through the column-major reference equals the row-major formula, element by
+    /// element (`C`'s column-major order being the row-major result's), with its epilogue.
+    #[test]
+    fn each_product_through_cublas_semantics_is_the_row_major_formula() {
+        for &(rows, inp, out) in &[(5, 3, 4), (1, 7, 2), (6, 6, 6), (9, 2, 11)] {
+            let x = random(rows * inp, 1);
+            let w = random(out * inp, 2);
+            let dy = random(rows * out, 3);
+            let bias = random(out, 4);
+            let of = |t: Operand| match t {
+                Operand::Input => &x,
+                Operand::Weight => &w,
+                Operand::OutGrad => &dy,
+            };
+            // Forward with BIAS: y[r, o] = Σ_i x[r, i]·W[o, i] + b[o].
+            let (g, [a, b]) = gemm(Product::Forward, rows, inp, out);
+            g.validate().unwrap();
+            let (c, _) = reference(&g, of(a), of(b), Some(&bias));
+            assert_eq!(c.len(), rows * out);
+            for r in 0..rows {
+                for o in 0..out {
+                    let want: f64 = (0..inp)
+                        .map(|i| at(&x, inp, r, i) * at(&w, inp, o, i))
+                        .sum();
+                    let want = want + f64::from(bias[o]);
+                    assert!(close(c[r * out + o], want), "forward [{r}, {o}]");
+                }
+            }
+            // dx[r, i] = Σ_o dy[r, o]·W[o, i].
+            let (g, [a, b]) = gemm(Product::InputGrad, rows, inp, out);
+            g.validate().unwrap();
+            let (c, _) = reference(&g, of(a), of(b), None);
+            for r in 0..rows {
+                for i in 0..inp {
+                    let want: f64 = (0..out)
+                        .map(|o| at(&dy, out, r, o) * at(&w, inp, o, i))
+                        .sum();
+                    assert!(close(c[r * inp + i], want), "input grad [{r}, {i}]");
+                }
+            }
+            // dW[o, i] = Σ_r dy[r, o]·x[r, i]; BGRADB: db[o] = Σ_r dy[r, o].
+            let (g, [a, b]) = gemm(Product::WeightGrad, rows, inp, out);
+            g.validate().unwrap();
+            let (c, db) = reference(&g, of(a), of(b), None);
+            for o in 0..out {
+                for i in 0..inp {
+                    let want: f64 = (0..rows)
+                        .map(|r| at(&dy, out, r, o) * at(&x, inp, r, i))
+                        .sum();
+                    assert!(close(c[o * inp + i], want), "weight grad [{o}, {i}]");
+                }
+                let want: f64 = (0..rows).map(|r| at(&dy, out, r, o)).sum();
+                assert!(close(db[o], want), "bias grad [{o}]");
+            }
+        }
+    }
+
+    /// The epilogue vectors' lengths are the bias's: `m` for `BIAS` on the forward, `n` for
+    /// `BGRADB` on the weight gradient; and every operand's extent is its tensor's size, so no
+    /// read leaves a buffer.
+    #[test]
+    fn epilogue_lengths_and_extents_fit_the_tensors() {
+        let (rows, inp, out) = (16384, 768, 3072);
+        let size = |t: Operand| match t {
+            Operand::Input => rows * inp,
+            Operand::Weight => out * inp,
+            Operand::OutGrad => rows * out,
+        };
+        let (f, ops) = gemm(Product::Forward, rows, inp, out);
+        assert_eq!(f.m, out);
+        let (w, wops) = gemm(Product::WeightGrad, rows, inp, out);
+        assert_eq!(w.n, out);
+        let (d, dops) = gemm(Product::InputGrad, rows, inp, out);
+        for (g, [a, b], c) in [
+            (f, ops, rows * out),
+            (w, wops, out * inp),
+            (d, dops, rows * inp),
+        ] {
+            g.validate().unwrap();
+            assert_eq!(g.extents(), [size(a), size(b), c]);
+        }
+    }
+
+    #[test]
+    fn alignment_is_the_largest_power_of_two_up_to_256() {
+        assert_eq!(alignment(0x1000), 256);
+        assert_eq!(alignment(0x1002), 2);
+        assert_eq!(alignment(0x1010), 16);
+        assert_eq!(alignment(0), 256);
+    }
+
+    #[test]
+    fn a_bias_gradient_starts_on_a_256_byte_boundary_after_its_weight_gradient() {
+        for elems in [1, 127, 128, 129, 768 * 768, 3072 * 768 + 5] {
+            let at = bias_grad_offset(elems);
+            assert!(at >= elems && at < elems + 128);
+            assert_eq!(at * 2 % 256, 0);
+        }
+    }
+
+    #[test]
+    fn validate_names_a_short_leading_dimension() {
+        let (mut g, _) = gemm(Product::InputGrad, 4, 3, 2);
+        g.ldb = 1;
+        let err = g.validate().unwrap_err().to_string();
+        assert!(err.contains("ldb 1"), "{err}");
+        let (mut g, _) = gemm(Product::Forward, 0, 3, 2);
+        g.ldc = 2;
+        assert!(g.validate().is_err());
+    }
+}

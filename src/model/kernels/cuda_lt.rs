@@ -1,0 +1,745 @@
+//! A dense layer's bf16 products through cuBLASLt: the bias added inside the forward product
+//! (`BIAS`), the bias's gradient summed inside the weight-gradient product (`BGRADB`), and each
+//! product's algorithm chosen by timing cuBLASLt's candidates once per shape.
+//!
+//! Why (session 12's kernel bench and trace, roberta-base bf16 on an H200, batch 128): candle
+//! calls cuBLAS's default algorithm, which ran every layer's products slower than cuBLASLt's best
+//! of its first eight candidates (481 against 532 TFLOP/s for h→h `x·Wᵀ`, 462 against 510 for
+//! `dy·W`; about 1 ms a step); the bias adds were 0.76 ms a step of kernels of their own and the
+//! bias gradients' column sums about 1 ms (products with a row of ones, and their split-k
+//! reductions). Both epilogues read what the product has in registers anyway.
+//!
+//! How: `colmajor` maps each product to a column-major GEMM (tested on the CPU against cuBLAS's
+//! semantics). A `Plan` per shape, alignment and epilogue holds the descriptors and cuBLASLt's
+//! candidate algorithms (host calls only); the first product of a plan times each candidate
+//! (three runs, after one untimed) on its real operands and keeps the fastest. A shape no
+//! candidate takes has no plan, and the caller computes the product as before: the `Option`s
+//! below. bf16 only (the MFU target's precision; f32 stays with candle). Off with
+//! `RECYCLE_CUBLASLT=0` or `set_enabled(false)`; `gpu-check` checks these products against
+//! candle's first, turns them off for the rest of its run if they fail, and times both.
+
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys};
+use candle_core::cuda_backend::cudarc::driver::{
+    self, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+};
+use candle_core::cuda_backend::{DeviceId, WrapErr};
+use candle_core::{
+    bail, CpuStorage, CudaDevice, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor,
+};
+use half::bf16;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use super::colmajor::{alignment, bias_grad_offset, gemm, Gemm, Operand, Product};
+
+/// 0: not yet read from the environment; 1 on; 2 off.
+static STATE: AtomicU8 = AtomicU8::new(0);
+
+/// Turns the cuBLASLt products on or off for the whole process.
+pub fn set_enabled(on: bool) {
+    STATE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Whether the cuBLASLt products are on: `set_enabled`'s last word, else `RECYCLE_CUBLASLT`
+/// (`0`, `off` or `false` turn them off; on by default).
+pub fn enabled() -> bool {
+    match STATE.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let off = std::env::var("RECYCLE_CUBLASLT")
+                .is_ok_and(|v| matches!(v.trim(), "0" | "off" | "false"));
+            set_enabled(!off);
+            !off
+        }
+    }
+}
+
+/// The workspace cuBLASLt may use (NVIDIA's recommendation for Hopper).
+const WORKSPACE: usize = 32 << 20;
+/// Candidates asked of the heuristic, and timed runs of each.
+const CANDIDATES: usize = 8;
+const TIMED_RUNS: usize = 3;
+/// Plans kept per device and thread (shapes change with the padded sequence length): past this,
+/// the table starts afresh.
+const MAX_PLANS: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Epilogue {
+    None,
+    Bias,
+    BgradB,
+}
+
+impl Epilogue {
+    fn sys(self) -> sys::cublasLtEpilogue_t {
+        match self {
+            Epilogue::None => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
+            Epilogue::Bias => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+            Epilogue::BgradB => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BGRADB,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    gemm: Gemm,
+    epilogue: Epilogue,
+    /// The alignment in bytes (a power of two, at most 256) of A, B and C.
+    align: [u32; 3],
+}
+
+/// One product's descriptors and candidate algorithms.
+struct Plan {
+    desc: sys::cublasLtMatmulDesc_t,
+    layouts: [sys::cublasLtMatrixLayout_t; 3],
+    candidates: Vec<sys::cublasLtMatmulHeuristicResult_t>,
+    /// The candidate timed fastest, once timed.
+    chosen: Cell<Option<usize>>,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // Failures to free host descriptors leave nothing to undo.
+        unsafe {
+            for l in self.layouts {
+                if !l.is_null() {
+                    let _ = lt::destroy_matrix_layout(l);
+                }
+            }
+            if !self.desc.is_null() {
+                let _ = lt::destroy_matmul_desc(self.desc);
+            }
+        }
+    }
+}
+
+/// A device's cuBLASLt handle, workspace and plans (for the thread that made them).
+struct Handle {
+    handle: sys::cublasLtHandle_t,
+    stream: Arc<CudaStream>,
+    workspace: CudaSlice<u8>,
+    plans: HashMap<Key, Option<Rc<Plan>>>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.plans.clear();
+        if !self.handle.is_null() {
+            let _ = unsafe { lt::destroy_handle(self.handle) };
+        }
+    }
+}
+
+thread_local! {
+    static HANDLES: RefCell<HashMap<DeviceId, Handle>> = RefCell::new(HashMap::new());
+    /// Products run through cuBLASLt on this thread, and candidates timed (for tests and
+    /// `gpu-check`'s report).
+    static COUNTS: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
+}
+
+/// Products this thread ran through cuBLASLt, and plans it timed, so far.
+pub fn counts() -> (usize, usize) {
+    COUNTS.with(|c| c.get())
+}
+
+fn lt_err(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
+    candle_core::Error::Msg(format!("cuBLASLt {what}: {e:?}"))
+}
+
+/// Runs `f` with `dev`'s handle, made on first use.
+fn with_handle<T>(dev: &CudaDevice, f: impl FnOnce(&mut Handle) -> Result<T>) -> Result<T> {
+    HANDLES.with(|handles| {
+        let mut handles = handles.borrow_mut();
+        let h = match handles.entry(dev.id()) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let stream = dev.cuda_stream();
+                let workspace = stream
+                    .alloc_zeros::<u8>(WORKSPACE)
+                    .map_err(|e| lt_err("workspace", e))?;
+                let handle = lt::create_handle().map_err(|e| lt_err("handle", e))?;
+                v.insert(Handle {
+                    handle,
+                    stream,
+                    workspace,
+                    plans: HashMap::new(),
+                })
+            }
+        };
+        f(h)
+    })
+}
+
+unsafe fn set_desc<T>(
+    desc: sys::cublasLtMatmulDesc_t,
+    attr: sys::cublasLtMatmulDescAttributes_t,
+    value: &T,
+) -> Result<()> {
+    lt::set_matmul_desc_attribute(
+        desc,
+        attr,
+        value as *const T as *const _,
+        std::mem::size_of::<T>(),
+    )
+    .map_err(|e| lt_err("descriptor", e))
+}
+
+/// The plan for `key` (`bias` the bias's address where the epilogue has one), made on first
+/// use: `None` where cuBLASLt has no algorithm for it.
+fn plan(h: &mut Handle, key: &Key, bias: Option<u64>) -> Result<Option<Rc<Plan>>> {
+    if let Some(p) = h.plans.get(key) {
+        return Ok(p.clone());
+    }
+    if h.plans.len() >= MAX_PLANS {
+        h.plans.clear();
+    }
+    let made = unsafe { make_plan(h.handle, key, bias)? }.map(Rc::new);
+    h.plans.insert(*key, made.clone());
+    Ok(made)
+}
+
+unsafe fn make_plan(
+    handle: sys::cublasLtHandle_t,
+    key: &Key,
+    bias: Option<u64>,
+) -> Result<Option<Plan>> {
+    use sys::cublasLtMatmulDescAttributes_t as A;
+    let g = &key.gemm;
+    g.validate()?;
+    let desc = lt::create_matmul_desc(
+        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        sys::cudaDataType_t::CUDA_R_32F,
+    )
+    .map_err(|e| lt_err("descriptor", e))?;
+    // From here the plan owns what is made, and its drop frees it on any early return.
+    let mut plan = Plan {
+        desc,
+        layouts: [std::ptr::null_mut(); 3],
+        candidates: Vec::new(),
+        chosen: Cell::new(None),
+    };
+    let op = |t: bool| -> i32 { i32::from(t) };
+    set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &op(g.transa))?;
+    set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &op(g.transb))?;
+    set_desc(desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &key.epilogue.sys())?;
+    if let Some(ptr) = bias {
+        set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &ptr)?;
+    }
+    let [a, b] = g.stored();
+    for (i, ([rows, cols], ld)) in [(a, g.lda), (b, g.ldb), ([g.m, g.n], g.ldc)]
+        .into_iter()
+        .enumerate()
+    {
+        plan.layouts[i] = lt::create_matrix_layout(
+            sys::cudaDataType_t::CUDA_R_16BF,
+            rows as u64,
+            cols as u64,
+            ld as i64,
+        )
+        .map_err(|e| lt_err("layout", e))?;
+    }
+    let pref = lt::create_matmul_pref().map_err(|e| lt_err("preference", e))?;
+    struct Pref(sys::cublasLtMatmulPreference_t);
+    impl Drop for Pref {
+        fn drop(&mut self) {
+            let _ = unsafe { lt::destroy_matmul_pref(self.0) };
+        }
+    }
+    let pref = Pref(pref);
+    let set_pref = |attr: sys::cublasLtMatmulPreferenceAttributes_t, v: &dyn AsBytes| {
+        let (p, n) = v.bytes();
+        lt::set_matmul_pref_attribute(pref.0, attr, p, n).map_err(|e| lt_err("preference", e))
+    };
+    {
+        use sys::cublasLtMatmulPreferenceAttributes_t as P;
+        set_pref(P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &WORKSPACE)?;
+        set_pref(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &key.align[0])?;
+        set_pref(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &key.align[1])?;
+        set_pref(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &key.align[2])?;
+        set_pref(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.align[2])?;
+    }
+    let mut results: [sys::cublasLtMatmulHeuristicResult_t; CANDIDATES] = std::mem::zeroed();
+    let mut found: std::ffi::c_int = 0;
+    let [la, lb, lc] = plan.layouts;
+    let status = sys::cublasLtMatmulAlgoGetHeuristic(
+        handle,
+        desc,
+        la,
+        lb,
+        lc,
+        lc,
+        pref.0,
+        CANDIDATES as std::ffi::c_int,
+        results.as_mut_ptr(),
+        &mut found,
+    );
+    if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        // NOT_SUPPORTED (no algorithm for this epilogue or layout): the caller's own path.
+        return Ok(None);
+    }
+    plan.candidates = results[..found.clamp(0, CANDIDATES as i32) as usize]
+        .iter()
+        .filter(|r| {
+            r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS && r.workspaceSize <= WORKSPACE
+        })
+        .copied()
+        .collect();
+    Ok((!plan.candidates.is_empty()).then_some(plan))
+}
+
+/// A value's bytes for an attribute setter.
+trait AsBytes {
+    fn bytes(&self) -> (*const std::ffi::c_void, usize);
+}
+
+impl<T: Copy> AsBytes for T {
+    fn bytes(&self) -> (*const std::ffi::c_void, usize) {
+        (self as *const T as *const _, std::mem::size_of::<T>())
+    }
+}
+
+/// One product with candidate `i` of `plan`.
+unsafe fn launch(
+    h: &Handle,
+    plan: &Plan,
+    i: usize,
+    [a, b, c]: [u64; 3],
+    bias: Option<u64>,
+) -> Result<()> {
+    if let Some(ptr) = bias {
+        set_desc(
+            plan.desc,
+            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+            &ptr,
+        )?;
+    }
+    let (one, zero) = (1f32, 0f32);
+    let [la, lb, lc] = plan.layouts;
+    let (ws, _ws_sync) = h.workspace.device_ptr(&h.stream);
+    lt::matmul(
+        h.handle,
+        plan.desc,
+        &one as *const f32 as *const _,
+        &zero as *const f32 as *const _,
+        a as *const _,
+        la,
+        b as *const _,
+        lb,
+        c as *const _,
+        lc,
+        c as *mut _,
+        lc,
+        &plan.candidates[i].algo,
+        ws as *mut _,
+        WORKSPACE,
+        h.stream.cu_stream() as sys::cudaStream_t,
+    )
+    .map_err(|e| lt_err("matmul", e))
+}
+
+/// Times each candidate on these operands (an untimed run, then `TIMED_RUNS`) and keeps the
+/// fastest; a candidate that fails is passed over. The operands' results are those of the last
+/// candidate run, and the caller runs the chosen one after.
+unsafe fn choose(h: &Handle, plan: &Plan, ptrs: [u64; 3], bias: Option<u64>) -> Result<usize> {
+    if plan.candidates.len() == 1 {
+        return Ok(0);
+    }
+    let timing = Some(driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let mut best: Option<(f32, usize)> = None;
+    for i in 0..plan.candidates.len() {
+        if launch(h, plan, i, ptrs, bias).is_err() {
+            continue;
+        }
+        let start = h.stream.record_event(timing).w()?;
+        let mut ok = true;
+        for _ in 0..TIMED_RUNS {
+            ok &= launch(h, plan, i, ptrs, bias).is_ok();
+        }
+        let end = h.stream.record_event(timing).w()?;
+        let ms = start.elapsed_ms(&end).w()?;
+        if ok && best.is_none_or(|(b, _)| ms < b) {
+            best = Some((ms, i));
+        }
+    }
+    COUNTS.with(|c| {
+        let (runs, timed) = c.get();
+        c.set((runs, timed + 1));
+    });
+    match best {
+        Some((_, i)) => Ok(i),
+        None => bail!("cuBLASLt: none of {} candidates ran", plan.candidates.len()),
+    }
+}
+
+/// Runs `plan` on these addresses (choosing its algorithm on first use).
+fn run(h: &Handle, plan: &Plan, ptrs: [u64; 3], bias: Option<u64>) -> Result<()> {
+    let i = match plan.chosen.get() {
+        Some(i) => i,
+        None => {
+            let i = unsafe { choose(h, plan, ptrs, bias)? };
+            plan.chosen.set(Some(i));
+            i
+        }
+    };
+    unsafe { launch(h, plan, i, ptrs, bias)? };
+    COUNTS.with(|c| {
+        let (runs, timed) = c.get();
+        c.set((runs + 1, timed));
+    });
+    Ok(())
+}
+
+/// A contiguous bf16 operand: its storage and layout.
+type Arg<'a> = (&'a CudaStorage, &'a Layout);
+
+fn contiguous_range(l: &Layout, what: &str) -> Result<(usize, usize)> {
+    match l.contiguous_offsets() {
+        Some(r) => Ok(r),
+        None => bail!("cuBLASLt {what}: needs a contiguous operand"),
+    }
+}
+
+/// Whether these operands are ones the products here take: bf16 and contiguous.
+fn takes(args: &[Arg]) -> bool {
+    args.iter()
+        .all(|(s, l)| s.dtype() == DType::BF16 && l.is_contiguous())
+}
+
+/// The product `product` of a layer (`rows`, `inp`, `out`) over `args` (`x`, `W`, `dy` as the
+/// product reads them), into a fresh `[elems]` bf16 buffer, with the bias epilogue's vector
+/// (`Bias`: read, and 16-byte aligned; `BgradB`: written `bias_grad_offset` into the buffer). `None`: cuBLASLt
+/// has no algorithm for it, or the products here are off or do not take these operands.
+fn product<'a>(
+    dev: &CudaDevice,
+    which: Product,
+    (rows, inp, out): (usize, usize, usize),
+    operand: impl Fn(Operand) -> Option<Arg<'a>>,
+    bias: Option<Arg<'a>>,
+    bias_grad: bool,
+) -> Result<Option<CudaStorage>> {
+    if !enabled() {
+        return Ok(None);
+    }
+    let (g, [ta, tb]) = gemm(which, rows, inp, out);
+    let (Some(a), Some(b)) = (operand(ta), operand(tb)) else {
+        bail!("cuBLASLt: an operand of {which:?} is missing")
+    };
+    let mut all = vec![a, b];
+    all.extend(bias);
+    if !takes(&all) {
+        return Ok(None);
+    }
+    let [ea, eb, ec] = g.extents();
+    let stream = dev.cuda_stream();
+    let slice = |(s, l): Arg<'_>, need: usize, what: &str| -> Result<(u64, usize)> {
+        let (start, end) = contiguous_range(l, what)?;
+        if end - start < need {
+            bail!(
+                "cuBLASLt {what}: {} elements where the product reads {need}",
+                end - start
+            );
+        }
+        let cs: &CudaSlice<bf16> = s.as_cuda_slice()?;
+        let (ptr, _sync) = cs.device_ptr(&stream);
+        Ok((ptr + (start * 2) as u64, end - start))
+    };
+    let (pa, _) = slice(a, ea, "A")?;
+    let (pb, _) = slice(b, eb, "B")?;
+    let bias_in = match bias {
+        Some(arg) => Some(slice(arg, out, "bias")?.0),
+        None => None,
+    };
+    // The epilogue reads the bias in 16-byte loads (marian-nmt found cuBLASLt failing below that
+    // on an A100): a bias elsewhere is the caller's to add.
+    if bias_in.is_some_and(|p| alignment(p) < 16) {
+        return Ok(None);
+    }
+    let epilogue = match (bias_in.is_some(), bias_grad) {
+        (false, false) => Epilogue::None,
+        (true, false) => Epilogue::Bias,
+        (false, true) => Epilogue::BgradB,
+        (true, true) => bail!("cuBLASLt: a bias and a bias gradient in one product"),
+    };
+    let total = if bias_grad {
+        bias_grad_offset(ec) + out
+    } else {
+        ec
+    };
+    let mut y = unsafe { dev.alloc::<bf16>(total)? };
+    let (pc, pbias) = {
+        let (p, _sync) = y.device_ptr_mut(&stream);
+        (
+            p,
+            bias_grad.then_some(p + (bias_grad_offset(ec) * 2) as u64),
+        )
+    };
+    let key = Key {
+        gemm: g,
+        epilogue,
+        align: [alignment(pa), alignment(pb), alignment(pc)],
+    };
+    let vector = bias_in.or(pbias);
+    let ran = with_handle(dev, |h| {
+        let Some(p) = plan(h, &key, vector)? else {
+            return Ok(false);
+        };
+        run(h, &p, [pa, pb, pc], vector)?;
+        Ok(true)
+    })?;
+    Ok(ran.then(|| CudaStorage::wrap_cuda_slice(y, dev.clone())))
+}
+
+/// `y = x·Wᵀ (+ b)` for `x` `[rows, inp]`, `W` `[out, inp]`, `b` `[out]` (bf16, contiguous):
+/// `None` where the caller's own path must run.
+pub(crate) fn linear(
+    x: Arg,
+    w: Arg,
+    b: Option<Arg>,
+    (rows, inp, out): (usize, usize, usize),
+) -> Result<Option<CudaStorage>> {
+    let dev = x.0.device().clone();
+    product(
+        &dev,
+        Product::Forward,
+        (rows, inp, out),
+        |t| match t {
+            Operand::Input => Some(x),
+            Operand::Weight => Some(w),
+            Operand::OutGrad => None,
+        },
+        b,
+        false,
+    )
+}
+
+/// `dx = dy·W` (`[rows, inp]`) for `dy` `[rows, out]`, `W` `[out, inp]`.
+pub(crate) fn input_grad(
+    dy: Arg,
+    w: Arg,
+    (rows, inp, out): (usize, usize, usize),
+) -> Result<Option<CudaStorage>> {
+    let dev = dy.0.device().clone();
+    product(
+        &dev,
+        Product::InputGrad,
+        (rows, inp, out),
+        |t| match t {
+            Operand::OutGrad => Some(dy),
+            Operand::Weight => Some(w),
+            Operand::Input => None,
+        },
+        None,
+        false,
+    )
+}
+
+/// `dW = dyᵀ·x` (`[out, inp]`) and, with `bias`, `db = Σ_rows dy` after it in the same buffer
+/// (at `bias_grad_offset(out · inp)`).
+pub(crate) fn param_grads(
+    dy: Arg,
+    x: Arg,
+    (rows, inp, out): (usize, usize, usize),
+    bias: bool,
+) -> Result<Option<CudaStorage>> {
+    let dev = dy.0.device().clone();
+    product(
+        &dev,
+        Product::WeightGrad,
+        (rows, inp, out),
+        |t| match t {
+            Operand::OutGrad => Some(dy),
+            Operand::Input => Some(x),
+            Operand::Weight => None,
+        },
+        None,
+        bias,
+    )
+}
+
+// ---- as tensors ----------------------------------------------------------------------------------
+
+/// Whether the tensor-level products below take these: on, bf16, and (for the weight gradient)
+/// no split of it asked for (`weight_grad::set_split`, which these products would ignore).
+fn eligible(ts: &[&Tensor]) -> bool {
+    enabled()
+        && ts
+            .iter()
+            .all(|t| t.dtype() == DType::BF16 && t.device().is_cuda())
+}
+
+/// `dy·W` (`dy` `[rows, out]`, `W` `[out, inp]`) outside the graph, through cuBLASLt (candle's
+/// product where it has no algorithm); `None` where the caller's own path runs (off, not bf16).
+pub fn dense_input_grad(dy: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    if !eligible(&[dy, w]) {
+        return Ok(None);
+    }
+    let y = dy
+        .contiguous()?
+        .apply_op2_no_bwd(&w.contiguous()?, &InputGrad)?;
+    Ok(Some(y))
+}
+
+/// `(dyᵀ·x, Σ_rows dy)` (`dy` `[rows, out]`, `x` `[rows, inp]`): a dense layer's weight and bias
+/// gradients from one product with the `BGRADB` epilogue; `None` as `dense_input_grad`, or when
+/// the weight gradient is to be split.
+pub fn dense_param_grads(dy: &Tensor, x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    if !eligible(&[dy, x]) || super::weight_grad::split() > 1 {
+        return Ok(None);
+    }
+    let (dy, x) = (dy.contiguous()?, x.contiguous()?);
+    let ((rows, out), inp) = (dy.dims2()?, x.dim(1)?);
+    // Where cuBLASLt has no algorithm with the epilogue, the caller's two products are faster
+    // than the op's own fallback (candle's strided column sum).
+    if !bgradb_available(&dy, &x, (rows, inp, out))? {
+        return Ok(None);
+    }
+    let both = dy.apply_op2_no_bwd(&x, &ParamGrads)?;
+    let dw = both.narrow(0, 0, out * inp)?.reshape((out, inp))?;
+    let db = both.narrow(0, bias_grad_offset(out * inp), out)?;
+    Ok(Some((dw, db)))
+}
+
+/// The device address of a contiguous bf16 tensor's first element.
+fn address(t: &Tensor) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(s) = &*storage else {
+        bail!("cuBLASLt: a tensor not on a CUDA device")
+    };
+    let (start, _) = contiguous_range(layout, "operand")?;
+    let cs: &CudaSlice<bf16> = s.as_cuda_slice()?;
+    let stream = s.device().cuda_stream();
+    let (ptr, _sync) = cs.device_ptr(&stream);
+    Ok(ptr + (start * 2) as u64)
+}
+
+/// Whether cuBLASLt has an algorithm for the weight gradient with `BGRADB` over these operands
+/// (the plan the op will take, made now; the output is a fresh allocation, 256-byte aligned).
+fn bgradb_available(dy: &Tensor, x: &Tensor, dims: (usize, usize, usize)) -> Result<bool> {
+    let candle_core::Device::Cuda(dev) = dy.device() else {
+        return Ok(false);
+    };
+    let (g, [ta, tb]) = gemm(Product::WeightGrad, dims.0, dims.1, dims.2);
+    let of = |t: Operand| if t == Operand::Input { x } else { dy };
+    let (pa, pb) = (address(of(ta))?, address(of(tb))?);
+    let key = Key {
+        gemm: g,
+        epilogue: Epilogue::BgradB,
+        align: [alignment(pa), alignment(pb), 256],
+    };
+    with_handle(dev, |h| {
+        // The vector's address is set again at each launch; the heuristic sees a 256-byte aligned
+        // one (the workspace's) in its place.
+        let stand_in = {
+            let (p, _sync) = h.workspace.device_ptr(&h.stream);
+            p
+        };
+        Ok(plan(h, &key, Some(stand_in))?.is_some())
+    })
+}
+
+/// `[rows, n]` of a 2-D layout, or an error naming the op.
+fn dims2(l: &Layout, what: &str) -> Result<(usize, usize)> {
+    match l.dims() {
+        &[r, c] => Ok((r, c)),
+        d => bail!("{what}: a [rows, n] operand, got {d:?}"),
+    }
+}
+
+struct InputGrad;
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-lt-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("{}: a CUDA op, reached with CPU tensors", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        dy: &CudaStorage,
+        dyl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, out) = dims2(dyl, self.name())?;
+        let (w_out, inp) = dims2(wl, self.name())?;
+        if w_out != out {
+            bail!(
+                "{}: dy {:?} against W {:?}",
+                self.name(),
+                dyl.dims(),
+                wl.dims()
+            );
+        }
+        let shape = Shape::from((rows, inp));
+        if let Some(y) = input_grad((dy, dyl), (w, wl), (rows, inp, out))? {
+            return Ok((y, shape));
+        }
+        Ok((dy.matmul(w, (1, rows, inp, out), dyl, wl)?, shape))
+    }
+}
+
+struct ParamGrads;
+
+impl CustomOp2 for ParamGrads {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-lt-param-grads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("{}: a CUDA op, reached with CPU tensors", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        dy: &CudaStorage,
+        dyl: &Layout,
+        x: &CudaStorage,
+        xl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, out) = dims2(dyl, self.name())?;
+        let (x_rows, inp) = dims2(xl, self.name())?;
+        if x_rows != rows {
+            bail!(
+                "{}: dy {:?} against x {:?}",
+                self.name(),
+                dyl.dims(),
+                xl.dims()
+            );
+        }
+        let at = bias_grad_offset(out * inp);
+        let shape = Shape::from(at + out);
+        if let Some(both) = param_grads((dy, dyl), (x, xl), (rows, inp, out), true)? {
+            return Ok((both, shape));
+        }
+        // No algorithm with the epilogue: candle's product of the transposed gradient, its sum
+        // over the rows, both copied into one buffer.
+        let dyt = dyl.transpose(0, 1)?;
+        let dw = dy.matmul(x, (1, out, inp, rows), &dyt, xl)?;
+        let db = dy.reduce_op(candle_core::op::ReduceOp::Sum, dyl, &[0])?;
+        let dev = dy.device();
+        let mut both = dev.zeros_impl(&shape, DType::BF16)?;
+        dw.copy_strided_src(&mut both, 0, &Layout::contiguous((out, inp)))?;
+        db.copy_strided_src(&mut both, at, &Layout::contiguous(out))?;
+        Ok((both, shape))
+    }
+}
