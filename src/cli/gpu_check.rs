@@ -507,6 +507,95 @@ fn dropout_check(device: &Device) -> Result<bool> {
     Ok(ok)
 }
 
+/// A dense layer's three products as training takes them outside the graph (`ops::linear` for
+/// `x·Wᵀ + b`, the device's `Prims` for `dy·W` and for `dyᵀ·x` with the bias's gradient): on CUDA
+/// in bf16 through cuBLASLt (`kernels::cuda_lt`: the bias and its gradient in the products'
+/// epilogues, each shape's algorithm timed), against the same products in f32 from the same bf16
+/// operands. Shapes with rows that no tile divides, and operands one element off their buffer's
+/// start (an alignment of 2 bytes, which cuBLASLt must be told of). On the CPU the rows check the
+/// check's control flow.
+fn dense_check(device: &Device) -> Result<bool> {
+    use crate::model::kernels::attention_node::CpuPrims;
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return dense_rows(device, &crate::model::kernels::cuda::CudaPrims);
+    }
+    dense_rows(device, &CpuPrims)
+}
+
+fn dense_rows<P: crate::model::kernels::attention_node::Prims>(
+    device: &Device,
+    prims: &P,
+) -> Result<bool> {
+    #[cfg(feature = "cuda")]
+    let runs = || crate::model::kernels::cuda_lt::counts().0;
+    #[cfg(not(feature = "cuda"))]
+    let runs = || 0usize;
+    let cases: &[(usize, usize, usize, usize)] = if device.is_cuda() {
+        &[
+            (64, 64, 192, 0),
+            (300, 128, 512, 0),
+            (257, 96, 40, 1),
+            (2048, 768, 3072, 0),
+        ]
+    } else {
+        &[(64, 64, 192, 0), (37, 24, 40, 1)]
+    };
+    let mut ok = true;
+    let before = runs();
+    for &(rows, inp, out, off) in cases {
+        // A bf16 operand `off` elements into its buffer.
+        let operand = |dims: &[usize], std: f64| -> Result<Tensor> {
+            let n: usize = dims.iter().product();
+            let t = Tensor::randn(0f32, 1.0, n + off, device)?
+                .affine(std, 0.0)?
+                .to_dtype(DType::BF16)?;
+            Ok(t.narrow(0, off, n)?.reshape(dims)?)
+        };
+        let x = operand(&[rows, inp], 1.0)?;
+        let w = operand(&[out, inp], 1.0 / (inp as f64).sqrt())?;
+        let b = operand(&[out], 0.5)?;
+        let dy = operand(&[rows, out], 1.0)?;
+        let y = ops::linear(&x, &w, Some(&b))?;
+        let dx = prims.dense_input_grad(&dy, &w)?;
+        let (dw, db) = prims.dense_param_grads(&dy, &x)?;
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        let (xf, wf, bf, dyf) = (f(&x)?, f(&w)?, f(&b)?, f(&dy)?);
+        let want = [
+            ("x.W^T + b", y, xf.matmul(&wf.t()?)?.broadcast_add(&bf)?),
+            ("dy.W", dx, dyf.matmul(&wf)?),
+            ("dy^T.x", dw, dyf.t()?.matmul(&xf)?),
+            ("bias gradient", db, dyf.sum(0)?),
+        ];
+        for (what, got, reference) in want {
+            let value = max_abs_diff(&f(&got)?, &reference)? / max_abs(&reference)?.max(1e-6);
+            // bf16 results: rounded to 8 bits once, from f32 sums.
+            let tol = 1.0 / 64.0;
+            let pass = within(value, tol);
+            ok &= pass;
+            let at = if off > 0 {
+                ", operands 2 bytes off"
+            } else {
+                ""
+            };
+            emit(check_line(
+                "dense",
+                "bf16",
+                &format!("{rows}x{inp}->{out}{at}: {what}"),
+                device,
+                value,
+                tol,
+                pass,
+            ));
+        }
+    }
+    eprintln!(
+        "gpu-check: dense product checks done ({} products through cuBLASLt)",
+        runs() - before
+    );
+    Ok(ok)
+}
+
 /// The attention node (`kernels::attention_node`, what CUDA trains with) against autograd over
 /// composed ops on the same device, with dropout on the probabilities from the node's own mask
 /// source: the context and the gradients of q, k and v. On the CPU, where training uses the fused
@@ -1034,6 +1123,26 @@ fn bench_one(
         let what = "masters the nodes take, uncast".to_string();
         let at = json!({"stage": "ab", "what": what, "shape": shape.name});
         if let Some(off) = reported(all_cast, at) {
+            ab.push((what, train, Ok(off)));
+        }
+    }
+    // The dense layers' bf16 products through cuBLASLt (session 13, on by default): "off" is
+    // candle's cuBLAS calls, with the bias adds and column sums as kernels of their own.
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() && precision == Precision::Bf16 && crate::model::kernels::cuda_lt::enabled()
+    {
+        use crate::model::kernels::cuda_lt;
+        let (runs, timed) = cuda_lt::counts();
+        eprintln!(
+            "gpu-check: {} bf16: {runs} products through cuBLASLt so far, {timed} shapes timed",
+            shape.name
+        );
+        cuda_lt::set_enabled(false);
+        let candle = time_it(device, args.warmup, args.steps, || step(&mut opt));
+        cuda_lt::set_enabled(true);
+        let what = "dense products through cuBLASLt".to_string();
+        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
+        if let Some(off) = reported(candle, at) {
             ab.push((what, train, Ok(off)));
         }
     }
@@ -1771,6 +1880,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
         // beneath it, and the report says so.
         let dropout = dropout_check(&device);
         ok &= reported(dropout, json!({"stage": "dropout"})).unwrap_or(false);
+        // The dense products first: training takes them for every layer (on CUDA in bf16 through
+        // cuBLASLt, turned off for the rest of the run if they fail here).
+        let dense = dense_check(&device);
+        let dense = reported(dense, json!({"stage": "dense"})).unwrap_or(false);
+        ok &= dense;
+        #[cfg(feature = "cuda")]
+        if !dense && crate::model::kernels::cuda_lt::enabled() {
+            crate::model::kernels::cuda_lt::set_enabled(false);
+            note("the cuBLASLt products failed their check: the rest of this run uses candle's");
+        }
         let attention = attention_node_check(&device);
         let attention = reported(attention, json!({"stage": "attention"})).unwrap_or(false);
         if !attention {

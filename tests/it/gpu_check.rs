@@ -33,15 +33,16 @@ fn gpu_check_runs_every_stage_on_the_cpu_and_every_check_passes() {
         .collect();
     let of = |kind: &'static str| rows.iter().filter(move |r| r["kind"] == kind);
 
-    // Six fixtures × two precisions × (gradients, three logits), then dropout's five checks in
-    // both precisions, the attention node's four in both, the block nodes' three for each of two
+    // The dense products' four for each of two CPU cases (bf16), six fixtures × two precisions ×
+    // (gradients, three logits), then dropout's five checks in both precisions, the attention
+    // node's four in both, the block nodes' three for each of two
     // blocks in both, the split weight gradients' three (one product, two blocks) in both, the
     // attention block in one pass (three, bf16), and the optimizer's five (two of them the clipping
     // coefficient left on the device).
     let parity: Vec<&Value> = of("parity").collect();
     assert_eq!(
         parity.len(),
-        6 * 2 * 4 + 5 * 2 + 4 * 2 + 3 * 2 * 2 + 3 * 2 + 3 + 5,
+        4 * 2 + 6 * 2 * 4 + 5 * 2 + 4 * 2 + 3 * 2 * 2 + 3 * 2 + 3 + 5,
         "{parity:#?}"
     );
     for r in &parity {
@@ -52,6 +53,7 @@ fn gpu_check_runs_every_stage_on_the_cpu_and_every_check_passes() {
         "roberta",
         "distilbert",
         "deberta-v3",
+        "dense",
         "dropout",
         "attention",
         "block",
