@@ -208,7 +208,56 @@ static cublasLtHandle_t lt;
 static void *lt_ws;
 static const size_t LT_WS = 32u << 20;
 
-static void gemm_rows(cublasHandle_t h, const Gemm &g, const bf16 *a, const bf16 *b, bf16 *c) {
+// cublasLt's first choice and the best of its first eight for one product, with an epilogue (its
+// vector at `vec`): {ms of #0, ms of the best, the best's index, candidates}; NaN where none ran.
+struct LtTimes {
+  double first, best;
+  int best_i, found;
+};
+
+static LtTimes lt_times(const Gemm &g, cublasLtEpilogue_t epi, const bf16 *a, const bf16 *b, bf16 *c,
+                        bf16 *vec) {
+  const float one = 1.f, zero = 0.f;
+  cublasLtMatmulDesc_t desc;
+  cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+  cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &g.ta, sizeof(g.ta));
+  cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &g.tb, sizeof(g.tb));
+  cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi));
+  if (epi != CUBLASLT_EPILOGUE_DEFAULT)
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &vec, sizeof(vec));
+  cublasLtMatrixLayout_t la, lb, lc;
+  const bool at = g.ta == CUBLAS_OP_T, bt = g.tb == CUBLAS_OP_T;
+  cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, at ? g.k : g.m, at ? g.m : g.k, g.lda);
+  cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, bt ? g.n : g.k, bt ? g.k : g.n, g.ldb);
+  cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, g.m, g.n, g.m);
+  cublasLtMatmulPreference_t pref;
+  cublasLtMatmulPreferenceCreate(&pref);
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &LT_WS,
+                                       sizeof(LT_WS));
+  cublasLtMatmulHeuristicResult_t res[8];
+  int found = 0;
+  cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, lc, lc, pref, 8, res, &found);
+  LtTimes t{NAN, NAN, -1, found};
+  for (int i = 0; i < found; i++) {
+    const double ms = time_ms([&] {
+      cublasLtMatmul(lt, desc, &one, a, la, b, lb, &zero, c, lc, c, lc, &res[i].algo, lt_ws, LT_WS, 0);
+    });
+    if (i == 0) t.first = ms;
+    if (!(ms >= t.best)) t.best = ms, t.best_i = i;
+  }
+  cublasLtMatmulPreferenceDestroy(pref);
+  cublasLtMatrixLayoutDestroy(la);
+  cublasLtMatrixLayoutDestroy(lb);
+  cublasLtMatrixLayoutDestroy(lc);
+  cublasLtMatmulDescDestroy(desc);
+  return t;
+}
+
+// One product's row; `epi` (BIAS on a forward, BGRADB on a weight gradient, as recycle's
+// cuda_lt runs them) adds the best of eight with it, and the epilogue-free pair it replaces:
+// the product then the bias add, or the product then a column sum (a product with ones).
+static void gemm_rows(cublasHandle_t h, const Gemm &g, const bf16 *a, const bf16 *b, bf16 *c,
+                      cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_DEFAULT, bf16 *vec = nullptr) {
   const float one = 1.f, zero = 0.f;
   const double flop = 2.0 * g.m * g.n * g.k;
   auto tf = [&](double ms) { return flop / (ms * 1e-3) / 1e12; };
@@ -222,39 +271,17 @@ static void gemm_rows(cublasHandle_t h, const Gemm &g, const bf16 *a, const bf16
     cublasGemmEx(h, g.ta, g.tb, g.m, g.n, g.k, &one, a, CUDA_R_16BF, g.lda, b, CUDA_R_16BF, g.ldb,
                  &zero, c, CUDA_R_16BF, g.m, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT_TENSOR_OP);
   });
-  cublasLtMatmulDesc_t desc;
-  cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
-  cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &g.ta, sizeof(g.ta));
-  cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &g.tb, sizeof(g.tb));
-  cublasLtMatrixLayout_t la, lb, lc;
-  const bool at = g.ta == CUBLAS_OP_T, bt = g.tb == CUBLAS_OP_T;
-  cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, at ? g.k : g.m, at ? g.m : g.k, g.lda);
-  cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, bt ? g.n : g.k, bt ? g.k : g.n, g.ldb);
-  cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, g.m, g.n, g.m);
-  cublasLtMatmulPreference_t pref;
-  cublasLtMatmulPreferenceCreate(&pref);
-  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &LT_WS,
-                                       sizeof(LT_WS));
-  cublasLtMatmulHeuristicResult_t res[8];
-  int found = 0;
-  cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, lc, lc, pref, 8, res, &found);
-  double first = NAN, best = NAN;
-  int best_i = -1;
-  for (int i = 0; i < found; i++) {
-    const double ms = time_ms([&] {
-      cublasLtMatmul(lt, desc, &one, a, la, b, lb, &zero, c, lc, c, lc, &res[i].algo, lt_ws, LT_WS, 0);
-    });
-    if (i == 0) first = ms;
-    if (!(ms >= best)) best = ms, best_i = i;
+  const LtTimes plain = lt_times(g, CUBLASLT_EPILOGUE_DEFAULT, a, b, c, vec);
+  printf("%-34s %5d %5d %5d %8.1f %8.1f %8.1f %8.1f  (#%d of %d)", g.name, g.m, g.n, g.k,
+         tf(candle), tf(ex), tf(plain.first), tf(plain.best), plain.best_i, plain.found);
+  if (epi != CUBLASLT_EPILOGUE_DEFAULT) {
+    const LtTimes with = lt_times(g, epi, a, b, c, vec);
+    printf("  %s best %.1f (#%d of %d): %.4f ms against candle %.4f ms + its %s",
+           epi == CUBLASLT_EPILOGUE_BIAS ? "BIAS" : "BGRADB", tf(with.best), with.best_i,
+           with.found, with.best, candle, epi == CUBLASLT_EPILOGUE_BIAS ? "bias add" : "column sum");
   }
-  printf("%-34s %5d %5d %5d %8.1f %8.1f %8.1f %8.1f  (#%d of %d)\n", g.name, g.m, g.n, g.k,
-         tf(candle), tf(ex), tf(first), tf(best), best_i, found);
+  printf("\n");
   fflush(stdout);
-  cublasLtMatmulPreferenceDestroy(pref);
-  cublasLtMatrixLayoutDestroy(la);
-  cublasLtMatrixLayoutDestroy(lb);
-  cublasLtMatrixLayoutDestroy(lc);
-  cublasLtMatmulDescDestroy(desc);
 }
 
 int main(int argc, char **argv) {
@@ -466,6 +493,7 @@ int main(int argc, char **argv) {
     const int M = (int)rows;
     const size_t big = std::max<size_t>((size_t)M * ffn, (size_t)8192 * 8192);
     bf16 *A = alloc_bf16(big, 41, -1.f, 1.f), *B = alloc_bf16(big, 42, -1.f, 1.f), *C = alloc_bf16(big, 43);
+    bf16 *V = alloc_bf16(8192, 44, -1.f, 1.f);  // the epilogues' bias (or its gradient)
     const struct { const char *layer; int in, out; } layers[] = {
         {"h->h", hid, hid}, {"h->3h", hid, 3 * hid}, {"h->4h", hid, ffn}, {"4h->h", ffn, hid}};
     for (const auto &L : layers) {
@@ -474,11 +502,13 @@ int main(int argc, char **argv) {
       snprintf(n2, sizeof n2, "%s dy.W", L.layer);
       snprintf(n3, sizeof n3, "%s dW = dy^T.x", L.layer);
       // candle's gemm_config: x [M, in] . W^T (W [out, in]): TN, m' = out, n' = M, k = in.
-      gemm_rows(h, {n1, CUBLAS_OP_T, CUBLAS_OP_N, L.out, M, L.in, L.in, L.in}, A, B, C);
+      gemm_rows(h, {n1, CUBLAS_OP_T, CUBLAS_OP_N, L.out, M, L.in, L.in, L.in}, A, B, C,
+                CUBLASLT_EPILOGUE_BIAS, V);
       // dy [M, out] . W [out, in]: NN, m' = in, n' = M, k = out.
       gemm_rows(h, {n2, CUBLAS_OP_N, CUBLAS_OP_N, L.in, M, L.out, L.in, L.out}, A, B, C);
       // dy^T [out, M] . x [M, in]: NT, m' = in, n' = out, k = M.
-      gemm_rows(h, {n3, CUBLAS_OP_N, CUBLAS_OP_T, L.in, L.out, M, L.in, L.out}, A, B, C);
+      gemm_rows(h, {n3, CUBLAS_OP_N, CUBLAS_OP_T, L.in, L.out, M, L.in, L.out}, A, B, C,
+                CUBLASLT_EPILOGUE_BGRADB, V);
     }
     gemm_rows(h, {"ceiling 8192^3", CUBLAS_OP_T, CUBLAS_OP_N, 8192, 8192, 8192, 8192, 8192}, A, B, C);
   }
