@@ -48,53 +48,152 @@ pub struct Gemm {
     pub ldc: usize,
 }
 
+/// A row-major product `Y[m×n] = L·op(R)` (each operand row-major with its own row stride):
+/// the three shapes a dense layer and attention's heads need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// `Y = L·Rᵀ`: `L` `[m, k]`, `R` `[n, k]`.
+    ABt,
+    /// `Y = L·R`: `L` `[m, k]`, `R` `[k, n]`.
+    AB,
+    /// `Y = Lᵀ·R`: `L` `[k, m]`, `R` `[k, n]`.
+    AtB,
+}
+
+/// The column-major GEMM of a row-major product: `Y` row-major is `Yᵀ` column-major, so
+/// `Yᵀ = op(R)ᵀ·op(L)ᵀ` makes `R` cuBLAS's `A` and `L` its `B` in every form. `ld_*` are the
+/// operands' row strides in elements.
+pub fn row_major(
+    form: Form,
+    (m, n, k): (usize, usize, usize),
+    ld_l: usize,
+    ld_r: usize,
+    ld_y: usize,
+) -> Gemm {
+    // R [n, k] row-major is [k, n] column-major: transposed, [n, k]. R [k, n] is [n, k] column
+    // -major as it stands. L [m, k] is [k, m] column-major as it stands; L [k, m] is [m, k],
+    // transposed to [k, m].
+    let (transa, transb) = match form {
+        Form::ABt => (true, false),
+        Form::AB => (false, false),
+        Form::AtB => (false, true),
+    };
+    Gemm {
+        transa,
+        transb,
+        m: n,
+        n: m,
+        k,
+        lda: ld_r,
+        ldb: ld_l,
+        ldc: ld_y,
+    }
+}
+
 /// `product` of a layer with these sizes: the GEMM and which tensors are its `A` and `B`.
 pub fn gemm(product: Product, rows: usize, inp: usize, out: usize) -> (Gemm, [Operand; 2]) {
     match product {
-        // y[rows, out] row-major is C[out, rows]: W[out, inp] row-major is [inp, out]
-        // column-major, transposed to [out, inp]; x is [inp, rows] as it stands.
+        // y[rows, out] = x·Wᵀ.
         Product::Forward => (
-            Gemm {
-                transa: true,
-                transb: false,
-                m: out,
-                n: rows,
-                k: inp,
-                lda: inp,
-                ldb: inp,
-                ldc: out,
-            },
+            row_major(Form::ABt, (rows, out, inp), inp, inp, out),
             [Operand::Weight, Operand::Input],
         ),
-        // dx[rows, inp] is C[inp, rows] = W_cm[inp, out] · dy_cm[out, rows].
+        // dx[rows, inp] = dy·W.
         Product::InputGrad => (
-            Gemm {
-                transa: false,
-                transb: false,
-                m: inp,
-                n: rows,
-                k: out,
-                lda: inp,
-                ldb: out,
-                ldc: inp,
-            },
+            row_major(Form::AB, (rows, inp, out), out, inp, inp),
             [Operand::Weight, Operand::OutGrad],
         ),
-        // dW[out, inp] is C[inp, out] = x_cm[inp, rows] · (dy_cm[out, rows])ᵀ: the sum over the
-        // rows is over k, and dy is B, so BGRADB's vector of n = out is db.
+        // dW[out, inp] = dyᵀ·x: the sum over the rows is over k, and dy is B, so BGRADB's vector
+        // of n = out is db.
         Product::WeightGrad => (
-            Gemm {
-                transa: false,
-                transb: true,
-                m: inp,
-                n: out,
-                k: rows,
-                lda: inp,
-                ldb: out,
-                ldc: inp,
-            },
+            row_major(Form::AtB, (out, inp, rows), out, inp, inp),
             [Operand::Input, Operand::OutGrad],
         ),
+    }
+}
+
+// ---- attention's heads -----------------------------------------------------------------------------
+
+/// Where each head's matrix starts in a buffer, in elements: `base + b·per_b + h·per_h` for
+/// batch `b` and head `h` (a batched product's pointer array, batch index `b·heads + h`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heads {
+    pub base: usize,
+    pub per_b: usize,
+    pub per_h: usize,
+}
+
+impl Heads {
+    /// The offset of batch index `i` (`b·heads + h`).
+    pub fn offset(&self, i: usize, heads: usize) -> usize {
+        self.base + (i / heads) * self.per_b + (i % heads) * self.per_h
+    }
+}
+
+/// Attention's six per-head products, each as one batched GEMM over every (batch, head) that
+/// reads q, k and v where the fused `[b, s, 3·hidden]` product holds them and reads or writes the
+/// context (and its gradient) in `[b, s, hidden]`: no split into heads and no merge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadProduct {
+    /// `scores = Q·Kᵀ` (`L` q, `R` k; `Y` `[b, heads, s, s]`).
+    Scores,
+    /// `ctx = P·V` (`L` the probabilities, `R` v; `Y` the context `[b, s, hidden]`).
+    Context,
+    /// `dP = G·Vᵀ` (`L` the context's gradient, `R` v; `Y` `[b, heads, s, s]`).
+    DProbs,
+    /// `dQ = dS·K` (`L` the scores' gradient, `R` k; `Y` q's part of `[b, s, 3·hidden]`).
+    DQ,
+    /// `dK = dSᵀ·Q` (`L` the scores' gradient, `R` q; `Y` k's part).
+    DK,
+    /// `dV = Pᵀ·G` (`L` the probabilities, `R` the context's gradient; `Y` v's part).
+    DV,
+}
+
+/// A per-head product: the GEMM every batch index shares, and where `L`, `R` and `Y` start for
+/// each (cuBLAS's `B`, `A` and `C`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadGemm {
+    pub gemm: Gemm,
+    pub l: Heads,
+    pub r: Heads,
+    pub y: Heads,
+}
+
+/// `p` for `heads` heads of `d` over sequences of `s`.
+pub fn head_gemm(p: HeadProduct, s: usize, heads: usize, d: usize) -> HeadGemm {
+    let h = heads * d;
+    // q, k and v (or their gradients) in [b, s, 3h]; the context in [b, s, h]; the [s, s]
+    // matrices of [b, heads, s, s].
+    let part = |i: usize| Heads {
+        base: i * h,
+        per_b: s * 3 * h,
+        per_h: d,
+    };
+    let ctx = Heads {
+        base: 0,
+        per_b: s * h,
+        per_h: d,
+    };
+    let square = Heads {
+        base: 0,
+        per_b: heads * s * s,
+        per_h: s * s,
+    };
+    let (q, k, v) = (part(0), part(1), part(2));
+    let (three, one) = (3 * h, h);
+    let (form, mnk, (l, ld_l), (r, ld_r), (y, ld_y)) = match p {
+        HeadProduct::Scores => (Form::ABt, (s, s, d), (q, three), (k, three), (square, s)),
+        HeadProduct::Context => (Form::AB, (s, d, s), (square, s), (v, three), (ctx, one)),
+        HeadProduct::DProbs => (Form::ABt, (s, s, d), (ctx, one), (v, three), (square, s)),
+        HeadProduct::DQ => (Form::AB, (s, d, s), (square, s), (k, three), (q, three)),
+        HeadProduct::DK => (Form::AtB, (s, d, s), (square, s), (q, three), (k, three)),
+        HeadProduct::DV => (Form::AtB, (s, d, s), (square, s), (ctx, one), (v, three)),
+    };
+    HeadGemm {
+        gemm: row_major(form, mnk, ld_l, ld_r, ld_y),
+        l,
+        r,
+        y,
     }
 }
 
@@ -297,6 +396,118 @@ mod tests {
         ] {
             g.validate().unwrap();
             assert_eq!(g.extents(), [size(a), size(b), c]);
+        }
+    }
+
+    /// Each per-head product, run through the column-major reference batch by batch at its
+    /// offsets, equals attention's formula for that (batch, head); and `Y`'s writes cover its
+    /// region exactly once (the context and q, k, v parts are interleaved across heads).
+    #[test]
+    fn each_head_product_through_cublas_semantics_is_attention_per_head() {
+        let (nb, s, heads, d) = (2, 5, 3, 4);
+        let h = heads * d;
+        let qkv = random(nb * s * 3 * h, 11);
+        let square = random(nb * heads * s * s, 12);
+        let ctx = random(nb * s * h, 13);
+        // Row-major element getters per (b, head).
+        let q = |b: usize, hd: usize, t: usize, e: usize, part: usize| {
+            f64::from(qkv[(b * s + t) * 3 * h + part * h + hd * d + e])
+        };
+        let sq = |b: usize, hd: usize, t: usize, u: usize| {
+            f64::from(square[((b * heads + hd) * s + t) * s + u])
+        };
+        let g =
+            |b: usize, hd: usize, t: usize, e: usize| f64::from(ctx[(b * s + t) * h + hd * d + e]);
+        for p in [
+            HeadProduct::Scores,
+            HeadProduct::Context,
+            HeadProduct::DProbs,
+            HeadProduct::DQ,
+            HeadProduct::DK,
+            HeadProduct::DV,
+        ] {
+            let hg = head_gemm(p, s, heads, d);
+            hg.gemm.validate().unwrap();
+            let (l_buf, r_buf, y_len): (&[f32], &[f32], usize) = match p {
+                HeadProduct::Scores => (&qkv, &qkv, nb * heads * s * s),
+                HeadProduct::Context => (&square, &qkv, nb * s * h),
+                HeadProduct::DProbs => (&ctx, &qkv, nb * heads * s * s),
+                HeadProduct::DQ | HeadProduct::DK => (&square, &qkv, nb * s * 3 * h),
+                HeadProduct::DV => (&square, &ctx, nb * s * 3 * h),
+            };
+            let mut y = vec![f64::NAN; y_len];
+            let mut written = vec![0u8; y_len];
+            for i in 0..nb * heads {
+                let (lo, ro, yo) = (
+                    hg.l.offset(i, heads),
+                    hg.r.offset(i, heads),
+                    hg.y.offset(i, heads),
+                );
+                let [ea, eb, ec] = hg.gemm.extents();
+                assert!(ro + ea <= r_buf.len() && lo + eb <= l_buf.len() && yo + ec <= y_len);
+                let (c, _) = reference(&hg.gemm, &r_buf[ro..], &l_buf[lo..], None);
+                for col in 0..hg.gemm.n {
+                    for row in 0..hg.gemm.m {
+                        let at = yo + row + col * hg.gemm.ldc;
+                        y[at] = c[row + col * hg.gemm.ldc];
+                        written[at] += 1;
+                    }
+                }
+            }
+            for b in 0..nb {
+                for hd in 0..heads {
+                    // Y[t, j] of this head, and where it lies.
+                    let (rows, cols) = match p {
+                        HeadProduct::Scores | HeadProduct::DProbs => (s, s),
+                        _ => (s, d),
+                    };
+                    for t in 0..rows {
+                        for j in 0..cols {
+                            let (want, at) = match p {
+                                HeadProduct::Scores => (
+                                    (0..d).map(|e| q(b, hd, t, e, 0) * q(b, hd, j, e, 1)).sum(),
+                                    ((b * heads + hd) * s + t) * s + j,
+                                ),
+                                HeadProduct::Context => (
+                                    (0..s).map(|u| sq(b, hd, t, u) * q(b, hd, u, j, 2)).sum(),
+                                    (b * s + t) * h + hd * d + j,
+                                ),
+                                HeadProduct::DProbs => (
+                                    (0..d).map(|e| g(b, hd, t, e) * q(b, hd, j, e, 2)).sum(),
+                                    ((b * heads + hd) * s + t) * s + j,
+                                ),
+                                HeadProduct::DQ => (
+                                    (0..s).map(|u| sq(b, hd, t, u) * q(b, hd, u, j, 1)).sum(),
+                                    (b * s + t) * 3 * h + hd * d + j,
+                                ),
+                                HeadProduct::DK => (
+                                    (0..s).map(|u| sq(b, hd, u, t) * q(b, hd, u, j, 0)).sum(),
+                                    (b * s + t) * 3 * h + h + hd * d + j,
+                                ),
+                                HeadProduct::DV => (
+                                    (0..s).map(|u| sq(b, hd, u, t) * g(b, hd, u, j)).sum(),
+                                    (b * s + t) * 3 * h + 2 * h + hd * d + j,
+                                ),
+                            };
+                            assert!(close(y[at], want), "{p:?} b {b} head {hd} [{t}, {j}]");
+                        }
+                    }
+                }
+            }
+            // Each written element once; a part of [b, s, 3h] exactly, other parts untouched.
+            let expect_written = match p {
+                HeadProduct::DQ | HeadProduct::DK | HeadProduct::DV => nb * s * h,
+                _ => y_len,
+            };
+            assert!(
+                written.iter().all(|&w| w <= 1),
+                "{p:?}: an element written twice"
+            );
+            assert_eq!(
+                written.iter().filter(|&&w| w == 1).count(),
+                expect_written,
+                "{p:?}"
+            );
         }
     }
 
