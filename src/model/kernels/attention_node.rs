@@ -181,6 +181,58 @@ pub trait Prims: Send + Sync + 'static {
         bail!("attention: no one-pass attention on this device")
     }
 
+    /// Whether attention's per-head products over this `qkv` `[b, s, 3 · hidden]` run in place
+    /// (`head_scores`, `head_context`, `head_dprobs`, `head_grads`: reading q, k and v where the
+    /// fused product holds them, the context written merged) rather than on heads split out of
+    /// it (`Core`). On by default where the device has them (CUDA, bf16; `set_heads_in_place`);
+    /// `CpuPrims` only for tests (`set_heads_in_place_on_cpu`), through the tensor-op forms below.
+    fn heads_in_place(&self, _qkv: &Tensor, _heads: usize) -> bool {
+        HEADS_IN_PLACE_ON_CPU.with(|c| c.get())
+    }
+
+    /// `Q·Kᵀ` of every head of `qkv`: the unscaled scores, `[b, heads, s, s]`.
+    fn head_scores(&self, qkv: &Tensor, heads: usize) -> Result<Tensor> {
+        let q = self.split_part(qkv, 0, 3, heads)?;
+        let k = self.split_part(qkv, 1, 3, heads)?;
+        q.matmul(&k.t()?)
+    }
+
+    /// `P·V` of every head (`p` `[b, heads, s, s]`, v from `qkv`), merged: `[b, s, hidden]`.
+    fn head_context(&self, p: &Tensor, qkv: &Tensor, heads: usize) -> Result<Tensor> {
+        let (b, s, width) = qkv.dims3()?;
+        let v = self.split_part(qkv, 2, 3, heads)?;
+        ops::swap12(&p.matmul(&v)?)?.reshape((b, s, width / 3))
+    }
+
+    /// `G·Vᵀ` of every head (`dctx` `[b, s, hidden]` the context's gradient): the gradient of the
+    /// probabilities the context read, `[b, heads, s, s]`.
+    fn head_dprobs(&self, dctx: &Tensor, qkv: &Tensor, heads: usize) -> Result<Tensor> {
+        let (b, s, hidden) = dctx.dims3()?;
+        let g = ops::swap12(&dctx.reshape((b, s, heads, hidden / heads))?)?;
+        let v = self.split_part(qkv, 2, 3, heads)?;
+        g.matmul(&v.t()?)
+    }
+
+    /// The gradient of `qkv` given those of the scores (`ds`) and the context (`dctx`), `p` the
+    /// probabilities the context read: `[dS·K | dSᵀ·Q | Pᵀ·G]` per head, `[b, s, 3 · hidden]`.
+    fn head_grads(
+        &self,
+        ds: &Tensor,
+        p: &Tensor,
+        dctx: &Tensor,
+        qkv: &Tensor,
+        heads: usize,
+    ) -> Result<Tensor> {
+        let (b, s, hidden) = dctx.dims3()?;
+        let g = ops::swap12(&dctx.reshape((b, s, heads, hidden / heads))?)?;
+        let q = self.split_part(qkv, 0, 3, heads)?;
+        let k = self.split_part(qkv, 1, 3, heads)?;
+        let dq = ds.matmul(&k)?;
+        let dk = ds.t()?.matmul(&q)?;
+        let dv = p.t()?.matmul(&g)?;
+        self.merge_parts([&dq, &dk, &dv])
+    }
+
     /// `parts` flattened and laid end to end in one vector of `dtype` (a block node's packed
     /// weights, or its gradients cast for the master weights); no gradient flows through it.
     fn concat_flat(&self, parts: &[&Tensor], dtype: DType) -> Result<Tensor> {
@@ -200,6 +252,60 @@ thread_local! {
     static FLASH_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     /// See `set_flash_on_cpu`.
     static FLASH_ON_CPU: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// See `set_heads_in_place_on_cpu`.
+    static HEADS_IN_PLACE_ON_CPU: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Attention blocks this thread ran with their heads in place, for checks that must know.
+    static IN_PLACE_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+static HEADS_IN_PLACE: AtomicBool = AtomicBool::new(true);
+
+/// Turns attention's per-head products in place (`Prims::heads_in_place`) on or off for the whole
+/// process, on devices that have them (on by default; `gpu-check` times both).
+pub fn set_heads_in_place(on: bool) {
+    HEADS_IN_PLACE.store(on, Ordering::Relaxed);
+}
+
+/// Whether the per-head products in place are on (`set_heads_in_place`).
+pub fn heads_in_place_on() -> bool {
+    HEADS_IN_PLACE.load(Ordering::Relaxed)
+}
+
+/// For tests, on the calling thread only: `CpuPrims` runs attention blocks with their heads in
+/// place (the tensor-op forms of `Prims::head_scores` and the rest).
+pub fn set_heads_in_place_on_cpu(on: bool) {
+    HEADS_IN_PLACE_ON_CPU.with(|c| c.set(on));
+}
+
+/// How many attention blocks this thread has run with their heads in place.
+pub fn in_place_runs() -> usize {
+    IN_PLACE_RUNS.with(|c| c.get())
+}
+
+/// Counts one attention block run with its heads in place on this thread.
+pub fn count_in_place_run() {
+    IN_PLACE_RUNS.with(|c| c.set(c.get() + 1));
+}
+
+/// Attention's probabilities from the scores, as every path takes them: the masked softmax, and
+/// with dropout also its dropped-out copy (the one the context reads).
+pub fn probabilities<P: Prims>(
+    prims: &P,
+    scores: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+    drop: Option<SeededDropout>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    Ok(match drop {
+        Some(dr) => {
+            let (probs, dropped) = prims.softmax_dropout(scores, &bias.detach(), scale, dr)?;
+            (probs, Some(dropped))
+        }
+        None => (
+            ops::scaled_masked_softmax(scores, &bias.detach(), scale)?,
+            None,
+        ),
+    })
 }
 
 /// For tests, on the calling thread only: `CpuPrims` runs attention blocks in one pass (its
@@ -348,16 +454,7 @@ impl Core {
             );
         }
         let scores = qh.matmul(&kh.t()?)?;
-        let (probs, dropped) = match drop {
-            Some(dr) => {
-                let (probs, dropped) = prims.softmax_dropout(&scores, &bias.detach(), scale, dr)?;
-                (probs, Some(dropped))
-            }
-            None => (
-                ops::scaled_masked_softmax(&scores, &bias.detach(), scale)?,
-                None,
-            ),
-        };
+        let (probs, dropped) = probabilities(prims, &scores, bias, scale, drop)?;
         let ctx_heads = dropped.as_ref().unwrap_or(&probs).matmul(&vh)?;
         Ok(Self {
             dims: [b, s, heads, d],

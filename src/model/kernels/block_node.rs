@@ -445,6 +445,22 @@ pub fn attention_block<P: Prims>(
             };
             (Attn::Flash(flash), ctx)
         }
+        None if prims.heads_in_place(&qkv, p.heads) => {
+            attn::count_in_place_run();
+            let scores = prims.head_scores(&qkv, p.heads)?;
+            let (probs, dropped) = attn::probabilities(&prims, &scores, &bias, scale, probs_drop)?;
+            drop(scores);
+            let ctx = prims.head_context(dropped.as_ref().unwrap_or(&probs), &qkv, p.heads)?;
+            let in_place = InPlace {
+                qkv,
+                probs,
+                dropped,
+                heads: p.heads,
+                scale,
+                drop: probs_drop,
+            };
+            (Attn::InPlace(in_place), ctx)
+        }
         None => {
             let split = |part: usize| prims.split_part(&qkv, part, 3, p.heads);
             let (qh, kh, vh) = (split(0)?, split(1)?, split(2)?);
@@ -489,6 +505,19 @@ enum Attn {
     Heads(Core),
     /// In one pass (`Prims::flash_forward`): the product it read and the log-sum-exp of each row.
     Flash(Flash),
+    /// The heads' products in place (`Prims::heads_in_place`): the product they read and the
+    /// probabilities.
+    InPlace(InPlace),
+}
+
+struct InPlace {
+    qkv: Tensor,
+    probs: Tensor,
+    /// The probabilities after dropout (what the context read), with dropout on.
+    dropped: Option<Tensor>,
+    heads: usize,
+    scale: f64,
+    drop: Option<SeededDropout>,
 }
 
 struct Flash {
@@ -521,6 +550,13 @@ impl Branch for AttentionBranch {
             Attn::Heads(core) => {
                 let [dqh, dkh, dvh] = core.backward_heads(prims, &dctx)?;
                 prims.merge_parts([&dqh, &dkh, &dvh])?
+            }
+            Attn::InPlace(a) => {
+                let p = a.dropped.as_ref().unwrap_or(&a.probs);
+                let dp = prims.head_dprobs(&dctx, &a.qkv, a.heads)?;
+                let ds = prims.softmax_backward(&a.probs, &dp, a.scale, a.drop)?;
+                drop(dp);
+                prims.head_grads(&ds, p, &dctx, &a.qkv, a.heads)?
             }
             Attn::Flash(f) => prims.flash_backward(
                 &f.qkv, &f.bias, &self.ctx, &f.lse, &dctx, f.heads, f.scale, f.drop,
@@ -902,6 +938,30 @@ mod tests {
         assert!(p.output < 1e-5, "{p:?}");
         assert!(p.input_grad < 1e-4, "{p:?}");
         assert!(p.param_grads < 1e-4, "{p:?}");
+    }
+
+    #[test]
+    fn attention_block_with_its_heads_in_place_matches_autograd() {
+        for (dtype, drop) in [
+            (DType::F32, Some(0.3)),
+            (DType::F32, None),
+            (DType::BF16, Some(0.1)),
+        ] {
+            let before = attn::in_place_runs();
+            attn::set_heads_in_place_on_cpu(true);
+            let p = parity(CpuPrims, &Device::Cpu, dtype, Block::Attention, drop);
+            attn::set_heads_in_place_on_cpu(false);
+            let p = p.unwrap();
+            assert_eq!(attn::in_place_runs() - before, 1);
+            let tol = if dtype == DType::F32 {
+                1e-4
+            } else {
+                1.0 / 16.0
+            };
+            assert!(p.output < tol / 10.0, "{dtype:?} {drop:?}: {p:?}");
+            assert!(p.input_grad < tol, "{dtype:?} {drop:?}: {p:?}");
+            assert!(p.param_grads < tol, "{dtype:?} {drop:?}: {p:?}");
+        }
     }
 
     #[test]
