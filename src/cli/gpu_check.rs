@@ -680,7 +680,27 @@ fn block_node_check(device: &Device) -> Result<bool> {
             (node::Block::Attention, "attention block"),
             (node::Block::FeedForward, "ffn block"),
         ] {
+            let in_place_before = attn::in_place_runs();
             let parity = block_parity(device, dt, block, node::ParityDims::default())?;
+            // On CUDA in bf16 the attention block takes its heads in place (where on): a row
+            // that fails if it did not, so that the rows above measured that path.
+            if device.is_cuda()
+                && precision == Precision::Bf16
+                && block == node::Block::Attention
+                && attn::heads_in_place_on()
+            {
+                let ran = attn::in_place_runs() > in_place_before;
+                ok &= ran;
+                emit(check_line(
+                    "block",
+                    precision.as_str(),
+                    &format!("{name}: ran with its heads in place"),
+                    device,
+                    f32::from(u8::from(!ran)),
+                    0.0,
+                    ran,
+                ));
+            }
             // bf16: both sides round every product to 8 bits, in different orders.
             let tol = match precision {
                 Precision::F32 => 1e-4,
@@ -1143,6 +1163,18 @@ fn bench_one(
         let what = "dense products through cuBLASLt".to_string();
         let at = json!({"stage": "ab", "what": what, "shape": shape.name});
         if let Some(off) = reported(candle, at) {
+            ab.push((what, train, Ok(off)));
+        }
+    }
+    // Attention's per-head products in place (session 13, CUDA bf16, on by default): "off"
+    // splits q, k and v into heads and merges the context (and the gradients) with copies.
+    if device.is_cuda() && precision == Precision::Bf16 && blocks_on && attn::heads_in_place_on() {
+        attn::set_heads_in_place(false);
+        let split = time_it(device, args.warmup, args.steps, || step(&mut opt));
+        attn::set_heads_in_place(true);
+        let what = "attention's heads in place".to_string();
+        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
+        if let Some(off) = reported(split, at) {
             ab.push((what, train, Ok(off)));
         }
     }
@@ -1897,12 +1929,21 @@ pub fn run(args: Args) -> Result<ExitCode> {
             note("the attention node failed its check: the rest of this run composes attention");
         }
         let blocks = block_node_check(&device);
-        let blocks = reported(blocks, json!({"stage": "block"})).unwrap_or(false);
+        let mut blocks = reported(blocks, json!({"stage": "block"})).unwrap_or(false);
+        ok &= attention && blocks;
+        // With attention's heads in place (session 13, CUDA bf16): where the blocks fail, once
+        // more on split heads, which keeps the block nodes if only the heads in place are wrong.
+        if !blocks && device.is_cuda() && attn::heads_in_place_on() {
+            attn::set_heads_in_place(false);
+            note("the block nodes failed their check with attention's heads in place: those are off for the rest of this run, and the blocks checked again");
+            let again = block_node_check(&device);
+            blocks = reported(again, json!({"stage": "block", "heads_in_place": false}))
+                .unwrap_or(false);
+        }
         if !blocks {
             ops::set_fused_blocks(false);
             note("the block nodes failed their check: the rest of this run composes the blocks");
         }
-        ok &= attention && blocks;
         if args.weight_grad_split > 1 {
             let split = split_check(&device, args.weight_grad_split as usize);
             ok &= reported(split, json!({"stage": "split"})).unwrap_or(false);

@@ -1184,6 +1184,28 @@ static void flash_bank_checks() {
         bank_ways(16, [](int lane, int c) { return long(fa_bwd_col(lane, c)); }), 1);
 }
 
+// batch_pointers: each index's three addresses, base + b * per_b + h * per_h, over a count the
+// block covers in one pass and one that it strides over.
+static void batch_pointers_check() {
+  for (auto [count, heads, blocks, threads] : {std::tuple{24u, 12u, 1u, 64u}, {1536u, 12u, 2u, 256u}, {35u, 5u, 1u, 8u}}) {
+    std::vector<uint64_t> out(3 * (size_t)count, 0);
+    const uint64_t base[3] = {0x10000, 0x7f0000000000, 0x200}, per_b[3] = {294912, 196608, 98304},
+                   per_h[3] = {128, 32768, 128};
+    emu::launch(dim3(blocks), dim3(threads), [&] {
+      batch_pointers(out.data(), count, heads, base[0], per_b[0], per_h[0], base[1], per_b[1],
+                     per_h[1], base[2], per_b[2], per_h[2]);
+    });
+    size_t wrong = 0;
+    for (uint32_t i = 0; i < count; i++)
+      for (int k = 0; k < 3; k++)
+        wrong += out[k * (size_t)count + i] != base[k] + (i / heads) * per_b[k] + (i % heads) * per_h[k];
+    char name[96];
+    std::snprintf(name, sizeof name, "batch_pointers %u of %u heads, %u x %u threads", count, heads,
+                  blocks, threads);
+    check(name, double(wrong), 0);
+  }
+}
+
 int main() {
   std::mt19937 rng(20261126);
   for (auto [rows, n, blocks] : {std::tuple{5, 48, 5u}, {37, 96, 2u}, {7, 200, 3u}, {3, 1100, 1u}, {11, 1024, 2u}, {4, 400, 1u}, {5, 520, 1u}, {6, 700, 2u}}) {
@@ -1259,6 +1281,7 @@ int main() {
   flash_check({1, 2, 160, 0.1}, rng);  // two blocks of keys (128 + 32: warps past the end idle),
                                        // dQ summed in f32 and written by flash_dq_bf16
   flash_bank_checks();
+  batch_pointers_check();
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }

@@ -1648,6 +1648,38 @@ pub fn linear_no_bias(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, LinearNoBias)
 }
 
+// ---- pointer arrays of batched products -----------------------------------------------------------
+
+/// Fills the pointer arrays of a batched product over `count` (batch, head) indices (`cuda_heads`):
+/// `out` `[3 · count]` holds A's, B's and C's addresses, each `base + b·per_b + h·per_h` bytes for
+/// index `b·heads + h` (`abc`: those three numbers of each).
+pub(super) fn batch_pointers(
+    dev: &CudaDevice,
+    out: &CudaSlice<u64>,
+    count: usize,
+    heads: usize,
+    abc: [(u64, u64, u64); 3],
+) -> Result<()> {
+    let [(a, a_b, a_h), (b, b_b, b_h), (c, c_b, c_h)] = abc;
+    let (count32, heads32) = (count as u32, heads as u32);
+    let f = load_kernel(dev, "batch_pointers")?;
+    let mut l = f.builder();
+    l.arg(out)
+        .arg(&count32)
+        .arg(&heads32)
+        .arg(&a)
+        .arg(&a_b)
+        .arg(&a_h)
+        .arg(&b)
+        .arg(&b_b)
+        .arg(&b_h)
+        .arg(&c)
+        .arg(&c_b)
+        .arg(&c_h);
+    unsafe { l.launch(elementwise(count)) }.w()?;
+    Ok(())
+}
+
 // ---- swapping the middle dimensions --------------------------------------------------------------
 
 /// One launch of the swap kernel: `y [a, c, b, d]` from `x [a, b, c, d]` (sizes in elements) with
@@ -2003,6 +2035,33 @@ impl super::attention_node::Prims for CudaPrims {
     fn gelu_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
         x.contiguous()?
             .apply_op2_no_bwd(&dy.contiguous()?, &GeluBwd)
+    }
+
+    fn heads_in_place(&self, qkv: &Tensor, heads: usize) -> bool {
+        super::cuda_heads::heads_in_place(qkv, heads)
+    }
+
+    fn head_scores(&self, qkv: &Tensor, heads: usize) -> Result<Tensor> {
+        super::cuda_heads::head_scores(qkv, heads)
+    }
+
+    fn head_context(&self, p: &Tensor, qkv: &Tensor, heads: usize) -> Result<Tensor> {
+        super::cuda_heads::head_context(p, qkv, heads)
+    }
+
+    fn head_dprobs(&self, dctx: &Tensor, qkv: &Tensor, heads: usize) -> Result<Tensor> {
+        super::cuda_heads::head_dprobs(dctx, qkv, heads)
+    }
+
+    fn head_grads(
+        &self,
+        ds: &Tensor,
+        p: &Tensor,
+        dctx: &Tensor,
+        qkv: &Tensor,
+        heads: usize,
+    ) -> Result<Tensor> {
+        super::cuda_heads::head_grads(ds, p, dctx, qkv, heads)
     }
 
     fn dense_input_grad(&self, dy: &Tensor, w: &Tensor) -> Result<Tensor> {

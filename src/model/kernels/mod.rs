@@ -18,6 +18,8 @@ pub mod colmajor;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "cuda")]
+pub mod cuda_heads;
+#[cfg(feature = "cuda")]
 pub mod cuda_lt;
 pub mod embedding_node;
 pub mod geometry;
