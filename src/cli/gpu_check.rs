@@ -569,8 +569,13 @@ fn dense_rows<P: crate::model::kernels::attention_node::Prims>(
         ];
         for (what, got, reference) in want {
             let value = max_abs_diff(&f(&got)?, &reference)? / max_abs(&reference)?.max(1e-6);
-            // bf16 results: rounded to 8 bits once, from f32 sums.
-            let tol = 1.0 / 64.0;
+            // bf16 results: rounded to 8 bits once, from f32 sums; the CPU's column sum (its
+            // stand-in for the bias gradient) adds in bf16, an error growing with the rows.
+            let tol = if what == "bias gradient" && !device.is_cuda() {
+                1.0 / 16.0
+            } else {
+                1.0 / 64.0
+            };
             let pass = within(value, tol);
             ok &= pass;
             let at = if off > 0 {
