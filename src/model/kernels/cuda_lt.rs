@@ -12,7 +12,8 @@
 //! How: `colmajor` maps each product to a column-major GEMM (tested on the CPU against cuBLAS's
 //! semantics). A `Plan` per shape, alignment and epilogue holds the descriptors and cuBLASLt's
 //! candidate algorithms (host calls only); the first product of a plan times each candidate
-//! (three runs, after one untimed) on its real operands and keeps the fastest. A shape no
+//! (three runs, after one untimed, between stream synchronisations) on its real operands and
+//! keeps the fastest. A shape no
 //! candidate takes has no plan, and the caller computes the product as before: the `Option`s
 //! below. bf16 only (the MFU target's precision; f32 stays with candle). Off with
 //! `RECYCLE_CUBLASLT=0` or `set_enabled(false)`; `gpu-check` checks these products against
@@ -20,9 +21,7 @@
 
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys};
-use candle_core::cuda_backend::cudarc::driver::{
-    self, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
-};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use candle_core::cuda_backend::{DeviceId, WrapErr};
 use candle_core::{
     bail, CpuStorage, CudaDevice, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor,
@@ -349,21 +348,25 @@ unsafe fn choose(h: &Handle, plan: &Plan, ptrs: [u64; 3], bias: Option<u64>) -> 
     if plan.candidates.len() == 1 {
         return Ok(0);
     }
-    let timing = Some(driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-    let mut best: Option<(f32, usize)> = None;
+    // Timed on the host between stream synchronisations (the build links against a driver
+    // library older than CUDA 12.8's `cuEventElapsedTime_v2`, which cudarc's event timing calls):
+    // three back-to-back launches a candidate, whose launch overhead is small next to products
+    // of tens of microseconds and the same for every candidate.
+    let mut best: Option<(f64, usize)> = None;
     for i in 0..plan.candidates.len() {
         if launch(h, plan, i, ptrs, bias).is_err() {
             continue;
         }
-        let start = h.stream.record_event(timing).w()?;
+        h.stream.synchronize().w()?;
+        let start = std::time::Instant::now();
         let mut ok = true;
         for _ in 0..TIMED_RUNS {
             ok &= launch(h, plan, i, ptrs, bias).is_ok();
         }
-        let end = h.stream.record_event(timing).w()?;
-        let ms = start.elapsed_ms(&end).w()?;
-        if ok && best.is_none_or(|(b, _)| ms < b) {
-            best = Some((ms, i));
+        h.stream.synchronize().w()?;
+        let secs = start.elapsed().as_secs_f64();
+        if ok && best.is_none_or(|(b, _)| secs < b) {
+            best = Some((secs, i));
         }
     }
     COUNTS.with(|c| {
