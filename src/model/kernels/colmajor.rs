@@ -254,10 +254,10 @@ pub fn alignment(addr: u64) -> u32 {
     }
 }
 
-/// Where a weight gradient of `elems` bf16 elements puts its bias's gradient in the buffer it
-/// shares with it (`BGRADB`'s vector): the next 256-byte boundary.
-pub fn bias_grad_offset(elems: usize) -> usize {
-    elems.next_multiple_of(128)
+/// Where a weight gradient of `elems` elements of `elem_bytes` each puts its bias's gradient in
+/// the buffer it shares with it (`BGRADB`'s vector): the next 256-byte boundary.
+pub fn bias_grad_offset(elems: usize, elem_bytes: usize) -> usize {
+    elems.next_multiple_of(256 / elem_bytes.clamp(1, 256))
 }
 
 /// The column-major product as cuBLAS defines it, in f64 (for tests): `C = op(A)·op(B)`, plus
@@ -521,10 +521,13 @@ mod tests {
 
     #[test]
     fn a_bias_gradient_starts_on_a_256_byte_boundary_after_its_weight_gradient() {
-        for elems in [1, 127, 128, 129, 768 * 768, 3072 * 768 + 5] {
-            let at = bias_grad_offset(elems);
-            assert!(at >= elems && at < elems + 128);
-            assert_eq!(at * 2 % 256, 0);
+        for bytes in [2, 4] {
+            let per = 256 / bytes;
+            for elems in [1, 63, 64, 127, 128, 129, 768 * 768, 3072 * 768 + 5] {
+                let at = bias_grad_offset(elems, bytes);
+                assert!(at >= elems && at < elems + per, "{elems} × {bytes}: {at}");
+                assert_eq!(at * bytes % 256, 0);
+            }
         }
     }
 

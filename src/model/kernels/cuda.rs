@@ -1626,7 +1626,8 @@ fn linear_bwd(x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, 
     }
     .reshape(x.shape())?;
     let (dw, db) = match super::cuda_lt::dense_param_grads(&g, &x2)? {
-        Some(both) => both,
+        // In f32 where cuBLASLt gives them so; the graph wants the weight's own dtype.
+        Some((dw, db)) => (dw.to_dtype(w.dtype())?, db),
         None => {
             let dw = super::weight_grad::weight_grad(&g, &x2)?;
             let ones = Tensor::ones((1, rows), g.dtype(), g.device())?;

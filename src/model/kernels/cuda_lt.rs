@@ -88,6 +88,8 @@ impl Epilogue {
 struct Key {
     gemm: Gemm,
     epilogue: Epilogue,
+    /// `C`'s (and the epilogue vector's) type: bf16, or f32 for weight gradients.
+    out_f32: bool,
     /// The alignment in bytes (a power of two, at most 256) of A, B and C.
     align: [u32; 3],
 }
@@ -230,17 +232,22 @@ unsafe fn make_plan(
         set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &ptr)?;
     }
     let [a, b] = g.stored();
+    let c_type = if key.out_f32 {
+        sys::cudaDataType_t::CUDA_R_32F
+    } else {
+        sys::cudaDataType_t::CUDA_R_16BF
+    };
     for (i, ([rows, cols], ld)) in [(a, g.lda), (b, g.ldb), ([g.m, g.n], g.ldc)]
         .into_iter()
         .enumerate()
     {
-        plan.layouts[i] = lt::create_matrix_layout(
-            sys::cudaDataType_t::CUDA_R_16BF,
-            rows as u64,
-            cols as u64,
-            ld as i64,
-        )
-        .map_err(|e| lt_err("layout", e))?;
+        let t = if i == 2 {
+            c_type
+        } else {
+            sys::cudaDataType_t::CUDA_R_16BF
+        };
+        plan.layouts[i] = lt::create_matrix_layout(t, rows as u64, cols as u64, ld as i64)
+            .map_err(|e| lt_err("layout", e))?;
     }
     let pref = lt::create_matmul_pref().map_err(|e| lt_err("preference", e))?;
     struct Pref(sys::cublasLtMatmulPreference_t);
@@ -424,6 +431,7 @@ fn product<'a>(
     operand: impl Fn(Operand) -> Option<Arg<'a>>,
     bias: Option<Arg<'a>>,
     bias_grad: bool,
+    out_f32: bool,
 ) -> Result<Option<CudaStorage>> {
     if !enabled() {
         return Ok(None);
@@ -468,22 +476,24 @@ fn product<'a>(
         (false, true) => Epilogue::BgradB,
         (true, true) => bail!("cuBLASLt: a bias and a bias gradient in one product"),
     };
+    let elem = if out_f32 { 4 } else { 2 };
     let total = if bias_grad {
-        bias_grad_offset(ec) + out
+        bias_grad_offset(ec, elem) + out
     } else {
         ec
     };
-    let mut y = unsafe { dev.alloc::<bf16>(total)? };
+    let mut y = Out::alloc(dev, total, out_f32)?;
     let (pc, pbias) = {
-        let (p, _sync) = y.device_ptr_mut(&stream);
+        let p = y.address(&stream);
         (
             p,
-            bias_grad.then_some(p + (bias_grad_offset(ec) * 2) as u64),
+            bias_grad.then_some(p + (bias_grad_offset(ec, elem) * elem) as u64),
         )
     };
     let key = Key {
         gemm: g,
         epilogue,
+        out_f32,
         align: [alignment(pa), alignment(pb), alignment(pc)],
     };
     let vector = bias_in.or(pbias);
@@ -494,7 +504,37 @@ fn product<'a>(
         run(h, &p, [pa, pb, pc], vector)?;
         Ok(true)
     })?;
-    Ok(ran.then(|| CudaStorage::wrap_cuda_slice(y, dev.clone())))
+    Ok(ran.then(|| y.into_storage(dev)))
+}
+
+/// A product's fresh output buffer, bf16 or f32.
+enum Out {
+    Bf16(CudaSlice<bf16>),
+    F32(CudaSlice<f32>),
+}
+
+impl Out {
+    fn alloc(dev: &CudaDevice, n: usize, f32: bool) -> Result<Self> {
+        Ok(if f32 {
+            Out::F32(unsafe { dev.alloc::<f32>(n)? })
+        } else {
+            Out::Bf16(unsafe { dev.alloc::<bf16>(n)? })
+        })
+    }
+
+    fn address(&mut self, stream: &Arc<CudaStream>) -> u64 {
+        match self {
+            Out::Bf16(s) => s.device_ptr_mut(stream).0,
+            Out::F32(s) => s.device_ptr_mut(stream).0,
+        }
+    }
+
+    fn into_storage(self, dev: &CudaDevice) -> CudaStorage {
+        match self {
+            Out::Bf16(s) => CudaStorage::wrap_cuda_slice(s, dev.clone()),
+            Out::F32(s) => CudaStorage::wrap_cuda_slice(s, dev.clone()),
+        }
+    }
 }
 
 /// `y = x·Wᵀ (+ b)` for `x` `[rows, inp]`, `W` `[out, inp]`, `b` `[out]` (bf16, contiguous):
@@ -517,6 +557,7 @@ pub(crate) fn linear(
         },
         b,
         false,
+        false,
     )
 }
 
@@ -538,6 +579,7 @@ pub(crate) fn input_grad(
         },
         None,
         false,
+        false,
     )
 }
 
@@ -548,6 +590,7 @@ pub(crate) fn param_grads(
     x: Arg,
     (rows, inp, out): (usize, usize, usize),
     bias: bool,
+    out_f32: bool,
 ) -> Result<Option<CudaStorage>> {
     let dev = dy.0.device().clone();
     product(
@@ -561,6 +604,7 @@ pub(crate) fn param_grads(
         },
         None,
         bias,
+        out_f32,
     )
 }
 
@@ -588,8 +632,9 @@ pub fn dense_input_grad(dy: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 }
 
 /// `(dyᵀ·x, Σ_rows dy)` (`dy` `[rows, out]`, `x` `[rows, inp]`): a dense layer's weight and bias
-/// gradients from one product with the `BGRADB` epilogue; `None` as `dense_input_grad`, or when
-/// the weight gradient is to be split.
+/// gradients from one product with the `BGRADB` epilogue, in f32 where cuBLASLt has an algorithm
+/// for that (the f32 masters take them as they are, and the sums are not rounded to bf16 first),
+/// else in bf16; `None` as `dense_input_grad`, or when the weight gradient is to be split.
 pub fn dense_param_grads(dy: &Tensor, x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
     if !eligible(&[dy, x]) || super::weight_grad::split() > 1 {
         return Ok(None);
@@ -598,12 +643,17 @@ pub fn dense_param_grads(dy: &Tensor, x: &Tensor) -> Result<Option<(Tensor, Tens
     let ((rows, out), inp) = (dy.dims2()?, x.dim(1)?);
     // Where cuBLASLt has no algorithm with the epilogue, the caller's two products are faster
     // than the op's own fallback (candle's strided column sum).
-    if !bgradb_available(&dy, &x, (rows, inp, out))? {
+    let out_f32 = if bgradb_available(&dy, &x, (rows, inp, out), true)? {
+        true
+    } else if bgradb_available(&dy, &x, (rows, inp, out), false)? {
+        false
+    } else {
         return Ok(None);
-    }
-    let both = dy.apply_op2_no_bwd(&x, &ParamGrads)?;
+    };
+    let both = dy.apply_op2_no_bwd(&x, &ParamGrads { out_f32 })?;
+    let elem = if out_f32 { 4 } else { 2 };
     let dw = both.narrow(0, 0, out * inp)?.reshape((out, inp))?;
-    let db = both.narrow(0, bias_grad_offset(out * inp), out)?;
+    let db = both.narrow(0, bias_grad_offset(out * inp, elem), out)?;
     Ok(Some((dw, db)))
 }
 
@@ -622,7 +672,12 @@ fn address(t: &Tensor) -> Result<u64> {
 
 /// Whether cuBLASLt has an algorithm for the weight gradient with `BGRADB` over these operands
 /// (the plan the op will take, made now; the output is a fresh allocation, 256-byte aligned).
-fn bgradb_available(dy: &Tensor, x: &Tensor, dims: (usize, usize, usize)) -> Result<bool> {
+fn bgradb_available(
+    dy: &Tensor,
+    x: &Tensor,
+    dims: (usize, usize, usize),
+    out_f32: bool,
+) -> Result<bool> {
     let candle_core::Device::Cuda(dev) = dy.device() else {
         return Ok(false);
     };
@@ -632,6 +687,7 @@ fn bgradb_available(dy: &Tensor, x: &Tensor, dims: (usize, usize, usize)) -> Res
     let key = Key {
         gemm: g,
         epilogue: Epilogue::BgradB,
+        out_f32,
         align: [alignment(pa), alignment(pb), 256],
     };
     with_handle(dev, |h| {
@@ -695,7 +751,10 @@ impl CustomOp2 for InputGrad {
     }
 }
 
-struct ParamGrads;
+/// `dW` and `db` in one buffer (`db` at `bias_grad_offset`), bf16 or f32.
+struct ParamGrads {
+    out_f32: bool,
+}
 
 impl CustomOp2 for ParamGrads {
     fn name(&self) -> &'static str {
@@ -729,18 +788,28 @@ impl CustomOp2 for ParamGrads {
                 xl.dims()
             );
         }
-        let at = bias_grad_offset(out * inp);
+        let (dtype, elem) = if self.out_f32 {
+            (DType::F32, 4)
+        } else {
+            (DType::BF16, 2)
+        };
+        let at = bias_grad_offset(out * inp, elem);
         let shape = Shape::from(at + out);
-        if let Some(both) = param_grads((dy, dyl), (x, xl), (rows, inp, out), true)? {
+        if let Some(both) = param_grads((dy, dyl), (x, xl), (rows, inp, out), true, self.out_f32)? {
             return Ok((both, shape));
         }
-        // No algorithm with the epilogue: candle's product of the transposed gradient, its sum
-        // over the rows, both copied into one buffer.
+        // No algorithm with the epilogue (the caller asked beforehand, so only where the plan
+        // differs, as for an output less aligned than allocations are): candle's product of the
+        // transposed gradient and its sum over the rows, in `dtype`, copied into one buffer.
         let dyt = dyl.transpose(0, 1)?;
-        let dw = dy.matmul(x, (1, out, inp, rows), &dyt, xl)?;
-        let db = dy.reduce_op(candle_core::op::ReduceOp::Sum, dyl, &[0])?;
+        let dw = dy
+            .matmul(x, (1, out, inp, rows), &dyt, xl)?
+            .to_dtype(&Layout::contiguous((out, inp)), dtype)?;
+        let db = dy
+            .reduce_op(candle_core::op::ReduceOp::Sum, dyl, &[0])?
+            .to_dtype(&Layout::contiguous(out), dtype)?;
         let dev = dy.device();
-        let mut both = dev.zeros_impl(&shape, DType::BF16)?;
+        let mut both = dev.zeros_impl(&shape, dtype)?;
         dw.copy_strided_src(&mut both, 0, &Layout::contiguous((out, inp)))?;
         db.copy_strided_src(&mut both, at, &Layout::contiguous(out))?;
         Ok((both, shape))
