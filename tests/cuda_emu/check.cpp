@@ -1184,24 +1184,30 @@ static void flash_bank_checks() {
         bank_ways(16, [](int lane, int c) { return long(fa_bwd_col(lane, c)); }), 1);
 }
 
-// batch_pointers: each index's three addresses, base + b * per_b + h * per_h, over a count the
-// block covers in one pass and one that it strides over.
+// batch_pointers: each index's addresses, base + b * per_b + h * per_h, for one product's three
+// arrays and for three products' nine, over a count the block covers in one pass and one that it
+// strides over; the words past the arrays asked for stay untouched.
 static void batch_pointers_check() {
-  for (auto [count, heads, blocks, threads] : {std::tuple{24u, 12u, 1u, 64u}, {1536u, 12u, 2u, 256u}, {35u, 5u, 1u, 8u}}) {
-    std::vector<uint64_t> out(3 * (size_t)count, 0);
-    const uint64_t base[3] = {0x10000, 0x7f0000000000, 0x200}, per_b[3] = {294912, 196608, 98304},
-                   per_h[3] = {128, 32768, 128};
-    emu::launch(dim3(blocks), dim3(threads), [&] {
-      batch_pointers(out.data(), count, heads, base[0], per_b[0], per_h[0], base[1], per_b[1],
-                     per_h[1], base[2], per_b[2], per_h[2]);
-    });
+  for (auto [count, heads, blocks, threads, arrays] :
+       {std::tuple{24u, 12u, 1u, 64u, 3u}, {1536u, 12u, 2u, 256u, 9u}, {35u, 5u, 1u, 8u, 6u}}) {
+    std::vector<uint64_t> out(9 * (size_t)count + 1, 7);
+    PointerPlan plan{};
+    for (uint32_t k = 0; k < BATCH_ARRAYS; k++) {
+      plan.base[k] = 0x10000ull * (k + 1) + (k % 2 ? 0x7f0000000000ull : 0);
+      plan.per_b[k] = 98304ull * (k + 1);
+      plan.per_h[k] = 128ull << (k % 3);
+    }
+    emu::launch(dim3(blocks), dim3(threads), [&] { batch_pointers(out.data(), count, heads, arrays, plan); });
     size_t wrong = 0;
     for (uint32_t i = 0; i < count; i++)
-      for (int k = 0; k < 3; k++)
-        wrong += out[k * (size_t)count + i] != base[k] + (i / heads) * per_b[k] + (i % heads) * per_h[k];
-    char name[96];
-    std::snprintf(name, sizeof name, "batch_pointers %u of %u heads, %u x %u threads", count, heads,
-                  blocks, threads);
+      for (uint32_t k = 0; k < BATCH_ARRAYS; k++) {
+        const uint64_t want = k < arrays ? plan.base[k] + (i / heads) * plan.per_b[k] + (i % heads) * plan.per_h[k] : 7;
+        wrong += out[k * (size_t)count + i] != want;
+      }
+    wrong += out.back() != 7;
+    char name[112];
+    std::snprintf(name, sizeof name, "batch_pointers %u arrays of %u indices (%u heads), %u x %u threads",
+                  arrays, count, heads, blocks, threads);
     check(name, double(wrong), 0);
   }
 }

@@ -1651,32 +1651,50 @@ pub fn linear_no_bias(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 // ---- pointer arrays of batched products -----------------------------------------------------------
 
-/// Fills the pointer arrays of a batched product over `count` (batch, head) indices (`cuda_heads`):
-/// `out` `[3 · count]` holds A's, B's and C's addresses, each `base + b·per_b + h·per_h` bytes for
-/// index `b·heads + h` (`abc`: those three numbers of each).
+/// The most pointer arrays one `batch_pointers` launch fills (three products' A, B and C).
+pub(super) const BATCH_ARRAYS: usize = 9;
+
+/// `batch_pointers`'s table, by value (kernels.cu's `PointerPlan`).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct PointerPlan {
+    base: [u64; BATCH_ARRAYS],
+    per_b: [u64; BATCH_ARRAYS],
+    per_h: [u64; BATCH_ARRAYS],
+}
+
+// SAFETY: plain old data of the kernel parameter's C layout (`#[repr(C)]`, u64 arrays only).
+unsafe impl DeviceRepr for PointerPlan {}
+
+/// Fills the pointer arrays of batched products over `count` (batch, head) indices (`cuda_heads`):
+/// `out` `[arrays.len() · count]`, array `a` holding `base + b·per_b + h·per_h` bytes for index
+/// `b·heads + h` (`arrays[a]`: those three numbers), up to `BATCH_ARRAYS` arrays in one launch.
 pub(super) fn batch_pointers(
     dev: &CudaDevice,
     out: &CudaSlice<u64>,
     count: usize,
     heads: usize,
-    abc: [(u64, u64, u64); 3],
+    arrays: &[(u64, u64, u64)],
 ) -> Result<()> {
-    let [(a, a_b, a_h), (b, b_b, b_h), (c, c_b, c_h)] = abc;
-    let (count32, heads32) = (count as u32, heads as u32);
+    if arrays.len() > BATCH_ARRAYS || out.len() < arrays.len() * count {
+        bail!(
+            "batch pointers: {} arrays of {count} into {} words",
+            arrays.len(),
+            out.len()
+        );
+    }
+    let mut plan = PointerPlan::default();
+    for (i, &(base, per_b, per_h)) in arrays.iter().enumerate() {
+        (plan.base[i], plan.per_b[i], plan.per_h[i]) = (base, per_b, per_h);
+    }
+    let (count32, heads32, arrays32) = (count as u32, heads as u32, arrays.len() as u32);
     let f = load_kernel(dev, "batch_pointers")?;
     let mut l = f.builder();
     l.arg(out)
         .arg(&count32)
         .arg(&heads32)
-        .arg(&a)
-        .arg(&a_b)
-        .arg(&a_h)
-        .arg(&b)
-        .arg(&b_b)
-        .arg(&b_h)
-        .arg(&c)
-        .arg(&c_b)
-        .arg(&c_h);
+        .arg(&arrays32)
+        .arg(&plan);
     unsafe { l.launch(elementwise(count)) }.w()?;
     Ok(())
 }

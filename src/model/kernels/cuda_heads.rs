@@ -7,8 +7,8 @@
 //! `[b, heads, s, d]`, the merge of the context, and the backward's split of the context's gradient
 //! and merge of q's, k's and v's were 96 copy kernels a step, 1.35 ms of 30.8 busy. Strided batched
 //! products cannot express these layouts (a head's offset is `b·per_b + h·per_h`, two strides);
-//! pointer arrays can, for one small kernel a product (`batch_pointers` in kernels.cu) that writes
-//! them on the device.
+//! pointer arrays can, for one small kernel (`batch_pointers` in kernels.cu) that writes them on
+//! the device: one launch for each forward product, one for the backward's three q/k/v products.
 //!
 //! The mapping of each product to a GEMM is `colmajor::head_gemm`, checked on the CPU against
 //! per-head attention; `Prims`'s tensor-op forms of the same products check the block node's use
@@ -150,37 +150,37 @@ fn fresh(dev: &CudaDevice, dims: &[usize]) -> Result<(CudaStorage, u64)> {
     Ok((storage, at))
 }
 
-/// Product `p` over every (batch, head): `l`, `r` and `y` the addresses of the buffers holding
-/// its `L`, `R` and `Y` (`colmajor::head_gemm` places each head in them).
-fn batched(dev: &CudaDevice, dims: &Dims, p: HeadProduct, [l, r, y]: [u64; 3]) -> Result<()> {
-    let HeadGemm {
-        gemm: g,
-        l: hl,
-        r: hr,
-        y: hy,
-    } = head_gemm(p, dims.s, dims.heads, dims.d);
-    g.validate()?;
+/// Products over every (batch, head), each `(p, [l, r, y])`: `l`, `r` and `y` the addresses of
+/// the buffers holding its `L`, `R` and `Y` (`colmajor::head_gemm` places each head in them).
+/// One launch fills every product's pointer arrays, then one cuBLAS batched product each.
+fn batched(dev: &CudaDevice, dims: &Dims, products: &[(HeadProduct, [u64; 3])]) -> Result<()> {
     let count = dims.b * dims.heads;
-    let ints = [g.m, g.n, g.k, g.lda, g.ldb, g.ldc, count];
-    if ints.iter().any(|&v| v > i32::MAX as usize) {
-        bail!("attention heads in place: {p:?} too large for cuBLAS's 32-bit sizes");
+    let gemms: Vec<HeadGemm> = products
+        .iter()
+        .map(|&(p, _)| head_gemm(p, dims.s, dims.heads, dims.d))
+        .collect();
+    let mut arrays = Vec::with_capacity(3 * products.len());
+    for (hg, &(p, [l, r, y])) in gemms.iter().zip(products) {
+        let g = &hg.gemm;
+        g.validate()?;
+        if [g.m, g.n, g.k, g.lda, g.ldb, g.ldc, count]
+            .iter()
+            .any(|&v| v > i32::MAX as usize)
+        {
+            bail!("attention heads in place: {p:?} too large for cuBLAS's 32-bit sizes");
+        }
+        let bytes = |base: u64, h: Heads| {
+            (
+                base + 2 * h.base as u64,
+                2 * h.per_b as u64,
+                2 * h.per_h as u64,
+            )
+        };
+        // cuBLAS's A is the product's R and its B is L (`colmajor::row_major`).
+        arrays.extend([bytes(r, hg.r), bytes(l, hg.l), bytes(y, hg.y)]);
     }
-    let ptrs = unsafe { dev.alloc::<u64>(3 * count)? };
-    let bytes = |base: u64, h: Heads| {
-        (
-            base + 2 * h.base as u64,
-            2 * h.per_b as u64,
-            2 * h.per_h as u64,
-        )
-    };
-    // cuBLAS's A is the product's R and its B is L (`colmajor::row_major`).
-    super::cuda::batch_pointers(
-        dev,
-        &ptrs,
-        count,
-        dims.heads,
-        [bytes(r, hr), bytes(l, hl), bytes(y, hy)],
-    )?;
+    let ptrs = unsafe { dev.alloc::<u64>(arrays.len() * count)? };
+    super::cuda::batch_pointers(dev, &ptrs, count, dims.heads, &arrays)?;
     let stream = dev.cuda_stream();
     let (at, _sync) = ptrs.device_ptr(&stream);
     let op = |t: bool| {
@@ -191,36 +191,39 @@ fn batched(dev: &CudaDevice, dims: &Dims, p: HeadProduct, [l, r, y]: [u64; 3]) -
         }
     };
     let (one, zero) = (1f32, 0f32);
-    let arrays = |i: u64| (at + 8 * count as u64 * i) as *const std::ffi::c_void;
+    let array = |i: usize| (at + (8 * count * i) as u64) as *const std::ffi::c_void;
     let handle = dev.cublas_handle();
-    let status = unsafe {
-        blas::cublasGemmBatchedEx(
-            *handle.handle(),
-            op(g.transa),
-            op(g.transb),
-            g.m as i32,
-            g.n as i32,
-            g.k as i32,
-            &one as *const f32 as *const _,
-            arrays(0) as *const *const std::ffi::c_void,
-            blas::cudaDataType_t::CUDA_R_16BF,
-            g.lda as i32,
-            arrays(1) as *const *const std::ffi::c_void,
-            blas::cudaDataType_t::CUDA_R_16BF,
-            g.ldb as i32,
-            &zero as *const f32 as *const _,
-            arrays(2) as *const *mut std::ffi::c_void,
-            blas::cudaDataType_t::CUDA_R_16BF,
-            g.ldc as i32,
-            count as i32,
-            blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
-        )
-    };
-    if status != blas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-        bail!("attention heads in place: cuBLAS's batched product {p:?} failed: {status:?}");
+    for (j, (hg, &(p, _))) in gemms.iter().zip(products).enumerate() {
+        let g = &hg.gemm;
+        let status = unsafe {
+            blas::cublasGemmBatchedEx(
+                *handle.handle(),
+                op(g.transa),
+                op(g.transb),
+                g.m as i32,
+                g.n as i32,
+                g.k as i32,
+                &one as *const f32 as *const _,
+                array(3 * j) as *const *const std::ffi::c_void,
+                blas::cudaDataType_t::CUDA_R_16BF,
+                g.lda as i32,
+                array(3 * j + 1) as *const *const std::ffi::c_void,
+                blas::cudaDataType_t::CUDA_R_16BF,
+                g.ldb as i32,
+                &zero as *const f32 as *const _,
+                array(3 * j + 2) as *const *mut std::ffi::c_void,
+                blas::cudaDataType_t::CUDA_R_16BF,
+                g.ldc as i32,
+                count as i32,
+                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+            )
+        };
+        if status != blas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            bail!("attention heads in place: cuBLAS's batched product {p:?} failed: {status:?}");
+        }
     }
-    // `ptrs` is freed in stream order (after the product has read it).
+    // `ptrs` is freed in stream order (after the products have read it).
     Ok(())
 }
 
@@ -247,7 +250,7 @@ impl CustomOp1 for Scores {
         let dev = qkv.device();
         let (out, y) = fresh(dev, &dims.square())?;
         let q = address(qkv, ql)?;
-        batched(dev, &dims, HeadProduct::Scores, [q, q, y])?;
+        batched(dev, &dims, &[(HeadProduct::Scores, [q, q, y])])?;
         Ok((out, Shape::from(dims.square().to_vec())))
     }
 }
@@ -301,8 +304,7 @@ impl CustomOp2 for Pair {
         batched(
             dev,
             &dims,
-            self.product,
-            [address(l, ll)?, address(qkv, ql)?, y],
+            &[(self.product, [address(l, ll)?, address(qkv, ql)?, y])],
         )?;
         Ok((out, Shape::from(out_dims)))
     }
@@ -352,9 +354,15 @@ impl CustomOp3 for Grads {
         let dev = qkv.device();
         let (out, y) = fresh(dev, &dims.fused())?;
         let (s, g, q) = (address(ds, dsl)?, address(dctx, gl)?, address(qkv, ql)?);
-        batched(dev, &dims, HeadProduct::DQ, [s, q, y])?;
-        batched(dev, &dims, HeadProduct::DK, [s, q, y])?;
-        batched(dev, &dims, HeadProduct::DV, [address(p, pl)?, g, y])?;
+        batched(
+            dev,
+            &dims,
+            &[
+                (HeadProduct::DQ, [s, q, y]),
+                (HeadProduct::DK, [s, q, y]),
+                (HeadProduct::DV, [address(p, pl)?, g, y]),
+            ],
+        )?;
         Ok((out, Shape::from(dims.fused().to_vec())))
     }
 }

@@ -1197,16 +1197,18 @@ __device__ void split_sum(const T *x, T *out, size_t n, uint32_t parts) {
 // A batched product over every (batch b, head h), index i = b * heads + h, reads its A, B and C at
 // base + b * per_b + h * per_h (bytes; src/model/kernels/colmajor.rs, head_gemm): q, k and v where
 // the fused [batch, seq, 3 * hidden] product holds them, the context in [batch, seq, hidden]. One
-// thread an index writes the three arrays, out[i], out[count + i], out[2 * count + i].
+// launch writes the arrays of up to three products (A, B, C each): array a holds out[a * count + i].
+#define BATCH_ARRAYS 9
+struct PointerPlan {
+  uint64_t base[BATCH_ARRAYS], per_b[BATCH_ARRAYS], per_h[BATCH_ARRAYS];
+};
+
 extern "C" __global__ void batch_pointers(uint64_t *out, uint32_t count, uint32_t heads,
-                                          uint64_t a, uint64_t a_b, uint64_t a_h, uint64_t b,
-                                          uint64_t b_b, uint64_t b_h, uint64_t c, uint64_t c_b,
-                                          uint64_t c_h) {
+                                          uint32_t arrays, PointerPlan plan) {
   for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
     const uint64_t bi = i / heads, hi = i % heads;
-    out[i] = a + bi * a_b + hi * a_h;
-    out[count + i] = b + bi * b_b + hi * b_h;
-    out[2 * (size_t)count + i] = c + bi * c_b + hi * c_h;
+    for (uint32_t a = 0; a < arrays && a < BATCH_ARRAYS; a++)
+      out[a * (size_t)count + i] = plan.base[a] + bi * plan.per_b[a] + hi * plan.per_h[a];
   }
 }
 
