@@ -508,7 +508,8 @@ fn dropout_check(device: &Device) -> Result<bool> {
 }
 
 /// A dense layer's three products as training takes them outside the graph (`ops::linear` for
-/// `x·Wᵀ + b`, the device's `Prims` for `dy·W` and for `dyᵀ·x` with the bias's gradient): on CUDA
+/// `x·Wᵀ + b`, the device's `Prims` for `dy·W`, for `dy·W + r` with a residual's gradient added,
+/// and for `dyᵀ·x` with the bias's gradient): on CUDA
 /// in bf16 through cuBLASLt (`kernels::cuda_lt`: the bias and its gradient in the products'
 /// epilogues, each shape's algorithm timed), against the same products in f32 from the same bf16
 /// operands. Shapes with rows that no tile divides, and operands one element off their buffer's
@@ -556,14 +557,21 @@ fn dense_rows<P: crate::model::kernels::attention_node::Prims>(
         let w = operand(&[out, inp], 1.0 / (inp as f64).sqrt())?;
         let b = operand(&[out], 0.5)?;
         let dy = operand(&[rows, out], 1.0)?;
+        let residual = operand(&[rows, inp], 1.0)?;
         let y = ops::linear(&x, &w, Some(&b))?;
         let dx = prims.dense_input_grad(&dy, &w)?;
+        let dx_plus = prims.dense_input_grad_plus(&dy, &w, &residual)?;
         let (dw, db) = prims.dense_param_grads(&dy, &x)?;
         let f = |t: &Tensor| t.to_dtype(DType::F32);
         let (xf, wf, bf, dyf) = (f(&x)?, f(&w)?, f(&b)?, f(&dy)?);
         let want = [
             ("x.W^T + b", y, xf.matmul(&wf.t()?)?.broadcast_add(&bf)?),
             ("dy.W", dx, dyf.matmul(&wf)?),
+            (
+                "dy.W + r (a residual's gradient)",
+                dx_plus,
+                (dyf.matmul(&wf)? + f(&residual)?)?,
+            ),
             ("dy^T.x", dw, dyf.t()?.matmul(&xf)?),
             ("bias gradient", db, dyf.sum(0)?),
         ];

@@ -132,6 +132,12 @@ pub trait Prims: Send + Sync + 'static {
         dy.matmul(w)
     }
 
+    /// `dy·W + plus` (`plus` `[rows, in]`): a block's input gradient through its branch plus the
+    /// residual's, in one product where the device can add inside it.
+    fn dense_input_grad_plus(&self, dy: &Tensor, w: &Tensor, plus: &Tensor) -> Result<Tensor> {
+        self.add(&self.dense_input_grad(dy, w)?, plus)
+    }
+
     /// A dense layer's weight and bias gradients outside the graph: `dyᵀ·x` and the sum of `dy`
     /// over its rows (`dy` `[rows, out]`, `x` `[rows, in]`).
     fn dense_param_grads(&self, dy: &Tensor, x: &Tensor) -> Result<(Tensor, Tensor)> {

@@ -284,9 +284,11 @@ fn rows(t: &Tensor) -> Result<Tensor> {
 trait Branch: Send + Sync + 'static {
     const NAME: &'static str;
 
-    /// Given the gradient of the branch's output `dh` `[rows, hidden]`, the gradient of `x`
-    /// through the branch (`[rows, hidden]`) and those of the branch's parameters in slot order
-    /// (the layer norm's come after them).
+    /// Given the gradient of the branch's output `dh` `[rows, hidden]` and that of `x` through
+    /// the residual `ds` `[rows, hidden]`: the whole gradient of `x` (the branch's plus `ds`,
+    /// added by the branch's last product where the device can: `Prims::dense_input_grad_plus`),
+    /// `[rows, hidden]`, and those of the branch's parameters in slot order (the layer norm's come
+    /// after them).
     fn backward<P: Prims>(
         &self,
         prims: &P,
@@ -294,6 +296,7 @@ trait Branch: Send + Sync + 'static {
         flat: &Tensor,
         slots: &Slots,
         dh: &Tensor,
+        ds: &Tensor,
     ) -> Result<(Tensor, Vec<Tensor>)>;
 }
 
@@ -361,9 +364,11 @@ impl<P: Prims, B: Branch> CustomOp2 for Node<P, B> {
         let (prims, slots) = (&self.prims, &self.slots);
         let (x, flat) = (x.detach(), flat.detach());
         let [ds, dh, dgamma, dbeta] = self.tail.backward(prims, &flat, slots, grad)?;
-        let (dx, mut grads) = self.branch.backward(prims, &x, &flat, slots, &rows(&dh)?)?;
+        let (dx, mut grads) =
+            self.branch
+                .backward(prims, &x, &flat, slots, &rows(&dh)?, &rows(&ds)?)?;
         grads.extend([dgamma, dbeta]);
-        let dx = prims.add(&dx.reshape(x.shape())?, &ds)?;
+        let dx = dx.reshape(x.shape())?;
         let dflat = match &self.sink {
             Some(sink) => {
                 sink.deposit(prims, slots, &grads)?;
@@ -539,6 +544,7 @@ impl Branch for AttentionBranch {
         flat: &Tensor,
         slots: &Slots,
         dh: &Tensor,
+        ds: &Tensor,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let hidden = x.dim(candle_core::D::Minus1)?;
         let (dwo, dbo) = prims.dense_param_grads(dh, &rows(&self.ctx)?)?;
@@ -563,7 +569,7 @@ impl Branch for AttentionBranch {
             )?,
         };
         let dqkv = rows(&dqkv)?;
-        let dx = prims.dense_input_grad(&dqkv, &slots.stacked(flat, WQ, WV, hidden)?)?;
+        let dx = prims.dense_input_grad_plus(&dqkv, &slots.stacked(flat, WQ, WV, hidden)?, ds)?;
         let (dwqkv, dbqkv) = prims.dense_param_grads(&dqkv, &rows(x)?)?;
         Ok((dx, vec![dwqkv, dbqkv, dwo, dbo]))
     }
@@ -635,12 +641,13 @@ impl Branch for FfnBranch {
         flat: &Tensor,
         slots: &Slots,
         dh: &Tensor,
+        ds: &Tensor,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let (dw2, db2) = prims.dense_param_grads(dh, &rows(&self.g)?)?;
         let dg = prims.dense_input_grad(dh, &slots.view(flat, W2)?)?;
         let du = prims.gelu_backward(&rows(&self.u)?, &dg)?;
         let (dw1, db1) = prims.dense_param_grads(&du, &rows(x)?)?;
-        let dx = prims.dense_input_grad(&du, &slots.view(flat, W1)?)?;
+        let dx = prims.dense_input_grad_plus(&du, &slots.view(flat, W1)?, ds)?;
         Ok((dx, vec![dw1, db1, dw2, db2]))
     }
 }

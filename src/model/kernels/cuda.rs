@@ -1126,6 +1126,15 @@ impl CustomOp2 for Add {
     }
 }
 
+/// `x + y` on storages (one shape, one dtype): recycle's packed add (`Add`), for ops that add
+/// inside their own forward.
+pub(super) fn add_storage(
+    (x, xl): (&CudaStorage, &Layout),
+    (y, yl): (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    Ok(Add.cuda_fwd(x, xl, y, yl)?.0)
+}
+
 struct GeluBwd;
 
 impl CustomOp2 for GeluBwd {
@@ -1620,7 +1629,7 @@ fn linear_bwd(x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, 
     let rows = x.elem_count() / k;
     let g = grad.contiguous()?.reshape((rows, out))?;
     let (x2, w) = (x.detach().reshape((rows, k))?, w.detach());
-    let dx = match super::cuda_lt::dense_input_grad(&g, &w)? {
+    let dx = match super::cuda_lt::dense_input_grad(&g, &w, None)? {
         Some(dx) => dx,
         None => g.matmul(&w)?,
     }
@@ -2084,9 +2093,16 @@ impl super::attention_node::Prims for CudaPrims {
     }
 
     fn dense_input_grad(&self, dy: &Tensor, w: &Tensor) -> Result<Tensor> {
-        match super::cuda_lt::dense_input_grad(dy, w)? {
+        match super::cuda_lt::dense_input_grad(dy, w, None)? {
             Some(dx) => Ok(dx),
             None => dy.matmul(w),
+        }
+    }
+
+    fn dense_input_grad_plus(&self, dy: &Tensor, w: &Tensor, plus: &Tensor) -> Result<Tensor> {
+        match super::cuda_lt::dense_input_grad(dy, w, Some(plus))? {
+            Some(dx) => Ok(dx),
+            None => self.add(&self.dense_input_grad(dy, w)?, plus),
         }
     }
 

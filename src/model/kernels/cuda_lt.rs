@@ -90,8 +90,9 @@ struct Key {
     epilogue: Epilogue,
     /// `C`'s (and the epilogue vector's) type: bf16, or f32 for weight gradients.
     out_f32: bool,
-    /// The alignment in bytes (a power of two, at most 256) of A, B and C.
-    align: [u32; 3],
+    /// The alignment in bytes (a power of two, at most 256) of A, B, C and D (C is D unless the
+    /// product accumulates onto another tensor).
+    align: [u32; 4],
 }
 
 /// One product's descriptors and candidate algorithms.
@@ -267,7 +268,7 @@ unsafe fn make_plan(
         set_pref(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &key.align[0])?;
         set_pref(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &key.align[1])?;
         set_pref(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &key.align[2])?;
-        set_pref(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.align[2])?;
+        set_pref(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.align[3])?;
     }
     let mut results: [sys::cublasLtMatmulHeuristicResult_t; CANDIDATES] = std::mem::zeroed();
     let mut found: std::ffi::c_int = 0;
@@ -309,14 +310,27 @@ impl<T: Copy> AsBytes for T {
     }
 }
 
+/// A product's addresses: `D = A·B (+ C)`, `C` added (`beta` 1) when it is not `D` itself.
+#[derive(Debug, Clone, Copy)]
+struct Ptrs {
+    a: u64,
+    b: u64,
+    c: u64,
+    d: u64,
+}
+
+impl Ptrs {
+    fn beta(&self) -> f32 {
+        if self.c == self.d {
+            0.0
+        } else {
+            1.0
+        }
+    }
+}
+
 /// One product with candidate `i` of `plan`.
-unsafe fn launch(
-    h: &Handle,
-    plan: &Plan,
-    i: usize,
-    [a, b, c]: [u64; 3],
-    bias: Option<u64>,
-) -> Result<()> {
+unsafe fn launch(h: &Handle, plan: &Plan, i: usize, p: Ptrs, bias: Option<u64>) -> Result<()> {
     if let Some(ptr) = bias {
         set_desc(
             plan.desc,
@@ -324,21 +338,21 @@ unsafe fn launch(
             &ptr,
         )?;
     }
-    let (one, zero) = (1f32, 0f32);
+    let (one, beta) = (1f32, p.beta());
     let [la, lb, lc] = plan.layouts;
     let (ws, _ws_sync) = h.workspace.device_ptr(&h.stream);
     lt::matmul(
         h.handle,
         plan.desc,
         &one as *const f32 as *const _,
-        &zero as *const f32 as *const _,
-        a as *const _,
+        &beta as *const f32 as *const _,
+        p.a as *const _,
         la,
-        b as *const _,
+        p.b as *const _,
         lb,
-        c as *const _,
+        p.c as *const _,
         lc,
-        c as *mut _,
+        p.d as *mut _,
         lc,
         &plan.candidates[i].algo,
         ws as *mut _,
@@ -350,8 +364,9 @@ unsafe fn launch(
 
 /// Times each candidate on these operands (an untimed run, then `TIMED_RUNS`) and keeps the
 /// fastest; a candidate that fails is passed over. The operands' results are those of the last
-/// candidate run, and the caller runs the chosen one after.
-unsafe fn choose(h: &Handle, plan: &Plan, ptrs: [u64; 3], bias: Option<u64>) -> Result<usize> {
+/// candidate run, and the caller runs the chosen one after (`D` is never `C` when `C` is added,
+/// so every run gives the same result).
+unsafe fn choose(h: &Handle, plan: &Plan, ptrs: Ptrs, bias: Option<u64>) -> Result<usize> {
     if plan.candidates.len() == 1 {
         return Ok(0);
     }
@@ -387,7 +402,7 @@ unsafe fn choose(h: &Handle, plan: &Plan, ptrs: [u64; 3], bias: Option<u64>) -> 
 }
 
 /// Runs `plan` on these addresses (choosing its algorithm on first use).
-fn run(h: &Handle, plan: &Plan, ptrs: [u64; 3], bias: Option<u64>) -> Result<()> {
+fn run(h: &Handle, plan: &Plan, ptrs: Ptrs, bias: Option<u64>) -> Result<()> {
     let i = match plan.chosen.get() {
         Some(i) => i,
         None => {
@@ -429,10 +444,14 @@ fn product<'a>(
     which: Product,
     (rows, inp, out): (usize, usize, usize),
     operand: impl Fn(Operand) -> Option<Arg<'a>>,
-    bias: Option<Arg<'a>>,
-    bias_grad: bool,
-    out_f32: bool,
+    extra: Extra<'a>,
 ) -> Result<Option<CudaStorage>> {
+    let Extra {
+        bias,
+        bias_grad,
+        out_f32,
+        plus,
+    } = extra;
     if !enabled() {
         return Ok(None);
     }
@@ -440,8 +459,12 @@ fn product<'a>(
     let (Some(a), Some(b)) = (operand(ta), operand(tb)) else {
         bail!("cuBLASLt: an operand of {which:?} is missing")
     };
+    if plus.is_some() && (out_f32 || bias_grad) {
+        bail!("cuBLASLt: a tensor added onto a product with an f32 output or a bias gradient");
+    }
     let mut all = vec![a, b];
     all.extend(bias);
+    all.extend(plus);
     if !takes(&all) {
         return Ok(None);
     }
@@ -461,6 +484,10 @@ fn product<'a>(
     };
     let (pa, _) = slice(a, ea, "A")?;
     let (pb, _) = slice(b, eb, "B")?;
+    let p_plus = match plus {
+        Some(arg) => Some(slice(arg, ec, "C")?.0),
+        None => None,
+    };
     let bias_in = match bias {
         Some(arg) => Some(slice(arg, out, "bias")?.0),
         None => None,
@@ -483,28 +510,45 @@ fn product<'a>(
         ec
     };
     let mut y = Out::alloc(dev, total, out_f32)?;
-    let (pc, pbias) = {
+    let (pd, pbias) = {
         let p = y.address(&stream);
         (
             p,
             bias_grad.then_some(p + (bias_grad_offset(ec, elem) * elem) as u64),
         )
     };
+    let pc = p_plus.unwrap_or(pd);
     let key = Key {
         gemm: g,
         epilogue,
         out_f32,
-        align: [alignment(pa), alignment(pb), alignment(pc)],
+        align: [alignment(pa), alignment(pb), alignment(pc), alignment(pd)],
     };
     let vector = bias_in.or(pbias);
+    let ptrs = Ptrs {
+        a: pa,
+        b: pb,
+        c: pc,
+        d: pd,
+    };
     let ran = with_handle(dev, |h| {
         let Some(p) = plan(h, &key, vector)? else {
             return Ok(false);
         };
-        run(h, &p, [pa, pb, pc], vector)?;
+        run(h, &p, ptrs, vector)?;
         Ok(true)
     })?;
     Ok(ran.then(|| y.into_storage(dev)))
+}
+
+/// What a product adds to `A·B`: a bias in its epilogue (`BIAS`), the bias gradient
+/// (`BGRADB`), an f32 output, or another `[rows, n]` tensor (`C`, added with `beta` 1).
+#[derive(Default)]
+struct Extra<'a> {
+    bias: Option<Arg<'a>>,
+    bias_grad: bool,
+    out_f32: bool,
+    plus: Option<Arg<'a>>,
 }
 
 /// A product's fresh output buffer, bf16 or f32.
@@ -555,16 +599,19 @@ pub(crate) fn linear(
             Operand::Weight => Some(w),
             Operand::OutGrad => None,
         },
-        b,
-        false,
-        false,
+        Extra {
+            bias: b,
+            ..Extra::default()
+        },
     )
 }
 
-/// `dx = dy·W` (`[rows, inp]`) for `dy` `[rows, out]`, `W` `[out, inp]`.
-pub(crate) fn input_grad(
-    dy: Arg,
-    w: Arg,
+/// `dx = dy·W (+ plus)` (`[rows, inp]`) for `dy` `[rows, out]`, `W` `[out, inp]`, `plus`
+/// `[rows, inp]`.
+pub(crate) fn input_grad<'a>(
+    dy: Arg<'a>,
+    w: Arg<'a>,
+    plus: Option<Arg<'a>>,
     (rows, inp, out): (usize, usize, usize),
 ) -> Result<Option<CudaStorage>> {
     let dev = dy.0.device().clone();
@@ -577,9 +624,10 @@ pub(crate) fn input_grad(
             Operand::Weight => Some(w),
             Operand::Input => None,
         },
-        None,
-        false,
-        false,
+        Extra {
+            plus,
+            ..Extra::default()
+        },
     )
 }
 
@@ -602,9 +650,11 @@ pub(crate) fn param_grads(
             Operand::Input => Some(x),
             Operand::Weight => None,
         },
-        None,
-        bias,
-        out_f32,
+        Extra {
+            bias_grad: bias,
+            out_f32,
+            ..Extra::default()
+        },
     )
 }
 
@@ -619,15 +669,29 @@ fn eligible(ts: &[&Tensor]) -> bool {
             .all(|t| t.dtype() == DType::BF16 && t.device().is_cuda())
 }
 
-/// `dy·W` (`dy` `[rows, out]`, `W` `[out, inp]`) outside the graph, through cuBLASLt (candle's
-/// product where it has no algorithm); `None` where the caller's own path runs (off, not bf16).
-pub fn dense_input_grad(dy: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    if !eligible(&[dy, w]) {
+/// `dy·W (+ plus)` (`dy` `[rows, out]`, `W` `[out, inp]`, `plus` `[rows, inp]`) outside the
+/// graph, through cuBLASLt, `plus` added inside the product (`C` with `beta` 1: a block's
+/// residual gradient, without an add kernel of its own); candle's product and recycle's add where
+/// cuBLASLt has no algorithm. `None` where the caller's own path runs (off, not bf16).
+pub fn dense_input_grad(dy: &Tensor, w: &Tensor, plus: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let mut all = vec![dy, w];
+    all.extend(plus);
+    if !eligible(&all) {
         return Ok(None);
     }
+    let plus = match plus {
+        Some(p) => {
+            let want = [dy.dim(0)?, w.dim(1)?];
+            if p.dims() != want {
+                bail!("cuBLASLt: {:?} added onto a {want:?} product", p.dims());
+            }
+            Some(p.contiguous()?)
+        }
+        None => None,
+    };
     let y = dy
         .contiguous()?
-        .apply_op2_no_bwd(&w.contiguous()?, &InputGrad)?;
+        .apply_op2_no_bwd(&w.contiguous()?, &InputGrad { plus })?;
     Ok(Some(y))
 }
 
@@ -688,7 +752,7 @@ fn bgradb_available(
         gemm: g,
         epilogue: Epilogue::BgradB,
         out_f32,
-        align: [alignment(pa), alignment(pb), 256],
+        align: [alignment(pa), alignment(pb), 256, 256],
     };
     with_handle(dev, |h| {
         // The vector's address is set again at each launch; the heuristic sees a 256-byte aligned
@@ -709,7 +773,10 @@ fn dims2(l: &Layout, what: &str) -> Result<(usize, usize)> {
     }
 }
 
-struct InputGrad;
+/// `dy·W`, plus `plus` where given.
+struct InputGrad {
+    plus: Option<Tensor>,
+}
 
 impl CustomOp2 for InputGrad {
     fn name(&self) -> &'static str {
@@ -744,10 +811,27 @@ impl CustomOp2 for InputGrad {
             );
         }
         let shape = Shape::from((rows, inp));
-        if let Some(y) = input_grad((dy, dyl), (w, wl), (rows, inp, out))? {
+        let plus = self.plus.as_ref().map(|t| t.storage_and_layout());
+        let plus = match &plus {
+            Some((storage, layout)) => {
+                let candle_core::Storage::Cuda(s) = &**storage else {
+                    bail!("{}: the added tensor is not on a CUDA device", self.name())
+                };
+                Some((s, *layout))
+            }
+            None => None,
+        };
+        if let Some(y) = input_grad((dy, dyl), (w, wl), plus, (rows, inp, out))? {
             return Ok((y, shape));
         }
-        Ok((dy.matmul(w, (1, rows, inp, out), dyl, wl)?, shape))
+        let y = dy.matmul(w, (1, rows, inp, out), dyl, wl)?;
+        match plus {
+            Some((s, l)) => {
+                let y = super::cuda::add_storage((&y, &Layout::contiguous((rows, inp))), (s, l))?;
+                Ok((y, shape))
+            }
+            None => Ok((y, shape)),
+        }
     }
 }
 
