@@ -753,6 +753,33 @@ template <typename T> static void embedding(std::mt19937 &rng) {
   check(std::string("embedding_fwd ") + tname<T>() + ": an id past the table traps", trapped ? 0 : 1, 0);
 }
 
+// An f32 table's rows gathered into bf16: each the f32 value rounded as a cast rounds; a bad id
+// traps as in the same-type gather.
+static void embedding_to_bf16(std::mt19937 &rng) {
+  const uint32_t vocab = 13;
+  const size_t n = 45;
+  const std::vector<uint32_t> ids = {12, 0, 5, 5, 1, 12, 7};
+  const size_t rows = ids.size();
+  const Vec table = randn(vocab * n, rng);
+  const std::vector<float> tf(table.begin(), table.end());
+  std::vector<bf16> out(rows * n);
+  const bool ok = emu::launch(dim3(3), dim3(32), [&] {
+    embedding_fwd_f32_to_bf16(tf.data(), ids.data(), out.data(), rows, int(n), vocab);
+  });
+  size_t wrong = 0;
+  for (size_t r = 0; r < rows; r++)
+    for (size_t c = 0; c < n; c++)
+      wrong += to_f(out[r * n + c]) != to_f(from_f<bf16>(tf[ids[r] * n + c]));
+  check("embedding_fwd_f32_to_bf16: each row the cast of the f32 row, repeated ids",
+        ok ? double(wrong) : INFINITY, 0);
+  const std::vector<uint32_t> bad = {2, vocab + 3};
+  std::vector<bf16> out2(2 * n);
+  const bool trapped = !emu::launch(dim3(2), dim3(32), [&] {
+    embedding_fwd_f32_to_bf16(tf.data(), bad.data(), out2.data(), 2, int(n), vocab);
+  });
+  check("embedding_fwd_f32_to_bf16: an id past the table traps", trapped ? 0 : 1, 0);
+}
+
 // ---- AdamW, gradient sums of squares ---------------------------------------------------------
 static void adamw(std::mt19937 &rng) {
   const size_t n = 1000;
@@ -1272,6 +1299,7 @@ int main() {
   swap<bf16, uint16_t>(2, 3, 4, 3, 2, rng, 3, 1, 3, 1);  // odd runs, element by element
   embedding<float>(rng);
   embedding<bf16>(rng);
+  embedding_to_bf16(rng);
   adamw(rng);
   sum_squares(rng);
   adamw_multi_check(rng);

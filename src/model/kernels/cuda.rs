@@ -2287,6 +2287,40 @@ pub fn embedding_storage(
     Embedding.cuda_fwd(table, tl, ids, il)
 }
 
+/// `embedding_storage` with the rows written in `dtype`: an f32 table's rows straight into bf16
+/// (`embedding_fwd_f32_to_bf16`, rounded as a cast rounds), else in the table's own dtype.
+pub fn embedding_storage_as(
+    table: &CudaStorage,
+    tl: &Layout,
+    ids: &CudaStorage,
+    il: &Layout,
+    dtype: DType,
+) -> Result<(CudaStorage, Shape)> {
+    if table.dtype() != DType::F32 || dtype != DType::BF16 {
+        return embedding_storage(table, tl, ids, il);
+    }
+    let dev = table.device();
+    let n = last_dim(tl, "embedding")?.1;
+    let vocab = tl.dims()[0] as u32;
+    let rows = il.shape().elem_count();
+    let (tv, iv) = (
+        view::<f32>(table, tl, "embedding table")?,
+        view::<u32>(ids, il, "token ids")?,
+    );
+    let out = unsafe { dev.alloc::<bf16>(rows * n)? };
+    let f = load_kernel(dev, "embedding_fwd_f32_to_bf16")?;
+    let mut a = f.builder();
+    let n_i = n as i32;
+    a.arg(&tv)
+        .arg(&iv)
+        .arg(&out)
+        .arg(&rows)
+        .arg(&n_i)
+        .arg(&vocab);
+    unsafe { a.launch(by_rows(rows, n)) }.w()?;
+    Ok((wrap(out, dev), Shape::from((rows, n))))
+}
+
 /// The gradient `[vocab, n]` (f32) of an embedding table whose rows `ids` (u32, flat) received
 /// `grad` `[ids, n]`: the scatter kernel, atomic adds in f32.
 pub fn embedding_table_grad(grad: &Tensor, ids: &Tensor, vocab: usize) -> Result<Tensor> {

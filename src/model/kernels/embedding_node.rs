@@ -42,16 +42,22 @@ pub fn lookup(table: &Tensor, ids: &Tensor, dtype: DType) -> Result<Option<Tenso
         SinkEmbedding {
             sink,
             master: master.clone(),
+            dtype,
         },
     )?;
+    // Already in `dtype` where the gather wrote it so (the CUDA kernel writes bf16 rows).
     Ok(Some(rows.to_dtype(dtype)?.reshape(dims)?))
 }
 
-/// The gather from an f32 master `[vocab, n]` (first operand) by u32 ids (second, flat); its
-/// backward deposits the table's gradient in `sink` and gives candle's graph none.
+/// The gather from an f32 master `[vocab, n]` (first operand) by u32 ids (second, flat), into
+/// `dtype` on CUDA (f32 on the CPU, cast by the caller); its backward deposits the table's
+/// gradient in `sink` and gives candle's graph none.
 struct SinkEmbedding {
     sink: GradSink,
     master: Tensor,
+    /// The compute dtype the rows are for: on CUDA the gather writes them in it, so that no cast
+    /// of `[tokens, n]` rows follows, forward or (as its gradient) backward.
+    dtype: DType,
 }
 
 impl CustomOp2 for SinkEmbedding {
@@ -94,7 +100,7 @@ impl CustomOp2 for SinkEmbedding {
         ids: &candle_core::CudaStorage,
         il: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::embedding_storage(table, tl, ids, il)
+        super::cuda::embedding_storage_as(table, tl, ids, il, self.dtype)
     }
 
     fn bwd(
@@ -105,20 +111,25 @@ impl CustomOp2 for SinkEmbedding {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (vocab, n) = table.dims2()?;
-        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
-        let g = table_grad(&grad, ids, vocab, n)?;
+        let g = table_grad(&grad.contiguous()?, ids, vocab, n)?;
         self.sink.deposit(&self.master, &g)?;
         Ok((None, None))
     }
 }
 
-/// The table's gradient `[vocab, n]` (f32): row `ids[r]` gets `grad[r]` added, for every r.
+/// The table's gradient `[vocab, n]` (f32): row `ids[r]` gets `grad[r]` (f32 or bf16) added, for
+/// every r, in f32.
 fn table_grad(grad: &Tensor, ids: &Tensor, vocab: usize, n: usize) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if grad.device().is_cuda() {
+        // The scatter kernel reads bf16 gradients as they are and adds in f32.
         return super::cuda::embedding_table_grad(grad, ids, vocab);
     }
-    Tensor::zeros((vocab, n), DType::F32, grad.device())?.index_add(ids, grad, 0)
+    Tensor::zeros((vocab, n), DType::F32, grad.device())?.index_add(
+        ids,
+        &grad.to_dtype(DType::F32)?,
+        0,
+    )
 }
 
 #[cfg(test)]

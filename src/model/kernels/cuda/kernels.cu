@@ -1025,17 +1025,27 @@ SWAP12(uint4, u128)
 // ---- embedding ---------------------------------------------------------------------------------
 // out[r, :] = table[ids[r], :] for table [vocab, n]: blocks stride over the rows, threads along
 // the row (no division per element). An id past the table stops the kernel (a CUDA error at the
-// next synchronisation) rather than read out of bounds.
-template <typename T>
-__device__ void embedding_fwd(const T *table, const uint32_t *ids, T *out, size_t rows, int n,
+// next synchronisation) rather than read out of bounds. The rows may be written in another type
+// than the table's (an f32 master gathered straight into bf16, rounded as a cast rounds; in the
+// same type the conversion is exact).
+template <typename TI, typename TO>
+__device__ void embedding_fwd(const TI *table, const uint32_t *ids, TO *out, size_t rows, int n,
                               uint32_t vocab) {
   for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const uint32_t id = ids[r];
     if (id >= vocab) __trap();
-    const T *src = table + (size_t)id * n;
-    T *dst = out + r * n;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
+    const TI *src = table + (size_t)id * n;
+    TO *dst = out + r * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = from_f<TO>(to_f(src[i]));
   }
+}
+
+// An f32 master's rows gathered into bf16 (the gradient sink's lookup in bf16 training: no f32
+// rows written and cast after).
+extern "C" __global__ void embedding_fwd_f32_to_bf16(const float *table, const uint32_t *ids,
+                                                     __nv_bfloat16 *out, size_t rows, int n,
+                                                     uint32_t vocab) {
+  embedding_fwd<float, __nv_bfloat16>(table, ids, out, rows, n, vocab);
 }
 
 // grad[ids[r], :] += g[r, :], grad f32 [vocab, n] zeroed by the caller: one atomic per element,
@@ -1618,7 +1628,7 @@ extern "C" __global__ void flash_dq_bf16(const float *dq, __nv_bfloat16 *dqkv, s
   }                                                                                              \
   extern "C" __global__ void embedding_fwd_##S(const T *table, const uint32_t *ids, T *out,      \
                                                size_t rows, int n, uint32_t vocab) {             \
-    embedding_fwd<T>(table, ids, out, rows, n, vocab);                                           \
+    embedding_fwd<T, T>(table, ids, out, rows, n, vocab);                                        \
   }                                                                                              \
   extern "C" __global__ void embedding_bwd_##S(const T *g, const uint32_t *ids, float *grad,     \
                                                size_t rows, int n) {                             \
