@@ -96,7 +96,7 @@ stage recycle 300 "$OUT/recycle.jsonl" "${RECYCLE[@]}" gpu-check --device "$DEVI
 rc=$?
 # The dense products through cuBLASLt (session 13) are checked first in that stage; where they
 # failed, the rest of this call runs without them.
-if grep -q "cuBLASLt products failed" "$OUT/recycle.jsonl" 2>/dev/null; then
+if grep -q "cuBLASLt products failed\|cuBLASLt failed" "$OUT/recycle.jsonl" 2>/dev/null; then
   export RECYCLE_CUBLASLT=0
   log "cuBLASLt products failed their check: RECYCLE_CUBLASLT=0 for the stages after"
 fi

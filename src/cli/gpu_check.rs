@@ -1927,6 +1927,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ok &= reported(dropout, json!({"stage": "dropout"})).unwrap_or(false);
         // The dense products first: training takes them for every layer (on CUDA in bf16 through
         // cuBLASLt, turned off for the rest of the run if they fail here).
+        #[cfg(feature = "cuda")]
+        let lt_was_on = crate::model::kernels::cuda_lt::enabled();
         let dense = dense_check(&device);
         let dense = reported(dense, json!({"stage": "dense"})).unwrap_or(false);
         ok &= dense;
@@ -1934,6 +1936,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         if !dense && crate::model::kernels::cuda_lt::enabled() {
             crate::model::kernels::cuda_lt::set_enabled(false);
             note("the cuBLASLt products failed their check: the rest of this run uses candle's");
+        } else if device.is_cuda() && lt_was_on && !crate::model::kernels::cuda_lt::enabled() {
+            note("cuBLASLt failed and turned itself off (stderr says why): the rest of this run uses candle's products");
         }
         let attention = attention_node_check(&device);
         let attention = reported(attention, json!({"stage": "attention"})).unwrap_or(false);

@@ -537,8 +537,28 @@ fn product<'a>(
         };
         run(h, &p, ptrs, vector)?;
         Ok(true)
-    })?;
-    Ok(ran.then(|| y.into_storage(dev)))
+    });
+    Ok(give_up_on_error(ran)?.then(|| y.into_storage(dev)))
+}
+
+/// `result`, or, where cuBLASLt itself failed (a handle it could not make, a descriptor it
+/// refused, a status from a product), `false` after turning the products here off for the whole
+/// process and saying so once: the callers' own paths then run, so that a library that differs
+/// from the one these calls were written against costs speed, not the run. Errors of the device
+/// (a failed allocation, a fault) are passed on.
+fn give_up_on_error(result: Result<bool>) -> Result<bool> {
+    match result {
+        Err(e) if e.to_string().contains("cuBLASLt") => {
+            if enabled() {
+                set_enabled(false);
+                eprintln!(
+                    "recycle: cuBLASLt failed ({e}); the dense products go through candle's cuBLAS calls from here on"
+                );
+            }
+            Ok(false)
+        }
+        other => other,
+    }
 }
 
 /// What a product adds to `A·B`: a bias in its epilogue (`BIAS`), the bias gradient
@@ -754,7 +774,7 @@ fn bgradb_available(
         out_f32,
         align: [alignment(pa), alignment(pb), 256, 256],
     };
-    with_handle(dev, |h| {
+    give_up_on_error(with_handle(dev, |h| {
         // The vector's address is set again at each launch; the heuristic sees a 256-byte aligned
         // one (the workspace's) in its place.
         let stand_in = {
@@ -762,7 +782,7 @@ fn bgradb_available(
             p
         };
         Ok(plan(h, &key, Some(stand_in))?.is_some())
-    })
+    }))
 }
 
 /// `[rows, n]` of a 2-D layout, or an error naming the op.

@@ -50,13 +50,14 @@ pub fn lookup(table: &Tensor, ids: &Tensor, dtype: DType) -> Result<Option<Tenso
 }
 
 /// The gather from an f32 master `[vocab, n]` (first operand) by u32 ids (second, flat), into
-/// `dtype` on CUDA (f32 on the CPU, cast by the caller); its backward deposits the table's
+/// `dtype` where it is bf16 (else f32, cast by the caller); its backward deposits the table's
 /// gradient in `sink` and gives candle's graph none.
 struct SinkEmbedding {
     sink: GradSink,
     master: Tensor,
-    /// The compute dtype the rows are for: on CUDA the gather writes them in it, so that no cast
-    /// of `[tokens, n]` rows follows, forward or (as its gradient) backward.
+    /// The compute dtype the rows are for: the gather writes bf16 rows as they are (rounded as a
+    /// cast rounds), so that no cast of `[tokens, n]` rows follows, forward or (as its gradient)
+    /// backward.
     dtype: DType,
 }
 
@@ -89,7 +90,11 @@ impl CustomOp2 for SinkEmbedding {
             }
             out.extend_from_slice(&t[id * n..(id + 1) * n]);
         }
-        Ok((CpuStorage::F32(out), Shape::from((i.len(), n))))
+        let out = match self.dtype {
+            DType::BF16 => CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect()),
+            _ => CpuStorage::F32(out),
+        };
+        Ok((out, Shape::from((i.len(), n))))
     }
 
     #[cfg(feature = "cuda")]
