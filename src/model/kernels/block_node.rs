@@ -560,9 +560,9 @@ impl Branch for AttentionBranch {
             Attn::InPlace(a) => {
                 let p = a.dropped.as_ref().unwrap_or(&a.probs);
                 let dp = prims.head_dprobs(&dctx, &a.qkv, a.heads)?;
-                let ds = prims.softmax_backward(&a.probs, &dp, a.scale, a.drop)?;
+                let dscores = prims.softmax_backward(&a.probs, &dp, a.scale, a.drop)?;
                 drop(dp);
-                prims.head_grads(&ds, p, &dctx, &a.qkv, a.heads)?
+                prims.head_grads(&dscores, p, &dctx, &a.qkv, a.heads)?
             }
             Attn::Flash(f) => prims.flash_backward(
                 &f.qkv, &f.bias, &self.ctx, &f.lse, &dctx, f.heads, f.scale, f.drop,
