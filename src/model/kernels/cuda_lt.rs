@@ -13,7 +13,7 @@
 //! semantics). A `Plan` per shape, alignment and epilogue holds the descriptors and cuBLASLt's
 //! candidate algorithms (host calls only); the first product of a plan times each candidate
 //! (three runs, after one untimed, between stream synchronisations) on its real operands and
-//! keeps the fastest. A shape no
+//! keeps the fastest (products under 2 GFLOP take the heuristic's first, untimed). A shape no
 //! candidate takes has no plan, and the caller computes the product as before: the `Option`s
 //! below. bf16 only (the MFU target's precision; f32 stays with candle). Off with
 //! `RECYCLE_CUBLASLT=0` or `set_enabled(false)`; `gpu-check` checks these products against
@@ -63,6 +63,10 @@ const WORKSPACE: usize = 32 << 20;
 /// Candidates asked of the heuristic, and timed runs of each.
 const CANDIDATES: usize = 8;
 const TIMED_RUNS: usize = 3;
+/// Products of fewer floating-point operations take the heuristic's first candidate untimed:
+/// timing them would cost more than it could win (a padded sequence length makes a new shape of
+/// every small batch), and their timings are mostly launch overhead.
+const MIN_TIMED_FLOP: f64 = 2e9;
 /// Plans kept per device and thread (shapes change with the padded sequence length): past this,
 /// the table starts afresh.
 const MAX_PLANS: usize = 4096;
@@ -102,6 +106,8 @@ struct Plan {
     candidates: Vec<sys::cublasLtMatmulHeuristicResult_t>,
     /// The candidate timed fastest, once timed.
     chosen: Cell<Option<usize>>,
+    /// `2·m·n·k`.
+    flop: f64,
 }
 
 impl Drop for Plan {
@@ -224,6 +230,7 @@ unsafe fn make_plan(
         layouts: [std::ptr::null_mut(); 3],
         candidates: Vec::new(),
         chosen: Cell::new(None),
+        flop: 2.0 * g.m as f64 * g.n as f64 * g.k as f64,
     };
     let op = |t: bool| -> i32 { i32::from(t) };
     set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &op(g.transa))?;
@@ -367,7 +374,7 @@ unsafe fn launch(h: &Handle, plan: &Plan, i: usize, p: Ptrs, bias: Option<u64>) 
 /// candidate run, and the caller runs the chosen one after (`D` is never `C` when `C` is added,
 /// so every run gives the same result).
 unsafe fn choose(h: &Handle, plan: &Plan, ptrs: Ptrs, bias: Option<u64>) -> Result<usize> {
-    if plan.candidates.len() == 1 {
+    if plan.candidates.len() == 1 || plan.flop < MIN_TIMED_FLOP {
         return Ok(0);
     }
     // Timed on the host between stream synchronisations (the build links against a driver
