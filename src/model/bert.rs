@@ -133,11 +133,11 @@ impl Embeddings {
             Some(t) if self.positions == Positions::Absolute => t.clone(),
             _ => ids.zeros_like()?,
         };
-        let x = self
-            .word
-            .forward(ids)?
-            .add(&self.position.forward(&position_ids)?)?
-            .add(&self.token_type.forward(&token_types)?)?;
+        let x = Embedding::sum(&[
+            (&self.word, ids),
+            (&self.position, &position_ids),
+            (&self.token_type, &token_types),
+        ])?;
         ops::dropout(&self.norm.forward(&x)?, self.dropout, mode)
     }
 }

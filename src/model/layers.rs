@@ -154,6 +154,17 @@ impl Module for Embedding {
     }
 }
 
+impl Embedding {
+    /// The sum of each table's rows for its ids (`ops::embeddings_sum`), in the first table's
+    /// dtype.
+    pub fn sum(parts: &[(&Embedding, &Tensor)]) -> Result<Tensor> {
+        let tables: Vec<&Tensor> = parts.iter().map(|(e, _)| &e.weight).collect();
+        let ids: Vec<&Tensor> = parts.iter().map(|(_, i)| *i).collect();
+        let dtype = parts.first().map_or(DType::F32, |(e, _)| e.dtype);
+        ops::embeddings_sum(&tables, &ids, dtype)
+    }
+}
+
 /// Multi-head self-attention core shared by the encoders: projected `q`, `k`, `v` `[b, s, hidden]`
 /// → context `[b, s, hidden]`, with padding masked by `bias` (see `ops::attention_bias`).
 pub fn attend(

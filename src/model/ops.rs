@@ -251,6 +251,31 @@ pub fn embedding(table: &Tensor, ids: &Tensor, dtype: DType) -> Result<Tensor> {
         .to_dtype(dtype)
 }
 
+/// The sum of lookups `tables[k]` rows `ids[k]` (two or three, one shape of ids), in `dtype`: an
+/// encoder's word, position and token-type embeddings. While training with a gradient sink on the
+/// device that takes the block nodes, one node (`kernels::embedding_node::lookup_sum`, the same
+/// bits); elsewhere the lookups (`embedding`) added in order.
+pub fn embeddings_sum(tables: &[&Tensor], ids: &[&Tensor], dtype: DType) -> Result<Tensor> {
+    if tables.is_empty() || tables.len() != ids.len() {
+        candle_core::bail!("embeddings sum: each table needs its ids");
+    }
+    let node_route = match path(&[tables[0]]) {
+        #[cfg(feature = "cuda")]
+        Path::Cuda => true,
+        _ => BLOCKS_ON_CPU.with(|c| c.get()) && tables[0].device().is_cpu(),
+    };
+    if node_route && (2..=3).contains(&tables.len()) {
+        if let Some(rows) = kernels::embedding_node::lookup_sum(tables, ids, dtype)? {
+            return Ok(rows);
+        }
+    }
+    let mut sum = embedding(tables[0], ids[0], dtype)?;
+    for (t, i) in tables.iter().zip(ids).skip(1) {
+        sum = sum.add(&embedding(t, i, dtype)?)?;
+    }
+    Ok(sum)
+}
+
 /// The keep flags of `n` draws `u ~ U[0, 1)` kept where `u >= p`, exactly as `rng.random::<f32>()`
 /// would draw them, but from words filled in bulk. rand's f32 is `(w >> 8) · 2⁻²⁴` for one 32-bit
 /// word `w`, so `u >= p` is the integer test `w >> 8 >= ⌈p · 2²⁴⌉`; and filling a `[u32]` consumes

@@ -753,6 +753,51 @@ template <typename T> static void embedding(std::mt19937 &rng) {
   check(std::string("embedding_fwd ") + tname<T>() + ": an id past the table traps", trapped ? 0 : 1, 0);
 }
 
+// Two or three f32 tables' rows summed in order and written in T, each row and each sum rounded to
+// T as separate lookups and adds would; a bad id in any table traps.
+template <typename T> static void embedding_sum(uint32_t tables, std::mt19937 &rng) {
+  const uint32_t v[3] = {17, 9, 2};
+  const size_t n = 70, rows = 11;
+  Vec t[3];
+  std::vector<float> tf[3];
+  std::vector<uint32_t> ids[3];
+  for (int k = 0; k < 3; k++) {
+    t[k] = randn(v[k] * n, rng);
+    tf[k].assign(t[k].begin(), t[k].end());
+    for (size_t r = 0; r < rows; r++) ids[k].push_back(uint32_t((r * 7 + k * 3 + r / 3) % v[k]));
+  }
+  ids[0][4] = ids[0][9];  // a repeated word
+  std::vector<T> out(rows * n);
+  const float *t2 = tables > 2 ? tf[2].data() : nullptr;
+  const uint32_t *i2 = tables > 2 ? ids[2].data() : nullptr;
+  auto run = [&](const std::vector<uint32_t> &a, std::vector<T> &o, size_t nrows) {
+    return emu::launch(dim3(4), dim3(32), [&] {
+      if constexpr (std::is_same_v<T, float>)
+        embedding_sum_fwd_f32(tf[0].data(), tf[1].data(), t2, a.data(), ids[1].data(), i2, o.data(),
+                              nrows, int(n), v[0], v[1], v[2], tables);
+      else
+        embedding_sum_fwd_bf16(tf[0].data(), tf[1].data(), t2, a.data(), ids[1].data(), i2, o.data(),
+                               nrows, int(n), v[0], v[1], v[2], tables);
+    });
+  };
+  const bool ok = run(ids[0], out, rows);
+  size_t wrong = 0;
+  for (size_t r = 0; r < rows; r++)
+    for (size_t c = 0; c < n; c++) {
+      // Each row rounded to T, then each sum (as lookups and adds in T would give).
+      auto rd = [](float x) { return to_f(from_f<T>(x)); };
+      float want = rd(rd(tf[0][ids[0][r] * n + c]) + rd(tf[1][ids[1][r] * n + c]));
+      if (tables > 2) want = rd(want + rd(tf[2][ids[2][r] * n + c]));
+      wrong += to_f(out[r * n + c]) != want;
+    }
+  const std::string at = std::string(tname<T>()) + ", " + std::to_string(tables) + " tables";
+  check("embedding_sum_fwd " + at + ": the sum in order, rounded as lookups and adds round", ok ? double(wrong) : INFINITY, 0);
+  std::vector<uint32_t> bad = ids[0];
+  bad[2] = v[0];
+  std::vector<T> out2(rows * n);
+  check("embedding_sum_fwd " + at + ": an id past its table traps", run(bad, out2, rows) ? 1 : 0, 0);
+}
+
 // An f32 table's rows gathered into bf16: each the f32 value rounded as a cast rounds; a bad id
 // traps as in the same-type gather.
 static void embedding_to_bf16(std::mt19937 &rng) {
@@ -1300,6 +1345,10 @@ int main() {
   embedding<float>(rng);
   embedding<bf16>(rng);
   embedding_to_bf16(rng);
+  for (uint32_t tables : {2u, 3u}) {
+    embedding_sum<float>(tables, rng);
+    embedding_sum<bf16>(tables, rng);
+  }
   adamw(rng);
   sum_squares(rng);
   adamw_multi_check(rng);

@@ -2287,6 +2287,79 @@ pub fn embedding_storage(
     Embedding.cuda_fwd(table, tl, ids, il)
 }
 
+/// The rows of two or three f32 tables summed (`[rows, n]` in `dtype`, f32 or bf16): `tables` the
+/// tables' storages and layouts (`[vocab, n]` each), `ids` their u32 ids (flat, `rows` each).
+pub fn embedding_sum_storage(
+    tables: &[(&CudaStorage, &Layout)],
+    ids: &[(&CudaStorage, &Layout)],
+    dtype: DType,
+) -> Result<(CudaStorage, Shape)> {
+    let what = "embedding sum";
+    if !(2..=3).contains(&tables.len()) || ids.len() != tables.len() {
+        bail!("{what}: two or three tables, each with its ids");
+    }
+    let n = last_dim(tables[0].1, what)?.1;
+    let rows = ids[0].1.shape().elem_count();
+    let mut tv = Vec::new();
+    let mut vocab = [0u32; 3];
+    for (k, &(t, l)) in tables.iter().enumerate() {
+        if l.dims().len() != 2 || l.dims()[1] != n {
+            bail!("{what}: table {k} is {:?}, not [vocab, {n}]", l.dims());
+        }
+        vocab[k] = l.dims()[0] as u32;
+        tv.push(view::<f32>(t, l, "embedding table")?);
+    }
+    let mut iv = Vec::new();
+    for (k, &(s, l)) in ids.iter().enumerate() {
+        if l.shape().elem_count() != rows {
+            bail!(
+                "{what}: ids {k} has {} rows, not {rows}",
+                l.shape().elem_count()
+            );
+        }
+        iv.push(view::<u32>(s, l, "token ids")?);
+    }
+    let dev = tables[0].0.device();
+    // The third table and ids where there are only two: the first's (never read).
+    let (t2, i2) = (tv.get(2).unwrap_or(&tv[0]), iv.get(2).unwrap_or(&iv[0]));
+    let count = tables.len() as u32;
+    let n_i = n as i32;
+    fn run<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        t: [&CudaView<'_, f32>; 3],
+        i: [&CudaView<'_, u32>; 3],
+        (rows, n_i, vocab, count, dtype): (usize, i32, [u32; 3], u32, DType),
+    ) -> Result<CudaStorage> {
+        let out = unsafe { dev.alloc::<T>(rows * n_i as usize)? };
+        let f = func!(dev, "embedding_sum_fwd", dtype)?;
+        let mut a = f.builder();
+        a.arg(t[0])
+            .arg(t[1])
+            .arg(t[2])
+            .arg(i[0])
+            .arg(i[1])
+            .arg(i[2])
+            .arg(&out)
+            .arg(&rows)
+            .arg(&n_i)
+            .arg(&vocab[0])
+            .arg(&vocab[1])
+            .arg(&vocab[2])
+            .arg(&count);
+        unsafe { a.launch(by_rows(rows, n_i as usize)) }.w()?;
+        Ok(wrap(out, dev))
+    }
+    let args = (rows, n_i, vocab, count, dtype);
+    let t = [&tv[0], &tv[1], t2];
+    let i = [&iv[0], &iv[1], i2];
+    let out = match dtype {
+        DType::F32 => run::<f32>(dev, t, i, args)?,
+        DType::BF16 => run::<bf16>(dev, t, i, args)?,
+        other => bail!("{what}: rows in f32 or bf16, not {other:?}"),
+    };
+    Ok((out, Shape::from((rows, n))))
+}
+
 /// `embedding_storage` with the rows written in `dtype`: an f32 table's rows straight into bf16
 /// (`embedding_fwd_f32_to_bf16`, rounded as a cast rounds), else in the table's own dtype.
 pub fn embedding_storage_as(

@@ -49,6 +49,133 @@ pub fn lookup(table: &Tensor, ids: &Tensor, dtype: DType) -> Result<Option<Tenso
     Ok(Some(rows.to_dtype(dtype)?.reshape(dims)?))
 }
 
+/// The sum of two or three lookups, `tables[k]` rows `ids[k]` (one shape of ids each), as one
+/// node: the f32 masters' rows summed in order in `dtype`, rounded exactly as separate lookups and
+/// adds round (the same bits, so that training does not depend on which path a step took), the
+/// gradient of the sum scattered into each table and deposited in the sink in scope. `None` where no sink is
+/// in scope or it does not know every table as an f32 master of one width (the caller sums the
+/// plain lookups).
+///
+/// Why: an encoder's word, position and token-type embeddings were three gathers, two adds of
+/// `[tokens, hidden]` rows, and backward a zero-filled gradient slot and an add for each of the
+/// five (candle's gradient store); in one node there are one pass forward and three scatters
+/// backward.
+pub fn lookup_sum(tables: &[&Tensor], ids: &[&Tensor], dtype: DType) -> Result<Option<Tensor>> {
+    if !(2..=3).contains(&tables.len()) || ids.len() != tables.len() {
+        bail!("embedding sum: two or three tables, each with its ids");
+    }
+    let Some(sink) = GradSink::active() else {
+        return Ok(None);
+    };
+    let Some(masters) = sink.masters_of(tables)? else {
+        return Ok(None);
+    };
+    let n = tables[0].dim(D::Minus1)?;
+    for (m, t) in masters.iter().zip(tables) {
+        if m.dtype() != DType::F32 || m.dims() != t.dims() || m.rank() != 2 || m.dim(1)? != n {
+            return Ok(None);
+        }
+    }
+    for i in ids {
+        if i.dtype() != DType::U32 || i.dims() != ids[0].dims() {
+            bail!(
+                "embedding sum: token ids must be u32 of one shape, got {:?} {:?} and {:?}",
+                i.dtype(),
+                i.dims(),
+                ids[0].dims()
+            );
+        }
+    }
+    let mut dims = ids[0].dims().to_vec();
+    dims.push(n);
+    let flat = ids
+        .iter()
+        .map(|i| i.flatten_all()?.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    let rows = masters[0].apply_op1(SinkEmbeddingSum {
+        sink,
+        masters: masters.clone(),
+        ids: flat,
+        dtype,
+    })?;
+    Ok(Some(rows.to_dtype(dtype)?.reshape(dims)?))
+}
+
+/// `lookup_sum`'s node, over the first master (the others and the ids held): forward the summed
+/// rows in bf16 where `dtype` is (else f32), backward each table's scatter deposited in `sink`.
+struct SinkEmbeddingSum {
+    sink: GradSink,
+    masters: Vec<Tensor>,
+    ids: Vec<Tensor>,
+    dtype: DType,
+}
+
+impl candle_core::CustomOp1 for SinkEmbeddingSum {
+    fn name(&self) -> &'static str {
+        "recycle-embedding-sum-into-sink"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        // Each master's rows in the rows' dtype (bf16 where asked, else f32), added in order in
+        // it: what the separate lookups and adds gave, and what the kernel reproduces.
+        let dtype = if self.dtype == DType::BF16 {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        let mut sum: Option<Tensor> = None;
+        for (m, i) in self.masters.iter().zip(&self.ids) {
+            let rows = m.detach().index_select(i, 0)?.to_dtype(dtype)?;
+            sum = Some(match sum {
+                Some(s) => (s + rows)?,
+                None => rows,
+            });
+        }
+        let Some(sum) = sum else {
+            bail!("embedding sum: no tables")
+        };
+        super::attention_node::cpu_storage_of(&sum, self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let guards: Vec<_> = self
+            .masters
+            .iter()
+            .chain(&self.ids)
+            .map(|t| t.storage_and_layout())
+            .collect();
+        let mut parts = Vec::with_capacity(guards.len());
+        for (storage, layout) in &guards {
+            let candle_core::Storage::Cuda(s) = &**storage else {
+                bail!("embedding sum: a table or its ids not on a CUDA device")
+            };
+            parts.push((s, *layout));
+        }
+        let k = self.masters.len();
+        let dtype = if self.dtype == DType::BF16 {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        super::cuda::embedding_sum_storage(&parts[..k], &parts[k..], dtype)
+    }
+
+    fn bwd(&self, _: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        for (m, i) in self.masters.iter().zip(&self.ids) {
+            let (vocab, n) = m.dims2()?;
+            let g = table_grad(&grad, i, vocab, n)?;
+            self.sink.deposit(m, &g)?;
+        }
+        Ok(None)
+    }
+}
+
 /// The gather from an f32 master `[vocab, n]` (first operand) by u32 ids (second, flat), into
 /// `dtype` where it is bf16 (else f32, cast by the caller); its backward deposits the table's
 /// gradient in `sink` and gives candle's graph none.
@@ -219,6 +346,98 @@ mod tests {
                 assert!(err <= 1e-6, "the graph's gradient differs by {err}");
             }
         }
+    }
+
+    /// The summed lookup's rows are the separate lookups' rows added in order in the dtype, bit for
+    /// bit; each table's gradient is the scatter of the sum's incoming gradient; with two or
+    /// three tables, repeated ids included; `None` when the sink does not know every table.
+    #[test]
+    fn the_summed_lookup_is_the_f32_sum_and_scatters_its_gradient_to_every_table() {
+        let dev = Device::Cpu;
+        let masters: Vec<Var> = [(11, 6), (5, 6), (2, 6)]
+            .iter()
+            .map(|&d| Var::randn(0f32, 1.0, d, &dev).unwrap())
+            .collect();
+        let ids = [
+            Tensor::new(&[[3u32, 0, 3, 10], [7, 3, 1, 1]], &dev).unwrap(),
+            Tensor::new(&[[0u32, 1, 2, 3], [0, 1, 2, 4]], &dev).unwrap(),
+            Tensor::new(&[[0u32, 0, 1, 1], [1, 0, 0, 0]], &dev).unwrap(),
+        ];
+        let weights = Tensor::randn(0f32, 1.0, (2, 4, 6), &dev).unwrap();
+        for (dtype, tables) in [(DType::F32, 3), (DType::BF16, 3), (DType::BF16, 2)] {
+            let sink = GradSink::for_masters(masters.iter().map(|m| m.as_tensor())).unwrap();
+            let t: Vec<&Tensor> = masters[..tables].iter().map(|m| m.as_tensor()).collect();
+            let i: Vec<&Tensor> = ids[..tables].iter().collect();
+            let rows = sink
+                .scope(|| lookup_sum(&t, &i, dtype))
+                .unwrap()
+                .expect("the sink knows every table");
+            assert_eq!((rows.dims(), rows.dtype()), (&[2, 4, 6][..], dtype));
+            // The separate lookups in the dtype, added in order in it.
+            let lookup = |k: usize| {
+                t[k].index_select(&i[k].flatten_all().unwrap(), 0)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let mut want = lookup(0);
+            for k in 1..tables {
+                want = (want + lookup(k)).unwrap();
+            }
+            let want = want.reshape((2, 4, 6)).unwrap();
+            let diff = (rows.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(diff, 0.0, "{dtype:?} {tables} tables: rows differ");
+            let loss = (rows.to_dtype(DType::F32).unwrap() * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let store = sink.backward(&loss).unwrap();
+            let incoming = weights
+                .to_dtype(dtype)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .reshape((8, 6))
+                .unwrap();
+            for k in 0..tables {
+                let (vocab, n) = t[k].dims2().unwrap();
+                let want = Tensor::zeros((vocab, n), DType::F32, &dev)
+                    .unwrap()
+                    .index_add(&i[k].flatten_all().unwrap(), &incoming, 0)
+                    .unwrap();
+                let got = store.get(t[k]).expect("a table gradient");
+                let err = (got - &want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(err <= 1e-6, "{dtype:?} table {k}: gradient off by {err}");
+            }
+            assert_eq!(sink.pending(), 0);
+        }
+        // A table the sink does not know: the caller's plain lookups.
+        let stranger = Tensor::zeros((5, 6), DType::F32, &dev).unwrap();
+        let sink = GradSink::for_masters([masters[0].as_tensor()]).unwrap();
+        let none = sink
+            .scope(|| {
+                lookup_sum(
+                    &[masters[0].as_tensor(), &stranger],
+                    &[&ids[0], &ids[1]],
+                    DType::F32,
+                )
+            })
+            .unwrap();
+        assert!(none.is_none());
     }
 
     #[test]

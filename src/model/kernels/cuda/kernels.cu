@@ -1048,6 +1048,30 @@ extern "C" __global__ void embedding_fwd_f32_to_bf16(const float *table, const u
   embedding_fwd<float, __nv_bfloat16>(table, ids, out, rows, n, vocab);
 }
 
+// out[r, :] = t0[i0[r], :] + t1[i1[r], :] (+ t2[i2[r], :] with three tables) in T, from f32
+// tables, rounded exactly as separate lookups and adds in T round (each row to T, then each sum,
+// in order; in f32 no rounding at all): an encoder's word, position and token-type embeddings in
+// one pass, with no rows written per table and no adds of them. An id past its table stops the
+// kernel, as the gather does.
+template <typename T>
+__device__ void embedding_sum_fwd(const float *t0, const float *t1, const float *t2,
+                                  const uint32_t *i0, const uint32_t *i1, const uint32_t *i2, T *out,
+                                  size_t rows, int n, uint32_t v0, uint32_t v1, uint32_t v2,
+                                  uint32_t tables) {
+  for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const uint32_t a = i0[r], b = i1[r], c = tables > 2 ? i2[r] : 0;
+    if (a >= v0 || b >= v1 || (tables > 2 && c >= v2)) __trap();
+    const float *s0 = t0 + (size_t)a * n, *s1 = t1 + (size_t)b * n;
+    const float *s2 = tables > 2 ? t2 + (size_t)c * n : nullptr;
+    T *dst = out + r * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      float v = to_f(from_f<T>(to_f(from_f<T>(s0[i])) + to_f(from_f<T>(s1[i]))));
+      if (s2 != nullptr) v = to_f(from_f<T>(v + to_f(from_f<T>(s2[i]))));
+      dst[i] = from_f<T>(v);
+    }
+  }
+}
+
 // grad[ids[r], :] += g[r, :], grad f32 [vocab, n] zeroed by the caller: one atomic per element,
 // spread over the rows of the table, instead of candle's index_add (one thread per column looping
 // over every id). Laid out as the forward.
@@ -1629,6 +1653,12 @@ extern "C" __global__ void flash_dq_bf16(const float *dq, __nv_bfloat16 *dqkv, s
   extern "C" __global__ void embedding_fwd_##S(const T *table, const uint32_t *ids, T *out,      \
                                                size_t rows, int n, uint32_t vocab) {             \
     embedding_fwd<T, T>(table, ids, out, rows, n, vocab);                                        \
+  }                                                                                              \
+  extern "C" __global__ void embedding_sum_fwd_##S(                                              \
+      const float *t0, const float *t1, const float *t2, const uint32_t *i0, const uint32_t *i1,   \
+      const uint32_t *i2, T *out, size_t rows, int n, uint32_t v0, uint32_t v1, uint32_t v2,       \
+      uint32_t tables) {                                                                         \
+    embedding_sum_fwd<T>(t0, t1, t2, i0, i1, i2, out, rows, n, v0, v1, v2, tables);              \
   }                                                                                              \
   extern "C" __global__ void embedding_bwd_##S(const T *g, const uint32_t *ids, float *grad,     \
                                                size_t rows, int n) {                             \
