@@ -189,7 +189,7 @@ impl DistilBertClassifier {
             .unsqueeze(0)?
             .broadcast_as((b, s))?
             .contiguous()?;
-        let x = (self.word.forward(ids)? + self.position.forward(&positions)?)?;
+        let x = Embedding::sum(&[(&self.word, ids), (&self.position, &positions)])?;
         let x = ops::dropout(&self.emb_norm.forward(&x)?, self.dropout, mode)?;
         let bias = ops::attention_bias(&batch.attention_mask, x.dtype())?;
         if !keep_all {
