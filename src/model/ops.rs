@@ -11,7 +11,6 @@ use super::Mode;
 use candle_core::{DType, Device, DeviceLocation, Result, Tensor, D};
 use rand::{Rng, SeedableRng};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 
 /// Whether the fused kernels may be used (on by default; the benches and tests turn them off to
 /// measure and check the composed ops).
@@ -174,29 +173,36 @@ fn path(ts: &[&Tensor]) -> Path {
     path_for(selected(), &operands, CUDA_KERNELS)
 }
 
-/// Host RNG for dropout masks on the CPU, whose candle RNG cannot be seeded.
-static HOST_RNG: Mutex<Option<rand::rngs::StdRng>> = Mutex::new(None);
+thread_local! {
+    /// Host RNG for dropout masks on the CPU, whose candle RNG cannot be seeded (and for the
+    /// seeds of CUDA's masks). One per thread: a job seeds it at load and draws from it on the
+    /// thread that trains, so jobs (and tests) on other threads cannot shift its draws.
+    static HOST_RNG: std::cell::RefCell<Option<rand::rngs::StdRng>> =
+        const { std::cell::RefCell::new(None) };
+}
 
-/// Seeds dropout: the device RNG where candle can seed it (CUDA), the host RNG used for CPU masks.
+/// Seeds dropout: the device RNG where candle can seed it (CUDA), the host RNG used for CPU masks
+/// (this thread's).
 pub fn seed(device: &Device, seed: u64) -> Result<()> {
     if !device.is_cpu() {
         device.set_seed(seed)?;
     }
-    let mut rng = HOST_RNG
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("dropout RNG lock poisoned".into()))?;
-    *rng = Some(rand::rngs::StdRng::seed_from_u64(seed));
+    HOST_RNG.with(|r| *r.borrow_mut() = Some(rand::rngs::StdRng::seed_from_u64(seed)));
     Ok(())
+}
+
+/// Runs `f` with this thread's host RNG (seeded with 0 if `seed` never ran here).
+fn with_host_rng<T>(f: impl FnOnce(&mut rand::rngs::StdRng) -> T) -> T {
+    HOST_RNG.with(|r| {
+        let mut r = r.borrow_mut();
+        f(r.get_or_insert_with(|| rand::rngs::StdRng::seed_from_u64(0)))
+    })
 }
 
 /// `n` dropout keep flags (1 = kept, with probability `1 - p`) from the host RNG: the one draw
 /// sequence every CPU dropout path uses, so fused and composed paths drop the same elements.
 fn keep_flags(n: usize, p: f32) -> Result<Vec<u8>> {
-    let mut guard = HOST_RNG
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("dropout RNG lock poisoned".into()))?;
-    let rng = guard.get_or_insert_with(|| rand::rngs::StdRng::seed_from_u64(0));
-    Ok(flags_from(rng, n, p))
+    Ok(with_host_rng(|rng| flags_from(rng, n, p)))
 }
 
 /// `x.transpose(1, 2).contiguous()` for a four-dimensional `x`: attention's split into heads and
@@ -212,12 +218,7 @@ pub fn swap12(x: &Tensor) -> Result<Tensor> {
 /// A seed for one dropout mask that is a function of a seed (CUDA's), from the host RNG `seed`
 /// sets.
 fn host_seed() -> Result<u64> {
-    let mut guard = HOST_RNG
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("dropout RNG lock poisoned".into()))?;
-    Ok(guard
-        .get_or_insert_with(|| rand::rngs::StdRng::seed_from_u64(0))
-        .random())
+    Ok(with_host_rng(|rng| rng.random()))
 }
 
 /// Rows `ids` of the embedding table `table` `[vocab, n]`, shaped `[ids.., n]`, in `dtype` (the
