@@ -264,17 +264,18 @@ thread_local! {
     static IN_PLACE_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-static HEADS_IN_PLACE: AtomicBool = AtomicBool::new(true);
+static HEADS_IN_PLACE: super::EnvSwitch = super::EnvSwitch::new("RECYCLE_HEADS_IN_PLACE");
 
 /// Turns attention's per-head products in place (`Prims::heads_in_place`) on or off for the whole
-/// process, on devices that have them (on by default; `gpu-check` times both).
+/// process, on devices that have them (on by default, `RECYCLE_HEADS_IN_PLACE=0` off;
+/// `gpu-check` times both).
 pub fn set_heads_in_place(on: bool) {
-    HEADS_IN_PLACE.store(on, Ordering::Relaxed);
+    HEADS_IN_PLACE.set(on);
 }
 
 /// Whether the per-head products in place are on (`set_heads_in_place`).
 pub fn heads_in_place_on() -> bool {
-    HEADS_IN_PLACE.load(Ordering::Relaxed)
+    HEADS_IN_PLACE.get()
 }
 
 /// For tests, on the calling thread only: `CpuPrims` runs attention blocks with their heads in

@@ -30,32 +30,21 @@ use half::bf16;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use super::colmajor::{alignment, bias_grad_offset, gemm, Gemm, Operand, Product};
 
-/// 0: not yet read from the environment; 1 on; 2 off.
-static STATE: AtomicU8 = AtomicU8::new(0);
+static SWITCH: super::EnvSwitch = super::EnvSwitch::new("RECYCLE_CUBLASLT");
 
 /// Turns the cuBLASLt products on or off for the whole process.
 pub fn set_enabled(on: bool) {
-    STATE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    SWITCH.set(on);
 }
 
 /// Whether the cuBLASLt products are on: `set_enabled`'s last word, else `RECYCLE_CUBLASLT`
 /// (`0`, `off` or `false` turn them off; on by default).
 pub fn enabled() -> bool {
-    match STATE.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let off = std::env::var("RECYCLE_CUBLASLT")
-                .is_ok_and(|v| matches!(v.trim(), "0" | "off" | "false"));
-            set_enabled(!off);
-            !off
-        }
-    }
+    SWITCH.get()
 }
 
 /// The workspace cuBLASLt may use (NVIDIA's recommendation for Hopper).

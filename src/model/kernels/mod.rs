@@ -30,6 +30,50 @@ pub mod weight_grad;
 pub use attention::{attention, Keep};
 pub use linear::linear;
 
+/// An on/off switch of the whole process for a lever of the kernels, on by default: the last
+/// `set` wins, else the environment variable named (`0`, `off` or `false` turn it off), read once.
+/// For levers a GPU session must be able to turn off from its script without a rebuild.
+pub struct EnvSwitch {
+    /// 0: not yet read from the environment; 1 on; 2 off.
+    state: std::sync::atomic::AtomicU8,
+    var: &'static str,
+}
+
+impl EnvSwitch {
+    pub const fn new(var: &'static str) -> Self {
+        Self {
+            state: std::sync::atomic::AtomicU8::new(0),
+            var,
+        }
+    }
+
+    pub fn set(&self, on: bool) {
+        use std::sync::atomic::Ordering;
+        self.state.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        match self.state.load(Ordering::Relaxed) {
+            1 => true,
+            2 => false,
+            _ => {
+                let on = !std::env::var(self.var).is_ok_and(|v| off_word(&v));
+                self.set(on);
+                on
+            }
+        }
+    }
+}
+
+/// Whether an environment variable's value turns a switch off.
+fn off_word(v: &str) -> bool {
+    matches!(
+        v.trim().to_ascii_lowercase().as_str(),
+        "0" | "off" | "false"
+    )
+}
+
 /// Rows handed to one rayon task: large enough that scheduling costs nothing next to the work.
 const MIN_ELEMS_PER_TASK: usize = 16 * 1024;
 
@@ -500,4 +544,28 @@ pub fn dropout(x: &Tensor, keep: Vec<u8>, scale: f32) -> Result<Tensor> {
         keep: std::sync::Arc::new(keep),
         scale,
     })
+}
+
+#[cfg(test)]
+mod switch_tests {
+    use super::*;
+
+    #[test]
+    fn an_env_switch_is_on_unless_its_variable_says_off_and_set_overrides() {
+        for (v, off) in [
+            ("0", true),
+            ("off", true),
+            (" False ", true),
+            ("1", false),
+            ("yes", false),
+        ] {
+            assert_eq!(off_word(v), off, "{v:?}");
+        }
+        static S: EnvSwitch = EnvSwitch::new("RECYCLE_TEST_SWITCH_NEVER_SET");
+        assert!(S.get());
+        S.set(false);
+        assert!(!S.get());
+        S.set(true);
+        assert!(S.get());
+    }
 }
