@@ -157,7 +157,8 @@ fn pair_shape(l: &Layout) -> Shape {
     Shape::from(dims)
 }
 
-fn cpu_unreachable<T>(op: &str) -> Result<T> {
+/// What a CUDA-only custom op's CPU forward answers.
+pub(super) fn cpu_unreachable<T>(op: &str) -> Result<T> {
     bail!("{op}: a CUDA kernel, reached with CPU tensors")
 }
 

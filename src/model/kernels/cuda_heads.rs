@@ -227,10 +227,6 @@ fn batched(dev: &CudaDevice, dims: &Dims, products: &[(HeadProduct, [u64; 3])]) 
     Ok(())
 }
 
-fn unreachable_on_cpu<T>(name: &str) -> Result<T> {
-    bail!("{name}: a CUDA op, reached with CPU tensors")
-}
-
 struct Scores {
     heads: usize,
 }
@@ -241,7 +237,7 @@ impl CustomOp1 for Scores {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        unreachable_on_cpu(self.name())
+        super::cuda::cpu_unreachable(self.name())
     }
 
     fn cuda_fwd(&self, qkv: &CudaStorage, ql: &Layout) -> Result<(CudaStorage, Shape)> {
@@ -276,7 +272,7 @@ impl CustomOp2 for Pair {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        unreachable_on_cpu(self.name())
+        super::cuda::cpu_unreachable(self.name())
     }
 
     fn cuda_fwd(
@@ -330,7 +326,7 @@ impl CustomOp3 for Grads {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        unreachable_on_cpu(self.name())
+        super::cuda::cpu_unreachable(self.name())
     }
 
     fn cuda_fwd(

@@ -806,7 +806,7 @@ impl CustomOp2 for InputGrad {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        bail!("{}: a CUDA op, reached with CPU tensors", self.name())
+        super::cuda::cpu_unreachable(self.name())
     }
 
     fn cuda_fwd(
@@ -868,7 +868,7 @@ impl CustomOp2 for ParamGrads {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        bail!("{}: a CUDA op, reached with CPU tensors", self.name())
+        super::cuda::cpu_unreachable(self.name())
     }
 
     fn cuda_fwd(

@@ -269,6 +269,18 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// The largest difference between two tensors of any float dtype, in f32.
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     /// The table's gradient through the sink is the scatter-add of the rows' incoming gradient
     /// in f32 (as the CUDA path always summed it), in f32 and through a bf16 cast registered as
     /// the table's alias (as `model::casting` does); in f32 it equals the plain lookup's gradient
@@ -280,16 +292,6 @@ mod tests {
         let ids = Tensor::new(&[[3u32, 0, 3, 10], [7, 3, 1, 1]], &dev).unwrap();
         let flat = ids.flatten_all().unwrap();
         let weights = Tensor::randn(0f32, 1.0, (2, 4, 6), &dev).unwrap();
-        let max_diff = |a: &Tensor, b: &Tensor| {
-            (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
         // The table as a cast of the master, or the master itself handed over uncast.
         for (dtype, uncast) in [
             (DType::F32, false),
@@ -385,15 +387,11 @@ mod tests {
                 want = (want + lookup(k)).unwrap();
             }
             let want = want.reshape((2, 4, 6)).unwrap();
-            let diff = (rows.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert_eq!(diff, 0.0, "{dtype:?} {tables} tables: rows differ");
+            assert_eq!(
+                max_diff(&rows, &want),
+                0.0,
+                "{dtype:?} {tables} tables: rows differ"
+            );
             let loss = (rows.to_dtype(DType::F32).unwrap() * &weights)
                 .unwrap()
                 .sum_all()
@@ -413,14 +411,7 @@ mod tests {
                     .index_add(&i[k].flatten_all().unwrap(), &incoming, 0)
                     .unwrap();
                 let got = store.get(t[k]).expect("a table gradient");
-                let err = (got - &want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let err = max_diff(got, &want);
                 assert!(err <= 1e-6, "{dtype:?} table {k}: gradient off by {err}");
             }
             assert_eq!(sink.pending(), 0);
