@@ -1191,6 +1191,18 @@ fn bench_one(
             ab.push((what, train, Ok(off)));
         }
     }
+    // The embeddings as one node (session 13, on by default): "off" is a lookup per table and
+    // candle's adds of their rows.
+    if device.is_cuda() && ops::embeddings_sum_on() {
+        ops::set_embeddings_sum(false);
+        let separate = time_it(device, args.warmup, args.steps, || step(&mut opt));
+        ops::set_embeddings_sum(true);
+        let what = "embeddings in one node".to_string();
+        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
+        if let Some(off) = reported(separate, at) {
+            ab.push((what, train, Ok(off)));
+        }
+    }
     // The encoder's block nodes as one stack node (session 12, on by default): "off" is a graph
     // node per block, each input's gradient added into a zero-filled slot by candle. CUDA only:
     // the CPU's training does not take the block nodes.

@@ -252,6 +252,19 @@ pub fn embedding(table: &Tensor, ids: &Tensor, dtype: DType) -> Result<Tensor> {
         .to_dtype(dtype)
 }
 
+static EMBEDDINGS_SUM: kernels::EnvSwitch = kernels::EnvSwitch::new("RECYCLE_EMBEDDINGS_SUM");
+
+/// Turns the embeddings' one node (`embeddings_sum`) on or off for the whole process (on by
+/// default, `RECYCLE_EMBEDDINGS_SUM=0` off; `gpu-check` times both).
+pub fn set_embeddings_sum(on: bool) {
+    EMBEDDINGS_SUM.set(on);
+}
+
+/// Whether the embeddings' one node is on (`set_embeddings_sum`).
+pub fn embeddings_sum_on() -> bool {
+    EMBEDDINGS_SUM.get()
+}
+
 /// The sum of lookups `tables[k]` rows `ids[k]` (two or three, one shape of ids), in `dtype`: an
 /// encoder's word, position and token-type embeddings. While training with a gradient sink on the
 /// device that takes the block nodes, one node (`kernels::embedding_node::lookup_sum`, the same
@@ -265,7 +278,7 @@ pub fn embeddings_sum(tables: &[&Tensor], ids: &[&Tensor], dtype: DType) -> Resu
         Path::Cuda => true,
         _ => BLOCKS_ON_CPU.with(|c| c.get()) && tables[0].device().is_cpu(),
     };
-    if node_route && (2..=3).contains(&tables.len()) {
+    if node_route && embeddings_sum_on() && (2..=3).contains(&tables.len()) {
         if let Some(rows) = kernels::embedding_node::lookup_sum(tables, ids, dtype)? {
             return Ok(rows);
         }
