@@ -2518,7 +2518,7 @@ const MULTI_CHUNK: usize = 4096;
 /// The device address of the first element `t`'s layout sees (contiguous, of `T`, on CUDA); with
 /// `whole`, the layout must also cover its buffer from offset 0 (what a kernel writes in place:
 /// the optimizer's moments and the weights of `Var`s are such).
-fn device_address<T: CudaDType>(t: &Tensor, whole: bool, what: &str) -> Result<u64> {
+pub(super) fn device_address<T: CudaDType>(t: &Tensor, whole: bool, what: &str) -> Result<u64> {
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cuda(s) = &*storage else {

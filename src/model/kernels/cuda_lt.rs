@@ -737,19 +737,6 @@ pub fn dense_param_grads(dy: &Tensor, x: &Tensor) -> Result<Option<(Tensor, Tens
     Ok(Some((dw, db)))
 }
 
-/// The device address of a contiguous bf16 tensor's first element.
-fn address(t: &Tensor) -> Result<u64> {
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cuda(s) = &*storage else {
-        bail!("cuBLASLt: a tensor not on a CUDA device")
-    };
-    let (start, _) = contiguous_range(layout, "operand")?;
-    let cs: &CudaSlice<bf16> = s.as_cuda_slice()?;
-    let stream = s.device().cuda_stream();
-    let (ptr, _sync) = cs.device_ptr(&stream);
-    Ok(ptr + (start * 2) as u64)
-}
-
 /// Whether cuBLASLt has an algorithm for the weight gradient with `BGRADB` over these operands
 /// (the plan the op will take, made now; the output is a fresh allocation, 256-byte aligned).
 fn bgradb_available(
@@ -763,6 +750,7 @@ fn bgradb_available(
     };
     let (g, [ta, tb]) = gemm(Product::WeightGrad, dims.0, dims.1, dims.2);
     let of = |t: Operand| if t == Operand::Input { x } else { dy };
+    let address = |t: &Tensor| super::cuda::device_address::<bf16>(t, false, "cuBLASLt operand");
     let (pa, pb) = (address(of(ta))?, address(of(tb))?);
     let key = Key {
         gemm: g,
