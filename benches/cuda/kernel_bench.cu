@@ -485,6 +485,86 @@ int main(int argc, char **argv) {
   });
   row("q,k,v merge x3", ms, 2.0 * nq * sizeof(bf16));
 
+  // Attention's core in one pass (flash_fwd_bf16 / flash_bwd_bf16, dropout 0.1; off in training
+  // unless chosen) against the unfused core it would replace, timed here too: the per-head
+  // products as strided batched cuBLAS calls over split heads (QK^T, PV; backward dO V^T, P^T dO,
+  // dS K, dS^T Q) with the chunked softmax forward and the softmax backward between them. The
+  // heads' split and merge are not counted (training keeps the heads in place). TFLOP/s counts
+  // each side's own products: 4 b h s^2 d forward, 8 unfused backward, 10 in one pass (the scores
+  // are recomputed).
+  printf("\n%-46s %9s %9s\n", "attention core (batch, 12 heads, seq 128, d 64)", "ms", "TFLOP/s");
+  {
+    const int count = batch * heads, s = seq, d = hd;
+    const double fl = 2.0 * count * (double)s * s * d;  // one product's FLOPs
+    float *lse;
+    CK(cudaMalloc(&lse, sr * sizeof(float)));
+    bf16 *ctx = alloc_bf16(rows * hid, 51), *dctx = alloc_bf16(rows * hid, 52, -0.1f, 0.1f);
+    bf16 *dqkv = alloc_bf16(nq, 53);
+    const int chunks = (s + FA_BWD_KEYS - 1) / FA_BWD_KEYS;
+    float *dq_acc = nullptr;
+    if (chunks > 1) CK(cudaMalloc(&dq_acc, rows * hid * sizeof(float)));
+    CK(cudaDeviceSynchronize());
+    auto attn_row = [](const char *name, double ms, double flops) {
+      printf("%-46s %9.4f %9.1f\n", name, ms, flops / (ms * 1e-3) / 1e12);
+      fflush(stdout);
+    };
+    auto fwd = [&] {
+      flash_fwd_bf16<<<dim3((s + 63) / 64, heads, batch), 32 * FA_FWD_WARPS>>>(
+          qkv, mask, ctx, lse, s, heads, 0.125f, seed, threshold, dscale);
+    };
+    ms = time_ms(fwd);
+    attn_row("one pass: forward (flash_fwd_bf16)", ms, 2 * fl);
+    const double flash_fwd_ms = ms;
+    ms = time_ms([&] {
+      if (dq_acc) CK(cudaMemsetAsync(dq_acc, 0, rows * hid * sizeof(float)));
+      flash_bwd_bf16<<<dim3(heads, batch, chunks), 32 * (std::min(s, FA_BWD_KEYS) / 16)>>>(
+          qkv, mask, ctx, dctx, lse, dqkv, dq_acc, s, heads, 0.125f, seed, threshold, dscale);
+      if (dq_acc) flash_dq_bf16<<<1024, 256>>>(dq_acc, dqkv, rows, hid);
+    });
+    attn_row("one pass: backward (flash_bwd_bf16)", ms, 5 * fl);
+    const double flash_ms = flash_fwd_ms + ms;
+    // Unfused, over [count, s, d] heads (q3: q, k, v; m3: the context and its gradient) and
+    // [count, s, s] scores (sc, pa, da, pb). Column-major: a row-major X [r, c] is X^T [c, r].
+    const size_t hs = (size_t)s * d, ss = (size_t)s * s;
+    bf16 *Q = q3, *K = q3 + (size_t)count * hs, *V = q3 + 2 * (size_t)count * hs;
+    bf16 *O = m3, *dO = m3 + (size_t)count * hs, *dQ = dqkv, *dK = dqkv + (size_t)count * hs,
+         *dV = dqkv + 2 * (size_t)count * hs;
+    const float one = 1.f, zero = 0.f;
+    auto bgemm = [&](cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const bf16 *A,
+                     int lda, size_t sa, const bf16 *B, int ldb, size_t sb_, bf16 *C, int ldc,
+                     size_t sc_) {
+      if (cublasGemmStridedBatchedEx(h, ta, tb, m, n, k, &one, A, CUDA_R_16BF, lda, (long long)sa, B,
+                                     CUDA_R_16BF, ldb, (long long)sb_, &zero, C, CUDA_R_16BF, ldc,
+                                     (long long)sc_, count, CUBLAS_COMPUTE_32F,
+                                     CUBLAS_GEMM_DEFAULT_TENSOR_OP) != CUBLAS_STATUS_SUCCESS) {
+        fprintf(stderr, "kernel bench: batched product failed\n");
+        exit(1);
+      }
+    };
+    ms = time_ms([&] {
+      // S = Q K^T (S^T = K Q^T), P = softmax with dropout, O = P V (O^T = V^T P^T).
+      bgemm(CUBLAS_OP_T, CUBLAS_OP_N, s, s, d, K, d, hs, Q, d, hs, sc, s, ss);
+      softmax_drop_fwd_vec_bf16<<<wr, dim3(32, 8)>>>(sc, mask, pa, da, sr, seq, rpb, 0.125f, seed,
+                                                     threshold, dscale);
+      bgemm(CUBLAS_OP_N, CUBLAS_OP_N, d, s, s, V, d, hs, da, s, ss, O, d, hs);
+    });
+    attn_row("unfused: forward (2 products + softmax)", ms, 2 * fl);
+    const double unfused_fwd_ms = ms;
+    ms = time_ms([&] {
+      // dP = dO V^T, dV = drop(P)^T dO, dS = softmax backward, dQ = dS K, dK = dS^T Q.
+      bgemm(CUBLAS_OP_T, CUBLAS_OP_N, s, s, d, V, d, hs, dO, d, hs, pb, s, ss);
+      bgemm(CUBLAS_OP_N, CUBLAS_OP_T, d, s, s, dO, d, hs, da, s, ss, dV, d, hs);
+      softmax_bwd_bf16<<<wr, dim3(32, 8)>>>(pa, pb, sc, sr, seq, 0.125f, seed, threshold, dscale);
+      bgemm(CUBLAS_OP_N, CUBLAS_OP_N, d, s, s, K, d, hs, sc, s, ss, dQ, d, hs);
+      bgemm(CUBLAS_OP_N, CUBLAS_OP_T, d, s, s, Q, d, hs, sc, s, ss, dK, d, hs);
+    });
+    attn_row("unfused: backward (4 products + softmax)", ms, 4 * fl);
+    const double unfused_ms = unfused_fwd_ms + ms;
+    printf("%-46s %9.2f\n", "one pass over unfused (forward + backward, x)", unfused_ms / flash_ms);
+    CK(cudaFree(lse));
+    if (dq_acc) CK(cudaFree(dq_acc));
+  }
+
   // The dense layers' products at this batch: y = x W^T (forward), dx = dy W, dW = dy^T x, in
   // TFLOP/s, as candle calls cuBLAS and through cublasLt.
   printf("\n%-34s %5s %5s %5s %8s %8s %8s %8s\n", "product (column-major m n k)", "m", "n", "k",

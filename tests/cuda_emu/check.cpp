@@ -1073,7 +1073,8 @@ template <typename T> static void split_sum_check(size_t n, uint32_t parts, dim3
         rel_err(to_host(out), std::is_same_v<T, float> ? want : want_t), tol);
 }
 
-// A buffer whose data starts on a 32-byte boundary (wmma's tiles need it; a vector's may not).
+// A buffer whose data starts on a 32-byte boundary (the one-pass kernels need 16 for their staged
+// loads; a vector's may not have it).
 template <typename T> struct Aligned {
   std::vector<T> store;
   T *p;
@@ -1221,10 +1222,12 @@ static void flash_check(FlashCase fc, std::mt19937 &rng) {
   }
 }
 
-// The one-pass kernels' lanes walk their rows of shared tiles in orders rotated by the lane
-// (kernels.cu, "Shared-memory banks"); the emulator cannot time a conflict, so this counts them:
-// at each step of a walk, the most distinct 4-byte words one bank is asked for by the warp's 32
-// lanes (1: none; lanes reading one word share it). word(lane, step) is the word a lane touches.
+// The one-pass kernels read their shared tiles as the tensor cores' fragments (kernels.cu,
+// mma_m16n8k16_bf16): a row of 32 words would put the 8 lanes that read one column of 8 rows on
+// one bank, so the tiles' rows are padded (FA_LD, FA_DS_LD). The emulator cannot time a conflict,
+// so this counts them: at each step of a walk, the most distinct 4-byte words one bank is asked
+// for by the warp's 32 lanes (1: none; lanes reading one word share it). word(lane, step) is the
+// word a lane touches.
 template <typename F> static int bank_ways(int steps, F word) {
   int worst = 0;
   for (int step = 0; step < steps; step++) {
@@ -1239,21 +1242,41 @@ template <typename F> static int bank_ways(int steps, F word) {
 }
 
 static void flash_bank_checks() {
-  // The forward's row passes: f32 scores and context with rows of 64 words, bf16 probabilities
-  // with rows of 32 words (two to a word).
-  check("flash_fwd_bf16: bank conflicts (ways) over f32 rows of 64",
-        bank_ways(32, [](int lane, int j) { return long((lane >> 1) * 64 + fa_fwd_col(lane, j)); }), 1);
-  check("flash_fwd_bf16: bank conflicts (ways) over bf16 rows of 64",
-        bank_ways(32, [](int lane, int j) { return long((lane >> 1) * 64 + fa_fwd_col(lane, j)) / 2; }), 1);
-  // The backward's: f32 S^T and dP^T with rows of FA_BWD_QT, bf16 dS^T, and the per-query D and
-  // log-sum-exp (f32, indexed by the column).
-  constexpr int QT = FA_BWD_QT;
-  check("flash_bwd_bf16: bank conflicts (ways) over f32 rows of 32",
-        bank_ways(16, [](int lane, int c) { return long((lane >> 1) * QT + fa_bwd_col(lane, c)); }), 1);
-  check("flash_bwd_bf16: bank conflicts (ways) over bf16 rows of 32",
-        bank_ways(16, [](int lane, int c) { return long((lane >> 1) * QT + fa_bwd_col(lane, c)) / 2; }), 1);
-  check("flash_bwd_bf16: bank conflicts (ways) over the per-query rows",
-        bank_ways(16, [](int lane, int c) { return long(fa_bwd_col(lane, c)); }), 1);
+  auto g = [](int lane) { return lane >> 2; };
+  auto t = [](int lane) { return lane & 3; };
+  // A register of a B fragment read as one word: row 8 nt + g, columns 16 kk + 2t (+ 8): k in the
+  // forward, q and dO in the backward.
+  check("flash kernels: bank conflicts (ways) reading B fragments as words",
+        bank_ways(8 * 4 * 2, [&](int lane, int step) {
+          const int nt = step / 8, kk = (step / 2) % 4, hi = step % 2;
+          return long(fa_at(nt * 8 + g(lane), kk * 16 + 2 * t(lane) + 8 * hi)) / 2;
+        }),
+        1);
+  // A column pair from two rows: rows 16 j + 2t + {0, 1, 8, 9}, column 8 dt + g (v in the
+  // forward; dO, q and k in the backward).
+  check("flash kernels: bank conflicts (ways) reading B fragments as column pairs",
+        bank_ways(4 * 8 * 4, [&](int lane, int step) {
+          const int j = step / 32, dt = (step / 4) % 8, o = step % 4;
+          const int row = j * 16 + 2 * t(lane) + (o & 1) + 8 * (o >> 1);
+          return long(fa_at(row, dt * 8 + g(lane))) / 2;
+        }),
+        1);
+  // The backward's dS tile: written a half-word at a time (query 16 j + 8 (e / 2) + 2t (+ 1), key
+  // 16 w + g + 8 (e % 2)), read as A fragments (query 16 mi + g + 8 (e % 2), keys 16 kt + 2t +
+  // 8 (e / 2)).
+  check("flash_bwd_bf16: bank conflicts (ways) writing dS",
+        bank_ways(2 * 4 * 2 * 8, [&](int lane, int step) {
+          const int j = step / 64, e = (step / 16) % 4, second = (step / 8) % 2, w = step % 8;
+          const int q = j * 16 + (e >> 1) * 8 + 2 * t(lane) + second, key = w * 16 + g(lane) + 8 * (e & 1);
+          return long(q * FA_DS_LD + key) / 2;
+        }),
+        1);
+  check("flash_bwd_bf16: bank conflicts (ways) reading dS as A fragments",
+        bank_ways(2 * 8 * 4, [&](int lane, int step) {
+          const int mi = step / 32, kt = (step / 4) % 8, e = step % 4;
+          return long((mi * 16 + g(lane) + 8 * (e & 1)) * FA_DS_LD + kt * 16 + 2 * t(lane) + 8 * (e >> 1)) / 2;
+        }),
+        1);
 }
 
 // batch_pointers: each index's addresses, base + b * per_b + h * per_h, for one product's three

@@ -10,8 +10,8 @@
 // __nv_bfloat16 is 16 bits with round-to-nearest-even conversion, as the device's.
 //
 // What this cannot show: speed, memory coalescing, races between blocks of one launch (they run
-// one at a time), and anything the GPU's compiler does differently from the host's. wmma (the
-// tensor cores' tiles) is in include/mma.h.
+// one at a time), and anything the GPU's compiler does differently from the host's. the tensor
+// cores' one instruction kernels.cu uses is in include/tensor_core.h.
 #pragma once
 
 #include <barrier>
@@ -51,6 +51,10 @@ struct Block {
   std::unique_ptr<std::barrier<>> all;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<float> slots;
+  // The tensor-core stand-in's exchange area (tensor_core.h): six registers and a call number a
+  // thread.
+  std::vector<uint32_t> regs;
+  std::vector<uint64_t> stamps;
 };
 inline thread_local Block *block = nullptr;
 inline thread_local unsigned tid = 0;
@@ -125,6 +129,8 @@ bool launch(dim3 grid, dim3 threads, F kernel) {
         for (unsigned w = 0; w * 32 < n; w++)
           b.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - w * 32)));
         b.slots.assign(n, 0.f);
+        b.regs.assign(size_t(n) * 6, 0u);
+        b.stamps.assign(n, 0u);
         std::vector<std::thread> ts;
         ts.reserve(n);
         for (unsigned t = 0; t < n; t++)

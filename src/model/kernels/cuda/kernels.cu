@@ -11,7 +11,6 @@
 // and compute in f32; their names end in _f32 or _bf16. The optimizer's are f32 only.
 
 #include <cuda_bf16.h>
-#include <mma.h>
 #include <stdint.h>
 
 __device__ __forceinline__ float to_f(float x) { return x; }
@@ -1248,179 +1247,247 @@ extern "C" __global__ void batch_pointers(uint64_t *out, uint32_t count, uint32_
 
 // ---- attention in one pass ("flash") -----------------------------------------------------------
 // softmax(scale * Q K^T + bias) V per (batch, head) with dropout on the probabilities, bf16 only,
-// on the tensor cores (wmma 16x16x16 tiles, f32 accumulators), reading q, k and v straight out of
-// the attention block's one product qkv [b, s, 3 * heads * 64] (row stride 3 * hidden) and writing
-// the context straight into [b, s, hidden]: no head split, no merge, no [b, h, s, s] tensor. The
-// forward keeps the log-sum-exp of each row, from which the backward recomputes the
-// probabilities; the dropout mask is the same function of (seed, element index of [b, h, s, s])
-// as everywhere else ("dropout masks"), so both agree with the unfused path's masks. Head size 64;
-// s a multiple of 16 (at most FA_BWD_MAX_S for the backward); bias [b, s] additive (finite).
-namespace wm = nvcuda::wmma;
+// on the tensor cores (mma.sync m16n8k16: bf16 operands, f32 accumulators), reading q, k and v
+// straight out of the attention block's one product qkv [b, s, 3 * heads * 64] (row stride
+// 3 * hidden) and writing the context straight into [b, s, hidden]: no head split, no merge, no
+// [b, h, s, s] tensor. The forward keeps the log-sum-exp of each row, from which the backward
+// recomputes the probabilities; the dropout mask is the same function of (seed, element index of
+// [b, h, s, s]) as everywhere else ("dropout masks"), so both agree with the unfused path's masks.
+// Head size 64; s a multiple of 16 (at most FA_BWD_MAX_S for the backward); bias [b, s] additive
+// (finite).
+//
+// Session 14 rewrote both kernels (the wmma ones of sessions 9 and 10 lost to the unfused path,
+// 0.88x at batch 128, run 12a): k and v (forward) and q, dO and k (backward) are staged in shared
+// memory once per block with 16-byte loads instead of each warp reading them through L1, and the
+// fragments are explicit (the instruction's documented lane layout), so the scores, probabilities
+// and gradients stay in registers: the softmax runs on the accumulators, and a tile of
+// probabilities becomes the next product's operand without a trip through shared memory.
 constexpr int FA_D = 64;
-constexpr int FA_FWD_WARPS = 4;    // 16 query rows each: 64 a block
-constexpr int FA_BWD_KEYS = 128;   // keys a backward block takes, one warp for each 16
-constexpr int FA_BWD_MAX_S = 512;  // the longest sequence the backward takes
-constexpr int FA_BWD_QT = 32;      // queries a backward step takes
-using FaA = wm::fragment<wm::matrix_a, 16, 16, 16, __nv_bfloat16, wm::row_major>;
-using FaAc = wm::fragment<wm::matrix_a, 16, 16, 16, __nv_bfloat16, wm::col_major>;
-using FaB = wm::fragment<wm::matrix_b, 16, 16, 16, __nv_bfloat16, wm::row_major>;
-using FaBc = wm::fragment<wm::matrix_b, 16, 16, 16, __nv_bfloat16, wm::col_major>;
-using FaC = wm::fragment<wm::accumulator, 16, 16, 16, float>;
+constexpr int FA_FWD_WARPS = 4;   // 16 query rows each: 64 a block
+constexpr int FA_FWD_KEYS = 64;   // keys a forward block stages at a time
+constexpr int FA_BWD_KEYS = 128;  // keys a backward block takes, one warp for each 16
+constexpr int FA_BWD_MAX_S = 512; // the longest sequence the backward takes
+constexpr int FA_BWD_QT = 32;     // queries a backward step stages
+// Shared tiles of 64-wide bf16 rows are padded to 72 elements (36 words): the fragment reads of a
+// warp (8 rows x 4 words, or 2 x 4 rows x 8 half-words) then fall into 32 different banks, where
+// rows of 32 words would put 8 lanes on one bank.
+constexpr int FA_LD = FA_D + 8;
+// The backward's dS tile, query-major, rows of its block's keys plus the same padding.
+constexpr int FA_DS_LD = FA_BWD_KEYS + 8;
 
-// Shared-memory banks: a warp's 32 accesses at one step run at once only where they fall into
-// different banks (4-byte words mod 32). Where a lane owns a row of a tile whose rows are a whole
-// number of 32 words apart, every lane visiting "its next column" in the same order would hit
-// one bank (a 32-way conflict), so the lanes visit their columns in orders rotated by the lane.
-// The forward: lane 2r + h owns row r of a 64-wide tile and the half h of its columns; at step
-// j (0..31) it takes this column.
-__device__ __forceinline__ int fa_fwd_col(int lane, int j) {
-  return (lane & 1) * 32 + ((j + lane) & 31);
+// The m16n8k16 product d += a * b of one warp. Lane l holds, with g = l / 4 and t = l % 4 (two
+// bf16 to a 32-bit register, the lower column in the low half): a[0] = A[g][2t, 2t+1],
+// a[1] = A[g+8][2t, 2t+1], a[2] = A[g][2t+8, 2t+9], a[3] = A[g+8][2t+8, 2t+9] of A (16 x 16);
+// b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g] of B (16 x 8); d[0], d[1] = D[g][2t, 2t+1] and d[2],
+// d[3] = D[g+8][2t, 2t+1] of D (16 x 8, f32). The emulator's stand-in (tests/cuda_emu/include/
+// tensor_core.h) gathers the warp's registers by this layout and multiplies the whole tiles.
+#ifdef __CUDACC__
+__device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                  uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-// The backward: lane 2r + h owns key row r of a step's 32 queries and the half h of them; at
-// step c (0..15) it takes this column.
-__device__ __forceinline__ int fa_bwd_col(int lane, int c) {
-  return (lane & 1) * 16 + ((c + (lane >> 1)) & 15);
+#else
+#include "tensor_core.h"
+#endif
+
+__device__ __forceinline__ uint32_t bf16_bits(__nv_bfloat16 x) {
+  return *reinterpret_cast<const unsigned short *>(&x);
+}
+// Two floats as a register of two bf16, lo in the low half.
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  return bf16_bits(from_f<__nv_bfloat16>(lo)) | (bf16_bits(from_f<__nv_bfloat16>(hi)) << 16);
+}
+// Two adjacent bf16 (p 4-byte aligned) as one register.
+__device__ __forceinline__ uint32_t ld_pair(const __nv_bfloat16 *p) {
+  return *reinterpret_cast<const uint32_t *>(p);
+}
+// Two bf16 from two places as one register (a column pair of a row-major tile).
+__device__ __forceinline__ uint32_t ld_pair(const __nv_bfloat16 *lo, const __nv_bfloat16 *hi) {
+  return bf16_bits(*lo) | (bf16_bits(*hi) << 16);
+}
+// Element (row, col) of a padded shared tile.
+__device__ __forceinline__ int fa_at(int row, int col) { return row * FA_LD + col; }
+
+// rows x 64 bf16 from global rows `src + r * ld` into the padded shared tile `dst` (zeros from row
+// `n` on), 16 bytes a thread a step where every row start is 16-byte aligned (`vec`), else an
+// element at a time.
+__device__ __forceinline__ void fa_stage(__nv_bfloat16 *dst, const __nv_bfloat16 *src, size_t ld,
+                                         int rows, int n, bool vec) {
+  if (vec) {
+    for (int c = threadIdx.x; c < rows * (FA_D / 8); c += blockDim.x) {
+      const int r = c / (FA_D / 8), part = (c % (FA_D / 8)) * 8;
+      uint4 v = {0u, 0u, 0u, 0u};
+      if (r < n) v = *reinterpret_cast<const uint4 *>(src + r * ld + part);
+      *reinterpret_cast<uint4 *>(dst + fa_at(r, part)) = v;
+    }
+  } else {
+    for (int c = threadIdx.x; c < rows * FA_D; c += blockDim.x) {
+      const int r = c / FA_D, col = c % FA_D;
+      dst[fa_at(r, col)] = r < n ? src[r * ld + col] : from_f<__nv_bfloat16>(0.f);
+    }
+  }
 }
 
 // Grid (ceil(s / 64), heads, batch), FA_FWD_WARPS warps; warp w takes query rows
-// 64 * blockIdx.x + 16 * w and up, over key tiles of 64 with the running max and sum of each row
-// (two lanes a row, 32 columns each); the context accumulates in shared memory in
-// f32 and is written out a row at a time by the whole warp.
-extern "C" __global__ void flash_fwd_bf16(const __nv_bfloat16 *qkv, const __nv_bfloat16 *bias,
-                                          __nv_bfloat16 *out, float *lse, int s, int heads,
-                                          float scale, uint64_t seed, uint32_t threshold,
-                                          float drop_scale) {
-  __shared__ __align__(32) float s_scores[FA_FWD_WARPS][16 * 64];
-  __shared__ __align__(32) __nv_bfloat16 s_probs[FA_FWD_WARPS][16 * 64];
-  __shared__ __align__(32) float s_ctx[FA_FWD_WARPS][16 * FA_D];
-  __shared__ float s_inv[FA_FWD_WARPS][16];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+// 64 * blockIdx.x + 16 * w and up (q in registers as the products' A), the block stages 64 keys of
+// k and v at a time; per tile, S = Q K^T (eight 16 x 8 accumulators a warp), the running max and
+// sum of each row (a row's 16 columns a lane, four lanes a row), the dropped probabilities packed
+// into A fragments, and O += P V (eight more accumulators). A lane ends with rows g and g + 8.
+extern "C" __global__ void __launch_bounds__(32 * FA_FWD_WARPS) flash_fwd_bf16(
+    const __nv_bfloat16 *qkv, const __nv_bfloat16 *bias, __nv_bfloat16 *out, float *lse, int s,
+    int heads, float scale, uint64_t seed, uint32_t threshold, float drop_scale) {
+  __shared__ __align__(16) __nv_bfloat16 s_k[FA_FWD_KEYS * FA_LD];
+  __shared__ __align__(16) __nv_bfloat16 s_v[FA_FWD_KEYS * FA_LD];
+  __shared__ float s_bias[FA_FWD_KEYS];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int h = blockIdx.y, b = blockIdx.z;
   const int q0 = blockIdx.x * (16 * FA_FWD_WARPS) + warp * 16;
-  if (q0 >= s) return;
-  const int hidden = heads * FA_D, ld = 3 * hidden;
-  const __nv_bfloat16 *kb = qkv + (size_t)b * s * ld + hidden + h * FA_D;
-  const __nv_bfloat16 *vb = kb + hidden;
-  const __nv_bfloat16 *bb = bias + (size_t)b * s;
-  float *S = s_scores[warp], *O = s_ctx[warp];
-  __nv_bfloat16 *P = s_probs[warp];
-  FaA q[FA_D / 16];
+  const bool active = q0 < s;  // s is a multiple of 16: a warp has all its rows or none
+  const int hidden = heads * FA_D;
+  const size_t ld = 3 * (size_t)hidden;
+  const __nv_bfloat16 *qb = qkv + (size_t)b * s * ld + h * FA_D;  // q of row i at qb + i * ld
+  const __nv_bfloat16 *kb = qb + hidden, *vb = qb + 2 * hidden;
+  const bool vec = all_aligned(16, qkv) && (ld % 8) == 0;
+  uint32_t qa[FA_D / 16][4];
+#pragma unroll
   for (int kk = 0; kk < FA_D / 16; kk++)
-    wm::load_matrix_sync(q[kk], qkv + ((size_t)b * s + q0) * ld + h * FA_D + kk * 16, ld);
-  const int r = lane >> 1;  // this lane's row
-  for (int j = 0; j < 32; j++) O[r * FA_D + fa_fwd_col(lane, j)] = 0.f;
-  float m = -INFINITY, l = 0.f;
-  // Element (b, h, q0 + r, 0) of the [b, h, s, s] probabilities: the dropout mask's index.
-  const size_t row_at = (((size_t)b * heads + h) * s + q0 + r) * s;
-  for (int k0 = 0; k0 < s; k0 += 64) {
-    const int n = s - k0 < 64 ? s - k0 : 64;
-    for (int j = 0; j < n / 16; j++) {
-      FaC acc;
-      wm::fill_fragment(acc, 0.f);
-      for (int kk = 0; kk < FA_D / 16; kk++) {
-        FaBc kt;  // K^T: rows of K read as columns
-        wm::load_matrix_sync(kt, kb + (size_t)(k0 + j * 16) * ld + kk * 16, ld);
-        wm::mma_sync(acc, q[kk], kt, acc);
-      }
-      wm::store_matrix_sync(S + j * 16, acc, 64, wm::mem_row_major);
-    }
-    __syncwarp();
-    // This lane's scaled, biased score at its step j (-inf past the last key), read twice from
-    // shared memory rather than held (32 more registers a lane cost more blocks an SM).
-    auto score = [&](int j) {
-      const int c = fa_fwd_col(lane, j);
-      return c < n ? S[r * 64 + c] * scale + to_f(bb[k0 + c]) : -INFINITY;
-    };
-    float mx = -INFINITY;
-    for (int j = 0; j < 32; j++) mx = fmaxf(mx, score(j));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    const float m_new = fmaxf(m, mx);
-    const float alpha = expf(m - m_new);
-    float sum = 0.f;
-    for (int j = 0; j < 32; j++) {
-      const int c = fa_fwd_col(lane, j);
-      if (c < n) {
-        const float p = expf(score(j) - m_new);
-        sum += p;
-        P[r * 64 + c] = from_f<__nv_bfloat16>(kept(seed, row_at + k0 + c, threshold) ? p * drop_scale : 0.f);
+#pragma unroll
+    for (int e = 0; e < 4; e++)
+      qa[kk][e] = active ? ld_pair(qb + (size_t)(q0 + g + 8 * (e & 1)) * ld + kk * 16 + 2 * t + 8 * (e >> 1)) : 0u;
+  float o[FA_D / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < FA_D / 8; dt++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) o[dt][e] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  // Element (b, h, row, 0) of the [b, h, s, s] probabilities for this lane's rows g and g + 8.
+  const size_t row_at[2] = {(((size_t)b * heads + h) * s + q0 + g) * s,
+                            (((size_t)b * heads + h) * s + q0 + g + 8) * s};
+  for (int k0 = 0; k0 < s; k0 += FA_FWD_KEYS) {
+    const int n = s - k0 < FA_FWD_KEYS ? s - k0 : FA_FWD_KEYS;
+    __syncthreads();  // the previous tile's readers are done
+    fa_stage(s_k, kb + (size_t)k0 * ld, ld, FA_FWD_KEYS, n, vec);
+    fa_stage(s_v, vb + (size_t)k0 * ld, ld, FA_FWD_KEYS, n, vec);
+    for (int c = threadIdx.x; c < FA_FWD_KEYS; c += blockDim.x)
+      s_bias[c] = c < n ? to_f(bias[(size_t)b * s + k0 + c]) : -INFINITY;
+    __syncthreads();
+    if (!active) continue;
+    // S = Q K^T: column tile nt holds keys 8 nt .. 8 nt + 7 (B = K^T: K's rows read as columns).
+    float sc[FA_FWD_KEYS / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < FA_FWD_KEYS / 8; nt++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) sc[nt][e] = 0.f;
+      if (nt * 8 < n) {
+#pragma unroll
+        for (int kk = 0; kk < FA_D / 16; kk++)
+          mma_m16n8k16_bf16(sc[nt], qa[kk], ld_pair(s_k + fa_at(nt * 8 + g, kk * 16 + 2 * t)),
+                            ld_pair(s_k + fa_at(nt * 8 + g, kk * 16 + 2 * t + 8)));
       }
     }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    l = l * alpha + sum;
-    m = m_new;
-    for (int j = 0; j < 32; j++) O[r * FA_D + fa_fwd_col(lane, j)] *= alpha;
-    __syncwarp();
-    for (int dd = 0; dd < FA_D / 16; dd++) {
-      FaC acc;
-      wm::load_matrix_sync(acc, O + dd * 16, FA_D, wm::mem_row_major);
-      for (int j = 0; j < n / 16; j++) {
-        FaA p;
-        FaB v;
-        wm::load_matrix_sync(p, P + j * 16, 64);
-        wm::load_matrix_sync(v, vb + (size_t)(k0 + j * 16) * ld + dd * 16, ld);
-        wm::mma_sync(acc, p, v, acc);
+    // Scaled and biased (-inf past the last key); each row's max over its four lanes.
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < FA_FWD_KEYS / 8; nt++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const float x = sc[nt][e] * scale + s_bias[nt * 8 + 2 * t + (e & 1)];
+        sc[nt][e] = x;
+        mx[e >> 1] = fmaxf(mx[e >> 1], x);
       }
-      wm::store_matrix_sync(O + dd * 16, acc, FA_D, wm::mem_row_major);
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(m[r], mx[r]);
+      alpha[r] = expf(m[r] - m_new);
+      m[r] = m_new;
+      l[r] *= alpha[r];
     }
-    __syncwarp();
-  }
-  if ((lane & 1) == 0) {
-    s_inv[warp][r] = 1.f / l;
-    lse[((size_t)b * heads + h) * s + q0 + r] = m + logf(l);
-  }
-  __syncwarp();
-  // The context, lanes along a row: 64 contiguous bytes a step.
-  __nv_bfloat16 *orow = out + ((size_t)b * s + q0) * hidden + h * FA_D;
-  for (int e = lane; e < 16 * FA_D; e += 32)
-    orow[(size_t)(e / FA_D) * hidden + e % FA_D] = from_f<__nv_bfloat16>(O[e] * s_inv[warp][e / FA_D]);
-}
-
-// out[:, 16 j ..] = A B^T for j < tiles, one warp: A 16 rows of FA_D (row stride lda), B 16 * tiles
-// rows of FA_D (row stride ldb), out f32 row-major with row stride ldo (16 x 16 * tiles).
-__device__ __forceinline__ void fa_rows_by_rows(const __nv_bfloat16 *a, int lda,
-                                                const __nv_bfloat16 *b, int ldb, int tiles,
-                                                float *out, int ldo) {
-  for (int j = 0; j < tiles; j++) {
-    FaC acc;
-    wm::fill_fragment(acc, 0.f);
-    for (int kk = 0; kk < FA_D / 16; kk++) {
-      FaA af;
-      FaBc bt;  // rows of B read as columns
-      wm::load_matrix_sync(af, a + kk * 16, lda);
-      wm::load_matrix_sync(bt, b + (size_t)j * 16 * ldb + kk * 16, ldb);
-      wm::mma_sync(acc, af, bt, acc);
+#pragma unroll
+    for (int dt = 0; dt < FA_D / 8; dt++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) o[dt][e] *= alpha[e >> 1];
+    // The probabilities (this lane's share of each row's sum), dropped and packed as the A
+    // fragments of P V: key step j is column tiles 2j (registers 0, 1) and 2j + 1 (2, 3).
+    uint32_t pa[FA_FWD_KEYS / 16][4];
+#pragma unroll
+    for (int nt = 0; nt < FA_FWD_KEYS / 8; nt++) {
+      float d[4];
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int col = nt * 8 + 2 * t + (e & 1);
+        const float p = expf(sc[nt][e] - m[e >> 1]);
+        l[e >> 1] += p;
+        d[e] = col < n && kept(seed, row_at[e >> 1] + k0 + col, threshold) ? p * drop_scale : 0.f;
+      }
+      pa[nt / 2][(nt & 1) * 2] = pack_bf16(d[0], d[1]);
+      pa[nt / 2][(nt & 1) * 2 + 1] = pack_bf16(d[2], d[3]);
     }
-    wm::store_matrix_sync(out + j * 16, acc, ldo, wm::mem_row_major);
+    // O += P V: B = V (keys down, head dimensions across), a column pair from two rows.
+#pragma unroll
+    for (int j = 0; j < FA_FWD_KEYS / 16; j++) {
+      if (j * 16 >= n) break;
+#pragma unroll
+      for (int dt = 0; dt < FA_D / 8; dt++) {
+        const int c = dt * 8 + g, r = j * 16 + 2 * t;
+        mma_m16n8k16_bf16(o[dt], pa[j], ld_pair(s_v + fa_at(r, c), s_v + fa_at(r + 1, c)),
+                          ld_pair(s_v + fa_at(r + 8, c), s_v + fa_at(r + 9, c)));
+      }
+    }
   }
+  if (!active) return;
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    if (t == 0) lse[((size_t)b * heads + h) * s + q0 + g + 8 * r] = m[r] + logf(l[r]);
+  }
+  const float inv[2] = {1.f / l[0], 1.f / l[1]};
+  __nv_bfloat16 *orow = out + ((size_t)b * s + q0 + g) * hidden + h * FA_D + 2 * t;
+#pragma unroll
+  for (int dt = 0; dt < FA_D / 8; dt++)
+#pragma unroll
+    for (int r = 0; r < 2; r++)
+      *reinterpret_cast<uint32_t *>(orow + (size_t)8 * r * hidden + dt * 8) =
+          pack_bf16(o[dt][2 * r] * inv[r], o[dt][2 * r + 1] * inv[r]);
 }
 
 // The gradients of q, k and v into dqkv (the layout of qkv) given dout, the gradient of the
 // context. Grid (heads, batch, ceil(s / FA_BWD_KEYS)), min(s, FA_BWD_KEYS) / 16 warps: warp w of
-// block z owns keys FA_BWD_KEYS z + 16 w and up (a warp past s takes no keys, only a share of dQ)
-// and accumulates their dK and dV in registers over steps of FA_BWD_QT queries; each step
-// recomputes P^T for its keys from the saved log-sum-exp, then dP^T = V dO^T,
-// dS^T = scale * P^T (drop(dP^T) - D) with D = rowsum(dO * O), and leaves dS^T in shared memory;
-// then the step's dQ = dS K over the block's keys is cut into 16 x 16 tiles, a warp each (no
-// atomics between warps). With one block of keys (dq_acc null) dQ is written out in bf16; with
-// more, it is added into dq_acc (f32 [b, s, hidden], zeroed) with atomics, and flash_dq_bf16
-// writes it. The launch bounds hold it to 128 registers, two blocks of 256 threads an SM (ptxas
-// gives it 128 with no spills; the dV and dK loops folded into one device function took it to 130,
-// which would leave one block an SM, so they stay written out).
-extern "C" __global__ void __launch_bounds__(FA_BWD_KEYS / 16 * 32, 2) flash_bwd_bf16(const __nv_bfloat16 *qkv, const __nv_bfloat16 *bias,
-                                          const __nv_bfloat16 *out, const __nv_bfloat16 *dout,
-                                          const float *lse, __nv_bfloat16 *dqkv, float *dq_acc,
-                                          int s, int heads, float scale, uint64_t seed,
-                                          uint32_t threshold, float drop_scale) {
+// block z owns keys FA_BWD_KEYS z + 16 w and up (a warp past s takes no keys, only a share of the
+// staging and of dQ), holds their k and v as A fragments and accumulates their dK and dV in
+// registers over steps of FA_BWD_QT queries. A step stages the queries' q and dO in shared memory;
+// each warp recomputes its P^T from S^T = K Q^T and the saved log-sum-exp, adds
+// drop(P)^T dO to dV, forms dP^T = V dO^T and dS^T = scale * P^T (drop(dP^T) - D) with
+// D = rowsum(dO * O), adds dS^T Q to dK, and leaves dS (query-major) in shared memory; then the
+// step's dQ = dS K over the block's keys (k staged once) is cut into 16 x 8 tiles, a warp each
+// (no atomics between warps). With one block of keys (dq_acc null) dQ is written out in bf16;
+// with more, it is added into dq_acc (f32 [b, s, hidden], zeroed) with atomics, and flash_dq_bf16
+// writes it.
+extern "C" __global__ void __launch_bounds__(FA_BWD_KEYS / 16 * 32, 1) flash_bwd_bf16(
+    const __nv_bfloat16 *qkv, const __nv_bfloat16 *bias, const __nv_bfloat16 *out,
+    const __nv_bfloat16 *dout, const float *lse, __nv_bfloat16 *dqkv, float *dq_acc, int s,
+    int heads, float scale, uint64_t seed, uint32_t threshold, float drop_scale) {
   constexpr int QT = FA_BWD_QT;
   __shared__ float s_dot[FA_BWD_MAX_S], s_lse[FA_BWD_MAX_S];
-  __shared__ __align__(32) float s_tile[FA_BWD_KEYS / 16][16 * QT];
-  __shared__ __align__(32) float s_grad[FA_BWD_KEYS / 16][16 * QT];
-  __shared__ __align__(32) __nv_bfloat16 s_probs[FA_BWD_KEYS / 16][16 * QT];
+  __shared__ __align__(16) __nv_bfloat16 s_k[FA_BWD_KEYS * FA_LD];
+  __shared__ __align__(16) __nv_bfloat16 s_q[QT * FA_LD];
+  __shared__ __align__(16) __nv_bfloat16 s_g[QT * FA_LD];
+  __shared__ __align__(16) __nv_bfloat16 s_ds[QT * FA_DS_LD];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
   const int h = blockIdx.x, b = blockIdx.y;
-  const int hidden = heads * FA_D, ld = 3 * hidden;
+  const int hidden = heads * FA_D;
+  const size_t ld = 3 * (size_t)hidden;
   const int kbase = blockIdx.z * FA_BWD_KEYS;  // the block's first key
-  const int key_tiles = (s - kbase < FA_BWD_KEYS ? s - kbase : FA_BWD_KEYS) / 16;
+  const int nk = s - kbase < FA_BWD_KEYS ? s - kbase : FA_BWD_KEYS;
+  const int key_tiles = nk / 16;
   const int k0 = kbase + warp * 16;
   const bool active = warp < key_tiles;
   const __nv_bfloat16 *qb = qkv + (size_t)b * s * ld + h * FA_D;  // row i at qb + i * ld
@@ -1429,6 +1496,8 @@ extern "C" __global__ void __launch_bounds__(FA_BWD_KEYS / 16 * 32, 2) flash_bwd
   const __nv_bfloat16 *gb = dout + (size_t)b * s * hidden + h * FA_D;
   __nv_bfloat16 *dqb = dqkv + (size_t)b * s * ld + h * FA_D;
   __nv_bfloat16 *dkb = dqb + hidden, *dvb = dqb + 2 * hidden;
+  const bool vec_q = all_aligned(16, qkv) && (ld % 8) == 0;
+  const bool vec_g = all_aligned(16, dout) && (hidden % 8) == 0;
   // D, a warp a row (lanes along it).
   for (int i = warp; i < s; i += warps) {
     const size_t at = (size_t)i * hidden + lane;
@@ -1436,102 +1505,136 @@ extern "C" __global__ void __launch_bounds__(FA_BWD_KEYS / 16 * 32, 2) flash_bwd
     if (lane == 0) s_dot[i] = v;
   }
   for (int i = threadIdx.x; i < s; i += blockDim.x) s_lse[i] = lse[((size_t)b * heads + h) * s + i];
-  __syncthreads();
-  float *T = s_tile[warp], *G = s_grad[warp];
-  __nv_bfloat16 *P = s_probs[warp];
-  FaC dk[FA_D / 16], dv[FA_D / 16];
-  for (int dd = 0; dd < FA_D / 16; dd++) {
-    wm::fill_fragment(dk[dd], 0.f);
-    wm::fill_fragment(dv[dd], 0.f);
-  }
-  const int r = lane >> 1;  // this lane's key row
-  const float bias_k = active ? to_f(bias[(size_t)b * s + k0 + r]) : 0.f;
-  // Element (b, h, 0, k0 + r) of the [b, h, s, s] probabilities; query i adds i * s.
-  const size_t col_at = ((size_t)b * heads + h) * s * s + k0 + r;
+  fa_stage(s_k, kb + (size_t)kbase * ld, ld, FA_BWD_KEYS, nk, vec_q);
+  // This warp's 16 keys of k and v as A fragments (rows: keys; columns: head dimensions).
+  uint32_t ka[FA_D / 16][4], va[FA_D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < FA_D / 16; kk++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const size_t at = (size_t)(k0 + g + 8 * (e & 1)) * ld + kk * 16 + 2 * t + 8 * (e >> 1);
+      ka[kk][e] = active ? ld_pair(kb + at) : 0u;
+      va[kk][e] = active ? ld_pair(vb + at) : 0u;
+    }
+  float dk[FA_D / 8][4], dv[FA_D / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < FA_D / 8; dt++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) dk[dt][e] = dv[dt][e] = 0.f;
+  // This lane's keys g and g + 8: their bias, and element (b, h, 0, key) of the [b, h, s, s]
+  // probabilities (query i adds i * s).
+  const float bias_k[2] = {active ? to_f(bias[(size_t)b * s + k0 + g]) : 0.f,
+                           active ? to_f(bias[(size_t)b * s + k0 + g + 8]) : 0.f};
+  const size_t col_at[2] = {((size_t)b * heads + h) * s * s + k0 + g,
+                            ((size_t)b * heads + h) * s * s + k0 + g + 8};
   for (int q0 = 0; q0 < s; q0 += QT) {
     const int n = s - q0 < QT ? s - q0 : QT;
-    // This warp's share of the step (none past the last key).
-    const int tiles = active ? n / 16 : 0;
-    // S^T = K Q^T for this warp's keys.
-    fa_rows_by_rows(kb + (size_t)k0 * ld, ld, qb + (size_t)q0 * ld, ld, tiles, T, QT);
-    __syncwarp();
-    // P^T from S^T in T, the lanes along their key row.
-    auto prob = [&](int col) { return expf(T[r * QT + col] * scale + bias_k - s_lse[q0 + col]); };
-    for (int c = 0; c < 16; c++) {
-      const int col = fa_bwd_col(lane, c), i = q0 + col;
-      if (active && col < n)
-        P[r * QT + col] =
-            from_f<__nv_bfloat16>(kept(seed, col_at + (size_t)i * s, threshold) ? prob(col) * drop_scale : 0.f);
+    fa_stage(s_q, qb + (size_t)q0 * ld, ld, QT, n, vec_q);
+    fa_stage(s_g, gb + (size_t)q0 * hidden, hidden, QT, n, vec_g);
+    __syncthreads();  // s_q, s_g (and at the first step s_k, s_dot, s_lse) are in place
+    if (active) {
+      // S^T = K Q^T: column tile nt holds queries q0 + 8 nt and up; then P^T in place.
+      float p[QT / 8][4], dp[QT / 8][4];
+      uint32_t keep = 0;  // bit 4 nt + e: the dropout keeps that element
+#pragma unroll
+      for (int nt = 0; nt < QT / 8; nt++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) p[nt][e] = dp[nt][e] = 0.f;
+        if (nt * 8 < n) {
+#pragma unroll
+          for (int kk = 0; kk < FA_D / 16; kk++) {
+            mma_m16n8k16_bf16(p[nt], ka[kk], ld_pair(s_q + fa_at(nt * 8 + g, kk * 16 + 2 * t)),
+                              ld_pair(s_q + fa_at(nt * 8 + g, kk * 16 + 2 * t + 8)));
+            // dP^T = V dO^T, the same shape.
+            mma_m16n8k16_bf16(dp[nt], va[kk], ld_pair(s_g + fa_at(nt * 8 + g, kk * 16 + 2 * t)),
+                              ld_pair(s_g + fa_at(nt * 8 + g, kk * 16 + 2 * t + 8)));
+          }
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            const int i = q0 + nt * 8 + 2 * t + (e & 1);
+            p[nt][e] = expf(p[nt][e] * scale + bias_k[e >> 1] - s_lse[i]);
+            if (kept(seed, col_at[e >> 1] + (size_t)i * s, threshold)) keep |= 1u << (4 * nt + e);
+          }
+        }
+      }
+      // dV += drop(P)^T dO and dK += dS^T Q, the A fragments packed from the accumulators (query
+      // step j: column tiles 2j and 2j + 1), B a column pair of the staged rows.
+      uint32_t pa[QT / 16][4], da[QT / 16][4];
+#pragma unroll
+      for (int nt = 0; nt < QT / 8; nt++) {
+        float dr[4], ds[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int col = nt * 8 + 2 * t + (e & 1);
+          const bool kp = (keep >> (4 * nt + e)) & 1u;
+          dr[e] = kp ? p[nt][e] * drop_scale : 0.f;
+          const float gd = kp ? dp[nt][e] * drop_scale : 0.f;
+          ds[e] = col < n ? scale * p[nt][e] * (gd - s_dot[q0 + col]) : 0.f;
+        }
+        pa[nt / 2][(nt & 1) * 2] = pack_bf16(dr[0], dr[1]);
+        pa[nt / 2][(nt & 1) * 2 + 1] = pack_bf16(dr[2], dr[3]);
+        da[nt / 2][(nt & 1) * 2] = pack_bf16(ds[0], ds[1]);
+        da[nt / 2][(nt & 1) * 2 + 1] = pack_bf16(ds[2], ds[3]);
+      }
+#pragma unroll
+      for (int j = 0; j < QT / 16; j++) {
+        if (j * 16 >= n) break;
+#pragma unroll
+        for (int dt = 0; dt < FA_D / 8; dt++) {
+          const int c = dt * 8 + g, r = j * 16 + 2 * t;
+          mma_m16n8k16_bf16(dv[dt], pa[j], ld_pair(s_g + fa_at(r, c), s_g + fa_at(r + 1, c)),
+                            ld_pair(s_g + fa_at(r + 8, c), s_g + fa_at(r + 9, c)));
+          mma_m16n8k16_bf16(dk[dt], da[j], ld_pair(s_q + fa_at(r, c), s_q + fa_at(r + 1, c)),
+                            ld_pair(s_q + fa_at(r + 8, c), s_q + fa_at(r + 9, c)));
+        }
+      }
+      // dS, query-major, for dQ: the same bf16 values as da's.
+      unsigned short *dsw = reinterpret_cast<unsigned short *>(s_ds);
+#pragma unroll
+      for (int j = 0; j < QT / 16; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          // Register e of step j: column tile 2j + e / 2, key row g + 8 (e & 1).
+          const uint32_t pair = da[j][e];
+          const int q = j * 16 + (e >> 1) * 8 + 2 * t, key = warp * 16 + g + 8 * (e & 1);
+          dsw[q * FA_DS_LD + key] = (unsigned short)(pair & 0xffffu);
+          dsw[(q + 1) * FA_DS_LD + key] = (unsigned short)(pair >> 16);
+        }
     }
-    __syncwarp();
-    // dV += drop(P)^T dO.
-    for (int dd = 0; dd < FA_D / 16; dd++)
-      for (int j = 0; j < tiles; j++) {
-        FaA a;
-        FaB g;
-        wm::load_matrix_sync(a, P + j * 16, QT);
-        wm::load_matrix_sync(g, gb + (size_t)(q0 + j * 16) * hidden + dd * 16, hidden);
-        wm::mma_sync(dv[dd], a, g, dv[dd]);
+    __syncthreads();  // every warp's dS is in s_ds; s_q and s_g are free
+    // dQ tile (query rows 16 mi.., head columns 8 dt..) = dS K over the block's key tiles.
+    for (int tile = warp; tile < (n / 16) * (FA_D / 8); tile += warps) {
+      const int mi = tile / (FA_D / 8), dt = tile % (FA_D / 8);
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int kt = 0; kt < key_tiles; kt++) {
+        uint32_t a[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+          a[e] = ld_pair(s_ds + (mi * 16 + g + 8 * (e & 1)) * FA_DS_LD + kt * 16 + 2 * t + 8 * (e >> 1));
+        const int c = dt * 8 + g, r = kt * 16 + 2 * t;
+        mma_m16n8k16_bf16(acc, a, ld_pair(s_k + fa_at(r, c), s_k + fa_at(r + 1, c)),
+                          ld_pair(s_k + fa_at(r + 8, c), s_k + fa_at(r + 9, c)));
       }
-    // dP^T = V dO^T, beside S^T.
-    fa_rows_by_rows(vb + (size_t)k0 * ld, ld, gb + (size_t)q0 * hidden, hidden, tiles, G, QT);
-    __syncwarp();
-    // dS^T over the dropped probabilities' places (their product with dV is done).
-    for (int c = 0; c < 16; c++) {
-      const int col = fa_bwd_col(lane, c), i = q0 + col;
-      if (active && col < n) {
-        const float g = kept(seed, col_at + (size_t)i * s, threshold) ? G[r * QT + col] * drop_scale : 0.f;
-        P[r * QT + col] = from_f<__nv_bfloat16>(scale * prob(col) * (g - s_dot[i]));
-      }
-    }
-    __syncwarp();
-    // dK += dS^T Q.
-    for (int dd = 0; dd < FA_D / 16; dd++)
-      for (int j = 0; j < tiles; j++) {
-        FaA a;
-        FaB qf;
-        wm::load_matrix_sync(a, P + j * 16, QT);
-        wm::load_matrix_sync(qf, qb + (size_t)(q0 + j * 16) * ld + dd * 16, ld);
-        wm::mma_sync(dk[dd], a, qf, dk[dd]);
-      }
-    __syncthreads();  // every warp's dS^T is in s_probs
-    // dQ tile (query tile j, column tile dd) = sum over the block's key tiles w of dS_w K_w, dS_w
-    // being warp w's dS^T read column-major.
-    for (int t = warp; t < (n / 16) * (FA_D / 16); t += warps) {
-      const int j = t / (FA_D / 16), dd = t % (FA_D / 16);
-      FaC acc;
-      wm::fill_fragment(acc, 0.f);
-      for (int w = 0; w < key_tiles; w++) {
-        FaAc a;
-        FaB kf;
-        wm::load_matrix_sync(a, s_probs[w] + j * 16, QT);
-        wm::load_matrix_sync(kf, kb + (size_t)(kbase + w * 16) * ld + dd * 16, ld);
-        wm::mma_sync(acc, a, kf, acc);
-      }
-      wm::store_matrix_sync(T, acc, 16, wm::mem_row_major);
-      __syncwarp();
-      for (int e = lane; e < 256; e += 32) {
-        const int i = q0 + j * 16 + e / 16, c = dd * 16 + e % 16;
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int i = q0 + mi * 16 + g + 8 * (e >> 1), c = dt * 8 + 2 * t + (e & 1);
         if (dq_acc)
-          atomicAdd(&dq_acc[((size_t)b * s + i) * hidden + h * FA_D + c], T[e]);
+          atomicAdd(&dq_acc[((size_t)b * s + i) * hidden + h * FA_D + c], acc[e]);
         else
-          dqb[(size_t)i * ld + c] = from_f<__nv_bfloat16>(T[e]);
+          dqb[(size_t)i * ld + c] = from_f<__nv_bfloat16>(acc[e]);
       }
-      __syncwarp();
     }
-    __syncthreads();  // the next step writes s_probs
+    __syncthreads();  // the next step stages s_q and s_g, and then writes s_ds
   }
   if (!active) return;
-  for (int dd = 0; dd < FA_D / 16; dd++) {
-    wm::store_matrix_sync(T, dk[dd], 16, wm::mem_row_major);
-    __syncwarp();
-    for (int e = lane; e < 256; e += 32) dkb[(size_t)(k0 + e / 16) * ld + dd * 16 + e % 16] = from_f<__nv_bfloat16>(T[e]);
-    __syncwarp();
-    wm::store_matrix_sync(T, dv[dd], 16, wm::mem_row_major);
-    __syncwarp();
-    for (int e = lane; e < 256; e += 32) dvb[(size_t)(k0 + e / 16) * ld + dd * 16 + e % 16] = from_f<__nv_bfloat16>(T[e]);
-    __syncwarp();
-  }
+#pragma unroll
+  for (int dt = 0; dt < FA_D / 8; dt++)
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      const size_t at = (size_t)(k0 + g + 8 * r) * ld + dt * 8 + 2 * t;
+      *reinterpret_cast<uint32_t *>(dkb + at) = pack_bf16(dk[dt][2 * r], dk[dt][2 * r + 1]);
+      *reinterpret_cast<uint32_t *>(dvb + at) = pack_bf16(dv[dt][2 * r], dv[dt][2 * r + 1]);
+    }
 }
 
 // dqkv[row, 0:hidden] = dq (f32 [rows, hidden]): the q part of flash_bwd_bf16's output where
