@@ -1470,7 +1470,7 @@ extern "C" __global__ void __launch_bounds__(32 * FA_FWD_WARPS) flash_fwd_bf16(
 // (no atomics between warps). With one block of keys (dq_acc null) dQ is written out in bf16;
 // with more, it is added into dq_acc (f32 [b, s, hidden], zeroed) with atomics, and flash_dq_bf16
 // writes it.
-extern "C" __global__ void __launch_bounds__(FA_BWD_KEYS / 16 * 32, 1) flash_bwd_bf16(
+extern "C" __global__ void __launch_bounds__(FA_BWD_KEYS / 16 * 32, 2) flash_bwd_bf16(
     const __nv_bfloat16 *qkv, const __nv_bfloat16 *bias, const __nv_bfloat16 *out,
     const __nv_bfloat16 *dout, const float *lse, __nv_bfloat16 *dqkv, float *dq_acc, int s,
     int heads, float scale, uint64_t seed, uint32_t threshold, float drop_scale) {
@@ -1506,16 +1506,6 @@ extern "C" __global__ void __launch_bounds__(FA_BWD_KEYS / 16 * 32, 1) flash_bwd
   }
   for (int i = threadIdx.x; i < s; i += blockDim.x) s_lse[i] = lse[((size_t)b * heads + h) * s + i];
   fa_stage(s_k, kb + (size_t)kbase * ld, ld, FA_BWD_KEYS, nk, vec_q);
-  // This warp's 16 keys of k and v as A fragments (rows: keys; columns: head dimensions).
-  uint32_t ka[FA_D / 16][4], va[FA_D / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < FA_D / 16; kk++)
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-      const size_t at = (size_t)(k0 + g + 8 * (e & 1)) * ld + kk * 16 + 2 * t + 8 * (e >> 1);
-      ka[kk][e] = active ? ld_pair(kb + at) : 0u;
-      va[kk][e] = active ? ld_pair(vb + at) : 0u;
-    }
   float dk[FA_D / 8][4], dv[FA_D / 8][4];
 #pragma unroll
   for (int dt = 0; dt < FA_D / 8; dt++)
@@ -1533,28 +1523,43 @@ extern "C" __global__ void __launch_bounds__(FA_BWD_KEYS / 16 * 32, 1) flash_bwd
     fa_stage(s_g, gb + (size_t)q0 * hidden, hidden, QT, n, vec_g);
     __syncthreads();  // s_q, s_g (and at the first step s_k, s_dot, s_lse) are in place
     if (active) {
-      // S^T = K Q^T: column tile nt holds queries q0 + 8 nt and up; then P^T in place.
+      // S^T = K Q^T and dP^T = V dO^T: column tile nt holds queries q0 + 8 nt and up. This
+      // warp's k (from s_k) and v (from global memory, through L1) are the A fragments, read a
+      // 16-column slice at a time rather than held across steps (32 registers fewer: two blocks
+      // an SM).
       float p[QT / 8][4], dp[QT / 8][4];
-      uint32_t keep = 0;  // bit 4 nt + e: the dropout keeps that element
 #pragma unroll
-      for (int nt = 0; nt < QT / 8; nt++) {
+      for (int nt = 0; nt < QT / 8; nt++)
 #pragma unroll
         for (int e = 0; e < 4; e++) p[nt][e] = dp[nt][e] = 0.f;
-        if (nt * 8 < n) {
 #pragma unroll
-          for (int kk = 0; kk < FA_D / 16; kk++) {
-            mma_m16n8k16_bf16(p[nt], ka[kk], ld_pair(s_q + fa_at(nt * 8 + g, kk * 16 + 2 * t)),
-                              ld_pair(s_q + fa_at(nt * 8 + g, kk * 16 + 2 * t + 8)));
-            // dP^T = V dO^T, the same shape.
-            mma_m16n8k16_bf16(dp[nt], va[kk], ld_pair(s_g + fa_at(nt * 8 + g, kk * 16 + 2 * t)),
-                              ld_pair(s_g + fa_at(nt * 8 + g, kk * 16 + 2 * t + 8)));
-          }
+      for (int kk = 0; kk < FA_D / 16; kk++) {
+        uint32_t ka[4], va[4];
 #pragma unroll
-          for (int e = 0; e < 4; e++) {
-            const int i = q0 + nt * 8 + 2 * t + (e & 1);
-            p[nt][e] = expf(p[nt][e] * scale + bias_k[e >> 1] - s_lse[i]);
-            if (kept(seed, col_at[e >> 1] + (size_t)i * s, threshold)) keep |= 1u << (4 * nt + e);
-          }
+        for (int e = 0; e < 4; e++) {
+          const int row = warp * 16 + g + 8 * (e & 1), col = kk * 16 + 2 * t + 8 * (e >> 1);
+          ka[e] = ld_pair(s_k + fa_at(row, col));
+          va[e] = ld_pair(vb + (size_t)(kbase + row) * ld + col);
+        }
+#pragma unroll
+        for (int nt = 0; nt < QT / 8; nt++) {
+          if (nt * 8 >= n) break;
+          mma_m16n8k16_bf16(p[nt], ka, ld_pair(s_q + fa_at(nt * 8 + g, kk * 16 + 2 * t)),
+                            ld_pair(s_q + fa_at(nt * 8 + g, kk * 16 + 2 * t + 8)));
+          mma_m16n8k16_bf16(dp[nt], va, ld_pair(s_g + fa_at(nt * 8 + g, kk * 16 + 2 * t)),
+                            ld_pair(s_g + fa_at(nt * 8 + g, kk * 16 + 2 * t + 8)));
+        }
+      }
+      // P^T from S^T, and which elements the dropout keeps (bit 4 nt + e).
+      uint32_t keep = 0;
+#pragma unroll
+      for (int nt = 0; nt < QT / 8; nt++) {
+        if (nt * 8 >= n) break;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int i = q0 + nt * 8 + 2 * t + (e & 1);
+          p[nt][e] = expf(p[nt][e] * scale + bias_k[e >> 1] - s_lse[i]);
+          if (kept(seed, col_at[e >> 1] + (size_t)i * s, threshold)) keep |= 1u << (4 * nt + e);
         }
       }
       // dV += drop(P)^T dO and dK += dS^T Q, the A fragments packed from the accumulators (query
