@@ -697,10 +697,13 @@ pub struct ParityDims {
 
 impl ParityDims {
     /// The sizes the one-pass attention checks use (its kernels take heads of 64 and sequences a
-    /// multiple of 16): the CPU test and `gpu-check`'s rows on the device.
+    /// multiple of 16): the CPU test and `gpu-check`'s rows on the device. 144 tokens make every
+    /// loop of the kernels end on a partial tile: the forward's keys in tiles of 64 (64, 64, 16)
+    /// and its query blocks of 64, the backward's blocks of 128 keys (128, 16: dQ summed in f32
+    /// between them) and its steps of 32 queries (four and 16).
     pub const ONE_PASS: ParityDims = ParityDims {
         batch: 2,
-        seq: 32,
+        seq: 144,
         hidden: 128,
         heads: 2,
         inner: 256,
