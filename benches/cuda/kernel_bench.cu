@@ -485,13 +485,40 @@ int main(int argc, char **argv) {
   });
   row("q,k,v merge x3", ms, 2.0 * nq * sizeof(bf16));
 
-  // Attention's core in one pass (flash_fwd_bf16 / flash_bwd_bf16, dropout 0.1; off in training
-  // unless chosen) against the unfused core it would replace, timed here too: the per-head
-  // products as strided batched cuBLAS calls over split heads (QK^T, PV; backward dO V^T, P^T dO,
-  // dS K, dS^T Q) with the chunked softmax forward and the softmax backward between them. The
-  // heads' split and merge are not counted (training keeps the heads in place). TFLOP/s counts
-  // each side's own products: 4 b h s^2 d forward, 8 unfused backward, 10 in one pass (the scores
-  // are recomputed).
+  // The dense layers' products at this batch: y = x W^T (forward), dx = dy W, dW = dy^T x, in
+  // TFLOP/s, as candle calls cuBLAS and through cublasLt.
+  printf("\n%-34s %5s %5s %5s %8s %8s %8s %8s\n", "product (column-major m n k)", "m", "n", "k",
+         "candle", "GemmEx", "Lt #0", "Lt best");
+  {
+    const int M = (int)rows;
+    const size_t big = std::max<size_t>((size_t)M * ffn, (size_t)8192 * 8192);
+    bf16 *A = alloc_bf16(big, 41, -1.f, 1.f), *B = alloc_bf16(big, 42, -1.f, 1.f), *C = alloc_bf16(big, 43);
+    bf16 *V = alloc_bf16(8192, 44, -1.f, 1.f);  // the epilogues' bias (or its gradient)
+    const struct { const char *layer; int in, out; } layers[] = {
+        {"h->h", hid, hid}, {"h->3h", hid, 3 * hid}, {"h->4h", hid, ffn}, {"4h->h", ffn, hid}};
+    for (const auto &L : layers) {
+      char n1[64], n2[64], n3[64];
+      snprintf(n1, sizeof n1, "%s x.W^T", L.layer);
+      snprintf(n2, sizeof n2, "%s dy.W", L.layer);
+      snprintf(n3, sizeof n3, "%s dW = dy^T.x", L.layer);
+      // candle's gemm_config: x [M, in] . W^T (W [out, in]): TN, m' = out, n' = M, k = in.
+      gemm_rows(h, {n1, CUBLAS_OP_T, CUBLAS_OP_N, L.out, M, L.in, L.in, L.in}, A, B, C,
+                CUBLASLT_EPILOGUE_BIAS, V);
+      // dy [M, out] . W [out, in]: NN, m' = in, n' = M, k = out.
+      gemm_rows(h, {n2, CUBLAS_OP_N, CUBLAS_OP_N, L.in, M, L.out, L.in, L.out}, A, B, C);
+      // dy^T [out, M] . x [M, in]: NT, m' = in, n' = out, k = M.
+      gemm_rows(h, {n3, CUBLAS_OP_N, CUBLAS_OP_T, L.in, L.out, M, L.in, L.out}, A, B, C,
+                CUBLASLT_EPILOGUE_BGRADB, V);
+    }
+    gemm_rows(h, {"ceiling 8192^3", CUBLAS_OP_T, CUBLAS_OP_N, 8192, 8192, 8192, 8192, 8192}, A, B, C);
+  }
+  // Last, since a fault in them would end the process: attention's core in one pass
+  // (flash_fwd_bf16 / flash_bwd_bf16, dropout 0.1; off in training unless chosen) against the
+  // unfused core it would replace, timed here too: the per-head products as strided batched
+  // cuBLAS calls over split heads (QK^T, PV; backward dO V^T, P^T dO, dS K, dS^T Q) with the
+  // chunked softmax forward and the softmax backward between them. The heads' split and merge
+  // are not counted (training keeps the heads in place). TFLOP/s counts each side's own products:
+  // 4 b h s^2 d forward, 8 unfused backward, 10 in one pass (the scores are recomputed).
   printf("\n%-46s %9s %9s\n", "attention core (batch, 12 heads, seq 128, d 64)", "ms", "TFLOP/s");
   {
     const int count = batch * heads, s = seq, d = hd;
@@ -565,33 +592,6 @@ int main(int argc, char **argv) {
     if (dq_acc) CK(cudaFree(dq_acc));
   }
 
-  // The dense layers' products at this batch: y = x W^T (forward), dx = dy W, dW = dy^T x, in
-  // TFLOP/s, as candle calls cuBLAS and through cublasLt.
-  printf("\n%-34s %5s %5s %5s %8s %8s %8s %8s\n", "product (column-major m n k)", "m", "n", "k",
-         "candle", "GemmEx", "Lt #0", "Lt best");
-  {
-    const int M = (int)rows;
-    const size_t big = std::max<size_t>((size_t)M * ffn, (size_t)8192 * 8192);
-    bf16 *A = alloc_bf16(big, 41, -1.f, 1.f), *B = alloc_bf16(big, 42, -1.f, 1.f), *C = alloc_bf16(big, 43);
-    bf16 *V = alloc_bf16(8192, 44, -1.f, 1.f);  // the epilogues' bias (or its gradient)
-    const struct { const char *layer; int in, out; } layers[] = {
-        {"h->h", hid, hid}, {"h->3h", hid, 3 * hid}, {"h->4h", hid, ffn}, {"4h->h", ffn, hid}};
-    for (const auto &L : layers) {
-      char n1[64], n2[64], n3[64];
-      snprintf(n1, sizeof n1, "%s x.W^T", L.layer);
-      snprintf(n2, sizeof n2, "%s dy.W", L.layer);
-      snprintf(n3, sizeof n3, "%s dW = dy^T.x", L.layer);
-      // candle's gemm_config: x [M, in] . W^T (W [out, in]): TN, m' = out, n' = M, k = in.
-      gemm_rows(h, {n1, CUBLAS_OP_T, CUBLAS_OP_N, L.out, M, L.in, L.in, L.in}, A, B, C,
-                CUBLASLT_EPILOGUE_BIAS, V);
-      // dy [M, out] . W [out, in]: NN, m' = in, n' = M, k = out.
-      gemm_rows(h, {n2, CUBLAS_OP_N, CUBLAS_OP_N, L.in, M, L.out, L.in, L.out}, A, B, C);
-      // dy^T [out, M] . x [M, in]: NT, m' = in, n' = out, k = M.
-      gemm_rows(h, {n3, CUBLAS_OP_N, CUBLAS_OP_T, L.in, L.out, M, L.in, L.out}, A, B, C,
-                CUBLASLT_EPILOGUE_BGRADB, V);
-    }
-    gemm_rows(h, {"ceiling 8192^3", CUBLAS_OP_T, CUBLAS_OP_N, 8192, 8192, 8192, 8192, 8192}, A, B, C);
-  }
   CK(cudaDeviceSynchronize());
   printf("kernel bench: done\n");
   return 0;
