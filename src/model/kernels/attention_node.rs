@@ -99,6 +99,15 @@ pub trait Prims: Send + Sync + 'static {
         Ok((u, g))
     }
 
+    /// `u = x·Wᵀ + b` and `gelu(u)` for detached operands: the feed-forward block's first layer
+    /// and its activation, both kept for the backward. Here the bare product and `bias_gelu`;
+    /// a device whose product can add the bias itself overrides it (CUDA: cuBLASLt's `BIAS`
+    /// epilogue, then GELU alone, one pass over `[rows, 4h]` fewer).
+    fn dense_gelu(&self, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+        let product = ops::linear(x, w, None)?;
+        self.bias_gelu(&product, b)
+    }
+
     /// Part `part` of `parts` side by side in the last dimension of `t` `[b, s, parts · heads · d]`,
     /// split into heads: `[b, heads, s, d]` (q, k or v from one product).
     fn split_part(&self, t: &Tensor, part: usize, parts: usize, heads: usize) -> Result<Tensor> {

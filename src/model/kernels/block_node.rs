@@ -598,10 +598,8 @@ pub fn ffn_block<P: Prims>(
     let sink = sink_for(x, &parts)?;
     let (flat, slots) = pack(&prims, &parts, &sink, x.dtype())?;
     let (xd, fd) = (x.detach(), flat.detach());
-    // The bare product, then its bias and GELU in one pass (both kept for the backward).
-    let product = ops::linear(&xd, &slots.view(&fd, W1)?, None)?;
-    let (u, g) = prims.bias_gelu(&product, &slots.view(&fd, B1)?)?;
-    std::mem::drop(product);
+    // The first layer and GELU (its output with the bias and GELU's, both kept for the backward).
+    let (u, g) = prims.dense_gelu(&xd, &slots.view(&fd, W1)?, &slots.view(&fd, B1)?)?;
     let h = dense(&g, &slots.view(&fd, W2)?, &slots.view(&fd, B2)?)?;
     let tail = Tail {
         s: prims.dropout_add(&h, &xd, drop)?,

@@ -1532,6 +1532,84 @@ impl CustomOp3 for Linear {
     }
 }
 
+/// `x·Wᵀ + b` with the bias added by cuBLASLt's epilogue, else `x·Wᵀ` alone, detached: which one
+/// ran is left in `biased` (the caller adds the bias itself where it is false). For the
+/// feed-forward block, which follows the product with GELU: with the bias in the product, GELU
+/// alone reads and writes `[rows, 4h]` once; without it, the bias and GELU share a pass
+/// (`BiasGelu`) rather than the bias being added in place and GELU after.
+#[derive(Default)]
+struct LinearBiasInProduct {
+    biased: std::sync::atomic::AtomicBool,
+}
+
+impl CustomOp3 for LinearBiasInProduct {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-linear-bias-in-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        use std::sync::atomic::Ordering;
+        let (rows, k) = last_dim(xl, "linear")?;
+        let &[out, w_in] = wl.dims() else {
+            bail!("linear: the weight must be [out, in], got {:?}", wl.dims())
+        };
+        let fits = w_in == k
+            && bl.dims() == [out]
+            && xl.is_contiguous()
+            && wl.is_contiguous()
+            && bl.is_contiguous();
+        if fits {
+            let x2 = Layout::contiguous_with_offset((rows, k), xl.start_offset());
+            let w2 = Layout::contiguous_with_offset((out, k), wl.start_offset());
+            if let Some(y) =
+                super::cuda_lt::linear((x, &x2), (w, &w2), Some((b, bl)), (rows, k, out))?
+            {
+                self.biased.store(true, Ordering::Relaxed);
+                let mut dims = xl.dims().to_vec();
+                if let Some(last) = dims.last_mut() {
+                    *last = out;
+                }
+                return Ok((y, Shape::from(dims)));
+            }
+        }
+        self.biased.store(false, Ordering::Relaxed);
+        linear_fwd((x, xl), (w, wl), None)
+    }
+}
+
+/// `u = x·Wᵀ + b` and `gelu(u)` (both detached; `CudaPrims::dense_gelu`).
+fn dense_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
+    let op = LinearBiasInProduct::default();
+    let y = x.apply_op3_no_bwd(&w, &b, &op)?;
+    if op.biased.load(std::sync::atomic::Ordering::Relaxed) {
+        let g = y.apply_op1_no_bwd(&Gelu)?;
+        return Ok((y, g));
+    }
+    let both = y.apply_op2_no_bwd(&b, &BiasGelu)?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
 /// `Linear` without a bias: `x·Wᵀ`.
 struct LinearNoBias;
 
@@ -2049,6 +2127,10 @@ impl super::attention_node::Prims for CudaPrims {
             .contiguous()?
             .apply_op2_no_bwd(&b.contiguous()?, &BiasGelu)?;
         Ok((both.get(0)?, both.get(1)?))
+    }
+
+    fn dense_gelu(&self, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+        dense_gelu(x, w, b)
     }
 
     fn split_part(&self, t: &Tensor, part: usize, parts: usize, heads: usize) -> Result<Tensor> {
