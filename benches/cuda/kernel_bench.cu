@@ -392,6 +392,22 @@ int main(int argc, char **argv) {
   row("layer norm forward, per element", ms, 2 * hb);
   ms = time_ms([&] { layer_norm_fwd_vec_bf16<<<(unsigned)((rows + 7) / 8), dim3(32, 8)>>>(xh, lw, lb, zh, rows, hid, 1e-5f); });
   row("layer norm forward, 16-byte packs", ms, 2 * hb);
+  {
+    // The block tail: dropout + residual add, then the packed layer norm (two kernels, as the
+    // block nodes ran it), against both in one pass (session 14), with the bytes one pass moves.
+    const double two = time_ms([&] {
+      dropout_add_bf16<<<grid1(nh / 8), 256>>>(xh, yh, zh, nh, seed, threshold, dscale);
+      layer_norm_fwd_vec_bf16<<<(unsigned)((rows + 7) / 8), dim3(32, 8)>>>(zh, lw, lb, dh1, rows, hid, 1e-5f);
+    });
+    row("dropout + add, then layer norm (2 kernels)", two, 4 * hb);
+    ms = time_ms([&] {
+      dropout_add_layer_norm_fwd_vec_bf16<<<(unsigned)((rows + 7) / 8), dim3(32, 8)>>>(
+          xh, yh, lw, lb, dx2, dh2, rows, hid, 1e-5f, seed, threshold, dscale);
+    });
+    CK(cudaDeviceSynchronize());
+    const std::string n = "s " + diff_note(rel_diff(dx2, zh, nh)) + ", y " + diff_note(rel_diff(dh2, dh1, nh));
+    row("dropout + add + layer norm, one pass (s. 14)", ms, 4 * hb, n);
+  }
   const unsigned lnb = (unsigned)std::min<size_t>((rows + 15) / 16, 512);
   float *lpart, *dwdb1, *dwdb2, *stats;
   const size_t lchunk = std::max<size_t>(32, ((rows + 255) / 256 + 7) / 8 * 8);

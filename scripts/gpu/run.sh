@@ -90,18 +90,18 @@ if [ "${ONLY:-}" = ops ]; then
   exit 0
 fi
 
-# Session 13's levers (cuBLASLt products, attention's heads in place, the embeddings in one node)
-# had not run on a GPU when this was written. gpu-check turns the first two off for its run when
-# their checks fail, but a fault ends the process: a short run of the checks alone first, and if
-# that process dies (a signal, or the time limit), all three off for every stage after
-# (RECYCLE_CUBLASLT=0, RECYCLE_HEADS_IN_PLACE=0, RECYCLE_EMBEDDINGS_SUM=0), so that the
-# measurements still come back.
+# Sessions 13 and 14's levers (cuBLASLt products, attention's heads in place, the embeddings in
+# one node, the block tail in one pass) had not run on a GPU when this was written. gpu-check
+# turns the first, second and fourth off for its run when their checks fail, but a fault ends the
+# process: a short run of the checks alone first, and if that process dies (a signal, or the time
+# limit), all four off for every stage after (RECYCLE_CUBLASLT=0, RECYCLE_HEADS_IN_PLACE=0,
+# RECYCLE_EMBEDDINGS_SUM=0, RECYCLE_ADD_NORM=0), so that the measurements still come back.
 stage preflight 60 "$OUT/preflight.jsonl" "${RECYCLE[@]}" gpu-check --device "$DEVICE" \
   "${SHAPE[@]}" --batch "$B" --shapes "" --matmul 0 --skip-ops --flash false
 prc=$?
 if [ $prc -ge 124 ] && [ $prc -ne 99 ]; then
-  export RECYCLE_CUBLASLT=0 RECYCLE_HEADS_IN_PLACE=0 RECYCLE_EMBEDDINGS_SUM=0
-  log "preflight: the checks' process died (exit $prc): cuBLASLt, the heads in place and the embeddings node OFF for the stages after"
+  export RECYCLE_CUBLASLT=0 RECYCLE_HEADS_IN_PLACE=0 RECYCLE_EMBEDDINGS_SUM=0 RECYCLE_ADD_NORM=0
+  log "preflight: the checks' process died (exit $prc): cuBLASLt, the heads in place, the embeddings node and the one-pass tail OFF for the stages after"
 fi
 # One-pass attention (session 9, not yet run on a GPU) stays out of the main stage: a kernel fault
 # ends the process that hit it. It runs, checked first, in the stages after the end-to-end job.

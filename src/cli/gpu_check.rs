@@ -609,6 +609,58 @@ fn dense_rows<P: crate::model::kernels::attention_node::Prims>(
     Ok(ok)
 }
 
+/// The block nodes' tail in one pass (`Prims::dropout_add_norm`, CUDA only: elsewhere no device
+/// has one) against the residual's dropout and add and then the layer norm, on the device, in f32
+/// and bf16, with dropout and without: the same bits (`s` and `y`), so the tolerance is 0. A
+/// shape the one pass should take that it declines fails its row.
+fn tail_check(device: &Device) -> Result<bool> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        use crate::model::kernels::attention_node::{Prims, SeededDropout};
+        let prims = crate::model::kernels::cuda::CudaPrims;
+        let mut ok = true;
+        for dt in [DType::F32, DType::BF16] {
+            for drop in [Some(SeededDropout { p: 0.1, seed: 5 }), None] {
+                let (rows, n) = (37, 768);
+                let r = |dims: &[usize]| -> Result<Tensor> {
+                    Ok(Tensor::randn(0f32, 1.0, dims, device)?.to_dtype(dt)?)
+                };
+                let (h, x, gamma, beta) = (r(&[rows, n])?, r(&[rows, n])?, r(&[n])?, r(&[n])?);
+                let eps = 1e-5;
+                let fused = prims.dropout_add_norm(&h, &x, drop, (&gamma, &beta), eps)?;
+                let s_ref = prims.dropout_add(&h, &x, drop)?;
+                let y_ref = ops::layer_norm(&s_ref, &gamma, &beta, eps)?;
+                let value = match fused {
+                    Some((s, y)) => {
+                        let f = |t: &Tensor| t.to_dtype(DType::F32);
+                        max_abs_diff(&f(&s)?, &f(&s_ref)?)?.max(max_abs_diff(&f(&y)?, &f(&y_ref)?)?)
+                    }
+                    None => f32::INFINITY,
+                };
+                let pass = within(value, 0.0);
+                ok &= pass;
+                let what = format!(
+                    "{rows}x{n} residual {} and layer norm in one pass: the bits of the two kernels",
+                    if drop.is_some() { "dropout, add" } else { "add" }
+                );
+                emit(check_line(
+                    "tail",
+                    if dt == DType::BF16 { "bf16" } else { "f32" },
+                    &what,
+                    device,
+                    value,
+                    0.0,
+                    pass,
+                ));
+            }
+        }
+        eprintln!("gpu-check: one-pass tail checks done");
+        return Ok(ok);
+    }
+    let _ = device;
+    Ok(true)
+}
+
 /// The attention node (`kernels::attention_node`, what CUDA trains with) against autograd over
 /// composed ops on the same device, with dropout on the probabilities from the node's own mask
 /// source: the context and the gradients of q, k and v. On the CPU, where training uses the fused
@@ -1198,6 +1250,23 @@ fn bench_one(
         let separate = time_it(device, args.warmup, args.steps, || step(&mut opt));
         ops::set_embeddings_sum(true);
         let what = "embeddings in one node".to_string();
+        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
+        if let Some(off) = reported(separate, at) {
+            ab.push((what, train, Ok(off)));
+        }
+    }
+    // The block nodes' tail in one pass (session 14, on by default; it runs where the blocks are
+    // recorded into the stack): "off" is the residual's dropout and add, then the layer norm.
+    if device.is_cuda()
+        && blocks_on
+        && crate::model::kernels::stack::stack_on()
+        && crate::model::kernels::block_node::add_norm_on()
+    {
+        use crate::model::kernels::block_node::set_add_norm;
+        set_add_norm(false);
+        let separate = time_it(device, args.warmup, args.steps, || step(&mut opt));
+        set_add_norm(true);
+        let what = "residual add and layer norm in one pass".to_string();
         let at = json!({"stage": "ab", "what": what, "shape": shape.name});
         if let Some(off) = reported(separate, at) {
             ab.push((what, train, Ok(off)));
@@ -1950,6 +2019,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
             note("the cuBLASLt products failed their check: the rest of this run uses candle's");
         } else if device.is_cuda() && lt_was_on && !crate::model::kernels::cuda_lt::enabled() {
             note("cuBLASLt failed and turned itself off (stderr says why): the rest of this run uses candle's products");
+        }
+        // The block nodes' tail in one pass (session 14, CUDA): turned off for the rest of the
+        // run where it fails.
+        let tail = tail_check(&device);
+        let tail = reported(tail, json!({"stage": "tail"})).unwrap_or(false);
+        ok &= tail;
+        if !tail && crate::model::kernels::block_node::add_norm_on() {
+            crate::model::kernels::block_node::set_add_norm(false);
+            note("the one-pass tail (residual add and layer norm) failed its check: the rest of this run runs the two kernels");
         }
         let attention = attention_node_check(&device);
         let attention = reported(attention, json!({"stage": "attention"})).unwrap_or(false);

@@ -636,6 +636,54 @@ static void dropout_checks(std::mt19937 &rng) {
 
 // A residual branch's dropout and the residual add in one pass, packed (shift 0) and by element
 // (shift 1, the buffers off 16-byte alignment), in n elements (no multiple of a pack: a tail).
+// A block's tail in one pass (dropout_add_layer_norm_fwd_vec: s = drop(h) + r, y = LN(s)) against
+// the two kernels it replaces, dropout_add then layer_norm_fwd_vec, bit for bit (s and y), and y
+// against layer norm in double of s as rounded; with dropout and without (threshold 0, scale 1:
+// the plain add).
+template <typename T> static void dropout_add_ln_check(size_t rows, size_t n, bool drop, std::mt19937 &rng) {
+  const uint64_t seed = 77;
+  const float p = drop ? 0.1f : 0.f, scale = 1 / (1 - p);
+  const uint32_t threshold = uint32_t(std::ceil(double(p) * (1 << 24)));
+  const float eps = 1e-5f;
+  const Vec h = rounded<T>(randn(rows * n, rng)), r = rounded<T>(randn(rows * n, rng)),
+            w = rounded<T>(randn(n, rng)), b = rounded<T>(randn(n, rng));
+  const auto hd = to_dev<T>(h), rd = to_dev<T>(r), wd = to_dev<T>(w), bd = to_dev<T>(b);
+  std::vector<T> s1(rows * n), y1(rows * n), s2(rows * n), y2(rows * n);
+  bool ok = emu::launch(elementwise_blocks(rows * n / 8), dim3(256), [&] {
+    if constexpr (std::is_same_v<T, float>)
+      dropout_add_f32(hd.data(), rd.data(), s1.data(), rows * n, seed, threshold, scale);
+    else
+      dropout_add_bf16(hd.data(), rd.data(), s1.data(), rows * n, seed, threshold, scale);
+  });
+  ok &= emu::launch(dim3(unsigned((rows + 7) / 8)), dim3(32, 8), [&] {
+    if constexpr (std::is_same_v<T, float>)
+      layer_norm_fwd_vec_f32(s1.data(), wd.data(), bd.data(), y1.data(), rows, int(n), eps);
+    else
+      layer_norm_fwd_vec_bf16(s1.data(), wd.data(), bd.data(), y1.data(), rows, int(n), eps);
+  });
+  const bool fused_ok = emu::launch(dim3(unsigned((rows + 7) / 8)), dim3(32, 8), [&] {
+    if constexpr (std::is_same_v<T, float>)
+      dropout_add_layer_norm_fwd_vec_f32(hd.data(), rd.data(), wd.data(), bd.data(), s2.data(),
+                                         y2.data(), rows, int(n), eps, seed, threshold, scale);
+    else
+      dropout_add_layer_norm_fwd_vec_bf16(hd.data(), rd.data(), wd.data(), bd.data(), s2.data(),
+                                          y2.data(), rows, int(n), eps, seed, threshold, scale);
+  });
+  double diff = 0;
+  for (size_t i = 0; i < rows * n; i++)
+    diff = std::max({diff, double(std::fabs(to_f(s1[i]) - to_f(s2[i]))),
+                     double(std::fabs(to_f(y1[i]) - to_f(y2[i])))});
+  const std::string name = "dropout_add_layer_norm_fwd_vec " + std::string(tname<T>()) + " " +
+                           std::to_string(rows) + "x" + std::to_string(n) +
+                           (drop ? ", dropout 0.1" : ", no dropout");
+  check(name + ": s and y the bits of dropout_add then layer_norm_fwd_vec",
+        ok && fused_ok ? diff : INFINITY, 0.0);
+  Vec s_rounded(rows * n);
+  for (size_t i = 0; i < rows * n; i++) s_rounded[i] = to_f(s2[i]);
+  check(name + ": y against layer norm in double", fused_ok ? rel_err(to_host(y2), ln_ref(s_rounded, w, b, rows, n, eps)) : INFINITY,
+        tol<T>());
+}
+
 template <typename T> static void dropout_add_check(size_t n, size_t shift, std::mt19937 &rng) {
   const uint64_t seed = 13;
   const float p = 0.2f, scale = 1 / (1 - p);
@@ -1352,6 +1400,12 @@ int main() {
   for (const size_t shift : {0, 1}) {
     dropout_add_check<float>(1003, shift, rng);
     dropout_add_check<bf16>(1003, shift, rng);
+  }
+  // Rows of 768 (bf16: 3 packs a lane; f32: 6) and 256, 11 rows: a last block of warps short.
+  for (const bool drop : {true, false}) {
+    dropout_add_ln_check<bf16>(11, 768, drop, rng);
+    dropout_add_ln_check<float>(11, 768, drop, rng);
+    dropout_add_ln_check<bf16>(11, 256, drop, rng);
   }
   swap<bf16, uint16_t>(2, 5, 3, 3, 2, rng);  // odd bf16 runs: element by element
   swap<float, uint32_t>(3, 7, 4, 5, 3, rng);

@@ -240,10 +240,16 @@ fn bf16_nodes_take_their_masters_uncast_after_the_first_step_with_the_same_gradi
 #[test]
 fn stacked_block_nodes_give_the_same_gradients_as_a_node_per_block() {
     use recycle::model::grad_sink::GradSink;
-    use recycle::model::kernels::stack;
+    use recycle::model::kernels::{attention_node, block_node, stack};
     use recycle::model::ops;
     ops::set_blocks_on_cpu(true);
-    for case in ["bert", "roberta", "distilbert"] {
+    // With the blocks' tails in one pass too (`Prims::dropout_add_norm`, which the stacked blocks
+    // take where the device has it; here its composed test form): the same bits again.
+    for (case, one_pass) in ["bert", "roberta", "distilbert"]
+        .into_iter()
+        .flat_map(|c| [(c, false), (c, true)])
+    {
+        attention_node::set_add_norm_on_cpu(one_pass);
         for precision in [Precision::Bf16, Precision::F32] {
             let exp = expected(case);
             let m = load(case, precision);
@@ -277,9 +283,16 @@ fn stacked_block_nodes_give_the_same_gradients_as_a_node_per_block() {
                         .collect();
                     (l.to_scalar::<f32>().unwrap().to_bits(), bits, stacked)
                 };
-                let at = format!("{case} {precision:?} {mode:?}");
+                let at = format!("{case} {precision:?} {mode:?}, tails in one pass {one_pass}");
                 let (loss_off, grads_off, stacked_off) = step(false);
+                let tails_before = block_node::tail_one_pass_runs();
                 let (loss_on, grads_on, stacked_on) = step(true);
+                let tails = block_node::tail_one_pass_runs() - tails_before;
+                assert_eq!(
+                    tails,
+                    if one_pass { stacked_on } else { 0 },
+                    "{at}: block tails run in one pass"
+                );
                 assert_eq!(stacked_off, 0, "{at}: a stack with the stack off");
                 let layers = vars
                     .iter()
@@ -297,5 +310,6 @@ fn stacked_block_nodes_give_the_same_gradients_as_a_node_per_block() {
             }
         }
     }
+    attention_node::set_add_norm_on_cpu(false);
     ops::set_blocks_on_cpu(false);
 }

@@ -108,6 +108,27 @@ pub trait Prims: Send + Sync + 'static {
         self.bias_gelu(&product, b)
     }
 
+    /// A block's tail, `s = drop(h) + x` and `y = LN(s)` with the layer norm's weight and bias
+    /// `norm`, in one pass where the device has one (CUDA: the same bits as `dropout_add` and the
+    /// layer norm); `None` where it has not, and the caller runs the two. Here `None`, or for
+    /// tests on a thread that asked for it (`set_add_norm_on_cpu`) the two composed and handed
+    /// back together, so that the block nodes' use of the one pass is checked on the CPU.
+    fn dropout_add_norm(
+        &self,
+        h: &Tensor,
+        x: &Tensor,
+        drop: Option<SeededDropout>,
+        norm: (&Tensor, &Tensor),
+        eps: f64,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        if !ADD_NORM_ON_CPU.with(|c| c.get()) {
+            return Ok(None);
+        }
+        let s = self.dropout_add(h, x, drop)?;
+        let y = ops::layer_norm(&s, norm.0, norm.1, eps)?;
+        Ok(Some((s, y)))
+    }
+
     /// Part `part` of `parts` side by side in the last dimension of `t` `[b, s, parts · heads · d]`,
     /// split into heads: `[b, heads, s, d]` (q, k or v from one product).
     fn split_part(&self, t: &Tensor, part: usize, parts: usize, heads: usize) -> Result<Tensor> {
@@ -271,6 +292,14 @@ thread_local! {
     static HEADS_IN_PLACE_ON_CPU: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// Attention blocks this thread ran with their heads in place, for checks that must know.
     static IN_PLACE_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// See `set_add_norm_on_cpu`.
+    static ADD_NORM_ON_CPU: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// For tests, on the calling thread only: `Prims::dropout_add_norm`'s default hands back the
+/// residual sum and the layer norm together (composed), as a device with the one pass would.
+pub fn set_add_norm_on_cpu(on: bool) {
+    ADD_NORM_ON_CPU.with(|c| c.set(on));
 }
 
 static HEADS_IN_PLACE: super::EnvSwitch = super::EnvSwitch::new("RECYCLE_HEADS_IN_PLACE");

@@ -217,10 +217,37 @@ fn dense(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     ops::linear(x, w, Some(b))
 }
 
+/// Whether a block node recorded into a stack runs its tail (the residual's dropout and add, and
+/// the layer norm) in one pass where the device has one (`Prims::dropout_add_norm`): on by default,
+/// `RECYCLE_ADD_NORM=0` or `set_add_norm(false)` off; `gpu-check` times both.
+static ADD_NORM: super::EnvSwitch = super::EnvSwitch::new("RECYCLE_ADD_NORM");
+
+/// Turns the one-pass tail on or off for the whole process.
+pub fn set_add_norm(on: bool) {
+    ADD_NORM.set(on);
+}
+
+/// Whether the one-pass tail is on (`set_add_norm`).
+pub fn add_norm_on() -> bool {
+    ADD_NORM.get()
+}
+
+thread_local! {
+    /// Block tails this thread ran in one pass, for checks that must know it ran.
+    static TAIL_ONE_PASS_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many block tails this thread has run in one pass (`Prims::dropout_add_norm`).
+pub fn tail_one_pass_runs() -> usize {
+    TAIL_ONE_PASS_RUNS.with(|c| c.get())
+}
+
 /// What both blocks end with: `y = LN(s)`, `s = drop(h) + x`. Keeps `s` for the backward.
 struct Tail {
     /// The residual sum, the layer norm's input.
     s: Tensor,
+    /// The output, where the tail ran in one pass (`Tail::new`).
+    y: Option<Tensor>,
     drop: Option<SeededDropout>,
     eps: f64,
     /// The layer norm's weight and bias slots.
@@ -228,8 +255,51 @@ struct Tail {
     beta: usize,
 }
 
+/// The tail's operands: the branch's output `h`, the block's input `x`, its dropout, the
+/// parameters and the layer norm's.
+struct TailInputs<'a> {
+    h: &'a Tensor,
+    x: &'a Tensor,
+    drop: Option<SeededDropout>,
+    flat: &'a Tensor,
+    slots: &'a Slots,
+    eps: f64,
+    gamma: usize,
+    beta: usize,
+}
+
 impl Tail {
+    /// `s = drop(h) + x`, and with it `y = LN(s)` in one pass where the output is wanted at once
+    /// (`one_pass`: the block is recorded into a stack, whose `finish` asks for the output now)
+    /// and the device has one; else `y` waits for `output`.
+    fn new<P: Prims>(prims: &P, t: TailInputs, one_pass: bool) -> Result<Self> {
+        let fused = if one_pass && add_norm_on() {
+            let norm = (&t.slots.view(t.flat, t.gamma)?, &t.slots.view(t.flat, t.beta)?);
+            prims.dropout_add_norm(t.h, t.x, t.drop, norm, t.eps)?
+        } else {
+            None
+        };
+        let (s, y) = match fused {
+            Some((s, y)) => {
+                TAIL_ONE_PASS_RUNS.with(|c| c.set(c.get() + 1));
+                (s, Some(y))
+            }
+            None => (prims.dropout_add(t.h, t.x, t.drop)?, None),
+        };
+        Ok(Self {
+            s,
+            y,
+            drop: t.drop,
+            eps: t.eps,
+            gamma: t.gamma,
+            beta: t.beta,
+        })
+    }
+
     fn output(&self, flat: &Tensor, slots: &Slots) -> Result<Tensor> {
+        if let Some(y) = &self.y {
+            return Ok(y.clone());
+        }
         ops::layer_norm(
             &self.s,
             &slots.view(flat, self.gamma)?,
@@ -313,11 +383,16 @@ struct Node<P, B> {
     sink: Option<Sink>,
 }
 
+/// Whether `finish` will record the block into a stack (and so want its output at once): a stack is
+/// recording and the parameters' gradients have a sink (without one they need the graph).
+fn recorded(sink: &Option<Sink>) -> bool {
+    super::stack::recording() && sink.is_some()
+}
+
 /// The block's output, as a node when `x` or a parameter records a gradient.
 fn finish<P: Prims, B: Branch>(x: &Tensor, flat: &Tensor, node: Node<P, B>) -> Result<Tensor> {
-    // Recording a stack: the output now, the node kept for the stack's backward (only with a sink,
-    // which takes the parameters' gradients; without one they need the graph).
-    if super::stack::recording() && node.sink.is_some() {
+    // Recording a stack: the output now, the node kept for the stack's backward.
+    if recorded(&node.sink) {
         let out = node.tail.output(&node.flat, &node.slots)?;
         super::stack::push(x, &out, Box::new(node));
         return Ok(out);
@@ -476,13 +551,17 @@ pub fn attention_block<P: Prims>(
         }
     };
     let h = dense(&ctx, &slots.view(&fd, WO)?, &slots.view(&fd, BO)?)?;
-    let tail = Tail {
-        s: prims.dropout_add(&h, &xd, out_drop)?,
+    let inputs = TailInputs {
+        h: &h,
+        x: &xd,
         drop: out_drop,
+        flat: &fd,
+        slots: &slots,
         eps: p.norm.eps,
         gamma: A_GAMMA,
         beta: A_BETA,
     };
+    let tail = Tail::new(&prims, inputs, recorded(&sink))?;
     let branch = AttentionBranch { attn, ctx };
     finish(
         x,
@@ -601,13 +680,17 @@ pub fn ffn_block<P: Prims>(
     // The first layer and GELU (its output with the bias and GELU's, both kept for the backward).
     let (u, g) = prims.dense_gelu(&xd, &slots.view(&fd, W1)?, &slots.view(&fd, B1)?)?;
     let h = dense(&g, &slots.view(&fd, W2)?, &slots.view(&fd, B2)?)?;
-    let tail = Tail {
-        s: prims.dropout_add(&h, &xd, drop)?,
+    let inputs = TailInputs {
+        h: &h,
+        x: &xd,
         drop,
+        flat: &fd,
+        slots: &slots,
         eps: p.norm.eps,
         gamma: F_GAMMA,
         beta: F_BETA,
     };
+    let tail = Tail::new(&prims, inputs, recorded(&sink))?;
     let branch = FfnBranch { u, g };
     finish(
         x,

@@ -1463,6 +1463,137 @@ impl CustomOp2 for DropoutAdd {
     }
 }
 
+/// `s = drop(h) + x` and `y = LN(s)` (`DropoutAddNorm`'s operands beside `h` and `x`).
+struct DropoutAddNorm {
+    gamma: Tensor,
+    beta: Tensor,
+    eps: f32,
+    drop: Dropout,
+}
+
+impl CustomOp2 for DropoutAddNorm {
+    fn name(&self) -> &'static str {
+        "recycle-cuda-dropout-add-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unreachable(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        h: &CudaStorage,
+        hl: &Layout,
+        x: &CudaStorage,
+        xl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, n) = last_dim(hl, "dropout add layer norm")?;
+        if xl.dims() != hl.dims() {
+            bail!("dropout add layer norm: {:?} and {:?} differ", hl.dims(), xl.dims());
+        }
+        fn run<T: CudaDType + DeviceRepr>(
+            op: &DropoutAddNorm,
+            (h, hl): (&CudaStorage, &Layout),
+            (x, xl): (&CudaStorage, &Layout),
+            (rows, n): (usize, usize),
+        ) -> Result<CudaStorage> {
+            use candle_core::Storage;
+            let dev = h.device();
+            let (gs, gl) = op.gamma.storage_and_layout();
+            let (bs, bl) = op.beta.storage_and_layout();
+            let (Storage::Cuda(g), Storage::Cuda(b)) = (&*gs, &*bs) else {
+                bail!("dropout add layer norm: the layer norm's parameters are not on the device")
+            };
+            let what = "dropout add layer norm";
+            let (hv, xv) = (view::<T>(h, hl, what)?, view::<T>(x, xl, what)?);
+            let (gv, bv) = (view::<T>(g, gl, what)?, view::<T>(b, bl, what)?);
+            let out = unsafe { dev.alloc::<T>(2 * rows * n)? };
+            let (sv, yv) = (out.slice(0..rows * n), out.slice(rows * n..));
+            let n_i = n as i32;
+            let f = func!(dev, "dropout_add_layer_norm_fwd_vec", h.dtype())?;
+            let mut a = f.builder();
+            a.arg(&hv)
+                .arg(&xv)
+                .arg(&gv)
+                .arg(&bv)
+                .arg(&sv)
+                .arg(&yv)
+                .arg(&rows)
+                .arg(&n_i)
+                .arg(&op.eps)
+                .arg(&op.drop.seed)
+                .arg(&op.drop.threshold)
+                .arg(&op.drop.scale);
+            unsafe { a.launch(warp_rows(rows)) }.w()?;
+            Ok(wrap(out, dev))
+        }
+        let out = by_dtype!(h.dtype(), run(self, (h, hl), (x, xl), (rows, n)))?;
+        Ok((out, pair_shape(hl)))
+    }
+}
+
+/// A block's tail in one launch: `s = drop(h) + x` and `y = LN(s)` with the layer norm's weight
+/// and bias `gamma`, `beta` (`[n]`), both written by `dropout_add_layer_norm_fwd_vec`: the bits of
+/// `dropout_add` and then the packed layer norm (the emulator checks it), with one read of `s`
+/// fewer. `None` where that kernel does not take the operands (not f32 or bf16 on one CUDA device,
+/// not contiguous, rows that are no whole number of 16-byte packs, an operand off a 16-byte
+/// boundary): the caller runs the two.
+pub fn dropout_add_layer_norm(
+    h: &Tensor,
+    x: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
+    eps: f64,
+    drop: Option<super::attention_node::SeededDropout>,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let dtype = h.dtype();
+    let n = h.dims().last().copied().unwrap_or(0);
+    let fits = h.device().is_cuda()
+        && matches!(dtype, DType::F32 | DType::BF16)
+        && [x, gamma, beta]
+            .iter()
+            .all(|t| t.dtype() == dtype && t.device().same_device(h.device()))
+        && x.dims() == h.dims()
+        && gamma.dims() == [n]
+        && beta.dims() == [n]
+        && [h, x, gamma, beta].iter().all(|t| t.is_contiguous())
+        && geometry::ln_vec_slots(dtype.size_in_bytes(), n) > 0;
+    if !fits {
+        return Ok(None);
+    }
+    let what = "dropout add layer norm";
+    for t in [h, x, gamma, beta] {
+        let at = match dtype {
+            DType::BF16 => device_address::<bf16>(t, false, what)?,
+            _ => device_address::<f32>(t, false, what)?,
+        };
+        if at % 16 != 0 {
+            return Ok(None);
+        }
+    }
+    let drop = drop.map_or(
+        Dropout {
+            seed: 0,
+            threshold: 0,
+            scale: 1.0,
+        },
+        |d| Dropout::new(d.p, d.seed),
+    );
+    let op = DropoutAddNorm {
+        gamma: gamma.clone(),
+        beta: beta.clone(),
+        eps: eps as f32,
+        drop,
+    };
+    let both = h.apply_op2_no_bwd(x, &op)?;
+    Ok(Some((both.get(0)?, both.get(1)?)))
+}
+
 /// Inverted dropout with probability `p` (0 < p < 1): element `i` is kept by a hash of
 /// `(seed, i)`, so the backward needs no stored mask.
 pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
@@ -2131,6 +2262,17 @@ impl super::attention_node::Prims for CudaPrims {
 
     fn dense_gelu(&self, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
         dense_gelu(x, w, b)
+    }
+
+    fn dropout_add_norm(
+        &self,
+        h: &Tensor,
+        x: &Tensor,
+        drop: Option<SeededDropout>,
+        norm: (&Tensor, &Tensor),
+        eps: f64,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        dropout_add_layer_norm(h, x, norm, eps, drop)
     }
 
     fn split_part(&self, t: &Tensor, part: usize, parts: usize, heads: usize) -> Result<Tensor> {

@@ -250,21 +250,15 @@ __device__ void layer_norm_fwd_warp_n(const T *x, const T *w, const T *b, T *y, 
 // move 2 or 4 bytes an access, which session 12 measured at 0.32 of a copy's bandwidth on an H200
 // for [16384, 768] bf16, against 0.85 to 0.9 with packs: benches/cuda/kernel_bench.cu). The same
 // statistics in another order of summation.
-template <int SL, typename T>
-__device__ __forceinline__ void ln_vec_load(const T *xr, int n, float eps, float (&v)[SL][16 / sizeof(T)],
-                                            float *mean, float *rstd) {
-  constexpr int P = 16 / sizeof(T);
-  const Pack<T> *xp = reinterpret_cast<const Pack<T> *>(xr);
+// The row's mean and 1/sqrt(var + eps) from the values a lane holds (as ln_vec_load leaves them).
+template <int SL, int P>
+__device__ __forceinline__ void ln_vec_stats(const float (&v)[SL][P], int n, float eps, float *mean,
+                                             float *rstd) {
   float s = 0.f;
 #pragma unroll
-  for (int k = 0; k < SL; k++) {
-    const Pack<T> a = xp[k * 32 + threadIdx.x];
+  for (int k = 0; k < SL; k++)
 #pragma unroll
-    for (int j = 0; j < P; j++) {
-      v[k][j] = to_f(a.v[j]);
-      s += v[k][j];
-    }
-  }
+    for (int j = 0; j < P; j++) s += v[k][j];
   const float m = warp_sum(s) / n;
   float q = 0.f;
 #pragma unroll
@@ -279,16 +273,27 @@ __device__ __forceinline__ void ln_vec_load(const T *xr, int n, float eps, float
 }
 
 template <int SL, typename T>
-__device__ void layer_norm_fwd_vec_n(const T *x, const T *w, const T *b, T *y, size_t rows, int n,
-                                     float eps) {
+__device__ __forceinline__ void ln_vec_load(const T *xr, int n, float eps, float (&v)[SL][16 / sizeof(T)],
+                                            float *mean, float *rstd) {
   constexpr int P = 16 / sizeof(T);
-  const size_t row = (size_t)blockIdx.x * blockDim.y + threadIdx.y;
-  if (row >= rows) return;
-  float v[SL][P], mean, rstd;
-  ln_vec_load<SL>(x + row * n, n, eps, v, &mean, &rstd);
+  const Pack<T> *xp = reinterpret_cast<const Pack<T> *>(xr);
+#pragma unroll
+  for (int k = 0; k < SL; k++) {
+    const Pack<T> a = xp[k * 32 + threadIdx.x];
+#pragma unroll
+    for (int j = 0; j < P; j++) v[k][j] = to_f(a.v[j]);
+  }
+  ln_vec_stats<SL, P>(v, n, eps, mean, rstd);
+}
+
+// y = gamma * xhat + beta from the lane's values and the row's statistics, into row yr.
+template <int SL, typename T>
+__device__ __forceinline__ void ln_vec_store(const float (&v)[SL][16 / sizeof(T)], float mean,
+                                             float rstd, const T *w, const T *b, T *yr) {
+  constexpr int P = 16 / sizeof(T);
   const Pack<T> *wp = reinterpret_cast<const Pack<T> *>(w);
   const Pack<T> *bp = reinterpret_cast<const Pack<T> *>(b);
-  Pack<T> *yp = reinterpret_cast<Pack<T> *>(y + row * n);
+  Pack<T> *yp = reinterpret_cast<Pack<T> *>(yr);
 #pragma unroll
   for (int k = 0; k < SL; k++) {
     const int c = k * 32 + threadIdx.x;
@@ -299,6 +304,48 @@ __device__ void layer_norm_fwd_vec_n(const T *x, const T *w, const T *b, T *y, s
       o.v[j] = from_f<T>((v[k][j] - mean) * rstd * to_f(wv.v[j]) + to_f(bv.v[j]));
     yp[c] = o;
   }
+}
+
+template <int SL, typename T>
+__device__ void layer_norm_fwd_vec_n(const T *x, const T *w, const T *b, T *y, size_t rows, int n,
+                                     float eps) {
+  constexpr int P = 16 / sizeof(T);
+  const size_t row = (size_t)blockIdx.x * blockDim.y + threadIdx.y;
+  if (row >= rows) return;
+  float v[SL][P], mean, rstd;
+  ln_vec_load<SL>(x + row * n, n, eps, v, &mean, &rstd);
+  ln_vec_store<SL>(v, mean, rstd, w, b, y + row * n);
+}
+
+// A block's tail in one pass: s = drop(h) + r (dropout_add, element i of the flat [rows, n] kept
+// by the same hash) and y = LN(s) from s as rounded to T (layer_norm_fwd_vec's statistics in its
+// order), both written: the same bits as the two kernels, one read of s fewer.
+template <int SL, typename T>
+__device__ void dropout_add_ln_fwd_vec_n(const T *h, const T *r, const T *w, const T *b, T *s, T *y,
+                                         size_t rows, int n, float eps, uint64_t seed,
+                                         uint32_t threshold, float scale) {
+  constexpr int P = 16 / sizeof(T);
+  const size_t row = (size_t)blockIdx.x * blockDim.y + threadIdx.y;
+  if (row >= rows) return;
+  const Pack<T> *hp = reinterpret_cast<const Pack<T> *>(h + row * n);
+  const Pack<T> *rp = reinterpret_cast<const Pack<T> *>(r + row * n);
+  Pack<T> *sp = reinterpret_cast<Pack<T> *>(s + row * n);
+  float v[SL][P], mean, rstd;
+#pragma unroll
+  for (int k = 0; k < SL; k++) {
+    const int c = k * 32 + threadIdx.x;
+    const Pack<T> hv = hp[c], rv = rp[c];
+    Pack<T> o;
+#pragma unroll
+    for (int j = 0; j < P; j++) {
+      const size_t i = row * n + (size_t)c * P + j;
+      o.v[j] = from_f<T>((kept(seed, i, threshold) ? to_f(hv.v[j]) * scale : 0.f) + to_f(rv.v[j]));
+      v[k][j] = to_f(o.v[j]);
+    }
+    sp[c] = o;
+  }
+  ln_vec_stats<SL, P>(v, n, eps, &mean, &rstd);
+  ln_vec_store<SL>(v, mean, rstd, w, b, y + row * n);
 }
 
 // Packs a lane holds in the 16-byte row kernels for rows of n (0: the row does not fit them): n a
@@ -328,6 +375,18 @@ __device__ void layer_norm_fwd_vec(const T *x, const T *w, const T *b, T *y, siz
 #define LN_FWD_VEC(SL) layer_norm_fwd_vec_n<SL>(x, w, b, y, rows, n, eps)
   LN_VEC_DISPATCH(T, n, LN_FWD_VEC)
 #undef LN_FWD_VEC
+  __trap();
+}
+
+// The host launches it where layer_norm_fwd_vec would take the rows (ln_vec_slots, every pointer
+// 16-byte aligned); no dropout is threshold 0 and scale 1.
+template <typename T>
+__device__ void dropout_add_ln_fwd_vec(const T *h, const T *r, const T *w, const T *b, T *s, T *y,
+                                       size_t rows, int n, float eps, uint64_t seed,
+                                       uint32_t threshold, float scale) {
+#define ADD_LN_VEC(SL) dropout_add_ln_fwd_vec_n<SL>(h, r, w, b, s, y, rows, n, eps, seed, threshold, scale)
+  LN_VEC_DISPATCH(T, n, ADD_LN_VEC)
+#undef ADD_LN_VEC
   __trap();
 }
 
@@ -1669,6 +1728,11 @@ extern "C" __global__ void flash_dq_bf16(const float *dq, __nv_bfloat16 *dqkv, s
   extern "C" __global__ void __launch_bounds__(256, 4) layer_norm_fwd_vec_##S(const T *x, const T *w, const T *b, T *y,    \
                                                     size_t rows, int n, float eps) {             \
     layer_norm_fwd_vec<T>(x, w, b, y, rows, n, eps);                                             \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(256, 4) dropout_add_layer_norm_fwd_vec_##S(         \
+      const T *h, const T *r, const T *w, const T *b, T *s, T *y, size_t rows, int n, float eps,  \
+      uint64_t seed, uint32_t threshold, float scale) {                                          \
+    dropout_add_ln_fwd_vec<T>(h, r, w, b, s, y, rows, n, eps, seed, threshold, scale);           \
   }                                                                                              \
   extern "C" __global__ void layer_norm_bwd_dx_warp_##S(const T *x, const T *w, const T *dy,     \
                                                         T *dx, size_t rows, int n, float eps) {  \
