@@ -274,7 +274,10 @@ impl Tail {
     /// and the device has one; else `y` waits for `output`.
     fn new<P: Prims>(prims: &P, t: TailInputs, one_pass: bool) -> Result<Self> {
         let fused = if one_pass && add_norm_on() {
-            let norm = (&t.slots.view(t.flat, t.gamma)?, &t.slots.view(t.flat, t.beta)?);
+            let norm = (
+                &t.slots.view(t.flat, t.gamma)?,
+                &t.slots.view(t.flat, t.beta)?,
+            );
             prims.dropout_add_norm(t.h, t.x, t.drop, norm, t.eps)?
         } else {
             None

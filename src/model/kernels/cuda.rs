@@ -1495,7 +1495,11 @@ impl CustomOp2 for DropoutAddNorm {
     ) -> Result<(CudaStorage, Shape)> {
         let (rows, n) = last_dim(hl, "dropout add layer norm")?;
         if xl.dims() != hl.dims() {
-            bail!("dropout add layer norm: {:?} and {:?} differ", hl.dims(), xl.dims());
+            bail!(
+                "dropout add layer norm: {:?} and {:?} differ",
+                hl.dims(),
+                xl.dims()
+            );
         }
         fn run<T: CudaDType + DeviceRepr>(
             op: &DropoutAddNorm,
