@@ -1651,7 +1651,8 @@ impl CustomOp3 for Linear {
         b: &CudaStorage,
         bl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        linear_fwd((x, xl), (w, wl), Some((b, bl)))
+        let (y, shape, _) = linear_fwd((x, xl), (w, wl), Some((b, bl)), Fallback::InPlace)?;
+        Ok((y, shape))
     }
 
     fn bwd(
@@ -1703,32 +1704,10 @@ impl CustomOp3 for LinearBiasInProduct {
         b: &CudaStorage,
         bl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        use std::sync::atomic::Ordering;
-        let (rows, k) = last_dim(xl, "linear")?;
-        let &[out, w_in] = wl.dims() else {
-            bail!("linear: the weight must be [out, in], got {:?}", wl.dims())
-        };
-        let fits = w_in == k
-            && bl.dims() == [out]
-            && xl.is_contiguous()
-            && wl.is_contiguous()
-            && bl.is_contiguous();
-        if fits {
-            let x2 = Layout::contiguous_with_offset((rows, k), xl.start_offset());
-            let w2 = Layout::contiguous_with_offset((out, k), wl.start_offset());
-            if let Some(y) =
-                super::cuda_lt::linear((x, &x2), (w, &w2), Some((b, bl)), (rows, k, out))?
-            {
-                self.biased.store(true, Ordering::Relaxed);
-                let mut dims = xl.dims().to_vec();
-                if let Some(last) = dims.last_mut() {
-                    *last = out;
-                }
-                return Ok((y, Shape::from(dims)));
-            }
-        }
-        self.biased.store(false, Ordering::Relaxed);
-        linear_fwd((x, xl), (w, wl), None)
+        let (y, shape, biased) = linear_fwd((x, xl), (w, wl), Some((b, bl)), Fallback::Leave)?;
+        self.biased
+            .store(biased, std::sync::atomic::Ordering::Relaxed);
+        Ok((y, shape))
     }
 }
 
@@ -1770,7 +1749,8 @@ impl CustomOp2 for LinearNoBias {
         w: &CudaStorage,
         wl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        linear_fwd((x, xl), (w, wl), None)
+        let (y, shape, _) = linear_fwd((x, xl), (w, wl), None, Fallback::InPlace)?;
+        Ok((y, shape))
     }
 
     fn bwd(
@@ -1785,13 +1765,24 @@ impl CustomOp2 for LinearNoBias {
     }
 }
 
+/// What `linear_fwd` does with the bias where cuBLASLt's epilogue does not add it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fallback {
+    /// Adds it in place after candle's product.
+    InPlace,
+    /// Leaves it to the caller (`LinearBiasInProduct`).
+    Leave,
+}
+
 /// `x·Wᵀ (+ b)`: one cuBLASLt product with the bias in its epilogue (`cuda_lt`, bf16), else
-/// candle's product and the bias added in place.
+/// candle's product and, by `fallback`, the bias added in place or left out; with whether the
+/// bias was added.
 fn linear_fwd(
     (x, xl): (&CudaStorage, &Layout),
     (w, wl): (&CudaStorage, &Layout),
     b: Option<(&CudaStorage, &Layout)>,
-) -> Result<(CudaStorage, Shape)> {
+    fallback: Fallback,
+) -> Result<(CudaStorage, Shape, bool)> {
     let (rows, k) = last_dim(xl, "linear")?;
     let &[out, w_in] = wl.dims() else {
         bail!("linear: the weight must be [out, in], got {:?}", wl.dims())
@@ -1814,7 +1805,7 @@ fn linear_fwd(
     let x2 = Layout::contiguous_with_offset((rows, k), xl.start_offset());
     let w2 = Layout::contiguous_with_offset((out, k), wl.start_offset());
     if let Some(y) = super::cuda_lt::linear((x, &x2), (w, &w2), b, (rows, k, out))? {
-        return Ok((y, Shape::from(dims)));
+        return Ok((y, Shape::from(dims), b.is_some()));
     }
     let y = x.matmul(w, (1, rows, out, k), &x2, &w2.transpose(0, 1)?)?;
     fn add_bias<T: CudaDType + DeviceRepr>(
@@ -1830,10 +1821,14 @@ fn linear_fwd(
         // In place: each element is read and written by the same thread.
         launch_bias_add(y, (&yv, 0), (&bv, bl.start_offset()), &yv, rows, n)
     }
-    if let Some((b, bl)) = b {
-        by_dtype!(y.dtype(), add_bias(&y, b, bl, rows, out))?;
-    }
-    Ok((y, Shape::from(dims)))
+    let biased = match b {
+        Some((b, bl)) if fallback == Fallback::InPlace => {
+            by_dtype!(y.dtype(), add_bias(&y, b, bl, rows, out))?;
+            true
+        }
+        _ => false,
+    };
+    Ok((y, Shape::from(dims), biased))
 }
 
 /// The gradients of `x`, `W` and `b` of `x·Wᵀ + b` given the output's: three products (cuBLASLt's
