@@ -1570,13 +1570,8 @@ pub fn dropout_add_layer_norm(
     if !fits {
         return Ok(None);
     }
-    let what = "dropout add layer norm";
     for t in [h, x, gamma, beta] {
-        let at = match dtype {
-            DType::BF16 => device_address::<bf16>(t, false, what)?,
-            _ => device_address::<f32>(t, false, what)?,
-        };
-        if at % 16 != 0 {
+        if address(t, false, "dropout add layer norm")? % 16 != 0 {
             return Ok(None);
         }
     }
@@ -1709,19 +1704,6 @@ impl CustomOp3 for LinearBiasInProduct {
             .store(biased, std::sync::atomic::Ordering::Relaxed);
         Ok((y, shape))
     }
-}
-
-/// `u = x·Wᵀ + b` and `gelu(u)` (both detached; `CudaPrims::dense_gelu`).
-fn dense_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
-    let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
-    let op = LinearBiasInProduct::default();
-    let y = x.apply_op3_no_bwd(&w, &b, &op)?;
-    if op.biased.load(std::sync::atomic::Ordering::Relaxed) {
-        let g = y.apply_op1_no_bwd(&Gelu)?;
-        return Ok((y, g));
-    }
-    let both = y.apply_op2_no_bwd(&b, &BiasGelu)?;
-    Ok((both.get(0)?, both.get(1)?))
 }
 
 /// `Linear` without a bias: `x·Wᵀ`.
@@ -2260,7 +2242,14 @@ impl super::attention_node::Prims for CudaPrims {
     }
 
     fn dense_gelu(&self, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
-        dense_gelu(x, w, b)
+        let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
+        let op = LinearBiasInProduct::default();
+        let y = x.apply_op3_no_bwd(&w, &b, &op)?;
+        if op.biased.load(std::sync::atomic::Ordering::Relaxed) {
+            let g = y.apply_op1_no_bwd(&Gelu)?;
+            return Ok((y, g));
+        }
+        self.bias_gelu(&y, &b)
     }
 
     fn dropout_add_norm(
