@@ -42,20 +42,128 @@ impl DeviceRequest {
                 }
                 let device = Device::new_cuda(n)
                     .with_context(|| format!("--device cuda:{n}: cannot open the GPU"))?;
-                set_buffer_events(&device, false);
-                Ok(device)
+                Ok(settled(device))
             }
             Self::Auto => {
                 if candle_core::utils::cuda_is_available() {
                     if let Ok(d) = Device::new_cuda(0) {
-                        set_buffer_events(&d, false);
-                        return Ok(d);
+                        return Ok(settled(d));
                     }
                 }
                 Ok(Device::Cpu)
             }
         }
     }
+}
+
+/// An opened CUDA device with recycle's settings: no events per buffer, freed memory kept in the
+/// pool (a failure to set the pool is only slower, so it is said and not fatal).
+fn settled(device: Device) -> Device {
+    set_buffer_events(&device, false);
+    if let Err(e) = set_pool_keep(&device, POOL_KEEP.get()) {
+        eprintln!(
+            "warning: {}: the memory pool's release threshold: {e:#}",
+            describe(&device)
+        );
+    }
+    device
+}
+
+/// Whether an opened CUDA device's memory pool keeps the memory freed in it (on by default,
+/// `RECYCLE_POOL_KEEP=0` off; `gpu-check` times both).
+static POOL_KEEP: crate::model::kernels::EnvSwitch =
+    crate::model::kernels::EnvSwitch::new("RECYCLE_POOL_KEEP");
+
+/// Whether opened CUDA devices keep freed memory in their pool (the last `set_pool_keep`, else
+/// `RECYCLE_POOL_KEEP`).
+pub fn pool_keep_on() -> bool {
+    POOL_KEEP.get()
+}
+
+/// Sets whether the device's CUDA memory pool keeps memory freed in it (`keep`) or hands it back
+/// to the driver; returns whether it keeps it after the call (false off CUDA, or where the device
+/// has no memory pools). cudarc allocates every buffer from the device's current pool
+/// (`cuMemAllocAsync`), whose release threshold is 0 by default: at every synchronisation (a
+/// training step reads its loss back) the driver unmaps all the memory freed since, and the next
+/// step maps it again, on the host thread that launches the kernels. Keeping it is what PyTorch's
+/// caching allocator does; `release_pool` hands it back between jobs.
+pub fn set_pool_keep(device: &Device, keep: bool) -> Result<bool> {
+    POOL_KEEP.set(keep);
+    #[cfg(feature = "cuda")]
+    if let Some(pool) = memory_pool(device)? {
+        use candle_core::cuda_backend::cudarc::driver::{result::mem_pool, sys};
+        let mut threshold: u64 = if keep { u64::MAX } else { 0 };
+        // SAFETY: `pool` is the device's current pool; the attribute takes a `cuuint64_t`.
+        unsafe {
+            mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )
+        }
+        .context("cuMemPoolSetAttribute(RELEASE_THRESHOLD)")?;
+        return Ok(keep);
+    }
+    let _ = (device, keep);
+    Ok(false)
+}
+
+/// The bytes the device's memory pool holds now and at most since it was opened (`None` off CUDA
+/// or without memory pools): what keeping freed memory costs.
+pub fn pool_reserved(device: &Device) -> Result<Option<(u64, u64)>> {
+    #[cfg(feature = "cuda")]
+    if let Some(pool) = memory_pool(device)? {
+        use candle_core::cuda_backend::cudarc::driver::{result::mem_pool, sys};
+        use sys::CUmemPool_attribute::{
+            CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT as NOW, CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH as HIGH,
+        };
+        let read = |attribute| -> Result<u64> {
+            let mut v: u64 = 0;
+            // SAFETY: both attributes are `cuuint64_t`s of the device's current pool.
+            unsafe { mem_pool::get_attribute(pool, attribute, (&mut v as *mut u64).cast()) }
+                .context("cuMemPoolGetAttribute")?;
+            Ok(v)
+        };
+        return Ok(Some((read(NOW)?, read(HIGH)?)));
+    }
+    let _ = device;
+    Ok(None)
+}
+
+/// Hands the memory the device's pool keeps back to the driver, once the device's work is done:
+/// between jobs, so that one job's peak is not held through the next (which may be another model).
+/// Nothing to do off CUDA.
+pub fn release_pool(device: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Some(pool) = memory_pool(device)? {
+        use candle_core::cuda_backend::cudarc::driver::result::mem_pool;
+        device.synchronize()?;
+        // SAFETY: the device's current pool; its buffers in use are not touched by a trim.
+        unsafe { mem_pool::trim_to(pool, 0) }.context("cuMemPoolTrimTo")?;
+    }
+    let _ = device;
+    Ok(())
+}
+
+/// The CUDA device's current memory pool, the one cudarc's stream-ordered allocations come from
+/// (`None` for the CPU, or a device without memory pools, where cudarc calls `cuMemAlloc`).
+#[cfg(feature = "cuda")]
+fn memory_pool(
+    device: &Device,
+) -> Result<Option<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool>> {
+    let Device::Cuda(cuda) = device else {
+        return Ok(None);
+    };
+    let context = cuda.cuda_stream().context().clone();
+    if !context.has_async_alloc() {
+        return Ok(None);
+    }
+    // SAFETY: the device of an opened context.
+    let pool = unsafe {
+        candle_core::cuda_backend::cudarc::driver::result::device::get_mem_pool(context.cu_device())
+    }
+    .context("cuDeviceGetMemPool")?;
+    Ok(Some(pool))
 }
 
 /// Whether CUDA buffers allocated from now on carry cudarc's read and write events; returns

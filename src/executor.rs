@@ -218,6 +218,21 @@ struct Trained {
 
 impl JobExecutor for FinetuneExecutor {
     fn execute(&self, job: &Job, on_step: &mut dyn FnMut(&StepInfo)) -> Result<JobOutput> {
+        let out = self.execute_here(job, on_step);
+        // The job's tensors are gone: the memory its device's pool kept goes back to the driver
+        // (a failure there costs only speed, so the job's result stands).
+        if let Err(e) = crate::device::release_pool(&self.device) {
+            eprintln!(
+                "warning: {}: releasing the memory pool: {e:#}",
+                crate::device::describe(&self.device)
+            );
+        }
+        out
+    }
+}
+
+impl FinetuneExecutor {
+    fn execute_here(&self, job: &Job, on_step: &mut dyn FnMut(&StepInfo)) -> Result<JobOutput> {
         match &job.spec {
             JobSpec::Eval {
                 model,

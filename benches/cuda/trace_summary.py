@@ -8,7 +8,9 @@ are the workload's (training steps), and for them it reports:
   remainder split by gap length, with the share of idle time the GPU spent waiting for the host: a
   gap after which the next kernel's launch call had not yet returned when the GPU went idle;
 - host synchronisations and copies inside the bursts;
-- the kernels by total time (count, total, mean, share of busy time).
+- the kernels by total time (count, total, mean, share of busy time);
+- the host's driver calls inside the bursts by total time, and the longest single calls (a
+  memory pool growing again after a synchronisation shows as long `cuMemAllocAsync` calls).
 
 Usage: trace_summary.py TRACE [--gap-us 300] [--min-kernels N (0: within 10% of the largest burst)]
                         [--steps N (steps a burst, for per-step figures)]
@@ -39,6 +41,23 @@ def parse(path):
             elif kind == "Z" and len(parts) >= 4:
                 sets.append((int(parts[1]), int(parts[2]), int(parts[3])))
     return kernels, api, syncs, copies, sets, dropped
+
+
+# CUPTI's driver-API callback ids (cupti_driver_cbid.h, CUDA 13) of the calls a training step makes.
+DRIVER_CALLS = {
+    17: "cuCtxSynchronize", 118: "cuEventCreate", 119: "cuEventRecord",
+    121: "cuEventSynchronize", 126: "cuStreamSynchronize", 216: "cuMemsetD8Async",
+    220: "cuMemsetD32Async", 243: "cuMemAlloc_v2", 245: "cuMemFree_v2", 276: "cuMemcpyHtoD_v2",
+    277: "cuMemcpyHtoDAsync_v2", 278: "cuMemcpyDtoH_v2", 279: "cuMemcpyDtoHAsync_v2",
+    281: "cuMemcpyDtoDAsync_v2", 295: "cuStreamWaitEvent", 307: "cuLaunchKernel",
+    325: "cuEventDestroy_v2", 442: "cuLaunchKernel_ptsz", 598: "cuMemAllocAsync",
+    599: "cuMemAllocAsync_ptsz", 600: "cuMemFreeAsync", 601: "cuMemFreeAsync_ptsz",
+    602: "cuMemPoolTrimTo", 652: "cuLaunchKernelEx",
+}
+
+
+def call_name(cbid):
+    return DRIVER_CALLS.get(cbid, f"driver call {cbid}")
 
 
 def short(name, width=72):
@@ -140,6 +159,22 @@ def main():
     for label, (count, total) in sorted(other.items()):
         print(f"{label} on the GPU inside the bursts: {count} ({count / steps:.0f} a step), "
               f"{total / 1e6:.2f} ms" if steps else f"{label}: {count}, {total / 1e6:.2f} ms")
+    calls = collections.defaultdict(lambda: [0, 0])
+    longest = []
+    for start, end, cbid in api.values():
+        if lo <= start <= hi:
+            calls[cbid][0] += 1
+            calls[cbid][1] += end - start
+            longest.append((end - start, start - lo, cbid))
+    if calls:
+        print(f"\n{'driver call (host)':32s} {'count':>7s} {'total ms':>9s} {'mean us':>8s}"
+              + (f" {'ms/step':>8s}" if steps else ""))
+        for cbid, (count, total) in sorted(calls.items(), key=lambda kv: -kv[1][1])[:12]:
+            print(f"{call_name(cbid):32s} {count:7d} {total / 1e6:9.2f} {total / count / 1e3:8.1f}"
+                  + (f" {total / 1e6 / steps:8.3f}" if steps else ""))
+        print("longest single calls: " + ", ".join(
+            f"{call_name(c)} {d / 1e3:.0f} us at +{at / 1e6:.1f} ms"
+            for d, at, c in sorted(longest, reverse=True)[:6]))
     print(f"\n{'kernel':72s} {'count':>7s} {'total ms':>9s} {'mean us':>8s} {'busy %':>6s}")
     for name, (count, total) in sorted(per_name.items(), key=lambda kv: -kv[1][1])[:40]:
         print(f"{short(name):72s} {count:7d} {total / 1e6:9.2f} {total / count / 1e3:8.1f} "

@@ -1194,6 +1194,49 @@ fn bench_one(
             ab.push((what, train, Ok(off)));
         }
     }
+    // Freed memory kept in the device's pool (session 15, on by default): "off" hands it back to
+    // the driver at every synchronisation, as cudarc leaves the pool. Timed on the step as this
+    // bench takes it (a synchronisation a round) and as `finetune` takes it (the loss and the norm
+    // read back every step).
+    if device.is_cuda() && crate::device::pool_keep_on() {
+        use crate::device::{pool_reserved, set_pool_keep};
+        if let Ok(Some((now, high))) = pool_reserved(device) {
+            eprintln!(
+                "gpu-check: {} {}: the memory pool holds {:.2} GB ({:.2} GB at most)",
+                shape.name,
+                precision.as_str(),
+                now as f64 / 1e9,
+                high as f64 / 1e9
+            );
+        }
+        let kept_synced = time_it(device, args.warmup, args.steps, || {
+            step_with(&mut opt, true)
+        });
+        let trimmed = set_pool_keep(device, false).and_then(|_| {
+            let plain = time_it(device, args.warmup, args.steps, || step(&mut opt));
+            let synced = time_it(device, args.warmup, args.steps, || {
+                step_with(&mut opt, true)
+            });
+            Ok((plain?, synced))
+        });
+        if let Err(e) = set_pool_keep(device, true) {
+            eprintln!("gpu-check: the memory pool kept nothing after its A/B rows: {e:#}");
+        }
+        let (plain, synced) = match trimmed {
+            Ok((plain, synced)) => (Ok(plain), synced),
+            Err(e) => (Err(e), Err(anyhow::anyhow!("the pool's release threshold"))),
+        };
+        let what = "freed GPU memory kept in the pool".to_string();
+        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
+        if let Some(off) = reported(plain, at) {
+            ab.push((what, train, Ok(off)));
+        }
+        let what = "freed GPU memory kept, steps read back".to_string();
+        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
+        if let (Some(on), Some(off)) = (reported(kept_synced, at.clone()), reported(synced, at)) {
+            ab.push((what, on, Ok(off)));
+        }
+    }
     // Masters that the nodes take handed over uncast (on by default; `model::casting`): "off"
     // casts every weight at every forward. In bf16 only (f32 casts nothing).
     if device.is_cuda() && precision == Precision::Bf16 && casting::uncast_claimed() {
