@@ -86,13 +86,23 @@ pub fn pool_keep_on() -> bool {
 /// (`cuMemAllocAsync`), whose release threshold is 0 by default: at every synchronisation (a
 /// training step reads its loss back) the driver unmaps all the memory freed since, and the next
 /// step maps it again, on the host thread that launches the kernels. Keeping it is what PyTorch's
-/// caching allocator does; `release_pool` hands it back between jobs.
+/// caching allocator does. A keeping pool keeps at most half the device's memory unused (beyond
+/// that, it hands memory back at a synchronisation as before, so steps whose shapes vary cannot
+/// make it hoard the device), and `release_pool` hands it all back between jobs.
 pub fn set_pool_keep(device: &Device, keep: bool) -> Result<bool> {
     POOL_KEEP.set(keep);
     #[cfg(feature = "cuda")]
-    if let Some(pool) = memory_pool(device)? {
+    if let (Some(pool), Device::Cuda(cuda)) = (memory_pool(device)?, device) {
         use candle_core::cuda_backend::cudarc::driver::{result::mem_pool, sys};
-        let mut threshold: u64 = if keep { u64::MAX } else { 0 };
+        let total = cuda
+            .cuda_stream()
+            .context()
+            .total_mem()
+            .context("cuDeviceTotalMem")?;
+        // At most half the device kept unused: a roberta-base step at batch 256 and 128 tokens
+        // needs far less, and another process on the device (a shard) is not starved by memory
+        // this one holds without using.
+        let mut threshold: u64 = if keep { total as u64 / 2 } else { 0 };
         // SAFETY: `pool` is the device's current pool; the attribute takes a `cuuint64_t`.
         unsafe {
             mem_pool::set_attribute(
