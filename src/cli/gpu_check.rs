@@ -1183,7 +1183,8 @@ fn bench_one(
         }
     }
     // No host synchronisation inside a training step (session 11): "off" reads the loss and the
-    // gradient norm back as the training loop did before.
+    // gradient norm back as the training loop did before (its time kept for the pool's rows).
+    let mut synced_step = None;
     if device.is_cuda() {
         let synced = time_it(device, args.warmup, args.steps, || {
             step_with(&mut opt, true)
@@ -1191,14 +1192,15 @@ fn bench_one(
         let what = "no host sync in a step".to_string();
         let at = json!({"stage": "ab", "what": what, "shape": shape.name});
         if let Some(off) = reported(synced, at) {
+            synced_step = Some(off);
             ab.push((what, train, Ok(off)));
         }
     }
     // Freed memory kept in the device's pool (session 15, on by default): "off" hands it back to
     // the driver at every synchronisation, as cudarc leaves the pool. Timed on the step as this
-    // bench takes it (a synchronisation a round) and as `finetune` takes it (the loss and the norm
-    // read back every step).
-    if device.is_cuda() && crate::device::pool_keep_on() {
+    // bench takes it (a synchronisation a round) and as `finetune` took it before session 11 (the
+    // loss and the norm read back every step: "on" is the row above's).
+    if let (true, Some(kept_synced)) = (crate::device::pool_keep_on(), synced_step) {
         use crate::device::{pool_reserved, set_pool_keep};
         if let Ok(Some((now, high))) = pool_reserved(device) {
             eprintln!(
@@ -1209,32 +1211,28 @@ fn bench_one(
                 high as f64 / 1e9
             );
         }
-        let kept_synced = time_it(device, args.warmup, args.steps, || {
-            step_with(&mut opt, true)
-        });
-        let trimmed = set_pool_keep(device, false).and_then(|_| {
-            let plain = time_it(device, args.warmup, args.steps, || step(&mut opt));
-            let synced = time_it(device, args.warmup, args.steps, || {
-                step_with(&mut opt, true)
-            });
-            Ok((plain?, synced))
-        });
-        if let Err(e) = set_pool_keep(device, true) {
-            eprintln!("gpu-check: the memory pool kept nothing after its A/B rows: {e:#}");
-        }
-        let (plain, synced) = match trimmed {
-            Ok((plain, synced)) => (Ok(plain), synced),
-            Err(e) => (Err(e), Err(anyhow::anyhow!("the pool's release threshold"))),
-        };
-        let what = "freed GPU memory kept in the pool".to_string();
-        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
-        if let Some(off) = reported(plain, at) {
-            ab.push((what, train, Ok(off)));
-        }
-        let what = "freed GPU memory kept, steps read back".to_string();
-        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
-        if let (Some(on), Some(off)) = (reported(kept_synced, at.clone()), reported(synced, at)) {
-            ab.push((what, on, Ok(off)));
+        let at = |what: &str| json!({"stage": "ab", "what": what, "shape": shape.name});
+        let plain = "freed GPU memory kept in the pool";
+        let read_back = "freed GPU memory kept, steps read back";
+        match set_pool_keep(device, false) {
+            Err(e) => {
+                reported::<()>(Err(e), at(plain));
+            }
+            Ok(_) => {
+                let off = time_it(device, args.warmup, args.steps, || step(&mut opt));
+                let off_synced = time_it(device, args.warmup, args.steps, || {
+                    step_with(&mut opt, true)
+                });
+                if let Err(e) = set_pool_keep(device, true) {
+                    eprintln!("gpu-check: the memory pool kept nothing after its A/B rows: {e:#}");
+                }
+                if let Some(off) = reported(off, at(plain)) {
+                    ab.push((plain.to_string(), train, Ok(off)));
+                }
+                if let Some(off) = reported(off_synced, at(read_back)) {
+                    ab.push((read_back.to_string(), kept_synced, Ok(off)));
+                }
+            }
         }
     }
     // Masters that the nodes take handed over uncast (on by default; `model::casting`): "off"
