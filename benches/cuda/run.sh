@@ -6,7 +6,8 @@
 #   benches/cuda/run.sh         on the device (dist/kbench and dist/cuda carried): the kernel bench
 #                               at batch 128 and 256 into $OUT/kernel-bench.txt, then a trace of
 #                               roberta-base bf16 training (recycle gpu-check --train-only) at batch
-#                               32 and 128, summarised into $OUT/trace-summary.txt
+#                               32 and 128, summarised into $OUT/trace-summary.txt (the raw
+#                               traces into $OUT/trace-b*.raw.gz)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 if [ "${1:-}" = build ]; then
@@ -49,4 +50,6 @@ for batch in 32 128; do
   echo "== trace: roberta-base bf16 training, batch $batch (exit $?)" | tee -a "$OUT/trace-summary.txt"
   "$PY" benches/cuda/trace_summary.py "$trace" --min-kernels 0 --steps 5 2>&1 |
     tee -a "$OUT/trace-summary.txt"
+  # The raw trace too (about half a megabyte compressed), for questions the summary did not ask.
+  [ -f "$trace" ] && gzip -c "$trace" >"$OUT/trace-b$batch.raw.gz"
 done

@@ -76,7 +76,7 @@ stage() {
 }
 RECYCLE=(env "LD_LIBRARY_PATH=$CUDA_LIBS" "$BIN")
 # The device tool brings back a limited number of files: everything also travels as one archive.
-bundle() { (cd "$OUT" && tar czf all.tgz ./*.jsonl ./*.log ./*.txt 2>/dev/null); }
+bundle() { (cd "$OUT" && tar czf all.tgz ./*.jsonl ./*.log ./*.txt ./*.raw.gz 2>/dev/null); }
 
 # ONLY=ops: the op-by-op profile alone (both precisions at the main batch, bf16 at 4x), a short
 # call for chasing a slow phase.
