@@ -216,15 +216,21 @@ struct LtTimes {
 };
 
 static LtTimes lt_times(const Gemm &g, cublasLtEpilogue_t epi, const bf16 *a, const bf16 *b, bf16 *c,
-                        bf16 *vec) {
+                        bf16 *vec, bf16 *aux = nullptr) {
   const float one = 1.f, zero = 0.f;
   cublasLtMatmulDesc_t desc;
   cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
   cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &g.ta, sizeof(g.ta));
   cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &g.tb, sizeof(g.tb));
   cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi));
-  if (epi != CUBLASLT_EPILOGUE_DEFAULT)
+  if (epi == CUBLASLT_EPILOGUE_DGELU) {
+    // GELU's input, laid out as C (m x n, leading dimension m), in C's type.
+    const int64_t ld = g.m;
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof(aux));
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &ld, sizeof(ld));
+  } else if (epi != CUBLASLT_EPILOGUE_DEFAULT) {
     cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &vec, sizeof(vec));
+  }
   cublasLtMatrixLayout_t la, lb, lc;
   const bool at = g.ta == CUBLAS_OP_T, bt = g.tb == CUBLAS_OP_T;
   cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, at ? g.k : g.m, at ? g.m : g.k, g.lda);
@@ -253,11 +259,17 @@ static LtTimes lt_times(const Gemm &g, cublasLtEpilogue_t epi, const bf16 *a, co
   return t;
 }
 
-// One product's row; `epi` (BIAS on a forward, BGRADB on a weight gradient, as recycle's
-// cuda_lt runs them) adds the best of eight with it, and the epilogue-free pair it replaces:
-// the product then the bias add, or the product then a column sum (a product with ones).
+// GELU backward's time over [rows, 4h] (the row table's "gelu backward"), for the DGELU column.
+static double gelu_bwd_ms = NAN;
+
+// One product's row; `epi` (BIAS on a forward, BGRADB on a weight gradient, DGELU on the input
+// gradient that feeds GELU's backward, as recycle's cuda_lt runs them) adds the best of eight
+// with it, and the epilogue-free pair it replaces: the product then the bias add, the product
+// then a column sum (a product with ones), or the product then the GELU backward kernel (whose
+// time the row kernels measured: the DGELU column says what the pair costs and what is saved).
 static void gemm_rows(cublasHandle_t h, const Gemm &g, const bf16 *a, const bf16 *b, bf16 *c,
-                      cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_DEFAULT, bf16 *vec = nullptr) {
+                      cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_DEFAULT, bf16 *vec = nullptr,
+                      bf16 *aux = nullptr) {
   const float one = 1.f, zero = 0.f;
   const double flop = 2.0 * g.m * g.n * g.k;
   auto tf = [&](double ms) { return flop / (ms * 1e-3) / 1e12; };
@@ -274,7 +286,12 @@ static void gemm_rows(cublasHandle_t h, const Gemm &g, const bf16 *a, const bf16
   const LtTimes plain = lt_times(g, CUBLASLT_EPILOGUE_DEFAULT, a, b, c, vec);
   printf("%-34s %5d %5d %5d %8.1f %8.1f %8.1f %8.1f  (#%d of %d)", g.name, g.m, g.n, g.k,
          tf(candle), tf(ex), tf(plain.first), tf(plain.best), plain.best_i, plain.found);
-  if (epi != CUBLASLT_EPILOGUE_DEFAULT) {
+  if (epi == CUBLASLT_EPILOGUE_DGELU) {
+    const LtTimes with = lt_times(g, epi, a, b, c, vec, aux);
+    const double pair = plain.best + gelu_bwd_ms;
+    printf("  DGELU best %.1f (#%d of %d): %.4f ms against Lt best + gelu backward %.4f ms (saves %.4f)",
+           tf(with.best), with.best_i, with.found, with.best, pair, pair - with.best);
+  } else if (epi != CUBLASLT_EPILOGUE_DEFAULT) {
     const LtTimes with = lt_times(g, epi, a, b, c, vec);
     printf("  %s best %.1f (#%d of %d): %.4f ms against candle %.4f ms + its %s",
            epi == CUBLASLT_EPILOGUE_BIAS ? "BIAS" : "BGRADB", tf(with.best), with.best_i,
@@ -333,6 +350,7 @@ int main(int argc, char **argv) {
   }
   ms = time_ms([&] { gelu_bwd_bf16<<<grid1(nw / 8), 256>>>(xw, yw, zw, nw); });
   row("gelu backward", ms, wbytes3);
+  gelu_bwd_ms = ms;
 
   // Column sums (bias gradients) of [rows, 4h].
   cublasHandle_t h;
@@ -510,6 +528,7 @@ int main(int argc, char **argv) {
     const size_t big = std::max<size_t>((size_t)M * ffn, (size_t)8192 * 8192);
     bf16 *A = alloc_bf16(big, 41, -1.f, 1.f), *B = alloc_bf16(big, 42, -1.f, 1.f), *C = alloc_bf16(big, 43);
     bf16 *V = alloc_bf16(8192, 44, -1.f, 1.f);  // the epilogues' bias (or its gradient)
+    bf16 *U = alloc_bf16((size_t)M * ffn, 45, -3.f, 3.f);  // DGELU's GELU input, [M, 4h]
     const struct { const char *layer; int in, out; } layers[] = {
         {"h->h", hid, hid}, {"h->3h", hid, 3 * hid}, {"h->4h", hid, ffn}, {"4h->h", ffn, hid}};
     for (const auto &L : layers) {
@@ -520,8 +539,13 @@ int main(int argc, char **argv) {
       // candle's gemm_config: x [M, in] . W^T (W [out, in]): TN, m' = out, n' = M, k = in.
       gemm_rows(h, {n1, CUBLAS_OP_T, CUBLAS_OP_N, L.out, M, L.in, L.in, L.in}, A, B, C,
                 CUBLASLT_EPILOGUE_BIAS, V);
-      // dy [M, out] . W [out, in]: NN, m' = in, n' = M, k = out.
-      gemm_rows(h, {n2, CUBLAS_OP_N, CUBLAS_OP_N, L.in, M, L.out, L.in, L.out}, A, B, C);
+      // dy [M, out] . W [out, in]: NN, m' = in, n' = M, k = out. The feed-forward block's second
+      // layer (4h -> h) feeds GELU's backward: with DGELU there.
+      if (L.in == ffn)
+        gemm_rows(h, {n2, CUBLAS_OP_N, CUBLAS_OP_N, L.in, M, L.out, L.in, L.out}, A, B, C,
+                  CUBLASLT_EPILOGUE_DGELU, nullptr, U);
+      else
+        gemm_rows(h, {n2, CUBLAS_OP_N, CUBLAS_OP_N, L.in, M, L.out, L.in, L.out}, A, B, C);
       // dy^T [out, M] . x [M, in]: NT, m' = in, n' = out, k = M.
       gemm_rows(h, {n3, CUBLAS_OP_N, CUBLAS_OP_T, L.in, L.out, M, L.in, L.out}, A, B, C,
                 CUBLASLT_EPILOGUE_BGRADB, V);

@@ -509,13 +509,15 @@ fn dropout_check(device: &Device) -> Result<bool> {
 
 /// A dense layer's three products as training takes them outside the graph (`ops::linear` for
 /// `x·Wᵀ + b`, the device's `Prims` for `dy·W`, for `dy·W + r` with a residual's gradient added,
-/// and for `dyᵀ·x` with the bias's gradient): on CUDA
+/// for `gelu'(u)·(dy·W)` with GELU's backward applied, and for `dyᵀ·x` with the bias's
+/// gradient; the GELU row's reference is the exact derivative, the product's epilogue the tanh
+/// form's, `kernels::cuda_lt`): on CUDA
 /// in bf16 through cuBLASLt (`kernels::cuda_lt`: the bias and its gradient in the products'
 /// epilogues, each shape's algorithm timed), against the same products in f32 from the same bf16
 /// operands. Shapes with rows that no tile divides, and operands one element off their buffer's
 /// start (an alignment of 2 bytes, which cuBLASLt must be told of). On the CPU the rows check the
 /// check's control flow.
-fn dense_check(device: &Device) -> Result<bool> {
+fn dense_check(device: &Device) -> Result<DenseChecked> {
     use crate::model::kernels::attention_node::CpuPrims;
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
@@ -524,25 +526,42 @@ fn dense_check(device: &Device) -> Result<bool> {
     dense_rows(device, &CpuPrims)
 }
 
+/// Which of `dense_check`'s rows passed: GELU's backward in the epilogue can be turned off alone.
+#[derive(Debug, Clone, Copy)]
+struct DenseChecked {
+    /// Every row but GELU's.
+    products: bool,
+    /// GELU's backward applied to `dy·W`.
+    gelu: bool,
+}
+
+/// `dense_check`'s row of GELU's backward.
+const GELU_ROW: &str = "gelu'(u) * dy.W (GELU's backward)";
+
 fn dense_rows<P: crate::model::kernels::attention_node::Prims>(
     device: &Device,
     prims: &P,
-) -> Result<bool> {
+) -> Result<DenseChecked> {
+    use crate::model::kernels::attention_node::{CpuPrims, Prims as _};
     #[cfg(feature = "cuda")]
-    let runs = || crate::model::kernels::cuda_lt::counts().0;
+    let runs = || {
+        use crate::model::kernels::cuda_lt;
+        (cuda_lt::counts().0, cuda_lt::dgelu_runs())
+    };
     #[cfg(not(feature = "cuda"))]
-    let runs = || 0usize;
+    let runs = || (0usize, 0usize);
     let cases: &[(usize, usize, usize, usize)] = if device.is_cuda() {
         &[
             (64, 64, 192, 0),
             (300, 128, 512, 0),
             (257, 96, 40, 1),
             (2048, 768, 3072, 0),
+            (2048, 3072, 768, 0),
         ]
     } else {
         &[(64, 64, 192, 0), (37, 24, 40, 1)]
     };
-    let mut ok = true;
+    let (mut ok, mut gelu_ok) = (true, true);
     let before = runs();
     for &(rows, inp, out, off) in cases {
         // A bf16 operand `off` elements into its buffer.
@@ -558,12 +577,17 @@ fn dense_rows<P: crate::model::kernels::attention_node::Prims>(
         let b = operand(&[out], 0.5)?;
         let dy = operand(&[rows, out], 1.0)?;
         let residual = operand(&[rows, inp], 1.0)?;
+        // GELU's input: wide enough to reach where the tanh form's derivative is farthest from
+        // the exact one (|u| ≈ 2).
+        let u = operand(&[rows, inp], 2.0)?;
         let y = ops::linear(&x, &w, Some(&b))?;
         let dx = prims.dense_input_grad(&dy, &w)?;
         let dx_plus = prims.dense_input_grad_plus(&dy, &w, &residual)?;
+        let du = prims.dense_input_grad_gelu(&dy, &w, &u)?;
         let (dw, db) = prims.dense_param_grads(&dy, &x)?;
         let f = |t: &Tensor| t.to_dtype(DType::F32);
         let (xf, wf, bf, dyf) = (f(&x)?, f(&w)?, f(&b)?, f(&dy)?);
+        let du_ref = CpuPrims.gelu_backward(&f(&u)?, &dyf.matmul(&wf)?)?;
         let want = [
             ("x.W^T + b", y, xf.matmul(&wf.t()?)?.broadcast_add(&bf)?),
             ("dy.W", dx, dyf.matmul(&wf)?),
@@ -572,6 +596,7 @@ fn dense_rows<P: crate::model::kernels::attention_node::Prims>(
                 dx_plus,
                 (dyf.matmul(&wf)? + f(&residual)?)?,
             ),
+            (GELU_ROW, du, du_ref),
             ("dy^T.x", dw, dyf.t()?.matmul(&xf)?),
             ("bias gradient", db, dyf.sum(0)?),
         ];
@@ -585,7 +610,11 @@ fn dense_rows<P: crate::model::kernels::attention_node::Prims>(
                 1.0 / 64.0
             };
             let pass = within(value, tol);
-            ok &= pass;
+            if what == GELU_ROW {
+                gelu_ok &= pass;
+            } else {
+                ok &= pass;
+            }
             let at = if off > 0 {
                 ", operands 2 bytes off"
             } else {
@@ -602,11 +631,16 @@ fn dense_rows<P: crate::model::kernels::attention_node::Prims>(
             ));
         }
     }
+    let after = runs();
     eprintln!(
-        "gpu-check: dense product checks done ({} products through cuBLASLt)",
-        runs() - before
+        "gpu-check: dense product checks done ({} products through cuBLASLt, {} of them with GELU's backward in the epilogue)",
+        after.0 - before.0,
+        after.1 - before.1
     );
-    Ok(ok)
+    Ok(DenseChecked {
+        products: ok,
+        gelu: gelu_ok,
+    })
 }
 
 /// The block nodes' tail in one pass (`Prims::dropout_add_norm`, CUDA only: elsewhere no device
@@ -1269,6 +1303,30 @@ fn bench_one(
         let what = "dense products through cuBLASLt".to_string();
         let at = json!({"stage": "ab", "what": what, "shape": shape.name});
         if let Some(off) = reported(candle, at) {
+            ab.push((what, train, Ok(off)));
+        }
+    }
+    // GELU's backward in the epilogue of the product feeding it (session 16, on by default with
+    // the cuBLASLt products; the feed-forward block nodes take it): "off" is the product, then
+    // the GELU backward kernel.
+    #[cfg(feature = "cuda")]
+    if device.is_cuda()
+        && precision == Precision::Bf16
+        && blocks_on
+        && crate::model::kernels::cuda_lt::dgelu_on()
+    {
+        use crate::model::kernels::cuda_lt;
+        eprintln!(
+            "gpu-check: {} bf16: {} products with GELU's backward in the epilogue so far",
+            shape.name,
+            cuda_lt::dgelu_runs()
+        );
+        cuda_lt::set_dgelu(false);
+        let kernel = time_it(device, args.warmup, args.steps, || step(&mut opt));
+        cuda_lt::set_dgelu(true);
+        let what = "GELU's backward in the product's epilogue".to_string();
+        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
+        if let Some(off) = reported(kernel, at) {
             ab.push((what, train, Ok(off)));
         }
     }
@@ -2052,14 +2110,18 @@ pub fn run(args: Args) -> Result<ExitCode> {
         #[cfg(feature = "cuda")]
         let lt_was_on = crate::model::kernels::cuda_lt::enabled();
         let dense = dense_check(&device);
-        let dense = reported(dense, json!({"stage": "dense"})).unwrap_or(false);
-        ok &= dense;
+        let (dense, gelu) = reported(dense, json!({"stage": "dense"}))
+            .map_or((false, false), |d| (d.products, d.gelu));
+        ok &= dense && gelu;
         #[cfg(feature = "cuda")]
         if !dense && crate::model::kernels::cuda_lt::enabled() {
             crate::model::kernels::cuda_lt::set_enabled(false);
             note("the cuBLASLt products failed their check: the rest of this run uses candle's");
         } else if device.is_cuda() && lt_was_on && !crate::model::kernels::cuda_lt::enabled() {
             note("cuBLASLt failed and turned itself off (stderr says why): the rest of this run uses candle's products");
+        } else if !gelu && crate::model::kernels::cuda_lt::dgelu_on() {
+            crate::model::kernels::cuda_lt::set_dgelu(false);
+            note("GELU's backward in the epilogue failed its check: the rest of this run runs it as a kernel of its own");
         }
         // The block nodes' tail in one pass (session 14, CUDA): turned off for the rest of the
         // run where it fails.

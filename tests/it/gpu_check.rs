@@ -33,7 +33,7 @@ fn gpu_check_runs_every_stage_on_the_cpu_and_every_check_passes() {
         .collect();
     let of = |kind: &'static str| rows.iter().filter(move |r| r["kind"] == kind);
 
-    // The dense products' five for each of two CPU cases (bf16), six fixtures × two precisions ×
+    // The dense products' six (GELU's backward among them) for each of two CPU cases (bf16), six fixtures × two precisions ×
     // (gradients, three logits), then dropout's five checks in both precisions, the attention
     // node's four in both, the block nodes' three for each of two
     // blocks in both, the split weight gradients' three (one product, two blocks) in both, the
@@ -42,7 +42,7 @@ fn gpu_check_runs_every_stage_on_the_cpu_and_every_check_passes() {
     let parity: Vec<&Value> = of("parity").collect();
     assert_eq!(
         parity.len(),
-        5 * 2 + 6 * 2 * 4 + 5 * 2 + 4 * 2 + 3 * 2 * 2 + 3 * 2 + 3 + 5,
+        6 * 2 + 6 * 2 * 4 + 5 * 2 + 4 * 2 + 3 * 2 * 2 + 3 * 2 + 3 + 5,
         "{parity:#?}"
     );
     for r in &parity {
@@ -63,6 +63,17 @@ fn gpu_check_runs_every_stage_on_the_cpu_and_every_check_passes() {
     ] {
         assert!(parity.iter().any(|r| r["case"] == case), "no {case} rows");
     }
+    assert_eq!(
+        parity
+            .iter()
+            .filter(|r| r["case"] == "dense"
+                && r["what"]
+                    .as_str()
+                    .is_some_and(|w| w.contains("GELU's backward")))
+            .count(),
+        2,
+        "{parity:#?}"
+    );
     assert_eq!(of("error").count(), 0);
     assert_eq!(of("matmul").count(), 1);
 

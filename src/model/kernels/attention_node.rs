@@ -168,6 +168,14 @@ pub trait Prims: Send + Sync + 'static {
         self.add(&self.dense_input_grad(dy, w)?, plus)
     }
 
+    /// `gelu_backward(u, dy·W)`: the gradient of GELU's input `u` (`[rows, in]`, kept from the
+    /// forward) where GELU's output feeds a dense layer (`dy` `[rows, out]`, `W` `[out, in]`), in
+    /// one product where the device has an epilogue for it (CUDA bf16: cuBLASLt's `DGELU`, whose
+    /// derivative is the tanh form's, `kernels::cuda_lt`).
+    fn dense_input_grad_gelu(&self, dy: &Tensor, w: &Tensor, u: &Tensor) -> Result<Tensor> {
+        self.gelu_backward(u, &self.dense_input_grad(dy, w)?)
+    }
+
     /// A dense layer's weight and bias gradients outside the graph: `dyᵀ·x` and the sum of `dy`
     /// over its rows (`dy` `[rows, out]`, `x` `[rows, in]`).
     fn dense_param_grads(&self, dy: &Tensor, x: &Tensor) -> Result<(Tensor, Tensor)> {

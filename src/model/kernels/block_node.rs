@@ -728,8 +728,7 @@ impl Branch for FfnBranch {
         ds: &Tensor,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let (dw2, db2) = prims.dense_param_grads(dh, &rows(&self.g)?)?;
-        let dg = prims.dense_input_grad(dh, &slots.view(flat, W2)?)?;
-        let du = prims.gelu_backward(&rows(&self.u)?, &dg)?;
+        let du = prims.dense_input_grad_gelu(dh, &slots.view(flat, W2)?, &rows(&self.u)?)?;
         let (dw1, db1) = prims.dense_param_grads(&du, &rows(x)?)?;
         let dx = prims.dense_input_grad_plus(&du, &slots.view(flat, W1)?, ds)?;
         Ok((dx, vec![dw1, db1, dw2, db2]))

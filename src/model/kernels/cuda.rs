@@ -1136,6 +1136,15 @@ pub(super) fn add_storage(
     Ok(Add.cuda_fwd(x, xl, y, yl)?.0)
 }
 
+/// Exact GELU's backward on storages, `dy · gelu'(x)` (one shape, one dtype), for ops that
+/// apply it inside their own forward.
+pub(super) fn gelu_backward_storage(
+    (x, xl): (&CudaStorage, &Layout),
+    (dy, dyl): (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    Ok(GeluBwd.cuda_fwd(x, xl, dy, dyl)?.0)
+}
+
 struct GeluBwd;
 
 impl CustomOp2 for GeluBwd {
@@ -2316,6 +2325,13 @@ impl super::attention_node::Prims for CudaPrims {
         match super::cuda_lt::dense_input_grad(dy, w, Some(plus))? {
             Some(dx) => Ok(dx),
             None => self.add(&self.dense_input_grad(dy, w)?, plus),
+        }
+    }
+
+    fn dense_input_grad_gelu(&self, dy: &Tensor, w: &Tensor, u: &Tensor) -> Result<Tensor> {
+        match super::cuda_lt::dense_input_grad_gelu(dy, w, u)? {
+            Some(du) => Ok(du),
+            None => self.gelu_backward(u, &self.dense_input_grad(dy, w)?),
         }
     }
 

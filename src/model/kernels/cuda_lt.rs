@@ -1,6 +1,7 @@
 //! A dense layer's bf16 products through cuBLASLt: the bias added inside the forward product
-//! (`BIAS`), the bias's gradient summed inside the weight-gradient product (`BGRADB`), and each
-//! product's algorithm chosen by timing cuBLASLt's candidates once per shape.
+//! (`BIAS`), the bias's gradient summed inside the weight-gradient product (`BGRADB`), GELU's
+//! backward applied inside the product that feeds it (`DGELU`), and each product's algorithm
+//! chosen by timing cuBLASLt's candidates once per shape.
 //!
 //! Why (session 12's kernel bench and trace, roberta-base bf16 on an H200, batch 128): candle
 //! calls cuBLAS's default algorithm, which ran every layer's products slower than cuBLASLt's best
@@ -8,6 +9,17 @@
 //! `dy·W`; about 1 ms a step); the bias adds were 0.76 ms a step of kernels of their own and the
 //! bias gradients' column sums about 1 ms (products with a row of ones, and their split-k
 //! reductions). Both epilogues read what the product has in registers anyway.
+//!
+//! GELU's backward (session 16): the feed-forward block's `dg = dh·W2` was written out and read
+//! again by a kernel of its own, `du = dg · gelu'(u)` (1.2 ms a batch-128 step in run `12d`, at
+//! 0.79 of a copy's bandwidth: it reads `u` and `dg` and writes `du`, each `[rows, 4h]`); with
+//! `DGELU` the product reads `u` (its auxiliary matrix) and writes `du`, and `dg` never exists.
+//! cuBLASLt's GELU epilogues use the tanh form of GELU, so `gelu'` there is the tanh form's
+//! derivative, which differs from the exact (erf) one these models use by at most 8.7·10⁻⁴ (at
+//! |u| ≈ 2, where `gelu'` ≈ 1.08): under the 3.9·10⁻³ of rounding `du` to bf16 there. The forward
+//! stays exact (logits and scores do not change); only the bf16 gradients can, in their last bit.
+//! Off with `RECYCLE_LT_DGELU=0` or `set_dgelu(false)`; `gpu-check` checks it against the exact
+//! derivative in f32 and times training with and without it.
 //!
 //! How: `colmajor` maps each product to a column-major GEMM (tested on the CPU against cuBLAS's
 //! semantics). A `Plan` per shape, alignment and epilogue holds the descriptors and cuBLASLt's
@@ -35,6 +47,19 @@ use std::sync::Arc;
 use super::colmajor::{alignment, bias_grad_offset, gemm, Gemm, Operand, Product};
 
 static SWITCH: super::EnvSwitch = super::EnvSwitch::new("RECYCLE_CUBLASLT");
+
+static DGELU: super::EnvSwitch = super::EnvSwitch::new("RECYCLE_LT_DGELU");
+
+/// Turns GELU's backward in the products' epilogue (`DGELU`) on or off for the whole process.
+pub fn set_dgelu(on: bool) {
+    DGELU.set(on);
+}
+
+/// Whether GELU's backward runs in the epilogue of the product feeding it: `set_dgelu`'s last
+/// word, else `RECYCLE_LT_DGELU` (on by default), and only while the products here are on.
+pub fn dgelu_on() -> bool {
+    enabled() && DGELU.get()
+}
 
 /// Turns the cuBLASLt products on or off for the whole process.
 pub fn set_enabled(on: bool) {
@@ -65,6 +90,8 @@ enum Epilogue {
     None,
     Bias,
     BgradB,
+    /// `D = (A·B) · gelu'(aux)`, `aux` GELU's input, laid out as `D`.
+    DGelu,
 }
 
 impl Epilogue {
@@ -73,6 +100,7 @@ impl Epilogue {
             Epilogue::None => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
             Epilogue::Bias => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
             Epilogue::BgradB => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BGRADB,
+            Epilogue::DGelu => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DGELU,
         }
     }
 }
@@ -86,6 +114,8 @@ struct Key {
     /// The alignment in bytes (a power of two, at most 256) of A, B, C and D (C is D unless the
     /// product accumulates onto another tensor).
     align: [u32; 4],
+    /// The auxiliary matrix's alignment in bytes (`DGelu`; 0 without one).
+    aux_align: u32,
 }
 
 /// One product's descriptors and candidate algorithms.
@@ -137,11 +167,18 @@ thread_local! {
     /// Products run through cuBLASLt on this thread, and candidates timed (for tests and
     /// `gpu-check`'s report).
     static COUNTS: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
+    /// Of those products, the ones with GELU's backward in their epilogue.
+    static DGELU_RUNS: Cell<usize> = const { Cell::new(0) };
 }
 
 /// Products this thread ran through cuBLASLt, and plans it timed, so far.
 pub fn counts() -> (usize, usize) {
     COUNTS.with(|c| c.get())
+}
+
+/// Products this thread ran with GELU's backward in their epilogue, so far.
+pub fn dgelu_runs() -> usize {
+    DGELU_RUNS.with(|c| c.get())
 }
 
 fn lt_err(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
@@ -186,16 +223,21 @@ unsafe fn set_desc<T>(
     .map_err(|e| lt_err("descriptor", e))
 }
 
-/// The plan for `key` (`bias` the bias's address where the epilogue has one), made on first
-/// use: `None` where cuBLASLt has no algorithm for it.
-fn plan(h: &mut Handle, key: &Key, bias: Option<u64>) -> Result<Option<Rc<Plan>>> {
+/// The plan for `key` (`bias` the bias's address where the epilogue has one, `aux` the auxiliary
+/// matrix's), made on first use: `None` where cuBLASLt has no algorithm for it.
+fn plan(
+    h: &mut Handle,
+    key: &Key,
+    bias: Option<u64>,
+    aux: Option<u64>,
+) -> Result<Option<Rc<Plan>>> {
     if let Some(p) = h.plans.get(key) {
         return Ok(p.clone());
     }
     if h.plans.len() >= MAX_PLANS {
         h.plans.clear();
     }
-    let made = unsafe { make_plan(h.handle, key, bias)? }.map(Rc::new);
+    let made = unsafe { make_plan(h.handle, key, bias, aux)? }.map(Rc::new);
     h.plans.insert(*key, made.clone());
     Ok(made)
 }
@@ -204,6 +246,7 @@ unsafe fn make_plan(
     handle: sys::cublasLtHandle_t,
     key: &Key,
     bias: Option<u64>,
+    aux: Option<u64>,
 ) -> Result<Option<Plan>> {
     use sys::cublasLtMatmulDescAttributes_t as A;
     let g = &key.gemm;
@@ -227,6 +270,15 @@ unsafe fn make_plan(
     set_desc(desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &key.epilogue.sys())?;
     if let Some(ptr) = bias {
         set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &ptr)?;
+    }
+    if let Some(ptr) = aux {
+        // Laid out as `D` (its type too: the attribute's default).
+        set_desc(desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &ptr)?;
+        set_desc(
+            desc,
+            A::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD,
+            &(g.ldc as i64),
+        )?;
     }
     let [a, b] = g.stored();
     let c_type = if key.out_f32 {
@@ -306,13 +358,15 @@ impl<T: Copy> AsBytes for T {
     }
 }
 
-/// A product's addresses: `D = A·B (+ C)`, `C` added (`beta` 1) when it is not `D` itself.
+/// A product's addresses: `D = A·B (+ C)`, `C` added (`beta` 1) when it is not `D` itself;
+/// `aux` the epilogue's auxiliary matrix (`DGelu`).
 #[derive(Debug, Clone, Copy)]
 struct Ptrs {
     a: u64,
     b: u64,
     c: u64,
     d: u64,
+    aux: Option<u64>,
 }
 
 impl Ptrs {
@@ -331,6 +385,13 @@ unsafe fn launch(h: &Handle, plan: &Plan, i: usize, p: Ptrs, bias: Option<u64>) 
         set_desc(
             plan.desc,
             sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+            &ptr,
+        )?;
+    }
+    if let Some(ptr) = p.aux {
+        set_desc(
+            plan.desc,
+            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
             &ptr,
         )?;
     }
@@ -412,6 +473,9 @@ fn run(h: &Handle, plan: &Plan, ptrs: Ptrs, bias: Option<u64>) -> Result<()> {
         let (runs, timed) = c.get();
         c.set((runs + 1, timed));
     });
+    if ptrs.aux.is_some() {
+        DGELU_RUNS.with(|c| c.set(c.get() + 1));
+    }
     Ok(())
 }
 
@@ -433,8 +497,9 @@ fn takes(args: &[Arg]) -> bool {
 
 /// The product `product` of a layer (`rows`, `inp`, `out`) over `args` (`x`, `W`, `dy` as the
 /// product reads them), into a fresh `[elems]` bf16 buffer, with the bias epilogue's vector
-/// (`Bias`: read, and 16-byte aligned; `BgradB`: written `bias_grad_offset` into the buffer). `None`: cuBLASLt
-/// has no algorithm for it, or the products here are off or do not take these operands.
+/// (`Bias`: read, and 16-byte aligned; `BgradB`: written `bias_grad_offset` into the buffer) or
+/// GELU's input (`DGelu`: read, laid out as the output, 16-byte aligned). `None`: cuBLASLt has
+/// no algorithm for it, or the products here are off or do not take these operands.
 fn product<'a>(
     dev: &CudaDevice,
     which: Product,
@@ -447,8 +512,9 @@ fn product<'a>(
         bias_grad,
         out_f32,
         plus,
+        gelu_input,
     } = extra;
-    if !enabled() {
+    if !enabled() || (gelu_input.is_some() && !dgelu_on()) {
         return Ok(None);
     }
     let (g, [ta, tb]) = gemm(which, rows, inp, out);
@@ -458,9 +524,13 @@ fn product<'a>(
     if plus.is_some() && (out_f32 || bias_grad) {
         bail!("cuBLASLt: a tensor added onto a product with an f32 output or a bias gradient");
     }
+    if gelu_input.is_some() && (out_f32 || bias_grad || bias.is_some() || plus.is_some()) {
+        bail!("cuBLASLt: GELU's backward with another epilogue, an added tensor or an f32 output");
+    }
     let mut all = vec![a, b];
     all.extend(bias);
     all.extend(plus);
+    all.extend(gelu_input);
     if !takes(&all) {
         return Ok(None);
     }
@@ -488,16 +558,26 @@ fn product<'a>(
         Some(arg) => Some(slice(arg, out, "bias")?.0),
         None => None,
     };
+    let aux = match gelu_input {
+        Some(arg) => Some(slice(arg, ec, "GELU input")?.0),
+        None => None,
+    };
+    // The auxiliary matrix is read in 16-byte loads with a leading dimension of whole loads
+    // (cuBLASLt asks that of it): a GELU input elsewhere is the caller's to handle.
+    if aux.is_some_and(|p| alignment(p) < 16 || g.ldc % 8 != 0) {
+        return Ok(None);
+    }
     // The epilogue reads the bias in 16-byte loads (marian-nmt found cuBLASLt failing below that
     // on an A100): a bias elsewhere is the caller's to add.
     if bias_in.is_some_and(|p| alignment(p) < 16) {
         return Ok(None);
     }
-    let epilogue = match (bias_in.is_some(), bias_grad) {
-        (false, false) => Epilogue::None,
-        (true, false) => Epilogue::Bias,
-        (false, true) => Epilogue::BgradB,
-        (true, true) => bail!("cuBLASLt: a bias and a bias gradient in one product"),
+    let epilogue = match (bias_in.is_some(), bias_grad, aux.is_some()) {
+        (false, false, false) => Epilogue::None,
+        (true, false, false) => Epilogue::Bias,
+        (false, true, false) => Epilogue::BgradB,
+        (false, false, true) => Epilogue::DGelu,
+        _ => bail!("cuBLASLt: more than one epilogue asked of one product"),
     };
     let elem = if out_f32 { 4 } else { 2 };
     let total = if bias_grad {
@@ -519,6 +599,7 @@ fn product<'a>(
         epilogue,
         out_f32,
         align: [alignment(pa), alignment(pb), alignment(pc), alignment(pd)],
+        aux_align: aux.map_or(0, alignment),
     };
     let vector = bias_in.or(pbias);
     let ptrs = Ptrs {
@@ -526,15 +607,37 @@ fn product<'a>(
         b: pb,
         c: pc,
         d: pd,
+        aux,
     };
     let ran = with_handle(dev, |h| {
-        let Some(p) = plan(h, &key, vector)? else {
+        let Some(p) = plan(h, &key, vector, aux)? else {
             return Ok(false);
         };
         run(h, &p, ptrs, vector)?;
         Ok(true)
     });
+    if aux.is_some() {
+        return Ok(give_up_on_dgelu(ran)?.then(|| y.into_storage(dev)));
+    }
     Ok(give_up_on_error(ran)?.then(|| y.into_storage(dev)))
+}
+
+/// As `give_up_on_error` for a product with GELU's backward in its epilogue: a failure of
+/// cuBLASLt turns that epilogue off (the caller then runs the product and the GELU kernel), not
+/// the other products.
+fn give_up_on_dgelu(result: Result<bool>) -> Result<bool> {
+    match result {
+        Err(e) if e.to_string().contains("cuBLASLt") => {
+            if DGELU.get() {
+                set_dgelu(false);
+                eprintln!(
+                    "recycle: cuBLASLt failed with GELU's backward in the epilogue ({e}); GELU's backward runs as a kernel of its own from here on"
+                );
+            }
+            Ok(false)
+        }
+        other => other,
+    }
 }
 
 /// `result`, or, where cuBLASLt itself failed (a handle it could not make, a descriptor it
@@ -558,13 +661,15 @@ fn give_up_on_error(result: Result<bool>) -> Result<bool> {
 }
 
 /// What a product adds to `A·B`: a bias in its epilogue (`BIAS`), the bias gradient
-/// (`BGRADB`), an f32 output, or another `[rows, n]` tensor (`C`, added with `beta` 1).
+/// (`BGRADB`), an f32 output, another `[rows, n]` tensor (`C`, added with `beta` 1), or GELU's
+/// backward with GELU's input `[rows, n]` (`DGELU`).
 #[derive(Default)]
 struct Extra<'a> {
     bias: Option<Arg<'a>>,
     bias_grad: bool,
     out_f32: bool,
     plus: Option<Arg<'a>>,
+    gelu_input: Option<Arg<'a>>,
 }
 
 /// A product's fresh output buffer, bf16 or f32.
@@ -623,11 +728,13 @@ pub(crate) fn linear(
 }
 
 /// `dx = dy·W (+ plus)` (`[rows, inp]`) for `dy` `[rows, out]`, `W` `[out, inp]`, `plus`
-/// `[rows, inp]`.
+/// `[rows, inp]`; with `gelu_input` `u` (`[rows, inp]`, not with `plus`) GELU's backward of it
+/// instead, `dy·W · gelu'(u)`.
 pub(crate) fn input_grad<'a>(
     dy: Arg<'a>,
     w: Arg<'a>,
     plus: Option<Arg<'a>>,
+    gelu_input: Option<Arg<'a>>,
     (rows, inp, out): (usize, usize, usize),
 ) -> Result<Option<CudaStorage>> {
     let dev = dy.0.device().clone();
@@ -642,6 +749,7 @@ pub(crate) fn input_grad<'a>(
         },
         Extra {
             plus,
+            gelu_input,
             ..Extra::default()
         },
     )
@@ -705,9 +813,39 @@ pub fn dense_input_grad(dy: &Tensor, w: &Tensor, plus: Option<&Tensor>) -> Resul
         }
         None => None,
     };
-    let y = dy
-        .contiguous()?
-        .apply_op2_no_bwd(&w.contiguous()?, &InputGrad { plus })?;
+    let y = dy.contiguous()?.apply_op2_no_bwd(
+        &w.contiguous()?,
+        &InputGrad {
+            plus,
+            gelu_input: None,
+        },
+    )?;
+    Ok(Some(y))
+}
+
+/// `gelu'(u) · dy·W` (`dy` `[rows, out]`, `W` `[out, in]`, `u` `[rows, in]` GELU's input): the
+/// feed-forward block's gradient of its first layer's output, outside the graph, in one product
+/// with the `DGELU` epilogue (see the module's documentation for its derivative); candle's
+/// product and recycle's GELU backward kernel where cuBLASLt has no algorithm for it or `u` is
+/// not aligned for it. `None` where the caller's own path runs (off, not bf16).
+pub fn dense_input_grad_gelu(dy: &Tensor, w: &Tensor, u: &Tensor) -> Result<Option<Tensor>> {
+    if !dgelu_on() || !eligible(&[dy, w, u]) {
+        return Ok(None);
+    }
+    let want = [dy.dim(0)?, w.dim(1)?];
+    if u.dims() != want {
+        bail!(
+            "cuBLASLt: GELU's input {:?} against a {want:?} product",
+            u.dims()
+        );
+    }
+    let y = dy.contiguous()?.apply_op2_no_bwd(
+        &w.contiguous()?,
+        &InputGrad {
+            plus: None,
+            gelu_input: Some(u.contiguous()?),
+        },
+    )?;
     Ok(Some(y))
 }
 
@@ -757,6 +895,7 @@ fn bgradb_available(
         epilogue: Epilogue::BgradB,
         out_f32,
         align: [alignment(pa), alignment(pb), 256, 256],
+        aux_align: 0,
     };
     give_up_on_error(with_handle(dev, |h| {
         // The vector's address is set again at each launch; the heuristic sees a 256-byte aligned
@@ -765,7 +904,7 @@ fn bgradb_available(
             let (p, _sync) = h.workspace.device_ptr(&h.stream);
             p
         };
-        Ok(plan(h, &key, Some(stand_in))?.is_some())
+        Ok(plan(h, &key, Some(stand_in), None)?.is_some())
     }))
 }
 
@@ -777,9 +916,10 @@ fn dims2(l: &Layout, what: &str) -> Result<(usize, usize)> {
     }
 }
 
-/// `dy·W`, plus `plus` where given.
+/// `dy·W`, plus `plus` where given, or GELU's backward of `gelu_input` applied to it.
 struct InputGrad {
     plus: Option<Tensor>,
+    gelu_input: Option<Tensor>,
 }
 
 impl CustomOp2 for InputGrad {
@@ -825,16 +965,28 @@ impl CustomOp2 for InputGrad {
             }
             None => None,
         };
-        if let Some(y) = input_grad((dy, dyl), (w, wl), plus, (rows, inp, out))? {
+        let gelu_input = self.gelu_input.as_ref().map(|t| t.storage_and_layout());
+        let gelu_input = match &gelu_input {
+            Some((storage, layout)) => {
+                let candle_core::Storage::Cuda(s) = &**storage else {
+                    bail!("{}: GELU's input is not on a CUDA device", self.name())
+                };
+                Some((s, *layout))
+            }
+            None => None,
+        };
+        if let Some(y) = input_grad((dy, dyl), (w, wl), plus, gelu_input, (rows, inp, out))? {
             return Ok((y, shape));
         }
         let y = dy.matmul(w, (1, rows, inp, out), dyl, wl)?;
-        match plus {
-            Some((s, l)) => {
-                let y = super::cuda::add_storage((&y, &Layout::contiguous((rows, inp))), (s, l))?;
-                Ok((y, shape))
-            }
-            None => Ok((y, shape)),
+        let yl = Layout::contiguous((rows, inp));
+        match (plus, gelu_input) {
+            (Some((s, l)), _) => Ok((super::cuda::add_storage((&y, &yl), (s, l))?, shape)),
+            (None, Some((s, l))) => Ok((
+                super::cuda::gelu_backward_storage((s, l), (&y, &yl))?,
+                shape,
+            )),
+            (None, None) => Ok((y, shape)),
         }
     }
 }
