@@ -956,26 +956,15 @@ impl CustomOp2 for InputGrad {
             );
         }
         let shape = Shape::from((rows, inp));
-        let plus = self.plus.as_ref().map(|t| t.storage_and_layout());
-        let plus = match &plus {
-            Some((storage, layout)) => {
-                let candle_core::Storage::Cuda(s) = &**storage else {
-                    bail!("{}: the added tensor is not on a CUDA device", self.name())
-                };
-                Some((s, *layout))
-            }
-            None => None,
-        };
-        let gelu_input = self.gelu_input.as_ref().map(|t| t.storage_and_layout());
-        let gelu_input = match &gelu_input {
-            Some((storage, layout)) => {
-                let candle_core::Storage::Cuda(s) = &**storage else {
-                    bail!("{}: GELU's input is not on a CUDA device", self.name())
-                };
-                Some((s, *layout))
-            }
-            None => None,
-        };
+        // The tensors the op holds, read-locked while `held` lives, as CUDA operands.
+        let held =
+            [&self.plus, &self.gelu_input].map(|t| t.as_ref().map(|t| t.storage_and_layout()));
+        let [plus, gelu_input] =
+            [(&held[0], "the added tensor"), (&held[1], "GELU's input")].map(|(h, what)| {
+                h.as_ref()
+                    .map(|(s, l)| on_cuda(s, self.name(), what).map(|s| (s, *l)))
+            });
+        let (plus, gelu_input) = (plus.transpose()?, gelu_input.transpose()?);
         if let Some(y) = input_grad((dy, dyl), (w, wl), plus, gelu_input, (rows, inp, out))? {
             return Ok((y, shape));
         }
@@ -989,6 +978,14 @@ impl CustomOp2 for InputGrad {
             )),
             (None, None) => Ok((y, shape)),
         }
+    }
+}
+
+/// `storage` as a CUDA device's, or an error naming the op and the operand.
+fn on_cuda<'a>(storage: &'a candle_core::Storage, op: &str, what: &str) -> Result<&'a CudaStorage> {
+    match storage {
+        candle_core::Storage::Cuda(s) => Ok(s),
+        _ => bail!("{op}: {what} is not on a CUDA device"),
     }
 }
 
