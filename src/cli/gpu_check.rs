@@ -2108,7 +2108,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
         // The dense products first: training takes them for every layer (on CUDA in bf16 through
         // cuBLASLt, turned off for the rest of the run if they fail here).
         #[cfg(feature = "cuda")]
-        let lt_was_on = crate::model::kernels::cuda_lt::enabled();
+        let (lt_was_on, dgelu_was_on) = {
+            use crate::model::kernels::cuda_lt;
+            (cuda_lt::enabled(), cuda_lt::dgelu_on())
+        };
         let dense = dense_check(&device);
         let (dense, gelu) = reported(dense, json!({"stage": "dense"}))
             .map_or((false, false), |d| (d.products, d.gelu));
@@ -2122,6 +2125,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         } else if !gelu && crate::model::kernels::cuda_lt::dgelu_on() {
             crate::model::kernels::cuda_lt::set_dgelu(false);
             note("GELU's backward in the epilogue failed its check: the rest of this run runs it as a kernel of its own");
+        } else if device.is_cuda() && dgelu_was_on && !crate::model::kernels::cuda_lt::dgelu_on() {
+            note("GELU's backward in the epilogue turned itself off after a cuBLASLt error (stderr says why): the rest of this run runs it as a kernel of its own");
         }
         // The block nodes' tail in one pass (session 14, CUDA): turned off for the rest of the
         // run where it fails.

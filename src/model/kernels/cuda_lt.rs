@@ -617,28 +617,17 @@ fn product<'a>(
         run(h, &p, ptrs, vector)?;
         Ok(true)
     });
-    if aux.is_some() {
-        return Ok(give_up_on_dgelu(ran)?.then(|| y.into_storage(dev)));
-    }
-    Ok(give_up_on_error(ran)?.then(|| y.into_storage(dev)))
-}
-
-/// As `give_up_on_error` for a product with GELU's backward in its epilogue: a failure of
-/// cuBLASLt turns that epilogue off (the caller then runs the product and the GELU kernel), not
-/// the other products.
-fn give_up_on_dgelu(result: Result<bool>) -> Result<bool> {
-    match result {
-        Err(e) if e.to_string().contains("cuBLASLt") => {
-            if DGELU.get() {
-                set_dgelu(false);
-                eprintln!(
-                    "recycle: cuBLASLt failed with GELU's backward in the epilogue ({e}); GELU's backward runs as a kernel of its own from here on"
-                );
-            }
-            Ok(false)
-        }
-        other => other,
-    }
+    // A failure with GELU's backward in the epilogue turns that epilogue off, not the other
+    // products: the caller then runs the product and the GELU kernel.
+    let given_up = match aux {
+        Some(_) => give_up_on(
+            ran,
+            &DGELU,
+            "GELU's backward runs as a kernel of its own from here on",
+        ),
+        None => give_up_on_error(ran),
+    };
+    Ok(given_up?.then(|| y.into_storage(dev)))
 }
 
 /// `result`, or, where cuBLASLt itself failed (a handle it could not make, a descriptor it
@@ -647,13 +636,20 @@ fn give_up_on_dgelu(result: Result<bool>) -> Result<bool> {
 /// from the one these calls were written against costs speed, not the run. Errors of the device
 /// (a failed allocation, a fault) are passed on.
 fn give_up_on_error(result: Result<bool>) -> Result<bool> {
+    give_up_on(
+        result,
+        &SWITCH,
+        "the dense products go through candle's cuBLAS calls from here on",
+    )
+}
+
+/// `give_up_on_error` with the switch that a failure turns off, and what runs after (`then`).
+fn give_up_on(result: Result<bool>, switch: &super::EnvSwitch, then: &str) -> Result<bool> {
     match result {
         Err(e) if e.to_string().contains("cuBLASLt") => {
-            if enabled() {
-                set_enabled(false);
-                eprintln!(
-                    "recycle: cuBLASLt failed ({e}); the dense products go through candle's cuBLAS calls from here on"
-                );
+            if switch.get() {
+                switch.set(false);
+                eprintln!("recycle: cuBLASLt failed ({e}); {then}");
             }
             Ok(false)
         }
