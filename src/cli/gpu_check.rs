@@ -1087,6 +1087,39 @@ const ROUNDS: usize = 3;
 
 /// Seconds per call of `f`: after `warmup` untimed calls, `ROUNDS` rounds of `steps` calls, each
 /// timed with the device drained before the clock stops; the median round's.
+/// The A/B rows of one shape and precision: `(what, on, off)`, seconds a step.
+struct AbRows<'a> {
+    shape: &'a str,
+    /// The plain step's time: "on" for the rows that turn one switch off.
+    train: f64,
+    rows: Vec<(String, f64, Result<f64>)>,
+}
+
+impl AbRows<'_> {
+    /// A row against the plain step: `off` is the step timed with the switch `what` off. A
+    /// failed timing is reported (stage `ab`) and leaves no row. Returns the off time.
+    fn off(&mut self, what: &str, off: Result<f64>) -> Option<f64> {
+        self.against(what, self.train, off)
+    }
+
+    /// A row for a switch that is off in training: `on` is the step timed with `what` on,
+    /// against the plain step. Reported and returned as `off`.
+    fn on(&mut self, what: &str, on: Result<f64>) -> Option<f64> {
+        let at = json!({"stage": "ab", "what": what, "shape": self.shape});
+        let on = reported(on, at)?;
+        self.rows.push((what.to_string(), on, Ok(self.train)));
+        Some(on)
+    }
+
+    /// As `off`, against another step's time `on`.
+    fn against(&mut self, what: &str, on: f64, off: Result<f64>) -> Option<f64> {
+        let at = json!({"stage": "ab", "what": what, "shape": self.shape});
+        let off = reported(off, at)?;
+        self.rows.push((what.to_string(), on, Ok(off)));
+        Some(off)
+    }
+}
+
 fn time_it(
     device: &Device,
     warmup: usize,
@@ -1200,7 +1233,11 @@ fn bench_one(
     let (blocks_on, attention_on) = (ops::fused_blocks(), ops::fused_attention_on());
     let sink_on = grad_sink::enabled();
     let mut baseline = train;
-    let mut ab: Vec<(String, f64, Result<f64>)> = Vec::new();
+    let mut ab = AbRows {
+        shape: &shape.name,
+        train,
+        rows: Vec::new(),
+    };
     // cudarc's events on every buffer (off on an opened CUDA device): "on" is the default,
     // without them. In bf16 only: that is where a step is short enough for the host to bound it.
     if device.is_cuda()
@@ -1210,11 +1247,7 @@ fn bench_one(
         crate::device::set_buffer_events(device, true);
         let with = time_it(device, args.warmup, args.steps, || step(&mut opt));
         crate::device::set_buffer_events(device, false);
-        let what = "no CUDA events per buffer".to_string();
-        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
-        if let Some(off) = reported(with, at) {
-            ab.push((what, train, Ok(off)));
-        }
+        ab.off("no CUDA events per buffer", with);
     }
     // No host synchronisation inside a training step (session 11): "off" reads the loss and the
     // gradient norm back as the training loop did before (its time kept for the pool's rows).
@@ -1223,12 +1256,7 @@ fn bench_one(
         let synced = time_it(device, args.warmup, args.steps, || {
             step_with(&mut opt, true)
         });
-        let what = "no host sync in a step".to_string();
-        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
-        if let Some(off) = reported(synced, at) {
-            synced_step = Some(off);
-            ab.push((what, train, Ok(off)));
-        }
+        synced_step = ab.off("no host sync in a step", synced);
     }
     // Freed memory kept in the device's pool (session 15, on by default): "off" hands it back to
     // the driver at every synchronisation, as cudarc leaves the pool. Timed on the step as this
@@ -1245,12 +1273,12 @@ fn bench_one(
                 high as f64 / 1e9
             );
         }
-        let at = |what: &str| json!({"stage": "ab", "what": what, "shape": shape.name});
         let plain = "freed GPU memory kept in the pool";
         let read_back = "freed GPU memory kept, steps read back";
         match set_pool_keep(device, false) {
             Err(e) => {
-                reported::<()>(Err(e), at(plain));
+                let at = json!({"stage": "ab", "what": plain, "shape": shape.name});
+                reported::<()>(Err(e), at);
             }
             Ok(_) => {
                 let off = time_it(device, args.warmup, args.steps, || step(&mut opt));
@@ -1260,12 +1288,8 @@ fn bench_one(
                 if let Err(e) = set_pool_keep(device, true) {
                     eprintln!("gpu-check: the memory pool kept nothing after its A/B rows: {e:#}");
                 }
-                if let Some(off) = reported(off, at(plain)) {
-                    ab.push((plain.to_string(), train, Ok(off)));
-                }
-                if let Some(off) = reported(off_synced, at(read_back)) {
-                    ab.push((read_back.to_string(), kept_synced, Ok(off)));
-                }
+                ab.off(plain, off);
+                ab.against(read_back, kept_synced, off_synced);
             }
         }
     }
@@ -1280,11 +1304,7 @@ fn bench_one(
         casting::set_uncast_claimed(false);
         let all_cast = time_it(device, args.warmup, args.steps, || step(&mut opt));
         casting::set_uncast_claimed(true);
-        let what = "masters the nodes take, uncast".to_string();
-        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
-        if let Some(off) = reported(all_cast, at) {
-            ab.push((what, train, Ok(off)));
-        }
+        ab.off("masters the nodes take, uncast", all_cast);
     }
     // The dense layers' bf16 products through cuBLASLt (session 13, on by default): "off" is
     // candle's cuBLAS calls, with the bias adds and column sums as kernels of their own.
@@ -1300,11 +1320,7 @@ fn bench_one(
         cuda_lt::set_enabled(false);
         let candle = time_it(device, args.warmup, args.steps, || step(&mut opt));
         cuda_lt::set_enabled(true);
-        let what = "dense products through cuBLASLt".to_string();
-        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
-        if let Some(off) = reported(candle, at) {
-            ab.push((what, train, Ok(off)));
-        }
+        ab.off("dense products through cuBLASLt", candle);
     }
     // GELU's backward in the epilogue of the product feeding it (session 16, on by default with
     // the cuBLASLt products; the feed-forward block nodes take it): "off" is the product, then
@@ -1324,11 +1340,7 @@ fn bench_one(
         cuda_lt::set_dgelu(false);
         let kernel = time_it(device, args.warmup, args.steps, || step(&mut opt));
         cuda_lt::set_dgelu(true);
-        let what = "GELU's backward in the product's epilogue".to_string();
-        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
-        if let Some(off) = reported(kernel, at) {
-            ab.push((what, train, Ok(off)));
-        }
+        ab.off("GELU's backward in the product's epilogue", kernel);
     }
     // Attention's per-head products in place (session 13, CUDA bf16, on by default): "off"
     // splits q, k and v into heads and merges the context (and the gradients) with copies.
@@ -1336,11 +1348,7 @@ fn bench_one(
         attn::set_heads_in_place(false);
         let split = time_it(device, args.warmup, args.steps, || step(&mut opt));
         attn::set_heads_in_place(true);
-        let what = "attention's heads in place".to_string();
-        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
-        if let Some(off) = reported(split, at) {
-            ab.push((what, train, Ok(off)));
-        }
+        ab.off("attention's heads in place", split);
     }
     // The embeddings as one node (session 13, on by default): "off" is a lookup per table and
     // candle's adds of their rows.
@@ -1348,11 +1356,7 @@ fn bench_one(
         ops::set_embeddings_sum(false);
         let separate = time_it(device, args.warmup, args.steps, || step(&mut opt));
         ops::set_embeddings_sum(true);
-        let what = "embeddings in one node".to_string();
-        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
-        if let Some(off) = reported(separate, at) {
-            ab.push((what, train, Ok(off)));
-        }
+        ab.off("embeddings in one node", separate);
     }
     // The block nodes' tail in one pass (session 14, on by default; it runs where the blocks are
     // recorded into the stack): "off" is the residual's dropout and add, then the layer norm.
@@ -1365,11 +1369,7 @@ fn bench_one(
         set_add_norm(false);
         let separate = time_it(device, args.warmup, args.steps, || step(&mut opt));
         set_add_norm(true);
-        let what = "residual add and layer norm in one pass".to_string();
-        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
-        if let Some(off) = reported(separate, at) {
-            ab.push((what, train, Ok(off)));
-        }
+        ab.off("residual add and layer norm in one pass", separate);
     }
     // The encoder's block nodes as one stack node (session 12, on by default): "off" is a graph
     // node per block, each input's gradient added into a zero-filled slot by candle. CUDA only:
@@ -1379,11 +1379,7 @@ fn bench_one(
         set_stack(false);
         let per_block = time_it(device, args.warmup, args.steps, || step(&mut opt));
         set_stack(true);
-        let what = "block nodes in one stack node".to_string();
-        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
-        if let Some(off) = reported(per_block, at) {
-            ab.push((what, train, Ok(off)));
-        }
+        ab.off("block nodes in one stack node", per_block);
     }
     // Layer norm's backward with 16-byte packs (session 12, on by default where rows fit): "off"
     // is the one-pass kernel before it.
@@ -1393,11 +1389,7 @@ fn bench_one(
         set_layer_norm_packed(false);
         let one_pass = time_it(device, args.warmup, args.steps, || step(&mut opt));
         set_layer_norm_packed(true);
-        let what = "layer norm backward, 16-byte packs".to_string();
-        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
-        if let Some(off) = reported(one_pass, at) {
-            ab.push((what, train, Ok(off)));
-        }
+        ab.off("layer norm backward, 16-byte packs", one_pass);
     }
     // Layer norm's backward in one pass against the three kernels, both without the packed
     // kernels (which take roberta-base's rows first).
@@ -1416,7 +1408,7 @@ fn bench_one(
         let what = "layer norm backward in one pass".to_string();
         let at = json!({"stage": "ab", "what": what, "shape": shape.name});
         if let (Some(on), Some(off)) = (reported(one_pass, at.clone()), reported(three, at)) {
-            ab.push((what, on, Ok(off)));
+            ab.rows.push((what, on, Ok(off)));
         }
     }
     // The weight gradients split over the rows (off in training unless chosen): "on" is the split.
@@ -1426,11 +1418,7 @@ fn bench_one(
         weight_grad::set_split(parts);
         let split = time_it(device, args.warmup, args.steps, || step(&mut opt));
         weight_grad::set_split(1);
-        let what = format!("weight gradients split in {parts}");
-        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
-        if let Some(on) = reported(split, at) {
-            ab.push((what, on, Ok(train)));
-        }
+        ab.on(&format!("weight gradients split in {parts}"), split);
     }
     // Attention in one pass (off in training unless chosen): "on" is one pass; a row only where
     // it ran (bf16, heads of 64, at most 512 tokens, a multiple of 16).
@@ -1443,7 +1431,7 @@ fn bench_one(
         let at = json!({"stage": "ab", "what": what, "shape": shape.name});
         if let Some(on) = reported(flash, at) {
             if attn::flash_runs() > before {
-                ab.push((what, on, Ok(train)));
+                ab.rows.push((what, on, Ok(train)));
                 // Both levers together, where both are measured.
                 if parts > 1 {
                     use crate::model::kernels::weight_grad;
@@ -1452,11 +1440,7 @@ fn bench_one(
                     let both = time_it(device, args.warmup, args.steps, || step(&mut opt));
                     weight_grad::set_split(1);
                     attn::set_flash(false);
-                    let what = format!("flash + weight gradients split in {parts}");
-                    let at = json!({"stage": "ab", "what": what, "shape": shape.name});
-                    if let Some(on) = reported(both, at) {
-                        ab.push((what, on, Ok(train)));
-                    }
+                    ab.on(&format!("flash + weight gradients split in {parts}"), both);
                 }
             }
         }
@@ -1465,7 +1449,7 @@ fn bench_one(
         grad_sink::set_enabled(false);
         let off = time_it(device, args.warmup, args.steps, || step(&mut opt));
         let next = *off.as_ref().unwrap_or(&baseline);
-        ab.push(("gradient sink".into(), baseline, off));
+        ab.rows.push(("gradient sink".into(), baseline, off));
         baseline = next;
     }
     if blocks_on {
@@ -1477,7 +1461,7 @@ fn bench_one(
         } else {
             "block nodes"
         };
-        ab.push((what.into(), baseline, off));
+        ab.rows.push((what.into(), baseline, off));
         baseline = next;
     }
     if attention_on {
@@ -1488,12 +1472,12 @@ fn bench_one(
         } else {
             "fused attention"
         };
-        ab.push((what.into(), baseline, off));
+        ab.rows.push((what.into(), baseline, off));
     }
     ops::set_fused_attention(attention_on);
     ops::set_fused_blocks(blocks_on);
     grad_sink::set_enabled(sink_on);
-    for (what, on_s, off_s) in ab {
+    for (what, on_s, off_s) in ab.rows {
         let off_s = off_s?;
         emit(json!({
             "kind": "ab", "impl": "recycle", "what": what, "shape": shape.name,
