@@ -71,7 +71,7 @@ fn settled(device: Device) -> Device {
 
 /// Whether an opened CUDA device's memory pool keeps the memory freed in it (on by default,
 /// `RECYCLE_POOL_KEEP=0` off; `gpu-check` times both).
-static POOL_KEEP: crate::model::kernels::EnvSwitch =
+pub static POOL_KEEP: crate::model::kernels::EnvSwitch =
     crate::model::kernels::EnvSwitch::new("RECYCLE_POOL_KEEP");
 
 /// Whether opened CUDA devices keep freed memory in their pool (the last `set_pool_keep`, else

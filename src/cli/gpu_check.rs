@@ -9,6 +9,7 @@ use crate::model::bert::{BertClassifier, BertConfig, Flavour};
 use crate::model::casting;
 use crate::model::grad_sink::{self, GradSink};
 use crate::model::kernels::attention_node as attn;
+use crate::model::kernels::EnvSwitch;
 use crate::model::ops::{self, Kernels};
 use crate::model::{self, Batch, LoadOptions, Mode, Precision, Problem};
 use crate::train::optim::{
@@ -76,6 +77,41 @@ pub struct Args {
     /// kernel trace (benches/cuda/trace.cpp).
     #[arg(long)]
     pub train_only: bool,
+    /// A name for the configuration of levers this run measures (scripts/gpu/run.sh's last
+    /// stages: `best`, the switches `recycle gpu-levers` chose), written into its throughput
+    /// rows; without it the rows are the defaults' (or the environment's: every row says which
+    /// levers were on).
+    #[arg(long)]
+    pub config: Option<String>,
+}
+
+/// The levers a GPU run can turn on or off from its environment, each by its switch.
+fn levers() -> Vec<&'static EnvSwitch> {
+    use crate::model::kernels::{block_node, stack};
+    #[allow(unused_mut)]
+    let mut all: Vec<&'static EnvSwitch> = vec![
+        &crate::device::POOL_KEEP,
+        &ops::EMBEDDINGS_SUM,
+        &attn::HEADS_IN_PLACE,
+        &attn::FLASH,
+        &stack::STACK,
+        &block_node::ADD_NORM,
+    ];
+    #[cfg(feature = "cuda")]
+    all.extend([
+        &crate::model::kernels::cuda_lt::SWITCH,
+        &crate::model::kernels::cuda_lt::DGELU,
+    ]);
+    all
+}
+
+/// Each lever's switch and whether it is on now, for the rows a measurement writes.
+fn lever_states() -> serde_json::Value {
+    levers()
+        .into_iter()
+        .map(|sw| (sw.var().to_string(), json!(sw.get())))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 /// Whether this run's one-pass attention check passed (`--flash`): its A/B and op-profile rows
@@ -1085,18 +1121,26 @@ fn random_batch(shape: &Shape, args: &Args, device: &Device, seed: u64) -> Resul
 /// by something else on the machine does not (PyTorch's side does the same).
 const ROUNDS: usize = 3;
 
-/// Seconds per call of `f`: after `warmup` untimed calls, `ROUNDS` rounds of `steps` calls, each
-/// timed with the device drained before the clock stops; the median round's.
-/// The A/B rows of one shape and precision: `(what, on, off)`, seconds a step.
+/// One A/B row: a step's seconds with the thing named on and off, and the process switch that
+/// turns it on and off where there is one (`scripts/gpu/run.sh` sets those from the rows, through
+/// `recycle gpu-levers`).
+struct AbRow {
+    what: String,
+    on: f64,
+    off: Result<f64>,
+    switch: Option<&'static EnvSwitch>,
+}
+
+/// The A/B rows of one shape and precision.
 struct AbRows<'a> {
     shape: &'a str,
     /// The plain step's time: "on" for the rows that turn one switch off.
     train: f64,
-    rows: Vec<(String, f64, Result<f64>)>,
+    rows: Vec<AbRow>,
 }
 
 impl AbRows<'_> {
-    /// A row against the plain step: `off` is the step timed with the switch `what` off. A
+    /// A row against the plain step: `off` is the step timed with the thing `what` off. A
     /// failed timing is reported (stage `ab`) and leaves no row. Returns the off time.
     fn off(&mut self, what: &str, off: Result<f64>) -> Option<f64> {
         self.against(what, self.train, off)
@@ -1105,21 +1149,55 @@ impl AbRows<'_> {
     /// A row for a switch that is off in training: `on` is the step timed with `what` on,
     /// against the plain step. Reported and returned as `off`.
     fn on(&mut self, what: &str, on: Result<f64>) -> Option<f64> {
-        let at = json!({"stage": "ab", "what": what, "shape": self.shape});
-        let on = reported(on, at)?;
-        self.rows.push((what.to_string(), on, Ok(self.train)));
+        let on = reported(on, self.at(what))?;
+        self.push(what, on, Ok(self.train));
         Some(on)
     }
 
     /// As `off`, against another step's time `on`.
     fn against(&mut self, what: &str, on: f64, off: Result<f64>) -> Option<f64> {
-        let at = json!({"stage": "ab", "what": what, "shape": self.shape});
-        let off = reported(off, at)?;
-        self.rows.push((what.to_string(), on, Ok(off)));
+        let off = reported(off, self.at(what))?;
+        self.push(what, on, Ok(off));
         Some(off)
+    }
+
+    /// A row for a process switch, timed the other way from its default (`off` for one on by
+    /// default, `on` for one off by default) against the plain step, and tagged with the switch.
+    fn flipped(&mut self, switch: &'static EnvSwitch, what: &str, t: Result<f64>) -> Option<f64> {
+        let t = if switch.default_on() {
+            self.off(what, t)
+        } else {
+            self.on(what, t)
+        };
+        if t.is_some() {
+            self.tag_last(switch);
+        }
+        t
+    }
+
+    /// Tags the last row with the switch it flipped.
+    fn tag_last(&mut self, switch: &'static EnvSwitch) {
+        if let Some(row) = self.rows.last_mut() {
+            row.switch = Some(switch);
+        }
+    }
+
+    fn push(&mut self, what: &str, on: f64, off: Result<f64>) {
+        self.rows.push(AbRow {
+            what: what.to_string(),
+            on,
+            off,
+            switch: None,
+        });
+    }
+
+    fn at(&self, what: &str) -> serde_json::Value {
+        json!({"stage": "ab", "what": what, "shape": self.shape})
     }
 }
 
+/// Seconds per call of `f`: after `warmup` untimed calls, `ROUNDS` rounds of `steps` calls, each
+/// timed with the device drained before the clock stops; the median round's.
 fn time_it(
     device: &Device,
     warmup: usize,
@@ -1178,12 +1256,16 @@ fn bench_one(
     let fwd = shape.forward_flops(args.seq);
     let bench_line = |mode: &str, secs: f64, flops: f64| {
         let eps = args.batch as f64 / secs;
-        emit(json!({
+        let mut row = json!({
             "kind": "bench", "impl": "recycle", "shape": shape.name,
             "precision": precision.as_str(), "mode": mode, "batch": args.batch,
             "seq": args.seq, "examples_per_s": eps, "flops_per_example": flops,
-            "tflops": eps * flops / 1e12, "device": describe(device),
-        }));
+            "tflops": eps * flops / 1e12, "device": describe(device), "levers": lever_states(),
+        });
+        if let Some(config) = &args.config {
+            row["config"] = json!(config);
+        }
+        emit(row);
         eprintln!(
             "gpu-check: {} {} {mode}: {eps:.1} examples/s",
             shape.name,
@@ -1277,8 +1359,7 @@ fn bench_one(
         let read_back = "freed GPU memory kept, steps read back";
         match set_pool_keep(device, false) {
             Err(e) => {
-                let at = json!({"stage": "ab", "what": plain, "shape": shape.name});
-                reported::<()>(Err(e), at);
+                reported::<()>(Err(e), ab.at(plain));
             }
             Ok(_) => {
                 let off = time_it(device, args.warmup, args.steps, || step(&mut opt));
@@ -1288,7 +1369,7 @@ fn bench_one(
                 if let Err(e) = set_pool_keep(device, true) {
                     eprintln!("gpu-check: the memory pool kept nothing after its A/B rows: {e:#}");
                 }
-                ab.off(plain, off);
+                ab.flipped(&crate::device::POOL_KEEP, plain, off);
                 ab.against(read_back, kept_synced, off_synced);
             }
         }
@@ -1320,7 +1401,7 @@ fn bench_one(
         cuda_lt::set_enabled(false);
         let candle = time_it(device, args.warmup, args.steps, || step(&mut opt));
         cuda_lt::set_enabled(true);
-        ab.off("dense products through cuBLASLt", candle);
+        ab.flipped(&cuda_lt::SWITCH, "dense products through cuBLASLt", candle);
     }
     // GELU's backward in the epilogue of the product feeding it (session 16, on by default with
     // the cuBLASLt products; the feed-forward block nodes take it): "off" is the product, then
@@ -1340,7 +1421,11 @@ fn bench_one(
         cuda_lt::set_dgelu(false);
         let kernel = time_it(device, args.warmup, args.steps, || step(&mut opt));
         cuda_lt::set_dgelu(true);
-        ab.off("GELU's backward in the product's epilogue", kernel);
+        ab.flipped(
+            &cuda_lt::DGELU,
+            "GELU's backward in the product's epilogue",
+            kernel,
+        );
     }
     // Attention's per-head products in place (session 13, CUDA bf16, on by default): "off"
     // splits q, k and v into heads and merges the context (and the gradients) with copies.
@@ -1348,7 +1433,7 @@ fn bench_one(
         attn::set_heads_in_place(false);
         let split = time_it(device, args.warmup, args.steps, || step(&mut opt));
         attn::set_heads_in_place(true);
-        ab.off("attention's heads in place", split);
+        ab.flipped(&attn::HEADS_IN_PLACE, "attention's heads in place", split);
     }
     // The embeddings as one node (session 13, on by default): "off" is a lookup per table and
     // candle's adds of their rows.
@@ -1356,7 +1441,7 @@ fn bench_one(
         ops::set_embeddings_sum(false);
         let separate = time_it(device, args.warmup, args.steps, || step(&mut opt));
         ops::set_embeddings_sum(true);
-        ab.off("embeddings in one node", separate);
+        ab.flipped(&ops::EMBEDDINGS_SUM, "embeddings in one node", separate);
     }
     // The block nodes' tail in one pass (session 14, on by default; it runs where the blocks are
     // recorded into the stack): "off" is the residual's dropout and add, then the layer norm.
@@ -1369,7 +1454,11 @@ fn bench_one(
         set_add_norm(false);
         let separate = time_it(device, args.warmup, args.steps, || step(&mut opt));
         set_add_norm(true);
-        ab.off("residual add and layer norm in one pass", separate);
+        ab.flipped(
+            &crate::model::kernels::block_node::ADD_NORM,
+            "residual add and layer norm in one pass",
+            separate,
+        );
     }
     // The encoder's block nodes as one stack node (session 12, on by default): "off" is a graph
     // node per block, each input's gradient added into a zero-filled slot by candle. CUDA only:
@@ -1379,7 +1468,11 @@ fn bench_one(
         set_stack(false);
         let per_block = time_it(device, args.warmup, args.steps, || step(&mut opt));
         set_stack(true);
-        ab.off("block nodes in one stack node", per_block);
+        ab.flipped(
+            &crate::model::kernels::stack::STACK,
+            "block nodes in one stack node",
+            per_block,
+        );
     }
     // Layer norm's backward with 16-byte packs (session 12, on by default where rows fit): "off"
     // is the one-pass kernel before it.
@@ -1405,10 +1498,10 @@ fn bench_one(
         let three = time_it(device, args.warmup, args.steps, || step(&mut opt));
         set_layer_norm_one_pass(true);
         set_layer_norm_packed(packed);
-        let what = "layer norm backward in one pass".to_string();
-        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
+        let what = "layer norm backward in one pass";
+        let at = ab.at(what);
         if let (Some(on), Some(off)) = (reported(one_pass, at.clone()), reported(three, at)) {
-            ab.rows.push((what, on, Ok(off)));
+            ab.push(&what, on, Ok(off));
         }
     }
     // The weight gradients split over the rows (off in training unless chosen): "on" is the split.
@@ -1427,11 +1520,11 @@ fn bench_one(
         attn::set_flash(true);
         let flash = time_it(device, args.warmup, args.steps, || step(&mut opt));
         attn::set_flash(false);
-        let what = "attention in one pass (flash)".to_string();
-        let at = json!({"stage": "ab", "what": what, "shape": shape.name});
-        if let Some(on) = reported(flash, at) {
+        let what = "attention in one pass (flash)";
+        if let Some(on) = reported(flash, ab.at(what)) {
             if attn::flash_runs() > before {
-                ab.rows.push((what, on, Ok(train)));
+                ab.push(what, on, Ok(train));
+                ab.tag_last(&attn::FLASH);
                 // Both levers together, where both are measured.
                 if parts > 1 {
                     use crate::model::kernels::weight_grad;
@@ -1449,7 +1542,7 @@ fn bench_one(
         grad_sink::set_enabled(false);
         let off = time_it(device, args.warmup, args.steps, || step(&mut opt));
         let next = *off.as_ref().unwrap_or(&baseline);
-        ab.rows.push(("gradient sink".into(), baseline, off));
+        ab.push("gradient sink", baseline, off);
         baseline = next;
     }
     if blocks_on {
@@ -1461,7 +1554,7 @@ fn bench_one(
         } else {
             "block nodes"
         };
-        ab.rows.push((what.into(), baseline, off));
+        ab.push(what, baseline, off);
         baseline = next;
     }
     if attention_on {
@@ -1472,18 +1565,29 @@ fn bench_one(
         } else {
             "fused attention"
         };
-        ab.rows.push((what.into(), baseline, off));
+        ab.push(what, baseline, off);
     }
     ops::set_fused_attention(attention_on);
     ops::set_fused_blocks(blocks_on);
     grad_sink::set_enabled(sink_on);
-    for (what, on_s, off_s) in ab.rows {
-        let off_s = off_s?;
-        emit(json!({
+    for AbRow {
+        what,
+        on: on_s,
+        off,
+        switch,
+    } in ab.rows
+    {
+        let off_s = off?;
+        let mut row = json!({
             "kind": "ab", "impl": "recycle", "what": what, "shape": shape.name,
             "precision": precision.as_str(), "mode": "train", "batch": args.batch,
             "seq": args.seq, "on_s": on_s, "off_s": off_s, "device": describe(device),
-        }));
+        });
+        if let Some(sw) = switch {
+            row["switch"] = json!(sw.var());
+            row["default_on"] = json!(sw.default_on());
+        }
+        emit(row);
         eprintln!(
             "gpu-check: {} {} train: {what} on {:.1} ms a step, off {:.1} ms",
             shape.name,

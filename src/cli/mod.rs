@@ -12,6 +12,7 @@ pub mod fetch;
 pub mod finetune;
 pub mod fuse;
 pub mod gpu_check;
+pub mod gpu_levers;
 pub mod hub;
 pub mod merge;
 pub mod plan;
@@ -76,6 +77,9 @@ pub enum Command {
     /// CUDA parity and throughput measurements for scripts/gpu/run.sh (docs/cuda.md).
     #[command(hide = true)]
     GpuCheck(gpu_check::Args),
+    /// The levers gpu-check's A/B rows say to flip, as VAR=value lines (scripts/gpu/run.sh).
+    #[command(hide = true)]
+    GpuLevers(gpu_levers::Args),
 }
 
 /// Runs one parsed command line; the exit code says pass (0), failure or regression (1).
@@ -99,6 +103,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Fuse(a) => fuse::run(a),
         Command::Slurm(a) => slurm::run(a),
         Command::GpuCheck(a) => gpu_check::run(a),
+        Command::GpuLevers(a) => gpu_levers::run(a),
     }
 }
 

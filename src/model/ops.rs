@@ -252,7 +252,8 @@ pub fn embedding(table: &Tensor, ids: &Tensor, dtype: DType) -> Result<Tensor> {
         .to_dtype(dtype)
 }
 
-static EMBEDDINGS_SUM: kernels::EnvSwitch = kernels::EnvSwitch::new("RECYCLE_EMBEDDINGS_SUM");
+/// The embeddings node's switch (`RECYCLE_EMBEDDINGS_SUM=0` off).
+pub static EMBEDDINGS_SUM: kernels::EnvSwitch = kernels::EnvSwitch::new("RECYCLE_EMBEDDINGS_SUM");
 
 /// Turns the embeddings' one node (`embeddings_sum`) on or off for the whole process (on by
 /// default, `RECYCLE_EMBEDDINGS_SUM=0` off; `gpu-check` times both).

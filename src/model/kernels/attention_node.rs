@@ -22,7 +22,6 @@ use candle_core::{
     bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, Var, D,
 };
 use rand::{Rng, SeedableRng};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The device-specific parts of the attention and block nodes.
 pub trait Prims: Send + Sync + 'static {
@@ -288,7 +287,8 @@ pub trait Prims: Send + Sync + 'static {
     }
 }
 
-static FLASH: AtomicBool = AtomicBool::new(false);
+/// One-pass attention's switch: off by default (`RECYCLE_FLASH=1` on).
+pub static FLASH: super::EnvSwitch = super::EnvSwitch::off_by_default("RECYCLE_FLASH");
 
 thread_local! {
     /// Attention blocks this thread ran in one pass (`Prims::flash_forward`), for checks that must
@@ -310,7 +310,7 @@ pub fn set_add_norm_on_cpu(on: bool) {
     ADD_NORM_ON_CPU.with(|c| c.set(on));
 }
 
-static HEADS_IN_PLACE: super::EnvSwitch = super::EnvSwitch::new("RECYCLE_HEADS_IN_PLACE");
+pub static HEADS_IN_PLACE: super::EnvSwitch = super::EnvSwitch::new("RECYCLE_HEADS_IN_PLACE");
 
 /// Turns attention's per-head products in place (`Prims::heads_in_place`) on or off for the whole
 /// process, on devices that have them (on by default, `RECYCLE_HEADS_IN_PLACE=0` off;
@@ -368,15 +368,16 @@ pub fn set_flash_on_cpu(on: bool) {
 }
 
 /// Turns one-pass attention (`Prims::flash_forward`) in the attention block nodes on or off for
-/// the whole process. Off by default: on CUDA it runs on the GPU only under `recycle gpu-check`
-/// (its parity rows and an A/B row) until a GPU run has measured it.
+/// the whole process. Off by default (`RECYCLE_FLASH=1` turns it on): on CUDA it runs on the GPU
+/// under `recycle gpu-check` (its parity rows and an A/B row), and in the run's last stages where
+/// those rows say it wins, until a GPU run has measured it.
 pub fn set_flash(on: bool) {
-    FLASH.store(on, Ordering::Relaxed);
+    FLASH.set(on);
 }
 
 /// Whether one-pass attention is on (`set_flash`).
 pub fn flash_on() -> bool {
-    FLASH.load(Ordering::Relaxed)
+    FLASH.get()
 }
 
 /// How many attention blocks this thread has run in one pass.

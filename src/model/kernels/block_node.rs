@@ -220,7 +220,7 @@ fn dense(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// Whether a block node recorded into a stack runs its tail (the residual's dropout and add, and
 /// the layer norm) in one pass where the device has one (`Prims::dropout_add_norm`): on by default,
 /// `RECYCLE_ADD_NORM=0` or `set_add_norm(false)` off; `gpu-check` times both.
-static ADD_NORM: super::EnvSwitch = super::EnvSwitch::new("RECYCLE_ADD_NORM");
+pub static ADD_NORM: super::EnvSwitch = super::EnvSwitch::new("RECYCLE_ADD_NORM");
 
 /// Turns the one-pass tail on or off for the whole process.
 pub fn set_add_norm(on: bool) {

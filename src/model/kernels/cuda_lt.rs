@@ -47,9 +47,11 @@ use std::sync::Arc;
 
 use super::colmajor::{alignment, bias_grad_offset, gemm, Gemm, Operand, Product};
 
-static SWITCH: super::EnvSwitch = super::EnvSwitch::new("RECYCLE_CUBLASLT");
+/// The cuBLASLt products' switch (`RECYCLE_CUBLASLT=0` off).
+pub static SWITCH: super::EnvSwitch = super::EnvSwitch::new("RECYCLE_CUBLASLT");
 
-static DGELU: super::EnvSwitch = super::EnvSwitch::new("RECYCLE_LT_DGELU");
+/// The `DGELU` epilogue's switch (`RECYCLE_LT_DGELU=0` off; off too where `SWITCH` is).
+pub static DGELU: super::EnvSwitch = super::EnvSwitch::new("RECYCLE_LT_DGELU");
 
 /// Turns GELU's backward in the products' epilogue (`DGELU`) on or off for the whole process.
 pub fn set_dgelu(on: bool) {

@@ -30,21 +30,43 @@ pub mod weight_grad;
 pub use attention::{attention, Keep};
 pub use linear::linear;
 
-/// An on/off switch of the whole process for a lever of the kernels, on by default: the last
-/// `set` wins, else the environment variable named (`0`, `off` or `false` turn it off), read once.
-/// For levers a GPU session must be able to turn off from its script without a rebuild.
+/// An on/off switch of the whole process for a lever of the kernels: the last `set` wins, else
+/// the environment variable named, read once (`1`, `on`, `true` turn it on; `0`, `off`, `false`
+/// off; anything else keeps the default, with a warning naming the variable), else the default.
+/// For levers a GPU session must be able to turn on or off from its script without a rebuild.
 pub struct EnvSwitch {
     /// 0: not yet read from the environment; 1 on; 2 off.
     state: std::sync::atomic::AtomicU8,
     var: &'static str,
+    default_on: bool,
 }
 
 impl EnvSwitch {
+    /// A switch on by default.
     pub const fn new(var: &'static str) -> Self {
         Self {
             state: std::sync::atomic::AtomicU8::new(0),
             var,
+            default_on: true,
         }
+    }
+
+    /// A switch off by default: on only where its variable says so.
+    pub const fn off_by_default(var: &'static str) -> Self {
+        Self {
+            default_on: false,
+            ..Self::new(var)
+        }
+    }
+
+    /// The environment variable that sets it.
+    pub fn var(&self) -> &'static str {
+        self.var
+    }
+
+    /// Whether it is on where nothing sets it.
+    pub fn default_on(&self) -> bool {
+        self.default_on
     }
 
     pub fn set(&self, on: bool) {
@@ -58,7 +80,18 @@ impl EnvSwitch {
             1 => true,
             2 => false,
             _ => {
-                let on = !std::env::var(self.var).is_ok_and(|v| off_word(&v));
+                let on = match std::env::var(self.var) {
+                    Err(_) => self.default_on,
+                    Ok(v) => switch_word(&v).unwrap_or_else(|| {
+                        eprintln!(
+                            "warning: {}={v:?} is neither on (1, on, true) nor off (0, off, \
+                             false); it stays {}",
+                            self.var,
+                            if self.default_on { "on" } else { "off" }
+                        );
+                        self.default_on
+                    }),
+                };
                 self.set(on);
                 on
             }
@@ -66,12 +99,13 @@ impl EnvSwitch {
     }
 }
 
-/// Whether an environment variable's value turns a switch off.
-fn off_word(v: &str) -> bool {
-    matches!(
-        v.trim().to_ascii_lowercase().as_str(),
-        "0" | "off" | "false"
-    )
+/// What an environment variable's value says of a switch: on, off, or (`None`) neither.
+fn switch_word(v: &str) -> Option<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "on" | "true" => Some(true),
+        "0" | "off" | "false" => Some(false),
+        _ => None,
+    }
 }
 
 /// Rows handed to one rayon task: large enough that scheduling costs nothing next to the work.
@@ -551,15 +585,18 @@ mod switch_tests {
     use super::*;
 
     #[test]
-    fn an_env_switch_is_on_unless_its_variable_says_off_and_set_overrides() {
-        for (v, off) in [
-            ("0", true),
-            ("off", true),
-            (" False ", true),
-            ("1", false),
-            ("yes", false),
+    fn an_env_switch_reads_its_variable_once_and_set_overrides() {
+        for (v, says) in [
+            ("0", Some(false)),
+            ("off", Some(false)),
+            (" False ", Some(false)),
+            ("1", Some(true)),
+            ("ON", Some(true)),
+            ("true", Some(true)),
+            ("yes", None),
+            ("", None),
         ] {
-            assert_eq!(off_word(v), off, "{v:?}");
+            assert_eq!(switch_word(v), says, "{v:?}");
         }
         static S: EnvSwitch = EnvSwitch::new("RECYCLE_TEST_SWITCH_NEVER_SET");
         assert!(S.get());
@@ -567,5 +604,9 @@ mod switch_tests {
         assert!(!S.get());
         S.set(true);
         assert!(S.get());
+        static OFF: EnvSwitch = EnvSwitch::off_by_default("RECYCLE_TEST_SWITCH_NEVER_SET");
+        assert!(!OFF.default_on() && !OFF.get());
+        OFF.set(true);
+        assert!(OFF.get());
     }
 }

@@ -20,7 +20,6 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::model::grad_sink::GradSink;
 
@@ -42,17 +41,18 @@ thread_local! {
     static LAST: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-static STACK: AtomicBool = AtomicBool::new(true);
+/// The stack's switch: on by default (`RECYCLE_STACK=0` off).
+pub static STACK: super::EnvSwitch = super::EnvSwitch::new("RECYCLE_STACK");
 
 /// Turns the stack on or off (on by default); off, every block node is a graph node of its own.
 /// `gpu-check` times both.
 pub fn set_stack(on: bool) {
-    STACK.store(on, Ordering::Relaxed);
+    STACK.set(on);
 }
 
 /// Whether the stack is on.
 pub fn stack_on() -> bool {
-    STACK.load(Ordering::Relaxed)
+    STACK.get()
 }
 
 /// How many blocks the last `run` on this thread chained (0: it made no stack).

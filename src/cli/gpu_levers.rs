@@ -1,0 +1,287 @@
+//! `recycle gpu-levers` (hidden): which levers' switches `gpu-check`'s A/B rows say to turn the
+//! other way from their defaults, so that scripts/gpu/run.sh's last stages can time the best
+//! measured configuration in the same call (docs/cuda.md). Reads the JSON lines of `gpu-check`
+//! stages; prints one `VAR=1` or `VAR=0` line per switch to flip on stdout (nothing: the defaults
+//! are the best measured), and every switch's evidence and verdict on stderr.
+//!
+//! The rule changes a default only where every measured batch agrees: a lever on by default is
+//! turned off only if it loses at each batch of at least `--min-batch`, and one off by default
+//! (attention in one pass) turned on only if it wins at each. A lever that is an approximation
+//! must win by a margin to stay on (`min_gain`).
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// `gpu-check` output (JSON lines): its A/B rows with a `switch` count, everything else is
+    /// passed over.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// The smallest batch whose rows count (the MFU target is read at 128 and 256; smaller
+    /// batches are bound by the host and noisier).
+    #[arg(long, default_value_t = 128)]
+    pub min_batch: usize,
+}
+
+/// An A/B row of `gpu-check` that names the switch it flipped: seconds a step with it on and off.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct SwitchRow {
+    pub switch: String,
+    pub default_on: bool,
+    pub what: String,
+    pub shape: String,
+    pub batch: usize,
+    pub on_s: f64,
+    pub off_s: f64,
+}
+
+/// What the rows say of one switch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub switch: String,
+    pub default_on: bool,
+    /// Whether the best measured configuration has it on.
+    pub on: bool,
+    /// The rows that decided it, in batch order.
+    pub rows: Vec<SwitchRow>,
+}
+
+impl Verdict {
+    /// The `VAR=value` word that sets it, where it differs from the default.
+    pub fn assignment(&self) -> Option<String> {
+        (self.on != self.default_on).then(|| format!("{}={}", self.switch, u8::from(self.on)))
+    }
+}
+
+/// The fraction of a step a lever must save to be on: more than nothing only for the levers that
+/// change the arithmetic (GELU's backward in the products' epilogue takes the tanh form's
+/// derivative, docs/cuda.md: it has to pay for itself).
+pub fn min_gain(switch: &str) -> f64 {
+    match switch {
+        "RECYCLE_LT_DGELU" => 0.01,
+        _ => 0.0,
+    }
+}
+
+/// Whether a row has the lever winning: its step with it on shorter than with it off by at least
+/// `min_gain` of the off step.
+fn wins(r: &SwitchRow) -> bool {
+    r.on_s < r.off_s * (1.0 - min_gain(&r.switch))
+}
+
+/// Every switch with a row at a batch of at least `min_batch`, and whether the best measured
+/// configuration has it on (see the module's rule).
+pub fn choose(rows: &[SwitchRow], min_batch: usize) -> Vec<Verdict> {
+    let mut by_switch: BTreeMap<&str, Vec<SwitchRow>> = BTreeMap::new();
+    for r in rows.iter().filter(|r| r.batch >= min_batch) {
+        by_switch.entry(&r.switch).or_default().push(r.clone());
+    }
+    by_switch
+        .into_iter()
+        .map(|(switch, mut rows)| {
+            rows.sort_by_key(|r| r.batch);
+            let default_on = rows[0].default_on;
+            let on = if default_on {
+                rows.iter().any(wins)
+            } else {
+                rows.iter().all(wins)
+            };
+            Verdict {
+                switch: switch.to_string(),
+                default_on,
+                on,
+                rows,
+            }
+        })
+        .collect()
+}
+
+/// The A/B rows that name a switch in `gpu-check` output; a line that is not JSON is an error
+/// naming the file and line.
+pub fn read_rows(path: &std::path::Path) -> Result<Vec<SwitchRow>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if !line.starts_with('{') {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not a JSON line", path.display(), i + 1))?;
+        if v["kind"] == "ab" && v.get("switch").is_some() {
+            rows.push(
+                serde_json::from_value(v)
+                    .with_context(|| format!("{}:{}: an A/B row", path.display(), i + 1))?,
+            );
+        }
+    }
+    Ok(rows)
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let mut rows = Vec::new();
+    for f in &args.files {
+        rows.extend(read_rows(f)?);
+    }
+    let verdicts = choose(&rows, args.min_batch);
+    if verdicts.is_empty() {
+        eprintln!(
+            "gpu-levers: no A/B row names a switch at batch {} or more: the defaults stand",
+            args.min_batch
+        );
+    }
+    for v in &verdicts {
+        let evidence: Vec<String> = v
+            .rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "batch {} on {:.1} ms, off {:.1} ms ({:.3}x)",
+                    r.batch,
+                    1e3 * r.on_s,
+                    1e3 * r.off_s,
+                    r.off_s / r.on_s
+                )
+            })
+            .collect();
+        let state = |on: bool| if on { "on" } else { "off" };
+        eprintln!(
+            "gpu-levers: {} ({}): {}; {} by default, {}{}",
+            v.switch,
+            v.rows[0].what,
+            evidence.join("; "),
+            state(v.default_on),
+            if v.on == v.default_on {
+                "stays "
+            } else {
+                "turned "
+            },
+            state(v.on)
+        );
+        if let Some(a) = v.assignment() {
+            println!("{a}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(switch: &str, default_on: bool, batch: usize, on_ms: f64, off_ms: f64) -> SwitchRow {
+        SwitchRow {
+            switch: switch.into(),
+            default_on,
+            what: format!("{switch} lever"),
+            shape: "roberta-base".into(),
+            batch,
+            on_s: on_ms / 1e3,
+            off_s: off_ms / 1e3,
+        }
+    }
+
+    fn verdict(rows: &[SwitchRow], switch: &str) -> Verdict {
+        choose(rows, 128)
+            .into_iter()
+            .find(|v| v.switch == switch)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_lever_on_by_default_goes_off_only_where_it_loses_at_every_batch() {
+        let loses = [
+            row("A", true, 128, 35.0, 34.0),
+            row("A", true, 256, 70.0, 68.0),
+        ];
+        let v = verdict(&loses, "A");
+        assert!(!v.on);
+        assert_eq!(v.assignment().as_deref(), Some("A=0"));
+        let mixed = [
+            row("A", true, 128, 35.0, 34.0),
+            row("A", true, 256, 67.0, 68.0),
+        ];
+        let v = verdict(&mixed, "A");
+        assert!(v.on);
+        assert_eq!(v.assignment(), None);
+    }
+
+    #[test]
+    fn a_lever_off_by_default_goes_on_only_where_it_wins_at_every_batch() {
+        let wins = [
+            row("F", false, 256, 60.0, 68.0),
+            row("F", false, 128, 30.0, 34.0),
+        ];
+        let v = verdict(&wins, "F");
+        assert!(v.on);
+        assert_eq!(v.assignment().as_deref(), Some("F=1"));
+        assert_eq!(
+            v.rows.iter().map(|r| r.batch).collect::<Vec<_>>(),
+            [128, 256]
+        );
+        let mixed = [
+            row("F", false, 128, 30.0, 34.0),
+            row("F", false, 256, 69.0, 68.0),
+        ];
+        assert!(!verdict(&mixed, "F").on);
+    }
+
+    #[test]
+    fn an_approximation_stays_on_only_where_it_saves_a_percent() {
+        let small = [
+            row("RECYCLE_LT_DGELU", true, 128, 33.9, 34.0),
+            row("RECYCLE_LT_DGELU", true, 256, 67.7, 68.0),
+        ];
+        assert_eq!(
+            verdict(&small, "RECYCLE_LT_DGELU").assignment().as_deref(),
+            Some("RECYCLE_LT_DGELU=0")
+        );
+        let pays = [row("RECYCLE_LT_DGELU", true, 128, 33.0, 34.0)];
+        assert!(verdict(&pays, "RECYCLE_LT_DGELU").on);
+        // Any saving keeps a lever that does not change the arithmetic.
+        assert!(verdict(&[row("B", true, 128, 33.9, 34.0)], "B").on);
+    }
+
+    #[test]
+    fn rows_under_the_smallest_batch_do_not_count() {
+        let rows = [
+            row("A", true, 32, 10.0, 12.0),
+            row("A", true, 128, 35.0, 34.0),
+        ];
+        let v = verdict(&rows, "A");
+        assert_eq!(v.rows.len(), 1);
+        assert!(!v.on);
+        assert!(choose(&[row("A", true, 32, 13.0, 12.0)], 128).is_empty());
+    }
+
+    #[test]
+    fn only_switch_rows_are_read_and_a_broken_line_names_its_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("b128.jsonl");
+        let lines = [
+            r#"{"kind":"bench","impl":"recycle","batch":128}"#,
+            r#"{"kind":"ab","what":"gradient sink","shape":"s","batch":128,"on_s":0.03,"off_s":0.04}"#,
+            r#"{"kind":"ab","what":"stack","switch":"RECYCLE_STACK","default_on":true,"shape":"s","batch":128,"on_s":0.035,"off_s":0.034}"#,
+            "gpu-check: a progress line",
+        ];
+        std::fs::write(&f, lines.join("\n")).unwrap();
+        let rows = read_rows(&f).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].switch, "RECYCLE_STACK");
+        assert_eq!(
+            verdict(&rows, "RECYCLE_STACK").assignment().as_deref(),
+            Some("RECYCLE_STACK=0")
+        );
+        std::fs::write(&f, format!("{}\n{{\"kind\": ", lines[0])).unwrap();
+        let err = format!("{:#}", read_rows(&f).unwrap_err());
+        assert!(err.contains("b128.jsonl:2"), "{err}");
+        let missing = dir.path().join("absent.jsonl");
+        let err = format!("{:#}", read_rows(&missing).unwrap_err());
+        assert!(err.contains("absent.jsonl"), "{err}");
+    }
+}
