@@ -107,19 +107,19 @@ fi
 # ends the process that hit it. It runs, checked first, in the stages after the end-to-end job.
 stage recycle 300 "$OUT/recycle.jsonl" "${RECYCLE[@]}" gpu-check --device "$DEVICE" "${SIZE[@]}" --flash false
 rc=$?
-# The dense products through cuBLASLt (session 13) are checked first in that stage; where they
-# failed, the rest of this call runs without them.
-if grep -q "cuBLASLt products failed\|cuBLASLt failed" "$OUT/recycle.jsonl" 2>/dev/null; then
-  export RECYCLE_CUBLASLT=0
-  log "cuBLASLt products failed their check: RECYCLE_CUBLASLT=0 for the stages after"
-fi
-# GELU's backward in the products' epilogue (session 16) is checked with them and can fail alone
-# (its check, or a cuBLASLt error in such a product; the notes say neither "cuBLASLt failed" nor
-# "cuBLASLt products failed", so the products stay on).
-if grep -q "GELU's backward in the epilogue failed\|GELU's backward in the epilogue turned itself off" "$OUT/recycle.jsonl" 2>/dev/null; then
-  export RECYCLE_LT_DGELU=0
-  log "GELU's backward in the epilogue failed: RECYCLE_LT_DGELU=0 for the stages after"
-fi
+# A lever that failed its check in those stages (the cuBLASLt products, GELU's backward in their
+# epilogue, the one-pass tail, attention's heads in place) is off for the rest of that process,
+# with a note naming its switch; the stages after skip the checks, so the switch goes to them.
+notes=()
+for f in "$OUT/preflight.jsonl" "$OUT/recycle.jsonl"; do
+  [ -f "$f" ] && notes+=("$f")
+done
+failed=
+[ ${#notes[@]} -gt 0 ] && failed=$("${RECYCLE[@]}" gpu-levers --failed "${notes[@]}" 2>>"$REPORT")
+for a in $failed; do
+  export "${a?}"
+  log "$a for the stages after: that lever failed its check (the notes say which)"
+done
 # NO_TORCH=1: recycle's stages only (a shorter call where an earlier run has the PyTorch figures).
 trc=0
 if [ -z "${NO_TORCH:-}" ]; then
@@ -196,6 +196,42 @@ if [ "$(left)" -gt 100 ]; then
     --skip-parity --skip-ops --matmul 0 --shapes roberta-base --precisions bf16 "${HUGE[@]}"
   [ -z "${NO_TORCH:-}" ] && stage torch-b256 50 "$OUT/torch-b256.jsonl" env PYTHONUNBUFFERED=1 "$PY" scripts/gpu/torch_gpu_bench.py \
     --device "$DEVICE" --matmul 0 --shapes roberta-base --precisions bf16 --attn eager "${HUGE[@]}"
+fi
+# The best measured configuration (session 17): the switches that the A/B rows at batches 128
+# and 256 say to flip (`recycle gpu-levers`: a default changes only where every such batch agrees;
+# GELU's backward in the epilogue must save 1 %), then training alone at both batches with them,
+# so that one call measures the levers together, not only each against the defaults. Its rows
+# say "config": "best" and which levers were on. LEVERS="VAR=value ..." sets the choice instead
+# (a rerun of a chosen set; the CPU check of this control flow).
+if [ -n "${LEVERS:-}" ]; then
+  best=$LEVERS
+  log "levers: as LEVERS sets them: $best"
+else
+  ab_files=()
+  for f in "$OUT/recycle-b128.jsonl" "$OUT/recycle-b256.jsonl"; do
+    [ -s "$f" ] && ab_files+=("$f")
+  done
+  best=
+  if [ ${#ab_files[@]} -gt 0 ]; then
+    best=$("${RECYCLE[@]}" gpu-levers "${ab_files[@]}" 2>"$OUT/gpu-levers.log")
+    cat "$OUT/gpu-levers.log" >>"$REPORT"
+  fi
+  best=${best//$'\n'/ }
+  log "levers: the A/B rows' choice: ${best:-the defaults}"
+fi
+# best_stage NAME ARGS...: training alone, with the chosen switches.
+best_stage() {
+  local name=$1
+  shift
+  # One VAR=value word each: word splitting is wanted.
+  # shellcheck disable=SC2086
+  stage "recycle-best-$name" 40 "$OUT/recycle-best-$name.jsonl" env $best "${RECYCLE[@]}" gpu-check \
+    --device "$DEVICE" --skip-parity --skip-ops --train-only --flash false --matmul 0 \
+    --shapes roberta-base --precisions bf16 --config best "$@"
+}
+if [ -n "$best" ] && [ "$(left)" -gt 60 ]; then
+  best_stage b256 "${HUGE[@]}"
+  best_stage b128 "${BIG[@]}"
 fi
 if [ $erc -eq 0 ] && [ $e2e_ready -eq 1 ] && [ "$(left)" -gt 60 ]; then
   stage e2e-bf16 100 "$OUT/e2e-bf16.txt" "${E2E[@]}" --results "$E/res-bf16" --precision bf16 &&

@@ -54,7 +54,9 @@ def main():
     peak = max(ceilings.values()) if ceilings else None
     bench = [r for r in rows if r["kind"] == "bench"]
     key = lambda r: (r["shape"], r["precision"], r["mode"], r["batch"])
-    ours = {key(r): r for r in bench if r["impl"] == "recycle"}
+    # Rows with a "config" time a chosen set of levers (run.sh's last stages), apart from these.
+    ours = {key(r): r for r in bench if r["impl"] == "recycle" and "config" not in r}
+    chosen = [r for r in bench if r["impl"] == "recycle" and "config" in r]
     theirs = {}
     for r in bench:
         if r["impl"].startswith("torch"):
@@ -161,6 +163,26 @@ def main():
     for other in batches[1:]:
         verdicts(other, f"batch {other}", False)
     verdicts(b, f"target (batch {b})", True)
+
+    # The levers together as the A/B rows chose them (or LEVERS set them): the same verdicts, and
+    # the ratio to the defaults' row at the same batch.
+    for r in sorted(chosen, key=lambda r: (r["config"], r["batch"])):
+        # (roberta-base-tiny: DEVICE=cpu's check of the control flow.)
+        if not r["shape"].startswith("roberta-base") or (r["precision"], r["mode"]) != ("bf16", "train"):
+            continue
+        base = ours.get(key(r))
+        levers = r.get("levers", {})
+        flipped = [f"{k}={int(v)}" for k, v in sorted(levers.items())
+                   if base and base.get("levers", {}).get(k) != v]
+        label = f"batch {r['batch']}, levers '{r['config']}' ({' '.join(flipped) or 'as the defaults'})"
+        mfu = f"MFU {100 * r['tflops'] / peak:.1f}% (goal >= 40%): " + (
+            "met" if 100 * r["tflops"] / peak >= 40 else "NOT met") if peak else "no ceiling measured"
+        print(f"\n{label}: {r['shape']} bf16 train {r['examples_per_s']:.1f} examples/s, {mfu}")
+        if base:
+            print(f"{label}: against the defaults {r['examples_per_s'] / base['examples_per_s']:.3f}x")
+        e = theirs.get(key(r), {}).get("torch-eager")
+        if e:
+            print(f"{label}: against torch eager {r['examples_per_s'] / e['examples_per_s']:.2f}x")
 
 if __name__ == "__main__":
     main()

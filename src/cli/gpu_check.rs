@@ -2168,6 +2168,14 @@ fn note(text: &str) {
     emit(json!({"kind": "note", "note": text}));
 }
 
+/// A note that a lever failed and is off for the rest of the run, naming its switch: that line
+/// tells scripts/gpu/run.sh (through `recycle gpu-levers --failed`) to keep it off in the stages
+/// after, which skip the checks.
+fn note_off(switch: &'static EnvSwitch, text: &str) {
+    eprintln!("gpu-check: NOTE {text}");
+    emit(json!({"kind": "note", "note": text, "switch": switch.var()}));
+}
+
 fn block_missing() -> candle_core::Error {
     candle_core::Error::Msg("the block ran composed where it ran as a node before".into())
 }
@@ -2207,14 +2215,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
         #[cfg(feature = "cuda")]
         if !dense && crate::model::kernels::cuda_lt::enabled() {
             crate::model::kernels::cuda_lt::set_enabled(false);
-            note("the cuBLASLt products failed their check: the rest of this run uses candle's");
+            note_off(&crate::model::kernels::cuda_lt::SWITCH, "the cuBLASLt products failed their check: the rest of this run uses candle's");
         } else if device.is_cuda() && lt_was_on && !crate::model::kernels::cuda_lt::enabled() {
-            note("cuBLASLt failed and turned itself off (stderr says why): the rest of this run uses candle's products");
+            note_off(&crate::model::kernels::cuda_lt::SWITCH, "cuBLASLt failed and turned itself off (stderr says why): the rest of this run uses candle's products");
         } else if !gelu && crate::model::kernels::cuda_lt::dgelu_on() {
             crate::model::kernels::cuda_lt::set_dgelu(false);
-            note("GELU's backward in the epilogue failed its check: the rest of this run runs it as a kernel of its own");
+            note_off(&crate::model::kernels::cuda_lt::DGELU, "GELU's backward in the epilogue failed its check: the rest of this run runs it as a kernel of its own");
         } else if device.is_cuda() && dgelu_was_on && !crate::model::kernels::cuda_lt::dgelu_on() {
-            note("GELU's backward in the epilogue turned itself off after a cuBLASLt error (stderr says why): the rest of this run runs it as a kernel of its own");
+            note_off(&crate::model::kernels::cuda_lt::DGELU, "GELU's backward in the epilogue turned itself off after a cuBLASLt error (stderr says why): the rest of this run runs it as a kernel of its own");
         }
         // The block nodes' tail in one pass (session 14, CUDA): turned off for the rest of the
         // run where it fails.
@@ -2223,7 +2231,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ok &= tail;
         if !tail && crate::model::kernels::block_node::add_norm_on() {
             crate::model::kernels::block_node::set_add_norm(false);
-            note("the one-pass tail (residual add and layer norm) failed its check: the rest of this run runs the two kernels");
+            note_off(&crate::model::kernels::block_node::ADD_NORM, "the one-pass tail (residual add and layer norm) failed its check: the rest of this run runs the two kernels");
         }
         let attention = attention_node_check(&device);
         let attention = reported(attention, json!({"stage": "attention"})).unwrap_or(false);
@@ -2238,7 +2246,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         // more on split heads, which keeps the block nodes if only the heads in place are wrong.
         if !blocks && device.is_cuda() && attn::heads_in_place_on() {
             attn::set_heads_in_place(false);
-            note("the block nodes failed their check with attention's heads in place: those are off for the rest of this run, and the blocks checked again");
+            note_off(&attn::HEADS_IN_PLACE, "the block nodes failed their check with attention's heads in place: those are off for the rest of this run, and the blocks checked again");
             let again = block_node_check(&device);
             blocks = reported(again, json!({"stage": "block", "heads_in_place": false}))
                 .unwrap_or(false);

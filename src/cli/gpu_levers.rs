@@ -8,6 +8,9 @@
 //! turned off only if it loses at each batch of at least `--min-batch`, and one off by default
 //! (attention in one pass) turned on only if it wins at each. A lever that is an approximation
 //! must win by a margin to stay on (`min_gain`).
+//!
+//! With `--failed` it prints instead `VAR=0` for each lever whose check failed in those stages
+//! (`gpu-check`'s notes that name a switch), for the stages after, which skip the checks.
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
@@ -25,6 +28,9 @@ pub struct Args {
     /// batches are bound by the host and noisier).
     #[arg(long, default_value_t = 128)]
     pub min_batch: usize,
+    /// Print `VAR=0` for each lever whose check failed (a note naming its switch) instead.
+    #[arg(long)]
+    pub failed: bool,
 }
 
 /// An A/B row of `gpu-check` that names the switch it flipped: seconds a step with it on and off.
@@ -100,34 +106,61 @@ pub fn choose(rows: &[SwitchRow], min_batch: usize) -> Vec<Verdict> {
         .collect()
 }
 
-/// The A/B rows that name a switch in `gpu-check` output; a line that is not JSON is an error
-/// naming the file and line.
-pub fn read_rows(path: &std::path::Path) -> Result<Vec<SwitchRow>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut rows = Vec::new();
+/// What `gpu-check` output says of the switches: its A/B rows that name one, and the switches
+/// of the levers that failed their checks (in the order of their notes, once each).
+#[derive(Debug, Default)]
+pub struct Lines {
+    pub rows: Vec<SwitchRow>,
+    pub failed: Vec<String>,
+}
+
+/// Reads `gpu-check` output; a line that is not JSON is an error naming the file and line, except
+/// an unfinished last line (no newline after it: a process cut off mid-write), which is passed
+/// over with a warning.
+pub fn read_lines(path: &std::path::Path, into: &mut Lines) -> Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let count = text.lines().count();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if !line.starts_with('{') {
             continue;
         }
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}: not a JSON line", path.display(), i + 1))?;
-        if v["kind"] == "ab" && v.get("switch").is_some() {
-            rows.push(
-                serde_json::from_value(v)
-                    .with_context(|| format!("{}:{}: an A/B row", path.display(), i + 1))?,
-            );
+        let at = || format!("{}:{}", path.display(), i + 1);
+        let v: serde_json::Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(_) if i + 1 == count && !text.ends_with('\n') => {
+                eprintln!("gpu-levers: {}: an unfinished last line, passed over", at());
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("{}: not a JSON line", at())),
+        };
+        let Some(switch) = v.get("switch").and_then(|s| s.as_str()) else {
+            continue;
+        };
+        if v["kind"] == "ab" {
+            let row = serde_json::from_value(v.clone())
+                .with_context(|| format!("{}: an A/B row", at()))?;
+            into.rows.push(row);
+        } else if v["kind"] == "note" && !into.failed.iter().any(|f| f == switch) {
+            into.failed.push(switch.to_string());
         }
     }
-    Ok(rows)
+    Ok(())
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let mut rows = Vec::new();
+    let mut lines = Lines::default();
     for f in &args.files {
-        rows.extend(read_rows(f)?);
+        read_lines(f, &mut lines)?;
     }
+    if args.failed {
+        for switch in &lines.failed {
+            eprintln!("gpu-levers: {switch}: failed its check, off for the stages after");
+            println!("{switch}=0");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows = lines.rows;
     let verdicts = choose(&rows, args.min_batch);
     if verdicts.is_empty() {
         eprintln!(
@@ -260,28 +293,38 @@ mod tests {
     }
 
     #[test]
-    fn only_switch_rows_are_read_and_a_broken_line_names_its_file_and_line() {
+    fn only_switch_lines_are_read_and_a_broken_line_names_its_file_and_line() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("b128.jsonl");
         let lines = [
             r#"{"kind":"bench","impl":"recycle","batch":128}"#,
             r#"{"kind":"ab","what":"gradient sink","shape":"s","batch":128,"on_s":0.03,"off_s":0.04}"#,
             r#"{"kind":"ab","what":"stack","switch":"RECYCLE_STACK","default_on":true,"shape":"s","batch":128,"on_s":0.035,"off_s":0.034}"#,
+            r#"{"kind":"note","note":"the attention node failed its check"}"#,
+            r#"{"kind":"note","note":"the tail failed its check","switch":"RECYCLE_ADD_NORM"}"#,
+            r#"{"kind":"note","note":"the tail again","switch":"RECYCLE_ADD_NORM"}"#,
             "gpu-check: a progress line",
         ];
         std::fs::write(&f, lines.join("\n")).unwrap();
-        let rows = read_rows(&f).unwrap();
-        assert_eq!(rows.len(), 1);
-        assert_eq!(rows[0].switch, "RECYCLE_STACK");
+        let mut read = Lines::default();
+        read_lines(&f, &mut read).unwrap();
+        assert_eq!(read.rows.len(), 1);
+        assert_eq!(read.rows[0].switch, "RECYCLE_STACK");
+        assert_eq!(read.failed, ["RECYCLE_ADD_NORM"]);
         assert_eq!(
-            verdict(&rows, "RECYCLE_STACK").assignment().as_deref(),
+            verdict(&read.rows, "RECYCLE_STACK").assignment().as_deref(),
             Some("RECYCLE_STACK=0")
         );
-        std::fs::write(&f, format!("{}\n{{\"kind\": ", lines[0])).unwrap();
-        let err = format!("{:#}", read_rows(&f).unwrap_err());
-        assert!(err.contains("b128.jsonl:2"), "{err}");
+        // Cut off mid-write: the lines before it still count.
+        std::fs::write(&f, format!("{}\n{{\"kind\": ", lines[4])).unwrap();
+        let mut cut = Lines::default();
+        read_lines(&f, &mut cut).unwrap();
+        assert_eq!(cut.failed, ["RECYCLE_ADD_NORM"]);
+        std::fs::write(&f, format!("{{\"kind\": \n{}\n", lines[0])).unwrap();
+        let err = format!("{:#}", read_lines(&f, &mut Lines::default()).unwrap_err());
+        assert!(err.contains("b128.jsonl:1"), "{err}");
         let missing = dir.path().join("absent.jsonl");
-        let err = format!("{:#}", read_rows(&missing).unwrap_err());
+        let err = format!("{:#}", read_lines(&missing, &mut Lines::default()).unwrap_err());
         assert!(err.contains("absent.jsonl"), "{err}");
     }
 }

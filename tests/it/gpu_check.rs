@@ -129,3 +129,59 @@ fn gpu_check_runs_every_stage_on_the_cpu_and_every_check_passes() {
         }
     }
 }
+
+/// scripts/gpu/run.sh itself, as a GPU session's one call runs it, on the CPU with tiny shapes
+/// (`DEVICE=cpu`, no PyTorch): every stage must run through, the levers the A/B rows do not
+/// choose can be set (`LEVERS`), the last stages must time training with them, and the summary
+/// must say so against the defaults' row at the same batch.
+#[test]
+fn the_gpu_script_runs_every_stage_on_the_cpu_and_times_the_chosen_levers() {
+    let out = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("bash")
+        .arg("scripts/gpu/run.sh")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("DEVICE", "cpu")
+        .env("NO_TORCH", "1")
+        .env("RECYCLE_BIN", env!("CARGO_BIN_EXE_recycle"))
+        .env("OUT", out.path())
+        .env("LEVERS", "RECYCLE_STACK=0 RECYCLE_EMBEDDINGS_SUM=0")
+        .output()
+        .unwrap();
+    let report = std::fs::read_to_string(out.path().join("gpu-report.txt")).unwrap();
+    assert!(
+        status.status.success(),
+        "{report}\n{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    for stage in [
+        "preflight",
+        "recycle",
+        "recycle-flash",
+        "recycle-b128",
+        "recycle-b256",
+        "recycle-best-b256",
+        "recycle-best-b128",
+    ] {
+        assert!(
+            report.contains(&format!("run.sh: {stage}: exit 0")),
+            "{stage} did not run through:\n{report}"
+        );
+    }
+    // The chosen levers' rows say so, and the summary compares them with the defaults' rows.
+    let best = std::fs::read_to_string(out.path().join("recycle-best-b256.jsonl")).unwrap();
+    let row: Value = best
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|r| r["kind"] == "bench")
+        .expect("a training row");
+    assert_eq!(row["config"], "best", "{row}");
+    assert_eq!(row["levers"]["RECYCLE_STACK"], false, "{row}");
+    assert_eq!(row["levers"]["RECYCLE_EMBEDDINGS_SUM"], false, "{row}");
+    assert_eq!(row["levers"]["RECYCLE_FLASH"], false, "{row}");
+    assert!(
+        report.contains("levers 'best' (RECYCLE_EMBEDDINGS_SUM=0 RECYCLE_STACK=0)")
+            && report.contains("against the defaults"),
+        "{report}"
+    );
+    assert!(out.path().join("all.tgz").exists());
+}
