@@ -1501,7 +1501,7 @@ fn bench_one(
         let what = "layer norm backward in one pass";
         let at = ab.at(what);
         if let (Some(on), Some(off)) = (reported(one_pass, at.clone()), reported(three, at)) {
-            ab.push(&what, on, Ok(off));
+            ab.push(what, on, Ok(off));
         }
     }
     // The weight gradients split over the rows (off in training unless chosen): "on" is the split.
