@@ -2215,7 +2215,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
         #[cfg(feature = "cuda")]
         if !dense && crate::model::kernels::cuda_lt::enabled() {
             crate::model::kernels::cuda_lt::set_enabled(false);
-            note_off(&crate::model::kernels::cuda_lt::SWITCH, "the cuBLASLt products failed their check: the rest of this run uses candle's");
+            note_off(
+                &crate::model::kernels::cuda_lt::SWITCH,
+                "the cuBLASLt products failed their check: the rest of this run uses candle's",
+            );
         } else if device.is_cuda() && lt_was_on && !crate::model::kernels::cuda_lt::enabled() {
             note_off(&crate::model::kernels::cuda_lt::SWITCH, "cuBLASLt failed and turned itself off (stderr says why): the rest of this run uses candle's products");
         } else if !gelu && crate::model::kernels::cuda_lt::dgelu_on() {

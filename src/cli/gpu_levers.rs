@@ -118,7 +118,8 @@ pub struct Lines {
 /// an unfinished last line (no newline after it: a process cut off mid-write), which is passed
 /// over with a warning.
 pub fn read_lines(path: &std::path::Path, into: &mut Lines) -> Result<()> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let count = text.lines().count();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -324,7 +325,10 @@ mod tests {
         let err = format!("{:#}", read_lines(&f, &mut Lines::default()).unwrap_err());
         assert!(err.contains("b128.jsonl:1"), "{err}");
         let missing = dir.path().join("absent.jsonl");
-        let err = format!("{:#}", read_lines(&missing, &mut Lines::default()).unwrap_err());
+        let err = format!(
+            "{:#}",
+            read_lines(&missing, &mut Lines::default()).unwrap_err()
+        );
         assert!(err.contains("absent.jsonl"), "{err}");
     }
 }
