@@ -246,13 +246,17 @@ if [ $erc -eq 0 ] && [ $e2e_ready -eq 1 ] && [ "$(left)" -gt 60 ]; then
 fi
 
 "$PY" scripts/gpu/summarize.py "$OUT"/recycle*.jsonl "$OUT"/torch*.jsonl | tee -a "$REPORT"
+# The archive now, so that a bench that outlives the device call's timeout still leaves it.
+bundle
 # WITH_BENCH=1 (on a GPU): then the kernel micro-benchmark and the kernel traces of
 # benches/cuda/run.sh (dist/kbench carried; about 60 s past the budget, each part with its own
-# timeout), into $OUT/kernel-bench.txt and $OUT/trace-summary.txt.
+# timeout), into $OUT/kernel-bench.txt and $OUT/trace-summary.txt. The traces run with the
+# chosen levers (what the defaults would become), which their rows' "levers" record.
 if [ -n "${WITH_BENCH:-}" ] && [ "$DEVICE" != cpu ]; then
   if [ -x dist/kbench/kernel_bench ]; then
-    log "kernel bench and traces ..."
-    OUT="$OUT" RECYCLE_BIN="$BIN" PYTHON="$PY" bash benches/cuda/run.sh >"$OUT/kbench.log" 2>&1
+    log "kernel bench and traces (levers: ${best:-the defaults}) ..."
+    # shellcheck disable=SC2086
+    env $best OUT="$OUT" RECYCLE_BIN="$BIN" PYTHON="$PY" bash benches/cuda/run.sh >"$OUT/kbench.log" 2>&1
     log "kernel bench and traces: exit $?"
   else
     log "no dist/kbench (build it with benches/cuda/run.sh build and carry it)"
