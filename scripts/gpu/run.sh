@@ -179,7 +179,7 @@ if [ "$DEVICE" = cpu ]; then
 else
   BIG=(--batch 128 --seq 128 --warmup 2 --steps 5)
 fi
-if [ "$(left)" -gt 120 ]; then
+if [ "$(left)" -gt 90 ]; then
   stage recycle-b128 60 "$OUT/recycle-b128.jsonl" "${RECYCLE[@]}" gpu-check --device "$DEVICE" \
     --skip-parity --matmul 0 --shapes roberta-base --precisions bf16 "${BIG[@]}"
 fi
@@ -190,7 +190,7 @@ if [ "$DEVICE" = cpu ]; then
 else
   HUGE=(--batch 256 --seq 128 --warmup 2 --steps 4)
 fi
-if [ "$(left)" -gt 100 ]; then
+if [ "$(left)" -gt 75 ]; then
   stage recycle-b256 50 "$OUT/recycle-b256.jsonl" "${RECYCLE[@]}" gpu-check --device "$DEVICE" \
     --skip-parity --skip-ops --matmul 0 --shapes roberta-base --precisions bf16 "${HUGE[@]}"
 fi
