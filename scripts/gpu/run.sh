@@ -198,8 +198,8 @@ fi
 # and 256 say to flip (`recycle gpu-levers`: a default changes only where every such batch agrees
 # by more than 1 %; GELU's backward in the epilogue must save 1 %), then training alone at both
 # batches with them, so that one call measures the levers together, not only each against the
-# defaults. Its rows say "config": "best" and which levers were on. LEVERS="VAR=value ..." sets the choice instead
-# (a rerun of a chosen set; the CPU check of this control flow).
+# defaults. Its rows say "config": "best" and which levers were on. LEVERS="VAR=value ..." sets
+# the choice instead (a rerun of a chosen set; the CPU check of this control flow).
 if [ -n "${LEVERS:-}" ]; then
   best=$LEVERS
   log "levers: as LEVERS sets them: $best"
