@@ -1,6 +1,7 @@
 //! The A/B rows: training with each lever on and off in the same process, against the plain
 //! step, each row naming the switch it flipped where there is one.
 
+use super::bench::time_pair;
 use super::*;
 
 /// One A/B row: a step's seconds with the thing named on and off, and the process switch that
@@ -57,19 +58,27 @@ impl AbRows<'_> {
         t
     }
 
-    /// Flips `switch` from the state it is in (its default), times the step with `time`, flips it
-    /// back, and records the row as `flipped` does.
+    /// A row for a process switch: the step timed with it as it is and flipped, interleaved
+    /// (`time` is `time_pair`, handed the function that flips it), tagged with the switch.
+    /// Returns the flipped time.
     fn flip(
         &mut self,
         switch: &'static EnvSwitch,
         what: &str,
-        time: impl FnOnce() -> Result<f64>,
+        time: impl FnOnce(&mut dyn FnMut(bool)) -> Result<(f64, f64)>,
     ) -> Option<f64> {
         let was = switch.get();
-        switch.set(!was);
-        let t = time();
+        let pair = time(&mut |flipped| switch.set(was != flipped));
         switch.set(was);
-        self.flipped(switch, what, t)
+        let (as_is, flipped) = reported(pair, self.at(what))?;
+        let (on, off) = if was {
+            (as_is, flipped)
+        } else {
+            (flipped, as_is)
+        };
+        self.push(what, on, Ok(off));
+        self.tag_last(switch);
+        Some(flipped)
     }
 
     /// Tags the last row with the switch it flipped.
@@ -192,8 +201,8 @@ pub(super) fn time_levers(
             "gpu-check: {} bf16: {runs} products through cuBLASLt so far, {timed} shapes timed",
             shape.name
         );
-        ab.flip(&cuda_lt::SWITCH, "dense products through cuBLASLt", || {
-            time_it(device, args.warmup, args.steps, || step(false))
+        ab.flip(&cuda_lt::SWITCH, "dense products through cuBLASLt", |set| {
+            time_pair(device, args.warmup, args.steps, set, || step(false))
         });
     }
     // GELU's backward in the epilogue of the product feeding it (session 16, on by default with
@@ -214,21 +223,21 @@ pub(super) fn time_levers(
         ab.flip(
             &cuda_lt::DGELU,
             "GELU's backward in the product's epilogue",
-            || time_it(device, args.warmup, args.steps, || step(false)),
+            |set| time_pair(device, args.warmup, args.steps, set, || step(false)),
         );
     }
     // Attention's per-head products in place (session 13, CUDA bf16, on by default): "off"
     // splits q, k and v into heads and merges the context (and the gradients) with copies.
     if device.is_cuda() && precision == Precision::Bf16 && blocks_on && attn::heads_in_place_on() {
-        ab.flip(&attn::HEADS_IN_PLACE, "attention's heads in place", || {
-            time_it(device, args.warmup, args.steps, || step(false))
+        ab.flip(&attn::HEADS_IN_PLACE, "attention's heads in place", |set| {
+            time_pair(device, args.warmup, args.steps, set, || step(false))
         });
     }
     // The embeddings as one node (session 13, on by default): "off" is a lookup per table and
     // candle's adds of their rows.
     if device.is_cuda() && ops::embeddings_sum_on() {
-        ab.flip(&ops::EMBEDDINGS_SUM, "embeddings in one node", || {
-            time_it(device, args.warmup, args.steps, || step(false))
+        ab.flip(&ops::EMBEDDINGS_SUM, "embeddings in one node", |set| {
+            time_pair(device, args.warmup, args.steps, set, || step(false))
         });
     }
     // The block nodes' tail in one pass (session 14, on by default; it runs where the blocks are
@@ -241,7 +250,7 @@ pub(super) fn time_levers(
         ab.flip(
             &crate::model::kernels::block_node::ADD_NORM,
             "residual add and layer norm in one pass",
-            || time_it(device, args.warmup, args.steps, || step(false)),
+            |set| time_pair(device, args.warmup, args.steps, set, || step(false)),
         );
     }
     // The encoder's block nodes as one stack node (session 12, on by default): "off" is a graph
@@ -251,7 +260,7 @@ pub(super) fn time_levers(
         ab.flip(
             &crate::model::kernels::stack::STACK,
             "block nodes in one stack node",
-            || time_it(device, args.warmup, args.steps, || step(false)),
+            |set| time_pair(device, args.warmup, args.steps, set, || step(false)),
         );
     }
     // Layer norm's backward with 16-byte packs (session 12, on by default where rows fit): "off"
@@ -297,25 +306,22 @@ pub(super) fn time_levers(
     // it ran (bf16, heads of 64, at most 512 tokens, a multiple of 16).
     if blocks_on && !attn::flash_on() && flash_measured() {
         let before = attn::flash_runs();
-        attn::set_flash(true);
-        let flash = time_it(device, args.warmup, args.steps, || step(false));
-        attn::set_flash(false);
         let what = "attention in one pass (flash)";
-        if let Some(on) = reported(flash, ab.at(what)) {
-            if attn::flash_runs() > before {
-                ab.push(what, on, Ok(train));
-                ab.tag_last(&attn::FLASH);
-                // Both levers together, where both are measured.
-                if parts > 1 {
-                    use crate::model::kernels::weight_grad;
-                    attn::set_flash(true);
-                    weight_grad::set_split(parts);
-                    let both = time_it(device, args.warmup, args.steps, || step(false));
-                    weight_grad::set_split(1);
-                    attn::set_flash(false);
-                    ab.on(&format!("flash + weight gradients split in {parts}"), both);
-                }
-            }
+        let flipped = ab.flip(&attn::FLASH, what, |set| {
+            time_pair(device, args.warmup, args.steps, set, || step(false))
+        });
+        if flipped.is_some() && attn::flash_runs() == before {
+            // The shapes did not fit: the "on" steps ran without it, so no row.
+            ab.rows.pop();
+        } else if flipped.is_some() && parts > 1 {
+            // Both levers together, where both are measured.
+            use crate::model::kernels::weight_grad;
+            attn::set_flash(true);
+            weight_grad::set_split(parts);
+            let both = time_it(device, args.warmup, args.steps, || step(false));
+            weight_grad::set_split(1);
+            attn::set_flash(false);
+            ab.on(&format!("flash + weight gradients split in {parts}"), both);
         }
     }
     if sink_on && blocks_on {
