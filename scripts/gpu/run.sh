@@ -52,7 +52,7 @@ fi
 
 # Every stage gets at most what is left of BUDGET (seconds; keep it under the device call's
 # timeout: 300 fits the documented 380 s call with the kernel bench after it; run 12a's stages
-# took 221 s on an H200, and the A/B rows and the chosen levers' stages add about 50), and
+# took 221 s on an H200, and the A/B rows and the chosen levers' stages add about 65), and
 # the optional stages run only while enough is left.
 BUDGET=${BUDGET:-300}
 T0=$(date +%s)
