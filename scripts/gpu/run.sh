@@ -216,19 +216,24 @@ else
   best=${best//$'\n'/ }
   log "levers: the A/B rows' choice: ${best:-the defaults}"
 fi
-# best_stage NAME ARGS...: training alone, with the chosen switches.
+# best_stage NAME ARGS...: training alone with the chosen switches and without them, in
+# interleaved rounds in one process (`--levers`), so that their ratio is not a comparison across
+# stages; more steps than the A/B stages, since this row is the one held against the target.
 best_stage() {
   local name=$1
   shift
-  # One VAR=value word each: word splitting is wanted.
-  # shellcheck disable=SC2086
-  stage "recycle-best-$name" 40 "$OUT/recycle-best-$name.jsonl" env $best "${RECYCLE[@]}" gpu-check \
+  stage "recycle-best-$name" 40 "$OUT/recycle-best-$name.jsonl" "${RECYCLE[@]}" gpu-check \
     --device "$DEVICE" --skip-parity --skip-ops --train-only --flash false --matmul 0 \
-    --shapes roberta-base --precisions bf16 --config best "$@"
+    --shapes roberta-base --precisions bf16 --config best --levers "${best// /,}" "$@"
 }
 if [ -n "$best" ] && [ "$(left)" -gt 45 ]; then
-  best_stage b256 "${HUGE[@]}"
-  best_stage b128 "${BIG[@]}"
+  if [ "$DEVICE" = cpu ]; then
+    best_stage b256 "${HUGE[@]}"
+    best_stage b128 "${BIG[@]}"
+  else
+    best_stage b256 --batch 256 --seq 128 --warmup 3 --steps 8
+    best_stage b128 --batch 128 --seq 128 --warmup 3 --steps 10
+  fi
 fi
 # PyTorch at batches 128 and 256, after the chosen levers (the PyTorch side of these rows has
 # not changed since session 12 measured them), each only while the budget has room.

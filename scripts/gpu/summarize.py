@@ -178,8 +178,16 @@ def main():
         mfu = f"MFU {100 * r['tflops'] / peak:.1f}% (goal >= 40%): " + (
             "met" if 100 * r["tflops"] / peak >= 40 else "NOT met") if peak else "no ceiling measured"
         print(f"\n{label}: {r['shape']} bf16 train {r['examples_per_s']:.1f} examples/s, {mfu}")
+        # Against the step without them, timed in the same process in interleaved rounds.
+        pair = next((a for a in ab if a["what"] == "the chosen levers together"
+                     and a.get("config") == r["config"] and key(a) == key(r)), None)
+        if pair:
+            print(f"{label}: against the switches as they were, same process, interleaved: "
+                  f"{pair['off_s'] / pair['on_s']:.3f}x ({1e3 * pair['on_s']:.1f} against "
+                  f"{1e3 * pair['off_s']:.1f} ms a step)")
         if base:
-            print(f"{label}: against the defaults {r['examples_per_s'] / base['examples_per_s']:.3f}x")
+            print(f"{label}: against the defaults' row of the batch-{r['batch']} stage "
+                  f"{r['examples_per_s'] / base['examples_per_s']:.3f}x")
         e = theirs.get(key(r), {}).get("torch-eager")
         if e:
             print(f"{label}: against torch eager {r['examples_per_s'] / e['examples_per_s']:.2f}x")

@@ -132,8 +132,8 @@ fn gpu_check_runs_every_stage_on_the_cpu_and_every_check_passes() {
 
 /// scripts/gpu/run.sh itself, as a GPU session's one call runs it, on the CPU with tiny shapes
 /// (`DEVICE=cpu`, no PyTorch): every stage must run through, the levers the A/B rows do not
-/// choose can be set (`LEVERS`), the last stages must time training with them, and the summary
-/// must say so against the defaults' row at the same batch.
+/// choose can be set (`LEVERS`), the last stages must time training with them and without them
+/// in the same process, and the summary must compare the two.
 #[test]
 fn the_gpu_script_runs_every_stage_on_the_cpu_and_times_the_chosen_levers() {
     let out = tempfile::tempdir().unwrap();
@@ -178,9 +178,21 @@ fn the_gpu_script_runs_every_stage_on_the_cpu_and_times_the_chosen_levers() {
     assert_eq!(row["levers"]["RECYCLE_STACK"], false, "{row}");
     assert_eq!(row["levers"]["RECYCLE_EMBEDDINGS_SUM"], false, "{row}");
     assert_eq!(row["levers"]["RECYCLE_FLASH"], false, "{row}");
+    // Timed against the switches as they were, in the same process.
+    let pair: Value = best
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|r| r["kind"] == "ab")
+        .expect("an A/B row for the chosen levers");
+    assert_eq!(pair["what"], "the chosen levers together", "{pair}");
+    for k in ["on_s", "off_s"] {
+        let t = pair[k].as_f64().unwrap();
+        assert!(t.is_finite() && t > 0.0, "{pair}");
+    }
     assert!(
         report.contains("levers 'best' (RECYCLE_EMBEDDINGS_SUM=0 RECYCLE_STACK=0)")
-            && report.contains("against the defaults"),
+            && report.contains("same process, interleaved")
+            && report.contains("against the defaults' row"),
         "{report}"
     );
     assert!(out.path().join("all.tgz").exists());

@@ -155,6 +155,42 @@ fn bench_one(
         opt.step_clipped(&grads, 1e-5, &clip)
     };
     let step = |opt: &mut AdamW| step_with(opt, false);
+    let chosen = chosen_levers(&args.levers)?;
+    if !chosen.is_empty() {
+        // The chosen levers against the switches as they are, in the same process, interleaved;
+        // the throughput row is the step with them (its "levers" say so).
+        let was: Vec<bool> = chosen.iter().map(|(sw, _)| sw.get()).collect();
+        // `time_pair` warms the chosen levers up; the switches as they are, here.
+        for _ in 0..args.warmup {
+            step(&mut opt)?;
+        }
+        let set = |flip: bool| {
+            for ((sw, on), was) in chosen.iter().zip(&was) {
+                sw.set(if flip { *on } else { *was });
+            }
+        };
+        let (without, with) = time_pair(device, args.warmup, args.steps, &mut |f| set(f), || {
+            step(&mut opt)
+        })?;
+        set(true);
+        bench_line("train", with, 3.0 * fwd);
+        emit(json!({
+            "kind": "ab", "impl": "recycle", "what": "the chosen levers together",
+            "shape": shape.name, "precision": precision.as_str(), "mode": "train",
+            "batch": args.batch, "seq": args.seq, "on_s": with, "off_s": without,
+            "device": describe(device), "levers_chosen": args.levers,
+            "config": args.config,
+        }));
+        set(false);
+        eprintln!(
+            "gpu-check: {} {} train: the chosen levers {:.1} ms a step, without them {:.1} ms",
+            shape.name,
+            precision.as_str(),
+            1e3 * with,
+            1e3 * without
+        );
+        return Ok(());
+    }
     let train = time_it(device, args.warmup, args.steps, || step(&mut opt))?;
     bench_line("train", train, 3.0 * fwd);
     if args.train_only {

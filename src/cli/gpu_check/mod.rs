@@ -96,6 +96,38 @@ pub struct Args {
     /// levers were on).
     #[arg(long)]
     pub config: Option<String>,
+    /// Switches to time training with, comma-separated `VAR=value` (`RECYCLE_FLASH=1,
+    /// RECYCLE_STACK=0`): the step with them and without them (the switches as the environment
+    /// left them), in interleaved rounds in the same process, then a throughput row for the step
+    /// with them and an A/B row, "the chosen levers together", against the step without.
+    #[arg(long, value_delimiter = ',', requires = "train_only")]
+    pub levers: Vec<String>,
+}
+
+/// `--levers`: each lever's switch and the state asked for; an unknown switch or a value that is
+/// neither on nor off is an error naming the flag.
+fn chosen_levers(words: &[String]) -> Result<Vec<(&'static EnvSwitch, bool)>> {
+    let all = levers();
+    words
+        .iter()
+        .filter(|w| !w.trim().is_empty())
+        .map(|w| {
+            let (var, value) = w
+                .split_once('=')
+                .with_context(|| format!("--levers {w}: expected VAR=value"))?;
+            let switch = all
+                .iter()
+                .find(|sw| sw.var() == var.trim())
+                .with_context(|| {
+                    let known: Vec<&str> = all.iter().map(|sw| sw.var()).collect();
+                    format!("--levers {w}: {var} is not a lever's switch here (one of {known:?})")
+                })?;
+            let on = crate::model::kernels::switch_word(value).with_context(|| {
+                format!("--levers {w}: {value:?} is neither 1/on/true nor 0/off/false")
+            })?;
+            Ok((*switch, on))
+        })
+        .collect()
 }
 
 /// The levers a GPU run can turn on or off from its environment, each by its switch.
@@ -224,6 +256,7 @@ fn block_missing() -> candle_core::Error {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
+    chosen_levers(&args.levers)?;
     let device = args.device.open()?;
     eprintln!("gpu-check: running on {}", describe(&device));
     let mut ok = true;
@@ -346,4 +379,26 @@ pub fn run(args: Args) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chosen_levers_name_known_switches_with_on_or_off() {
+        let words = |ws: &[&str]| ws.iter().map(|w| w.to_string()).collect::<Vec<_>>();
+        let chosen = chosen_levers(&words(&["RECYCLE_FLASH=1", "RECYCLE_STACK=off"])).unwrap();
+        let got: Vec<(&str, bool)> = chosen.iter().map(|(sw, on)| (sw.var(), *on)).collect();
+        assert_eq!(got, [("RECYCLE_FLASH", true), ("RECYCLE_STACK", false)]);
+        assert!(chosen_levers(&[]).unwrap().is_empty());
+        for (bad, says) in [
+            ("RECYCLE_NOPE=1", "RECYCLE_NOPE is not a lever's switch"),
+            ("RECYCLE_FLASH", "expected VAR=value"),
+            ("RECYCLE_FLASH=maybe", "neither"),
+        ] {
+            let err = format!("{:#}", chosen_levers(&words(&[bad])).unwrap_err());
+            assert!(err.contains("--levers") && err.contains(says), "{err}");
+        }
+    }
 }

@@ -34,6 +34,7 @@ pub use linear::linear;
 /// the environment variable named, read once (`1`, `on`, `true` turn it on; `0`, `off`, `false`
 /// off; anything else keeps the default, with a warning naming the variable), else the default.
 /// For levers a GPU session must be able to turn on or off from its script without a rebuild.
+#[derive(Debug)]
 pub struct EnvSwitch {
     /// 0: not yet read from the environment; 1 on; 2 off.
     state: std::sync::atomic::AtomicU8,
@@ -100,7 +101,7 @@ impl EnvSwitch {
 }
 
 /// What an environment variable's value says of a switch: on, off, or (`None`) neither.
-fn switch_word(v: &str) -> Option<bool> {
+pub fn switch_word(v: &str) -> Option<bool> {
     match v.trim().to_ascii_lowercase().as_str() {
         "1" | "on" | "true" => Some(true),
         "0" | "off" | "false" => Some(false),
