@@ -1,5 +1,6 @@
-//! The A/B rows: training with each lever on and off in the same process, against the plain
-//! step, each row naming the switch it flipped where there is one.
+//! The A/B rows: training with each lever on and off in the same process. A lever with a process
+//! switch is timed in interleaved rounds against the step without the flip (`time_pair`) and its
+//! row names the switch (`recycle gpu-levers` reads those); the others against the plain step.
 
 use super::bench::time_pair;
 use super::*;
@@ -42,20 +43,6 @@ impl AbRows<'_> {
         let off = reported(off, self.at(what))?;
         self.push(what, on, Ok(off));
         Some(off)
-    }
-
-    /// A row for a process switch, timed the other way from its default (`off` for one on by
-    /// default, `on` for one off by default) against the plain step, and tagged with the switch.
-    fn flipped(&mut self, switch: &'static EnvSwitch, what: &str, t: Result<f64>) -> Option<f64> {
-        let t = if switch.default_on() {
-            self.off(what, t)
-        } else {
-            self.on(what, t)
-        };
-        if t.is_some() {
-            self.tag_last(switch);
-        }
-        t
     }
 
     /// A row for a process switch: the step timed with it as it is and flipped, interleaved
@@ -172,7 +159,9 @@ pub(super) fn time_levers(
                 if let Err(e) = set_pool_keep(device, true) {
                     eprintln!("gpu-check: the memory pool kept nothing after its A/B rows: {e:#}");
                 }
-                ab.flipped(&crate::device::POOL_KEEP, plain, off);
+                if ab.off(plain, off).is_some() {
+                    ab.tag_last(&crate::device::POOL_KEEP);
+                }
                 ab.against(read_back, kept_synced, off_synced);
             }
         }
