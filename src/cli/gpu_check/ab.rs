@@ -5,88 +5,135 @@
 use super::bench::time_pair;
 use super::*;
 
-/// One A/B row: a step's seconds with the thing named on and off, and the process switch that
-/// turns it on and off where there is one (`scripts/gpu/run.sh` sets those from the rows, through
-/// `recycle gpu-levers`).
-struct AbRow {
-    what: String,
-    on: f64,
-    off: Result<f64>,
-    switch: Option<&'static EnvSwitch>,
-}
-
-/// The A/B rows of one shape and precision.
+/// The A/B rows of one shape and precision, each written as soon as it is measured (a fault in a
+/// later row ends the process, and the rows before it still reach the report).
 struct AbRows<'a> {
-    shape: &'a str,
+    shape: &'a Shape,
+    precision: Precision,
+    args: &'a Args,
+    device: &'a Device,
     /// The plain step's time: "on" for the rows that turn one switch off.
     train: f64,
-    rows: Vec<AbRow>,
+    /// The first row that could not be timed, returned once the others are written.
+    failed: Option<anyhow::Error>,
 }
 
 impl AbRows<'_> {
     /// A row against the plain step: `off` is the step timed with the thing `what` off. A
     /// failed timing is reported (stage `ab`) and leaves no row. Returns the off time.
     fn off(&mut self, what: &str, off: Result<f64>) -> Option<f64> {
-        self.against(what, self.train, off)
+        self.against(what, self.train, off, None)
     }
 
     /// A row for a switch that is off in training: `on` is the step timed with `what` on,
     /// against the plain step. Reported and returned as `off`.
     fn on(&mut self, what: &str, on: Result<f64>) -> Option<f64> {
         let on = reported(on, self.at(what))?;
-        self.push(what, on, Ok(self.train));
+        self.record(what, on, Ok(self.train), None);
         Some(on)
     }
 
-    /// As `off`, against another step's time `on`.
-    fn against(&mut self, what: &str, on: f64, off: Result<f64>) -> Option<f64> {
+    /// As `off`, against another step's time `on`, naming the process switch it flipped where
+    /// there is one.
+    fn against(
+        &mut self,
+        what: &str,
+        on: f64,
+        off: Result<f64>,
+        switch: Option<&'static EnvSwitch>,
+    ) -> Option<f64> {
         let off = reported(off, self.at(what))?;
-        self.push(what, on, Ok(off));
+        self.record(what, on, Ok(off), switch);
         Some(off)
     }
 
-    /// A row for a process switch: the step timed with it as it is and flipped, interleaved
-    /// (`time` is `time_pair`, handed the function that flips it), tagged with the switch.
-    /// Returns the flipped time.
+    /// A row for a process switch, timed with it as it is and flipped, interleaved
+    /// (`time_switch`). Returns whether there is a row.
     fn flip(
         &mut self,
         switch: &'static EnvSwitch,
         what: &str,
         time: impl FnOnce(&mut dyn FnMut(bool)) -> Result<(f64, f64)>,
-    ) -> Option<f64> {
-        let was = switch.get();
-        let pair = time(&mut |flipped| switch.set(was != flipped));
-        switch.set(was);
-        let (as_is, flipped) = reported(pair, self.at(what))?;
-        let (on, off) = if was {
-            (as_is, flipped)
-        } else {
-            (flipped, as_is)
+    ) -> bool {
+        let pair = time_switch(switch, time);
+        self.switch_row(switch, what, pair)
+    }
+
+    /// A row for a process switch from its `(on, off)` seconds; a failed timing is reported and
+    /// leaves no row. Returns whether there is a row.
+    fn switch_row(
+        &mut self,
+        switch: &'static EnvSwitch,
+        what: &str,
+        pair: Result<(f64, f64)>,
+    ) -> bool {
+        let Some((on, off)) = reported(pair, self.at(what)) else {
+            return false;
         };
-        self.push(what, on, Ok(off));
-        self.tag_last(switch);
-        Some(flipped)
+        self.record(what, on, Ok(off), Some(switch));
+        true
     }
 
-    /// Tags the last row with the switch it flipped.
-    fn tag_last(&mut self, switch: &'static EnvSwitch) {
-        if let Some(row) = self.rows.last_mut() {
-            row.switch = Some(switch);
-        }
-    }
-
-    fn push(&mut self, what: &str, on: f64, off: Result<f64>) {
-        self.rows.push(AbRow {
-            what: what.to_string(),
-            on,
-            off,
-            switch: None,
+    /// Writes the row (an `off` that failed is kept to be returned by `finish`).
+    fn record(
+        &mut self,
+        what: &str,
+        on_s: f64,
+        off: Result<f64>,
+        switch: Option<&'static EnvSwitch>,
+    ) {
+        let off_s = match off {
+            Ok(t) => t,
+            Err(e) => {
+                self.failed.get_or_insert(e);
+                return;
+            }
+        };
+        let (shape, precision, args) = (self.shape, self.precision, self.args);
+        let mut row = json!({
+            "kind": "ab", "impl": "recycle", "what": what, "shape": shape.name,
+            "precision": precision.as_str(), "mode": "train", "batch": args.batch,
+            "seq": args.seq, "on_s": on_s, "off_s": off_s, "device": describe(self.device),
         });
+        if let Some(sw) = switch {
+            row["switch"] = json!(sw.var());
+            row["default_on"] = json!(sw.default_on());
+        }
+        emit(row);
+        eprintln!(
+            "gpu-check: {} {} train: {what} on {:.1} ms a step, off {:.1} ms",
+            shape.name,
+            precision.as_str(),
+            1e3 * on_s,
+            1e3 * off_s
+        );
     }
 
     fn at(&self, what: &str) -> serde_json::Value {
-        json!({"stage": "ab", "what": what, "shape": self.shape})
+        json!({"stage": "ab", "what": what, "shape": self.shape.name})
     }
+
+    /// The first row that could not be timed, if any.
+    fn finish(self) -> Result<()> {
+        self.failed.map_or(Ok(()), Err)
+    }
+}
+
+/// The step timed with `switch` as it is and flipped, interleaved (`time` is `time_pair`, handed
+/// the function that flips it): `(on, off)` seconds. The switch is put back.
+fn time_switch(
+    switch: &'static EnvSwitch,
+    time: impl FnOnce(&mut dyn FnMut(bool)) -> Result<(f64, f64)>,
+) -> Result<(f64, f64)> {
+    let was = switch.get();
+    let pair = time(&mut |flipped| switch.set(was != flipped));
+    switch.set(was);
+    let (as_is, flipped) = pair?;
+    Ok(if was {
+        (as_is, flipped)
+    } else {
+        (flipped, as_is)
+    })
 }
 
 /// Times training with each lever that is on flipped in turn (and the levers that are off, where
@@ -110,9 +157,12 @@ pub(super) fn time_levers(
     let sink_on = grad_sink::enabled();
     let mut baseline = train;
     let mut ab = AbRows {
-        shape: &shape.name,
+        shape,
+        precision,
+        args,
+        device,
         train,
-        rows: Vec::new(),
+        failed: None,
     };
     // cudarc's events on every buffer (off on an opened CUDA device): "on" is the default,
     // without them. In bf16 only: that is where a step is short enough for the host to bound it.
@@ -159,10 +209,8 @@ pub(super) fn time_levers(
                 if let Err(e) = set_pool_keep(device, true) {
                     eprintln!("gpu-check: the memory pool kept nothing after its A/B rows: {e:#}");
                 }
-                if ab.off(plain, off).is_some() {
-                    ab.tag_last(&crate::device::POOL_KEEP);
-                }
-                ab.against(read_back, kept_synced, off_synced);
+                ab.against(plain, train, off, Some(&crate::device::POOL_KEEP));
+                ab.against(read_back, kept_synced, off_synced, None);
             }
         }
     }
@@ -279,7 +327,7 @@ pub(super) fn time_levers(
         let what = "layer norm backward in one pass";
         let at = ab.at(what);
         if let (Some(on), Some(off)) = (reported(one_pass, at.clone()), reported(three, at)) {
-            ab.push(what, on, Ok(off));
+            ab.record(what, on, Ok(off), None);
         }
     }
     // The weight gradients split over the rows (off in training unless chosen): "on" is the split.
@@ -296,13 +344,13 @@ pub(super) fn time_levers(
     if blocks_on && !attn::flash_on() && flash_measured() {
         let before = attn::flash_runs();
         let what = "attention in one pass (flash)";
-        let flipped = ab.flip(&attn::FLASH, what, |set| {
+        let pair = time_switch(&attn::FLASH, |set| {
             time_pair(device, args.warmup, args.steps, set, || step(false))
         });
-        if flipped.is_some() && attn::flash_runs() == before {
-            // The shapes did not fit: the "on" steps ran without it, so no row.
-            ab.rows.pop();
-        } else if flipped.is_some() && parts > 1 {
+        // No row where the shapes did not fit (the "on" steps ran without it), unless to report
+        // a failure.
+        let ran = attn::flash_runs() > before;
+        if (ran || pair.is_err()) && ab.switch_row(&attn::FLASH, what, pair) && parts > 1 {
             // Both levers together, where both are measured.
             use crate::model::kernels::weight_grad;
             attn::set_flash(true);
@@ -317,7 +365,7 @@ pub(super) fn time_levers(
         grad_sink::set_enabled(false);
         let off = time_it(device, args.warmup, args.steps, || step(false));
         let next = *off.as_ref().unwrap_or(&baseline);
-        ab.push("gradient sink", baseline, off);
+        ab.record("gradient sink", baseline, off, None);
         baseline = next;
     }
     if blocks_on {
@@ -329,7 +377,7 @@ pub(super) fn time_levers(
         } else {
             "block nodes"
         };
-        ab.push(what, baseline, off);
+        ab.record(what, baseline, off, None);
         baseline = next;
     }
     if attention_on {
@@ -340,36 +388,10 @@ pub(super) fn time_levers(
         } else {
             "fused attention"
         };
-        ab.push(what, baseline, off);
+        ab.record(what, baseline, off, None);
     }
     ops::set_fused_attention(attention_on);
     ops::set_fused_blocks(blocks_on);
     grad_sink::set_enabled(sink_on);
-    for AbRow {
-        what,
-        on: on_s,
-        off,
-        switch,
-    } in ab.rows
-    {
-        let off_s = off?;
-        let mut row = json!({
-            "kind": "ab", "impl": "recycle", "what": what, "shape": shape.name,
-            "precision": precision.as_str(), "mode": "train", "batch": args.batch,
-            "seq": args.seq, "on_s": on_s, "off_s": off_s, "device": describe(device),
-        });
-        if let Some(sw) = switch {
-            row["switch"] = json!(sw.var());
-            row["default_on"] = json!(sw.default_on());
-        }
-        emit(row);
-        eprintln!(
-            "gpu-check: {} {} train: {what} on {:.1} ms a step, off {:.1} ms",
-            shape.name,
-            precision.as_str(),
-            1e3 * on_s,
-            1e3 * off_s
-        );
-    }
-    Ok(())
+    ab.finish()
 }
