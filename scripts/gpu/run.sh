@@ -171,6 +171,14 @@ else
 fi
 stage recycle-flash 60 "$OUT/recycle-flash.jsonl" "${RECYCLE[@]}" gpu-check --device "$DEVICE" \
   --skip-parity --skip-ops --matmul 0 --shapes roberta-base --precisions bf16 "${FLASH[@]}"
+# Where that process died (a kernel fault ends it: exit 124 and up), the batch 128 and 256 stages
+# leave one-pass attention out (`--flash false`), or the same fault would take their rows too.
+frc=$?
+NOFLASH=()
+if [ $frc -ge 124 ] && [ $frc -ne 99 ]; then
+  NOFLASH=(--flash false)
+  log "recycle-flash: the process died (exit $frc): one-pass attention left out of the later stages"
+fi
 
 # Extra, if time is left: roberta-base bf16 training at 4x the batch, where the matmuls are larger
 # (does the MFU gap close with size, or is it per-op overhead?); then the main job in bf16.
@@ -181,7 +189,7 @@ else
 fi
 if [ "$(left)" -gt 90 ]; then
   stage recycle-b128 60 "$OUT/recycle-b128.jsonl" "${RECYCLE[@]}" gpu-check --device "$DEVICE" \
-    --skip-parity --matmul 0 --shapes roberta-base --precisions bf16 "${BIG[@]}"
+    --skip-parity --matmul 0 --shapes roberta-base --precisions bf16 "${NOFLASH[@]}" "${BIG[@]}"
 fi
 # Then batch 256, the study's own batch size (its protocol: batch 256), training only (no op
 # profile): the MFU target names no batch.
@@ -192,7 +200,8 @@ else
 fi
 if [ "$(left)" -gt 75 ]; then
   stage recycle-b256 50 "$OUT/recycle-b256.jsonl" "${RECYCLE[@]}" gpu-check --device "$DEVICE" \
-    --skip-parity --skip-ops --matmul 0 --shapes roberta-base --precisions bf16 "${HUGE[@]}"
+    --skip-parity --skip-ops --matmul 0 --shapes roberta-base --precisions bf16 "${NOFLASH[@]}" \
+    "${HUGE[@]}"
 fi
 # The best measured configuration (session 17): the switches that the A/B rows at batches 128
 # and 256 say to flip (`recycle gpu-levers`: a default changes only where every such batch agrees
