@@ -228,14 +228,20 @@ fi
 # best_stage NAME ARGS...: training alone with the chosen switches and without them, in
 # interleaved rounds in one process (`--levers`), so that their ratio is not a comparison across
 # stages; more steps than the A/B stages, since this row is the one held against the target.
+# Where the defaults are the choice, the same stage times them alone (`--config defaults`).
+if [ -n "$best" ]; then
+  CHOSEN=(--config best --levers "${best// /,}")
+else
+  CHOSEN=(--config defaults)
+fi
 best_stage() {
   local name=$1
   shift
   stage "recycle-best-$name" 40 "$OUT/recycle-best-$name.jsonl" "${RECYCLE[@]}" gpu-check \
     --device "$DEVICE" --skip-parity --skip-ops --train-only --flash false --matmul 0 \
-    --shapes roberta-base --precisions bf16 --config best --levers "${best// /,}" "$@"
+    --shapes roberta-base --precisions bf16 "${CHOSEN[@]}" "$@"
 }
-if [ -n "$best" ] && [ "$(left)" -gt 45 ]; then
+if [ "$(left)" -gt 45 ]; then
   if [ "$DEVICE" = cpu ]; then
     best_stage b256 "${HUGE[@]}"
     best_stage b128 "${BIG[@]}"
