@@ -169,21 +169,19 @@ fn the_gpu_script_runs_every_stage_on_the_cpu_and_times_the_chosen_levers() {
     }
     // The chosen levers' rows say so, and the summary compares them with the defaults' rows.
     let best = std::fs::read_to_string(out.path().join("recycle-best-b256.jsonl")).unwrap();
-    let row: Value = best
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|r| r["kind"] == "bench")
-        .expect("a training row");
+    let first = |kind: &str| -> Value {
+        best.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|r| r["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} row in:\n{best}"))
+    };
+    let row = first("bench");
     assert_eq!(row["config"], "best", "{row}");
     assert_eq!(row["levers"]["RECYCLE_STACK"], false, "{row}");
     assert_eq!(row["levers"]["RECYCLE_EMBEDDINGS_SUM"], false, "{row}");
     assert_eq!(row["levers"]["RECYCLE_FLASH"], false, "{row}");
     // Timed against the switches as they were, in the same process.
-    let pair: Value = best
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|r| r["kind"] == "ab")
-        .expect("an A/B row for the chosen levers");
+    let pair = first("ab");
     assert_eq!(pair["what"], "the chosen levers together", "{pair}");
     for k in ["on_s", "off_s"] {
         let t = pair[k].as_f64().unwrap();
