@@ -21,15 +21,21 @@ pub(super) fn time_it(
     }
     let mut rounds = Vec::with_capacity(ROUNDS);
     for _ in 0..ROUNDS {
-        device.synchronize()?;
-        let t = Instant::now();
-        for _ in 0..steps {
-            f()?;
-        }
-        device.synchronize()?;
-        rounds.push(t.elapsed().as_secs_f64() / steps.max(1) as f64);
+        rounds.push(time_round(device, steps, &mut f)?);
     }
     Ok(median(&mut rounds))
+}
+
+/// Seconds per call of `steps` calls of `f`, the device drained before the clock starts and
+/// before it stops.
+fn time_round(device: &Device, steps: usize, f: &mut impl FnMut() -> Result<()>) -> Result<f64> {
+    device.synchronize()?;
+    let t = Instant::now();
+    for _ in 0..steps {
+        f()?;
+    }
+    device.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() / steps.max(1) as f64)
 }
 
 /// Seconds per call of `f` with a lever as it is and with it flipped (`flip(true)`; `flip(false)`
@@ -56,13 +62,7 @@ pub(super) fn time_pair(
             for k in 0..2 {
                 let flipped = (round + k) % 2 == 1;
                 flip(flipped);
-                device.synchronize()?;
-                let t = Instant::now();
-                for _ in 0..steps {
-                    f()?;
-                }
-                device.synchronize()?;
-                times[usize::from(flipped)].push(t.elapsed().as_secs_f64() / steps.max(1) as f64);
+                times[usize::from(flipped)].push(time_round(device, steps, &mut f)?);
             }
         }
         let [mut as_is, mut flipped] = times;
