@@ -119,14 +119,37 @@ impl TextTokenizer {
     }
 }
 
-/// A batch of the examples at `indices`, padded with `pad_id` to the longest of them (rounded up
-/// to a multiple of `multiple`: 1 for none; one-pass attention on CUDA takes multiples of 16), on
-/// `device`.
+/// How wide a batch is padded: to its longest example rounded up to a multiple of `multiple`
+/// (CUDA's attention paths want whole tiles or 16-byte rows), but never past `limit` (the
+/// truncation length, which the model's positions hold) unless the longest example is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PadTo {
+    pub multiple: usize,
+    pub limit: usize,
+}
+
+impl PadTo {
+    /// To the longest example.
+    pub const LONGEST: PadTo = PadTo {
+        multiple: 1,
+        limit: usize::MAX,
+    };
+
+    /// The width of a batch whose longest example has `longest` tokens (at least 1).
+    pub fn width(&self, longest: usize) -> usize {
+        let longest = longest.max(1);
+        longest
+            .next_multiple_of(self.multiple.max(1))
+            .min(self.limit.max(longest))
+    }
+}
+
+/// A batch of the examples at `indices`, padded with `pad_id` as `pad` says, on `device`.
 pub fn make_batch(
     encoded: &Encoded,
     indices: &[usize],
     pad_id: u32,
-    multiple: usize,
+    pad: PadTo,
     device: &Device,
 ) -> Result<Batch> {
     ensure!(!indices.is_empty(), "cannot build an empty batch");
@@ -142,9 +165,8 @@ pub fn make_batch(
         .collect::<Result<Vec<_>>>()?
         .into_iter()
         .max()
-        .unwrap_or(0)
-        .max(1)
-        .next_multiple_of(multiple.max(1));
+        .unwrap_or(0);
+    let width = pad.width(width);
     let n = indices.len() * width;
     let (mut ids, mut mask, mut types) = (vec![pad_id; n], vec![0u32; n], vec![0u32; n]);
     for (row, &i) in indices.iter().enumerate() {
@@ -293,7 +315,7 @@ pub(crate) mod tests {
             input_ids: vec![vec![2, 4, 3], vec![2, 4, 5, 6, 3], vec![2, 3]],
             type_ids: vec![vec![0; 3], vec![0, 0, 0, 1, 1], vec![0; 2]],
         };
-        let b = make_batch(&enc, &[0, 2], 9, 1, &Device::Cpu).unwrap();
+        let b = make_batch(&enc, &[0, 2], 9, PadTo::LONGEST, &Device::Cpu).unwrap();
         assert_eq!(
             b.input_ids.to_vec2::<u32>().unwrap(),
             vec![vec![2, 4, 3], vec![2, 3, 9]]
@@ -302,13 +324,17 @@ pub(crate) mod tests {
             b.attention_mask.to_vec2::<u32>().unwrap(),
             vec![vec![1, 1, 1], vec![1, 1, 0]]
         );
-        let b = make_batch(&enc, &[1], 9, 1, &Device::Cpu).unwrap();
+        let b = make_batch(&enc, &[1], 9, PadTo::LONGEST, &Device::Cpu).unwrap();
         assert_eq!(
             b.token_type_ids.unwrap().to_vec2::<u32>().unwrap(),
             vec![vec![0, 0, 0, 1, 1]]
         );
         // Rounded up to a multiple: the padding is masked out like any other.
-        let b = make_batch(&enc, &[0, 2], 9, 4, &Device::Cpu).unwrap();
+        let four = PadTo {
+            multiple: 4,
+            limit: 512,
+        };
+        let b = make_batch(&enc, &[0, 2], 9, four, &Device::Cpu).unwrap();
         assert_eq!(
             b.input_ids.to_vec2::<u32>().unwrap(),
             vec![vec![2, 4, 3, 9], vec![2, 3, 9, 9]]
@@ -317,6 +343,22 @@ pub(crate) mod tests {
             b.attention_mask.to_vec2::<u32>().unwrap(),
             vec![vec![1, 1, 1, 0], vec![1, 1, 0, 0]]
         );
+    }
+
+    /// Rounded up to the multiple, but not past the truncation length unless the example is
+    /// longer (then to the example).
+    #[test]
+    fn padding_to_a_multiple_stops_at_the_limit() {
+        let pad = |multiple, limit| PadTo { multiple, limit };
+        assert_eq!(pad(8, 512).width(121), 128);
+        assert_eq!(pad(8, 512).width(128), 128);
+        assert_eq!(pad(8, 126).width(121), 126);
+        assert_eq!(pad(8, 126).width(126), 126);
+        assert_eq!(pad(8, 100).width(126), 126);
+        assert_eq!(pad(16, 512).width(0), 16);
+        assert_eq!(PadTo::LONGEST.width(0), 1);
+        assert_eq!(PadTo::LONGEST.width(37), 37);
+        assert_eq!(pad(0, 512).width(37), 37);
     }
 
     #[test]

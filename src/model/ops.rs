@@ -59,15 +59,24 @@ pub fn fused_blocks() -> bool {
     FUSED_BLOCKS.load(Ordering::Relaxed)
 }
 
-/// The multiple of tokens training batches on `device` are padded to: 16 where one-pass attention
-/// is on (`attention_node::set_flash`) and the device is CUDA, since its kernels take whole tiles
-/// of 16; else 1 (to the longest example). Padding is masked out; only the dropout masks, drawn
-/// over the padded width, differ.
+/// The multiple of tokens training batches on `device` are padded to: on CUDA, 16 where one-pass
+/// attention is on (`attention_node::set_flash`), since its kernels take whole tiles of 16, and 8
+/// where attention's per-head products run in place (`attention_node::set_heads_in_place`), which
+/// want every head's `[s, s]` matrix on a 16-byte boundary (`colmajor::heads_aligned`); else 1
+/// (to the longest example). Padding is masked out; only the dropout masks, drawn over the padded
+/// width, differ.
 pub fn train_pad_multiple(device: &Device) -> usize {
-    if device.is_cuda() && super::kernels::attention_node::flash_on() {
-        16
-    } else {
-        1
+    use super::kernels::attention_node::{flash_on, heads_in_place_on};
+    pad_multiple_for(device.is_cuda(), flash_on(), heads_in_place_on())
+}
+
+/// `train_pad_multiple`'s rule.
+fn pad_multiple_for(cuda: bool, flash: bool, heads_in_place: bool) -> usize {
+    match (cuda, flash, heads_in_place) {
+        (false, _, _) => 1,
+        (true, true, _) => 16,
+        (true, false, true) => 8,
+        (true, false, false) => 1,
     }
 }
 
@@ -814,6 +823,19 @@ mod tests {
         crate::model::kernels::attention_node::set_flash(flash);
         assert_eq!(on, 1);
         assert_eq!(train_pad_multiple(&Device::Cpu), 1);
+    }
+
+    /// CUDA pads to whole tiles for one-pass attention, to whole 16-byte head matrices for the
+    /// heads in place, and not at all with neither; the CPU never.
+    #[test]
+    fn training_batches_are_padded_for_the_cuda_attention_paths_only() {
+        assert_eq!(pad_multiple_for(true, true, true), 16);
+        assert_eq!(pad_multiple_for(true, true, false), 16);
+        assert_eq!(pad_multiple_for(true, false, true), 8);
+        assert_eq!(pad_multiple_for(true, false, false), 1);
+        for (flash, heads) in [(true, true), (false, true), (true, false), (false, false)] {
+            assert_eq!(pad_multiple_for(false, flash, heads), 1);
+        }
     }
 
     /// `|a - b| <= tol * max(1, |b|)` elementwise.

@@ -6,7 +6,7 @@ use super::linear_probe::{average_layers, pool, stack_rows, HiddenView, Pooling}
 use super::Matrix;
 use crate::model::SequenceClassifier;
 use crate::results::{FeatureLayers, FeaturePooling};
-use crate::tokenize::{make_batch, Encoded};
+use crate::tokenize::{make_batch, Encoded, PadTo};
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
@@ -44,7 +44,7 @@ pub fn extract(
     order.sort_by_key(|&i| encoded.input_ids[i].len());
     let mut blocks = Vec::new();
     for chunk in order.chunks(spec.batch_size.max(1)) {
-        let batch = make_batch(encoded, chunk, pad_id, 1, device)?;
+        let batch = make_batch(encoded, chunk, pad_id, PadTo::LONGEST, device)?;
         let states = model
             .hidden_states(&batch)
             .context("hidden states in eval mode")?;

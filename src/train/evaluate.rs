@@ -3,7 +3,7 @@
 use super::metrics;
 use crate::data::{Label, Task};
 use crate::model::{Mode, SequenceClassifier};
-use crate::tokenize::{make_batch, Encoded};
+use crate::tokenize::{make_batch, Encoded, PadTo};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device};
 
@@ -21,7 +21,7 @@ pub fn predict(
     order.sort_by_key(|&i| encoded.input_ids[i].len());
     let mut rows: Vec<Vec<f32>> = vec![Vec::new(); encoded.len()];
     for chunk in order.chunks(batch_size.max(1)) {
-        let batch = make_batch(encoded, chunk, pad_id, 1, device)?;
+        let batch = make_batch(encoded, chunk, pad_id, PadTo::LONGEST, device)?;
         let logits = model
             .forward(&batch, Mode::Eval)
             .context("forward pass in eval mode")?;

@@ -9,7 +9,7 @@ use super::schedule::{lr_at, warmup_steps};
 use crate::data::{Label, Task};
 use crate::model::grad_sink::GradSink;
 use crate::model::{Mode, SequenceClassifier};
-use crate::tokenize::{epoch_batches, make_batch, Encoded};
+use crate::tokenize::{epoch_batches, make_batch, Encoded, PadTo};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
@@ -242,8 +242,13 @@ pub fn finetune(
     let vars: Vec<_> = opt.vars().cloned().collect();
     // Block nodes hand their weights' gradients to the sink (model::grad_sink), past the graph.
     let sink = GradSink::for_masters(vars.iter().map(|v| v.as_tensor()))?;
-    // One-pass attention on CUDA (when on) takes sequences padded to a multiple of 16 tokens.
-    let pad_multiple = crate::model::ops::train_pad_multiple(device);
+    // CUDA's attention paths take sequences padded to a multiple of 16 tokens (one-pass
+    // attention) or 8 (the heads in place), `ops::train_pad_multiple`, within the truncation
+    // length (the model's positions hold it).
+    let pad = PadTo {
+        multiple: crate::model::ops::train_pad_multiple(device),
+        limit: cfg.max_length,
+    };
 
     let steps_per_epoch = train.len().div_ceil(cfg.batch_size);
     let total = match cfg.max_steps {
@@ -283,7 +288,7 @@ pub fn finetune(
             let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
             let mut losses = Vec::with_capacity(cfg.accumulation_steps());
             for micro in batch.chunks(cfg.micro_batch_size) {
-                let inputs = make_batch(&train.encoded, micro, pad_id, pad_multiple, device)?;
+                let inputs = make_batch(&train.encoded, micro, pad_id, pad, device)?;
                 let labels: Vec<Label> = micro.iter().map(|&i| train.labels[i]).collect();
                 let logits = sink
                     .scope(|| trainee.model.forward(&inputs, Mode::Train))

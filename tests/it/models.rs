@@ -131,6 +131,48 @@ fn logits_match_transformers() {
     }
 }
 
+/// `b` with `extra` more masked columns of token `pad` (CUDA pads training batches to a multiple
+/// of 8 or 16 tokens, `ops::train_pad_multiple`).
+fn padded_wider(b: &Batch, extra: usize, pad: u32) -> Batch {
+    let wider = |t: &Tensor, value: u32| {
+        let rows = t.dim(0).unwrap();
+        let more = Tensor::full(value, (rows, extra), t.device()).unwrap();
+        Tensor::cat(&[t, &more], 1).unwrap()
+    };
+    Batch {
+        input_ids: wider(&b.input_ids, pad),
+        attention_mask: wider(&b.attention_mask, 0),
+        token_type_ids: b.token_type_ids.as_ref().map(|t| wider(t, 0)),
+    }
+}
+
+/// Extra masked padding changes no logit: every encoder masks the padded keys and pools over
+/// real tokens only, so padding a batch wider is free to do for a kernel's sake.
+#[test]
+fn wider_padding_leaves_the_logits_as_they_are() {
+    for case in CASES {
+        let exp = expected(case);
+        let loaded = load(case);
+        let b = batch(case, &exp);
+        let logits = loaded.model.forward(&b, Mode::Eval).unwrap();
+        // The fixtures' models have 16 positions, roberta's first two taken by its padding offset.
+        let room = 14 - b.input_ids.dim(1).unwrap();
+        assert!(
+            room >= 2,
+            "{case}: the fixture's batch leaves no room to pad"
+        );
+        for (extra, pad) in [(1, 0), (room, 1), (room / 2, 3)] {
+            let wide = padded_wider(&b, extra, pad);
+            let wider_logits = loaded.model.forward(&wide, Mode::Eval).unwrap();
+            let d = max_abs_diff(&wider_logits, &logits);
+            assert!(
+                d < 1e-5,
+                "{case}: {extra} more padded columns moved the logits by {d}"
+            );
+        }
+    }
+}
+
 /// The fixture's loss and every gradient it names against transformers' (within 1e-4).
 fn check_loss_and_gradients(case: &str) {
     check_gradients_via(case, false);

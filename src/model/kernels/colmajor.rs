@@ -149,6 +149,18 @@ pub enum HeadProduct {
     DV,
 }
 
+impl HeadProduct {
+    /// The six, forward then backward.
+    pub const ALL: [HeadProduct; 6] = [
+        HeadProduct::Scores,
+        HeadProduct::Context,
+        HeadProduct::DProbs,
+        HeadProduct::DQ,
+        HeadProduct::DK,
+        HeadProduct::DV,
+    ];
+}
+
 /// A per-head product: the GEMM every batch index shares, and where `L`, `R` and `Y` start for
 /// each (cuBLAS's `B`, `A` and `C`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,6 +207,22 @@ pub fn head_gemm(p: HeadProduct, s: usize, heads: usize, d: usize) -> HeadGemm {
         r,
         y,
     }
+}
+
+/// Whether every (batch, head) matrix the six products read or write starts on a 16-byte
+/// boundary, given buffers of `elem`-byte elements that do. A batched product's pointer arrays live
+/// on the device, where cuBLAS cannot look at them when it picks a kernel, and its documentation
+/// asks that 16-bit operands be properly aligned; with an odd sequence length a head's `[s, s]`
+/// matrix starts 2 bytes past a boundary, and with a head size that is not a multiple of 8 (in
+/// bf16) so does every head's q, k and v but the first.
+pub fn heads_aligned(s: usize, heads: usize, d: usize, elem: usize) -> bool {
+    HeadProduct::ALL.iter().all(|&p| {
+        let g = head_gemm(p, s, heads, d);
+        [g.l, g.r, g.y]
+            .iter()
+            .flat_map(|x| [x.base, x.per_b, x.per_h])
+            .all(|offset| (offset * elem).is_multiple_of(16))
+    })
 }
 
 impl Gemm {
@@ -418,14 +446,7 @@ mod tests {
         };
         let g =
             |b: usize, hd: usize, t: usize, e: usize| f64::from(ctx[(b * s + t) * h + hd * d + e]);
-        for p in [
-            HeadProduct::Scores,
-            HeadProduct::Context,
-            HeadProduct::DProbs,
-            HeadProduct::DQ,
-            HeadProduct::DK,
-            HeadProduct::DV,
-        ] {
+        for p in HeadProduct::ALL {
             let hg = head_gemm(p, s, heads, d);
             hg.gemm.validate().unwrap();
             let (l_buf, r_buf, y_len): (&[f32], &[f32], usize) = match p {
@@ -540,5 +561,22 @@ mod tests {
         let (mut g, _) = gemm(Product::Forward, 0, 3, 2);
         g.ldc = 2;
         assert!(g.validate().is_err());
+    }
+
+    /// roberta-base's heads at a sequence length of whole 4s (8 bytes of `[s, s]` bf16 rows: `s²`
+    /// elements a head) start on 16-byte boundaries; an odd length, a length of 2 mod 4, a head
+    /// size that is not a multiple of 8 bf16 elements do not; f32 needs a multiple of 4 in each.
+    #[test]
+    fn heads_are_aligned_only_where_every_head_matrix_starts_on_16_bytes() {
+        assert!(heads_aligned(128, 12, 64, 2));
+        assert!(heads_aligned(4, 12, 64, 2));
+        assert!(heads_aligned(120, 12, 64, 2));
+        assert!(!heads_aligned(13, 12, 64, 2));
+        assert!(!heads_aligned(126, 12, 64, 2));
+        assert!(!heads_aligned(128, 12, 4, 2));
+        assert!(heads_aligned(128, 12, 8, 2));
+        assert!(heads_aligned(126, 12, 64, 4));
+        assert!(!heads_aligned(125, 12, 64, 4));
+        assert!(!heads_aligned(128, 3, 2, 4));
     }
 }

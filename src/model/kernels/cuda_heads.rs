@@ -25,16 +25,20 @@ use candle_core::{
 use half::bf16;
 
 use super::attention_node::heads_in_place_on;
-use super::colmajor::{head_gemm, HeadGemm, HeadProduct, Heads};
+use super::colmajor::{head_gemm, heads_aligned, HeadGemm, HeadProduct, Heads};
 
 /// Whether the products here take attention over this `qkv` with `heads` heads: on, CUDA, bf16,
-/// `[b, s, 3 · heads · d]`.
+/// `[b, s, 3 · heads · d]` starting on a 16-byte boundary, and every head's matrix on one too
+/// (`colmajor::heads_aligned`: `s` a multiple of 4 and `d` of 8; training batches on CUDA are
+/// padded to a multiple of 8 tokens for this, `ops::train_pad_multiple`).
 pub fn heads_in_place(qkv: &Tensor, heads: usize) -> bool {
     heads_in_place_on()
         && qkv.device().is_cuda()
         && qkv.dtype() == DType::BF16
         && heads > 0
-        && matches!(qkv.dims(), &[b, s, w] if b > 0 && s > 0 && w > 0 && w % (3 * heads) == 0)
+        && (qkv.layout().start_offset() * 2).is_multiple_of(16)
+        && matches!(qkv.dims(), &[b, s, w] if b > 0 && s > 0 && w > 0 && w % (3 * heads) == 0
+            && heads_aligned(s, heads, w / (3 * heads), 2))
 }
 
 /// `Q·Kᵀ` of every head: `[b, heads, s, s]`.

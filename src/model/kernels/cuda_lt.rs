@@ -119,6 +119,13 @@ struct Key {
     align: [u32; 4],
     /// The auxiliary matrix's alignment in bytes (`DGelu`; 0 without one).
     aux_align: u32,
+    /// The epilogue vector's alignment in bytes (the bias, or the bias gradient; 0 without one):
+    /// the heuristic judged the vector the plan was made with, and a bias packed inside a block's
+    /// parameters may sit on a smaller boundary than another layer's of the same shape.
+    vector_align: u32,
+    /// Whether `C` is another tensor than `D` (`beta` 1): not every algorithm writes a result
+    /// out of place, and the heuristic cannot tell from the layouts alone.
+    out_of_place: bool,
 }
 
 /// One product's descriptors and candidate algorithms.
@@ -603,6 +610,8 @@ fn product<'a>(
         out_f32,
         align: [alignment(pa), alignment(pb), alignment(pc), alignment(pd)],
         aux_align: aux.map_or(0, alignment),
+        vector_align: bias_in.or(pbias).map_or(0, alignment),
+        out_of_place: pc != pd,
     };
     let vector = bias_in.or(pbias);
     let ptrs = Ptrs {
@@ -895,6 +904,8 @@ fn bgradb_available(
         out_f32,
         align: [alignment(pa), alignment(pb), 256, 256],
         aux_align: 0,
+        vector_align: 256,
+        out_of_place: false,
     };
     give_up_on_error(with_handle(dev, |h| {
         // The vector's address is set again at each launch; the heuristic sees a 256-byte aligned
