@@ -430,12 +430,18 @@ unsafe fn launch(h: &Handle, plan: &Plan, i: usize, p: Ptrs, bias: Option<u64>) 
 }
 
 /// Times each candidate on these operands (an untimed run, then `TIMED_RUNS`) and keeps the
-/// fastest; a candidate that fails is passed over. The operands' results are those of the last
+/// fastest; a candidate that fails is passed over. Products under `MIN_TIMED_FLOP` take the first
+/// candidate that launches. The operands' results are those of the last
 /// candidate run, and the caller runs the chosen one after (`D` is never `C` when `C` is added,
 /// so every run gives the same result).
 unsafe fn choose(h: &Handle, plan: &Plan, ptrs: Ptrs, bias: Option<u64>) -> Result<usize> {
     if plan.candidates.len() == 1 || plan.flop < MIN_TIMED_FLOP {
-        return Ok(0);
+        // Untimed: the heuristic's first candidate that launches (a refusal is a status,
+        // returned at once), rather than giving up every product over one candidate's refusal.
+        return match (0..plan.candidates.len()).find(|&i| launch(h, plan, i, ptrs, bias).is_ok()) {
+            Some(i) => Ok(i),
+            None => bail!("cuBLASLt: none of {} candidates ran", plan.candidates.len()),
+        };
     }
     // Timed on the host between stream synchronisations (the build links against a driver
     // library older than CUDA 12.8's `cuEventElapsedTime_v2`, which cudarc's event timing calls):
