@@ -159,6 +159,20 @@ fn fresh(dev: &CudaDevice, dims: &[usize]) -> Result<(CudaStorage, u64)> {
 /// One launch fills every product's pointer arrays, then one cuBLAS batched product each.
 fn batched(dev: &CudaDevice, dims: &Dims, products: &[(HeadProduct, [u64; 3])]) -> Result<()> {
     let count = dims.b * dims.heads;
+    // Every head's matrix on a 16-byte boundary (`heads_in_place` admits only such shapes; the
+    // buffers here are fresh or checked): an error rather than a misaligned access on the device.
+    if !heads_aligned(dims.s, dims.heads, dims.d, 2)
+        || products
+            .iter()
+            .any(|(_, at)| at.iter().any(|a| !a.is_multiple_of(16)))
+    {
+        bail!(
+            "attention heads in place: a head's matrix would start off a 16-byte boundary \
+             (s {}, head size {})",
+            dims.s,
+            dims.d
+        );
+    }
     let gemms: Vec<HeadGemm> = products
         .iter()
         .map(|&(p, _)| head_gemm(p, dims.s, dims.heads, dims.d))
