@@ -209,3 +209,59 @@ pub fn describe(device: &Device) -> String {
         other => format!("{other:?}"),
     }
 }
+
+/// The CUDA driver's errors after which a context is lost: a fault in a kernel (an illegal or
+/// misaligned address, a failed launch, a device-side assertion, ...) leaves the context in a
+/// state where every later call returns the same error, so a process that meets one cannot
+/// measure or compute anything more on that device.
+const CONTEXT_LOST: [&str; 10] = [
+    "CUDA_ERROR_ILLEGAL_ADDRESS",
+    "CUDA_ERROR_MISALIGNED_ADDRESS",
+    "CUDA_ERROR_LAUNCH_FAILED",
+    "CUDA_ERROR_ASSERT",
+    "CUDA_ERROR_HARDWARE_STACK_ERROR",
+    "CUDA_ERROR_ILLEGAL_INSTRUCTION",
+    "CUDA_ERROR_INVALID_ADDRESS_SPACE",
+    "CUDA_ERROR_INVALID_PC",
+    "CUDA_ERROR_LAUNCH_TIMEOUT",
+    "CUDA_ERROR_ECC_UNCORRECTABLE",
+];
+
+/// Whether an error's text (`{e:#}`, which holds cudarc's `DriverError(CUDA_ERROR_..., ...)`)
+/// says the CUDA context is lost (`CONTEXT_LOST`).
+pub fn context_lost(error_text: &str) -> bool {
+    CONTEXT_LOST.iter().any(|code| {
+        error_text
+            .match_indices(code)
+            // Not a longer code that begins with this one.
+            .any(|(at, _)| {
+                !error_text[at + code.len()..]
+                    .starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+            })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kernel_fault_loses_the_context_and_other_errors_do_not() {
+        let lost = "bench roberta-base: DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \
+                    \"an illegal memory access was encountered\")";
+        assert!(context_lost(lost));
+        assert!(context_lost(
+            "DriverError(CUDA_ERROR_MISALIGNED_ADDRESS, \"misaligned address\")"
+        ));
+        assert!(context_lost("x: CUDA_ERROR_LAUNCH_FAILED"));
+        for fine in [
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")",
+            "DriverError(CUDA_ERROR_INVALID_VALUE, \"invalid argument\")",
+            "cuBLASLt: CUBLAS_STATUS_NOT_SUPPORTED",
+            "CUDA_ERROR_LAUNCH_FAILED_SOMETHING_ELSE",
+            "",
+        ] {
+            assert!(!context_lost(fine), "{fine}");
+        }
+    }
+}

@@ -69,12 +69,23 @@ stage() {
   fi
   start=$(date +%s)
   log "$name (at most $limit s) ..."
-  timeout "$limit" "$@" >"$out" 2> >(tee "$OUT/$name.log" >&2)
+  timeout -k 10 "$limit" "$@" >"$out" 2> >(tee "$OUT/$name.log" >&2)
   rc=$?
   log "$name: exit $rc after $(( $(date +%s) - start )) s"
   [ $rc -ne 0 ] && tail -n 20 "$OUT/$name.log" >>"$REPORT"
   return $rc
 }
+# died RC NAME: whether stage NAME's process died: a signal or the time limit (exit 124 and up;
+# gpu-check exits 125 when its CUDA context is lost), or a lost context in its log all the same
+# (a kernel fault: every later call on the device fails; device::context_lost lists the codes).
+died() {
+  [ "$1" -ne 99 ] && { [ "$1" -ge 124 ] ||
+    grep -Eq 'CUDA_ERROR_(ILLEGAL_ADDRESS|MISALIGNED_ADDRESS|LAUNCH_FAILED|ASSERT|HARDWARE_STACK_ERROR|ILLEGAL_INSTRUCTION|INVALID_ADDRESS_SPACE|INVALID_PC|LAUNCH_TIMEOUT|ECC_UNCORRECTABLE)([^A-Z_]|$)' \
+      "$OUT/$2.log" 2>/dev/null; }
+}
+# The levers no GPU had run when they were written (sessions 12 to 16), which a stage that died
+# turns off for the stages after; GELU's backward in the epilogue goes with the cuBLASLt products.
+UNMEASURED=(RECYCLE_CUBLASLT=0 RECYCLE_HEADS_IN_PLACE=0 RECYCLE_EMBEDDINGS_SUM=0 RECYCLE_ADD_NORM=0 RECYCLE_STACK=0)
 RECYCLE=(env "LD_LIBRARY_PATH=$CUDA_LIBS" "$BIN")
 # The device tool brings back a limited number of files: everything also travels as one archive.
 bundle() { (cd "$OUT" && tar czf all.tgz ./*.jsonl ./*.log ./*.txt ./*.raw.gz 2>/dev/null); }
@@ -91,23 +102,29 @@ if [ "${ONLY:-}" = ops ]; then
   exit 0
 fi
 
-# Sessions 13 and 14's levers (cuBLASLt products, attention's heads in place, the embeddings in
-# one node, the block tail in one pass) had not run on a GPU when this was written. gpu-check
-# turns the first, second and fourth off for its run when their checks fail, but a fault ends the
-# process: a short run of the checks alone first, and if that process dies (a signal, or the time
-# limit), all four off for every stage after (RECYCLE_CUBLASLT=0, RECYCLE_HEADS_IN_PLACE=0,
-# RECYCLE_EMBEDDINGS_SUM=0, RECYCLE_ADD_NORM=0), so that the measurements still come back.
+# Sessions 12 to 16's levers (UNMEASURED) had not run on a GPU when this was written. gpu-check
+# turns a lever off for its run when its check fails, but a kernel fault loses the process's CUDA
+# context: a short run of the checks alone first, and if that process dies (`died`), all of them
+# off for every stage after, so that the measurements still come back; the same if the main stage
+# dies.
 stage preflight 60 "$OUT/preflight.jsonl" "${RECYCLE[@]}" gpu-check --device "$DEVICE" \
   "${SHAPE[@]}" --batch "$B" --shapes "" --matmul 0 --skip-ops --flash false
 prc=$?
-if [ $prc -ge 124 ] && [ $prc -ne 99 ]; then
-  export RECYCLE_CUBLASLT=0 RECYCLE_HEADS_IN_PLACE=0 RECYCLE_EMBEDDINGS_SUM=0 RECYCLE_ADD_NORM=0
-  log "preflight: the checks' process died (exit $prc): cuBLASLt, the heads in place, the embeddings node and the one-pass tail OFF for the stages after"
+unmeasured_off=
+if died $prc preflight; then
+  export "${UNMEASURED[@]}"
+  unmeasured_off=1
+  log "preflight: the checks' process died (exit $prc): ${UNMEASURED[*]} for the stages after"
 fi
 # One-pass attention (session 9, not yet run on a GPU) stays out of the main stage: a kernel fault
 # ends the process that hit it. It runs, checked first, in the stages after.
 stage recycle 300 "$OUT/recycle.jsonl" "${RECYCLE[@]}" gpu-check --device "$DEVICE" "${SIZE[@]}" --flash false
 rc=$?
+if died $rc recycle && [ -z "$unmeasured_off" ]; then
+  export "${UNMEASURED[@]}"
+  unmeasured_off=1
+  log "recycle: the process died (exit $rc): ${UNMEASURED[*]} for the stages after"
+fi
 # A lever that failed its check in those stages (the cuBLASLt products, GELU's backward in their
 # epilogue, the one-pass tail, attention's heads in place) is off for the rest of that process,
 # with a note naming its switch; the stages after skip the checks, so the switch goes to them.
@@ -130,11 +147,11 @@ else
 fi
 stage recycle-flash 60 "$OUT/recycle-flash.jsonl" "${RECYCLE[@]}" gpu-check --device "$DEVICE" \
   --skip-parity --skip-ops --matmul 0 --shapes roberta-base --precisions bf16 "${FLASH[@]}"
-# Where that process died (a kernel fault ends it: exit 124 and up), the batch 128 and 256 stages
-# leave one-pass attention out (`--flash false`), or the same fault would take their rows too.
+# Where that process died (`died`: a kernel fault loses its context), the batch 128 and 256
+# stages leave one-pass attention out (`--flash false`), or the same fault would take their rows.
 frc=$?
 NOFLASH=()
-if [ $frc -ge 124 ] && [ $frc -ne 99 ]; then
+if died $frc recycle-flash; then
   NOFLASH=(--flash false)
   log "recycle-flash: the process died (exit $frc): one-pass attention left out of the later stages"
 fi

@@ -11,7 +11,9 @@
 //! batch to stay on.
 //!
 //! With `--failed` it prints instead `VAR=0` for each lever whose check failed in those stages
-//! (`gpu-check`'s notes that name a switch), for the stages after, which skip the checks.
+//! (`gpu-check`'s notes that name a switch), for the stages after, which skip the checks. Without
+//! it, such a lever (one that failed, or turned itself off while its row was timed) is off in the
+//! choice too.
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
@@ -179,8 +181,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let rows = lines.rows;
-    let verdicts = choose(&rows, args.min_batch);
+    let verdicts = verdicts(&lines, args.min_batch);
+    for switch in &lines.failed {
+        eprintln!("gpu-levers: {switch}: failed or turned itself off in these stages: off");
+    }
     if verdicts.is_empty() {
         eprintln!(
             "gpu-levers: no A/B row names a switch at batch {} or more: the defaults stand",
@@ -215,11 +219,30 @@ pub fn run(args: Args) -> Result<ExitCode> {
             },
             state(v.on)
         );
-        if let Some(a) = v.assignment() {
-            println!("{a}");
-        }
+    }
+    for word in choice(&lines, &verdicts) {
+        println!("{word}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The verdicts of the switches that did not fail (`choose` over the rows).
+fn verdicts(lines: &Lines, min_batch: usize) -> Vec<Verdict> {
+    choose(&lines.rows, min_batch)
+        .into_iter()
+        .filter(|v| !lines.failed.contains(&v.switch))
+        .collect()
+}
+
+/// The `VAR=value` words of the choice: `VAR=0` for each lever that failed or turned itself off
+/// in these stages (whatever its rows say), then each verdict that differs from its default.
+fn choice(lines: &Lines, verdicts: &[Verdict]) -> Vec<String> {
+    lines
+        .failed
+        .iter()
+        .map(|switch| format!("{switch}=0"))
+        .chain(verdicts.iter().filter_map(Verdict::assignment))
+        .collect()
 }
 
 #[cfg(test)]
@@ -353,6 +376,23 @@ mod tests {
         std::fs::write(&f, format!("{{\"kind\": \n{}\n", lines[0])).unwrap();
         let err = format!("{:#}", read_lines(&f, &mut Lines::default()).unwrap_err());
         assert!(err.contains("b128.jsonl:1"), "{err}");
+        // A lever noted off in the A/B stages is off in the choice, whatever its rows say.
+        let mut noted = Lines {
+            rows: vec![
+                row("RECYCLE_ADD_NORM", true, 128, 30.0, 34.0),
+                row("RECYCLE_STACK", true, 128, 35.0, 34.0),
+            ],
+            failed: vec!["RECYCLE_ADD_NORM".into()],
+        };
+        let v = verdicts(&noted, 128);
+        assert_eq!(v.len(), 1);
+        assert_eq!(
+            choice(&noted, &v),
+            ["RECYCLE_ADD_NORM=0", "RECYCLE_STACK=0"]
+        );
+        noted.failed.clear();
+        let v = verdicts(&noted, 128);
+        assert_eq!(choice(&noted, &v), ["RECYCLE_STACK=0"]);
         let missing = dir.path().join("absent.jsonl");
         let err = format!(
             "{:#}",

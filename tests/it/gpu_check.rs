@@ -195,3 +195,70 @@ fn the_gpu_script_runs_every_stage_on_the_cpu_and_times_the_chosen_levers() {
     );
     assert!(out.path().join("all.tgz").exists());
 }
+
+/// A kernel fault loses the CUDA context, and the process reports it as an error (gpu-check
+/// exits 125, but a path that exits 1 must count too): scripts/gpu/run.sh takes a preflight
+/// whose log names a lost context for a stage that died and turns every unmeasured lever off in
+/// the stages after, which their rows' lever states show. The fault is a stand-in binary's, on
+/// the CPU.
+#[test]
+fn the_gpu_script_turns_the_unmeasured_levers_off_after_a_lost_context() {
+    let out = tempfile::tempdir().unwrap();
+    let fake = out.path().join("recycle-faulting-preflight");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/usr/bin/env bash\n\
+             if [[ \" $* \" == *' --shapes  --matmul 0 --skip-ops --flash false '* ]]; then\n\
+             echo 'gpu-check: FAILED {{\"error\": \"DriverError(CUDA_ERROR_MISALIGNED_ADDRESS, \\\"misaligned address\\\")\"}}' >&2\n\
+             exit 1\n\
+             fi\n\
+             exec {} \"$@\"\n",
+            env!("CARGO_BIN_EXE_recycle")
+        ),
+    )
+    .unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let results = out.path().join("out");
+    let status = std::process::Command::new("bash")
+        .arg("scripts/gpu/run.sh")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("DEVICE", "cpu")
+        .env("NO_TORCH", "1")
+        .env("RECYCLE_BIN", &fake)
+        .env("OUT", &results)
+        .output()
+        .unwrap();
+    let report = std::fs::read_to_string(results.join("gpu-report.txt")).unwrap();
+    assert!(
+        status.status.success(),
+        "{report}\n{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(
+        report.contains("run.sh: preflight: exit 1")
+            && report.contains("preflight: the checks' process died")
+            && report.contains("RECYCLE_STACK=0"),
+        "{report}"
+    );
+    assert!(report.contains("run.sh: recycle: exit 0"), "{report}");
+    let main = std::fs::read_to_string(results.join("recycle.jsonl")).unwrap();
+    let row = main
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|r| r["kind"] == "bench")
+        .unwrap_or_else(|| panic!("no bench row in:\n{main}"));
+    for lever in [
+        "RECYCLE_HEADS_IN_PLACE",
+        "RECYCLE_EMBEDDINGS_SUM",
+        "RECYCLE_ADD_NORM",
+        "RECYCLE_STACK",
+    ] {
+        assert_eq!(row["levers"][lever], false, "{lever}: {row}");
+    }
+    assert_eq!(row["levers"]["RECYCLE_POOL_KEEP"], true, "{row}");
+}

@@ -120,13 +120,40 @@ impl AbRows<'_> {
 }
 
 /// The step timed with `switch` as it is and flipped, interleaved (`time` is `time_pair`, handed
-/// the function that flips it): `(on, off)` seconds. The switch is put back.
+/// the function that flips it): `(on, off)` seconds. The switch is put back, except where the
+/// lever turned itself off while it was timed (cuBLASLt giving up after an error of its own):
+/// then there is no row, the lever stays off, and a note naming its switch says so (the stages
+/// after keep it off).
 fn time_switch(
     switch: &'static EnvSwitch,
     time: impl FnOnce(&mut dyn FnMut(bool)) -> Result<(f64, f64)>,
 ) -> Result<(f64, f64)> {
     let was = switch.get();
-    let pair = time(&mut |flipped| switch.set(was != flipped));
+    // What the switch was last set to here: found otherwise at the next flip, the lever changed
+    // it itself.
+    let mut last = was;
+    let mut gave_up = false;
+    let pair = time(&mut |flipped| {
+        gave_up |= switch.get() != last;
+        last = was != flipped;
+        switch.set(last);
+    });
+    gave_up |= switch.get() != last;
+    if gave_up {
+        switch.set(false);
+        note_off(
+            switch,
+            &format!(
+                "{} turned itself off while its A/B row was timed (stderr says why): off for the \
+                 rest of this run",
+                switch.var()
+            ),
+        );
+        bail!(
+            "{} turned itself off while it was timed: no row",
+            switch.var()
+        );
+    }
     switch.set(was);
     let (as_is, flipped) = pair?;
     Ok(if was {
@@ -199,19 +226,33 @@ pub(super) fn time_levers(
         }
         let plain = "freed GPU memory kept in the pool";
         let read_back = "freed GPU memory kept, steps read back";
-        match set_pool_keep(device, false) {
-            Err(e) => {
-                reported::<()>(Err(e), ab.at(plain));
-            }
-            Ok(_) => {
-                let off = time_it(device, args.warmup, args.steps, || step(false));
-                let off_synced = time_it(device, args.warmup, args.steps, || step(true));
-                if let Err(e) = set_pool_keep(device, true) {
-                    eprintln!("gpu-check: the memory pool kept nothing after its A/B rows: {e:#}");
+        // The plain step kept and not, interleaved (the row `recycle gpu-levers` reads); the
+        // switch acts on the device's pool, so the flip sets the pool itself.
+        let mut flip_failed = None;
+        let pair = time_pair(
+            device,
+            args.warmup,
+            args.steps,
+            &mut |flipped| {
+                if let Err(e) = set_pool_keep(device, !flipped) {
+                    flip_failed.get_or_insert(e);
                 }
-                ab.against(plain, train, off, Some(&crate::device::POOL_KEEP));
-                ab.against(read_back, kept_synced, off_synced, None);
+            },
+            || step(false),
+        );
+        let pair = match flip_failed {
+            Some(e) => Err(e),
+            None => pair,
+        };
+        let pooled = ab.switch_row(&crate::device::POOL_KEEP, plain, pair);
+        // Steps that read back, against the row above's: the pool's share of what synchronising
+        // every step cost `finetune` before session 11.
+        if pooled && set_pool_keep(device, false).is_ok() {
+            let off_synced = time_it(device, args.warmup, args.steps, || step(true));
+            if let Err(e) = set_pool_keep(device, true) {
+                eprintln!("gpu-check: the memory pool kept nothing after its A/B rows: {e:#}");
             }
+            ab.against(read_back, kept_synced, off_synced, None);
         }
     }
     // Masters that the nodes take handed over uncast (on by default; `model::casting`): "off"
@@ -394,4 +435,52 @@ pub(super) fn time_levers(
     ops::set_fused_blocks(blocks_on);
     grad_sink::set_enabled(sink_on);
     ab.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    static LEVER: EnvSwitch = EnvSwitch::new("RECYCLE_TEST_AB_LEVER");
+
+    /// As-is and flipped come back as (on, off) and the switch is put back; a lever that turns
+    /// itself off in a round leaves no row and stays off.
+    #[test]
+    fn a_switch_row_maps_its_pair_and_a_lever_that_gave_up_stays_off() {
+        LEVER.set(true);
+        let seen = std::cell::RefCell::new(Vec::new());
+        let pair = time_switch(&LEVER, |flip| {
+            for flipped in [true, false, true, true, false] {
+                flip(flipped);
+                seen.borrow_mut().push(LEVER.get());
+            }
+            Ok((1.0, 2.0))
+        })
+        .unwrap();
+        assert_eq!(pair, (1.0, 2.0));
+        assert_eq!(*seen.borrow(), [false, true, false, false, true]);
+        assert!(LEVER.get());
+
+        LEVER.set(false);
+        let pair = time_switch(&LEVER, |flip| {
+            flip(true);
+            Ok((1.0, 2.0))
+        })
+        .unwrap();
+        assert_eq!(pair, (2.0, 1.0), "off by default: as-is is off");
+        assert!(!LEVER.get());
+
+        LEVER.set(true);
+        let err = time_switch(&LEVER, |flip| {
+            flip(false);
+            // The lever gives up in the middle of its own round.
+            LEVER.set(false);
+            flip(true);
+            flip(false);
+            Ok((1.0, 2.0))
+        })
+        .unwrap_err();
+        assert!(format!("{err}").contains("RECYCLE_TEST_AB_LEVER"), "{err}");
+        assert!(!LEVER.get());
+    }
 }

@@ -164,9 +164,18 @@ fn bench_one(
         for _ in 0..args.warmup {
             step(&mut opt)?;
         }
+        // The pool's switch acts when a device is opened: flipping it here sets the device's
+        // pool too (`device::set_pool_keep`), or the row would say "off" and run kept.
         let set = |flip: bool| {
             for ((sw, on), was) in chosen.iter().zip(&was) {
-                sw.set(if flip { *on } else { *was });
+                let value = if flip { *on } else { *was };
+                if std::ptr::eq(*sw, &crate::device::POOL_KEEP) {
+                    if let Err(e) = crate::device::set_pool_keep(device, value) {
+                        eprintln!("gpu-check: the memory pool's release threshold: {e:#}");
+                    }
+                } else {
+                    sw.set(value);
+                }
             }
         };
         let (without, with) = time_pair(device, args.warmup, args.steps, &mut |f| set(f), || {

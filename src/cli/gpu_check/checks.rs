@@ -103,8 +103,10 @@ fn grad_diff(ours: &[(String, Tensor)], cpu: &[(String, Tensor)]) -> Result<(f32
     Ok(worst)
 }
 
-/// Device against CPU f32 on each fixture; returns whether every check passed.
-pub(super) fn parity(args: &Args, device: &Device) -> Result<bool> {
+/// Device against CPU f32 on each fixture; returns whether every check passed. Each case and
+/// precision is reported on its own: an error in one (a gradient the device did not give, say)
+/// is an error line, and the others still run.
+pub(super) fn parity(args: &Args, device: &Device) -> bool {
     let mut ok = true;
     for case in [
         "bert",
@@ -115,59 +117,82 @@ pub(super) fn parity(args: &Args, device: &Device) -> Result<bool> {
         "deberta-v3",
     ] {
         let dir = args.fixtures.join(case);
-        let exp = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)
-            .with_context(|| format!("{}/expected.safetensors", dir.display()))?;
-        let cpu = one_step(case, &dir, &exp, Precision::F32, &Device::Cpu)?;
-        let [cpu_before, _, cpu_after] = &cpu.logits;
+        let reference =
+            candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)
+                .with_context(|| format!("{}/expected.safetensors", dir.display()))
+                .and_then(|exp| {
+                    let cpu = one_step(case, &dir, &exp, Precision::F32, &Device::Cpu)?;
+                    Ok((exp, cpu))
+                });
+        let Some((exp, cpu)) = reported(
+            reference,
+            json!({"stage": "parity", "case": case, "precision": "cpu reference"}),
+        ) else {
+            ok = false;
+            continue;
+        };
         for precision in [Precision::F32, Precision::Bf16] {
-            let run = one_step(case, &dir, &exp, precision, device);
-            let Some(step) = reported(
-                run,
+            let checked = one_step(case, &dir, &exp, precision, device)
+                .and_then(|step| compare_step(case, precision, device, &step, &cpu));
+            ok &= reported(
+                checked,
                 json!({"stage": "parity", "case": case, "precision": precision.as_str()}),
-            ) else {
-                ok = false;
-                continue;
-            };
-            let [before, inference, after] = &step.logits;
-            // Gradients, against the largest CPU gradient: f32 to reduction order, bf16 to its
-            // 8 bits. (The logits after one AdamW step barely see a gradient's size: the first
-            // update is about lr · sign(g).)
-            let (d, at) = grad_diff(&step.grads, &cpu.grads)?;
-            let grad_tol = match precision {
-                Precision::F32 => 1e-3,
-                Precision::Bf16 => 1.0 / 16.0,
-            };
-            let pass = within(d, grad_tol);
-            ok &= pass;
-            let what = "gradients (vs largest)";
-            let mut line = check_line(case, precision.as_str(), what, device, d, grad_tol, pass);
-            line["worst"] = json!(at);
-            emit(line);
-            // f32: reduction order alone; bf16: 2^-5 of the logits' scale (tests/it/precision.rs).
-            let tol = match precision {
-                Precision::F32 => 1e-3,
-                Precision::Bf16 => max_abs(cpu_before)?.max(1.0) / 32.0,
-            };
-            for (what, ours, cpu) in [
-                ("logits", before, cpu_before),
-                ("inference-model logits", inference, cpu_before),
-                ("logits after one AdamW step", after, cpu_after),
-            ] {
-                let d = max_abs_diff(ours, cpu)?;
-                let pass = within(d, tol);
-                ok &= pass;
-                emit(check_line(
-                    case,
-                    precision.as_str(),
-                    what,
-                    device,
-                    d,
-                    tol,
-                    pass,
-                ));
-            }
+            )
+            .unwrap_or(false);
         }
         eprintln!("gpu-check: parity {case} done");
+    }
+    ok
+}
+
+/// One case's step on the device against the CPU's: a `parity` line for the gradients and for
+/// each of the three logits; whether all passed.
+fn compare_step(
+    case: &str,
+    precision: Precision,
+    device: &Device,
+    step: &Step,
+    cpu: &Step,
+) -> Result<bool> {
+    let mut ok = true;
+    let [cpu_before, _, cpu_after] = &cpu.logits;
+    let [before, inference, after] = &step.logits;
+    // Gradients, against the largest CPU gradient: f32 to reduction order, bf16 to its 8 bits.
+    // (The logits after one AdamW step barely see a gradient's size: the first update is about
+    // lr · sign(g).)
+    let (d, at) = grad_diff(&step.grads, &cpu.grads)?;
+    let grad_tol = match precision {
+        Precision::F32 => 1e-3,
+        Precision::Bf16 => 1.0 / 16.0,
+    };
+    let pass = within(d, grad_tol);
+    ok &= pass;
+    let what = "gradients (vs largest)";
+    let mut line = check_line(case, precision.as_str(), what, device, d, grad_tol, pass);
+    line["worst"] = json!(at);
+    emit(line);
+    // f32: reduction order alone; bf16: 2^-5 of the logits' scale (tests/it/precision.rs).
+    let tol = match precision {
+        Precision::F32 => 1e-3,
+        Precision::Bf16 => max_abs(cpu_before)?.max(1.0) / 32.0,
+    };
+    for (what, ours, cpu) in [
+        ("logits", before, cpu_before),
+        ("inference-model logits", inference, cpu_before),
+        ("logits after one AdamW step", after, cpu_after),
+    ] {
+        let d = max_abs_diff(ours, cpu)?;
+        let pass = within(d, tol);
+        ok &= pass;
+        emit(check_line(
+            case,
+            precision.as_str(),
+            what,
+            device,
+            d,
+            tol,
+            pass,
+        ));
     }
     Ok(ok)
 }

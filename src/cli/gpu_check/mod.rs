@@ -82,8 +82,8 @@ pub struct Args {
     pub weight_grad_split: u32,
     /// Check attention in one pass (its parity rows run even with --skip-parity) and, where they
     /// pass, time training with it (A/B rows, an op-profile row). `--flash false` leaves it out:
-    /// a kernel fault on the GPU would end the whole process, so scripts/gpu/run.sh runs it in
-    /// stages of its own.
+    /// a kernel fault on the GPU loses the CUDA context and ends the whole process (exit 125), so
+    /// scripts/gpu/run.sh runs it in stages of its own.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub flash: bool,
     /// Time training alone (no A/B rows, phases or inference): a short, uniform workload for a
@@ -202,14 +202,34 @@ fn reported<T>(result: Result<T>, at: serde_json::Value) -> Option<T> {
     match result {
         Ok(v) => Some(v),
         Err(e) => {
-            let mut line = json!({"kind": "error", "error": format!("{e:#}")});
+            let text = format!("{e:#}");
+            let mut line = json!({"kind": "error", "error": text});
             if let (Some(line), serde_json::Value::Object(at)) = (line.as_object_mut(), at) {
                 line.extend(at);
             }
             eprintln!("gpu-check: FAILED {line}");
             emit(line);
+            end_if_context_lost(&text);
             None
         }
+    }
+}
+
+/// The exit status of a `gpu-check` whose CUDA context was lost: above `timeout`'s 124, so that
+/// scripts/gpu/run.sh counts the stage as died, as it does one that a signal or the time limit
+/// ended, and turns the unmeasured levers off for the stages after.
+pub const CONTEXT_LOST_EXIT: i32 = 125;
+
+/// Ends the process (`CONTEXT_LOST_EXIT`) after a note where `error_text` says the CUDA context
+/// is lost (a kernel fault: `device::context_lost`): every later call on the device would fail
+/// the same way, so the rows after it would all be errors, and the stage's exit status is how the
+/// script knows what happened.
+fn end_if_context_lost(error_text: &str) {
+    if crate::device::context_lost(error_text) {
+        let text = "the CUDA context is lost (a kernel fault, above): this process ends here";
+        eprintln!("gpu-check: NOTE {text} (exit {CONTEXT_LOST_EXIT})");
+        emit(json!({"kind": "note", "note": text, "context_lost": true}));
+        std::process::exit(CONTEXT_LOST_EXIT);
     }
 }
 
@@ -256,6 +276,14 @@ fn block_missing() -> candle_core::Error {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
+    let result = measure(args);
+    if let Err(e) = &result {
+        end_if_context_lost(&format!("{e:#}"));
+    }
+    result
+}
+
+fn measure(args: Args) -> Result<ExitCode> {
     chosen_levers(&args.levers)?;
     let device = args.device.open()?;
     eprintln!("gpu-check: running on {}", describe(&device));
@@ -328,7 +356,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             ok &= reported(split, json!({"stage": "split"})).unwrap_or(false);
         }
 
-        ok &= parity(&args, &device)?;
+        ok &= parity(&args, &device);
         let optimizer = optimizer_check(&device);
         ok &= reported(optimizer, json!({"stage": "optimizer"})).unwrap_or(false);
     }
@@ -353,6 +381,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
             ok = false;
         }
     }
+    for name in args.shapes.iter().filter(|n| !n.is_empty()) {
+        let shape = Shape::named(name, args.tiny)?;
+        let bench = bench_shape(&shape, &args, &device);
+        ok &= reported(bench, json!({"stage": "bench", "shape": shape.name})).unwrap_or(false);
+    }
+    // The op profile after the throughput rows: it runs attention in one pass at the stage's own
+    // shape (its check ran a small one), and a fault there now costs the profile alone.
     if !args.skip_ops {
         for &precision in &args.precisions {
             let run = profile_ops(&args, precision, &device);
@@ -368,11 +403,6 @@ pub fn run(args: Args) -> Result<ExitCode> {
             )
             .is_some();
         }
-    }
-    for name in args.shapes.iter().filter(|n| !n.is_empty()) {
-        let shape = Shape::named(name, args.tiny)?;
-        let bench = bench_shape(&shape, &args, &device);
-        ok &= reported(bench, json!({"stage": "bench", "shape": shape.name})).unwrap_or(false);
     }
     Ok(if ok {
         ExitCode::SUCCESS
