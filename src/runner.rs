@@ -1,6 +1,7 @@
 //! Runs a suite: plans it, skips the jobs whose result already exists with the same config hash,
 //! runs the rest in order through a `JobExecutor`, and writes each result (or failure) as soon as
-//! it exists. A failed job is recorded and the run goes on.
+//! it exists. A failed job is recorded and the run goes on, unless it lost the CUDA context (a
+//! kernel fault), after which every job would fail: the run stops and a re-run resumes.
 
 use crate::plan::{self, Job, JobSpec, Selection};
 use crate::progress::{JobEnd, Progress, StepInfo};
@@ -273,6 +274,19 @@ pub fn run_jobs(
             .with_context(|| format!("job {}: cannot write its result", job.id))?;
         store.remove_marker(&suite.name, &job.id)?;
         match &record.error {
+            Some(e) if crate::device::context_lost(e) => {
+                // A kernel fault: every later job on this device would fail the same way, and
+                // be recorded as failed for nothing. The failure is kept (a re-run retries it).
+                progress.job_finished(&job.id, &JobEnd::Failed(e.clone()));
+                progress.run_finished();
+                bail!(
+                    "job {}: the CUDA context is lost ({e}); the run stops here, since every job \
+                     after it would fail the same way. {} job(s) finished in this run are kept; \
+                     run the same command again to resume",
+                    job.id,
+                    summary.done.len()
+                );
+            }
             Some(e) => {
                 progress.job_finished(&job.id, &JobEnd::Failed(e.clone()));
                 summary.failed.push((job.id.clone(), e.clone()));

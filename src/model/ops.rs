@@ -30,33 +30,36 @@ pub fn set_kernels(k: Kernels) {
     FUSED.store(k == Kernels::Fused, Ordering::Relaxed);
 }
 
-/// Whether `fused_attention` may fuse (on by default): `gpu-check` turns it off to measure training
-/// with the composed attention in the same run.
-static FUSED_ATTENTION: AtomicBool = AtomicBool::new(true);
+/// Whether `fused_attention` may fuse (on by default, `RECYCLE_FUSED_ATTENTION=0` off):
+/// `gpu-check` turns it off to measure training with the composed attention in the same run, and
+/// for the rest of its run where the attention node fails its check (the switch lets
+/// scripts/gpu/run.sh keep it off in the stages after).
+pub static FUSED_ATTENTION: kernels::EnvSwitch = kernels::EnvSwitch::new("RECYCLE_FUSED_ATTENTION");
 
 /// Turns the fused attention (the CPU kernel, the CUDA node) on or off for the whole process.
 pub fn set_fused_attention(on: bool) {
-    FUSED_ATTENTION.store(on, Ordering::Relaxed);
+    FUSED_ATTENTION.set(on);
 }
 
 /// Whether the fused attention is on (`set_fused_attention`).
 pub fn fused_attention_on() -> bool {
-    FUSED_ATTENTION.load(Ordering::Relaxed)
+    FUSED_ATTENTION.get()
 }
 
 /// Whether the residual blocks of the post-LN encoders may run as single graph nodes (on by
-/// default; `kernels::block_node`): `gpu-check` turns it off to measure training without them in
-/// the same run.
-static FUSED_BLOCKS: AtomicBool = AtomicBool::new(true);
+/// default, `RECYCLE_BLOCK_NODES=0` off; `kernels::block_node`): `gpu-check` turns it off to
+/// measure training without them in the same run, and for the rest of its run where they fail
+/// their check.
+pub static FUSED_BLOCKS: kernels::EnvSwitch = kernels::EnvSwitch::new("RECYCLE_BLOCK_NODES");
 
 /// Turns the block nodes on or off for the whole process.
 pub fn set_fused_blocks(on: bool) {
-    FUSED_BLOCKS.store(on, Ordering::Relaxed);
+    FUSED_BLOCKS.set(on);
 }
 
 /// Whether the block nodes are on (`set_fused_blocks`).
 pub fn fused_blocks() -> bool {
-    FUSED_BLOCKS.load(Ordering::Relaxed)
+    FUSED_BLOCKS.get()
 }
 
 /// The multiple of tokens training batches on `device` are padded to: on CUDA, 16 where one-pass
@@ -516,10 +519,7 @@ pub fn fused_attention(
     mode: Mode,
 ) -> Result<Option<Tensor>> {
     let route = path(&[q, k, v, bias]);
-    if !matches!(route, Path::Fused | Path::Cuda)
-        || p >= 1.0
-        || !FUSED_ATTENTION.load(Ordering::Relaxed)
-    {
+    if !matches!(route, Path::Fused | Path::Cuda) || p >= 1.0 || !FUSED_ATTENTION.get() {
         return Ok(None);
     }
     let ([b, s, hidden], [bb, 1, 1, bs]) = (q.dims(), bias.dims()) else {
@@ -577,7 +577,7 @@ fn block_route(acts: &[&Tensor], params: &[&Tensor]) -> Result<Option<BlockRoute
     let all = || acts.iter().chain(params.iter());
     // While a stack records, the input is detached and the stack takes its gradient.
     let stacking = kernels::stack::recording();
-    if !FUSED_BLOCKS.load(Ordering::Relaxed)
+    if !FUSED_BLOCKS.get()
         || !(stacking || all().any(|t| t.track_op()))
         || acts.iter().any(|t| t.dtype() != dtype)
     {
@@ -619,7 +619,7 @@ fn block_route(acts: &[&Tensor], params: &[&Tensor]) -> Result<Option<BlockRoute
 /// `block_route`): on CUDA with recycle's kernels, or on the CPU for a test thread that asked.
 /// `kernels::stack::run` asks before stacking an encoder's layers.
 pub fn blocks_expected(x: &Tensor) -> bool {
-    if !FUSED_BLOCKS.load(Ordering::Relaxed) {
+    if !FUSED_BLOCKS.get() {
         return false;
     }
     match path(&[x]) {

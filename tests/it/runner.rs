@@ -20,6 +20,8 @@ use std::sync::Mutex;
 struct FakeExecutor {
     runs: Mutex<BTreeMap<String, usize>>,
     fail: BTreeSet<String>,
+    /// Jobs that fail as a kernel fault does, losing the CUDA context.
+    lose_context: BTreeSet<String>,
     /// Donor checkpoints seen by evaluation jobs.
     donor_checkpoints: Mutex<BTreeMap<String, PathBuf>>,
 }
@@ -60,6 +62,12 @@ impl JobExecutor for FakeExecutor {
         });
         if self.fail.contains(&job.id) {
             anyhow::bail!("simulated failure of {}", job.id);
+        }
+        if self.lose_context.contains(&job.id) {
+            anyhow::bail!(
+                "training step 3: DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory \
+                 access was encountered\")"
+            );
         }
         let mut out = JobOutput {
             n_train: 8,
@@ -264,6 +272,46 @@ fn a_failed_job_is_recorded_the_others_complete_and_it_is_retried() {
     let again = runner::run(&suite, &store, &fixed, &all, &mut Silent).unwrap();
     assert_eq!(again.done, vec![broken.to_string()]);
     assert_eq!(fixed.total_runs(), 1);
+}
+
+/// A job that loses the CUDA context stops the run (every later job would fail the same way):
+/// the error says so and how to resume, the jobs before it are kept, its failure is recorded,
+/// nothing after it runs, and the same command resumes where it stopped.
+#[test]
+fn a_lost_cuda_context_stops_the_run_and_a_rerun_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ResultStore::new(tmp.path().join("results"));
+    let suite = parse(SUITE);
+    let jobs = plan::plan(&suite).unwrap();
+    let faulting = jobs[2].id.clone();
+    let exec = FakeExecutor {
+        lose_context: [faulting.clone()].into(),
+        ..Default::default()
+    };
+    let all = settings(tmp.path(), Selection::All);
+    let err = runner::run(&suite, &store, &exec, &all, &mut Silent).unwrap_err();
+    let text = format!("{err:#}");
+    assert!(
+        text.contains(&faulting) && text.contains("CUDA context is lost") && text.contains("again"),
+        "{text}"
+    );
+    assert_eq!(exec.total_runs(), 3, "nothing ran after the fault");
+    let rec = store.get("mini", &faulting).unwrap().unwrap();
+    assert_eq!(rec.kind, RecordKind::Failure);
+    for job in &jobs[..2] {
+        assert!(
+            store.get("mini", &job.id).unwrap().is_some(),
+            "{} kept",
+            job.id
+        );
+    }
+    assert!(store.get("mini", &jobs[3].id).unwrap().is_none());
+
+    let fixed = FakeExecutor::default();
+    let again = runner::run(&suite, &store, &fixed, &all, &mut Silent).unwrap();
+    assert_eq!(again.skipped.len(), 2);
+    assert_eq!(again.done.len(), jobs.len() - 2);
+    assert!(again.done.contains(&faulting));
 }
 
 #[test]

@@ -257,12 +257,6 @@ fn adamw_defaults() -> AdamWParams {
     }
 }
 
-/// A line the report prints as it is.
-fn note(text: &str) {
-    eprintln!("gpu-check: NOTE {text}");
-    emit(json!({"kind": "note", "note": text}));
-}
-
 /// A note that a lever failed and is off for the rest of the run, naming its switch: that line
 /// tells scripts/gpu/run.sh (through `recycle gpu-levers --failed`) to keep it off in the stages
 /// after, which skip the checks.
@@ -333,7 +327,10 @@ fn measure(args: Args) -> Result<ExitCode> {
         let attention = reported(attention, json!({"stage": "attention"})).unwrap_or(false);
         if !attention {
             ops::set_fused_attention(false);
-            note("the attention node failed its check: the rest of this run composes attention");
+            note_off(
+                &ops::FUSED_ATTENTION,
+                "the attention node failed its check: the rest of this run composes attention",
+            );
         }
         let blocks = block_node_check(&device);
         let mut blocks = reported(blocks, json!({"stage": "block"})).unwrap_or(false);
@@ -349,7 +346,10 @@ fn measure(args: Args) -> Result<ExitCode> {
         }
         if !blocks {
             ops::set_fused_blocks(false);
-            note("the block nodes failed their check: the rest of this run composes the blocks");
+            note_off(
+                &ops::FUSED_BLOCKS,
+                "the block nodes failed their check: the rest of this run composes the blocks",
+            );
         }
         if args.weight_grad_split > 1 {
             let split = split_check(&device, args.weight_grad_split as usize);
