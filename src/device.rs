@@ -90,7 +90,6 @@ pub fn pool_keep_on() -> bool {
 /// that, it hands memory back at a synchronisation as before, so steps whose shapes vary cannot
 /// make it hoard the device), and `release_pool` hands it all back between jobs.
 pub fn set_pool_keep(device: &Device, keep: bool) -> Result<bool> {
-    POOL_KEEP.set(keep);
     #[cfg(feature = "cuda")]
     if let (Some(pool), Device::Cuda(cuda)) = (memory_pool(device)?, device) {
         use candle_core::cuda_backend::cudarc::driver::{result::mem_pool, sys};
@@ -112,9 +111,12 @@ pub fn set_pool_keep(device: &Device, keep: bool) -> Result<bool> {
             )
         }
         .context("cuMemPoolSetAttribute(RELEASE_THRESHOLD)")?;
+        // The switch says what the pool does: set once the pool took it.
+        POOL_KEEP.set(keep);
         return Ok(keep);
     }
-    let _ = (device, keep);
+    POOL_KEEP.set(keep);
+    let _ = device;
     Ok(false)
 }
 
