@@ -409,6 +409,127 @@ fn dense_rows<P: crate::model::kernels::attention_node::Prims>(
     })
 }
 
+/// Each parameter's gradient by name, f32 on the CPU.
+type NamedGrads = Vec<(String, Tensor)>;
+
+/// The encoder's layers as one stack node (`kernels::stack`, with the one-pass tail it brings)
+/// against a node per block, on the device, at a width the packed kernels take (hidden 256, 2
+/// layers): the logits of a forward through the gradient sink, and every gradient, f32 and bf16.
+/// The two sides run the same kernels (the tail's one pass gives the two kernels' bits), so the
+/// tolerances only allow for atomics' order. A stack that did not run fails its row. Why a check
+/// of its own (session 18): the stack's CUDA forward handed over the first half of the tail's
+/// shared `[s | y]` buffer, the residual sum, where the layer norm's output was meant; the
+/// fixtures' parity rows are too narrow for the one-pass tail, and the CPU's form of the stack
+/// copies views right.
+pub(super) fn stack_check(device: &Device) -> Result<bool> {
+    use crate::model::kernels::stack;
+    let shape = Shape {
+        name: "stack check".into(),
+        model_type: "roberta",
+        vocab: 500,
+        hidden: 256,
+        layers: 2,
+        heads: 4,
+        intermediate: 1024,
+    };
+    let tmp = tempfile::tempdir()?;
+    write_random_checkpoint(&shape, tmp.path())?;
+    let (b, seq) = (4, 24);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let ids: Vec<u32> = (0..b * seq).map(|_| rng.random_range(5..500)).collect();
+    // Two rows padded, so that the mask matters too.
+    let mask: Vec<u32> = (0..b * seq)
+        .map(|i| u32::from(i / seq < 2 || i % seq < seq - 5))
+        .collect();
+    let batch = Batch {
+        input_ids: Tensor::from_vec(ids, (b, seq), device)?,
+        attention_mask: Tensor::from_vec(mask, (b, seq), device)?,
+        token_type_ids: None,
+    };
+    let labels = Tensor::from_vec(vec![0u32, 1, 1, 0], b, device)?;
+    let was = stack::stack_on();
+    let mut ok = true;
+    for precision in [Precision::F32, Precision::Bf16] {
+        let opts = LoadOptions {
+            num_labels: 2,
+            problem: Problem::SingleLabel,
+            seed: 0,
+            precision,
+            hidden_dropout: None,
+        };
+        let m = model::load(tmp.path(), &opts, device)?;
+        let sink = GradSink::new(&m.varmap)?;
+        let run = |stacked: bool| -> Result<(Tensor, NamedGrads, usize)> {
+            stack::set_stack(stacked);
+            let logits = sink.scope(|| m.model.forward(&batch, Mode::Eval))?;
+            let stacked_blocks = stack::last_stack_len();
+            let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, &labels)?;
+            let grads = sink.backward(&loss)?;
+            let mut named = Vec::new();
+            for (name, var) in m
+                .varmap
+                .data()
+                .lock()
+                .map_err(|_| anyhow::anyhow!("varmap lock"))?
+                .iter()
+            {
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    named.push((
+                        name.clone(),
+                        g.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
+                    ));
+                }
+            }
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            Ok((logits, named, stacked_blocks))
+        };
+        let compared = (|| -> Result<(f32, f32, String, usize)> {
+            let (plain, plain_grads, _) = run(false)?;
+            let (stacked, stacked_grads, blocks) = run(true)?;
+            let scale = max_abs(&plain)?.max(1.0);
+            let logits = max_abs_diff(&stacked, &plain)? / scale;
+            let (grads, worst) = grad_diff(&stacked_grads, &plain_grads)?;
+            Ok((logits, grads, worst, blocks))
+        })();
+        stack::set_stack(was);
+        let (logits, grads, worst, blocks) = compared?;
+        let tol = match precision {
+            Precision::F32 => 1e-5,
+            Precision::Bf16 => 1.0 / 128.0,
+        };
+        // Where the device takes block nodes (CUDA; the CPU for a test thread that asked), the
+        // stack must have held every block (two a layer).
+        let probe = Tensor::zeros(1, precision.compute_dtype(), device)?;
+        let ran = !ops::blocks_expected(&probe) || blocks == 2 * shape.layers;
+        for (what, value, pass) in [
+            (
+                "logits, stacked against a node per block",
+                logits,
+                within(logits, tol),
+            ),
+            (
+                "gradients, stacked against a node per block",
+                grads,
+                within(grads, tol),
+            ),
+            (
+                "the stack ran over every layer",
+                f32::from(u8::from(!ran)),
+                ran,
+            ),
+        ] {
+            ok &= pass;
+            let mut line = check_line("stack", precision.as_str(), what, device, value, tol, pass);
+            if what.starts_with("gradients") {
+                line["worst"] = json!(worst);
+            }
+            emit(line);
+        }
+    }
+    eprintln!("gpu-check: stack checks done");
+    Ok(ok)
+}
+
 /// The block nodes' tail in one pass (`Prims::dropout_add_norm`, CUDA only: elsewhere no device
 /// has one) against the residual's dropout and add and then the layer norm, on the device, in f32
 /// and bf16, with dropout and without: the same bits (`s` and `y`), so the tolerance is 0. A
@@ -829,4 +950,25 @@ pub(super) fn optimizer_check(device: &Device) -> Result<bool> {
     }
     eprintln!("gpu-check: optimizer checks done");
     Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With the block nodes and the one-pass tail on the CPU (the test hooks), the stack runs
+    /// over both layers and its logits and gradients are a node per block's: the check passes
+    /// where the stack is right, so on a GPU a failure is the device's.
+    #[test]
+    fn the_stack_check_passes_where_the_stack_runs_right() {
+        ops::set_blocks_on_cpu(true);
+        attn::set_add_norm_on_cpu(true);
+        let passed = stack_check(&Device::Cpu);
+        let tails = crate::model::kernels::block_node::tail_one_pass_runs();
+        ops::set_blocks_on_cpu(false);
+        attn::set_add_norm_on_cpu(false);
+        assert!(passed.unwrap(), "the stack check failed on the CPU");
+        // The stacked side's tails ran in one pass: 2 layers × 2 blocks, f32 and bf16.
+        assert_eq!(tails, 8);
+    }
 }

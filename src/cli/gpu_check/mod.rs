@@ -33,7 +33,7 @@ mod shape;
 use bench::{bench_shape, matmul_ceiling, time_it};
 use checks::{
     attention_node_check, block_node_check, dense_check, dropout_check, flash_check,
-    optimizer_check, parity, split_check, tail_check,
+    optimizer_check, parity, split_check, stack_check, tail_check,
 };
 use profile::{profile_ops, profile_products};
 use shape::{random_batch, write_random_checkpoint, Shape};
@@ -322,6 +322,18 @@ fn measure(args: Args) -> Result<ExitCode> {
         if !tail && crate::model::kernels::block_node::add_norm_on() {
             crate::model::kernels::block_node::set_add_norm(false);
             note_off(&crate::model::kernels::block_node::ADD_NORM, "the one-pass tail (residual add and layer norm) failed its check: the rest of this run runs the two kernels");
+        }
+        // The layers in one stack node (session 12, CUDA), with the one-pass tail it brings:
+        // turned off for the rest of the run where its output or gradients differ from a node
+        // per block's.
+        if crate::model::kernels::stack::stack_on() {
+            let stacked = stack_check(&device);
+            let stacked = reported(stacked, json!({"stage": "stack"})).unwrap_or(false);
+            ok &= stacked;
+            if !stacked {
+                crate::model::kernels::stack::set_stack(false);
+                note_off(&crate::model::kernels::stack::STACK, "the stack node failed its check: the rest of this run runs a node per block (and the tail as two kernels)");
+            }
         }
         let attention = attention_node_check(&device);
         let attention = reported(attention, json!({"stage": "attention"})).unwrap_or(false);

@@ -157,12 +157,21 @@ impl CustomOp1 for Stack {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
+        use candle_core::backend::{BackendDevice, BackendStorage};
         use candle_core::{bail, Storage};
-        let out = self.out.contiguous()?;
-        let (s, l) = out.storage_and_layout();
+        // A copy of the output's own elements, wherever its layout starts: the last block's
+        // output may be a view into a buffer it shares (the one-pass tail writes `[s | y]` and
+        // the output is `y`, past `s`), and candle's `try_clone` copies a whole buffer from its
+        // start whatever the layout says (which handed over `s`, the residual sum).
+        let (s, l) = self.out.storage_and_layout();
         match &*s {
-            Storage::Cuda(c) => Ok((c.try_clone(l)?, out.shape().clone())),
+            Storage::Cuda(c) => {
+                let shape = self.out.shape();
+                // SAFETY: every element is written by the copy below.
+                let mut dst = unsafe { c.device().alloc_uninit(shape, self.out.dtype())? };
+                c.copy_strided_src(&mut dst, 0, l)?;
+                Ok((dst, shape.clone()))
+            }
             _ => bail!("{}: the output is not on a CUDA device", self.name()),
         }
     }
