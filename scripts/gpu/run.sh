@@ -69,8 +69,10 @@ stage() {
   fi
   start=$(date +%s)
   log "$name (at most $limit s) ..."
-  timeout -k 10 "$limit" "$@" >"$out" 2> >(tee "$OUT/$name.log" >&2)
-  rc=$?
+  # stderr through tee in a pipeline (not a process substitution, which bash does not wait for),
+  # so that the log is whole when it is read below and by `died`.
+  timeout -k 10 "$limit" "$@" 2>&1 >"$out" | tee "$OUT/$name.log" >&2
+  rc=${PIPESTATUS[0]}
   log "$name: exit $rc after $(( $(date +%s) - start )) s"
   [ $rc -ne 0 ] && tail -n 20 "$OUT/$name.log" >>"$REPORT"
   return $rc
