@@ -37,12 +37,13 @@ fn gpu_check_runs_every_stage_on_the_cpu_and_every_check_passes() {
     // (gradients, three logits), then dropout's five checks in both precisions, the attention
     // node's four in both, the block nodes' three for each of two
     // blocks in both, the split weight gradients' three (one product, two blocks) in both, the
-    // attention block in one pass (three, bf16), and the optimizer's five (two of them the clipping
-    // coefficient left on the device).
+    // attention block in one pass (three, bf16), the optimizer's five (two of them the clipping
+    // coefficient left on the device), and the stack's three (logits, gradients, that it ran)
+    // in both.
     let parity: Vec<&Value> = of("parity").collect();
     assert_eq!(
         parity.len(),
-        6 * 2 + 6 * 2 * 4 + 5 * 2 + 4 * 2 + 3 * 2 * 2 + 3 * 2 + 3 + 5,
+        6 * 2 + 6 * 2 * 4 + 5 * 2 + 4 * 2 + 3 * 2 * 2 + 3 * 2 + 3 + 5 + 3 * 2,
         "{parity:#?}"
     );
     for r in &parity {
@@ -60,6 +61,7 @@ fn gpu_check_runs_every_stage_on_the_cpu_and_every_check_passes() {
         "split",
         "flash",
         "optimizer",
+        "stack",
     ] {
         assert!(parity.iter().any(|r| r["case"] == case), "no {case} rows");
     }
