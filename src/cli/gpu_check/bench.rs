@@ -125,13 +125,7 @@ fn bench_one(
             precision.as_str()
         );
     };
-    let opts = LoadOptions {
-        num_labels: 2,
-        problem: Problem::SingleLabel,
-        seed: 0,
-        precision,
-        hidden_dropout: None,
-    };
+    let opts = load_options(2, precision);
     let m = model::load(checkpoint, &opts, device)?;
     let mut opt = AdamW::new(&m.varmap, adamw_defaults(), decays, Kernel::Auto)?;
     // As `finetune` trains: block nodes hand their weights' gradients to a sink.

@@ -8,7 +8,30 @@ struct Step {
     /// Logits before the step (training graph), from the inference model, and after the step.
     logits: [Tensor; 3],
     /// The loss's gradient for each parameter, by name, as f32 on the CPU.
-    grads: Vec<(String, Tensor)>,
+    grads: NamedGrads,
+}
+
+/// Each parameter's gradient by name, f32 on the CPU, in name order.
+type NamedGrads = Vec<(String, Tensor)>;
+
+/// The gradients `grads` holds for `varmap`'s variables, by name (`NamedGrads`).
+fn named_grads(varmap: &VarMap, grads: &candle_core::backprop::GradStore) -> Result<NamedGrads> {
+    let mut named = Vec::new();
+    for (name, var) in varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("varmap lock"))?
+        .iter()
+    {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            named.push((
+                name.clone(),
+                g.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
+            ));
+        }
+    }
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(named)
 }
 
 /// Logits of `case` before one AdamW step, from the training graph and from the inference model
@@ -21,13 +44,7 @@ fn one_step(
     precision: Precision,
     device: &Device,
 ) -> Result<Step> {
-    let opts = LoadOptions {
-        num_labels: 3,
-        problem: Problem::SingleLabel,
-        seed: 0,
-        precision,
-        hidden_dropout: None,
-    };
+    let opts = load_options(3, precision);
     let m = model::load(dir, &opts, device).with_context(|| format!("fixture {case}"))?;
     let ids = |n: &str| -> Result<Tensor> { Ok(exp[n].to_dtype(DType::U32)?.to_device(device)?) };
     let batch = Batch {
@@ -54,22 +71,7 @@ fn one_step(
     let (before, loss) = forward()?;
     let inference = m.inference_model()?.forward(&batch, Mode::Eval)?;
     let grads = sink.backward(&loss)?;
-    let mut named = Vec::new();
-    for (name, var) in m
-        .varmap
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("varmap lock"))?
-        .iter()
-    {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            named.push((
-                name.clone(),
-                g.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
-            ));
-        }
-    }
-    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let named = named_grads(&m.varmap, &grads)?;
     let mut gs = opt.gradients(&grads);
     clip_grad_norm(&mut gs, 1.0)?;
     opt.step(&gs, 1e-3, 1.0)?;
@@ -409,9 +411,6 @@ fn dense_rows<P: crate::model::kernels::attention_node::Prims>(
     })
 }
 
-/// Each parameter's gradient by name, f32 on the CPU.
-type NamedGrads = Vec<(String, Tensor)>;
-
 /// The encoder's layers as one stack node (`kernels::stack`, with the one-pass tail it brings)
 /// against a node per block, on the device, at a width the packed kernels take (hidden 256, 2
 /// layers): the logits of a forward through the gradient sink, and every gradient, f32 and bf16.
@@ -450,13 +449,7 @@ pub(super) fn stack_check(device: &Device) -> Result<bool> {
     let was = stack::stack_on();
     let mut ok = true;
     for precision in [Precision::F32, Precision::Bf16] {
-        let opts = LoadOptions {
-            num_labels: 2,
-            problem: Problem::SingleLabel,
-            seed: 0,
-            precision,
-            hidden_dropout: None,
-        };
+        let opts = load_options(2, precision);
         let m = model::load(tmp.path(), &opts, device)?;
         let sink = GradSink::new(&m.varmap)?;
         let run = |stacked: bool| -> Result<(Tensor, NamedGrads, usize)> {
@@ -465,23 +458,7 @@ pub(super) fn stack_check(device: &Device) -> Result<bool> {
             let stacked_blocks = stack::last_stack_len();
             let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, &labels)?;
             let grads = sink.backward(&loss)?;
-            let mut named = Vec::new();
-            for (name, var) in m
-                .varmap
-                .data()
-                .lock()
-                .map_err(|_| anyhow::anyhow!("varmap lock"))?
-                .iter()
-            {
-                if let Some(g) = grads.get(var.as_tensor()) {
-                    named.push((
-                        name.clone(),
-                        g.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
-                    ));
-                }
-            }
-            named.sort_by(|a, b| a.0.cmp(&b.0));
-            Ok((logits, named, stacked_blocks))
+            Ok((logits, named_grads(&m.varmap, &grads)?, stacked_blocks))
         };
         let compared = (|| -> Result<(f32, f32, String, usize)> {
             let (plain, plain_grads, _) = run(false)?;

@@ -248,6 +248,18 @@ fn max_abs(a: &Tensor) -> Result<f32> {
         .to_scalar()?)
 }
 
+/// How the checks and the bench load a model: a fresh single-label head of `num_labels`, seed 0,
+/// the checkpoint's own dropout.
+fn load_options(num_labels: usize, precision: Precision) -> LoadOptions {
+    LoadOptions {
+        num_labels,
+        problem: Problem::SingleLabel,
+        seed: 0,
+        precision,
+        hidden_dropout: None,
+    }
+}
+
 fn adamw_defaults() -> AdamWParams {
     AdamWParams {
         beta1: 0.9,
