@@ -88,6 +88,16 @@ died() {
 # The levers no GPU had run when they were written (sessions 12 to 16), which a stage that died
 # turns off for the stages after; GELU's backward in the epilogue goes with the cuBLASLt products.
 UNMEASURED=(RECYCLE_CUBLASLT=0 RECYCLE_HEADS_IN_PLACE=0 RECYCLE_EMBEDDINGS_SUM=0 RECYCLE_ADD_NORM=0 RECYCLE_STACK=0)
+# unmeasured_off_after RC NAME WHAT: where stage NAME (WHAT: its process) died, UNMEASURED for
+# every stage after (once).
+unmeasured_off=
+unmeasured_off_after() {
+  if [ -z "$unmeasured_off" ] && died "$1" "$2"; then
+    export "${UNMEASURED[@]}"
+    unmeasured_off=1
+    log "$2: $3 died (exit $1): ${UNMEASURED[*]} for the stages after"
+  fi
+}
 RECYCLE=(env "LD_LIBRARY_PATH=$CUDA_LIBS" "$BIN")
 # The device tool brings back a limited number of files: everything also travels as one archive.
 bundle() { (cd "$OUT" && tar czf all.tgz ./*.jsonl ./*.log ./*.txt ./*.raw.gz 2>/dev/null); }
@@ -112,21 +122,12 @@ fi
 stage preflight 60 "$OUT/preflight.jsonl" "${RECYCLE[@]}" gpu-check --device "$DEVICE" \
   "${SHAPE[@]}" --batch "$B" --shapes "" --matmul 0 --skip-ops --flash false
 prc=$?
-unmeasured_off=
-if died $prc preflight; then
-  export "${UNMEASURED[@]}"
-  unmeasured_off=1
-  log "preflight: the checks' process died (exit $prc): ${UNMEASURED[*]} for the stages after"
-fi
+unmeasured_off_after $prc preflight "the checks' process"
 # One-pass attention (session 9, not yet run on a GPU) stays out of the main stage: a kernel fault
 # ends the process that hit it. It runs, checked first, in the stages after.
 stage recycle 300 "$OUT/recycle.jsonl" "${RECYCLE[@]}" gpu-check --device "$DEVICE" "${SIZE[@]}" --flash false
 rc=$?
-if died $rc recycle && [ -z "$unmeasured_off" ]; then
-  export "${UNMEASURED[@]}"
-  unmeasured_off=1
-  log "recycle: the process died (exit $rc): ${UNMEASURED[*]} for the stages after"
-fi
+unmeasured_off_after $rc recycle "the process"
 # A lever that failed its check in those stages (the cuBLASLt products, GELU's backward in their
 # epilogue, the one-pass tail, attention's heads in place) is off for the rest of that process,
 # with a note naming its switch; the stages after skip the checks, so the switch goes to them.
