@@ -85,8 +85,10 @@ died() {
     grep -Eq 'CUDA_ERROR_(ILLEGAL_ADDRESS|MISALIGNED_ADDRESS|LAUNCH_FAILED|ASSERT|HARDWARE_STACK_ERROR|ILLEGAL_INSTRUCTION|INVALID_ADDRESS_SPACE|INVALID_PC|LAUNCH_TIMEOUT|ECC_UNCORRECTABLE)([^A-Z_]|$)' \
       "$OUT/$2.log" 2>/dev/null; }
 }
-# The levers no GPU had run when they were written (sessions 12 to 16), which a stage that died
-# turns off for the stages after; GELU's backward in the epilogue goes with the cuBLASLt products.
+# The levers no GPU had run when they were written (sessions 12 to 16; an H200 first ran them, and
+# passed them, in session 19's run `19a`), which a stage that died turns off for the stages after,
+# for a card or a change they may fault on; GELU's backward in the epilogue goes with the
+# cuBLASLt products.
 UNMEASURED=(RECYCLE_CUBLASLT=0 RECYCLE_HEADS_IN_PLACE=0 RECYCLE_EMBEDDINGS_SUM=0 RECYCLE_ADD_NORM=0 RECYCLE_STACK=0)
 # unmeasured_off_after RC NAME WHAT: where stage NAME (WHAT: its process) died, UNMEASURED for
 # every stage after (once).
